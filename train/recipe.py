@@ -1,0 +1,248 @@
+"""The recipe: one YAML file, validated by typed models that forbid unknown keys.
+
+Precedence: schema defaults < recipe YAML < `key.sub=value` overrides on the command line.
+Every problem is reported at once, each with its key path, the file (and line, when the
+YAML tells us), and for an unknown key the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message lists every problem found."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    # A builtin name, a local checkpoint directory, or a hub id (for machines that are online).
+    name: str = "smollm2-135m-instruct"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+class DataConfig(Section):
+    train: Union[str, list[str]] = Field(..., description="JSON/JSONL file(s) or a dataset directory")
+    validation: Optional[Union[str, list[str]]] = None
+    # auto detects from the first row's fields.
+    format: Literal["auto", "messages", "prompt_completion", "alpaca", "text"] = "auto"
+    # Canonical field -> the dataset's field, e.g. {prompt: question, completion: answer}.
+    fields: dict[str, str] = Field(default_factory=dict)
+    system_prompt: Optional[str] = None
+    # auto: use the tokenizer's chat template when it has one.
+    chat_template: Union[Literal["auto"], bool] = "auto"
+    # completion: loss only on completion / assistant tokens; all: every token.
+    loss_on: Literal["completion", "all"] = "completion"
+    max_rows: Optional[int] = Field(None, gt=0)
+    # Rows longer than training.max_length: truncate them, or drop them with a warning.
+    overlong: Literal["truncate", "drop"] = "truncate"
+
+
+class LoraConfig(Section):
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class QuantConfig(Section):
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class MethodConfig(Section):
+    type: Literal["full", "lora", "qlora"] = "lora"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    qlora: QuantConfig = Field(default_factory=QuantConfig)
+
+
+class TrainingConfig(Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0, description="overrides epochs when set")
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"] = "adamw_torch"
+    max_length: int = Field(1024, gt=0)
+    seed: int = 42
+    # auto: on when a CUDA GPU is used (memory), off on CPU (speed).
+    gradient_checkpointing: Union[Literal["auto"], bool] = "auto"
+    # Concatenate each batch's sequences with restarting position_ids: no pad tokens.
+    padding_free: bool = True
+    # Pack several rows into one max_length sequence (changes what a "row" is per step).
+    packing: bool = False
+    compile: bool = False
+    attn_implementation: Literal["auto", "flash_attention_2", "varlen_fa2", "sdpa", "eager"] = "auto"
+    # auto: bf16 on a GPU that supports it, fp32 on CPU.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    logging_steps: int = Field(1, gt=0)
+    save_steps: int = Field(50, gt=0)
+    save_total_limit: int = Field(2, gt=0)
+    eval_steps: Optional[int] = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _packing_needs_padding_free(self):
+        if self.packing and not self.padding_free:
+            raise ValueError("packing: true needs padding_free: true (packed rows are never padded)")
+        return self
+
+
+class OutputConfig(Section):
+    dir: str = "runs"  # the run directory is <dir>/<name>
+    overwrite: bool = False
+    merge: bool = True  # write merged weights to model/ (LoRA is also kept in adapter/)
+    tensorboard: bool = True
+
+
+class EvalConfig(Section):
+    data: Optional[str] = None  # held-out JSONL scored after training
+    metric: Literal["exact_match", "contains", "regex"] = "exact_match"
+    regex: Optional[str] = None  # with metric: regex, the first group is the answer
+    max_new_tokens: int = Field(64, gt=0)
+    compare_base: bool = True  # also score the untuned base model
+    limit: Optional[int] = Field(None, gt=0)
+    samples: int = Field(1, ge=0)  # generations to print
+
+    @model_validator(mode="after")
+    def _regex_needs_pattern(self):
+        if self.metric == "regex" and not self.regex:
+            raise ValueError("metric: regex needs eval.regex (a pattern whose first group is the answer)")
+        return self
+
+
+class Recipe(Section):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir) / self.name
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a YAML recipe, apply `key.sub=value` overrides, validate everything at once."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RecipeError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections (model, data, ...), got {type(raw).__name__}")
+    problems = []
+    for item in overrides:
+        try:
+            apply_override(raw, item)
+        except RecipeError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise RecipeError("bad override(s):\n" + "\n".join(f"  - {p}" for p in problems))
+    return validate_recipe(raw, source=str(path), lines=_key_lines(text))
+
+
+def validate_recipe(raw: dict[str, Any], source: str = "<recipe>", lines: dict[tuple, int] | None = None) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(_format_errors(exc, source, lines or {})) from None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """`training.learning_rate=1e-4` sets raw['training']['learning_rate'] (value parsed as YAML)."""
+    if "=" not in item:
+        raise RecipeError(f"{item!r}: overrides look like key.sub=value")
+    key, _, value = item.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise RecipeError(f"{item!r}: empty key segment")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"{item!r}: {part} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def _format_errors(exc: ValidationError, source: str, lines: dict[tuple, int]) -> str:
+    out = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        dotted = ".".join(loc) or "(top level)"
+        line = lines.get(loc) or lines.get(loc[:-1])
+        where = f"{source}:{line}" if line else source
+        if err["type"] == "extra_forbidden":
+            hint = _suggest(loc)
+            msg = f"unknown key '{dotted}'" + (f" (did you mean '{hint}'?)" if hint else "")
+        elif err["type"] == "missing":
+            msg = f"missing required key '{dotted}'"
+        else:
+            msg = f"{dotted}: {err['msg']} (got {err.get('input')!r})"
+        out.append(f"  {where}: {msg}")
+    n = len(out)
+    return f"{source}: {n} problem{'s' if n > 1 else ''} in the recipe:\n" + "\n".join(out)
+
+
+def _suggest(loc: tuple[str, ...]) -> str | None:
+    """The closest valid key at the same place as an unknown key, as a dotted path."""
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        sub = getattr(field, "annotation", None) if field else None
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            return None
+        model = sub
+    match = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.5)
+    return ".".join(loc[:-1] + (match[0],)) if match else None
+
+
+def _key_lines(text: str) -> dict[tuple, int]:
+    """Map each mapping key path to its 1-based line in the YAML text."""
+    out: dict[tuple, int] = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return out
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                path = prefix + (str(key_node.value),)
+                out[path] = key_node.start_mark.line + 1
+                walk(value_node, path)
+
+    walk(root, ())
+    return out
