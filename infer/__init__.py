@@ -1,0 +1,1 @@
+"""Inference runtime: loading (with quantization), generation, evaluation, benchmarks, serving."""
