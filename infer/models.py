@@ -65,6 +65,8 @@ def resolve_model(name_or_path: str | os.PathLike, *, revision: str | None = Non
         return str(fetch_builtin(name))
     path = Path(name).expanduser()
     if path.exists():
+        if is_checkpoint_dir(path / "model"):  # a run directory written by `python -m train`
+            return str(path / "model")
         if not is_checkpoint_dir(path):
             raise ModelSourceError(
                 f"{path} exists but is not a checkpoint directory (no config.json). "

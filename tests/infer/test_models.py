@@ -1,0 +1,54 @@
+import json
+import time
+
+import pytest
+
+from infer.models import ModelSourceError, cache_dir, resolve_model
+
+
+def test_cache_dir_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv("TUNEWRIGHT_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "tunewright"
+    monkeypatch.setenv("TUNEWRIGHT_CACHE", str(tmp_path / "tw"))
+    assert cache_dir() == tmp_path / "tw"
+
+
+def test_unreachable_hub_id_fails_fast_with_advice(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # CI may or may not have a network; force "unreachable"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    start = time.monotonic()
+    with pytest.raises(ModelSourceError, match="could not fetch 'someorg/some-model'.*local directory"):
+        resolve_model("someorg/some-model")
+    assert time.monotonic() - start < 20
+
+
+def test_missing_path_and_non_checkpoint_dir(tmp_path):
+    with pytest.raises(ModelSourceError, match="does not exist"):
+        resolve_model(str(tmp_path / "nope"))
+    with pytest.raises(ModelSourceError, match="not a checkpoint directory"):
+        resolve_model(str(tmp_path))
+
+
+def test_run_directory_resolves_to_its_model(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert resolve_model(str(tmp_path)) == str(tmp_path / "model")
+
+
+def test_builtin_is_a_loadable_checkpoint(default_model_dir):
+    assert resolve_model("smollm2-135m-instruct") == str(default_model_dir)
+    assert (default_model_dir / "model.safetensors").is_file()
+    assert (default_model_dir / "tokenizer.json").is_file()
+
+
+def test_converted_default_model_knows_the_capital_of_france(default_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1]:])
