@@ -1,0 +1,453 @@
+"""`python -m train bench`: TRL's defaults against tunewright's training configurations.
+
+One process, one model architecture (rebuilt with the same seed for every row), one
+dataset in one order, the same rows -- so the same real tokens -- in every optimizer step.
+Each row trains through TRL's SFTTrainer; what changes is only how (padded or
+padding-free, which attention, compiled or not, which layers checkpointed, which
+optimizer, how many micro-batches a step is split into). Printed: real tokens/s, MFU,
+peak memory, compilations, and the loss at each step; `--json` writes everything.
+
+MFU = model FLOPs / time / the bf16 matmul rate measured at start-up on this device.
+Model FLOPs per step: 6*N per real token for full fine-tuning (N = matmul parameters:
+the input embedding is a lookup and is not counted unless tied to the LM head), 4*N +
+6*N_trainable for LoRA / QLoRA (frozen weights need no weight gradients), plus causal
+attention 6 * layers * heads * head_dim * sum(L^2) over the step's sequences.
+Recomputation (checkpointing) and pad tokens are not counted: they are the waste MFU shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+
+# Public architecture configs (random weights: speed does not depend on the values).
+ARCHS: dict[str, dict[str, Any]] = {
+    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0),
+    "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                         intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+                         head_dim=64),
+    "llama-3.1-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
+                         head_dim=128),
+    # for tests: seconds on a CPU
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=512, tie_word_embeddings=True, rope_theta=10000.0),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One training configuration. `checkpoint="trl"` is TRL's own (every layer, HF's flag)."""
+
+    name: str
+    padding_free: bool = True
+    attn: str = "auto"
+    compile: bool = False
+    checkpoint: Any = "trl"  # "trl" | "auto" | "all" | "none" | fraction
+    optim: str = "adamw_torch_fused"
+    grad_accum: int = 1
+    method: str = "full"  # full | lora | qlora
+    steps: Optional[int] = None  # default: --steps
+    note: str = ""
+
+
+# The TRL-default row comes first: every other row is compared with it.
+ROWS: dict[str, Row] = {r.name: r for r in [
+    Row("trl_default", padding_free=False, attn="sdpa", note="TRL SFTConfig defaults: padded, SDPA, checkpointing"),
+    Row("padding_free_sdpa", attn="sdpa", note="TRL padding_free=True"),
+    Row("varlen_fa2", attn="varlen_fa2", note="+ FA2 varlen kernel"),
+    Row("varlen_compile", attn="varlen_fa2", compile=True, checkpoint="all", note="+ per-layer compile"),
+    Row("varlen_compile_8bit_auto", attn="varlen_fa2", compile=True, checkpoint="auto", optim="adamw_8bit",
+        note="+ 8-bit AdamW, checkpoint only what the memory limit needs"),
+    Row("varlen_compile_8bit_auto_ga2", attn="varlen_fa2", compile=True, checkpoint="auto", optim="adamw_8bit",
+        grad_accum=2, note="same, each step as 2 micro-batches"),
+    Row("varlen_compile_auto_ga2", attn="varlen_fa2", compile=True, checkpoint="auto", grad_accum=2,
+        note="fused AdamW, 2 micro-batches, checkpoint what the limit needs"),
+    Row("fastest", attn="varlen_fa2", compile=True, checkpoint="none", note="no checkpointing, fused AdamW"),
+    Row("fastest_eager", attn="varlen_fa2", checkpoint="none", note="no checkpointing, no compile"),
+    Row("sdpa_compile", attn="sdpa", compile=True, checkpoint="auto", note="padding-free SDPA, compiled (CPU too)"),
+    Row("trl_peft_lora", padding_free=False, attn="sdpa", method="lora", note="TRL + peft defaults, LoRA r16"),
+    Row("tw_lora", attn="varlen_fa2", compile=True, checkpoint="auto", method="lora"),
+    Row("trl_peft_qlora", padding_free=False, attn="sdpa", method="qlora", note="TRL + peft defaults, nf4 base"),
+    Row("tw_qlora", attn="varlen_fa2", compile=True, checkpoint="auto", method="qlora"),
+]}
+FULL_ROWS = ["trl_default", "padding_free_sdpa", "varlen_fa2", "varlen_compile", "varlen_compile_8bit_auto",
+             "varlen_compile_8bit_auto_ga2", "varlen_compile_auto_ga2", "fastest"]
+ADAPTER_ROWS = ["trl_peft_lora", "tw_lora", "trl_peft_qlora", "tw_qlora"]
+
+
+# ---------------------------------------------------------------- data
+
+
+def synthetic_lengths(n: int, lo: int, hi: int, seed: int) -> list[int]:
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(lo, hi + 1, size=n).tolist()
+
+
+def synthetic_rows(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
+    """Token rows a model can learn from: a random bigram chain over a small alphabet.
+
+    Uniform random tokens would keep the loss at log(vocab) for every configuration and
+    make loss comparisons vacuous; a chain whose next token is one of 4 successors (90% of
+    the time) gives a loss that falls fast, so a configuration that computed something
+    else would show.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    alphabet = min(vocab - 3, 4096)
+    successors = rng.integers(0, alphabet, size=(alphabet, 4))
+    rows = []
+    for length in synthetic_lengths(n, lo, hi, seed + 1):
+        toks = np.empty(length, dtype=np.int64)
+        toks[0] = rng.integers(alphabet)
+        pick = rng.integers(0, 4, size=length)
+        noise = rng.random(length) < 0.1
+        rand = rng.integers(0, alphabet, size=length)
+        for i in range(1, length):
+            toks[i] = rand[i] if noise[i] else successors[toks[i - 1], pick[i]]
+        rows.append((toks + 3).tolist())  # 0-2 are pad / eos / unk
+    return rows
+
+
+def minimal_tokenizer():
+    """A tokenizer object for SFTTrainer (pad / eos only): the data here is already token ids."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1, "<unk>": 2}, unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+# ---------------------------------------------------------------- models
+
+
+def model_config(arch: str):
+    from transformers import LlamaConfig
+
+    if arch not in ARCHS:
+        raise SystemExit(f"unknown --model {arch!r}; choose from {', '.join(ARCHS)}")
+    return LlamaConfig(max_position_embeddings=4096, pad_token_id=0, eos_token_id=1, bos_token_id=1, **ARCHS[arch])
+
+
+def build_model(config, row: Row, seed: int, device, quant_dir: Optional[Path]):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from infer.attention import resolve_attn_implementation
+
+    attn = resolve_attn_implementation(row.attn)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if row.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.bfloat16)
+        return AutoModelForCausalLM.from_pretrained(quant_dir, quantization_config=bnb, dtype=dtype,
+                                                    attn_implementation=attn, device_map={"": device.index or 0})
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    return model
+
+
+def matmul_params(model) -> tuple[int, int]:
+    """(parameters that take part in matmuls, trainable parameters)."""
+    total = sum(p.numel() for p in model.parameters())
+    emb = model.get_input_embeddings().weight
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total - (0 if tied else emb.numel()), trainable
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def bf16_matmul_rate(device) -> float:
+    """Measured dense bf16 matmul FLOP/s (8192^3, median of 10 after warm-up); 0 on CPU."""
+    import torch
+
+    if device.type != "cuda":
+        return 0.0
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n**3 / statistics.median(times)
+
+
+class CountingCollator:
+    """Wraps the trainer's collator to record each micro-batch's sequence lengths, in order."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.lengths: list[list[int]] = []
+
+    def __call__(self, examples):
+        self.lengths.append([len(e["input_ids"]) for e in examples])
+        return self.inner(examples)
+
+
+def step_recorder():
+    import torch
+    from transformers import TrainerCallback
+
+    class StepRecorder(TrainerCallback):
+        def __init__(self):
+            self.ends: list[float] = []
+            self.losses: list[float] = []
+            self.start = 0.0
+
+        def _now(self):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            return time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.start = self._now()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.ends.append(self._now())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+    return StepRecorder()
+
+
+def run_row(row: Row, ns: argparse.Namespace, config, dataset, device, rate: float, quant_dir) -> dict:
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    from train.speed import count_compilations, speed_callback
+
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    steps = row.steps or ns.steps
+    model = build_model(config, row, ns.seed, device, quant_dir)
+    ours = row.checkpoint != "trl"
+    args = SFTConfig(
+        output_dir=str(Path(ns.workdir) / row.name),
+        max_steps=steps,
+        per_device_train_batch_size=ns.batch_size // row.grad_accum,
+        gradient_accumulation_steps=row.grad_accum,
+        learning_rate=ns.lr,
+        lr_scheduler_type="constant",
+        optim="adamw_bnb_8bit" if row.optim == "adamw_8bit" else row.optim,
+        padding_free=row.padding_free,
+        max_length=None if row.padding_free else ns.max_len,
+        gradient_checkpointing=not ours,
+        bf16=device.type == "cuda",
+        use_cpu=device.type != "cuda",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=ns.seed,
+        data_seed=ns.seed,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    peft_config = None
+    if row.method in ("lora", "qlora"):
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                                 task_type="CAUSAL_LM")
+    recorder = step_recorder()
+    callbacks = [recorder]
+    if ours:
+        limit = int(ns.memory_limit_gib * 2**30) if ns.memory_limit_gib else None
+        callbacks.append(speed_callback(compile=row.compile, checkpoint=row.checkpoint, memory_limit=limit))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=minimal_tokenizer(),
+                         peft_config=peft_config, callbacks=callbacks)
+    trainer.data_collator = counter = CountingCollator(trainer.data_collator)
+    error = None
+    try:
+        trainer.train()
+    except torch.OutOfMemoryError as exc:  # a row that does not fit is a result, not a crash
+        error = f"out of memory: {str(exc).splitlines()[0]}"
+    result = summarize(row, ns, recorder, counter, model if error is None else None, rate, steps)
+    result["error"] = error
+    result["compilations"] = count_compilations()
+    if device.type == "cuda":
+        result["peak_alloc_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+    runner = next((getattr(c, "runner", None) for c in callbacks if getattr(c, "runner", None)), None)
+    if runner is not None and runner.history:
+        result["checkpointed_layers"] = {"min": min(runner.history), "max": max(runner.history),
+                                         "mean": statistics.fmean(runner.history),
+                                         "of": len(runner.layers),
+                                         "bytes_per_token_layer": runner.layer_bytes_per_token}
+    del trainer, model
+    gc.collect()
+    return result
+
+
+def summarize(row, ns, recorder, counter, model, rate, steps) -> dict:
+    ga = row.grad_accum
+    per_step = [sum(counter.lengths[i * ga:(i + 1) * ga], []) for i in range(len(recorder.ends))]
+    ends = [recorder.start] + recorder.ends
+    times = [b - a for a, b in zip(ends, ends[1:])]
+    out: dict[str, Any] = {"row": row.name, "note": row.note, "config": dataclasses.asdict(row),
+                           "losses": recorder.losses, "step_s": times,
+                           "tokens_per_step": [sum(x) for x in per_step]}
+    w = min(ns.warmup, max(len(times) - 1, 0))
+    timed = times[w:]
+    tokens = sum(sum(x) for x in per_step[w:len(times)])
+    if timed and model is not None:
+        secs = sum(timed)
+        out["tokens_per_s"] = tokens / secs
+        n_mm, n_train = matmul_params(model)
+        cfg = model.config
+        per_token = 6 * n_mm if row.method == "full" else 4 * n_mm + 6 * n_train
+        heads_dim = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+        attn = 6 * cfg.num_hidden_layers * heads_dim * sum(L * L for x in per_step[w:len(times)] for L in x)
+        out["model_tflops_per_s"] = (per_token * tokens + attn) / secs / 1e12
+        out["mfu"] = (per_token * tokens + attn) / secs / rate if rate else None
+    return out
+
+
+# ---------------------------------------------------------------- report
+
+
+def loss_drift(base: list[float], other: list[float], n: int = 50) -> Optional[float]:
+    """Mean relative difference of the first n per-step losses (None without overlap)."""
+    k = min(n, len(base), len(other))
+    if not k:
+        return None
+    return statistics.fmean(abs(o - b) / abs(b) for b, o in zip(base[:k], other[:k]))
+
+
+def table(results: list[dict]) -> str:
+    base = results[0]
+    head = (f"{'row':30} {'tok/s':>8} {'x base':>6} {'MFU':>6} {'peak GiB':>8} {'compiles':>8} "
+            f"{'ckpt':>9} {'loss drift':>10}  losses (first, 10th, last)")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        tps = r.get("tokens_per_s")
+        speedup = tps / base["tokens_per_s"] if tps and base.get("tokens_per_s") else None
+        ck = r.get("checkpointed_layers")
+        ck_s = f"{ck['min']}-{ck['max']}/{ck['of']}" if ck else ("trl all" if r["config"]["checkpoint"] == "trl" else "-")
+        drift = loss_drift(base["losses"], r["losses"])
+        ls = r["losses"]
+        pick = [ls[0], ls[min(9, len(ls) - 1)], ls[-1]] if ls else []
+        lines.append(
+            f"{r['row']:30} {tps or 0:8.0f} {speedup or 0:6.2f} "
+            f"{(r.get('mfu') or 0) * 100:5.1f}% {r.get('peak_alloc_gib', 0):8.2f} {r['compilations']:8d} "
+            f"{ck_s:>9} {'' if drift is None else f'{drift * 100:.3f}%':>10}  "
+            + " ".join(f"{x:.4f}" for x in pick) + (f"  [{r['error']}]" if r.get("error") else "")
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m train bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="llama-3.2-1b", help=f"architecture: {', '.join(ARCHS)}")
+    p.add_argument("--rows", default=None, help=f"comma list (default: the full-FT rows); known: {', '.join(ROWS)}")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per optimizer step (every configuration)")
+    p.add_argument("--n-rows", type=int, default=2000)
+    p.add_argument("--min-len", type=int, default=64)
+    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory-limit-gib", type=float, default=None,
+                   help="limit for checkpoint='auto' rows (default: the first row's measured peak)")
+    p.add_argument("--json", default=None, help="write all results here")
+    p.add_argument("--workdir", default="/tmp/tunewright-bench")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ns = parse_args(sys.argv[1:] if argv is None else argv)
+    import torch
+    from datasets import Dataset
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("transformers", "trl", "accelerate", "httpx", "torch._dynamo", "torch._inductor"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    names = ns.rows.split(",") if ns.rows else FULL_ROWS
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown row(s) {unknown}; known: {', '.join(ROWS)}")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    config = model_config(ns.model)
+    rows = synthetic_rows(ns.n_rows, ns.min_len, ns.max_len, config.vocab_size, ns.seed)
+    dataset = Dataset.from_dict({"input_ids": rows})
+    rate = bf16_matmul_rate(device)
+    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "torch": torch.__version__, "bf16_matmul_tflops": rate / 1e12, "argv": argv or sys.argv[1:]}
+    for mod in ("transformers", "trl", "peft"):
+        env[mod] = __import__(mod).__version__
+    print(json.dumps(env), flush=True)
+    quant_dir = None
+    if any(ROWS[n].method == "qlora" for n in names):
+        quant_dir = save_random_checkpoint(config, ns, device)
+    results = []
+    for name in names:
+        row = ROWS[name]
+        t0 = time.time()
+        res = run_row(row, ns, config, dataset, device, rate, quant_dir)
+        res["wall_s"] = time.time() - t0
+        if ns.memory_limit_gib is None and results == [] and res.get("peak_alloc_gib"):
+            ns.memory_limit_gib = res["peak_alloc_gib"]  # the baseline's peak bounds the 'auto' rows
+        results.append(res)
+        print(f"{name}: {res.get('tokens_per_s', 0):.0f} tok/s, peak {res.get('peak_alloc_gib', 0):.2f} GiB, "
+              f"{res['compilations']} compiles, {res['wall_s']:.0f}s {res.get('error') or ''}", flush=True)
+        if ns.json:
+            Path(ns.json).write_text(json.dumps({"env": env, "memory_limit_gib": ns.memory_limit_gib,
+                                                 "results": results}, indent=1))
+    print(table(results))
+    return 0
+
+
+def save_random_checkpoint(config, ns, device) -> Path:
+    """QLoRA quantizes while loading, so the random base is written once and reloaded in 4-bit."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = Path(ns.workdir) / f"random-{ns.model}"
+    if not (out / "config.json").exists():
+        torch.manual_seed(ns.seed)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(out)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

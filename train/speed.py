@@ -1,0 +1,320 @@
+"""How the decoder layers run during training: compiled or eager, checkpointed or not.
+
+Two mechanisms, both per decoder layer, installed on a model that SFTTrainer is about to train:
+
+- `torch.compile` of one decoder layer's forward with dynamic shapes. Every layer runs the
+  same compiled code (the layer is an argument, its weights graph inputs), and a packed
+  batch of any length, any number of sequences and any `max_length_q` reuses it, so a run
+  compiles twice at most (the plain layer, and the layer under checkpointing) however the
+  lengths vary. Compiling the whole model instead (TRL's `torch_compile=True`) recompiles
+  on every new batch length.
+- gradient checkpointing chosen per micro-batch. With `checkpoint="auto"` a layer is
+  recomputed only when the activations of the tokens in this micro-batch would not fit the
+  memory limit otherwise: short batches run with none, long ones with as few layers
+  checkpointed as needed (spread evenly). `"all"`, `"none"` or a fraction fix the choice.
+
+Checkpointing wraps the compiled call (not the other way round): when the recompute runs
+under a different compiled graph than the forward did, the saved tensors do not line up
+(pytorch/pytorch#166926). Neither mechanism changes the math: tests compare losses and
+gradients against the plain eager model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Optional, Union
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+CheckpointPolicy = Union[str, float]  # "auto" | "all" | "none" | fraction of layers in [0, 1]
+
+# TRL's fused LM head works on tiles of this many tokens x vocabulary entries in fp32
+# (trl.kernels.chunked_logprob: TOKEN_CHUNK_SIZE, _CHUNKED_LOGPROB_CHUNK_SIZE).
+_HEAD_TILE_TOKENS = 4096
+_HEAD_TILE_VOCAB = 32768
+
+
+# ---------------------------------------------------------------- finding the layers
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under PEFT / compile wrappers."""
+    while True:
+        if hasattr(model, "get_base_model") and model.get_base_model() is not model:
+            model = model.get_base_model()
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    """(the backbone that runs the layers, the repeated decoder layers) of a causal LM."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in unwrap(model).named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and all(
+            isinstance(m, GradientCheckpointingLayer) for m in module
+        ):
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    if best is None:
+        raise ValueError(f"{type(unwrap(model)).__name__}: no repeated decoder layers found to compile or checkpoint")
+    parent = best[0].rpartition(".")[0]
+    return unwrap(model).get_submodule(parent), best[1]
+
+
+def evenly_spaced(n_layers: int, n_pick: int) -> frozenset[int]:
+    """`n_pick` layer indices spread over `n_layers` (checkpointing clustered at one end saves no more)."""
+    n_pick = max(0, min(n_layers, n_pick))
+    return frozenset(int(i * n_layers / n_pick) for i in range(n_pick)) if n_pick else frozenset()
+
+
+# ---------------------------------------------------------------- compiled / checkpointed layer calls
+
+
+def _run_layer(layer: nn.Module, *args, **kwargs):
+    # The class's forward, not the instance's: the instance attribute is our wrapper.
+    return type(layer).forward(layer, *args, **kwargs)
+
+
+def _run_layer_checkpointed(layer: nn.Module, *args, **kwargs):
+    return torch.utils.checkpoint.checkpoint(_run_layer, layer, *args, use_reentrant=False, **kwargs)
+
+
+class LayerRunner:
+    """Installs the compile / checkpoint choice on every decoder layer of `model`.
+
+    `memory_limit` (bytes) bounds what `checkpoint="auto"` may use; `static_bytes` is what
+    training holds besides activations (weights, gradients, optimizer state), normally from
+    `static_training_bytes`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        compile: bool = False,
+        checkpoint: CheckpointPolicy = "auto",
+        memory_limit: Optional[int] = None,
+        static_bytes: int = 0,
+    ):
+        self.backbone, self.layers = decoder_layers(model)
+        self.compile = compile
+        self.checkpoint = _check_policy(checkpoint)
+        self.memory_limit = memory_limit
+        self.static_bytes = static_bytes
+        self.layer_bytes_per_token: Optional[float] = None  # measured on first use by "auto"
+        self.checkpointed: frozenset[int] = frozenset()
+        self.history: list[int] = []  # layers checkpointed, per training micro-batch
+        plain, ckpt = _run_layer, _run_layer_checkpointed
+        if compile:
+            plain = torch.compile(_run_layer, dynamic=True)
+            ckpt = torch.compile(_run_layer_checkpointed, dynamic=True)
+        self._plain, self._ckpt = plain, ckpt
+        self._hook = None
+
+    def install(self) -> "LayerRunner":
+        for index, layer in enumerate(self.layers):
+            # HF's own flag stays off: the choice is made here, per micro-batch.
+            if hasattr(layer, "gradient_checkpointing"):
+                layer.gradient_checkpointing = False
+            layer.forward = self._layer_forward(index, layer)
+        self._hook = self.backbone.register_forward_pre_hook(self._before_batch, with_kwargs=True)
+        if not isinstance(self.checkpoint, str) or self.checkpoint != "auto":
+            self.checkpointed = evenly_spaced(len(self.layers), self._fixed_count())
+        return self
+
+    def remove(self) -> None:
+        for layer in self.layers:
+            layer.__dict__.pop("forward", None)
+        if self._hook is not None:
+            self._hook.remove()
+
+    def _layer_forward(self, index: int, layer: nn.Module) -> Callable:
+        def forward(*args, **kwargs):
+            if layer.training and torch.is_grad_enabled() and index in self.checkpointed:
+                return self._ckpt(layer, *args, **kwargs)
+            return self._plain(layer, *args, **kwargs)
+
+        return forward
+
+    def _fixed_count(self) -> int:
+        n = len(self.layers)
+        if self.checkpoint == "all":
+            return n
+        if self.checkpoint == "none":
+            return 0
+        return round(float(self.checkpoint) * n)
+
+    def _before_batch(self, module, args, kwargs):
+        if not (module.training and torch.is_grad_enabled()):
+            return None
+        if self.checkpoint == "auto":
+            tokens = _batch_tokens(args, kwargs)
+            if tokens:
+                self.checkpointed = evenly_spaced(len(self.layers), self.auto_count(tokens))
+        self.history.append(len(self.checkpointed))
+        return None
+
+    def auto_count(self, tokens: int) -> int:
+        """Fewest layers to checkpoint so that `tokens` tokens of activations fit the memory limit."""
+        limit = self.memory_limit if self.memory_limit is not None else _device_memory(self.backbone)
+        if limit is None:  # CPU: memory is not the constraint, recomputation only costs time
+            return 0
+        if self.layer_bytes_per_token is None:
+            self.layer_bytes_per_token = measure_layer_bytes_per_token(self.backbone, self.layers[0])
+        n = len(self.layers)
+        hidden = self.backbone.config.hidden_size
+        dsize = next(self.layers[0].parameters()).element_size()
+        kept_input = hidden * dsize * tokens  # what a checkpointed layer still saves
+        full = self.layer_bytes_per_token * tokens
+        budget = limit - self.static_bytes - head_reserve_bytes(self.backbone.config, tokens) - n * kept_input
+        if full <= kept_input:
+            return 0
+        free_layers = math.floor(budget / (full - kept_input))
+        return max(0, min(n, n - free_layers))
+
+
+def _check_policy(policy: CheckpointPolicy) -> CheckpointPolicy:
+    if isinstance(policy, bool):
+        return "all" if policy else "none"
+    if isinstance(policy, str):
+        if policy not in ("auto", "all", "none"):
+            raise ValueError(f"checkpoint policy must be auto, all, none or a fraction in [0, 1], got {policy!r}")
+        return policy
+    if not 0.0 <= float(policy) <= 1.0:
+        raise ValueError(f"checkpoint fraction must be in [0, 1], got {policy}")
+    return float(policy)
+
+
+def _batch_tokens(args, kwargs) -> int:
+    for key in ("input_ids", "inputs_embeds"):
+        t = kwargs.get(key)
+        if t is not None:
+            return int(t.shape[0] * t.shape[1])
+    if args and isinstance(args[0], torch.Tensor):
+        return int(args[0].shape[0] * args[0].shape[1])
+    return 0
+
+
+def _device_memory(module: nn.Module) -> Optional[int]:
+    device = next(module.parameters()).device
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory
+
+
+# ---------------------------------------------------------------- memory accounting
+
+
+def head_reserve_bytes(config, tokens: int) -> int:
+    """Transient memory of the loss head: TRL's fused head holds one fp32 logits tile (and its
+    exp) at a time, plus the fp32 gradient of the final hidden states."""
+    vocab = getattr(config, "vocab_size", _HEAD_TILE_VOCAB)
+    tile = min(tokens, _HEAD_TILE_TOKENS) * min(vocab, _HEAD_TILE_VOCAB) * 4
+    return 2 * tile + tokens * config.hidden_size * 4
+
+
+def optimizer_state_bytes_per_param(optim: str, param_bytes: int) -> float:
+    """Bytes of optimizer state per trainable parameter for an HF `optim` name."""
+    name = str(getattr(optim, "value", optim)).lower()
+    if "8bit" in name:
+        return 2.0  # two uint8 moments (block-wise scales are ~1% more)
+    if name.startswith("sgd"):
+        return 0.0
+    if "adafactor" in name:
+        return 0.1 * param_bytes
+    return 2.0 * param_bytes  # AdamW: two moments in the parameter's dtype
+
+
+def static_training_bytes(model: nn.Module, optim: str) -> int:
+    """Weights (as allocated now) + gradients + optimizer state of `model` in training."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grads = sum(p.numel() * p.element_size() for p in trainable)
+    state = sum(p.numel() * optimizer_state_bytes_per_param(optim, p.element_size()) for p in trainable)
+    device = next(model.parameters()).device
+    weights = (
+        torch.cuda.memory_allocated(device)
+        if device.type == "cuda"
+        else sum(p.numel() * p.element_size() for p in model.parameters())
+    )
+    return int(weights + grads + state)
+
+
+def measure_layer_bytes_per_token(backbone: nn.Module, layer: nn.Module, tokens: int = 256) -> float:
+    """Bytes one decoder layer keeps for backward per token, measured by running it once.
+
+    Counts the tensors autograd saves (weights excluded, each storage once) during an eager
+    forward of `tokens` random tokens. Compiled layers save the same or less, so the
+    estimate errs towards checkpointing more.
+    """
+    param = next(layer.parameters())
+    device, dtype = param.device, backbone.get_input_embeddings().weight.dtype
+    hidden = torch.randn(1, tokens, backbone.config.hidden_size, device=device, dtype=dtype, requires_grad=True)
+    position_ids = torch.arange(tokens, device=device)[None]
+    kwargs = {"position_ids": position_ids}
+    rotary = getattr(backbone, "rotary_emb", None)
+    if rotary is not None:
+        kwargs["position_embeddings"] = rotary(hidden, position_ids)
+    weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights and ptr != hidden.untyped_storage().data_ptr():
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _run_layer(layer, hidden, **kwargs)
+    # + the layer's input, which the next layer's first op saves
+    saved = sum(seen.values()) + hidden.numel() * hidden.element_size()
+    return saved / tokens
+
+
+def count_compilations() -> int:
+    """Graphs Dynamo has compiled in this process (one per distinct guarded graph)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+# ---------------------------------------------------------------- trainer wiring
+
+
+def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit: Optional[int] = None):
+    """A TrainerCallback that installs a LayerRunner when training begins.
+
+    It has to wait for `on_train_begin`: by then the Trainer has wrapped the model (PEFT,
+    quantization preparation) and settled its own checkpointing, which must be off
+    (`gradient_checkpointing=False` in the SFTConfig) since this runner decides instead.
+    """
+    from transformers import TrainerCallback
+
+    class SpeedCallback(TrainerCallback):
+        def __init__(self):
+            self.runner: Optional[LayerRunner] = None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if self.runner is None:
+                self.runner = LayerRunner(
+                    model,
+                    compile=compile,
+                    checkpoint=checkpoint,
+                    memory_limit=memory_limit,
+                    static_bytes=static_training_bytes(model, args.optim),
+                ).install()
+                log.info(
+                    "decoder layers: compile=%s, checkpointing=%s%s",
+                    compile,
+                    checkpoint,
+                    f" within {memory_limit / 2**30:.1f} GiB" if memory_limit else "",
+                )
+
+    return SpeedCallback()
