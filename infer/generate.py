@@ -1,0 +1,534 @@
+"""Fast generation for any transformers causal LM: a static KV cache, prompt-length buckets
+and a compiled per-token decode step (gpt-fast style), with sampling, streaming and
+speculative decoding.
+
+API (the HTTP server builds on exactly this):
+
+    gen = Generator(model, tokenizer, max_batch_size=8, max_seq_len=2048, compile="auto")
+    results = gen.generate(prompts, SamplingParams(max_new_tokens=64, temperature=0.7))
+    for event in gen.stream(prompts, params):   # StreamEvent(index, token_ids, text, finished, finish_reason)
+        ...
+
+* `prompts` is a list; each item is a string, a list of token ids, or a conversation
+  (list of {"role", "content"} dicts). Strings get the chat template when `chat=True`
+  (default: when the tokenizer has one); conversations always do. `params` is one
+  SamplingParams for all prompts or one per prompt.
+* `generate` returns one GenerationResult per prompt, in order: token_ids (without the
+  end-of-sequence token), text (stop string excluded), finish_reason ("stop" | "length"),
+  prompt_tokens, ttft_s, seconds. `gen.last_stats` holds the timing of the last call.
+* More prompts than `max_batch_size` run in consecutive batches. A batch is padded up to
+  a power of two and each prompt is left-padded to a length bucket, so the set of shapes
+  (and compiled graphs) stays small. `prompt bucket + max_new_tokens` must fit `max_seq_len`.
+* `assistant_model=` (same vocabulary) or `prompt_lookup=N` turn on speculative decoding;
+  prompts then run one at a time. Greedy output is identical to plain greedy decoding;
+  sampled output follows the same distribution (a draft token is kept only when it equals
+  the token the target model samples at that position).
+* Not thread-safe: the cache and state buffers are shared; serve one call at a time.
+* `compile`: "auto" (CUDA: inductor + CUDA graphs, `mode="reduce-overhead"`; CPU: eager),
+  False, True, an inductor mode name, or a dynamo backend (name or callable, e.g. tests'
+  compile counters). Warm-up (`gen.warmup()`) compiles and records graphs before timing.
+
+How it stays fast: all decode state (token history, current slot, per-row sampling
+parameters, KV cache) lives in device buffers allocated once, so the compiled decode step
+takes no inputs and returns nothing; one step is one CUDA-graph replay. The host reads new
+tokens every `sync_interval` steps, not every step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from infer.sampling import SamplingParams, choose_tokens
+
+log = logging.getLogger(__name__)
+
+INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass
+class GenerationResult:
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (eos or stop string) or "length"
+    prompt_tokens: int
+    ttft_s: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass
+class StreamEvent:
+    index: int  # which prompt of the call
+    token_ids: list[int]  # tokens new since the previous event for this prompt
+    text: str  # text new since the previous event (held back while it may start a stop string)
+    finished: bool = False
+    finish_reason: str | None = None
+
+
+@dataclass
+class GenerationStats:
+    batch: int = 0  # padded batch size actually run
+    prompt_bucket: int = 0
+    new_tokens: int = 0  # summed over prompts
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0  # model calls after the first token (decode or verify)
+    drafted: int = 0
+    accepted: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class StaticKVCache:
+    """Keys/values for every layer, allocated once as (batch, kv_heads, max_seq_len, head_dim).
+
+    Duck-types the part of transformers' Cache that attention layers call (`update`).
+    Writes go to slots `base_slot + arange(q)`, where `base_slot` is the generator's device
+    scalar: no Python state changes per step, so compiled graphs never see a new value.
+    """
+
+    is_compileable = True
+
+    def __init__(self, config, batch: int, max_len: int, dtype, device, base_slot: torch.Tensor):
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = text_config.num_attention_heads
+        self.kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+        self.head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+        self.num_layers = text_config.num_hidden_layers
+        shape = (batch, self.kv_heads, max_len, self.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
+        self.base_slot = base_slot
+        for t in self.keys + self.values:
+            torch._dynamo.mark_static_address(t)  # CUDA graphs need fixed addresses
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        b, q = key_states.shape[0], key_states.shape[-2]
+        keys, values = self.keys[layer_idx][:b], self.values[layer_idx][:b]
+        if key_states.shape[1] != keys.shape[1] or key_states.shape[-1] != keys.shape[-1]:
+            raise RuntimeError(
+                f"layer {layer_idx} produced keys of shape {tuple(key_states.shape)}, but the cache was "
+                f"sized from the config as {tuple(keys.shape)}; this architecture is not supported"
+            )
+        slots = self.base_slot + torch.arange(q, device=keys.device)
+        keys.index_copy_(2, slots, key_states.to(keys.dtype))
+        values.index_copy_(2, slots, value_states.to(values.dtype))
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # only consulted when position_ids are absent; the generator always passes them
+
+
+class _Row:
+    """Host-side state of one prompt: tokens so far, end conditions, text already emitted."""
+
+    def __init__(self, index, prompt_len, params: SamplingParams, tokenizer, eos_ids):
+        self.index, self.prompt_len, self.params = index, prompt_len, params
+        self.tokenizer, self.eos_ids = tokenizer, eos_ids
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.emitted_tokens = 0
+        self.emitted_text = 0
+        self.finish_reason: str | None = None
+        self.ttft_s = 0.0
+        self.holdback = max((len(s) for s in params.stop), default=1) - 1
+
+    def add(self, tokens: Sequence[int]) -> None:
+        if self.finish_reason:
+            return
+        for tok in tokens:
+            if tok in self.eos_ids and not self.params.ignore_eos:
+                self.finish_reason = "stop"
+                break
+            self.token_ids.append(tok)
+            if len(self.token_ids) >= self.params.max_new_tokens:
+                self.finish_reason = "length"
+                break
+        self.text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        if self.params.stop:
+            self._apply_stop()
+
+    def _apply_stop(self) -> None:
+        search_from = max(0, self.emitted_text - self.holdback)
+        hits = [(i, s) for s in self.params.stop if (i := self.text.find(s, search_from)) >= 0]
+        if not hits:
+            return
+        cut, stop = min(hits)
+        self.text = self.text[:cut]
+        # Keep the tokens up to the one that completed the stop string.
+        need = cut + len(stop)
+        for n in range(1, len(self.token_ids) + 1):
+            if len(self.tokenizer.decode(self.token_ids[:n], skip_special_tokens=True)) >= need:
+                self.token_ids = self.token_ids[:n]
+                break
+        self.finish_reason = "stop"
+
+    def event(self) -> StreamEvent | None:
+        end = len(self.text)
+        if not self.finish_reason:
+            end -= self.holdback  # could be the start of a stop string
+            while end > self.emitted_text and self.text[end - 1] == "\ufffd":
+                end -= 1  # an incomplete multi-byte character: wait for the rest
+        end = max(end, self.emitted_text)
+        new_tokens = self.token_ids[self.emitted_tokens:]
+        new_text = self.text[self.emitted_text:end]
+        if not new_tokens and not new_text and not self.finish_reason:
+            return None
+        self.emitted_tokens, self.emitted_text = len(self.token_ids), end
+        return StreamEvent(self.index, new_tokens, new_text, bool(self.finish_reason), self.finish_reason)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class Generator:
+    """Batched, streaming generation with a static cache; see the module docstring."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_batch_size: int = 8,
+        max_seq_len: int = 2048,
+        compile: bool | str | Callable = "auto",
+        compile_prefill: bool = False,
+        prompt_buckets: Sequence[int] | None = None,
+        assistant_model=None,
+        num_assistant_tokens: int = 5,
+        prompt_lookup: int = 0,
+        sync_interval: int = 16,
+    ):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.sync_interval = max(1, sync_interval)
+        self.device = next(model.parameters()).device
+        self.config = model.config
+        _check_supported(self.config, max_seq_len)
+        _use_masked_attention(model)
+        model.eval()
+
+        embed = model.get_input_embeddings().weight
+        self.vocab_size = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else embed.shape[0]
+        self.pad_id = _first(tokenizer.pad_token_id, tokenizer.eos_token_id, 0)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.buckets = sorted(set(prompt_buckets or [16 << i for i in range(16) if 16 << i < max_seq_len] + [max_seq_len]))
+
+        dev, B, T = self.device, max_batch_size, max_seq_len
+        # Decode state lives on the device, allocated once; compiled steps read and advance it.
+        self._seq = torch.full((B, T), self.pad_id, dtype=torch.long, device=dev)  # token by slot
+        self._start = torch.zeros(B, dtype=torch.long, device=dev)  # first real slot per row
+        self._slot = torch.zeros((), dtype=torch.long, device=dev)  # slot of the newest token
+        self._temperature = torch.zeros(B, device=dev)
+        self._top_k = torch.zeros(B, dtype=torch.long, device=dev)
+        self._top_p = torch.ones(B, device=dev)
+        self._penalty = torch.ones(B, device=dev)
+        self._key_slots = torch.arange(T, device=dev)
+        for t in (self._seq, self._start, self._slot, self._temperature, self._top_k, self._top_p, self._penalty, self._key_slots):
+            torch._dynamo.mark_static_address(t)
+        self.cache = StaticKVCache(self.config, B, T, embed.dtype, dev, self._slot)
+
+        params = inspect.signature(model.forward).parameters
+        self._prefill_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.compile_mode = _compile_mode(compile, dev)
+        self._decode = self._compiled(self._decode_impl, self.compile_mode, cudagraphs=True)
+        self._verify = self._compiled(self._verify_impl, self.compile_mode, cudagraphs=True)
+        self._prefill = self._compiled(self._prefill_impl, self.compile_mode, cudagraphs=False) if compile_prefill else self._prefill_impl
+        self.last_stats = GenerationStats()
+
+        self.drafter = None
+        if assistant_model is not None and prompt_lookup:
+            raise ValueError("choose one of assistant_model and prompt_lookup, not both")
+        if assistant_model is not None or prompt_lookup:
+            from infer.speculative import AssistantDrafter, PromptLookupDrafter
+
+            if assistant_model is not None:
+                self.drafter = AssistantDrafter(self, assistant_model, num_assistant_tokens)
+            else:
+                self.drafter = PromptLookupDrafter(prompt_lookup)
+
+    # ---- compiled pieces -------------------------------------------------------------
+
+    def _compiled(self, fn, mode, *, cudagraphs: bool):
+        if mode is None:
+            return fn
+        _raise_dynamo_limits()
+        if callable(mode) or mode not in INDUCTOR_MODES:
+            return torch.compile(fn, backend=mode, fullgraph=True, dynamic=False)
+        if not cudagraphs and mode == "reduce-overhead":
+            mode = "default"
+        if self.device.type == "cuda":
+            import torch._inductor.config as inductor_config
+
+            # Lets inductor turn batch-1 matmuls into fused reductions that reach peak
+            # bandwidth, and fuse weight dequantization into them (as gpt-fast does).
+            inductor_config.coordinate_descent_tuning = True
+        return torch.compile(fn, mode=mode, fullgraph=True, dynamic=False)
+
+    def _forward(self, tokens: torch.Tensor, b: int, **kwargs) -> torch.Tensor:
+        """Run the model on `tokens` (b, q) placed at slots `_slot + arange(q)`."""
+        q = tokens.shape[1]
+        slots = self._slot + torch.arange(q, device=tokens.device)
+        start = self._start[:b]
+        positions = (slots[None, :] - start[:, None]).clamp(min=0)
+        keys = self._key_slots[None, None, :]
+        # Causal over slots, never into a row's left padding; a padding query attends to
+        # itself so its softmax is never empty (an all-masked row would give NaN).
+        allowed = (keys <= slots[None, :, None]) & ((keys >= start[:, None, None]) | (keys == slots[None, :, None]))
+        out = self.model(
+            input_ids=tokens, position_ids=positions, attention_mask=allowed[:, None],
+            past_key_values=self.cache, use_cache=True, **kwargs,
+        )
+        return out.logits
+
+    def _choose(self, logits, b: int, sampling: bool, upto: torch.Tensor | None = None):
+        """Next token per row; `b` rows of parameters, or row 0's for all when b == 1."""
+        if not sampling:
+            return choose_tokens(logits, sampling=False)
+        rows = logits.shape[0]
+
+        def per_row(buf):
+            return buf[:b] if b == rows else buf[:1].expand(rows)
+
+        history = valid = None
+        if upto is not None:  # repetition penalty needs the row's history (prompt + output)
+            history = self._seq[:b]
+            valid = (self._key_slots[None, :] >= self._start[:b, None]) & (self._key_slots[None, :] <= upto)
+        return choose_tokens(
+            logits, sampling=True, temperature=per_row(self._temperature), top_k=per_row(self._top_k),
+            top_p=per_row(self._top_p), penalty=per_row(self._penalty), history=history, history_valid=valid,
+        )
+
+    def _prefill_impl(self, b: int, length: int, sampling: bool) -> None:
+        # _slot is 0 here: the prompt occupies slots [0, length); first new token goes to `length`.
+        logits = self._forward(self._seq[:b, :length], b, **self._prefill_kwargs)[:, -1]
+        nxt = self._choose(logits, b, sampling, upto=self._slot + length - 1)
+        self._seq[:b, length] = nxt
+
+    def _decode_impl(self, b: int, sampling: bool) -> None:
+        tok = self._seq[:b].index_select(1, self._slot.view(1))
+        logits = self._forward(tok, b)[:, -1]
+        nxt = self._choose(logits, b, sampling, upto=self._slot)
+        self._seq[:b].index_copy_(1, (self._slot + 1).view(1), nxt[:, None])
+        self._slot.add_(1)
+
+    def _verify_impl(self, k: int, sampling: bool) -> torch.Tensor:
+        """Target-model choices after each of [newest token, k drafts] (batch 1)."""
+        slots = self._slot + torch.arange(k + 1, device=self._slot.device)
+        logits = self._forward(self._seq[:1].index_select(1, slots), 1)[0]
+        return self._choose(logits, 1, sampling)
+
+    # ---- host loop -------------------------------------------------------------------
+
+    def encode(self, prompt, chat: bool | None = None) -> list[int]:
+        """Token ids for one prompt (see the module docstring for what a prompt may be)."""
+        if chat is None:
+            chat = bool(getattr(self.tokenizer, "chat_template", None))
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        if isinstance(prompt, str) and not chat:
+            return list(self.tokenizer(prompt).input_ids)
+        conversation = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this tokenizer has no chat template: pass plain strings with chat=False")
+        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None, *, chat: bool | None = None) -> list[GenerationResult]:
+        t0 = time.perf_counter()
+        rows: dict[int, _Row] = {}
+        for event in self._events(prompts, params, chat, self.sync_interval, rows):
+            pass
+        seconds = time.perf_counter() - t0
+        return [
+            GenerationResult(r.index, r.token_ids, r.text, r.finish_reason or "length", r.prompt_len, r.ttft_s, seconds)
+            for r in sorted(rows.values(), key=lambda r: r.index)
+        ]
+
+    def stream(self, prompts, params=None, *, chat: bool | None = None, interval: int = 1) -> Iterator[StreamEvent]:
+        """Yield StreamEvents as tokens arrive (host sync every `interval` steps)."""
+        yield from self._events(prompts, params, chat, interval, {})
+
+    def warmup(self, batch_sizes: Sequence[int] = (1,), prompt_len: int = 16, sampling: bool = False) -> None:
+        """Compile and record graphs for these shapes so no timed call pays for it."""
+        params = SamplingParams(max_new_tokens=4, temperature=0.7 if sampling else 0.0, ignore_eos=True)
+        for b in batch_sizes:
+            for _ in range(3):  # CUDA-graph trees record on the second call, replay after
+                self.generate([[self.pad_id] * prompt_len] * b, params)
+
+    def _events(self, prompts, params, chat, interval, rows: dict) -> Iterator[StreamEvent]:
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+            raise TypeError("prompts must be a list of prompts (strings, token-id lists or conversations)")
+        token_lists = [self.encode(p, chat) for p in prompts]
+        if params is None:
+            params = SamplingParams()
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(token_lists)
+        if len(plist) != len(token_lists):
+            raise ValueError(f"got {len(plist)} SamplingParams for {len(token_lists)} prompts")
+        chunk = 1 if self.drafter is not None else self.max_batch_size
+        self.last_stats = stats = GenerationStats()
+        for lo in range(0, len(token_lists), chunk):
+            group = {}
+            for i in range(lo, min(lo + chunk, len(token_lists))):
+                group[i] = rows[i] = _Row(i, len(token_lists[i]), plist[i], self.tokenizer, self.eos_ids)
+            toks = [token_lists[i] for i in group]
+            if self.drafter is not None:
+                from infer.speculative import speculative_events
+
+                yield from speculative_events(self, toks[0], group[lo], interval, stats)
+            else:
+                yield from self._batch_events(toks, list(group.values()), interval, stats)
+
+    def _start_batch(self, token_lists, plist, max_new: int) -> tuple[int, int, bool]:
+        """Left-pad prompts into a bucket, load the state buffers and run the prefill."""
+        n = len(token_lists)
+        b = min(_pow2_at_least(n), self.max_batch_size)
+        longest = max(len(t) for t in token_lists)
+        if longest == 0:
+            raise ValueError("empty prompt: give at least one token")
+        if longest + max_new > self.max_seq_len:
+            raise ValueError(
+                f"prompt of {longest} tokens + max_new_tokens {max_new} exceeds max_seq_len "
+                f"{self.max_seq_len}: shorten the prompt, lower max_new_tokens, or build the "
+                "Generator with a larger max_seq_len"
+            )
+        length = next((x for x in self.buckets if x >= longest), longest)
+        if length + max_new > self.max_seq_len:
+            length = longest  # the bucket would not fit; an exact length costs one extra compile
+        seq = torch.full((b, length), self.pad_id, dtype=torch.long)
+        start = torch.full((b,), length - 1, dtype=torch.long)  # batch-padding rows: one pad token
+        for r, toks in enumerate(token_lists):
+            seq[r, length - len(toks):] = torch.tensor(toks, dtype=torch.long)
+            start[r] = length - len(toks)
+        self._seq[:b, :length].copy_(seq)
+        self._start[:b].copy_(start)
+        p = plist + [plist[0]] * (b - n)
+        self._temperature[:b].copy_(torch.tensor([x.temperature for x in p]))
+        self._top_k[:b].copy_(torch.tensor([x.top_k for x in p]))
+        self._top_p[:b].copy_(torch.tensor([x.top_p for x in p]))
+        self._penalty[:b].copy_(torch.tensor([x.repetition_penalty for x in p]))
+        sampling = any(not x.greedy or x.repetition_penalty != 1.0 for x in p)
+        seeds = [x.seed for x in plist if x.seed is not None]
+        if seeds:
+            torch.manual_seed(seeds[0])
+        self._slot.fill_(0)
+        with torch.inference_mode():
+            self._prefill(b, length, sampling)
+        self._slot.fill_(length)
+        return b, length, sampling
+
+    @torch.inference_mode()
+    def _step(self, b: int, sampling: bool) -> None:
+        if self.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+        self._decode(b, sampling)
+
+    @torch.inference_mode()
+    def _verify_step(self, k: int, sampling: bool) -> list[int]:
+        if self.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._verify(k, sampling).tolist()
+
+    def _read(self, n: int, lo: int, hi: int) -> list[list[int]]:
+        return self._seq[:n, lo:hi].tolist()
+
+    def _batch_events(self, token_lists, rows: list[_Row], interval, stats) -> Iterator[StreamEvent]:
+        t0 = time.perf_counter()
+        max_new = max(r.params.max_new_tokens for r in rows)
+        b, length, sampling = self._start_batch(token_lists, [r.params for r in rows], max_new)
+        n = len(rows)
+        first = self._read(n, length, length + 1)
+        t_first = time.perf_counter()
+        for r, toks in zip(rows, first):
+            r.ttft_s = t_first - t0
+            r.add(toks)
+        yield from _events_of(rows)
+        slot, steps = length, 0
+        while not all(r.finish_reason for r in rows) and slot - length + 1 < max_new:
+            todo = min(interval, max_new - (slot - length + 1))
+            for _ in range(todo):
+                self._step(b, sampling)
+            new = self._read(n, slot + 1, slot + 1 + todo)
+            slot, steps = slot + todo, steps + todo
+            for r, toks in zip(rows, new):
+                r.add(toks)
+            yield from _events_of(rows)
+        t_end = time.perf_counter()
+        stats.batch, stats.prompt_bucket = b, length
+        stats.ttft_s += t_first - t0
+        stats.decode_s += t_end - t_first
+        stats.decode_steps += steps
+        stats.new_tokens += sum(len(r.token_ids) for r in rows)
+
+
+def _events_of(rows) -> Iterator[StreamEvent]:
+    for r in rows:
+        if (e := r.event()) is not None:
+            yield e
+
+
+def _first(*values):
+    return next(v for v in values if v is not None)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    return ids
+
+
+def _compile_mode(compile, device) -> Any:
+    if compile in (False, None, "none", "off"):
+        return None
+    if compile == "auto":
+        return "reduce-overhead" if device.type == "cuda" else None
+    if compile is True:
+        return "reduce-overhead" if device.type == "cuda" else "default"
+    return compile
+
+
+def _raise_dynamo_limits() -> None:
+    # One graph per (batch bucket, sampling) and per prompt bucket: more than dynamo's
+    # default of 8 recompiles per function.
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if getattr(dynamo_config, name, 64) < 64:
+            setattr(dynamo_config, name, 64)
+
+
+def _check_supported(config, max_seq_len: int) -> None:
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = getattr(text_config, "layer_types", None) or []
+    window = getattr(text_config, "sliding_window", None)
+    uses_window = any("sliding" in str(t) for t in layer_types) or (
+        window and getattr(text_config, "use_sliding_window", True) and window < max_seq_len and not layer_types
+    )
+    if uses_window:
+        raise ValueError(
+            f"{type(config).__name__} uses sliding-window attention, which the static-cache generator "
+            "does not implement; use transformers' model.generate for this model"
+        )
+
+
+def _use_masked_attention(model) -> None:
+    # The generator passes explicit 4-D padding/causal masks over the static cache; only
+    # sdpa and eager attention take those (flash/varlen kernels ignore or reject them).
+    impl = getattr(model.config, "_attn_implementation", "sdpa")
+    if impl not in ("sdpa", "eager"):
+        log.info("generation switches attention from %s to sdpa (static cache with explicit masks)", impl)
+        model.set_attn_implementation("sdpa")

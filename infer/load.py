@@ -1,0 +1,229 @@
+"""Load a checkpoint for inference, optionally quantized with bitsandbytes.
+
+`load(path, quant=...)` accepts a run directory (its `model/`), a checkpoint directory, a
+builtin model name or a hub id, and returns `(model, tokenizer)` in eval mode. A directory
+written by `python -m infer quantize` carries its quantization in config.json and reloads
+without quantizing again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+QUANT_CHOICES = ("none", "int8", "nf4", "fp4")
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+DEVICE_CHOICES = ("auto", "cuda", "cpu")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
+
+
+class LoadError(ValueError):
+    """A checkpoint or option that cannot be loaded; the message says what to change."""
+
+
+def load(
+    path,
+    *,
+    quant: str = "none",
+    dtype: str = "auto",
+    device: str = "auto",
+    attn_implementation: str = "auto",
+    double_quant: bool = True,
+    compute_dtype: str = "auto",
+    trust_remote_code: bool = False,
+):
+    """Return (model, tokenizer) ready for generation.
+
+    quant: none | int8 | nf4 | fp4. dtype: auto (CUDA: bf16 where supported, else fp16;
+    CPU: fp32) | bf16 | fp16 | fp32 — the precision of everything not quantized.
+    compute_dtype (4-bit only): the dtype 4-bit matmuls run in; auto = dtype.
+    attn_implementation: auto picks sdpa (the generator passes explicit masks over a static
+    cache, which flash/varlen kernels do not take); other values as in infer.attention.
+    `model.tunewright` records what was loaded (source, quant, dtype, device, attention).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_choice("quant", quant, QUANT_CHOICES)
+    _check_choice("dtype", dtype, DTYPE_CHOICES)
+    _check_choice("compute_dtype", compute_dtype, DTYPE_CHOICES)
+    checkpoint = resolve_checkpoint(path)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    saved_quant = saved_quantization(checkpoint)
+    if saved_quant and quant not in ("none", saved_quant):
+        raise LoadError(
+            f"{checkpoint} is already quantized ({saved_quant}); load it with quant='none' (or "
+            f"'{saved_quant}'), or quantize the original unquantized checkpoint to {quant}"
+        )
+    effective_quant = saved_quant or quant
+    quantization_config = None
+    if effective_quant != "none":
+        check_quant_supported(effective_quant, dev)
+    if quant != "none" and not saved_quant:
+        quantization_config = bnb_config(quant, double_quant, resolve_dtype(compute_dtype, dev) if compute_dtype != "auto" else torch_dtype)
+
+    attn = "sdpa" if attn_implementation == "auto" else attn_implementation
+    if attn != "sdpa":
+        from infer.attention import resolve_attn_implementation
+
+        attn = resolve_attn_implementation(attn)
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+    kwargs = dict(dtype=torch_dtype, attn_implementation=attn, trust_remote_code=trust_remote_code)
+    if effective_quant != "none":
+        # bitsandbytes places quantized weights while loading; a later .to() is refused.
+        kwargs["device_map"] = {"": dev.index if dev.type == "cuda" and dev.index is not None else dev.type}
+    with warnings.catch_warnings():
+        # int8 on CPU casts fp32 inputs to fp16 and says so on every matmul.
+        warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=quantization_config, **kwargs)
+    if effective_quant == "none":
+        model.to(dev)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; eos is never attended
+    model.tunewright = {
+        "source": str(path),
+        "checkpoint": str(checkpoint),
+        "quant": effective_quant,
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "device": str(dev),
+        "attn_implementation": attn,
+        "double_quant": bool(double_quant) if effective_quant in ("nf4", "fp4") else None,
+    }
+    log.info("loaded %s (quant=%s, dtype=%s, device=%s, attention=%s)", checkpoint, effective_quant, torch_dtype, dev, attn)
+    return model, tokenizer
+
+
+def resolve_checkpoint(path) -> Path:
+    """A local checkpoint directory with weights and a tokenizer, or a LoadError saying why not."""
+    from infer.models import ModelSourceError, resolve_model
+
+    try:
+        checkpoint = Path(resolve_model(path))
+    except ModelSourceError as exc:
+        raise LoadError(str(exc)) from None
+    if not any(any(checkpoint.glob(p)) for p in WEIGHT_PATTERNS):
+        raise LoadError(
+            f"{checkpoint} has a config.json but no weights (*.safetensors or *.bin): it is not a "
+            "complete checkpoint; point at the directory save_pretrained wrote, or a run's model/"
+        )
+    if not any((checkpoint / f).is_file() for f in TOKENIZER_FILES):
+        raise LoadError(
+            f"{checkpoint} has model weights but no tokenizer (none of {', '.join(TOKENIZER_FILES)}). "
+            "Save the base model's tokenizer next to the weights: "
+            f"AutoTokenizer.from_pretrained(BASE).save_pretrained('{checkpoint}')"
+        )
+    return checkpoint
+
+
+def saved_quantization(checkpoint: Path) -> str | None:
+    """The bitsandbytes quantization a checkpoint was saved with (int8/nf4/fp4), or None."""
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    qc = config.get("quantization_config")
+    if not qc:
+        return None
+    if qc.get("quant_method") != "bitsandbytes":
+        raise LoadError(
+            f"{checkpoint} is quantized with {qc.get('quant_method')!r}; only bitsandbytes "
+            "checkpoints (int8, nf4, fp4) are supported here"
+        )
+    if qc.get("load_in_8bit"):
+        return "int8"
+    return qc.get("bnb_4bit_quant_type", "nf4")
+
+
+def resolve_device(device: str = "auto"):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LoadError("device 'cuda' was requested but this machine has no usable CUDA GPU; use --device cpu or auto")
+    return dev
+
+
+def resolve_dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32  # 16-bit matmuls on CPU are slow and gain nothing
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def check_quant_supported(quant: str, device) -> None:
+    """bitsandbytes runs int8/nf4/fp4 on CUDA and (since 0.46) on CPU; nowhere else."""
+    if device.type not in ("cuda", "cpu"):
+        raise LoadError(f"--quant {quant} needs bitsandbytes on a CUDA GPU or the CPU; device {device} is neither. Use --quant none")
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # missing, or its native library failed to load
+        raise LoadError(
+            f"--quant {quant} needs bitsandbytes, which failed to import ({type(exc).__name__}: {exc}). "
+            "Install it (pip install bitsandbytes) or use --quant none"
+        ) from None
+
+
+def bnb_config(quant: str, double_quant: bool, compute_dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def weight_bytes(model) -> int:
+    """Bytes held by parameters and buffers (bitsandbytes' packed weights count as stored)."""
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        total += t.numel() * t.element_size()
+        state = getattr(t, "quant_state", None)
+        if state is not None:  # 4-bit block scales live beside the packed weight
+            total += _quant_state_bytes(state)
+        scb = getattr(t, "SCB", None)
+        if scb is not None:
+            total += scb.numel() * scb.element_size()
+    for module in model.modules():  # int8 row scales move to the module's state after first use
+        state = getattr(module, "state", None)
+        scb = getattr(state, "SCB", None) if state is not None else None
+        if scb is not None and getattr(module.weight, "SCB", None) is None:
+            total += scb.numel() * scb.element_size()
+    return total
+
+
+def _quant_state_bytes(state) -> int:
+    total = state.absmax.numel() * state.absmax.element_size()
+    nested = getattr(state, "state2", None)
+    if nested is not None:
+        total += nested.absmax.numel() * nested.absmax.element_size()
+    return total
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise LoadError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+class _CallableModule(type(sys.modules[__name__])):
+    """Makes `infer.load(...)` call load() even though `infer.load` is this module."""
+
+    def __call__(self, *args, **kwargs):
+        return load(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,101 @@
+"""Sampling parameters and the token-choice function that runs inside the compiled decode step.
+
+Everything here is plain tensor code with per-row parameters held in tensors, so one
+compiled graph serves every mix of requests in a batch (different temperatures, top-k,
+top-p and repetition penalties do not recompile).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """How to choose tokens for one request.
+
+    temperature 0 means greedy (argmax); top_k 0 and top_p 1.0 mean "no truncation";
+    repetition_penalty 1.0 means none (HF/CTRL semantics: logits of tokens already in the
+    prompt or output are divided by it when positive, multiplied when negative).
+    `stop` strings end the output before the matched text; `seed` makes sampling repeatable
+    for the whole call; `ignore_eos` keeps generating past end-of-sequence (benchmarks).
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] | list[str] = field(default_factory=tuple)
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            problems.append(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(s for s in self.stop if s)
+        if problems:
+            raise ValueError("invalid SamplingParams: " + "; ".join(problems))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def choose_tokens(
+    logits: torch.Tensor,
+    *,
+    sampling: bool,
+    temperature: torch.Tensor | None = None,
+    top_k: torch.Tensor | None = None,
+    top_p: torch.Tensor | None = None,
+    penalty: torch.Tensor | None = None,
+    history: torch.Tensor | None = None,
+    history_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pick one token per row of `logits` (rows, vocab) -> (rows,) int64.
+
+    `sampling=False` is the greedy fast path: one argmax, nothing else on the hot loop.
+    Otherwise rows with temperature 0 still take the argmax (after the repetition
+    penalty), so greedy and sampled requests can share a batch. `history` (rows, T) with
+    `history_valid` (rows, T) are the tokens the repetition penalty looks at.
+    """
+    logits = logits.float()
+    if not sampling:
+        return logits.argmax(dim=-1)
+    vocab = logits.shape[-1]
+    if history is not None:
+        # Which vocabulary entries occurred: scatter-add of the valid flags, so a padding
+        # slot never marks its (arbitrary) token as seen.
+        seen = torch.zeros_like(logits).scatter_add_(1, history, history_valid.to(logits.dtype)) > 0
+        pen = penalty[:, None]
+        logits = torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
+    greedy_choice = logits.argmax(dim=-1)
+    scaled = logits / temperature.clamp(min=1e-5)[:, None]
+    ordered, order = scaled.sort(dim=-1, descending=True)
+    probs = ordered.softmax(dim=-1)
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, vocab)[:, None]
+    # Keep a token when it is inside top-k and the mass strictly before it is below top-p;
+    # the first token always survives, so a row never ends up empty.
+    drop = (ranks >= k) | ((probs.cumsum(dim=-1) - probs) >= top_p[:, None])
+    ordered = ordered.masked_fill(drop, float("-inf"))
+    probs = ordered.softmax(dim=-1)
+    # Exponential race (Gumbel-max form of multinomial sampling): no host sync, graph-safe.
+    race = torch.empty_like(probs).exponential_(1.0)
+    pick = (probs / race).argmax(dim=-1, keepdim=True)
+    sampled = order.gather(1, pick).squeeze(1)
+    return torch.where(temperature > 0, sampled, greedy_choice)
