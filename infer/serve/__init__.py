@@ -1,0 +1,233 @@
+"""`python -m infer serve RUN`: an OpenAI-compatible HTTP server for a tuned model.
+
+The process binds its socket first and answers `GET /health` with 503 while the model
+loads in a background thread, so an orchestrator can tell "starting" from "dead".
+SIGTERM (or Ctrl-C) stops accepting connections, lets in-flight requests finish, stops
+the batching engine and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import threading
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+log = logging.getLogger("infer.serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m infer serve",
+        description="Serve a run directory (or checkpoint directory, or builtin model name) "
+        "over an OpenAI-compatible HTTP API with continuous batching.",
+    )
+    p.add_argument("run", help="runs/<name>, a checkpoint directory, or a builtin model name")
+    p.add_argument("--quant", choices=["none", "int8", "nf4"], default="none",
+                   help="bitsandbytes quantization at load time (CUDA only)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind (default 127.0.0.1: reachable from this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("TUNEWRIGHT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $TUNEWRIGHT_API_KEY)")
+    p.add_argument("--served-model-name", help="the model id clients send (default: the run's name)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16, float32")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--max-batch-size", type=int, default=64, help="sequences decoded together (default 64)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="sequences allowed to wait for a slot; beyond it requests get 429 (default 256)")
+    p.add_argument("--max-model-len", type=int,
+                   help="cap on prompt + completion tokens (default: the model's context length)")
+    p.add_argument("--default-max-tokens", type=int, default=1024,
+                   help="chat completions without max_tokens stop here at most (default 1024)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (default 1 MiB)")
+    p.add_argument("--drain-timeout", type=float, default=300.0,
+                   help="seconds SIGTERM waits for in-flight requests before closing them (default 300)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the checkpoint's own Python code to run (off by default: it is arbitrary code)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("max_batch_size", "max_queue", "default_max_tokens", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+    return serve(args)
+
+
+def load_for_serving(args):
+    """(model, tokenizer) ready for inference. infer.load does quantization and attention
+    selection for every infer command; without it (older trees) load plainly."""
+    try:
+        from infer.load import load
+    except ImportError:
+        load = None
+    if load is not None:
+        return load(args.run, quant=args.quant, dtype=args.dtype, device=args.device,
+                    trust_remote_code=args.trust_remote_code)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from infer.models import resolve_model
+
+    path = resolve_model(args.run)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    kwargs = {}
+    if args.quant != "none":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True) if args.quant == "int8" else BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=getattr(torch, dtype))
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype), device_map=device, attn_implementation="sdpa",
+        trust_remote_code=args.trust_remote_code, **kwargs,
+    )
+    return model.eval(), tokenizer
+
+
+class ServerState:
+    """Everything the routes share: settings, the engine once loaded, metrics."""
+
+    def __init__(self, args, loader=load_for_serving):
+        from .metrics import ServerMetrics
+
+        self.args = args
+        self.loader = loader
+        self.api_key = args.api_key or None
+        self.model_name = args.served_model_name or _default_model_name(args.run)
+        self.created = int(time.time())
+        self.metrics = ServerMetrics()
+        self.engine = None
+        self.tokenizer = None
+        self.max_model_len = 0
+        self.ready = False
+        self.draining = False
+        self.load_error: BaseException | None = None
+        self.server = None  # the uvicorn.Server, told to exit if loading fails
+
+    def load(self) -> None:
+        from .engine import Engine
+
+        try:
+            started = time.perf_counter()
+            model, tokenizer = self.loader(self.args)
+            config = model.config.get_text_config()
+            context = getattr(config, "max_position_embeddings", None) or self.args.max_model_len or 2048
+            self.max_model_len = min(context, self.args.max_model_len or context)
+            engine = Engine(model, tokenizer, max_batch_size=self.args.max_batch_size,
+                            max_queue=self.args.max_queue)
+            engine.start()
+            _warm_up(engine, tokenizer)
+            # Metrics start after the warm-up so that they count user requests only.
+            engine.metrics = self.metrics
+            self.metrics.bind_engine(engine)
+            self.metrics.bind_device(engine.device)
+            self.tokenizer, self.engine = tokenizer, engine
+            self.ready = True
+            log.info("model %s ready on %s in %.1fs (context %d tokens, batch %d, queue %d)",
+                     self.model_name, engine.device, time.perf_counter() - started,
+                     self.max_model_len, self.args.max_batch_size, self.args.max_queue)
+        except BaseException as exc:  # noqa: BLE001 - any failure must end the server, not hang it
+            log.error("could not load %s: %s: %s", self.args.run, type(exc).__name__, exc)
+            self.load_error = exc
+            if self.server is not None:
+                self.server.should_exit = True
+
+    @asynccontextmanager
+    async def lifespan(self, app):
+        threading.Thread(target=self.load, name="tunewright-load", daemon=True).start()
+        yield
+        # uvicorn has already waited for open connections; this drains whatever is left.
+        if self.engine is not None:
+            from starlette.concurrency import run_in_threadpool
+
+            await run_in_threadpool(self.engine.stop, self.args.drain_timeout)
+
+
+def _warm_up(engine, tokenizer) -> None:
+    """Two short requests of different lengths through the real engine: the first user
+    request should not pay for kernel selection, and a model whose cache the engine cannot
+    batch fails here, at startup, not on a user's request."""
+    from .engine import SamplingParams, Sequence
+
+    done = threading.Event()
+    events = []
+
+    def emit(event):
+        events.append(event)
+        if sum(1 for e in events if e.finish_reason) == 2:
+            done.set()
+
+    ids = tokenizer("Hello, world. This is a warm-up.")["input_ids"] or [0]
+    seqs = [Sequence(ids[:3] or ids, SamplingParams(max_tokens=4, temperature=0.0), emit, index=0),
+            Sequence(ids, SamplingParams(max_tokens=4, temperature=1.0, seed=0), emit, index=1)]
+    engine.submit(seqs, bounded=False)
+    if not done.wait(timeout=600):
+        raise RuntimeError("warm-up generation did not finish within 600 s")
+    errors = [e.error for e in events if e.error]
+    if errors:
+        raise RuntimeError(f"warm-up generation failed: {errors[0]}")
+
+
+def _default_model_name(run: str) -> str:
+    path = Path(run).expanduser()
+    if path.exists():
+        path = path.resolve()
+        return path.parent.name if path.name == "model" else path.name
+    return run
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind before uvicorn starts so that `--port 0` can report the port it got."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(args) -> int:
+    import signal
+
+    import uvicorn
+
+    from .app import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    state = ServerState(args)
+    app = create_app(state)
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            state.draining = True  # /health turns 503 so a load balancer stops sending work
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=args.drain_timeout)
+    server = state.server = _Server(config)
+    sock = _bind(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    print(f"tunewright serve: listening on http://{host}:{port} (model {state.model_name})", flush=True)
+    # uvicorn re-raises the signal that stopped it once shutdown is done; with Python's
+    # default handlers that turns a clean drain into "killed by SIGTERM". No-op handlers
+    # here make that re-raise harmless, so a drained server exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run(sockets=[sock])
+    return 1 if state.load_error is not None else 0

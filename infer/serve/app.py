@@ -1,0 +1,411 @@
+"""The HTTP face of the server: OpenAI-compatible routes, errors, auth, limits, logs.
+
+Every error leaves as OpenAI's error body (`{"error": {"message", "type", "param",
+"code"}}`) so that OpenAI's clients raise their usual exceptions with our message in them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .engine import EngineStoppedError, Event, QueueFullError, SamplingParams, Sequence
+from .metrics import CONTENT_TYPE
+from .schemas import ChatCompletionRequest, CompletionRequest, error_body
+
+log = logging.getLogger("infer.serve")
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", *,
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def create_app(state) -> FastAPI:
+    """`state` is the `ServerState` of infer.serve: engine, tokenizer, limits, metrics."""
+    app = FastAPI(title="tunewright", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=state.lifespan)
+    app.state.server = state
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return JSONResponse(error_body(exc.message, exc.type, param=exc.param, code=exc.code), exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return JSONResponse(error_body(_describe_validation(exc.errors())), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse(error_body(str(exc.detail)), exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error in %s", request.url.path)
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), 500)
+
+    @app.get("/health")
+    async def health():
+        if state.ready and not state.draining:
+            return {"status": "ok"}
+        return JSONResponse({"status": "draining" if state.draining else "loading"}, 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_require_api_key), Depends(_require_ready)])
+
+    @v1.get("/models")
+    async def list_models():
+        return {"object": "list", "data": [_model_card(state)]}
+
+    @v1.get("/models/{model_id:path}")
+    async def get_model(model_id: str):
+        _check_model(state, model_id)
+        return _model_card(state)
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        _check_model(state, body.model)
+        prompts = [_completion_ids(state, p) for p in body.prompts()]
+        return await _generate(state, request, body, prompts, chat=False)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        _check_model(state, body.model)
+        return await _generate(state, request, body, [_chat_ids(state, body)], chat=True)
+
+    app.include_router(v1)
+    app.add_middleware(BodySizeLimit, max_bytes=state.args.max_body_bytes)
+    app.add_middleware(RequestLog, metrics=state.metrics)
+    return app
+
+
+# ---- dependencies ---------------------------------------------------------------------
+async def _require_api_key(request: Request) -> None:
+    key = request.app.state.server.api_key
+    if not key:
+        return
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise ApiError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                       code="invalid_api_key")
+
+
+async def _require_ready(request: Request) -> None:
+    state = request.app.state.server
+    if not state.ready:
+        raise ApiError(503, "the model is still loading; retry when GET /health answers 200",
+                       "server_error", code="model_loading")
+
+
+def _model_card(state) -> dict:
+    return {"id": state.model_name, "object": "model", "created": state.created,
+            "owned_by": "tunewright", "max_model_len": state.max_model_len}
+
+
+def _check_model(state, name: str) -> None:
+    if name != state.model_name:
+        raise ApiError(404, f"model {name!r} is not served here; this server serves {state.model_name!r}",
+                       param="model", code="model_not_found")
+
+
+# ---- prompts --------------------------------------------------------------------------
+def _completion_ids(state, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        return state.tokenizer(prompt)["input_ids"]
+    vocab = len(state.tokenizer)
+    bad = [t for t in prompt if not 0 <= t < vocab]
+    if bad:
+        raise ApiError(400, f"prompt: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
+                       param="prompt")
+    return list(prompt)
+
+
+def _chat_ids(state, body: ChatCompletionRequest) -> list[int]:
+    tok = state.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise ApiError(400, "this model has no chat template; use /v1/completions instead",
+                       param="messages")
+    # Templates know system/user/assistant; OpenAI's newer "developer" role is a system prompt.
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in body.messages]
+    try:
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # jinja raises for conversations its template refuses
+        raise ApiError(400, f"messages: the chat template refused them ({exc})", param="messages") from None
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _budget(state, prompt_len: int, requested: int | None, chat: bool) -> int:
+    """max_tokens for one prompt: what was asked if it fits the context, else a 400."""
+    limit = state.max_model_len
+    if prompt_len == 0:
+        raise ApiError(400, "prompt: it is empty after tokenization", param="prompt")
+    if prompt_len >= limit:
+        raise ApiError(400, f"this model's maximum context length is {limit} tokens, but the prompt "
+                       f"has {prompt_len}; shorten it", param="messages" if chat else "prompt",
+                       code="context_length_exceeded")
+    room = limit - prompt_len
+    if requested is None:
+        default = state.args.default_max_tokens if chat else COMPLETIONS_DEFAULT_MAX_TOKENS
+        return min(room, default)
+    if requested > room:
+        raise ApiError(400, f"this model's maximum context length is {limit} tokens; the prompt has "
+                       f"{prompt_len} and max_tokens asks for {requested} more (at most {room} fit)",
+                       param="max_tokens", code="context_length_exceeded")
+    return requested
+
+
+# ---- generation -----------------------------------------------------------------------
+class _Job:
+    """The sequences of one HTTP request and the queue their events arrive on."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.seqs: list[Sequence] = []
+
+    def emit(self, event: Event) -> None:  # called on the engine thread
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is gone (server shutting down): nobody to tell
+            pass
+
+
+async def _generate(state, request: Request, body, prompts: list[list[int]], chat: bool):
+    requested = body.requested_max_tokens if chat else body.max_tokens
+    budgets = [_budget(state, len(ids), requested, chat) for ids in prompts]
+    arrival = time.perf_counter()
+    job = _Job(asyncio.get_running_loop())
+    for p, (ids, max_tokens) in enumerate(zip(prompts, budgets)):
+        for j in range(body.n):
+            seed = None if body.seed is None else body.seed + j  # n choices must differ
+            params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
+                                    top_p=body.top_p, stop=body.stop_strings(), seed=seed)
+            job.seqs.append(Sequence(ids, params, job.emit, index=p * body.n + j, arrival=arrival))
+    try:
+        state.engine.submit(job.seqs)
+    except QueueFullError as exc:
+        raise ApiError(429, str(exc), "rate_limit_error", code="rate_limit_exceeded") from None
+    except EngineStoppedError as exc:
+        raise ApiError(503, str(exc), "server_error", code="shutting_down") from None
+
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    info = request.state
+    info.request_id, info.prompt_tokens, info.completion_tokens = rid, sum(map(len, prompts)), 0
+    if body.stream:
+        stream = _sse(state, job, body, rid, chat, info)
+        return _CancelOnClose(stream, lambda: state.engine.cancel(job.seqs), media_type="text/event-stream")
+    return await _collect(state, request, job, body, rid, chat, info)
+
+
+async def _collect(state, request: Request, job: _Job, body, rid: str, chat: bool, info):
+    total = len(job.seqs)
+    texts, reasons, tokens = [""] * total, [None] * total, [0] * total
+    remaining = total
+    try:
+        while remaining:
+            try:
+                event = await asyncio.wait_for(job.events.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return Response(status_code=499)  # nobody reads it; the log records the hang-up
+                continue
+            if event.error:
+                raise ApiError(500, f"generation failed: {event.error}", "server_error")
+            texts[event.index] += event.text
+            tokens[event.index] = event.completion_tokens
+            if event.finish_reason:
+                reasons[event.index] = event.finish_reason
+                remaining -= 1
+    finally:
+        state.engine.cancel([s for s in job.seqs if s.finish_reason is None])
+        info.completion_tokens = sum(tokens)
+    usage = _usage(info)
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                    "logprobs": None, "finish_reason": reasons[i]} for i in range(total)]
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()),
+                "model": state.model_name, "choices": choices, "usage": usage}
+    choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": reasons[i]}
+               for i in range(total)]
+    return {"id": rid, "object": "text_completion", "created": int(time.time()),
+            "model": state.model_name, "choices": choices, "usage": usage}
+
+
+async def _sse(state, job: _Job, body, rid: str, chat: bool, info):
+    created, total = int(time.time()), len(job.seqs)
+    tokens = [0] * total
+    remaining = total
+    usage_field = {"usage": None} if body.include_usage else {}
+
+    def chunk(choices: list[dict], **extra) -> str:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        payload = {"id": rid, "object": obj, "created": created, "model": state.model_name,
+                   "choices": choices, **usage_field, **extra}
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    def choice(index: int, text: str | None, finish: str | None, role: bool = False) -> dict:
+        if not chat:
+            return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+        delta: dict[str, Any] = {"role": "assistant"} if role else {}
+        if text is not None:
+            delta["content"] = text
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    if chat:  # OpenAI opens each choice with the assistant role and empty content
+        for i in range(total):
+            yield chunk([choice(i, "", None, role=True)])
+    while remaining:
+        event = await job.events.get()
+        if event.error:
+            yield f"data: {json.dumps(error_body(f'generation failed: {event.error}', 'server_error'))}\n\n"
+            break
+        tokens[event.index] = event.completion_tokens
+        info.completion_tokens = sum(tokens)
+        if event.finish_reason:
+            remaining -= 1
+            if event.text:
+                yield chunk([choice(event.index, event.text, None)])
+            yield chunk([choice(event.index, None if chat else "", event.finish_reason)])
+        elif event.text:
+            yield chunk([choice(event.index, event.text, None)])
+    if body.include_usage and not remaining:
+        usage_field.clear()
+        yield chunk([], usage=_usage(info))
+    yield "data: [DONE]\n\n"
+
+
+def _usage(info) -> dict:
+    return {"prompt_tokens": info.prompt_tokens, "completion_tokens": info.completion_tokens,
+            "total_tokens": info.prompt_tokens + info.completion_tokens}
+
+
+class _CancelOnClose(StreamingResponse):
+    """A streamed response that frees its batch slots however the stream ends: finished,
+    client gone (the send fails) or server cancelled."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def _describe_validation(errors) -> str:
+    parts = []
+    for err in errors[:8]:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        if err.get("type") == "json_invalid":
+            parts.append(f"request body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})")
+            continue
+        msg = err.get("msg", "invalid").removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc and not msg.startswith(f"{loc}:") else msg)
+    return "; ".join(parts) or "invalid request"
+
+
+# ---- ASGI middleware ------------------------------------------------------------------
+class BodySizeLimit:
+    """Refuse request bodies over `max_bytes` with 413 before any route parses them."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(send)
+        # Chunked bodies carry no length: read (at most the limit) before the app sees them.
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # client went away mid-body
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._refuse(send)
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # later calls wait for http.disconnect, as the app expects
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send):
+        body = json.dumps(error_body(f"request body is larger than {self.max_bytes} bytes")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class RequestLog:
+    """One log line and one metrics sample per request: id, route, status, tokens, latency.
+    Prompt text is never logged."""
+
+    ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        scope.setdefault("state", {})
+        seen = {"status": None, "complete": False}
+
+        async def watch(message):
+            if message["type"] == "http.response.start":
+                seen["status"] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                seen["complete"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            # 499: the client hung up before the answer was complete (nginx's convention).
+            status = seen["status"] or 500
+            if seen["status"] is not None and not seen["complete"]:
+                status = 499
+            path = scope["path"]
+            route = next((r for r in self.ROUTES if path == r or path.startswith(r + "/")), "other")
+            elapsed = time.perf_counter() - start
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(elapsed)
+            info = scope["state"]
+            level = logging.DEBUG if route in ("/health", "/metrics") else logging.INFO
+            log.log(level, "request id=%s %s %s status=%d prompt_tokens=%s completion_tokens=%s latency_ms=%.1f",
+                    info.get("request_id", "-"), scope["method"], path, status,
+                    info.get("prompt_tokens", 0), info.get("completion_tokens", 0), elapsed * 1000)

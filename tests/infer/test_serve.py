@@ -1,0 +1,381 @@
+"""`python -m infer.serve`: a real server process on loopback, driven by OpenAI's client.
+
+One server (the tiny random Llama with the real SmolLM2 tokenizer and chat template) is
+shared by most tests; the queue-bound and SIGTERM tests start their own small one, and the
+loading test runs the app in-process with a loader it holds back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+KEY = "test-key-123"
+MODEL = "tiny"
+CONTEXT = 512  # --max-model-len: makes "prompt longer than the context" cheap to build
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, url: str, log: Path):
+        self.proc, self.url, self.log = proc, url, log
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0, timeout=120, **kw)
+
+    def post(self, path: str, body=None, *, content=None, headers=None, key=KEY) -> httpx.Response:
+        hdrs = {"Authorization": f"Bearer {key}"} if key else {}
+        hdrs.update(headers or {})
+        return httpx.post(f"{self.url}{path}", json=body, content=content, headers=hdrs, timeout=120)
+
+    def metrics(self) -> dict[str, float]:
+        text = httpx.get(f"{self.url}/metrics", timeout=30).text
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def launch(model_dir: Path, log: Path, *args: str) -> Server:
+    cmd = [sys.executable, "-m", "infer.serve", str(model_dir), "--port", "0", *args]
+    # One intra-op thread: the tiny model gains nothing from more, and OpenMP threads that
+    # spin against the test process on a 2-core machine make every step ~10x slower.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("TUNEWRIGHT_API_KEY", None)
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        found = re.search(r"listening on (http://[\d.]+:\d+)", log.read_text())
+        if found:
+            try:
+                if httpx.get(f"{found.group(1)}/health", timeout=5).status_code == 200:
+                    return Server(proc, found.group(1), log)
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"server not ready after 240 s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    srv = launch(tiny_model_dir, log, "--api-key", KEY, "--served-model-name", MODEL,
+                 "--max-model-len", str(CONTEXT), "--max-body-bytes", "65536", "--max-batch-size", "32")
+    yield srv
+    assert srv.stop() == 0, srv.log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    """Greedy continuations from plain transformers `generate`, one prompt at a time."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+    def greedy(prompt: str, max_tokens: int) -> str:
+        ids = tok(prompt, return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)
+        return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    return greedy
+
+
+PROMPTS = [f"Request {i}: the {w} of {i * 7} is" for i, w in
+           enumerate("cat dog sun moon tree rock sea sky map key cup pen box hat car bus".split())]
+
+
+def test_completions_match_transformers_generate(server, reference):
+    client = server.client()
+    resp = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=20, temperature=0)
+    assert resp.choices[0].text == reference(PROMPTS[0], 20)
+    assert resp.choices[0].finish_reason == "length"
+    assert resp.usage.completion_tokens == 20 and resp.usage.prompt_tokens > 0
+    streamed = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=20, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == resp.choices[0].text
+
+
+def test_chat_completions_streamed_and_not(server):
+    client = server.client()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    resp = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    message = resp.choices[0].message
+    assert message.role == "assistant" and message.content
+    assert resp.object == "chat.completion" and resp.usage.completion_tokens == 12
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].choices == []
+
+
+def test_sixteen_concurrent_clients_get_their_own_complete_answers(server, reference):
+    expected = [reference(p, 24) for p in PROMPTS]
+    before = server.metrics()
+    client = server.client()
+
+    def ask(i: int) -> str:
+        if i % 2:  # half stream, half do not: both paths share the batch
+            stream = client.completions.create(model=MODEL, prompt=PROMPTS[i], max_tokens=24, temperature=0,
+                                               stream=True)
+            return "".join(c.choices[0].text for c in stream)
+        return client.completions.create(model=MODEL, prompt=PROMPTS[i], max_tokens=24, temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, range(16)))
+    assert answers == expected
+    after = server.metrics()
+    steps = after["tunewright_batch_size_count"] - before["tunewright_batch_size_count"]
+    rows = after["tunewright_batch_size_sum"] - before["tunewright_batch_size_sum"]
+    assert rows / steps > 2, "requests were not decoded together"
+
+
+def test_seed_n_and_stop(server):
+    client = server.client()
+    kw = dict(model=MODEL, prompt=PROMPTS[3], max_tokens=16, temperature=1.0, top_p=0.9)
+    first = client.completions.create(seed=1234, n=3, **kw)
+    again = client.completions.create(seed=1234, n=3, **kw)
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert sorted(c.index for c in first.choices) == [0, 1, 2]
+    assert len({c.text for c in first.choices}) > 1  # n choices are distinct draws
+    assert first.usage.completion_tokens == 48
+
+    full = client.completions.create(model=MODEL, prompt=PROMPTS[5], max_tokens=24, temperature=0).choices[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    cut = client.completions.create(model=MODEL, prompt=PROMPTS[5], max_tokens=24, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[: full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model=MODEL, prompt=PROMPTS[5], max_tokens=24, temperature=0,
+                                         stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == full[: full.index(stop)]
+
+
+def _json(body: dict) -> bytes:
+    return json.dumps(body).encode()
+
+
+BAD = {
+    "malformed json": (b'{"model": "tiny", "prompt": ', 400),
+    "body is a list": (_json([1, 2]), 400),
+    "max_tokens wrong type": (_json({"model": MODEL, "prompt": "hi", "max_tokens": "ten"}), 400),
+    "temperature wrong type": (_json({"model": MODEL, "prompt": "hi", "temperature": "hot"}), 400),
+    "stream wrong type": (_json({"model": MODEL, "prompt": "hi", "stream": "yes"}), 400),
+    "negative max_tokens": (_json({"model": MODEL, "prompt": "hi", "max_tokens": -5}), 400),
+    "huge max_tokens": (_json({"model": MODEL, "prompt": "hi", "max_tokens": 10**12}), 400),
+    "max_tokens past context": (_json({"model": MODEL, "prompt": "hi", "max_tokens": CONTEXT}), 400),
+    "prompt longer than context": (_json({"model": MODEL, "prompt": "word " * (CONTEXT + 10)}), 400),
+    "unknown field": (_json({"model": MODEL, "prompt": "hi", "max_tokenz": 3}), 400),
+    "missing prompt": (_json({"model": MODEL}), 400),
+    "token id outside vocab": (_json({"model": MODEL, "prompt": [1, 10**9]}), 400),
+    "too many choices": (_json({"model": MODEL, "prompt": "hi", "n": 10_000}), 400),
+    "unsupported feature": (_json({"model": MODEL, "prompt": "hi", "logprobs": 5}), 400),
+    "unknown model": (_json({"model": "gpt-4", "prompt": "hi"}), 404),
+    "body too large": (_json({"model": MODEL, "prompt": "x" * 100_000}), 413),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_gets_openai_error_and_server_survives(server, case):
+    content, status = BAD[case]
+    resp = server.post("/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert error["message"] and error["type"]
+    ok = server.client().completions.create(model=MODEL, prompt="still alive?", max_tokens=2, temperature=0)
+    assert ok.usage.completion_tokens == 2
+
+
+def test_bad_chat_inputs(server):
+    cases = [
+        ({"model": MODEL, "messages": []}, 400),
+        ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400),
+        ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi " * CONTEXT}]}, 400),
+    ]
+    for body, status in cases:
+        resp = server.post("/v1/chat/completions", body)
+        assert resp.status_code == status, (body, resp.text)
+        assert resp.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        server.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=CONTEXT)
+
+
+def test_api_key_required_on_v1_only(server):
+    assert httpx.get(f"{server.url}/v1/models", timeout=10).status_code == 401
+    wrong = httpx.get(f"{server.url}/v1/models", headers={"Authorization": "Bearer nope"}, timeout=10)
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0).models.list()
+    assert [m.id for m in server.client().models.list()] == [MODEL]
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+def test_metrics_count_what_was_served(server):
+    before = server.metrics()
+    client = server.client()
+    usages = [client.completions.create(model=MODEL, prompt=p, max_tokens=5, temperature=0).usage for p in PROMPTS[:3]]
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    usages.append(chat.usage)
+    server.post("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": -1})
+    after = server.metrics()
+
+    def delta(name):
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta('tunewright_requests_total{route="/v1/completions",status="200"}') == 3
+    assert delta('tunewright_requests_total{route="/v1/chat/completions",status="200"}') == 1
+    assert delta('tunewright_requests_total{route="/v1/completions",status="400"}') == 1
+    assert delta("tunewright_generated_tokens_total") == sum(u.completion_tokens for u in usages)
+    assert delta("tunewright_prompt_tokens_total") == sum(u.prompt_tokens for u in usages)
+    assert delta("tunewright_time_to_first_token_seconds_count") == 4
+    assert delta('tunewright_request_latency_seconds_count{route="/v1/completions"}') == 4
+    assert after["tunewright_queue_depth"] == 0 and after["tunewright_running_sequences"] == 0
+
+
+def test_disconnected_stream_frees_its_slot(server):
+    before = server.metrics()["tunewright_generated_tokens_total"]
+    body = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as resp:
+        lines = resp.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+    deadline = time.monotonic() + 30
+    while server.metrics()["tunewright_running_sequences"] > 0:
+        assert time.monotonic() < deadline, "the abandoned sequence is still generating"
+        time.sleep(0.1)
+    assert server.metrics()["tunewright_generated_tokens_total"] - before < 400
+
+
+def test_one_log_line_per_request_without_prompt_text(server):
+    secret = "purple-elephant-password"
+    resp = server.client().completions.create(model=MODEL, prompt=secret, max_tokens=3, temperature=0)
+    time.sleep(0.2)
+    log = server.log.read_text()
+    lines = [line for line in log.splitlines() if f"id={resp.id} " in line]
+    assert len(lines) == 1, log[-2000:]
+    assert "status=200" in lines[0] and "completion_tokens=3" in lines[0] and "latency_ms=" in lines[0]
+    assert secret not in log
+
+
+def test_queue_bound_gives_429_and_sigterm_drains(tiny_model_dir, tmp_path):
+    srv = launch(tiny_model_dir, tmp_path / "server.log", "--max-batch-size", "1", "--max-queue", "1")
+    try:
+        body = {"model": tiny_model_dir.name, "prompt": PROMPTS[2], "max_tokens": 200, "temperature": 0}
+        results = {}
+
+        def run(name):
+            results[name] = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=300)
+
+        running = threading.Thread(target=run, args=("running",))
+        running.start()
+        _wait_for(lambda: srv.metrics()["tunewright_running_sequences"] == 1)
+        waiting = threading.Thread(target=run, args=("waiting",))
+        waiting.start()
+        _wait_for(lambda: srv.metrics()["tunewright_queue_depth"] == 1)
+        refused = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
+        assert refused.status_code == 429
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+
+        assert "waiting" not in results  # it cannot have started yet: the slot is taken
+        srv.proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        with pytest.raises(httpx.ConnectError):  # no longer accepting
+            httpx.get(f"{srv.url}/health", timeout=5)
+        running.join(timeout=240)
+        waiting.join(timeout=240)
+        assert srv.proc.wait(timeout=240) == 0
+        for name in ("running", "waiting"):  # both in-flight requests finished in full
+            assert results[name].status_code == 200, results[name].text
+            assert results[name].json()["usage"]["completion_tokens"] == 200
+    finally:
+        srv.stop()
+
+
+def test_health_is_503_until_the_model_is_loaded(tiny_model_dir):
+    import uvicorn
+
+    from infer.serve import ServerState, build_parser, load_for_serving
+    from infer.serve.app import create_app
+
+    release = threading.Event()
+
+    def held_back_loader(args):
+        release.wait(timeout=120)
+        return load_for_serving(args)
+
+    args = build_parser().parse_args([str(tiny_model_dir), "--port", "0"])
+    state = ServerState(args, loader=held_back_loader)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for(lambda: _status(f"{url}/health") is not None)
+        assert _status(f"{url}/health") == 503
+        loading = httpx.get(f"{url}/v1/models", timeout=10)
+        assert loading.status_code == 503 and loading.json()["error"]["code"] == "model_loading"
+        release.set()
+        _wait_for(lambda: _status(f"{url}/health") == 200, timeout=120)
+        assert httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"] == tiny_model_dir.name
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+def test_unloadable_model_exits_nonzero_with_reason(tmp_path):
+    log = tmp_path / "server.log"
+    proc = subprocess.run([sys.executable, "-m", "infer.serve", str(tmp_path / "missing"), "--port", "0"],
+                          stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, timeout=120)
+    assert proc.returncode == 1
+    assert "does not exist" in log.read_text()
+
+
+def _status(url: str) -> int | None:
+    try:
+        return httpx.get(url, timeout=5).status_code
+    except httpx.HTTPError:
+        return None
+
+
+def _wait_for(predicate, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
