@@ -27,16 +27,17 @@ def build_parser() -> argparse.ArgumentParser:
         "over an OpenAI-compatible HTTP API with continuous batching.",
     )
     p.add_argument("run", help="runs/<name>, a checkpoint directory, or a builtin model name")
-    p.add_argument("--quant", choices=["none", "int8", "nf4"], default="none",
-                   help="bitsandbytes quantization at load time (CUDA only)")
+    p.add_argument("--quant", choices=["none", "int8", "nf4", "fp4"], default="none",
+                   help="bitsandbytes quantization at load time (default none)")
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to bind (default 127.0.0.1: reachable from this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("TUNEWRIGHT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $TUNEWRIGHT_API_KEY)")
     p.add_argument("--served-model-name", help="the model id clients send (default: the run's name)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16, float32")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="precision of unquantized weights (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--max-batch-size", type=int, default=64, help="sequences decoded together (default 64)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="sequences allowed to wait for a slot; beyond it requests get 429 (default 256)")
@@ -62,37 +63,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def load_for_serving(args):
-    """(model, tokenizer) ready for inference. infer.load does quantization and attention
-    selection for every infer command; without it (older trees) load plainly."""
-    try:
-        from infer.load import load
-    except ImportError:
-        load = None
-    if load is not None:
-        return load(args.run, quant=args.quant, dtype=args.dtype, device=args.device,
-                    trust_remote_code=args.trust_remote_code)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) through infer.load, the loader every infer command shares
+    (run directories, builtin names, bitsandbytes quantization, dtype and device)."""
+    from infer.load import load
 
-    from infer.models import resolve_model
-
-    path = resolve_model(args.run)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-    kwargs = {}
-    if args.quant != "none":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = (
-            BitsAndBytesConfig(load_in_8bit=True) if args.quant == "int8" else BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=getattr(torch, dtype))
-        )
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=getattr(torch, dtype), device_map=device, attn_implementation="sdpa",
-        trust_remote_code=args.trust_remote_code, **kwargs,
-    )
-    return model.eval(), tokenizer
+    return load(args.run, quant=args.quant, dtype=args.dtype, device=args.device,
+                trust_remote_code=args.trust_remote_code)
 
 
 class ServerState:

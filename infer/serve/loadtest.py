@@ -1,0 +1,243 @@
+"""Load test for `python -m infer serve`: streaming clients at fixed concurrency levels.
+
+    python -m infer.serve.loadtest --url http://127.0.0.1:8000 --model NAME --levels 1:20,32:120
+    python -m infer.serve.loadtest --serve runs/demo --levels 1:20,32:120 --out serve-bench.json
+
+Each level runs N clients, each sending one streaming /v1/completions request after
+another for the given seconds (requests in flight at the end are allowed to finish).
+Reported per level: aggregate generated tokens/s (from the server's `usage` counts),
+per-request p50/p99 time to first token, errors, and the server's memory (GPU allocated
+and reserved, process RSS from /metrics) sampled through the run, so growth shows.
+
+`--random-model DIR --tokenizer TOKDIR` first writes a randomly initialised model of a
+public architecture's shape (speed does not depend on weight values; there is no hub on
+the GPU machines) and serves that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Public architecture shapes; tied embeddings as in the released checkpoints.
+SHAPES = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                         max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=True),
+}
+
+WORDS = ("river stone lantern orbit copper meadow signal harbor velvet canyon ember tide "
+         "quartz willow beacon prism falcon glacier thistle marble cobalt juniper").split()
+
+
+def make_random_model(out: Path, tokenizer_dir: Path, shape: str) -> Path:
+    """Write a random-weight Llama of `shape` (bf16) with the given tokenizer to `out`."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(**SHAPES[shape], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):  # initialising 1B parameters on the CPU takes minutes; on a GPU, seconds
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    del model
+    return out
+
+
+def prompt_text(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+async def one_request(client, url: str, model: str, prompt: str, max_tokens: int) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    ttft, usage, error = None, None, None
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                return {"error": f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"}
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    error = chunk["error"].get("message")
+                elif chunk.get("usage"):
+                    usage = chunk["usage"]
+                elif ttft is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                    ttft = time.perf_counter() - start
+    except Exception as exc:  # a load test counts failures instead of stopping at the first
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    if error or usage is None:
+        return {"error": error or "stream ended without a usage chunk"}
+    return {"ttft": ttft, "latency": time.perf_counter() - start, "tokens": usage["completion_tokens"]}
+
+
+async def scrape(client, url: str) -> dict:
+    text = (await client.get(f"{url}/metrics")).text
+    wanted = ("tunewright_gpu_memory_allocated_bytes", "tunewright_gpu_memory_reserved_bytes",
+              "process_resident_memory_bytes", "tunewright_running_sequences", "tunewright_queue_depth")
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in wanted:
+            out[name] = float(value)
+    return out
+
+
+async def run_level(url: str, model: str, concurrency: int, seconds: float, max_tokens: int,
+                    prompt_words: int, api_key: str | None) -> dict:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=httpx.Timeout(600)) as client:
+        idle_before = await scrape(client, url)
+        results: list[dict] = []
+        memory: list[dict] = []
+        start = time.perf_counter()
+        deadline = start + seconds
+
+        async def worker(seed: int):
+            rng = random.Random(seed)
+            while time.perf_counter() < deadline:
+                results.append(await one_request(client, url, model, prompt_text(rng, prompt_words), max_tokens))
+
+        async def sampler():
+            while time.perf_counter() < deadline:
+                memory.append({"t": round(time.perf_counter() - start, 1), **await scrape(client, url)})
+                await asyncio.sleep(5)
+
+        await asyncio.gather(sampler(), *(worker(1000 * concurrency + i) for i in range(concurrency)))
+        elapsed = time.perf_counter() - start
+        idle_after = await scrape(client, url)
+
+    ok = [r for r in results if "error" not in r]
+    errors = [r["error"] for r in results if "error" in r]
+    ttfts = sorted(r["ttft"] for r in ok if r["ttft"] is not None)
+    tokens = sum(r["tokens"] for r in ok)
+    return {
+        "concurrency": concurrency, "seconds": round(elapsed, 1), "requests": len(ok), "errors": len(errors),
+        "error_examples": errors[:3], "generated_tokens": tokens, "tokens_per_s": round(tokens / elapsed, 1),
+        "ttft_p50_ms": round(1000 * _quantile(ttfts, 0.50), 1) if ttfts else None,
+        "ttft_p99_ms": round(1000 * _quantile(ttfts, 0.99), 1) if ttfts else None,
+        "latency_p50_s": round(statistics.median(r["latency"] for r in ok), 2) if ok else None,
+        "idle_before": idle_before, "idle_after": idle_after, "memory": memory,
+    }
+
+
+def _quantile(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def start_server(run: str, extra: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "infer.serve", run, "--port", "0", *extra]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    import httpx
+
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}; see {log}:\n{log.read_text()[-3000:]}")
+        found = re.search(r"listening on (http://[\d.]+:\d+)", log.read_text())
+        if found:
+            try:
+                if httpx.get(f"{found.group(1)}/health", timeout=5).status_code == 200:
+                    return proc, found.group(1)
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"server not ready after 900 s; see {log}")
+
+
+def summarize(levels: list[dict]) -> str:
+    base = levels[0]["tokens_per_s"] or float("nan")
+    lines = ["| clients | requests | errors | generated tok/s | vs 1st level | TTFT p50 | TTFT p99 | "
+             "GPU alloc idle before → after | GPU reserved first → last sample | RSS first → last sample |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for lv in levels:
+        mem = lv["memory"] or [{}]
+        lines.append(
+            f"| {lv['concurrency']} | {lv['requests']} | {lv['errors']} | {lv['tokens_per_s']} | "
+            f"{lv['tokens_per_s'] / base:.1f}x | {lv['ttft_p50_ms']} ms | {lv['ttft_p99_ms']} ms | "
+            f"{_mib(lv['idle_before'], 'tunewright_gpu_memory_allocated_bytes')} → "
+            f"{_mib(lv['idle_after'], 'tunewright_gpu_memory_allocated_bytes')} | "
+            f"{_mib(mem[0], 'tunewright_gpu_memory_reserved_bytes')} → "
+            f"{_mib(mem[-1], 'tunewright_gpu_memory_reserved_bytes')} | "
+            f"{_mib(mem[0], 'process_resident_memory_bytes')} → {_mib(mem[-1], 'process_resident_memory_bytes')} |"
+        )
+    return "\n".join(lines)
+
+
+def _mib(sample: dict, key: str) -> str:
+    return f"{sample[key] / 2**20:.0f} MiB" if key in sample else "-"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m infer.serve.loadtest", description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", help="a running server (else --serve starts one)")
+    p.add_argument("--serve", metavar="RUN", help="start `python -m infer serve RUN` for the test")
+    p.add_argument("--serve-args", default="", help="extra server arguments, one string")
+    p.add_argument("--random-model", type=Path, help="write a random-weight model here first and serve it")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer directory for --random-model")
+    p.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
+    p.add_argument("--model", help="model id to send (default: the server's first /v1/models entry)")
+    p.add_argument("--api-key", default=os.environ.get("TUNEWRIGHT_API_KEY"))
+    p.add_argument("--levels", default="1:20,32:120", help="concurrency:seconds,... (default 1:20,32:120)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--prompt-words", type=int, default=48)
+    p.add_argument("--out", type=Path, help="write all numbers as JSON here")
+    args = p.parse_args(argv)
+
+    import httpx
+
+    proc = None
+    if args.random_model:
+        if not args.tokenizer:
+            p.error("--random-model needs --tokenizer")
+        t = time.perf_counter()
+        args.serve = str(make_random_model(args.random_model, args.tokenizer, args.shape))
+        print(f"wrote random {args.shape} to {args.serve} in {time.perf_counter() - t:.0f}s", flush=True)
+    if args.serve:
+        log = (args.out.parent if args.out else Path(".")) / "loadtest-server.log"
+        proc, args.url = start_server(args.serve, args.serve_args.split(), log)
+    if not args.url:
+        p.error("give --url of a running server, or --serve RUN")
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    model = args.model or httpx.get(f"{args.url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+    levels = []
+    try:
+        for spec in args.levels.split(","):
+            conc, secs = spec.split(":")
+            print(f"level: {conc} clients for {secs}s ...", flush=True)
+            levels.append(asyncio.run(run_level(args.url, model, int(conc), float(secs), args.max_tokens,
+                                                args.prompt_words, args.api_key)))
+            print({k: v for k, v in levels[-1].items() if k != "memory"}, flush=True)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            print(f"server exited with {proc.wait(timeout=300)} after SIGTERM", flush=True)
+    if args.out:
+        args.out.write_text(json.dumps({"model": model, "max_tokens": args.max_tokens, "levels": levels}, indent=1))
+    print(summarize(levels))
+    return 1 if any(lv["errors"] for lv in levels) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
