@@ -22,7 +22,6 @@ as during cached decoding); grouped-query attention is handled by the kernel (no
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import inspect
 import logging
@@ -76,6 +75,8 @@ def register_varlen_fa2() -> None:
     function transformers builds no mask at all for an unknown name, and a padded batch
     would silently attend to its pad tokens.
     """
+    global _KERNEL
+    _KERNEL = None  # re-read: a test or a newer torch may have swapped the kernel
     if not varlen_available():
         raise RuntimeError(
             f"varlen_fa2 needs torch.nn.attention.varlen (torch >= 2.10); this is torch {torch.__version__}"
@@ -83,6 +84,7 @@ def register_varlen_fa2() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
+    _kernel()  # resolved now, so a compiled layer never traces the lookup
     AttentionInterface.register(VARLEN_NAME, varlen_fa2_attention)
     AttentionMaskInterface.register(VARLEN_NAME, varlen_padding_mask)
 
@@ -131,9 +133,17 @@ def _torch_varlen() -> Callable:
     return varlen.varlen_attn
 
 
-@functools.lru_cache(maxsize=4)
-def _kernel_params(fn: Callable) -> frozenset:
-    return frozenset(inspect.signature(fn).parameters)
+_KERNEL: Optional[tuple[Callable, frozenset]] = None  # (varlen_attn, its parameter names)
+
+
+def _kernel() -> tuple[Callable, frozenset]:
+    """The kernel and its signature, read once: inspecting it inside a compiled region would
+    break the graph, a module global is a constant to Dynamo."""
+    global _KERNEL
+    if _KERNEL is None:
+        fn = _torch_varlen()
+        _KERNEL = (fn, frozenset(inspect.signature(fn).parameters))
+    return _KERNEL
 
 
 def call_varlen_kernel(
@@ -154,8 +164,7 @@ def call_varlen_kernel(
     `window_size=(left, 0)` and add `scale=` and `enable_gqa=`. Features the installed
     kernel lacks are emulated exactly (scale folded into q) or refused (sliding windows).
     """
-    fn = _torch_varlen()
-    params = _kernel_params(fn)
+    fn, params = _kernel()
     kwargs: dict[str, Any] = {}
     if "window_size" in params:
         kwargs["window_size"] = (window_left, 0)
@@ -163,12 +172,13 @@ def call_varlen_kernel(
         raise NotImplementedError(f"sliding-window attention needs a newer torch than {torch.__version__} for varlen_fa2")
     else:
         kwargs["is_causal"] = True
-    default_scale = 1.0 / math.sqrt(q.shape[-1])
-    if scale is not None and not math.isclose(scale, default_scale, rel_tol=1e-6):
+    if scale is not None:
+        # No comparison with the default here: under dynamic-shape compile the scale may be
+        # symbolic and a Python comparison would break the graph.
         if "scale" in params:
             kwargs["scale"] = scale
         else:
-            q = q * (scale / default_scale)
+            q = q * (scale * math.sqrt(q.shape[-1]))
     if q.shape[1] != k.shape[1]:
         if q.shape[1] % k.shape[1]:
             raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")

@@ -290,6 +290,9 @@ def run_row(row: Row, ns: argparse.Namespace, config, dataset, device, rate: flo
         callbacks.append(speed_callback(compile=row.compile, checkpoint=row.checkpoint, memory_limit=limit))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=minimal_tokenizer(),
                          peft_config=peft_config, callbacks=callbacks)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # per-step log dicts would bury the table
     trainer.data_collator = counter = CountingCollator(trainer.data_collator)
     error = None
     try:

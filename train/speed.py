@@ -92,7 +92,8 @@ class LayerRunner:
 
     `memory_limit` (bytes) bounds what `checkpoint="auto"` may use; `static_bytes` is what
     training holds besides activations (weights, gradients, optimizer state), normally from
-    `static_training_bytes`.
+    `static_training_bytes`. `warmup_batches` micro-batches (two optimizer steps' worth:
+    the optimizer state appears at the first step) run fully checkpointed to calibrate.
     """
 
     def __init__(
@@ -103,6 +104,7 @@ class LayerRunner:
         checkpoint: CheckpointPolicy = "auto",
         memory_limit: Optional[int] = None,
         static_bytes: int = 0,
+        warmup_batches: int = 2,
     ):
         self.backbone, self.layers = decoder_layers(model)
         self.compile = compile
@@ -112,6 +114,9 @@ class LayerRunner:
         self.layer_bytes_per_token: Optional[float] = None  # measured on first use by "auto"
         self.checkpointed: frozenset[int] = frozenset()
         self.history: list[int] = []  # layers checkpointed, per training micro-batch
+        self.warmup_batches = warmup_batches
+        self.margin = 0  # measured peak minus predicted peak (bytes), see auto_count
+        self._max_predicted = 0
         plain, ckpt = _run_layer, _run_layer_checkpointed
         if compile:
             plain = torch.compile(_run_layer, dynamic=True)
@@ -162,23 +167,47 @@ class LayerRunner:
         self.history.append(len(self.checkpointed))
         return None
 
+    def predicted_peak(self, tokens: int, n_checkpointed: int) -> int:
+        """Memory a micro-batch of `tokens` tokens should peak at with `n_checkpointed` layers recomputed."""
+        n = len(self.layers)
+        kept = self._kept_bytes_per_token() * tokens
+        full = self.layer_bytes_per_token * tokens
+        return int(
+            self.static_bytes + head_reserve_bytes(self.backbone.config, tokens)
+            + n * kept + (n - n_checkpointed) * max(full - kept, 0)
+        )
+
     def auto_count(self, tokens: int) -> int:
-        """Fewest layers to checkpoint so that `tokens` tokens of activations fit the memory limit."""
+        """Fewest layers to checkpoint so that `tokens` tokens of activations fit the memory limit.
+
+        The first `warmup_batches` micro-batches checkpoint every layer while the model of
+        memory is calibrated: each later decision adds the largest amount by which the
+        device's measured peak has exceeded a prediction (the optimizer's and the loss
+        head's temporaries, allocator rounding -- whatever the estimate missed).
+        """
         limit = self.memory_limit if self.memory_limit is not None else _device_memory(self.backbone)
+        n = len(self.layers)
         if limit is None:  # CPU: memory is not the constraint, recomputation only costs time
             return 0
         if self.layer_bytes_per_token is None:
             self.layer_bytes_per_token = measure_layer_bytes_per_token(self.backbone, self.layers[0])
-        n = len(self.layers)
-        hidden = self.backbone.config.hidden_size
-        dsize = next(self.layers[0].parameters()).element_size()
-        kept_input = hidden * dsize * tokens  # what a checkpointed layer still saves
-        full = self.layer_bytes_per_token * tokens
-        budget = limit - self.static_bytes - head_reserve_bytes(self.backbone.config, tokens) - n * kept_input
-        if full <= kept_input:
-            return 0
-        free_layers = math.floor(budget / (full - kept_input))
-        return max(0, min(n, n - free_layers))
+        device = next(self.backbone.parameters()).device
+        if self._max_predicted and device.type == "cuda":
+            self.margin = torch.cuda.max_memory_allocated(device) - self._max_predicted
+        if len(self.history) < self.warmup_batches:
+            choice = n
+        else:
+            choice = n
+            for k in range(n + 1):  # n+1 predictions: cheap next to a training step
+                if self.predicted_peak(tokens, k) + self.margin <= limit:
+                    choice = k
+                    break
+        self._max_predicted = max(self._max_predicted, self.predicted_peak(tokens, choice))
+        return choice
+
+    def _kept_bytes_per_token(self) -> int:
+        """What a checkpointed layer still saves per token: its input hidden state."""
+        return self.backbone.config.hidden_size * next(self.layers[0].parameters()).element_size()
 
 
 def _check_policy(policy: CheckpointPolicy) -> CheckpointPolicy:
@@ -309,6 +338,7 @@ def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit:
                     checkpoint=checkpoint,
                     memory_limit=memory_limit,
                     static_bytes=static_training_bytes(model, args.optim),
+                    warmup_batches=2 * args.gradient_accumulation_steps,
                 ).install()
                 log.info(
                     "decoder layers: compile=%s, checkpointing=%s%s",

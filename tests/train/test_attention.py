@@ -38,10 +38,9 @@ def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_si
 @pytest.fixture
 def reference_kernel(monkeypatch):
     monkeypatch.setattr(A, "_torch_varlen", lambda: reference_varlen)
-    A._kernel_params.cache_clear()
     A.register_varlen_fa2()
     yield
-    A._kernel_params.cache_clear()
+    A._KERNEL = None
 
 
 def test_cu_seqlens_from_position_ids_finds_every_restart():
@@ -85,7 +84,7 @@ def test_kernel_adapter_speaks_both_torch_signatures(monkeypatch, new_api):
             return q
 
     monkeypatch.setattr(A, "_torch_varlen", lambda: kernel)
-    A._kernel_params.cache_clear()
+    A._KERNEL = None
     q, k = torch.ones(5, 4, 8), torch.ones(5, 2, 8)
     cu = torch.tensor([0, 5], dtype=torch.int32)
     A.call_varlen_kernel(q, k, k, cu, cu, 5, 5, scale=0.5)
@@ -97,7 +96,7 @@ def test_kernel_adapter_speaks_both_torch_signatures(monkeypatch, new_api):
         assert seen["is_causal"] and torch.allclose(seen["q"], q * 0.5 * math.sqrt(8))
         with pytest.raises(NotImplementedError, match="sliding-window"):
             A.call_varlen_kernel(q, k, k, cu, cu, 5, 5, window_left=16)
-    A._kernel_params.cache_clear()
+    A._KERNEL = None
 
 
 def _tiny_llama(attn: str, dtype=torch.float32, device="cpu", seed=0):

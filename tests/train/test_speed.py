@@ -1,0 +1,233 @@
+"""Training speed features must not change the math: compiled, checkpointed and padding-free
+steps give the padded eager step's loss and gradients; compilation count stays bounded."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from train import speed
+from train.speed import LayerRunner, count_compilations, evenly_spaced
+
+
+def tiny_llama(layers=2, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.config._attn_implementation = "sdpa"
+    return model.train()
+
+
+def batches(lengths, seed=1):
+    """(padded batch, padding-free batch as TRL's collator builds it) of the same sequences."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(3, 300, (n,), generator=g) for n in lengths]
+    S = max(lengths)
+    ids = torch.zeros(len(seqs), S, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    flat = torch.cat(seqs)[None]
+    cu = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
+    padded = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), use_cache=False)
+    packed = dict(input_ids=flat, position_ids=pos, labels=flat.masked_fill(pos == 0, -100), use_cache=False,
+                  cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths), max_length_k=max(lengths))
+    return padded, packed
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), [p.grad.detach().clone() for p in model.parameters()]
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def test_padding_free_compiled_step_equals_padded_eager_step():
+    """The issue's CPU check: one padding-free step through compiled layers == the padded eager step,
+    and a second batch of other lengths and another sequence count reuses the compiled graph."""
+    torch._dynamo.reset()
+    model = tiny_llama()
+    padded, packed = batches([7, 19, 12])
+    ref_loss, ref_grads = loss_and_grads(model, padded)
+    before = count_compilations()
+    runner = LayerRunner(model, compile=True, checkpoint="none").install()
+    loss, grads = loss_and_grads(model, packed)
+    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6), (loss, ref_loss)
+    assert max(rel(g, r) for g, r in zip(grads, ref_grads)) < 1e-4
+    first = count_compilations() - before
+    assert first == 1
+    loss_and_grads(model, batches([30, 4, 11, 9], seed=2)[1])
+    assert count_compilations() - before == first, "a new length must not recompile"
+    runner.remove()
+
+
+@pytest.mark.parametrize("policy", ["all", 0.5])
+def test_checkpointing_policy_keeps_the_gradients(policy):
+    model = tiny_llama(layers=4)
+    _, packed = batches([9, 14])
+    ref_loss, ref_grads = loss_and_grads(model, packed)
+    runner = LayerRunner(model, checkpoint=policy).install()
+    loss, grads = loss_and_grads(model, packed)
+    assert runner.history[-1] == (4 if policy == "all" else 2)
+    runner.remove()
+    assert torch.allclose(loss, ref_loss, rtol=1e-6)
+    assert max(rel(g, r) for g, r in zip(grads, ref_grads)) < 1e-5
+
+
+def test_evenly_spaced_spreads_the_checkpointed_layers():
+    assert evenly_spaced(16, 4) == {0, 4, 8, 12}
+    assert evenly_spaced(16, 0) == frozenset() and evenly_spaced(3, 9) == {0, 1, 2}
+
+
+def test_bad_policy_is_refused_with_its_value():
+    with pytest.raises(ValueError, match="some"):
+        LayerRunner(tiny_llama(), checkpoint="some")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        LayerRunner(tiny_llama(), checkpoint=1.5)
+
+
+def test_auto_policy_checkpoints_only_what_the_limit_needs():
+    model = tiny_llama(layers=4)
+    runner = LayerRunner(model, checkpoint="auto", static_bytes=1_000_000, warmup_batches=0)
+    runner.layer_bytes_per_token = 10_000.0
+    # The limit fits 2 layers' activations of 1000 tokens on top of everything else.
+    base = runner.predicted_peak(1000, 4)
+    runner.memory_limit = base + 2 * (10_000 - runner._kept_bytes_per_token()) * 1000
+    assert runner.auto_count(1000) == 2
+    assert runner.auto_count(100) == 0  # a short batch needs no recomputation
+    assert runner.auto_count(100_000) == 4  # nothing fits: checkpoint everything
+    runner.warmup_batches = 10
+    assert runner.auto_count(100) == 4  # still calibrating
+
+
+def test_layer_activation_probe_counts_saved_tensors_per_token():
+    model = tiny_llama()
+    backbone, layers = speed.decoder_layers(model)
+    per_token = speed.measure_layer_bytes_per_token(backbone, layers[0], tokens=64)
+    # at least q, k, v, the MLP's gate / up / product and the residual stream, fp32
+    floor = 4 * (64 + 2 * 32 + 3 * 128 + 2 * 64)
+    assert floor <= per_token < 20 * floor
+    assert math.isclose(per_token, speed.measure_layer_bytes_per_token(backbone, layers[0], tokens=128), rel_tol=0.2)
+
+
+def test_static_bytes_count_the_optimizer_state():
+    model = tiny_llama()
+    n = sum(p.numel() for p in model.parameters())
+    adam = speed.static_training_bytes(model, "adamw_torch_fused")
+    eight = speed.static_training_bytes(model, "adamw_bnb_8bit")
+    assert adam - eight == n * (2 * 4 - 2)  # fp32 moments vs one byte each
+
+
+# ---------------------------------------------------------------- the varlen path under compile, on CPU
+
+
+def _segments(cu_q, cu_k):
+    for i in range(len(cu_q) - 1):
+        yield int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
+
+
+def _probs(Q, K, scale, lq, lk):
+    allowed = torch.arange(lq)[:, None] + (lk - lq) >= torch.arange(lk)[None, :]
+    return ((Q @ K.transpose(-1, -2)) * scale).masked_fill(~allowed, float("-inf")).softmax(-1)
+
+
+@torch.library.custom_op("tunewright_test::varlen", mutates_args=())
+def _varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    out, g = torch.empty_like(q), q.shape[1] // k.shape[1]
+    for qs, qe, ks, ke in _segments(cu_q, cu_k):
+        K, V = (t[ks:ke].transpose(0, 1).repeat_interleave(g, 0) for t in (k, v))
+        out[qs:qe] = (_probs(q[qs:qe].transpose(0, 1), K, scale, qe - qs, ke - ks) @ V).transpose(0, 1)
+    return out
+
+
+@torch.library.custom_op("tunewright_test::varlen_bwd", mutates_args=())
+def _varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor,
+                cu_k: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Written out by hand: custom ops run below autograd, so the reference cannot differentiate itself.
+    dq, dk, dv, g = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), q.shape[1] // k.shape[1]
+    for qs, qe, ks, ke in _segments(cu_q, cu_k):
+        Q, dO = q[qs:qe].transpose(0, 1), dout[qs:qe].transpose(0, 1)
+        K, V = (t[ks:ke].transpose(0, 1).repeat_interleave(g, 0) for t in (k, v))
+        P = _probs(Q, K, scale, qe - qs, ke - ks)
+        dP = dO @ V.transpose(-1, -2)
+        dS = P * (dP - (dP * P).sum(-1, keepdim=True))
+        dq[qs:qe] = (dS @ K * scale).transpose(0, 1)
+        dk[ks:ke] = (dS.transpose(-1, -2) @ Q * scale).unflatten(0, (-1, g)).sum(1).transpose(0, 1)
+        dv[ks:ke] = (P.transpose(-1, -2) @ dO).unflatten(0, (-1, g)).sum(1).transpose(0, 1)
+    return dq, dk, dv
+
+
+_varlen_fwd.register_fake(lambda q, k, v, cu_q, cu_k, scale: torch.empty_like(q))
+_varlen_bwd.register_fake(lambda dout, q, k, v, cu_q, cu_k, scale: (
+    torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)))
+
+
+def _save(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, scale = inputs
+    ctx.save_for_backward(q, k, v, cu_q, cu_k)
+    ctx.scale = scale
+
+
+_varlen_fwd.register_autograd(
+    lambda ctx, dout: (*_varlen_bwd(dout, *ctx.saved_tensors, ctx.scale), None, None, None), setup_context=_save
+)
+
+
+def opaque_reference_kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None,
+                            window_size=(-1, -1), enable_gqa=False):
+    """torch's varlen_attn contract as an opaque custom op, like the real one is to the compiler."""
+    assert window_size == (-1, 0)
+    return _varlen_fwd(q, k, v, cu_q, cu_k, scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
+
+
+def test_varlen_layers_compile_once_for_any_lengths(monkeypatch):
+    """Packed batches of changing lengths, sequence counts and max lengths through varlen_fa2 in
+    compiled layers (half of them checkpointed): two graphs in all, losses equal to eager SDPA."""
+    from infer import attention as A
+
+    monkeypatch.setattr(A, "_torch_varlen", lambda: opaque_reference_kernel)
+    A.register_varlen_fa2()
+    torch._dynamo.reset()
+    model = tiny_llama(layers=4)
+    shapes = [[7, 19, 12], [30, 4, 11, 9], [50], [3, 3, 40, 8, 2]]
+    refs = [loss_and_grads(model, batches(s, seed=i)[0]) for i, s in enumerate(shapes)]
+    model.config._attn_implementation = "varlen_fa2"
+    before = count_compilations()
+    runner = LayerRunner(model, compile=True, checkpoint=0.5).install()
+    for i, s in enumerate(shapes):
+        loss, grads = loss_and_grads(model, batches(s, seed=i)[1])
+        assert torch.allclose(loss, refs[i][0], rtol=1e-5), (s, loss, refs[i][0])
+        assert max(rel(g, r) for g, r in zip(grads, refs[i][1])) < 1e-4
+    runner.remove()
+    A._KERNEL = None
+    assert count_compilations() - before == 2  # the plain layer and the checkpointed layer
+
+
+def test_bench_rows_see_the_same_tokens_and_losses(tmp_path):
+    """`python -m train bench` on a tiny model: TRL's padded default and padding-free rows train on
+    the same tokens per step with the same losses, and the JSON / table carry every column."""
+    from train.bench import main
+
+    out = tmp_path / "bench.json"
+    rc = main(["--model", "tiny", "--rows", "trl_default,padding_free_sdpa", "--steps", "3", "--warmup", "1",
+               "--n-rows", "24", "--min-len", "16", "--max-len", "48", "--json", str(out), "--workdir", str(tmp_path)])
+    assert rc == 0
+    res = json.loads(out.read_text())["results"]
+    assert [r["row"] for r in res] == ["trl_default", "padding_free_sdpa"]
+    assert res[0]["tokens_per_step"] == res[1]["tokens_per_step"] and len(res[0]["losses"]) == 3
+    for a, b in zip(res[0]["losses"], res[1]["losses"]):
+        assert math.isclose(a, b, rel_tol=1e-3)
+    assert all(r["tokens_per_s"] > 0 and r["compilations"] == 0 for r in res)
