@@ -1,0 +1,234 @@
+"""Training rows as token ids and loss masks, ready for TRL's SFTTrainer.
+
+Each dataset row becomes `input_ids` and `completion_mask` (1 = the token is a target of
+the loss). What counts as a target:
+
+- conversations with a chat template: every assistant turn, up to and including its
+  end-of-turn token (`<|im_end|>` for SmolLM2) so the tuned model learns to stop; the
+  newline a template puts after that token, the prompts and the system turn are context;
+- conversations without one: the assistant text plus the tokenizer's eos token, laid out
+  as `infer.records.plain_prompt` describes;
+- `text` rows, or `data.loss_on: all`: every token.
+
+The prompt part of a conversation is tokenized exactly as inference prompts the model,
+`apply_chat_template(conversation[:-1], add_generation_prompt=True)`, and a template for
+which that is not a prefix of the full conversation is refused rather than guessed around.
+
+Relative data paths in a recipe are taken from the current directory, like any other path
+given on the command line.
+
+How SFTTrainer (TRL 1.16) must be set up for these datasets: `completion_only_loss=True`
+(it defaults to off for rows without prompt/completion columns, and would then train on
+every token), no `skip_prepare_dataset` (preparation is what turns `completion_mask` into
+`labels`), and `max_length=None` when `padding_free` is on without packing (rows here are
+already fitted to `training.max_length`; TRL refuses a max_length it would not enforce).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+from infer.records import RecordsError, load_records, plain_prompt, problem_report
+
+log = logging.getLogger(__name__)
+
+
+def build_datasets(recipe, tokenizer, *, train_rows: Any = None) -> dict[str, Any]:
+    """{"train": Dataset, "validation": Dataset (when configured)} of input_ids + completion_mask.
+
+    `train_rows` (a list of dicts, a Dataset, or a path) replaces `recipe.data.train`,
+    for callers that already hold the rows.
+    """
+    import datasets
+
+    data = recipe.data
+    use_template = _uses_chat_template(data.chat_template, tokenizer)
+    sources = {"train": data.train if train_rows is None else train_rows}
+    if data.validation:
+        sources["validation"] = data.validation
+    out = {}
+    for split, source in sources.items():
+        fmt, items, origins = load_records(
+            source, data.format, data.fields, data.system_prompt, limit=data.max_rows
+        )
+        label = ", ".join(source) if _is_path_list(source) else str(source) if isinstance(source, str) else split
+        if fmt == "text" and data.system_prompt:
+            log.warning("%s: data.system_prompt is ignored for text rows (they are not conversations)", label)
+        examples, problems = [], []
+        for origin, item in zip(origins, items):
+            try:
+                if fmt == "text":
+                    examples.append(encode_text(tokenizer, item))
+                else:
+                    examples.append(
+                        encode_conversation(tokenizer, item, chat_template=use_template, loss_on=data.loss_on)
+                    )
+            except RecordsError as exc:
+                problems.append(f"{origin}: {exc}")
+        if problems:
+            raise RecordsError(problem_report(label, problems))
+        fitted = fit_to_length(examples, origins, recipe.training.max_length, data.overlong, split=split)
+        out[split] = datasets.Dataset.from_dict(
+            {"input_ids": [ids for ids, _ in fitted], "completion_mask": [mask for _, mask in fitted]}
+        )
+        log.info("%s: %d rows (%s format, chat template %s)", split, len(fitted), fmt, "on" if use_template else "off")
+    return out
+
+
+def _is_path_list(source: Any) -> bool:
+    return isinstance(source, (list, tuple)) and bool(source) and all(isinstance(s, str) for s in source)
+
+
+def _uses_chat_template(setting, tokenizer) -> bool:
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if setting is True and not has_template:
+        raise RecordsError(
+            "data.chat_template is true but the tokenizer has no chat template; set "
+            "data.chat_template: auto (or false) to train on plain prompt + completion text."
+        )
+    return has_template if setting == "auto" else bool(setting)
+
+
+# ---------------------------------------------------------------- encoding one row
+
+
+def encode_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """A plain document: every token is a target, with eos appended so documents end."""
+    ids = list(tokenizer(text).input_ids)
+    eos = _eos_id(tokenizer)
+    if not ids or ids[-1] != eos:
+        ids.append(eos)
+    return ids, [1] * len(ids)
+
+
+def encode_conversation(
+    tokenizer, conversation: list[dict[str, str]], *, chat_template: bool = True, loss_on: str = "completion"
+) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and its loss mask (1 on assistant turns, or everywhere)."""
+    if chat_template:
+        ids, mask = _encode_with_template(tokenizer, conversation)
+    else:
+        ids, mask = _encode_plain(tokenizer, conversation)
+    if loss_on == "all":
+        mask = [1] * len(ids)
+    return ids, mask
+
+
+def render_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+    """apply_chat_template as token ids, whichever shape this transformers version returns."""
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    if isinstance(ids, Mapping):  # transformers 5 returns a BatchEncoding by default
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def _encode_with_template(tokenizer, conversation):
+    ids = render_ids(tokenizer, conversation, add_generation_prompt=False)
+    mask = [0] * len(ids)
+    stop_ids = _special_ids(tokenizer)
+    for i, message in enumerate(conversation):
+        if message["role"] != "assistant":
+            continue
+        # Render the conversation up to this turn twice, as the prompt inference would send
+        # and with the answer; the difference is the answer. This only holds when each render
+        # is a prefix of the next: templates that rewrite earlier turns (e.g. drop past
+        # reasoning) or merge tokens across turns are refused instead of mis-masked.
+        prompt = render_ids(tokenizer, conversation[:i], add_generation_prompt=True)
+        through = render_ids(tokenizer, conversation[: i + 1], add_generation_prompt=False)
+        if through[: len(prompt)] != prompt or ids[: len(through)] != through:
+            raise RecordsError(
+                f"the chat template does not render turn {i} as a continuation of the turns before it "
+                "(rendering the prompt with add_generation_prompt=True, then with the answer, does not "
+                "give a prefix of the whole conversation), so the assistant tokens cannot be located. "
+                "Set data.chat_template: false, or use a tokenizer whose template renders turns in order."
+            )
+        answer = through[len(prompt):]
+        # Keep the end-of-turn token (a special token) but not what the template writes after
+        # it (a newline for ChatML): that text is part of the next prompt, not of the answer.
+        ends = [k for k, token in enumerate(answer) if token in stop_ids]
+        length = ends[-1] + 1 if ends else len(answer)
+        mask[len(prompt): len(prompt) + length] = [1] * length
+    return ids, mask
+
+
+def _encode_plain(tokenizer, conversation):
+    eos = _eos_id(tokenizer)
+    ids: list[int] = []
+    mask: list[int] = []
+    pending: list[dict[str, str]] = []  # non-assistant messages not yet written
+    for message in conversation:
+        if message["role"] != "assistant":
+            pending.append(message)
+            continue
+        if pending:
+            # Same text as plain_prompt; only the first piece gets the tokenizer's bos, as a
+            # prompt tokenized on its own at inference would.
+            prompt = tokenizer(plain_prompt(pending), add_special_tokens=not ids).input_ids
+            ids += prompt
+            mask += [0] * len(prompt)
+            pending = []
+        answer = tokenizer(message["content"], add_special_tokens=False).input_ids + [eos]
+        ids += answer
+        mask += [1] * len(answer)
+    return ids, mask
+
+
+def _eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise RecordsError(
+            "the tokenizer has no eos token, so rows cannot be taught to end; set tokenizer.eos_token "
+            "or use a model whose tokenizer defines one."
+        )
+    return tokenizer.eos_token_id
+
+
+def _special_ids(tokenizer) -> set[int]:
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for token_id, token in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(token, "special", False):
+            ids.add(token_id)
+    return ids
+
+
+# ---------------------------------------------------------------- length
+
+
+def fit_to_length(
+    examples: list[tuple[list[int], list[int]]],
+    origins: list[str],
+    max_length: int,
+    overlong: str,
+    *,
+    split: str = "train",
+) -> list[tuple[list[int], list[int]]]:
+    """Truncate or drop rows over max_length; drop rows left with no target token."""
+    kept, truncated, too_long, no_target = [], [], [], []
+    for origin, (ids, mask) in zip(origins, examples):
+        if len(ids) > max_length:
+            if overlong == "drop":
+                too_long.append(origin)
+                continue
+            ids, mask = ids[:max_length], mask[:max_length]
+            truncated.append(origin)
+        if not any(mask):
+            # A row that teaches nothing would still cost a step (and read as loss 0/0).
+            no_target.append(origin)
+            continue
+        kept.append((ids, mask))
+    limit = f"training.max_length={max_length}"
+    if truncated:
+        log.warning("%s: truncated %d row(s) longer than %s (first: %s)", split, len(truncated), limit, truncated[0])
+    if too_long:
+        log.warning("%s: dropped %d row(s) longer than %s (first: %s)", split, len(too_long), limit, too_long[0])
+    if no_target:
+        log.warning(
+            "%s: dropped %d row(s) with no loss tokens left within %s (first: %s)",
+            split, len(no_target), limit, no_target[0],
+        )
+    if not kept:
+        raise RecordsError(
+            f"{split}: no rows left: {len(too_long)} longer than {limit} and {len(no_target)} with their "
+            "answer cut off. Raise training.max_length (or use data.overlong: truncate)."
+        )
+    return kept
