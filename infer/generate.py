@@ -27,6 +27,9 @@ API (the HTTP server builds on exactly this):
 * `compile`: "auto" (CUDA: inductor + CUDA graphs, `mode="reduce-overhead"`; CPU: eager),
   False, True, an inductor mode name, or a dynamo backend (name or callable, e.g. tests'
   compile counters). Warm-up (`gen.warmup()`) compiles and records graphs before timing.
+* `quant_kernels`: for bitsandbytes-quantized models, "compiled" swaps their layers (in
+  place) for ones whose dequantization inductor fuses into the matmul (infer.quantize);
+  "bitsandbytes" keeps bitsandbytes' kernels; "auto" = compiled when inductor runs on CUDA.
 
 How it stays fast: all decode state (token history, current slot, per-row sampling
 parameters, KV cache) lives in device buffers allocated once, so the compiled decode step
@@ -208,6 +211,7 @@ class Generator:
         num_assistant_tokens: int = 5,
         prompt_lookup: int = 0,
         sync_interval: int = 16,
+        quant_kernels: str = "auto",
     ):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
@@ -217,6 +221,14 @@ class Generator:
         _check_supported(self.config, max_seq_len)
         _use_masked_attention(model)
         model.eval()
+        self.compile_mode = _compile_mode(compile, self.device)
+        if quant_kernels not in ("auto", "bitsandbytes", "compiled"):
+            raise ValueError(f"quant_kernels must be auto, bitsandbytes or compiled, got {quant_kernels!r}")
+        inductor_on_gpu = self.compile_mode in INDUCTOR_MODES and self.device.type == "cuda"
+        if quant_kernels == "compiled" or (quant_kernels == "auto" and inductor_on_gpu):
+            from infer.quantize import use_compiled_kernels
+
+            use_compiled_kernels(model)  # in place: same packed weights, fusable dequantization
 
         embed = model.get_input_embeddings().weight
         self.vocab_size = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else embed.shape[0]
@@ -240,7 +252,6 @@ class Generator:
 
         params = inspect.signature(model.forward).parameters
         self._prefill_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-        self.compile_mode = _compile_mode(compile, dev)
         self._decode = self._compiled(self._decode_impl, self.compile_mode, cudagraphs=True)
         self._verify = self._compiled(self._verify_impl, self.compile_mode, cudagraphs=True)
         self._prefill = self._compiled(self._prefill_impl, self.compile_mode, cudagraphs=False) if compile_prefill else self._prefill_impl

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -80,10 +79,12 @@ def load(
     if effective_quant != "none":
         # bitsandbytes places quantized weights while loading; a later .to() is refused.
         kwargs["device_map"] = {"": dev.index if dev.type == "cuda" and dev.index is not None else dev.type}
-    with warnings.catch_warnings():
-        # int8 on CPU casts fp32 inputs to fp16 and says so on every matmul.
-        warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
-        model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=quantization_config, **kwargs)
+    if effective_quant == "int8":
+        # bitsandbytes' int8 matmul casts fp32 inputs to fp16 and logs a warning on every call.
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    if quantization_config is not None:  # an explicit None would erase a saved quantization config
+        kwargs["quantization_config"] = quantization_config
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
     if effective_quant == "none":
         model.to(dev)
     model.eval()

@@ -1,0 +1,270 @@
+"""python -m infer generate | chat | eval | quantize | bench | serve
+
+    python -m infer generate runs/demo "What is 12*7?" --quant nf4
+    python -m infer chat runs/demo
+    python -m infer eval --model smollm2-135m-instruct --model runs/demo --model runs/demo:nf4 --data data/test.jsonl
+    python -m infer quantize runs/demo --quant nf4          # writes runs/demo/model-nf4
+    python -m infer bench --model llama-3.2-1b              # random weights of that shape
+
+RUN is a run directory, a checkpoint directory, a builtin model name or a hub id. Every
+command that loads a model takes the same loading options (--quant, --dtype, --device,
+--attn, --compute-dtype, --no-double-quant). Heavy imports happen inside the commands, so
+--help is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+QUANTS = ("none", "int8", "nf4", "fp4")
+
+
+def add_load_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("loading")
+    g.add_argument("--quant", choices=QUANTS, default="none", help="bitsandbytes quantization (default none)")
+    g.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="precision of unquantized weights; auto = bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
+    g.add_argument("--attn", default="auto", help="attention implementation (auto = sdpa for generation)")
+    g.add_argument("--compute-dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="dtype 4-bit matmuls compute in (auto = --dtype)")
+    g.add_argument("--no-double-quant", action="store_true", help="nf4/fp4: do not quantize the block scales")
+    g.add_argument("--trust-remote-code", action="store_true")
+
+
+def load_kwargs(args, quant: str | None = None) -> dict:
+    return dict(
+        quant=quant or args.quant, dtype=args.dtype, device=args.device, attn_implementation=args.attn,
+        double_quant=not args.no_double_quant, compute_dtype=args.compute_dtype,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def add_sampling_options(p: argparse.ArgumentParser, *, temperature: float) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--assistant", metavar="PATH", help="assistant model for speculative decoding (same tokenizer)")
+    g.add_argument("--num-assistant-tokens", type=int, default=5)
+    g.add_argument("--prompt-lookup", type=int, default=0, metavar="N", help="prompt-lookup decoding with N draft tokens")
+    g.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="compile the decode step (auto: on CUDA; CUDA graphs there)")
+    g.add_argument("--max-seq-len", type=int, default=4096)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m infer", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="complete one or more prompts")
+    p.add_argument("run", help="run directory, checkpoint, builtin name or hub id")
+    p.add_argument("prompts", nargs="+", help="prompt text (use - to read one prompt from stdin)")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--no-stream", action="store_true", help="print when done instead of streaming (one prompt)")
+    add_load_options(p)
+    add_sampling_options(p, temperature=0.0)
+
+    p = sub.add_parser("chat", help="interactive chat with streaming output")
+    p.add_argument("run")
+    p.add_argument("--system", help="system prompt")
+    add_load_options(p)
+    add_sampling_options(p, temperature=0.7)
+
+    p = sub.add_parser("eval", help="score models on a dataset, side by side")
+    p.add_argument("run", nargs="?", help="model to evaluate (or use --model, repeatable)")
+    p.add_argument("--model", action="append", default=[],
+                   help="MODEL or MODEL:QUANT, repeatable or comma-separated, e.g. base,runs/demo,runs/demo:nf4")
+    p.add_argument("--data", required=True, help="JSONL/JSON file or saved dataset (messages, prompt/completion or alpaca)")
+    p.add_argument("--metric", choices=("exact_match", "contains", "regex"), default="exact_match")
+    p.add_argument("--regex", help="with --metric regex: pattern whose first group is the answer")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-loss", action="store_true", help="skip loss/perplexity on the references")
+    p.add_argument("--compile", action="store_true", help="compile the decode step (pays off on long evals)")
+    p.add_argument("--output", default="eval-results.jsonl", help="per-example outputs (JSONL)")
+    p.add_argument("--summary", help="also write the summary table as JSON here")
+    add_load_options(p)
+
+    p = sub.add_parser("quantize", help="save a quantized copy that reloads without re-quantizing")
+    p.add_argument("run")
+    p.add_argument("--out", help="output directory (default RUN/model-QUANT, or CHECKPOINT-QUANT)")
+    p.add_argument("--overwrite", action="store_true")
+    add_load_options(p)
+    p.set_defaults(quant="nf4")
+
+    p = sub.add_parser("bench", help="generation benchmark (see infer/bench.py)", add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (see python -m infer.serve --help)", add_help=False)
+    p.add_argument("serve_args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # bench and serve own their options; pass everything after the command through.
+    if argv and argv[0] in ("bench", "serve"):
+        if argv[0] == "bench":
+            from infer.bench import main as bench_main
+
+            return bench_main(argv[1:])
+        from infer.serve import main as serve_main
+
+        return serve_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from infer.load import LoadError
+    from infer.records import RecordsError
+
+    try:
+        return {"generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "quantize": cmd_quantize}[args.command](args)
+    except (LoadError, RecordsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _params(args):
+    from infer.sampling import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, stop=tuple(args.stop), seed=args.seed,
+    )
+
+
+def _generator(args, model, tokenizer, batch: int):
+    from infer.generate import Generator
+    from infer.load import load
+
+    assistant = None
+    if args.assistant:
+        assistant, _ = load(args.assistant, **load_kwargs(args, quant="none"))
+    compile = {"auto": "auto", "on": True, "off": False}[args.compile]
+    return Generator(
+        model, tokenizer, max_batch_size=batch, max_seq_len=args.max_seq_len, compile=compile,
+        assistant_model=assistant, num_assistant_tokens=args.num_assistant_tokens, prompt_lookup=args.prompt_lookup,
+    )
+
+
+def cmd_generate(args) -> int:
+    from infer.load import load
+
+    params = _params(args)  # validate before the (slow) load
+    prompts = [sys.stdin.read() if p == "-" else p for p in args.prompts]
+    model, tokenizer = load(args.run, **load_kwargs(args))
+    gen = _generator(args, model, tokenizer, batch=len(prompts))
+    chat = False if args.raw else None
+    if len(prompts) == 1 and not args.no_stream:
+        for event in gen.stream(prompts, params, chat=chat):
+            print(event.text, end="", flush=True)
+        print()
+    else:
+        for i, result in enumerate(gen.generate(prompts, params, chat=chat)):
+            if len(prompts) > 1:
+                print(f"--- [{i}] ({result.finish_reason}, {len(result.token_ids)} tokens)")
+            print(result.text)
+    stats = gen.last_stats
+    rate = stats.new_tokens / stats.decode_s if stats.decode_s else 0.0
+    print(f"[{stats.new_tokens} tokens, first after {stats.ttft_s * 1e3:.0f} ms, {rate:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from infer.load import load
+
+    params = _params(args)
+    model, tokenizer = load(args.run, **load_kwargs(args))
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{args.run} has no chat template; use `python -m infer generate --raw` for completion")
+    gen = _generator(args, model, tokenizer, batch=1)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    print("Chat: empty line or Ctrl-D to quit, /reset to clear the history.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": line})
+        reply = []
+        for event in gen.stream([history], params):
+            print(event.text, end="", flush=True)
+            reply.append(event.text)
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def parse_model_specs(run: str | None, specs: list[str]) -> list[tuple[str, str | None]]:
+    """'a,b:nf4' -> [(a, None), (b, 'nf4')]; a ':QUANT' suffix overrides --quant for that model."""
+    out = []
+    for item in ([run] if run else []) + [s for spec in specs for s in spec.split(",")]:
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, suffix = item.rpartition(":")
+        out.append((name, suffix) if sep and suffix in QUANTS else (item, None))
+    if not out:
+        raise ValueError("eval needs a model: give RUN or --model (repeatable, MODEL[:QUANT])")
+    return out
+
+
+def cmd_eval(args) -> int:
+    import gc
+
+    from infer.eval import evaluate_model, format_table, load_examples, write_jsonl
+    from infer.load import load
+
+    models = parse_model_specs(args.run, args.model)
+    if args.metric == "regex" and not args.regex:
+        raise ValueError("--metric regex needs --regex PATTERN (its first group is the answer)")
+    examples = load_examples(args.data, limit=args.limit)
+    reports = []
+    for name, quant in models:
+        label = name if quant in (None, "none") and args.quant == "none" else f"{name}:{quant or args.quant}"
+        model, tokenizer = load(name, **load_kwargs(args, quant=quant))
+        report = evaluate_model(
+            model, tokenizer, examples, metric=args.metric, regex=args.regex, max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size, compute_loss=not args.no_loss, compile=args.compile, name=label,
+        )
+        reports.append(report)
+        print(f"{label}: {report.score:.1f}% ({report.correct}/{report.n})", file=sys.stderr)
+        del model
+        gc.collect()
+    path = write_jsonl(args.output, reports)
+    table = format_table(reports)
+    print(f"\n{args.metric} on {args.data} ({len(examples)} examples)\n\n{table}\n\nper-example outputs: {path}")
+    if args.summary:
+        import json
+
+        with open(args.summary, "w") as f:
+            json.dump({"data": args.data, "reports": [r.summary() for r in reports]}, f, indent=2)
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from infer.quantize import save_quantized
+
+    out = save_quantized(
+        args.run, args.out, quant=args.quant, double_quant=not args.no_double_quant, compute_dtype=args.compute_dtype,
+        dtype=args.dtype, device=args.device, overwrite=args.overwrite,
+    )
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

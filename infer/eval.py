@@ -1,0 +1,235 @@
+"""Evaluation: generate an answer for each example, score it against the reference, and
+measure the model's loss and perplexity on the reference answers.
+
+    examples = load_examples("data/test.jsonl", limit=200)
+    report = evaluate_model(model, tokenizer, examples, metric="exact_match")
+    report.score, report.n, report.loss, report.perplexity, report.rows
+
+An example is a conversation whose last message is the assistant's reference answer. The
+prompt is what inference sends: `apply_chat_template(conversation[:-1],
+add_generation_prompt=True)`, or `infer.records.plain_prompt` for a tokenizer without a
+chat template (the same layout training uses). Greedy decoding; outputs are compared after
+stripping surrounding whitespace.
+
+Metrics: `exact_match` (output == reference), `contains` (reference occurs in the output),
+`regex` (the pattern's first group, or whole match, taken from the output equals the same
+taken from the reference, or the whole reference when the pattern does not match it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+METRICS = ("exact_match", "contains", "regex")
+
+
+@dataclass
+class EvalReport:
+    name: str
+    metric: str
+    n: int
+    correct: int
+    score: float  # percent of examples correct, 0-100
+    loss: float | None  # mean cross-entropy per reference token (nats)
+    perplexity: float | None
+    seconds: float
+    tokens_per_s: float  # generated tokens per second over the generation phase
+    rows: list[dict] = field(default_factory=list)  # prompt, reference, output, correct, answer
+
+    def summary(self) -> dict:
+        out = asdict(self)
+        out.pop("rows")
+        return out
+
+
+def load_examples(path, limit: int | None = None, *, fmt: str = "auto", fields=None, system_prompt=None) -> list[list[dict]]:
+    """Conversations from a data file (any format infer.records reads, except plain text)."""
+    from infer.records import RecordsError, normalize_rows, read_rows
+
+    rows = read_rows(path, limit=limit)
+    fmt, items = normalize_rows(rows, fmt, fields=fields, system_prompt=system_prompt, source=str(path))
+    if fmt == "text":
+        raise RecordsError(
+            f"{path}: rows are plain text, with no reference answer to score. Evaluation needs "
+            "messages, prompt/completion or instruction/output (alpaca) rows."
+        )
+    origins = getattr(rows, "origins", None) or [f"{path}: row {i}" for i in range(len(items))]
+    bad = [
+        f"{where}: the last message must be the assistant's reference answer after at least one prompt message"
+        for where, conv in zip(origins, items)
+        if len(conv) < 2 or conv[-1]["role"] != "assistant"
+    ]
+    if bad:
+        from infer.records import problem_report
+
+        raise RecordsError(problem_report(str(path), bad))
+    return items
+
+
+def extract(text: str, pattern: re.Pattern) -> str | None:
+    match = pattern.search(text)
+    if match is None:
+        return None
+    return match.group(1) if match.groups() else match.group(0)
+
+
+def score_one(output: str, reference: str, metric: str, pattern: re.Pattern | None = None) -> tuple[bool, str | None]:
+    """(correct, the extracted answer for the regex metric)."""
+    output, reference = output.strip(), reference.strip()
+    if metric == "exact_match":
+        return output == reference, None
+    if metric == "contains":
+        return reference in output, None
+    answer = extract(output, pattern)
+    expected = extract(reference, pattern)
+    expected = reference if expected is None else expected
+    return answer is not None and answer.strip() == expected.strip(), answer
+
+
+def prompt_ids(tokenizer, conversation: list[dict]) -> list[int]:
+    """Token ids of the prompt inference sends for `conversation` (its last turn excluded)."""
+    from infer.records import plain_prompt
+
+    context = conversation[:-1]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False).input_ids)
+    return list(tokenizer(plain_prompt(context)).input_ids)
+
+
+def answer_ids(tokenizer, conversation: list[dict], prompt: list[int]) -> list[int]:
+    """Reference answer tokens as training lays them out (ending with end-of-turn / eos)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=False)
+        full = list(tokenizer(text, add_special_tokens=False).input_ids)
+        if full[: len(prompt)] == prompt:
+            answer = full[len(prompt):]
+            # Stop after the end-of-turn token; the template's trailing newline is not answer.
+            special = set(tokenizer.all_special_ids)
+            ends = [i for i, t in enumerate(answer) if t in special]
+            return answer[: ends[-1] + 1] if ends else answer
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return list(tokenizer(conversation[-1]["content"], add_special_tokens=False).input_ids) + eos
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    examples: list[list[dict]],
+    *,
+    metric: str = "exact_match",
+    regex: str | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    compute_loss: bool = True,
+    compile=False,  # compiling pays off only for long evaluations; the CLI has --compile
+    name: str = "model",
+) -> EvalReport:
+    """Score greedy outputs on `examples` and (by default) the loss of their references."""
+    import torch
+
+    from infer.generate import Generator
+    from infer.sampling import SamplingParams
+
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if metric == "regex" and not regex:
+        raise ValueError("metric 'regex' needs a pattern (regex=...) whose first group is the answer")
+    pattern = re.compile(regex) if metric == "regex" else None
+    if not examples:
+        raise ValueError("no examples to evaluate")
+
+    started = time.perf_counter()
+    prompts = [prompt_ids(tokenizer, conv) for conv in examples]
+    longest = max(len(p) for p in prompts)
+    # Room for the longest prompt's bucket plus the answer; one cache for the whole run.
+    max_seq_len = max(64, 1 << (longest + max_new_tokens - 1).bit_length())
+    batch = max(1, min(batch_size, len(examples)))
+    generator = Generator(model, tokenizer, max_batch_size=batch, max_seq_len=max_seq_len, compile=compile, quant_kernels="auto")
+    t_gen = time.perf_counter()
+    results = generator.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens))
+    gen_seconds = time.perf_counter() - t_gen
+    generated = sum(len(r.token_ids) for r in results)
+
+    rows, correct = [], 0
+    for conv, result in zip(examples, results):
+        reference = conv[-1]["content"]
+        ok, answer = score_one(result.text, reference, metric, pattern)
+        correct += ok
+        row = {"prompt": conv[-2]["content"], "reference": reference, "output": result.text, "correct": ok}
+        if metric == "regex":
+            row["answer"] = answer
+        rows.append(row)
+
+    loss = perplexity = None
+    if compute_loss:
+        del generator  # free the static cache before the teacher-forced passes
+        loss = reference_loss(model, tokenizer, examples, prompts, batch_size=max(1, batch_size // 2))
+        perplexity = math.exp(min(loss, 50.0))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    n = len(examples)
+    return EvalReport(
+        name=name, metric=metric, n=n, correct=correct, score=100.0 * correct / n,
+        loss=loss, perplexity=perplexity, seconds=time.perf_counter() - started,
+        tokens_per_s=generated / gen_seconds if gen_seconds > 0 else 0.0, rows=rows,
+    )
+
+
+def reference_loss(model, tokenizer, examples, prompts, *, batch_size: int = 8) -> float:
+    """Mean next-token cross-entropy over reference-answer tokens (token-weighted)."""
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pairs = [(p, answer_ids(tokenizer, conv, p)) for conv, p in zip(examples, prompts)]
+    total, count = 0.0, 0
+    for lo in range(0, len(pairs), batch_size):
+        chunk = pairs[lo : lo + batch_size]
+        width = max(len(p) + len(a) for p, a in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for r, (p, a) in enumerate(chunk):
+            seq = p + a
+            ids[r, : len(seq)] = torch.tensor(seq)
+            mask[r, : len(seq)] = 1
+            labels[r, len(p) : len(seq)] = torch.tensor(a)
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        targets = labels[:, 1:].to(device)
+        keep = targets != -100
+        picked = logits[:, :-1][keep].float()
+        total += F.cross_entropy(picked, targets[keep], reduction="sum").item()
+        count += int(keep.sum())
+    return total / max(count, 1)
+
+
+def write_jsonl(path, reports: list[EvalReport]) -> Path:
+    """One line per (model, example): model name + the row."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for report in reports:
+            for i, row in enumerate(report.rows):
+                f.write(json.dumps({"model": report.name, "index": i, **row}, ensure_ascii=False) + "\n")
+    return path
+
+
+def format_table(reports: list[EvalReport]) -> str:
+    """Side-by-side summary, one row per model, as a Markdown table."""
+    header = "| model | metric | score % | correct / n | loss | perplexity | gen tok/s | seconds |"
+    lines = [header, "|" + "---|" * 8]
+    for r in reports:
+        loss = f"{r.loss:.3f}" if r.loss is not None else "-"
+        ppl = f"{r.perplexity:.2f}" if r.perplexity is not None else "-"
+        lines.append(
+            f"| {r.name} | {r.metric} | {r.score:.1f} | {r.correct} / {r.n} | {loss} | {ppl} | {r.tokens_per_s:.1f} | {r.seconds:.1f} |"
+        )
+    return "\n".join(lines)

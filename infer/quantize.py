@@ -1,0 +1,191 @@
+"""Quantization as a separate step, and the weight-only layers the compiled decoder runs.
+
+* `save_quantized(src, out, quant=...)` writes a self-describing quantized copy: the
+  bitsandbytes weights + config (with its quantization_config), the tokenizer, and
+  `quantization.json` (what, from where, sizes, versions). `infer.load(out)` reloads it
+  without quantizing again. `python -m infer quantize RUN --quant nf4` calls this.
+* `use_compiled_kernels(model)` swaps bitsandbytes' Linear4bit / Linear8bitLt for
+  `NF4Linear` / `Int8Linear`: the same packed bytes, but dequantization written as plain
+  tensor code. Under torch.compile (with coordinate-descent tuning, which turns batch-1
+  matmuls into reductions) inductor fuses the unpack + table lookup + scale into the
+  matrix-vector product, so a decode step reads 4-bit (or 8-bit) weights once, inside a
+  CUDA graph, with none of bitsandbytes' per-call Python overhead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class NF4Linear(nn.Module):
+    """4-bit (nf4 or fp4 code table) blockwise-quantized linear layer, weight-only.
+
+    packed: (out, in/2) uint8, high nibble = even column (bitsandbytes' order);
+    absmax: (out, in/blocksize) scales in the compute dtype (bitsandbytes' double-quantized
+    scales are expanded once here, so the hot loop does not dequantize them every call).
+    """
+
+    def __init__(self, packed, absmax, code, bias, in_features: int, out_features: int, blocksize: int):
+        super().__init__()
+        self.in_features, self.out_features, self.blocksize = in_features, out_features, blocksize
+        # Parameters (frozen) rather than buffers: CUDA graphs treat them as static inputs.
+        self.packed = nn.Parameter(packed, requires_grad=False)
+        self.absmax = nn.Parameter(absmax, requires_grad=False)
+        self.code = nn.Parameter(code, requires_grad=False)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
+        nibbles = torch.stack((self.packed >> 4, self.packed & 15), dim=-1).view(n, k).to(torch.int32)
+        values = self.code[nibbles].view(n, k // self.blocksize, self.blocksize)
+        return (values * self.absmax[..., None]).view(n, k)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.dequantize().to(x.dtype), self.bias)
+
+
+class Int8Linear(nn.Module):
+    """Row-wise int8 weight-only linear layer: W = int8 * scale[row] (activations stay 16-bit)."""
+
+    def __init__(self, weight, scale, bias, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.scale = nn.Parameter(scale, requires_grad=False)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    def forward(self, x):
+        out = nn.functional.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        return out + self.bias if self.bias is not None else out
+
+
+def use_compiled_kernels(model) -> int:
+    """Replace bitsandbytes linear layers in place; returns how many were replaced.
+
+    Layers whose shapes the packed layout cannot express (a 4-bit block spanning two rows)
+    stay as they are.
+    """
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnb_functional
+    except Exception:
+        return 0
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            new = None
+            if isinstance(child, bnb.nn.Linear4bit):
+                new = _from_linear4bit(child, bnb_functional)
+            elif isinstance(child, bnb.nn.Linear8bitLt):
+                new = _from_linear8bit(child)
+            if new is not None:
+                setattr(parent, name, new)
+                replaced += 1
+    if replaced:
+        log.info("replaced %d bitsandbytes layers with compiled-dequantization layers", replaced)
+    return replaced
+
+
+def _from_linear4bit(layer, bnb_functional) -> NF4Linear | None:
+    state = layer.weight.quant_state
+    n, k = state.shape
+    if k % state.blocksize or k % 2:
+        return None
+    absmax = state.absmax
+    if getattr(state, "nested", False) or getattr(state, "state2", None) is not None:
+        absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    dtype = layer.compute_dtype or state.dtype
+    packed = layer.weight.data.view(n, k // 2)
+    bias = layer.bias.data.to(dtype) if layer.bias is not None else None
+    return NF4Linear(packed, absmax.to(dtype).view(n, k // state.blocksize), state.code.to(dtype), bias, k, n, state.blocksize)
+
+
+def _from_linear8bit(layer) -> Int8Linear | None:
+    weight = layer.weight
+    scb = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB
+    if weight.dtype != torch.int8 or scb is None:
+        return None
+    n, k = weight.shape
+    bias = layer.bias.data if layer.bias is not None else None
+    return Int8Linear(weight.data, (scb.float() / 127.0), bias, k, n)
+
+
+def has_bitsandbytes_layers(model) -> bool:
+    return any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+
+
+def default_output_dir(source: str | os.PathLike, quant: str) -> Path:
+    """RUN/model-nf4 for a run directory, else CHECKPOINT-nf4 beside the checkpoint."""
+    path = Path(source).expanduser()
+    if (path / "model" / "config.json").is_file():
+        return path / f"model-{quant}"
+    if path.is_dir():
+        return path.with_name(f"{path.name}-{quant}")
+    return Path(f"{path.name.replace('/', '--')}-{quant}")
+
+
+def save_quantized(
+    source,
+    out: str | os.PathLike | None = None,
+    *,
+    quant: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: str = "auto",
+    dtype: str = "auto",
+    device: str = "auto",
+    overwrite: bool = False,
+) -> Path:
+    """Quantize `source` with bitsandbytes and save a copy that reloads as-is; returns its path."""
+    import bitsandbytes
+    import transformers
+
+    from infer.load import LoadError, load, weight_bytes
+
+    if quant == "none":
+        raise LoadError("quantize needs --quant int8, nf4 or fp4 (none would only copy the checkpoint)")
+    out = Path(out) if out else default_output_dir(source, quant)
+    if out.exists() and not overwrite:
+        raise LoadError(f"{out} already exists; pass --out elsewhere or --overwrite to replace it")
+    started = time.time()
+    model, tokenizer = load(source, quant=quant, dtype=dtype, device=device, double_quant=double_quant, compute_dtype=compute_dtype)
+    info = model.tunewright
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Written under a temporary name and renamed: an interrupted run leaves no directory
+    # that looks like a finished quantized checkpoint.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        manifest = {
+            "source": str(source),
+            "source_checkpoint": info["checkpoint"],
+            "quant": quant,
+            "double_quant": double_quant if quant in ("nf4", "fp4") else None,
+            "compute_dtype": compute_dtype if compute_dtype != "auto" else info["dtype"],
+            "unquantized_dtype": info["dtype"],
+            "weight_bytes": weight_bytes(model),
+            "seconds": round(time.time() - started, 2),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "bitsandbytes": bitsandbytes.__version__},
+            "reload": f"python -m infer generate {out} 'Hello'  (or infer.load('{out}'))",
+        }
+        (staging / "quantization.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("wrote %s (%s, %.1f MB of weights)", out, quant, manifest["weight_bytes"] / 1e6)
+    return out

@@ -1,0 +1,69 @@
+"""infer.bench on the CPU with a tiny architecture: every row runs and the report adds up.
+(Speed itself is measured on the GPU machine; see BENCHMARKS.md.)"""
+
+from __future__ import annotations
+
+import torch
+
+from infer.bench import (ARCHS, build_random_model, bytes_per_token, check_targets, format_markdown,
+                         measure_copy_bandwidth, run_bench, truncated_assistant)
+from infer.load import weight_bytes
+
+
+def test_bench_rows_and_report():
+    logs = []
+    report = run_bench("tiny", prompt_len=8, new_tokens=8, batch_sizes=(1, 2), repeats=1, device="cpu",
+                       rows=("baseline", "static", "batch", "nf4", "lookup"), log=logs.append)
+    names = [(r["name"], r["batch"]) for r in report["rows"]]
+    assert names == [("baseline (HF dynamic cache)", 1), ("static cache, eager", 1),
+                     ("static, eager (compile off)", 1), ("static, eager (compile off)", 2),
+                     ("prompt lookup, k=4", 1), ("nf4 + compile", 1)]
+    for row in report["rows"]:
+        assert row["decode_tok_s"] > 0 and row["ttft_ms"] > 0
+    static = report["rows"][1]
+    assert static["same_prefix"] == 8  # fp32 on CPU: the static cache reproduces HF token for token
+    assert static["achieved_gbps"] == static["gb_per_token"] * static["decode_tok_s"]
+    nf4 = report["rows"][-1]
+    assert 0 < nf4["stored_weight_gb"] < report["weight_gb"]
+    assert report["copy_bandwidth_gbps"] > 0 and report["bound_tok_s"] > 0
+    assert [t["target"] for t in report["targets"]] == ["nf4 stored weights <= 45% of 16-bit"]  # nothing compiled on CPU
+    table = format_markdown(report, "python -m infer bench --model tiny")
+    assert "| static cache, eager | 1 |" in table and "Command: `python -m infer bench --model tiny`" in table
+
+
+def test_bytes_per_token_counts_what_a_step_reads():
+    tied, _ = build_random_model("tiny", torch.float32, torch.device("cpu"))
+    weights = weight_bytes(tied)
+    cfg = tied.config
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    assert bytes_per_token(tied, weights, 10) == weights + 10 * kv_per_token  # tied: the head reads the table
+    ARCHS["tiny-untied"] = dict(ARCHS["tiny"], tie_word_embeddings=False)
+    try:
+        untied, _ = build_random_model("tiny-untied", torch.float32, torch.device("cpu"))
+    finally:
+        del ARCHS["tiny-untied"]
+    embed = untied.get_input_embeddings().weight
+    assert bytes_per_token(untied, weight_bytes(untied), 0) == weight_bytes(untied) - embed.numel() * 4
+
+
+def test_truncated_assistant_shares_the_target_weights():
+    model, _ = build_random_model("tiny", torch.float32, torch.device("cpu"))
+    assistant = truncated_assistant(model, 1)
+    assert assistant.config.num_hidden_layers == 1 and len(assistant.model.layers) == 1
+    assert assistant.lm_head.weight.data_ptr() == model.lm_head.weight.data_ptr()
+    assert assistant.model.layers[0] is model.model.layers[0]
+    with torch.no_grad():
+        assert torch.isfinite(assistant(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_copy_bandwidth_and_targets():
+    assert measure_copy_bandwidth(torch.device("cpu"), nbytes=1 << 22, repeats=3) > 1e8
+    rows = [dict(name="baseline (HF dynamic cache)", batch=1, decode_tok_s=100.0, aggregate_tok_s=100.0),
+            dict(name="static + compile", batch=1, decode_tok_s=700.0, aggregate_tok_s=700.0),
+            dict(name="static + compile", batch=32, decode_tok_s=200.0, aggregate_tok_s=6400.0),
+            dict(name="nf4 + compile", batch=1, decode_tok_s=800.0, aggregate_tok_s=800.0, stored_weight_gb=1.0)]
+    targets = {t["target"]: t for t in check_targets(dict(rows=rows, bound_tok_s=1000.0, weight_gb=2.5))}
+    assert targets["static+compile decode >= 70% of bandwidth bound"]["met"]
+    assert targets["static+compile >= 5x dynamic baseline"]["value"] == 7.0
+    assert targets["nf4 stored weights <= 45% of 16-bit"]["met"]
+    assert not targets["batch 32 aggregate >= 10x batch 1"]["met"]  # 6400 / 700 = 9.1

@@ -1,0 +1,140 @@
+"""infer.eval: metrics on examples whose right answers are known, the reference loss against
+a hand computation, example loading, and the side-by-side CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from infer.__main__ import main, parse_model_specs
+from infer.eval import answer_ids, evaluate_model, format_table, load_examples, prompt_ids, score_one
+from infer.generate import Generator
+from infer.records import RecordsError
+from infer.sampling import SamplingParams
+
+QUESTIONS = ["What is two plus two?", "Name a colour.", "Say something.", "Spell cat."]
+
+
+@pytest.fixture(scope="module")
+def model_and_tok(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    with torch.no_grad():  # large weights: varied outputs, so each example has its own answer
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 1.0 if "embed" in name else 0.5)
+    return model.eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def conversation(question, answer):
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def own_outputs(model, tok, n_tokens):
+    gen = Generator(model, tok, max_batch_size=4, max_seq_len=128)
+    prompts = [prompt_ids(tok, conversation(q, "")) for q in QUESTIONS]
+    return [r.text for r in gen.generate(prompts, SamplingParams(max_new_tokens=n_tokens))]
+
+
+def test_score_one():
+    assert score_one("  Paris \n", "Paris", "exact_match") == (True, None)
+    assert score_one("The capital is Paris.", "Paris", "exact_match")[0] is False
+    assert score_one("The capital is Paris.", "Paris", "contains")[0] is True
+    answer = re.compile(r"answer: (\d+)")
+    assert score_one("so the answer: 42", "answer: 42", "regex", answer) == (True, "42")
+    assert score_one("so the answer: 41", "42", "regex", answer) == (False, "41")  # reference w/o match: taken whole
+    assert score_one("no number here", "42", "regex", answer) == (False, None)
+    assert score_one("x 7 y", "7", "regex", re.compile(r"\d+")) == (True, "7")  # no group: whole match
+
+
+def test_metrics_on_known_answers(model_and_tok):
+    model, tok = model_and_tok
+    outputs = own_outputs(model, tok, 6)
+    assert len(set(outputs)) == 4
+    exact = [conversation(QUESTIONS[0], outputs[0]), conversation(QUESTIONS[1], outputs[1]),
+             conversation(QUESTIONS[2], "not what it says"), conversation(QUESTIONS[3], outputs[2])]
+    report = evaluate_model(model, tok, exact, max_new_tokens=6, batch_size=3, compute_loss=False)
+    assert report.n == 4 and report.correct == 2 and report.score == 50.0
+    assert [r["correct"] for r in report.rows] == [True, True, False, False]
+    assert report.rows[0]["output"] == outputs[0] and report.rows[2]["reference"] == "not what it says"
+
+    inside = [conversation(q, out[2:6]) for q, out in zip(QUESTIONS, outputs)]
+    inside[3] = conversation(QUESTIONS[3], outputs[0][2:6] + "zzz")
+    report = evaluate_model(model, tok, inside, metric="contains", max_new_tokens=6, compute_loss=False)
+    assert report.correct == 3
+
+    first_word = r"^\s*(\S+)"
+    tagged = [conversation(q, out.split()[0] + " and more") for q, out in zip(QUESTIONS, outputs)]
+    report = evaluate_model(model, tok, tagged, metric="regex", regex=first_word, max_new_tokens=6, compute_loss=False)
+    assert report.correct == 4 and report.rows[0]["answer"] == outputs[0].split()[0]
+    with pytest.raises(ValueError, match="needs a pattern"):
+        evaluate_model(model, tok, tagged, metric="regex")
+
+
+def test_reference_loss_matches_a_hand_computation(model_and_tok):
+    model, tok = model_and_tok
+    examples = [conversation(q, a) for q, a in zip(QUESTIONS, ["Four.", "Blue", "Hello there, friend", "C A T"])]
+    report = evaluate_model(model, tok, examples, max_new_tokens=2, batch_size=4)
+    total, count = 0.0, 0
+    for conv in examples:
+        prompt = prompt_ids(tok, conv)
+        answer = answer_ids(tok, conv, prompt)
+        assert answer[-1] == tok.convert_tokens_to_ids("<|im_end|>")  # the answer ends its turn
+        ids = torch.tensor([prompt + answer])
+        with torch.no_grad():
+            logp = model(ids).logits[0].log_softmax(-1)
+        for i, t in enumerate(answer):
+            total -= logp[len(prompt) + i - 1, t].item()
+        count += len(answer)
+    assert report.loss == pytest.approx(total / count, rel=1e-4)
+    assert report.perplexity == pytest.approx(math.exp(total / count), rel=1e-4)
+
+
+def test_load_examples_formats_and_errors(tmp_path):
+    rows = [{"prompt": "2+2?", "completion": "4"},
+            {"prompt": "Capital of France?", "completion": "Paris"}]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_examples(path) == [conversation("2+2?", "4"), conversation("Capital of France?", "Paris")]
+    assert len(load_examples(path, limit=1)) == 1
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "Add", "input": "2 and 2", "output": "4"}]))
+    assert load_examples(alpaca)[0][-1] == {"role": "assistant", "content": "4"}
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"text": "just a document"}) + "\n")
+    with pytest.raises(RecordsError, match="no reference answer to score"):
+        load_examples(text)
+    unanswered = tmp_path / "open.jsonl"
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "?"}]
+    unanswered.write_text(json.dumps({"messages": turns}) + "\n")
+    with pytest.raises(RecordsError, match=r"open.jsonl:1: the last message must be the assistant"):
+        load_examples(unanswered)
+
+
+def test_cli_compares_models_side_by_side(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": q, "completion": "x"}) + "\n" for q in QUESTIONS))
+    out, summary = tmp_path / "out.jsonl", tmp_path / "summary.json"
+    code = main(["eval", str(tiny_model_dir), "--model", f"{tiny_model_dir}:nf4", "--data", str(data),
+                 "--max-new-tokens", "3", "--output", str(out), "--summary", str(summary)])
+    assert code == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 8 and {line["model"] for line in lines} == {str(tiny_model_dir), f"{tiny_model_dir}:nf4"}
+    reports = json.loads(summary.read_text())["reports"]
+    assert [r["n"] for r in reports] == [4, 4] and all(r["loss"] > 0 for r in reports)
+    printed = capsys.readouterr().out
+    assert f"| {tiny_model_dir}:nf4 | exact_match |" in printed and "per-example outputs" in printed
+    assert parse_model_specs(None, ["base,runs/x:nf4", "c:int8"]) == [("base", None), ("runs/x", "nf4"), ("c", "int8")]
+    assert main(["eval", "--data", str(data), "--metric", "regex", "--model", str(tiny_model_dir)]) == 2
+
+
+def test_format_table_lists_every_model(model_and_tok):
+    model, tok = model_and_tok
+    report = evaluate_model(model, tok, [conversation("hi", "there")], max_new_tokens=2, name="tuned:nf4")
+    table = format_table([report, report])
+    assert table.count("| tuned:nf4 | exact_match | 0.0 | 0 / 1 |") == 2

@@ -1,0 +1,177 @@
+"""infer.generate: the static-cache generator against transformers' own greedy decoding,
+speculative decoding, compile counts, sampling and streaming (CPU, tiny models)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from infer.generate import Generator
+from infer.sampling import SamplingParams, choose_tokens
+
+
+def lively(model_dir, seed=0, layers=None):
+    """The tiny random Llama with large weights: its greedy output varies from token to token
+    (at the default init scale it repeats one token), so equality tests mean something."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 1.0 if "embed" in name else 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return lively(tiny_model_dir)
+
+
+PROMPTS = [[1, 500, 600], [7, 8, 9, 10, 11, 12, 13, 14, 15], [42] * 5 + [99, 100]]
+
+
+def hf_greedy(model, ids, n):
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         pad_token_id=0, eos_token_id=None)
+    return out[0, len(ids):].tolist()
+
+
+def test_static_cache_greedy_equals_dynamic_cache_greedy(model, tok):
+    gen = Generator(model, tok, max_batch_size=4, max_seq_len=96)
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    batched = gen.generate(PROMPTS, params)  # left-padded together into one bucket
+    for ids, result in zip(PROMPTS, batched):
+        expected = hf_greedy(model, ids, 20)
+        assert result.token_ids == expected
+        assert result.finish_reason == "length" and result.prompt_tokens == len(ids)
+    # The cache is reused: a second call (one prompt, batch bucket 1) gives the same tokens.
+    again = gen.generate([PROMPTS[1]], params)[0]
+    assert again.token_ids == batched[1].token_ids
+    assert len(set(again.token_ids)) > 5  # not a degenerate repeat-one-token model
+
+
+def test_speculative_assistant_and_prompt_lookup_equal_plain_greedy(model, tok, tiny_model_dir):
+    prompt = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7]  # repeats, so lookup has something to propose
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    plain = Generator(model, tok, max_batch_size=1, max_seq_len=96).generate([prompt], params)[0].token_ids
+
+    same = Generator(model, tok, max_batch_size=1, max_seq_len=96, assistant_model=model, num_assistant_tokens=4)
+    assert same.generate([prompt], params)[0].token_ids == plain
+    assert same.last_stats.accepted == same.last_stats.drafted > 0  # identical assistant: all accepted
+
+    other = lively(tiny_model_dir, seed=1)  # disagrees often: exercises rejection + cache rollback
+    weak = Generator(model, tok, max_batch_size=1, max_seq_len=96, assistant_model=other, num_assistant_tokens=3)
+    assert weak.generate([prompt], params)[0].token_ids == plain
+    assert weak.last_stats.accepted < weak.last_stats.drafted
+
+    # Prompt lookup proposes what followed the latest earlier occurrence of the output's last
+    # n-gram; a prompt that already contains its own continuation gives it matches.
+    quoting = prompt + plain[:8] + prompt
+    expected = hf_greedy(model, quoting, 24)
+    lookup = Generator(model, tok, max_batch_size=1, max_seq_len=96, prompt_lookup=3)
+    assert lookup.generate([quoting], params)[0].token_ids == expected
+    assert lookup.last_stats.drafted > 0
+
+
+def test_new_prompt_length_in_same_bucket_does_not_recompile(model, tok):
+    counter = CompileCounter()
+    gen = Generator(model, tok, max_batch_size=2, max_seq_len=64, compile=counter, compile_prefill=True)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    first = gen.generate([list(range(3, 8))], params)  # 5 tokens -> bucket 16
+    assert counter.frame_count == 2  # prefill(bucket 16) + decode step
+    second = gen.generate([list(range(3, 12))], params)  # 9 tokens, same bucket
+    assert counter.frame_count == 2
+    gen.generate([list(range(3, 23))], params)  # 20 tokens -> bucket 32: only a new prefill
+    assert counter.frame_count == 3
+    eager = Generator(model, tok, max_batch_size=2, max_seq_len=64)
+    assert first[0].token_ids == eager.generate([list(range(3, 8))], params)[0].token_ids
+    assert second[0].token_ids == eager.generate([list(range(3, 12))], params)[0].token_ids
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(model, tok):
+    gen = Generator(model, tok, max_batch_size=2, max_seq_len=64)
+    sampled = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.95, seed=3, ignore_eos=True)
+    a = gen.generate([PROMPTS[0]], sampled)[0].token_ids
+    assert gen.generate([PROMPTS[0]], sampled)[0].token_ids == a
+    seeds = {tuple(gen.generate([PROMPTS[0]], SamplingParams(max_new_tokens=12, temperature=1.0, seed=s, ignore_eos=True))[0].token_ids) for s in range(4)}
+    assert len(seeds) > 1
+    greedy = gen.generate([PROMPTS[0]], SamplingParams(max_new_tokens=12, ignore_eos=True))[0].token_ids
+    top1 = gen.generate([PROMPTS[0]], SamplingParams(max_new_tokens=12, temperature=1.5, top_k=1, seed=0, ignore_eos=True))
+    assert top1[0].token_ids == greedy
+    # Mixed batch: a greedy row next to a sampled row stays greedy.
+    mixed = gen.generate([PROMPTS[0], PROMPTS[0]], [SamplingParams(max_new_tokens=12, ignore_eos=True), sampled])
+    assert mixed[0].token_ids == greedy
+
+
+def test_repetition_penalty_stops_repeats(tiny_model_dir, tok):
+    flat = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()  # repeats one token
+    gen = Generator(flat, tok, max_batch_size=1, max_seq_len=64)
+    plain = gen.generate([[1, 2, 3]], SamplingParams(max_new_tokens=10, ignore_eos=True))[0].token_ids
+    assert len(set(plain)) < 4
+    penalised = gen.generate([[1, 2, 3]], SamplingParams(max_new_tokens=10, repetition_penalty=1e4, ignore_eos=True))[0].token_ids
+    assert len(set(penalised)) == 10 and not {1, 2, 3} & set(penalised)
+
+
+def test_choose_tokens_truncation():
+    logits = torch.tensor([[0.0, 5.0, 4.9, -3.0]]).repeat(200, 1)
+    t = torch.full((200,), 1.0)
+    ones = torch.ones(200)
+    top2 = choose_tokens(logits, sampling=True, temperature=t, top_k=torch.full((200,), 2), top_p=ones, penalty=ones)
+    assert set(top2.tolist()) == {1, 2}
+    nucleus = choose_tokens(logits, sampling=True, temperature=t, top_k=torch.zeros(200, dtype=torch.long), top_p=torch.full((200,), 0.3), penalty=ones)
+    assert set(nucleus.tolist()) == {1}
+
+
+def test_eos_and_stop_strings_end_the_output(model, tok):
+    gen = Generator(model, tok, max_batch_size=1, max_seq_len=64)
+    full = gen.generate([PROMPTS[1]], SamplingParams(max_new_tokens=16, ignore_eos=True))[0]
+    gen.eos_ids = {full.token_ids[5]}
+    cut = gen.generate([PROMPTS[1]], SamplingParams(max_new_tokens=16))[0]
+    first = full.token_ids.index(full.token_ids[5])
+    assert cut.token_ids == full.token_ids[:first] and cut.finish_reason == "stop"
+    gen.eos_ids = set()
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 4]
+    stopped = gen.generate([PROMPTS[1]], SamplingParams(max_new_tokens=16, stop=[stop]))[0]
+    assert stopped.text == full.text[: full.text.index(stop)] and stopped.finish_reason == "stop"
+
+
+def test_stream_yields_the_same_tokens_and_text(model, tok):
+    gen = Generator(model, tok, max_batch_size=2, max_seq_len=64)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    results = gen.generate(PROMPTS[:2], params)
+    events = list(gen.stream(PROMPTS[:2], params))
+    for i, result in enumerate(results):
+        mine = [e for e in events if e.index == i]
+        assert [t for e in mine for t in e.token_ids] == result.token_ids
+        assert "".join(e.text for e in mine) == result.text
+        assert mine[-1].finished and mine[-1].finish_reason == "length"
+        assert len(mine) > 3  # incremental, not one event at the end
+
+
+def test_chat_prompts_use_the_template(model, tok):
+    gen = Generator(model, tok, max_batch_size=1, max_seq_len=128)
+    ids = gen.encode("Hi there")
+    text = tok.decode(ids)
+    assert "Hi there" in text and text.rstrip().endswith("assistant")
+    assert gen.encode([{"role": "user", "content": "Hi there"}]) == ids
+    assert gen.encode("Hi there", chat=False) == tok("Hi there").input_ids
+
+
+def test_bad_requests_say_what_to_change(model, tok):
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        SamplingParams(temperature=-1)
+    gen = Generator(model, tok, max_batch_size=1, max_seq_len=32)
+    with pytest.raises(ValueError, match="exceeds max_seq_len 32"):
+        gen.generate([[1] * 20], SamplingParams(max_new_tokens=20))
+    with pytest.raises(TypeError, match="must be a list of prompts"):
+        gen.generate("a bare string")
+    lookup = Generator(model, tok, max_batch_size=1, max_seq_len=32, prompt_lookup=2)
+    with pytest.raises(ValueError, match="repetition_penalty is not supported with speculative"):
+        lookup.generate([[1, 2]], SamplingParams(max_new_tokens=4, repetition_penalty=1.2))

@@ -1,0 +1,87 @@
+"""GPU-only: the compiled CUDA-graph decode path and the compiled quantized layers.
+
+Runs on the GPU machine (no hub there): models are random Llamas built from a config with
+the bench's synthetic word-level tokenizer, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+             intermediate_size=512, vocab_size=4096, tie_word_embeddings=True, rope_theta=10000.0)
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    from infer.bench import ARCHS, build_random_model
+
+    ARCHS["gpu-test"] = SHAPE
+    model, tok = build_random_model("gpu-test", torch.float32, torch.device("cuda"))
+    with torch.no_grad():  # large weights: well-separated logits, so argmax is robust to fusion order
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 1.0 if "embed" in name else 0.3)
+    return model, tok
+
+
+def test_cuda_graph_decode_matches_eager_and_does_not_recompile(random_model):
+    from torch._dynamo.utils import counters
+
+    from infer.generate import Generator
+    from infer.sampling import SamplingParams
+
+    model, tok = random_model
+    params = SamplingParams(max_new_tokens=32, ignore_eos=True)
+    prompts = [[5, 6, 7, 8, 9], list(range(100, 121))]
+    eager = Generator(model, tok, max_batch_size=2, max_seq_len=128, compile=False).generate(prompts, params)
+    gen = Generator(model, tok, max_batch_size=2, max_seq_len=128, compile="reduce-overhead", compile_prefill=True)
+    assert gen.compile_mode == "reduce-overhead"
+    gen.warmup(batch_sizes=(2,), prompt_len=16)
+    compiled = gen.generate(prompts, params)  # longest prompt 21 tokens: prefill bucket 32
+    for e, c in zip(eager, compiled):
+        assert c.token_ids == e.token_ids
+    graphs = counters["stats"]["unique_graphs"]
+    gen.generate([[9, 9, 9], list(range(200, 226))], params)  # 26 tokens: same bucket
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compiled_nf4_layers_on_gpu(random_model, tmp_path):
+    from infer.generate import Generator
+    from infer.load import load, weight_bytes
+    from infer.quantize import NF4Linear
+    from infer.sampling import SamplingParams
+
+    model, tok = random_model
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    q, qtok = load(tmp_path / "m", quant="nf4", dtype="bf16")
+    x = torch.randint(0, 4096, (1, 12), device="cuda")
+    with torch.no_grad():
+        ref = q(x).logits.float()
+    stored = weight_bytes(q)
+    gen = Generator(q, qtok, max_batch_size=1, max_seq_len=64, compile="reduce-overhead")  # swaps in NF4Linear
+    assert isinstance(q.model.layers[0].mlp.up_proj, NF4Linear)
+    with torch.no_grad():
+        got = q(x).logits.float()
+    assert ((got - ref).norm() / ref.norm()) < 2e-2  # same weights; bf16 accumulation order differs
+    assert weight_bytes(q) < stored * 1.1
+    out = gen.generate([[1, 2, 3]], SamplingParams(max_new_tokens=16, ignore_eos=True))[0]
+    assert len(out.token_ids) == 16
+
+
+def test_speculative_on_gpu_equals_plain_greedy(random_model):
+    from infer.generate import Generator
+    from infer.sampling import SamplingParams
+
+    model, tok = random_model
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    prompt = [3, 4, 5, 6, 3, 4, 5]
+    plain = Generator(model, tok, max_batch_size=1, max_seq_len=96, compile=False).generate([prompt], params)[0]
+    spec = Generator(model, tok, max_batch_size=1, max_seq_len=96, compile="reduce-overhead",
+                     assistant_model=model, num_assistant_tokens=4)
+    assert spec.generate([prompt], params)[0].token_ids == plain.token_ids
+    assert spec.last_stats.accepted == spec.last_stats.drafted > 0

@@ -1,0 +1,100 @@
+"""infer.load and infer.quantize on CPU: bitsandbytes 0.50 runs int8, nf4 and fp4 on the CPU,
+so quantized reloads are tested here for real, not only on the GPU machine."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import infer
+from infer.generate import Generator
+from infer.load import LoadError, load, weight_bytes
+from infer.quantize import Int8Linear, NF4Linear, save_quantized, use_compiled_kernels
+from infer.sampling import SamplingParams
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_quantized_reload_generates(tiny_model_dir, quant):
+    import bitsandbytes as bnb
+
+    model, tok = load(tiny_model_dir, quant=quant)
+    layer = model.model.layers[0].mlp.down_proj
+    assert isinstance(layer, bnb.nn.Linear4bit if quant == "nf4" else bnb.nn.Linear8bitLt)
+    assert model.tunewright["quant"] == quant and model.tunewright["device"] == "cpu"
+    full, _ = load(tiny_model_dir)
+    linear_full = sum(m.weight.numel() * 4 for m in full.model.layers.modules() if isinstance(m, torch.nn.Linear))
+    linear_quant = weight_bytes(model.model.layers)
+    assert linear_quant < linear_full * (0.2 if quant == "nf4" else 0.3)  # fp32 -> 4 / 8 bits (+ scales)
+    result = Generator(model, tok, max_batch_size=2, max_seq_len=64).generate(
+        ["Hello", "Count: 1 2 3"], SamplingParams(max_new_tokens=8, ignore_eos=True))
+    assert [len(r.token_ids) for r in result] == [8, 8]
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        ref, got = full(x).logits, model(x).logits
+    assert torch.isfinite(got).all()
+    assert ((got - ref).norm() / ref.norm()) < 0.5  # quantized, but the same function
+
+
+def test_compiled_kernels_compute_what_bitsandbytes_computes(tiny_model_dir):
+    x = torch.randint(0, 1000, (2, 9))
+    for quant, cls, tolerance in (("nf4", NF4Linear, 1e-5), ("fp4", NF4Linear, 1e-5), ("int8", Int8Linear, 0.02)):
+        model, _ = load(tiny_model_dir, quant=quant)
+        with torch.no_grad():
+            ref = model(x).logits
+            assert use_compiled_kernels(model) == 14  # 7 linears x 2 layers; lm_head stays 16/32-bit
+            got = model(x).logits
+        assert isinstance(model.model.layers[1].self_attn.k_proj, cls)
+        # nf4/fp4: identical dequantized weights. int8: bitsandbytes also quantizes the
+        # activations; the compiled layer keeps them in full precision.
+        assert ((got - ref).norm() / ref.norm()) < tolerance, quant
+
+
+def test_saved_quantized_copy_reloads_without_requantizing(tiny_model_dir, tmp_path):
+    out = save_quantized(tiny_model_dir, tmp_path / "q", quant="nf4")
+    manifest = json.loads((out / "quantization.json").read_text())
+    assert manifest["quant"] == "nf4" and manifest["double_quant"] is True and manifest["weight_bytes"] > 0
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    fresh, _ = load(tiny_model_dir, quant="nf4")
+    reloaded, tok = load(out)
+    assert reloaded.tunewright["quant"] == "nf4"
+    x = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(fresh(x).logits, reloaded(x).logits)
+    with pytest.raises(LoadError, match=r"already quantized \(nf4\)"):
+        load(out, quant="int8")
+    with pytest.raises(LoadError, match="already exists"):
+        save_quantized(tiny_model_dir, out, quant="nf4")
+
+
+def test_run_directory_and_callable_module(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run / "model")
+    model, tok = infer.load(run, dtype="bf16")  # `infer.load` is both the module and the function
+    assert model.tunewright["checkpoint"] == str(run / "model")
+    assert model.dtype == torch.bfloat16 and tok.pad_token_id is not None
+
+
+def test_errors_say_what_is_wrong_and_what_to_do(tiny_model_dir, tmp_path):
+    with pytest.raises(LoadError, match="not a checkpoint directory"):
+        load(tmp_path)
+    no_tok = tmp_path / "no-tokenizer"
+    no_tok.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / f, no_tok / f)
+    with pytest.raises(LoadError, match="no tokenizer.*save_pretrained"):
+        load(no_tok)
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", no_weights / "config.json")
+    with pytest.raises(LoadError, match="no weights"):
+        load(no_weights)
+    with pytest.raises(LoadError, match="quant must be one of none, int8, nf4, fp4"):
+        load(tiny_model_dir, quant="int4")
+    if not torch.cuda.is_available():
+        with pytest.raises(LoadError, match="no usable CUDA GPU"):
+            load(tiny_model_dir, device="cuda")
+    with pytest.raises(LoadError, match="needs bitsandbytes on a CUDA GPU or the CPU"):
+        load(tiny_model_dir, quant="nf4", device="meta")
