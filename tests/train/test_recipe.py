@@ -1,0 +1,142 @@
+"""Recipe schema and CLI: shipped recipes validate, errors name the key, overrides win, bad input exits 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from train.recipe import Recipe, RecipeError, load_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+def _write(tmp_path, text: str, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _cli(*args, cwd=REPO, timeout=60):
+    return subprocess.run([sys.executable, "-m", "train", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_the_shipped_recipes_are_there():
+    names = {p.name for p in RECIPES}
+    assert {"demo.yaml", "smollm2_lora.yaml", "smollm2_full.yaml", "smollm2_qlora.yaml",
+            "llama3_2_1b_lora.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates_and_opens_with_its_command(path, monkeypatch):
+    monkeypatch.chdir(REPO)  # data paths in recipes are relative to the repository root
+    recipe = load_recipe(path)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith(f"# python -m train recipes/{path.name}"), first
+    for source in [recipe.data.train, recipe.data.validation, recipe.eval.data]:
+        for file in [source] if isinstance(source, str) else source or []:
+            assert Path(file).is_file(), f"{path.name}: {file} does not exist"
+
+
+def test_demo_recipe_is_the_dates_job_on_the_builtin_model(monkeypatch):
+    monkeypatch.chdir(REPO)
+    recipe = load_recipe(REPO / "recipes" / "demo.yaml")
+    assert recipe.model.name == "smollm2-135m-instruct"
+    assert recipe.data.train == "data/dates/train.jsonl"
+    assert recipe.data.validation == "data/dates/validation.jsonl"
+    assert recipe.eval.data == "data/dates/test.jsonl" and recipe.eval.compare_base
+
+
+def test_typo_names_key_file_line_and_suggestion(tmp_path):
+    path = _write(tmp_path, "name: t\ndata:\n  train: a.jsonl\ntraining:\n  learnig_rate: 0.1\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    msg = str(err.value)
+    assert f"{path}:5" in msg
+    assert "unknown key 'training.learnig_rate'" in msg
+    assert "did you mean 'training.learning_rate'" in msg
+
+
+def test_all_problems_are_reported_at_once(tmp_path):
+    path = _write(tmp_path, "name: t\ndata:\n  train: a.jsonl\ntraining:\n  batch_size: many\n  epohcs: 2\n")
+    with pytest.raises(RecipeError, match=r"2 problems") as err:
+        load_recipe(path)
+    assert "training.batch_size" in str(err.value) and "'many'" in str(err.value)
+    assert "training.epochs" in str(err.value)
+
+
+def test_bad_type_names_key_and_value(tmp_path):
+    path = _write(tmp_path, "name: t\ndata:\n  train: a.jsonl\nmethod:\n  type: lorra\n")
+    with pytest.raises(RecipeError, match=r"method\.type: .*'lorra'"):
+        load_recipe(path)
+
+
+def test_precedence_defaults_then_yaml_then_overrides(tmp_path):
+    path = _write(tmp_path, "name: t\ndata:\n  train: a.jsonl\ntraining:\n  learning_rate: 0.01\n  batch_size: 4\n")
+    default = Recipe.model_fields["training"].default_factory().max_length
+    recipe = load_recipe(path, ["training.batch_size=2", "method.lora.r=4"])
+    assert recipe.training.learning_rate == 0.01  # YAML beats the default
+    assert recipe.training.batch_size == 2  # the override beats the YAML
+    assert recipe.method.lora.r == 4  # an override may create a section the YAML lacks
+    assert recipe.training.max_length == default  # untouched keys keep their default
+
+
+def test_bad_override_is_an_error_not_a_silent_key(tmp_path):
+    path = _write(tmp_path, "name: t\ndata:\n  train: a.jsonl\n")
+    with pytest.raises(RecipeError, match=r"unknown key 'training.learning_rte'.*did you mean 'training.learning_rate'"):
+        load_recipe(path, ["training.learning_rte=1"])
+    with pytest.raises(RecipeError, match="key.sub=value"):
+        load_recipe(path, ["training.lr"])
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found: .*nope.yaml"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_recipe_error_exits_2_with_the_message_and_no_traceback(tmp_path):
+    path = _write(tmp_path, "name: t\ndata:\n  train: a.jsonl\ntraining:\n  learnig_rate: 0.1\n")
+    proc = _cli(str(path))
+    assert proc.returncode == 2
+    assert "did you mean 'training.learning_rate'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_missing_recipe_exits_2(tmp_path):
+    proc = _cli(str(tmp_path / "absent.yaml"))
+    assert proc.returncode == 2 and "recipe file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_dry_run_prints_the_resolved_recipe(tmp_path):
+    path = _write(tmp_path, "name: t\ndata:\n  train: a.jsonl\n")
+    proc = _cli(str(path), "training.max_steps=7", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "max_steps: 7" in proc.stdout
+    assert "padding_free: true" in proc.stdout  # defaults are filled in
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+
+def test_cli_help_is_instant_and_does_not_import_torch():
+    code = "import sys; from train.__main__ import build_parser; build_parser(); print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "False", proc.stderr
+    assert _cli("--help").returncode == 0
+
+
+def test_bench_subcommand_dispatches_to_train_bench(monkeypatch):
+    from train.__main__ import main
+
+    seen = []
+    fake = types.ModuleType("train.bench")
+    fake.main = lambda argv: seen.append(argv) or 3
+    monkeypatch.setitem(sys.modules, "train.bench", fake)
+    assert main(["bench", "--steps", "5"]) == 3
+    assert seen == [["--steps", "5"]]

@@ -1,0 +1,256 @@
+"""Training end to end on the tiny model: loss falls, export reloads, resume, Ctrl-C, padding-free math."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import TrainerCallback
+
+from train.recipe import RecipeError, validate_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+WORDS = ["apple", "river", "candle", "mountain", "blue", "orange juice", "seven", "quiet library"]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    """Eight prompt/completion rows of different lengths: a task the tiny model can memorize."""
+    path = tmp_path_factory.mktemp("data") / "echo.jsonl"
+    rows = [{"prompt": f"Repeat after me: {w}", "completion": w} for w in WORDS]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny Llama re-initialised with std 0.2 instead of 0.02.
+
+    At std 0.02 the frozen tied embeddings cap every logit near 1.3, so LoRA (which cannot
+    touch them) has no room to lower the loss and a "loss falls" check would test nothing.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny-learnable")
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.initializer_range = 0.2
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+def tiny_recipe(tmp_path, model_dir, data_file, *, name="tiny", **sections) -> dict:
+    raw = {
+        "name": name,
+        "model": {"name": str(model_dir)},
+        "data": {"train": str(data_file)},
+        "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
+        # batch_size 8 = every row each step: the logged losses are all on the same batch.
+        "training": {"max_steps": 8, "batch_size": 8, "learning_rate": 2e-2, "lr_scheduler": "constant",
+                     "save_steps": 100, "max_length": 64},
+        "output": {"dir": str(tmp_path / "runs"), "tensorboard": False},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def test_cpu_defaults_fp32_no_checkpointing_padding_free_without_max_length(tmp_path, data_file):
+    from train.model import resolve_gradient_checkpointing, resolve_precision
+    from train.rundir import RunDir
+    from train.trainer import build_sft_config
+
+    assert resolve_precision("auto", cuda=False) == "fp32"
+    assert resolve_gradient_checkpointing("auto", cuda=False) is False
+    assert resolve_gradient_checkpointing("auto", cuda=True) is True
+    with pytest.raises(RecipeError, match="fp16 needs a CUDA GPU"):
+        resolve_precision("fp16", cuda=False)
+
+    class Setup:  # just the fields build_sft_config reads
+        precision, gradient_checkpointing = "fp32", False
+
+    recipe = validate_recipe(tiny_recipe(tmp_path, "m", data_file, training={"eval_steps": 3}))
+    args = build_sft_config(recipe, Setup, RunDir(tmp_path / "r"), has_validation=True)
+    assert (args.bf16, args.fp16, args.gradient_checkpointing) == (False, False, False)
+    assert args.padding_free and args.max_length is None  # rows are already fitted by train.data
+    assert args.completion_only_loss is True  # else TRL would train on the prompt too
+    assert args.eval_strategy == "steps" and args.eval_steps == 3
+    assert args.output_dir == str(tmp_path / "r" / "checkpoints")
+
+    packed = validate_recipe(tiny_recipe(tmp_path, "m", data_file, training={"packing": True}))
+    assert build_sft_config(packed, Setup, RunDir(tmp_path / "r"), has_validation=False).max_length == 64
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_qlora_on_cpu_is_a_clear_error(tmp_path, data_file):
+    from train.model import load_model
+
+    recipe = validate_recipe(tiny_recipe(tmp_path, "m", data_file, method={"type": "qlora"}))
+    with pytest.raises(RecipeError, match=r"qlora needs a CUDA GPU.*method.type: lora"):
+        load_model(recipe)
+
+
+# ---------------------------------------------------------------- padding-free math
+
+
+def test_padding_free_loss_equals_padded_loss(tmp_path, tiny_model_dir, data_file):
+    """Same rows through the trainer's own collator + compute_loss, flattened vs padded."""
+    from train.data import build_datasets
+    from train.model import load_model
+    from train.rundir import RunDir
+    from train.trainer import build_trainer
+
+    losses, batches = {}, {}
+    for padding_free in (True, False):
+        recipe = validate_recipe(tiny_recipe(
+            tmp_path, tiny_model_dir, data_file, name=f"pf-{padding_free}", method={"type": "full"},
+            training={"padding_free": padding_free, "attn_implementation": "sdpa", "precision": "fp32"}))
+        setup = load_model(recipe)
+        assert setup.attn_implementation == "sdpa"
+        trainer, _, _ = build_trainer(recipe, setup, build_datasets(recipe, setup.tokenizer), RunDir(tmp_path / "x"))
+        rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in trainer.train_dataset.select(range(6))]
+        batch = trainer.data_collator(rows)
+        trainer.model.eval()
+        with torch.no_grad():
+            losses[padding_free] = trainer.compute_loss(trainer.model, dict(batch)).item()
+        batches[padding_free] = batch
+
+    flat, padded = batches[True], batches[False]
+    n_rows = padded["input_ids"].shape[0]
+    assert flat["input_ids"].shape[0] == 1 and "attention_mask" not in flat
+    assert flat["input_ids"].shape[1] == padded["attention_mask"].sum()  # no pad token at all
+    assert (flat["position_ids"][0] == 0).sum() == n_rows  # positions restart per row
+    assert (padded["attention_mask"] == 0).any()  # the padded batch really has padding to ignore
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+# ---------------------------------------------------------------- a whole run
+
+
+class RecordSteps(TrainerCallback):
+    def __init__(self, crash_at: int | None = None):
+        self.steps, self.crash_at = [], crash_at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+        if state.global_step == self.crash_at:
+            raise RuntimeError("simulated kill")
+
+
+@pytest.mark.parametrize("method,lr", [("full", 5e-3), ("lora", 2e-2)])
+def test_run_learns_and_exports_a_plain_checkpoint(method, lr, tmp_path, model_dir, data_file):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from train.trainer import train_recipe
+
+    raw = tiny_recipe(tmp_path, model_dir, data_file, name=method, method={"type": method},
+                      training={"learning_rate": lr},
+                      data={"validation": str(data_file)},
+                      eval={"data": str(data_file), "limit": 4, "max_new_tokens": 4, "samples": 1},
+                      output={"tensorboard": True})
+    result = train_recipe(validate_recipe(raw))
+    run = result.run_dir
+    assert result.status == "completed" and result.global_step == 8
+
+    rows = [r for r in metric_rows(run) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0, [r["loss"] for r in rows]
+    assert all(r["tokens_per_s"] > 0 and r["grad_norm"] is not None for r in rows)
+    tokens = [r["tokens"] for r in rows]
+    assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)
+
+    # model/ is a plain transformers checkpoint that computes what the trained model computes.
+    reloaded = AutoModelForCausalLM.from_pretrained(run / "model", dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(run / "model")
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+    eos = reloaded.generation_config.eos_token_id
+    assert tokenizer.eos_token_id in (eos if isinstance(eos, list) else [eos])
+    ids = tokenizer("Repeat after me: river", return_tensors="pt").input_ids
+    trained = result.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, trained(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+    assert (run / "adapter" / "adapter_config.json").is_file() == (method == "lora")
+    assert (run / "loss.png").is_file() and list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["training"]["learning_rate"] == lr
+
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["final_loss"] == rows[-1]["loss"] and summary["eval_loss"] is not None
+    assert summary["eval"]["n"] == 4 and {"tuned", "base", "gain_points"} <= set(summary["eval"])
+    manifest = json.loads((run / "manifest.json").read_text())
+    import hashlib
+
+    assert manifest["datasets"]["train"][0]["sha256"] == hashlib.sha256(data_file.read_bytes()).hexdigest()
+    assert manifest["base_model"]["resolved_path"] == str(model_dir)
+    t = manifest["training"]
+    assert (t["method"], t["attn_implementation"], t["precision"], t["device"], t["steps"]) == (
+        method, "sdpa", "fp32", "cpu", 8)
+    assert manifest["versions"]["torch"] == torch.__version__.split("+")[0] or manifest["versions"]["torch"]
+    assert "model" in manifest["contents"] and manifest["eval"]["tuned"] == summary["eval"]["tuned"]
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir, data_file):
+    from train.rundir import RunDirError
+    from train.trainer import train_recipe
+
+    recipe = validate_recipe(tiny_recipe(tmp_path, tiny_model_dir, data_file, name="killed",
+                                         training={"max_steps": 6, "save_steps": 2}))
+    run = recipe.run_dir
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train_recipe(recipe, callbacks=[RecordSteps(crash_at=4)])  # dies after logging step 3
+    assert (run / "checkpoints" / "checkpoint-2").is_dir()
+    assert not (run / "manifest.json").exists() and not (run / "model").exists()
+    assert [r["step"] for r in metric_rows(run)] == [1, 2, 3]
+
+    with pytest.raises(RunDirError, match="unfinished run.*--resume"):
+        train_recipe(recipe)
+
+    seen = RecordSteps()
+    result = train_recipe(recipe, resume=True, callbacks=[seen])
+    assert seen.steps == [3, 4, 5, 6]  # continues after checkpoint-2, not from scratch
+    assert result.summary["resumed_from"].endswith("checkpoint-2")
+    assert [r["step"] for r in metric_rows(run) if "loss" in r] == [1, 2, 3, 4, 5, 6]  # step 3 not doubled
+    assert (run / "manifest.json").is_file() and (run / "model" / "config.json").is_file()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_model_dir, data_file):
+    raw = tiny_recipe(tmp_path, tiny_model_dir, data_file, name="interrupted",
+                      training={"max_steps": 100000, "save_steps": 100000, "batch_size": 2})
+    recipe_path = tmp_path / "interrupted.yaml"
+    recipe_path.write_text(yaml.safe_dump(raw))
+    run = tmp_path / "runs" / "interrupted"
+    proc = subprocess.Popen([sys.executable, "-m", "train", str(recipe_path)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert f"python -m train {recipe_path} --resume" in out
+    checkpoints = list((run / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").is_file()
+    assert not (run / "manifest.json").exists() and not (run / "model").exists()
+    assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"

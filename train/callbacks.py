@@ -1,0 +1,136 @@
+"""Trainer callbacks: the progress bar, metrics.jsonl, and stopping cleanly on Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+class MetricsRecorder(TrainerCallback):
+    """Appends one JSON line per logged step to metrics.jsonl and keeps the running summary.
+
+    Token counts come from TRL's `num_tokens` log entry, which counts real tokens (the
+    attention mask's ones, or the flattened length of a padding-free batch: no pads either
+    way). TRL restarts that count at 0 on resume, so `tokens_offset` carries the count the
+    checkpointed part of the run had already reached.
+    """
+
+    def __init__(self, path: Path, *, tokens_offset: int = 0):
+        self.path = Path(path)
+        self.tokens_offset = tokens_offset
+        self.last_tokens = tokens_offset
+        self.last_time: float | None = None
+        self.start_time: float | None = None
+        self.last_train: dict | None = None  # the latest training-step row
+        self.last_eval: dict | None = None
+        self.train_summary: dict = {}  # Trainer's end-of-training numbers (train_runtime, ...)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start_time = self.last_time = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        now = time.perf_counter()
+        if "loss" in logs:
+            tokens = self.tokens_offset + int(logs.get("num_tokens", 0))
+            elapsed = now - (self.last_time or now)
+            row = {
+                "step": state.global_step,
+                "loss": logs["loss"],
+                "lr": logs.get("learning_rate"),
+                "tokens": tokens,
+                "tokens_per_s": round((tokens - self.last_tokens) / elapsed, 1) if elapsed > 0 else None,
+                "grad_norm": logs.get("grad_norm"),
+                "epoch": logs.get("epoch", state.epoch),
+                "mean_token_accuracy": logs.get("mean_token_accuracy"),
+                "time_s": round(now - self.start_time, 3) if self.start_time else None,
+            }
+            self.last_tokens, self.last_time = tokens, now
+            self.last_train = row
+        elif "eval_loss" in logs:
+            row = {"step": state.global_step, "eval_loss": logs["eval_loss"], "epoch": logs.get("epoch", state.epoch)}
+            if "eval_mean_token_accuracy" in logs:
+                row["eval_mean_token_accuracy"] = logs["eval_mean_token_accuracy"]
+            self.last_eval = row
+        else:
+            self.train_summary.update(logs)
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class ProgressBar(TrainerCallback):
+    """One tqdm bar over optimizer steps showing the latest loss and tokens/s."""
+
+    def __init__(self, recorder: MetricsRecorder):
+        self.recorder = recorder
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+                        dynamic_ncols=True, file=sys.stderr)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        row = self.recorder.last_train
+        if self.bar is None or row is None or row["step"] != state.global_step:
+            return
+        postfix = {"loss": f"{row['loss']:.4f}"}
+        if row["tokens_per_s"] is not None:
+            postfix["tok/s"] = f"{row['tokens_per_s']:.0f}"
+        if self.recorder.last_eval and self.recorder.last_eval["step"] == state.global_step:
+            postfix["val"] = f"{self.recorder.last_eval['eval_loss']:.4f}"
+        self.bar.set_postfix(postfix, refresh=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class StopOnSignal(TrainerCallback):
+    """Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint and stops training.
+
+    Installed only around `trainer.train()`. A second Ctrl-C falls back to Python's default
+    (KeyboardInterrupt) for a user who does not want to wait for the save.
+    """
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint "
+              "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    @property
+    def stopped(self) -> bool:
+        return self.received is not None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+            control.should_log = True
+        return control

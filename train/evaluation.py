@@ -1,0 +1,105 @@
+"""After training: score the tuned model (and the untuned base) on the recipe's held-out set."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from typing import Any
+
+import torch
+
+from train.model import ModelSetup
+from train.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_after_training(recipe: Recipe, tuned_model, setup: ModelSetup) -> dict[str, Any]:
+    """Score `tuned_model` (what model/ holds) and, with eval.compare_base, the base; print both.
+
+    Returns the numbers for metrics.json: scores in percent, n, and `samples` example rows.
+    """
+    from infer.eval import evaluate_model, load_examples
+
+    ev = recipe.eval
+    # Prompts are built as in training: same field mapping, same system prompt.
+    examples = load_examples(ev.data, limit=ev.limit, fields=recipe.data.fields or None,
+                             system_prompt=recipe.data.system_prompt)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = setup.tokenizer
+    # No reference-loss pass: validation loss is already measured, and on CPU it would cost
+    # as much again as the generations.
+    kwargs = dict(metric=ev.metric, regex=ev.regex, max_new_tokens=ev.max_new_tokens, compute_loss=False)
+
+    started = time.perf_counter()
+    tuned_model.to(device).eval()
+    tuned = evaluate_model(tuned_model, tokenizer, examples, name="tuned", **kwargs)
+    out: dict[str, Any] = {"data": ev.data, "metric": ev.metric, "n": tuned.n, "tuned": round(tuned.score, 2)}
+    base = None
+    if ev.compare_base:
+        base_model = _load_base(setup, device)
+        base = evaluate_model(base_model, tokenizer, examples, name="base", **kwargs)
+        del base_model
+        _free_memory()
+        out["base"] = round(base.score, 2)
+        out["gain_points"] = round(tuned.score - base.score, 2)
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    out["samples"] = _samples(tuned.rows, base.rows if base else None, ev.samples)
+    _print_report(out)
+    return out
+
+
+def _load_base(setup: ModelSetup, device: str):
+    from transformers import AutoModelForCausalLM
+
+    from train.model import stored_dtype
+
+    # The base as a user would load it: unquantized, in its stored dtype, sdpa attention
+    # (the generation path that needs no extra kernels).
+    model = AutoModelForCausalLM.from_pretrained(
+        setup.base_path, dtype=stored_dtype(setup.base_path, trust_remote_code=setup.trust_remote_code),
+        attn_implementation="sdpa", trust_remote_code=setup.trust_remote_code,
+    )
+    return model.to(device).eval()
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _samples(tuned_rows: list[dict], base_rows: list[dict] | None, k: int) -> list[dict]:
+    out = []
+    for i, row in enumerate(tuned_rows[:k]):
+        sample = {"prompt": row.get("prompt"), "reference": row.get("reference"),
+                  "tuned": row.get("output"), "tuned_correct": row.get("correct")}
+        if base_rows is not None and i < len(base_rows):
+            sample["base"] = base_rows[i].get("output")
+            sample["base_correct"] = base_rows[i].get("correct")
+        out.append(sample)
+    return out
+
+
+def _print_report(out: dict[str, Any]) -> None:
+    lines = [f"\nEval: {out['metric']} on {out['data']} ({out['n']} examples)"]
+    if "base" in out:
+        lines.append(f"  base   {out['base']:6.1f}%")
+    lines.append(f"  tuned  {out['tuned']:6.1f}%" + (f"   ({out['gain_points']:+.1f} points)" if "base" in out else ""))
+    for i, s in enumerate(out["samples"], 1):
+        lines.append(f"  example {i}: {_short(s['prompt'])}")
+        lines.append(f"    reference: {_short(s['reference'])}")
+        lines.append(f"    tuned:     {_short(s['tuned'])}" + _mark(s.get("tuned_correct")))
+        if "base" in s:
+            lines.append(f"    base:      {_short(s['base'])}" + _mark(s.get("base_correct")))
+    print("\n".join(lines))
+
+
+def _short(text: Any, limit: int = 160) -> str:
+    text = "" if text is None else str(text).replace("\n", "\\n")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _mark(correct: Any) -> str:
+    return "" if correct is None else ("  [correct]" if correct else "  [wrong]")

@@ -1,0 +1,271 @@
+"""The run directory: the contract between `train` (writes it) and `infer` (reads it).
+
+    runs/<name>/
+      recipe.yaml      the fully resolved recipe
+      model/           merged, loadable weights + tokenizer + chat template + generation config
+      adapter/         LoRA adapter (lora / qlora only)
+      checkpoints/     trainer checkpoints for --resume
+      tensorboard/     TensorBoard event files (output.tensorboard)
+      metrics.jsonl    one line per logged step; metrics.json: the summary
+      loss.png         loss curve
+      manifest.json    what is inside and how it was made; written last
+
+A run is complete exactly when manifest.json exists. model/ and manifest.json are written
+under a temporary name and renamed into place, so a killed run never leaves either one
+looking complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from train.recipe import Recipe
+
+
+class RunDirError(RuntimeError):
+    """The run directory is in a state the requested action must not touch."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_data_source(source: str) -> dict[str, Any]:
+    """Path + sha256 of one data source; a dataset directory hashes its files in name order."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return {"path": str(path), "sha256": sha256_file(path), "bytes": path.stat().st_size}
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(str(file.relative_to(path)).encode() + b"\0" + sha256_file(file).encode())
+        return {"path": str(path), "sha256": digest.hexdigest(), "kind": "directory"}
+    return {"path": str(path), "sha256": None, "note": "not a local file"}
+
+
+def _as_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def dataset_hashes(recipe: Recipe) -> dict[str, list[dict[str, Any]]]:
+    out = {
+        "train": [describe_data_source(s) for s in _as_list(recipe.data.train)],
+        "validation": [describe_data_source(s) for s in _as_list(recipe.data.validation)],
+    }
+    if recipe.eval.data:
+        out["eval"] = [describe_data_source(recipe.eval.data)]
+    return out
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("tunewright", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    recipe_file = property(lambda self: self.path / "recipe.yaml")
+    model_dir = property(lambda self: self.path / "model")
+    adapter_dir = property(lambda self: self.path / "adapter")
+    checkpoints_dir = property(lambda self: self.path / "checkpoints")
+    tensorboard_dir = property(lambda self: self.path / "tensorboard")
+    metrics_jsonl = property(lambda self: self.path / "metrics.jsonl")
+    metrics_json = property(lambda self: self.path / "metrics.json")
+    loss_png = property(lambda self: self.path / "loss.png")
+    manifest_file = property(lambda self: self.path / "manifest.json")
+
+    def is_complete(self) -> bool:
+        return self.manifest_file.is_file()
+
+    def checkpoints(self) -> list[Path]:
+        """Checkpoint directories in step order (the trainer writes checkpoint-<step>)."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        found = []
+        for p in self.checkpoints_dir.glob("checkpoint-*"):
+            suffix = p.name.rpartition("-")[2]
+            # A checkpoint without trainer_state.json was cut off while being written.
+            if p.is_dir() and suffix.isdigit() and (p / "trainer_state.json").is_file():
+                found.append((int(suffix), p))
+        return [p for _, p in sorted(found)]
+
+    def last_checkpoint(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def prepare(self, *, resume: bool, overwrite: bool, recipe_path: str = "RECIPE") -> Path | None:
+        """Make the directory ready for training; return the checkpoint to resume from (or None)."""
+        p = self.path
+        if resume:
+            ckpt = self.last_checkpoint()
+            if ckpt is None:
+                raise RunDirError(
+                    f"--resume: no checkpoint in {self.checkpoints_dir} to resume from. "
+                    f"Start the run without --resume: python -m train {recipe_path}"
+                )
+            # The run is about to change: it must stop looking complete until the new manifest lands.
+            self.manifest_file.unlink(missing_ok=True)
+            return ckpt
+        if p.exists() and any(p.iterdir()):
+            if not (self.recipe_file.is_file() or self.checkpoints_dir.is_dir() or self.is_complete()):
+                raise RunDirError(
+                    f"{p} exists and is not a tunewright run directory; refusing to write into it. "
+                    "Choose another output.dir or name."
+                )
+            if not overwrite:
+                if self.is_complete():
+                    what = "holds a completed run"
+                elif self.last_checkpoint() is not None:
+                    what = f"holds an unfinished run (last checkpoint: {self.last_checkpoint().name})"
+                else:
+                    what = "holds an earlier, unfinished run"
+                raise RunDirError(
+                    f"{p} {what}. Continue it with: python -m train {recipe_path} --resume ; "
+                    f"or start over with: python -m train {recipe_path} output.overwrite=true ; "
+                    "or give this run another name (name=...)."
+                )
+            shutil.rmtree(p)
+        p.mkdir(parents=True, exist_ok=True)
+        return None
+
+    def write_recipe(self, recipe: Recipe) -> None:
+        atomic_write_text(self.recipe_file, recipe.to_yaml())
+
+    # ------------------------------------------------------------ metrics
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_jsonl.is_file():
+            return []
+        rows = []
+        for line in self.metrics_jsonl.read_text().splitlines():
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass  # a line cut off by a kill: the step is replayed on resume anyway
+        return rows
+
+    def truncate_metrics(self, last_step: int) -> list[dict[str, Any]]:
+        """Keep only lines up to `last_step`: a resumed run replays the steps after its checkpoint."""
+        kept = [r for r in self.read_metrics() if r.get("step", 0) <= last_step]
+        atomic_write_text(self.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in kept))
+        return kept
+
+    def write_loss_plot(self) -> bool:
+        rows = self.read_metrics()
+        train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+        evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
+        if not train and not evals:
+            return False
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on servers; must be chosen before pyplot is imported
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        if train:
+            ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+        if evals:
+            ax.plot(*zip(*evals), "o-", label="validation loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(self.path.name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = self.loss_png.with_name(".loss.png.tmp")
+        fig.savefig(tmp, format="png")
+        plt.close(fig)
+        os.replace(tmp, self.loss_png)
+        return True
+
+    # ------------------------------------------------------------ export
+
+    def _install_dir(self, staging: Path, final: Path) -> None:
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+
+    def export_adapter(self, peft_model) -> None:
+        staging = Path(tempfile.mkdtemp(dir=self.path, prefix=".adapter-"))
+        try:
+            peft_model.save_pretrained(staging)
+            self._install_dir(staging, self.adapter_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def export_model(self, model, tokenizer) -> None:
+        """Save a plain transformers checkpoint (weights, config, tokenizer, chat template) as model/."""
+        staging = Path(tempfile.mkdtemp(dir=self.path, prefix=".model-"))
+        try:
+            model.config.use_cache = True  # training turned it off; generation wants it
+            _fix_generation_config(model, tokenizer)
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            self._install_dir(staging, self.model_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        contents = [name for name in ("recipe.yaml", "model", "adapter", "checkpoints", "tensorboard",
+                                      "metrics.jsonl", "metrics.json", "loss.png")
+                    if (self.path / name).exists()]
+        manifest = {"format": "tunewright-run/1", "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "contents": contents + ["manifest.json"], **manifest}
+        atomic_write_json(self.manifest_file, manifest)
+
+
+def _fix_generation_config(model, tokenizer) -> None:
+    """Generation must stop at the chat template's end-of-turn token and know the pad token."""
+    gen = model.generation_config
+    eos: Iterable[int] | int | None = gen.eos_token_id
+    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+        eos_ids.insert(0, tokenizer.eos_token_id)
+    gen.eos_token_id = eos_ids[0] if len(eos_ids) == 1 else eos_ids
+    if gen.pad_token_id is None:
+        gen.pad_token_id = tokenizer.pad_token_id
