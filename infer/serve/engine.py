@@ -132,6 +132,9 @@ class Engine:
         self._cache = None  # DynamicCache, one row per active sequence
         self._mask: torch.Tensor | None = None  # [rows, width], 0 where a row is padding
         self._cached: list[int] = []  # tokens in the cache per row
+        # Random generators are reused across requests (re-seeded on admission) so that their
+        # number stays bounded by the batch size instead of one new device object per request.
+        self._spare_generators: list[torch.Generator] = []
 
     # ---- called from the HTTP side -------------------------------------------------
     def start(self) -> None:
@@ -196,6 +199,7 @@ class Engine:
                     if seq.finish_reason is None:
                         seq.finish_reason = "error"
                         seq.emit(Event(seq.index, "", "error", len(seq.output_ids), f"{type(exc).__name__}: {exc}"))
+                self._release(admitted)
                 self._reset_batch()
 
     def _admit(self) -> list[Sequence]:
@@ -287,8 +291,10 @@ class Engine:
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """Greedy rows take the argmax; sampled rows use the exponential-race form of
-        multinomial sampling (argmax of p / E, E ~ Exp(1)) so each row draws its noise from
-        its own generator and a seeded request samples the same tokens in any batch."""
+        multinomial sampling (argmax of p / E, E ~ Exp(1)) with each row's noise drawn from
+        its own generator, so a seeded request samples the same tokens in any batch.
+        (infer.sampling.choose_tokens draws all rows' noise from the global RNG, which is
+        right inside its compiled step but cannot honour per-request seeds.)"""
         logits = logits.float()
         chosen = logits.argmax(dim=-1)
         sampled = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
@@ -307,9 +313,15 @@ class Engine:
         return chosen.tolist()
 
     def _generator(self, seed: int | None) -> torch.Generator:
-        gen = torch.Generator(device=self.device)
+        gen = self._spare_generators.pop() if self._spare_generators else torch.Generator(device=self.device)
         gen.manual_seed(seed if seed is not None else secrets.randbits(63))
         return gen
+
+    def _release(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            if seq.generator is not None:
+                self._spare_generators.append(seq.generator)
+                seq.generator = None
 
     # ---- batch bookkeeping ---------------------------------------------------------
     def _join(self, seqs: list[Sequence], cache, mask: torch.Tensor) -> None:
@@ -333,6 +345,7 @@ class Engine:
                 seq.finish_reason = "cancelled"
         if len(keep) == len(self._active):
             return
+        self._release([s for s in self._active if s.done])
         if not keep:
             self._reset_batch()
             return
@@ -346,6 +359,7 @@ class Engine:
         self._mask = self._mask.index_select(0, rows)[:, trim:]
 
     def _reset_batch(self) -> None:
+        self._release(self._active)
         self._active, self._cache, self._mask, self._cached = [], None, None, []
 
 

@@ -165,7 +165,11 @@ def test_seed_n_and_stop(server):
     client = server.client()
     kw = dict(model=MODEL, prompt=PROMPTS[3], max_tokens=16, temperature=1.0, top_p=0.9)
     first = client.completions.create(seed=1234, n=3, **kw)
-    again = client.completions.create(seed=1234, n=3, **kw)
+    with ThreadPoolExecutor(4) as pool:  # the same seed gives the same draws inside a busier batch
+        busy = [pool.submit(client.completions.create, model=MODEL, prompt=p, max_tokens=16, temperature=1.0)
+                for p in PROMPTS[6:9]]
+        again = client.completions.create(seed=1234, n=3, **kw)
+        assert all(f.result().usage.completion_tokens == 16 for f in busy)
     assert [c.text for c in first.choices] == [c.text for c in again.choices]
     assert sorted(c.index for c in first.choices) == [0, 1, 2]
     assert len({c.text for c in first.choices}) > 1  # n choices are distinct draws
