@@ -200,6 +200,9 @@ async def _generate(state, request: Request, body, prompts: list[list[int]], cha
             params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
                                     top_p=body.top_p, stop=body.stop_strings(), seed=seed)
             job.seqs.append(Sequence(ids, params, job.emit, index=p * body.n + j, arrival=arrival))
+    if len(job.seqs) > state.engine.max_queue:  # could never be queued: a 429 would invite useless retries
+        raise ApiError(400, f"the request asks for {len(job.seqs)} sequences (prompts x n); this server "
+                       f"queues at most {state.engine.max_queue}", param="n")
     try:
         state.engine.submit(job.seqs)
     except QueueFullError as exc:
@@ -382,7 +385,8 @@ class RequestLog:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.perf_counter()
-        scope.setdefault("state", {})
+        # Generation routes replace this with the id they answer with (cmpl-…, chatcmpl-…).
+        scope.setdefault("state", {})["request_id"] = "req-" + uuid.uuid4().hex[:16]
         seen = {"status": None, "complete": False}
 
         async def watch(message):

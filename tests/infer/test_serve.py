@@ -203,6 +203,7 @@ BAD = {
     "missing prompt": (_json({"model": MODEL}), 400),
     "token id outside vocab": (_json({"model": MODEL, "prompt": [1, 10**9]}), 400),
     "too many choices": (_json({"model": MODEL, "prompt": "hi", "n": 10_000}), 400),
+    "more sequences than the queue holds": (_json({"model": MODEL, "prompt": ["hi"] * 40, "n": 8}), 400),
     "unsupported feature": (_json({"model": MODEL, "prompt": "hi", "logprobs": 5}), 400),
     "unknown model": (_json({"model": "gpt-4", "prompt": "hi"}), 404),
     "body too large": (_json({"model": MODEL, "prompt": "x" * 100_000}), 413),
