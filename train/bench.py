@@ -59,32 +59,33 @@ class Row:
     optim: str = "adamw_torch_fused"
     grad_accum: int = 1
     method: str = "full"  # full | lora | qlora
-    steps: Optional[int] = None  # default: --steps
+    steps: Optional[int] = None  # when --steps is not given (else 50)
     note: str = ""
 
 
 # The TRL-default row comes first: every other row is compared with it.
 ROWS: dict[str, Row] = {r.name: r for r in [
     Row("trl_default", padding_free=False, attn="sdpa", note="TRL SFTConfig defaults: padded, SDPA, checkpointing"),
-    Row("padding_free_sdpa", attn="sdpa", note="TRL padding_free=True"),
-    Row("varlen_fa2", attn="varlen_fa2", note="+ FA2 varlen kernel"),
-    Row("varlen_compile", attn="varlen_fa2", compile=True, checkpoint="all", note="+ per-layer compile"),
-    Row("varlen_compile_8bit_auto", attn="varlen_fa2", compile=True, checkpoint="auto", optim="adamw_8bit",
-        note="+ 8-bit AdamW, checkpoint only what the memory limit needs"),
-    Row("varlen_compile_8bit_auto_ga2", attn="varlen_fa2", compile=True, checkpoint="auto", optim="adamw_8bit",
-        grad_accum=2, note="same, each step as 2 micro-batches"),
-    Row("varlen_compile_auto_ga2", attn="varlen_fa2", compile=True, checkpoint="auto", grad_accum=2,
-        note="fused AdamW, 2 micro-batches, checkpoint what the limit needs"),
-    Row("fastest", attn="varlen_fa2", compile=True, checkpoint="none", note="no checkpointing, fused AdamW"),
-    Row("fastest_eager", attn="varlen_fa2", checkpoint="none", note="no checkpointing, no compile"),
+    Row("padding_free_sdpa", attn="sdpa", steps=30, note="TRL padding_free=True"),
+    Row("varlen_fa2", attn="varlen_fa2", note="+ FA2 varlen kernel (TRL's checkpointing)"),
+    Row("tw_default", attn="auto", compile=True, checkpoint="auto", steps=200,
+        note="tunewright default: varlen FA2, per-layer compile, checkpoint what the limit needs"),
+    Row("tw_adamw_torch", attn="auto", compile=True, checkpoint="auto", optim="adamw_torch",
+        note="default with the foreach AdamW instead of the fused one"),
+    Row("tw_8bit", attn="auto", compile=True, checkpoint="auto", optim="adamw_8bit",
+        note="default + 8-bit AdamW (frees memory, so fewer layers recomputed)"),
+    Row("tw_ga2", attn="auto", compile=True, checkpoint="auto", grad_accum=2,
+        note="default, each step as 2 micro-batches"),
+    Row("fastest_eager", attn="auto", checkpoint="none", steps=60, note="no checkpointing, eager"),
+    Row("fastest", attn="auto", compile=True, checkpoint="none", steps=60, note="no checkpointing, compiled"),
     Row("sdpa_compile", attn="sdpa", compile=True, checkpoint="auto", note="padding-free SDPA, compiled (CPU too)"),
     Row("trl_peft_lora", padding_free=False, attn="sdpa", method="lora", note="TRL + peft defaults, LoRA r16"),
-    Row("tw_lora", attn="varlen_fa2", compile=True, checkpoint="auto", method="lora"),
+    Row("tw_lora", attn="auto", compile=True, checkpoint="auto", method="lora"),
     Row("trl_peft_qlora", padding_free=False, attn="sdpa", method="qlora", note="TRL + peft defaults, nf4 base"),
-    Row("tw_qlora", attn="varlen_fa2", compile=True, checkpoint="auto", method="qlora"),
+    Row("tw_qlora", attn="auto", compile=True, checkpoint="auto", method="qlora"),
 ]}
-FULL_ROWS = ["trl_default", "padding_free_sdpa", "varlen_fa2", "varlen_compile", "varlen_compile_8bit_auto",
-             "varlen_compile_8bit_auto_ga2", "varlen_compile_auto_ga2", "fastest"]
+FULL_ROWS = ["trl_default", "padding_free_sdpa", "varlen_fa2", "tw_default", "tw_adamw_torch", "tw_8bit",
+             "fastest_eager", "fastest"]
 ADAPTER_ROWS = ["trl_peft_lora", "tw_lora", "trl_peft_qlora", "tw_qlora"]
 
 
@@ -252,7 +253,7 @@ def run_row(row: Row, ns: argparse.Namespace, config, dataset, device, rate: flo
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    steps = row.steps or ns.steps
+    steps = ns.steps or row.steps or 50
     model = build_model(config, row, ns.seed, device, quant_dir)
     ours = row.checkpoint != "trl"
     args = SFTConfig(
@@ -377,8 +378,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m train bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llama-3.2-1b", help=f"architecture: {', '.join(ARCHS)}")
     p.add_argument("--rows", default=None, help=f"comma list (default: the full-FT rows); known: {', '.join(ROWS)}")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps for every row (default: 50, and 200 for tw_default to count recompiles)")
+    p.add_argument("--warmup", type=int, default=10, help="steps left out of the timing (allocator and compile warm-up)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per optimizer step (every configuration)")
     p.add_argument("--n-rows", type=int, default=2000)
     p.add_argument("--min-len", type=int, default=64)

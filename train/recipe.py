@@ -77,16 +77,23 @@ class TrainingConfig(Section):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"] = "adamw_torch"
+    # adamw_torch_fused: one kernel per step instead of a loop of foreach ops, same math
+    # (BENCHMARKS.md "Training"). adamw_8bit frees ~1.5 bytes/parameter but drifts the loss.
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"] = "adamw_torch_fused"
     max_length: int = Field(1024, gt=0)
     seed: int = 42
-    # auto: on when a CUDA GPU is used (memory), off on CPU (speed).
+    # auto: on a GPU, recompute only the decoder layers whose activations would not fit
+    # memory_limit_gib (decided per micro-batch, train/speed.py); off on CPU. true: every layer.
     gradient_checkpointing: Union[Literal["auto"], bool] = "auto"
+    # What gradient_checkpointing: auto may fill; default: the GPU's memory.
+    memory_limit_gib: Optional[float] = Field(None, gt=0)
     # Concatenate each batch's sequences with restarting position_ids: no pad tokens.
     padding_free: bool = True
     # Pack several rows into one max_length sequence (changes what a "row" is per step).
     packing: bool = False
-    compile: bool = False
+    # auto: on with a CUDA GPU. Each decoder layer is compiled once with dynamic shapes, so
+    # variable-length padding-free batches do not recompile (TRL's whole-model compile does).
+    compile: Union[Literal["auto"], bool] = "auto"
     attn_implementation: Literal["auto", "flash_attention_2", "varlen_fa2", "sdpa", "eager"] = "auto"
     # auto: bf16 on a GPU that supports it, fp32 on CPU.
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"

@@ -119,8 +119,9 @@ class LayerRunner:
         self._max_predicted = 0
         plain, ckpt = _run_layer, _run_layer_checkpointed
         if compile:
-            plain = torch.compile(_run_layer, dynamic=True)
-            ckpt = torch.compile(_run_layer_checkpointed, dynamic=True)
+            options = compile_options()
+            plain = torch.compile(_run_layer, dynamic=True, options=options)
+            ckpt = torch.compile(_run_layer_checkpointed, dynamic=True, options=options)
         self._plain, self._ckpt = plain, ckpt
         self._hook = None
 
@@ -208,6 +209,23 @@ class LayerRunner:
     def _kept_bytes_per_token(self) -> int:
         """What a checkpointed layer still saves per token: its input hidden state."""
         return self.backbone.config.hidden_size * next(self.layers[0].parameters()).element_size()
+
+
+def compile_options() -> dict:
+    """Inductor settings that keep one graph valid for every batch length.
+
+    Inductor's mixed-order reduction fusion (the RMSNorm backward's two reductions in one
+    kernel) is only chosen above size thresholds; with a symbolic token count each
+    threshold becomes a guard, and on H200 a run recompiled at 2560 and 4096 tokens.
+    Non-strict mode takes the fusion without the thresholds (it only skips a heuristic,
+    the arithmetic is the same), so no size guard is installed.
+    """
+    import torch._inductor.config
+
+    triton = getattr(torch._inductor.config, "triton", None)
+    if triton is not None and hasattr(triton, "mix_order_reduction_non_strict_mode"):
+        return {"triton.mix_order_reduction_non_strict_mode": True}
+    return {}
 
 
 def _check_policy(policy: CheckpointPolicy) -> CheckpointPolicy:
@@ -348,3 +366,19 @@ def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit:
                 )
 
     return SpeedCallback()
+
+
+def recipe_speed_settings(training, *, cuda: bool) -> dict:
+    """speed_callback arguments for a recipe's `training` section on this machine.
+
+    compile auto -> on with CUDA (on CPU the compile time outweighs a short run);
+    gradient_checkpointing auto -> the per-micro-batch memory policy on CUDA, none on CPU.
+    """
+    compile = cuda if training.compile == "auto" else bool(training.compile)
+    setting = training.gradient_checkpointing
+    if setting == "auto":
+        checkpoint = "auto" if cuda else "none"
+    else:
+        checkpoint = "all" if setting else "none"
+    limit = int(training.memory_limit_gib * 2**30) if training.memory_limit_gib else None
+    return {"compile": compile, "checkpoint": checkpoint, "memory_limit": limit}

@@ -53,9 +53,11 @@ def build_sft_config(recipe: Recipe, setup: ModelSetup, run: RunDir, *, has_vali
         optim=t.optimizer,
         bf16=setup.precision == "bf16",  # SFTConfig would default bf16 on, even on CPU
         fp16=setup.precision == "fp16",
-        gradient_checkpointing=setup.gradient_checkpointing,  # SFTConfig would default it on
-        gradient_checkpointing_kwargs={"use_reentrant": False} if setup.gradient_checkpointing else None,
-        torch_compile=t.compile,
+        # Both are decided per decoder layer by train.speed (see build_trainer): checkpointing per
+        # micro-batch against the memory limit, and a compile that survives varying lengths
+        # (TRL's whole-model compile recompiles on each new batch length).
+        gradient_checkpointing=False,
+        torch_compile=False,
         logging_strategy="steps",
         logging_steps=t.logging_steps,
         save_strategy="steps",
@@ -88,6 +90,9 @@ def build_trainer(recipe: Recipe, setup: ModelSetup, datasets: dict, run: RunDir
     recorder = MetricsRecorder(run.metrics_jsonl, tokens_offset=tokens_offset)
     stopper = StopOnSignal()
     extra = [recorder, ProgressBar(recorder), stopper]
+    from train.speed import recipe_speed_settings, speed_callback
+
+    extra.append(speed_callback(**recipe_speed_settings(recipe.training, cuda=setup.device.startswith("cuda"))))
     if recipe.output.tensorboard:
         from transformers.integrations import TensorBoardCallback
 
