@@ -276,20 +276,6 @@ def run_bench(
         for b in sizes:
             record(label, b, time_generator(gen, all_prompts[:b], new_tokens, repeats, dev), target, weights)
         del gen
-    if "assistant" in rows:
-        layers = max(1, target.config.num_hidden_layers // 8)
-        assistant = truncated_assistant(target, layers)
-        gen = Generator(target, tokenizer, max_batch_size=1, compile=compile, assistant_model=assistant, num_assistant_tokens=num_draft, **common)
-        record(f"assistant ({layers} layers), k={num_draft}", 1, time_generator(gen, one, new_tokens, repeats, dev), None, weights,
-               note="random weights: acceptance says nothing about trained models")
-        del gen, assistant
-    if "lookup" in rows:
-        gen = Generator(target, tokenizer, max_batch_size=1, compile=compile, prompt_lookup=num_draft, **common)
-        record(f"prompt lookup, k={num_draft}", 1, time_generator(gen, one, new_tokens, repeats, dev), None, weights)
-        del gen
-    del target
-    _reset_peak(dev)
-
     for quant in ("int8", "nf4", "nf4-bnb"):
         if quant not in rows:
             continue
@@ -305,6 +291,19 @@ def run_bench(
         results[-1]["stored_weight_gb"] = stored / 1e9
         del gen, qmodel
         _reset_peak(dev)
+    if "assistant" in rows:
+        layers = max(1, target.config.num_hidden_layers // 8)
+        assistant = truncated_assistant(target, layers)
+        gen = Generator(target, tokenizer, max_batch_size=1, compile=compile, assistant_model=assistant, num_assistant_tokens=num_draft, **common)
+        record(f"assistant ({layers} layers), k={num_draft}", 1, time_generator(gen, one, new_tokens, repeats, dev), None, weights,
+               note="random weights: acceptance says nothing about trained models")
+        del gen, assistant
+    if "lookup" in rows:
+        gen = Generator(target, tokenizer, max_batch_size=1, compile=compile, prompt_lookup=num_draft, **common)
+        record(f"prompt lookup, k={num_draft}", 1, time_generator(gen, one, new_tokens, repeats, dev), None, weights)
+        del gen
+    del target
+    _reset_peak(dev)
     workdir.cleanup()
 
     report = dict(

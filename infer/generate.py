@@ -31,6 +31,10 @@ API (the HTTP server builds on exactly this):
   place) for ones whose dequantization inductor fuses into the matmul (infer.quantize);
   "bitsandbytes" keeps bitsandbytes' kernels; "auto" = compiled when inductor runs on CUDA.
 
+* `fused`: for llama / mistral / qwen2 models, "auto" (default) runs infer.decoder's lean
+  forward (fused q/k/v and gate/up matmuls, no K/V copies for grouped-query attention)
+  instead of the transformers forward; False forces the transformers forward.
+
 How it stays fast: all decode state (token history, current slot, per-row sampling
 parameters, KV cache) lives in device buffers allocated once, so the compiled decode step
 takes no inputs and returns nothing; one step is one CUDA-graph replay. The host reads new
@@ -212,9 +216,12 @@ class Generator:
         prompt_lookup: int = 0,
         sync_interval: int = 16,
         quant_kernels: str = "auto",
+        fused: bool | str = "auto",
     ):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        # The cache is a multiple of 64 slots long: SDPA's fused kernels want aligned masks.
+        cache_len = -(-max_seq_len // 64) * 64
         self.sync_interval = max(1, sync_interval)
         self.device = next(model.parameters()).device
         self.config = model.config
@@ -229,6 +236,19 @@ class Generator:
             from infer.quantize import use_compiled_kernels
 
             use_compiled_kernels(model)  # in place: same packed weights, fusable dequantization
+        self.decoder = None
+        if fused not in ("auto", True, False):
+            raise ValueError(f"fused must be auto, True or False, got {fused!r}")
+        if fused:
+            from infer.decoder import FusedDecoder, unsupported_reason
+
+            reason = unsupported_reason(model)
+            if reason is None:
+                self.decoder = FusedDecoder(model)
+            elif fused is True:
+                raise ValueError(f"fused=True, but {reason}; use fused='auto' to fall back to the transformers forward")
+            else:
+                log.info("transformers forward (not the fused decoder): %s", reason)
 
         embed = model.get_input_embeddings().weight
         self.vocab_size = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else embed.shape[0]
@@ -236,7 +256,7 @@ class Generator:
         self.eos_ids = _eos_ids(model, tokenizer)
         self.buckets = sorted(set(prompt_buckets or [16 << i for i in range(16) if 16 << i < max_seq_len] + [max_seq_len]))
 
-        dev, B, T = self.device, max_batch_size, max_seq_len
+        dev, B, T = self.device, max_batch_size, cache_len
         # Decode state lives on the device, allocated once; compiled steps read and advance it.
         self._seq = torch.full((B, T), self.pad_id, dtype=torch.long, device=dev)  # token by slot
         self._start = torch.zeros(B, dtype=torch.long, device=dev)  # first real slot per row
@@ -286,7 +306,7 @@ class Generator:
             inductor_config.coordinate_descent_tuning = True
         return torch.compile(fn, mode=mode, fullgraph=True, dynamic=False)
 
-    def _forward(self, tokens: torch.Tensor, b: int, **kwargs) -> torch.Tensor:
+    def _forward(self, tokens: torch.Tensor, b: int, last_only: bool = False) -> torch.Tensor:
         """Run the model on `tokens` (b, q) placed at slots `_slot + arange(q)`."""
         q = tokens.shape[1]
         slots = self._slot + torch.arange(q, device=tokens.device)
@@ -296,9 +316,11 @@ class Generator:
         # Causal over slots, never into a row's left padding; a padding query attends to
         # itself so its softmax is never empty (an all-masked row would give NaN).
         allowed = (keys <= slots[None, :, None]) & ((keys >= start[:, None, None]) | (keys == slots[None, :, None]))
+        if self.decoder is not None:
+            return self.decoder(tokens, positions, allowed[:, None], self.cache, last_only)
         out = self.model(
             input_ids=tokens, position_ids=positions, attention_mask=allowed[:, None],
-            past_key_values=self.cache, use_cache=True, **kwargs,
+            past_key_values=self.cache, use_cache=True, **(self._prefill_kwargs if last_only else {}),
         )
         return out.logits
 
@@ -322,7 +344,7 @@ class Generator:
 
     def _prefill_impl(self, b: int, length: int, sampling: bool) -> None:
         # _slot is 0 here: the prompt occupies slots [0, length); first new token goes to `length`.
-        logits = self._forward(self._seq[:b, :length], b, **self._prefill_kwargs)[:, -1]
+        logits = self._forward(self._seq[:b, :length], b, last_only=True)[:, -1]
         nxt = self._choose(logits, b, sampling, upto=self._slot + length - 1)
         self._seq[:b, length] = nxt
 

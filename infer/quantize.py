@@ -32,8 +32,10 @@ class NF4Linear(nn.Module):
     """4-bit (nf4 or fp4 code table) blockwise-quantized linear layer, weight-only.
 
     packed: (out, in/2) uint8, high nibble = even column (bitsandbytes' order);
-    absmax: (out, in/blocksize) scales in the compute dtype (bitsandbytes' double-quantized
-    scales are expanded once here, so the hot loop does not dequantize them every call).
+    absmax: (out, in/blocksize) fp32 scales (bitsandbytes' double-quantized scales are
+    expanded once here, so the hot loop does not dequantize them every call); code: the 16
+    fp32 values of the 4-bit code. Table value x scale is computed in fp32 and rounded
+    once to the compute dtype, exactly as bitsandbytes dequantizes.
     """
 
     def __init__(self, packed, absmax, code, bias, in_features: int, out_features: int, blocksize: int):
@@ -45,14 +47,17 @@ class NF4Linear(nn.Module):
         self.code = nn.Parameter(code, requires_grad=False)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
-    def dequantize(self) -> torch.Tensor:
-        n, k = self.out_features, self.in_features
-        nibbles = torch.stack((self.packed >> 4, self.packed & 15), dim=-1).view(n, k).to(torch.int32)
-        values = self.code[nibbles].view(n, k // self.blocksize, self.blocksize)
-        return (values * self.absmax[..., None]).view(n, k)
+    def dequantize(self, dtype) -> torch.Tensor:
+        # Written per output column (byte j // 2, nibble by parity, scale j // blocksize) so
+        # every step is elementwise: inductor inlines it into the matvec's reduction instead
+        # of materializing unpacked weights (a stack/view unpack would force a buffer).
+        cols = torch.arange(self.in_features, device=self.packed.device)
+        byte = self.packed[:, cols // 2].to(torch.int32)
+        nibble = (byte >> ((1 - cols % 2) * 4)) & 15
+        return (self.code[nibble] * self.absmax[:, cols // self.blocksize]).to(dtype)
 
     def forward(self, x):
-        return nn.functional.linear(x, self.dequantize().to(x.dtype), self.bias)
+        return nn.functional.linear(x, self.dequantize(x.dtype), self.bias)
 
 
 class Int8Linear(nn.Module):
@@ -105,10 +110,9 @@ def _from_linear4bit(layer, bnb_functional) -> NF4Linear | None:
     absmax = state.absmax
     if getattr(state, "nested", False) or getattr(state, "state2", None) is not None:
         absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
-    dtype = layer.compute_dtype or state.dtype
     packed = layer.weight.data.view(n, k // 2)
-    bias = layer.bias.data.to(dtype) if layer.bias is not None else None
-    return NF4Linear(packed, absmax.to(dtype).view(n, k // state.blocksize), state.code.to(dtype), bias, k, n, state.blocksize)
+    bias = layer.bias.data if layer.bias is not None else None
+    return NF4Linear(packed, absmax.float().view(n, k // state.blocksize), state.code.float(), bias, k, n, state.blocksize)
 
 
 def _from_linear8bit(layer) -> Int8Linear | None:

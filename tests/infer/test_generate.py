@@ -175,3 +175,28 @@ def test_bad_requests_say_what_to_change(model, tok):
     lookup = Generator(model, tok, max_batch_size=1, max_seq_len=32, prompt_lookup=2)
     with pytest.raises(ValueError, match="repetition_penalty is not supported with speculative"):
         lookup.generate([[1, 2]], SamplingParams(max_new_tokens=4, repetition_penalty=1.2))
+
+
+def test_fused_decoder_matches_the_transformers_forward(model, tok, tiny_model_dir):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from infer.decoder import FusedDecoder
+
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    fused = Generator(model, tok, max_batch_size=4, max_seq_len=96, fused=True)
+    plain = Generator(model, tok, max_batch_size=4, max_seq_len=96, fused=False)
+    assert isinstance(fused.decoder, FusedDecoder) and plain.decoder is None
+    assert [r.token_ids for r in fused.generate(PROMPTS, params)] == [r.token_ids for r in plain.generate(PROMPTS, params)]
+    # The original projections became views of the fused weights: model.forward is unchanged.
+    attn = model.model.layers[0].self_attn
+    assert attn.k_proj.weight.data_ptr() == attn.q_proj.weight.data_ptr() + attn.q_proj.weight.nbytes
+    # qwen2: biased q/k/v projections, 2 query heads per KV head.
+    torch.manual_seed(0)
+    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+    with torch.no_grad():
+        for p in qwen.parameters():
+            p.normal_(0, 0.5)
+    expected = [hf_greedy(qwen, ids, 12) for ids in PROMPTS]
+    gen = Generator(qwen, tok, max_batch_size=4, max_seq_len=64, fused=True)
+    assert [r.token_ids for r in gen.generate(PROMPTS, SamplingParams(max_new_tokens=12, ignore_eos=True))] == expected

@@ -1,0 +1,148 @@
+"""A lean forward pass for Llama-family decoders (llama, mistral, qwen2) over the generator's
+static cache, used instead of the transformers forward when the architecture allows.
+
+Why: at batch 1 a decode step is a few hundred small kernels, and a CUDA graph removes
+their launch cost but not their count. Here q/k/v become one matmul and gate/up another
+(their weights concatenated once; the original modules keep views into the same memory, so
+nothing is duplicated and model.forward still works), grouped-query attention runs without
+copying K/V to every query head, and the rotary tables are computed once per step rather
+than once per layer. The numerics are the transformers ones (same norms, rotary embedding
+module and activation); tests compare logits and greedy tokens against model.generate.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+
+
+def unsupported_reason(model) -> str | None:
+    """None when FusedDecoder can run this model, else why not."""
+    config = model.config
+    if getattr(config, "model_type", None) not in SUPPORTED:
+        return f"model_type {getattr(config, 'model_type', None)!r} is not one of {', '.join(SUPPORTED)}"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
+        return "unexpected module layout"
+    from infer.quantize import Int8Linear, NF4Linear
+
+    kinds = (nn.Linear, NF4Linear, Int8Linear)
+    for layer in inner.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            if type(proj) not in kinds:  # exact: bitsandbytes layers subclass nn.Linear
+                return f"{type(proj).__name__} layers (bitsandbytes kernels) are run through the transformers forward"
+    return None
+
+
+class _Projection(nn.Module):
+    """Several linear layers on the same input as one matmul, outputs split back."""
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.sizes = [layer.out_features for layer in layers]
+        self.fused = _concatenate(layers)
+
+    def forward(self, x):
+        return self.fused(x).split(self.sizes, dim=-1)
+
+
+def _concatenate(layers: list[nn.Module]) -> nn.Module:
+    """One layer computing all of `layers`; the originals become views of its tensors."""
+    from infer.quantize import Int8Linear, NF4Linear
+
+    first = layers[0]
+    kind = type(first)
+    if any(type(l) is not kind for l in layers) or any(l.in_features != first.in_features for l in layers):
+        raise ValueError("cannot fuse layers of different kinds or input sizes")
+    names = {nn.Linear: ("weight",), NF4Linear: ("packed", "absmax"), Int8Linear: ("weight", "scale")}[kind]
+    if kind is NF4Linear and any(l.blocksize != first.blocksize or not torch.equal(l.code, first.code) for l in layers):
+        raise ValueError("cannot fuse 4-bit layers with different block sizes or code tables")
+    biased = [l.bias for l in layers if l.bias is not None]
+    joined = {}
+    for name in names + (("bias",) if biased else ()):
+        parts = [
+            getattr(l, name).data if getattr(l, name) is not None
+            # a layer without bias next to one with: its share of the fused bias is zero
+            else torch.zeros(l.out_features, dtype=biased[0].dtype, device=biased[0].device)
+            for l in layers
+        ]
+        joined[name] = torch.cat(parts, dim=0)
+        for l, view in zip(layers, joined[name].split([p.shape[0] for p in parts], dim=0)):
+            if getattr(l, name) is not None:
+                setattr(l, name, nn.Parameter(view, requires_grad=False))
+    out_features = sum(l.out_features for l in layers)
+    bias = joined.get("bias")
+    if kind is nn.Linear:
+        fused = nn.Linear(first.in_features, out_features, bias=bias is not None, device="meta")
+        fused.weight = nn.Parameter(joined["weight"], requires_grad=False)
+        if bias is not None:
+            fused.bias = nn.Parameter(bias, requires_grad=False)
+        return fused
+    if kind is NF4Linear:
+        return NF4Linear(joined["packed"], joined["absmax"], first.code.data, bias, first.in_features, out_features, first.blocksize)
+    return Int8Linear(joined["weight"], joined["scale"], bias, first.in_features, out_features)
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class FusedDecoder(nn.Module):
+    """forward(input_ids, position_ids, mask, cache, last_only) -> logits, like the model's."""
+
+    def __init__(self, model):
+        super().__init__()
+        reason = unsupported_reason(model)
+        if reason:
+            raise ValueError(f"FusedDecoder cannot run this model: {reason}")
+        config = model.config
+        self.model = model
+        inner = model.model
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.qkv = nn.ModuleList()
+        self.gate_up = nn.ModuleList()
+        for layer in inner.layers:
+            a, m = layer.self_attn, layer.mlp
+            self.qkv.append(_Projection([a.q_proj, a.k_proj, a.v_proj]))
+            self.gate_up.append(_Projection([m.gate_proj, m.up_proj]))
+        log.info("fused decoder: %d layers with one q/k/v and one gate/up matmul each", len(inner.layers))
+
+    def forward(self, input_ids, position_ids, mask, cache, last_only: bool = False):
+        inner = self.model.model
+        x = inner.embed_tokens(input_ids)
+        cos, sin = inner.rotary_emb(x, position_ids)
+        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+        b, q = input_ids.shape
+        group = self.heads // self.kv_heads
+        # Query heads that share a KV head are stacked along the query axis, so attention
+        # reads each cached K/V once instead of copying it `group` times.
+        grouped_mask = mask.repeat(1, 1, group, 1) if group > 1 else mask
+        for i, layer in enumerate(inner.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            qs, ks, vs = self.qkv[i](h)
+            qs = qs.view(b, q, self.heads, self.head_dim).transpose(1, 2)
+            ks = ks.view(b, q, self.kv_heads, self.head_dim).transpose(1, 2)
+            vs = vs.view(b, q, self.kv_heads, self.head_dim).transpose(1, 2)
+            qs = qs * cos + _rotate_half(qs) * sin
+            ks = ks * cos + _rotate_half(ks) * sin
+            keys, values = cache.update(ks, vs, i)
+            qs = qs.reshape(b, self.kv_heads, group * q, self.head_dim)
+            out = F.scaled_dot_product_attention(qs, keys, values, attn_mask=grouped_mask, scale=attn.scaling)
+            out = out.reshape(b, self.heads, q, self.head_dim).transpose(1, 2).reshape(b, q, -1)
+            x = x + attn.o_proj(out)
+            gate, up = self.gate_up[i](layer.post_attention_layernorm(x))
+            x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+        x = inner.norm(x[:, -1:] if last_only else x)
+        return self.model.lm_head(x)
