@@ -81,8 +81,10 @@ ROWS: dict[str, Row] = {r.name: r for r in [
     Row("sdpa_compile", attn="sdpa", compile=True, checkpoint="auto", note="padding-free SDPA, compiled (CPU too)"),
     Row("trl_peft_lora", padding_free=False, attn="sdpa", method="lora", note="TRL + peft defaults, LoRA r16"),
     Row("tw_lora", attn="auto", compile=True, checkpoint="auto", method="lora"),
+    Row("tw_lora_eager", attn="auto", checkpoint="auto", method="lora", note="tw_lora without compile"),
     Row("trl_peft_qlora", padding_free=False, attn="sdpa", method="qlora", note="TRL + peft defaults, nf4 base"),
     Row("tw_qlora", attn="auto", compile=True, checkpoint="auto", method="qlora"),
+    Row("tw_qlora_eager", attn="auto", checkpoint="auto", method="qlora", note="tw_qlora without compile"),
 ]}
 FULL_ROWS = ["trl_default", "padding_free_sdpa", "varlen_fa2", "tw_default", "tw_adamw_torch", "tw_8bit",
              "fastest_eager", "fastest"]
@@ -167,7 +169,9 @@ def build_model(config, row: Row, seed: int, device, quant_dir: Optional[Path]):
 
 def matmul_params(model) -> tuple[int, int]:
     """(parameters that take part in matmuls, trainable parameters)."""
-    total = sum(p.numel() for p in model.parameters())
+    # 4-bit weights are stored two to a byte: count the matrix they stand for
+    total = sum(math.prod(p.quant_state.shape) if getattr(p, "quant_state", None) is not None else p.numel()
+                for p in model.parameters())
     emb = model.get_input_embeddings().weight
     tied = getattr(model.config, "tie_word_embeddings", False)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -300,6 +304,9 @@ def run_row(row: Row, ns: argparse.Namespace, config, dataset, device, rate: flo
         trainer.train()
     except torch.OutOfMemoryError as exc:  # a row that does not fit is a result, not a crash
         error = f"out of memory: {str(exc).splitlines()[0]}"
+    except Exception as exc:  # noqa: BLE001 -- one broken configuration must not lose the other rows
+        log.exception("row %s failed", row.name)
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     result = summarize(row, ns, recorder, counter, model if error is None else None, rate, steps)
     result["error"] = error
     result["compilations"] = count_compilations()
