@@ -188,6 +188,35 @@ def time_generator(gen, prompts, new_tokens: int, repeats: int, device) -> dict:
     return row
 
 
+def profile_decode(gen, prompt, steps: int = 32) -> dict:
+    """Where a batch-1 decode step's time goes: wall time per step against the GPU's busy
+    time per step (kernels summed, from torch.profiler) and the largest kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from infer.sampling import SamplingParams
+
+    gen.generate([prompt], SamplingParams(max_new_tokens=steps + 4, ignore_eos=True))
+    gen._start_batch([prompt], [SamplingParams(max_new_tokens=steps + 4)], steps + 4)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            gen._step(1, False)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps
+    kernels = [e for e in prof.key_averages() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+
+    def busy(e):
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+
+    total = sum(busy(e) for e in kernels) / 1e3 / steps  # ms per step
+    top = sorted(kernels, key=busy, reverse=True)[:8]
+    return dict(wall_ms_per_step=wall * 1e3, gpu_busy_ms_per_step=total,
+                kernels_per_step=sum(e.count for e in kernels) / steps,
+                top_kernels=[(e.key[:70], round(busy(e) / 1e3 / steps, 4), e.count // steps) for e in top])
+
+
 def run_bench(
     model: str = "llama-3.2-1b",
     *,
@@ -202,6 +231,7 @@ def run_bench(
     compile="auto",
     log=print,
     partial_json: str | None = None,
+    profile: bool = False,
 ) -> dict:
     import torch
     import transformers
@@ -275,6 +305,9 @@ def run_bench(
         label = "static + compile" if gen.compile_mode else "static, eager (compile off)"
         for b in sizes:
             record(label, b, time_generator(gen, all_prompts[:b], new_tokens, repeats, dev), target, weights)
+        if profile and dev.type == "cuda":
+            results[sizes.index(1) - len(sizes)]["profile"] = prof = profile_decode(gen, one[0])
+            log(f"    profile: {prof}")
         del gen
     for quant in ("int8", "nf4", "nf4-bnb"):
         if quant not in rows:
@@ -289,6 +322,9 @@ def run_bench(
         record(label, 1, time_generator(gen, one, new_tokens, repeats, dev), qmodel, runtime,
                note=f"stored {stored / 1e9:.2f} GB ({stored / weights:.0%} of {str(torch_dtype).removeprefix('torch.')})")
         results[-1]["stored_weight_gb"] = stored / 1e9
+        if profile and dev.type == "cuda":
+            results[-1]["profile"] = prof = profile_decode(gen, one[0])
+            log(f"    profile: {prof}")
         del gen, qmodel
         _reset_peak(dev)
     if "assistant" in rows:
@@ -399,12 +435,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--json", default="bench.json", help="write the full report here")
     p.add_argument("--markdown", help="also write the table here")
+    p.add_argument("--profile", action="store_true", help="CUDA: profile batch-1 decode steps of the compiled rows")
     args = p.parse_args(argv)
     report = run_bench(
         args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
         batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), rows=tuple(r for r in args.rows.split(",") if r),
         dtype=args.dtype, device=args.device, repeats=args.repeats, num_draft=args.num_draft,
-        compile={"auto": "auto", "on": True, "off": False}[args.compile], partial_json=args.json + ".partial",
+        compile={"auto": "auto", "on": True, "off": False}[args.compile], partial_json=args.json + ".partial", profile=args.profile,
     )
     command = "python -m infer bench " + " ".join(sys.argv[2:] if argv is None else argv)
     table = format_markdown(report, command)
