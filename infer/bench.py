@@ -16,6 +16,9 @@ memory, weight memory, and for batch 1 the achieved bandwidth: (bytes of weights
 token + KV cache bytes at the mean context) x tokens/s, next to the device's copy bandwidth
 measured in the same run (bytes read + written by a large device-to-device copy).
 
+--profile (CUDA) adds, for the compiled batch-1 rows, wall time against GPU busy time per
+decode step and the largest kernels (torch.profiler), to tell host overhead from slow kernels.
+
 --model takes an architecture below (random weights: speed does not depend on values, and
 no download is needed), or a run directory / checkpoint.
 """
