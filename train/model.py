@@ -1,5 +1,8 @@
 """The model to fine-tune: base weights, precision, attention kernel, and the method (full / LoRA / QLoRA).
 
+Gradient checkpointing and compilation are not decided here: train.speed applies them per
+decoder layer once the trainer exists (see train.trainer.build_trainer).
+
 Everything the run directory's manifest must record about *how* the model was set up
 (the attention implementation actually chosen, the precision, the device) is decided here
 and returned in `ModelSetup`, so the manifest reports facts rather than the recipe's wishes.
@@ -34,7 +37,6 @@ class ModelSetup:
     precision: str  # bf16 | fp16 | fp32: the trainer's mixed-precision mode
     weights_dtype: torch.dtype  # dtype of the (unquantized) trainable weights
     device: str  # human-readable, e.g. "cuda:0 (NVIDIA H100 80GB HBM3)" or "cpu"
-    gradient_checkpointing: bool
     trust_remote_code: bool = False
 
 
@@ -59,13 +61,6 @@ def resolve_precision(requested: str, *, cuda: bool | None = None) -> str:
     if requested == "bf16" and cuda and not bf16_ok:
         raise RecipeError("training.precision: bf16 is not supported by this GPU; use fp16 or precision: auto")
     return requested
-
-
-def resolve_gradient_checkpointing(setting: bool | str, *, cuda: bool | None = None) -> bool:
-    """auto -> on with a GPU (activation memory is the limit there), off on CPU (it only costs time)."""
-    if setting == "auto":
-        return cuda_available() if cuda is None else cuda
-    return bool(setting)
 
 
 def weights_dtype(precision: str) -> torch.dtype:
@@ -115,7 +110,6 @@ def load_model(recipe: Recipe) -> ModelSetup:
             f"training.attn_implementation: {requested_attn} needs a CUDA GPU; use auto or sdpa on CPU."
         )
     precision = resolve_precision(recipe.training.precision, cuda=cuda)
-    checkpointing = resolve_gradient_checkpointing(recipe.training.gradient_checkpointing, cuda=cuda)
     attn = resolve_attn_implementation(requested_attn)
     base_path = resolve_model(recipe.model.name, revision=recipe.model.revision)
     dtype = weights_dtype(precision)
@@ -142,12 +136,9 @@ def load_model(recipe: Recipe) -> ModelSetup:
     if method == "qlora":
         from peft import prepare_model_for_kbit_training
 
-        # Casts norms to fp32 and enables input gradients so checkpointed 4-bit layers still backprop.
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        # Casts the norms to fp32 for stable 4-bit training. Checkpointing stays off here: it
+        # is decided per decoder layer by train.speed, which the trainer installs.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if method in ("lora", "qlora"):
         from peft import get_peft_model
 
@@ -164,7 +155,6 @@ def load_model(recipe: Recipe) -> ModelSetup:
         precision=precision,
         weights_dtype=dtype,
         device=describe_device(),
-        gradient_checkpointing=checkpointing,
         trust_remote_code=recipe.model.trust_remote_code,
     )
 

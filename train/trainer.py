@@ -89,10 +89,9 @@ def build_trainer(recipe: Recipe, setup: ModelSetup, datasets: dict, run: RunDir
     args = build_sft_config(recipe, setup, run, has_validation="validation" in datasets)
     recorder = MetricsRecorder(run.metrics_jsonl, tokens_offset=tokens_offset)
     stopper = StopOnSignal()
-    extra = [recorder, ProgressBar(recorder), stopper]
-    from train.speed import recipe_speed_settings, speed_callback
+    from train.speed import speed_callback
 
-    extra.append(speed_callback(**recipe_speed_settings(recipe.training, cuda=setup.device.startswith("cuda"))))
+    extra = [recorder, ProgressBar(recorder), stopper, speed_callback(**speed_settings(recipe, setup))]
     if recipe.output.tensorboard:
         from transformers.integrations import TensorBoardCallback
 
@@ -111,6 +110,13 @@ def build_trainer(recipe: Recipe, setup: ModelSetup, datasets: dict, run: RunDir
     return trainer, recorder, stopper
 
 
+def speed_settings(recipe: Recipe, setup: ModelSetup) -> dict[str, Any]:
+    """How train.speed will run the decoder layers: compiled or not, which checkpoint policy."""
+    from train.speed import recipe_speed_settings
+
+    return recipe_speed_settings(recipe.training, cuda=setup.device.startswith("cuda"))
+
+
 def train_recipe(recipe: Recipe, *, resume: bool = False, recipe_path: str = "RECIPE",
                  overrides: Sequence[str] = (), callbacks: Sequence = ()) -> RunResult:
     """Run the recipe end to end; `callbacks` are extra TrainerCallbacks (tests use them)."""
@@ -120,10 +126,13 @@ def train_recipe(recipe: Recipe, *, resume: bool = False, recipe_path: str = "RE
     run = RunDir(recipe.run_dir)
     checkpoint = run.prepare(resume=resume, overwrite=recipe.output.overwrite, recipe_path=recipe_path)
     setup = load_model(recipe)
-    log.info("model %s from %s: method %s, attention %s, precision %s, device %s, gradient checkpointing %s",
-             recipe.model.name, setup.base_path, setup.method, setup.attn_implementation, setup.precision,
-             setup.device, "on" if setup.gradient_checkpointing else "off")
+    speed = speed_settings(recipe, setup)
+    log.info("model %s from %s: method %s, attention %s, precision %s, device %s, compiled layers %s, "
+             "checkpointing %s", recipe.model.name, setup.base_path, setup.method, setup.attn_implementation,
+             setup.precision, setup.device, "on" if speed["compile"] else "off", speed["checkpoint"])
     datasets = build_datasets(recipe, setup.tokenizer)
+    if checkpoint is not None:
+        _warn_about_recipe_changes(run, recipe)
     run.write_recipe(recipe)
 
     tokens_offset = 0
@@ -190,6 +199,30 @@ def _export(recipe: Recipe, setup: ModelSetup, trainer, run: RunDir):
     return merged
 
 
+def _warn_about_recipe_changes(run: RunDir, recipe: Recipe) -> None:
+    """Resuming with other settings is allowed (e.g. more max_steps) but should not go unnoticed."""
+    import yaml
+
+    if not run.recipe_file.is_file():
+        return
+    before = _flatten(yaml.safe_load(run.recipe_file.read_text()) or {})
+    after = _flatten(recipe.model_dump(mode="json"))
+    changed = [f"{k} ({before.get(k)!r} -> {after.get(k)!r})" for k in sorted(set(before) | set(after))
+               if before.get(k) != after.get(k)]
+    if changed:
+        log.warning("resuming with a recipe that differs from the saved one: %s", "; ".join(changed))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _checkpoint_step(checkpoint: Path) -> int:
     return int(checkpoint.name.rpartition("-")[2])
 
@@ -225,6 +258,7 @@ def _median(values: list[float]) -> float | None:
 
 def _manifest(recipe: Recipe, setup: ModelSetup, summary: dict, checkpoint) -> dict[str, Any]:
     t = recipe.training
+    speed = speed_settings(recipe, setup)
     return {
         "name": recipe.name,
         "base_model": {"name": recipe.model.name, "resolved_path": setup.base_path,
@@ -237,10 +271,10 @@ def _manifest(recipe: Recipe, setup: ModelSetup, summary: dict, checkpoint) -> d
             "precision": setup.precision,
             "weights_dtype": str(setup.weights_dtype).removeprefix("torch."),
             "device": setup.device,
-            "gradient_checkpointing": setup.gradient_checkpointing,
+            "gradient_checkpointing": speed["checkpoint"],  # none | all | auto (per micro-batch)
             "padding_free": t.padding_free,
             "packing": t.packing,
-            "compile": t.compile,
+            "compile": speed["compile"],
             "steps": summary["global_step"],
             "epoch": summary["epoch"],
             "wall_time_s": summary["train_seconds"],

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -71,26 +73,31 @@ def metric_rows(run_dir: Path) -> list[dict]:
 
 
 def test_cpu_defaults_fp32_no_checkpointing_padding_free_without_max_length(tmp_path, data_file):
-    from train.model import resolve_gradient_checkpointing, resolve_precision
+    from train.model import resolve_precision
     from train.rundir import RunDir
-    from train.trainer import build_sft_config
+    from train.trainer import build_sft_config, speed_settings
 
     assert resolve_precision("auto", cuda=False) == "fp32"
-    assert resolve_gradient_checkpointing("auto", cuda=False) is False
-    assert resolve_gradient_checkpointing("auto", cuda=True) is True
     with pytest.raises(RecipeError, match="fp16 needs a CUDA GPU"):
         resolve_precision("fp16", cuda=False)
 
-    class Setup:  # just the fields build_sft_config reads
-        precision, gradient_checkpointing = "fp32", False
+    class Setup:  # just the field build_sft_config reads
+        precision = "fp32"
 
     recipe = validate_recipe(tiny_recipe(tmp_path, "m", data_file, training={"eval_steps": 3}))
     args = build_sft_config(recipe, Setup, RunDir(tmp_path / "r"), has_validation=True)
-    assert (args.bf16, args.fp16, args.gradient_checkpointing) == (False, False, False)
+    # HF checkpointing and TRL's whole-model compile stay off: train.speed does both per layer.
+    assert (args.bf16, args.fp16, args.gradient_checkpointing, args.torch_compile) == (False,) * 4
     assert args.padding_free and args.max_length is None  # rows are already fitted by train.data
     assert args.completion_only_loss is True  # else TRL would train on the prompt too
     assert args.eval_strategy == "steps" and args.eval_steps == 3
     assert args.output_dir == str(tmp_path / "r" / "checkpoints")
+
+    class CpuSetup:
+        device = "cpu"
+
+    speed = speed_settings(recipe, CpuSetup)  # auto on CPU: eager layers, no recomputation
+    assert speed["compile"] is False and speed["checkpoint"] == "none"
 
     packed = validate_recipe(tiny_recipe(tmp_path, "m", data_file, training={"packing": True}))
     assert build_sft_config(packed, Setup, RunDir(tmp_path / "r"), has_validation=False).max_length == 64
@@ -193,14 +200,12 @@ def test_run_learns_and_exports_a_plain_checkpoint(method, lr, tmp_path, model_d
     assert summary["final_loss"] == rows[-1]["loss"] and summary["eval_loss"] is not None
     assert summary["eval"]["n"] == 4 and {"tuned", "base", "gain_points"} <= set(summary["eval"])
     manifest = json.loads((run / "manifest.json").read_text())
-    import hashlib
-
     assert manifest["datasets"]["train"][0]["sha256"] == hashlib.sha256(data_file.read_bytes()).hexdigest()
     assert manifest["base_model"]["resolved_path"] == str(model_dir)
     t = manifest["training"]
     assert (t["method"], t["attn_implementation"], t["precision"], t["device"], t["steps"]) == (
         method, "sdpa", "fp32", "cpu", 8)
-    assert manifest["versions"]["torch"] == torch.__version__.split("+")[0] or manifest["versions"]["torch"]
+    assert manifest["versions"]["torch"] == version("torch") and manifest["versions"]["trl"] == version("trl")
     assert "model" in manifest["contents"] and manifest["eval"]["tuned"] == summary["eval"]["tuned"]
 
 
@@ -228,7 +233,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir, d
     assert (run / "manifest.json").is_file() and (run / "model" / "config.json").is_file()
 
 
-def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_model_dir, data_file):
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_model_dir, data_file, caplog):
+    from train.trainer import train_recipe
+
     raw = tiny_recipe(tmp_path, tiny_model_dir, data_file, name="interrupted",
                       training={"max_steps": 100000, "save_steps": 100000, "batch_size": 2})
     recipe_path = tmp_path / "interrupted.yaml"
@@ -254,3 +261,47 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_model_d
     assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").is_file()
     assert not (run / "manifest.json").exists() and not (run / "model").exists()
     assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
+
+    # The checkpoint is usable: resume it for one more step (a changed recipe is reported).
+    saved = int(checkpoints[0].name.split("-")[1])
+    raw["training"]["max_steps"] = saved + 1
+    result = train_recipe(validate_recipe(raw), resume=True)
+    assert result.status == "completed" and result.global_step == saved + 1
+    assert "training.max_steps (100000 -> %d)" % (saved + 1) in caplog.text
+
+
+@pytest.mark.slow
+def test_default_model_short_lora_run_reloads_and_scores(tmp_path, default_model_dir):
+    """The demo's path on the real SmolLM2-135M: 2 LoRA steps of 2 rows, export, reload, score."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from train.trainer import train_recipe
+
+    raw = {
+        "name": "smollm2-e2e",
+        "model": {"name": "smollm2-135m-instruct"},
+        "data": {"train": str(REPO / "data/dates/train.jsonl"), "max_rows": 4},
+        "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
+        "training": {"max_steps": 2, "batch_size": 2, "learning_rate": 1e-3, "save_steps": 100},
+        "output": {"dir": str(tmp_path / "runs"), "tensorboard": False},
+        "eval": {"data": str(REPO / "data/dates/test.jsonl"), "limit": 2, "max_new_tokens": 12, "samples": 1},
+    }
+    result = train_recipe(validate_recipe(raw))
+    assert result.status == "completed" and result.global_step == 2
+    run = result.run_dir
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["base_model"]["resolved_path"] == str(default_model_dir)
+
+    model = AutoModelForCausalLM.from_pretrained(run / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(run / "model")
+    assert model.dtype == torch.float32  # the dtype the base checkpoint is stored in
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Convert this date to ISO 8601 "
+                                             "(YYYY-MM-DD): March 5, 2021"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**prompt).logits, result.model.eval()(**prompt).logits,
+                                   atol=1e-3, rtol=1e-4)
+    scores = json.loads((run / "metrics.json").read_text())["eval"]
+    assert scores["n"] == 2 and 0 <= scores["base"] <= 100 and 0 <= scores["tuned"] <= 100
+    first = json.loads((REPO / "data/dates/test.jsonl").read_text().splitlines()[0])
+    assert scores["samples"][0]["reference"] == first["completion"]
