@@ -2,7 +2,7 @@
 and a compiled per-token decode step (gpt-fast style), with sampling, streaming and
 speculative decoding.
 
-API (the HTTP server builds on exactly this):
+API (a fixed-batch engine; the HTTP server in infer/serve/ runs its own continuous-batching scheduler):
 
     gen = Generator(model, tokenizer, max_batch_size=8, max_seq_len=2048, compile="auto")
     results = gen.generate(prompts, SamplingParams(max_new_tokens=64, temperature=0.7))
