@@ -319,6 +319,8 @@ def run_row(row: Row, ns: argparse.Namespace, config, dataset, device, rate: flo
                                          "mean": statistics.fmean(runner.history),
                                          "of": len(runner.layers),
                                          "bytes_per_token_layer": runner.layer_bytes_per_token}
+    if runner is not None and runner.compile_failures:
+        result["compile_failures"] = runner.compile_failures  # those layer variants ran eager
     del trainer, model
     gc.collect()
     return result

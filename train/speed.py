@@ -26,6 +26,7 @@ import math
 from typing import Callable, Optional, Union
 
 import torch
+import torch._dynamo.exc
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,7 @@ class LayerRunner:
             plain = torch.compile(_run_layer, dynamic=True, options=options)
             ckpt = torch.compile(_run_layer_checkpointed, dynamic=True, options=options)
         self._plain, self._ckpt = plain, ckpt
+        self.compile_failures: list[str] = []
         self._hook = None
 
     def install(self) -> "LayerRunner":
@@ -145,10 +147,30 @@ class LayerRunner:
     def _layer_forward(self, index: int, layer: nn.Module) -> Callable:
         def forward(*args, **kwargs):
             if layer.training and torch.is_grad_enabled() and index in self.checkpointed:
-                return self._ckpt(layer, *args, **kwargs)
-            return self._plain(layer, *args, **kwargs)
+                return self._run("_ckpt", _run_layer_checkpointed, layer, args, kwargs)
+            return self._run("_plain", _run_layer, layer, args, kwargs)
 
         return forward
+
+    def _run(self, slot: str, eager: Callable, layer: nn.Module, args, kwargs):
+        """Call the compiled variant; if Inductor cannot compile it, run that variant eager from now on.
+
+        Seen on H200 with torch 2.11: the checkpointed layer of an 8B LoRA / QLoRA model (LoRA
+        dropout 0.05) failed in Inductor's partitioner ("Node ... was invalid, but is output").
+        A compile failure is raised before the compiled code runs, so nothing has been
+        computed twice; training goes on at eager speed for that variant, and says so.
+        """
+        fn = getattr(self, slot)
+        if fn is eager:
+            return eager(layer, *args, **kwargs)
+        try:
+            return fn(layer, *args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:
+            reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+            log.warning("compiling the %s decoder layer failed (%s); it runs eager", slot.strip("_"), reason)
+            self.compile_failures.append(f"{slot.strip('_')}: {reason}")
+            setattr(self, slot, eager)
+            return eager(layer, *args, **kwargs)
 
     def _fixed_count(self) -> int:
         n = len(self.layers)
