@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from train.recipe import Recipe
+
+log = logging.getLogger(__name__)
 
 
 class RunDirError(RuntimeError):
@@ -199,7 +202,11 @@ class RunDir:
         evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
         if not train and not evals:
             return False
-        import matplotlib
+        try:
+            import matplotlib
+        except ImportError:  # a declared dependency, but a missing plot must not fail a finished run
+            log.warning("matplotlib is not installed: no %s", self.loss_png)
+            return False
 
         matplotlib.use("Agg")  # no display on servers; must be chosen before pyplot is imported
         import matplotlib.pyplot as plt

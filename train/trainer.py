@@ -93,11 +93,14 @@ def build_trainer(recipe: Recipe, setup: ModelSetup, datasets: dict, run: RunDir
 
     extra = [recorder, ProgressBar(recorder), stopper, speed_callback(**speed_settings(recipe, setup))]
     if recipe.output.tensorboard:
-        from transformers.integrations import TensorBoardCallback
+        from transformers.integrations import TensorBoardCallback, is_tensorboard_available
 
-        tensorboard = TensorBoardCallback()
-        tensorboard.logging_dir = str(run.tensorboard_dir)
-        extra.append(tensorboard)
+        if is_tensorboard_available():
+            tensorboard = TensorBoardCallback()
+            tensorboard.logging_dir = str(run.tensorboard_dir)  # default would be inside checkpoints/
+            extra.append(tensorboard)
+        else:
+            log.warning("output.tensorboard is on but tensorboard is not installed: no TensorBoard logs")
     trainer = SFTTrainer(
         model=setup.model,
         args=args,
