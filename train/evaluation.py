@@ -15,17 +15,23 @@ from train.recipe import Recipe
 log = logging.getLogger(__name__)
 
 
-def evaluate_after_training(recipe: Recipe, tuned_model, setup: ModelSetup) -> dict[str, Any]:
+def load_eval_examples(recipe: Recipe) -> list:
+    """The held-out conversations, read before training so a bad file fails in seconds, not after it."""
+    from infer.eval import load_examples
+
+    # Prompts are built as in training: same field mapping, same system prompt.
+    return load_examples(recipe.eval.data, limit=recipe.eval.limit, fields=recipe.data.fields or None,
+                         system_prompt=recipe.data.system_prompt)
+
+
+def evaluate_after_training(recipe: Recipe, tuned_model, setup: ModelSetup, examples: list) -> dict[str, Any]:
     """Score `tuned_model` (what model/ holds) and, with eval.compare_base, the base; print both.
 
     Returns the numbers for metrics.json: scores in percent, n, and `samples` example rows.
     """
-    from infer.eval import evaluate_model, load_examples
+    from infer.eval import evaluate_model
 
     ev = recipe.eval
-    # Prompts are built as in training: same field mapping, same system prompt.
-    examples = load_examples(ev.data, limit=ev.limit, fields=recipe.data.fields or None,
-                             system_prompt=recipe.data.system_prompt)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = setup.tokenizer
     # No reference-loss pass: validation loss is already measured, and on CPU it would cost

@@ -126,6 +126,11 @@ def train_recipe(recipe: Recipe, *, resume: bool = False, recipe_path: str = "RE
     from train.data import build_datasets
 
     command = " ".join(["python -m train", shlex.quote(recipe_path), *map(shlex.quote, overrides)])
+    eval_examples = None
+    if recipe.eval.data:
+        from train.evaluation import load_eval_examples
+
+        eval_examples = load_eval_examples(recipe)
     run = RunDir(recipe.run_dir)
     checkpoint = run.prepare(resume=resume, overwrite=recipe.output.overwrite, recipe_path=recipe_path)
     setup = load_model(recipe)
@@ -173,10 +178,12 @@ def train_recipe(recipe: Recipe, *, resume: bool = False, recipe_path: str = "RE
         summary["eval_loss"] = recorder.last_eval["eval_loss"]
 
     final_model = _export(recipe, setup, trainer, run)
-    if recipe.eval.data and final_model is not None:
+    if eval_examples is not None and final_model is None:
+        log.warning("eval skipped: output.merge is false, so there is no plain model/ to score")
+    elif eval_examples is not None:
         from train.evaluation import evaluate_after_training
 
-        summary["eval"] = evaluate_after_training(recipe, final_model, setup)
+        summary["eval"] = evaluate_after_training(recipe, final_model, setup, eval_examples)
 
     summary["status"] = "completed"
     summary["after_training_seconds"] = round(time.perf_counter() - started - train_seconds, 2)

@@ -305,3 +305,28 @@ def test_default_model_short_lora_run_reloads_and_scores(tmp_path, default_model
     assert scores["n"] == 2 and 0 <= scores["base"] <= 100 and 0 <= scores["tuned"] <= 100
     first = json.loads((REPO / "data/dates/test.jsonl").read_text().splitlines()[0])
     assert scores["samples"][0]["reference"] == first["completion"]
+
+
+@pytest.mark.parametrize("problem,expected", [
+    ("model", "does not exist"),  # ModelSourceError
+    ("train_data", "bad.jsonl:2"),  # RecordsError, with the line
+    ("eval_data", "bad.jsonl:2"),  # checked before training, not after it
+])
+def test_bad_input_exits_2_with_the_message(problem, expected, tmp_path, tiny_model_dir, data_file, capsys):
+    from train.__main__ import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "no completion"\n')
+    raw = tiny_recipe(tmp_path, tiny_model_dir, data_file, name="bad")
+    if problem == "model":
+        raw["model"]["name"] = str(tmp_path / "no-such-model")
+    elif problem == "train_data":
+        raw["data"]["train"] = str(bad)
+    else:
+        raw["eval"] = {"data": str(bad)}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and expected in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "bad" / "recipe.yaml").exists()  # nothing trained
