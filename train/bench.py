@@ -29,19 +29,13 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from infer.architectures import PUBLIC_ARCHS
+
 log = logging.getLogger(__name__)
 
-# Public architecture configs (random weights: speed does not depend on the values).
+# Public shapes (infer/architectures.py) plus a CPU-sized one for tests.
 ARCHS: dict[str, dict[str, Any]] = {
-    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                         intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0),
-    "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                         intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
-                         head_dim=64),
-    "llama-3.1-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                         intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
-                         head_dim=128),
-    # for tests: seconds on a CPU
+    **PUBLIC_ARCHS,
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, vocab_size=512, tie_word_embeddings=True, rope_theta=10000.0),
 }

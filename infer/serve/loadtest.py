@@ -28,12 +28,10 @@ import sys
 import time
 from pathlib import Path
 
-# Public architecture shapes; tied embeddings as in the released checkpoints.
-SHAPES = {
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                         max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=True),
-}
+from infer.architectures import PUBLIC_ARCHS
+
+# Longer context than the config default so long prompts and outputs fit any load level.
+SHAPES = {"llama-3.2-1b": dict(PUBLIC_ARCHS["llama-3.2-1b"], max_position_embeddings=8192)}
 
 WORDS = ("river stone lantern orbit copper meadow signal harbor velvet canyon ember tide "
          "quartz willow beacon prism falcon glacier thistle marble cobalt juniper").split()
