@@ -26,7 +26,9 @@ API (a fixed-batch engine; the HTTP server in infer/serve/ runs its own continuo
 * Not thread-safe: the cache and state buffers are shared; serve one call at a time.
 * `compile`: "auto" (CUDA: inductor + CUDA graphs, `mode="reduce-overhead"`; CPU: eager),
   False, True, an inductor mode name, or a dynamo backend (name or callable, e.g. tests'
-  compile counters). Warm-up (`gen.warmup()`) compiles and records graphs before timing.
+  compile counters). On CUDA, "reduce-overhead" and "max-autotune" record each decode
+  step as a CUDA graph with infer.graphs. Warm-up (`gen.warmup()`) compiles and records
+  graphs before timing.
 * `quant_kernels`: for bitsandbytes-quantized models, "compiled" swaps their layers (in
   place) for ones whose dequantization inductor fuses into the matmul (infer.quantize);
   "bitsandbytes" keeps bitsandbytes' kernels; "auto" = compiled when inductor runs on CUDA.
@@ -51,6 +53,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from infer.cache import StaticKVCache
 from infer.sampling import SamplingParams, choose_tokens
 
 log = logging.getLogger(__name__)
@@ -89,50 +92,6 @@ class GenerationStats:
     drafted: int = 0
     accepted: int = 0
     extra: dict = field(default_factory=dict)
-
-
-class StaticKVCache:
-    """Keys/values for every layer, allocated once as (batch, kv_heads, max_seq_len, head_dim).
-
-    Duck-types the part of transformers' Cache that attention layers call (`update`).
-    Writes go to slots `base_slot + arange(q)`, where `base_slot` is the generator's device
-    scalar: no Python state changes per step, so compiled graphs never see a new value.
-    """
-
-    is_compileable = True
-
-    def __init__(self, config, batch: int, max_len: int, dtype, device, base_slot: torch.Tensor):
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        heads = text_config.num_attention_heads
-        self.kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
-        self.head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
-        self.num_layers = text_config.num_hidden_layers
-        shape = (batch, self.kv_heads, max_len, self.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
-        self.base_slot = base_slot
-        for t in self.keys + self.values:
-            torch._dynamo.mark_static_address(t)  # CUDA graphs need fixed addresses
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        b, q = key_states.shape[0], key_states.shape[-2]
-        keys, values = self.keys[layer_idx][:b], self.values[layer_idx][:b]
-        if key_states.shape[1] != keys.shape[1] or key_states.shape[-1] != keys.shape[-1]:
-            raise RuntimeError(
-                f"layer {layer_idx} produced keys of shape {tuple(key_states.shape)}, but the cache was "
-                f"sized from the config as {tuple(keys.shape)}; this architecture is not supported"
-            )
-        slots = self.base_slot + torch.arange(q, device=keys.device)
-        keys.index_copy_(2, slots, key_states.to(keys.dtype))
-        values.index_copy_(2, slots, value_states.to(values.dtype))
-        return keys, values
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0  # only consulted when position_ids are absent; the generator always passes them
 
 
 class _Row:
@@ -272,9 +231,16 @@ class Generator:
 
         params = inspect.signature(model.forward).parameters
         self._prefill_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-        self._decode = self._compiled(self._decode_impl, self.compile_mode, cudagraphs=True)
-        self._verify = self._compiled(self._verify_impl, self.compile_mode, cudagraphs=True)
-        self._prefill = self._compiled(self._prefill_impl, self.compile_mode, cudagraphs=False) if compile_prefill else self._prefill_impl
+        # CUDA graphs are recorded by infer.graphs (not by inductor's cudagraph trees, whose
+        # per-call host work was 12% of a batch-1 step); inductor compiles without them.
+        self._graphs = None
+        if self.device.type == "cuda" and self.compile_mode in ("reduce-overhead", "max-autotune"):
+            from infer.graphs import CUDAGraphs
+
+            self._graphs = CUDAGraphs(self.device)
+        self._decode = self._compiled(self._decode_impl, self.compile_mode)
+        self._verify = self._compiled(self._verify_impl, self.compile_mode)
+        self._prefill = self._compiled(self._prefill_impl, self.compile_mode) if compile_prefill else self._prefill_impl
         self.last_stats = GenerationStats()
 
         self.drafter = None
@@ -290,14 +256,13 @@ class Generator:
 
     # ---- compiled pieces -------------------------------------------------------------
 
-    def _compiled(self, fn, mode, *, cudagraphs: bool):
+    def _compiled(self, fn, mode):
         if mode is None:
             return fn
         _raise_dynamo_limits()
         if callable(mode) or mode not in INDUCTOR_MODES:
             return torch.compile(fn, backend=mode, fullgraph=True, dynamic=False)
-        if not cudagraphs and mode == "reduce-overhead":
-            mode = "default"
+        mode = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
         if self.device.type == "cuda":
             import torch._inductor.config as inductor_config
 
@@ -396,7 +361,7 @@ class Generator:
         """Compile and record graphs for these shapes so no timed call pays for it."""
         params = SamplingParams(max_new_tokens=4, temperature=0.7 if sampling else 0.0, ignore_eos=True)
         for b in batch_sizes:
-            for _ in range(3):  # CUDA-graph trees record on the second call, replay after
+            for _ in range(2):  # the first call compiles and records graphs, the second replays
                 self.generate([[self.pad_id] * prompt_len] * b, params)
 
     def _events(self, prompts, params, chat, interval, rows: dict) -> Iterator[StreamEvent]:
@@ -462,14 +427,15 @@ class Generator:
 
     @torch.inference_mode()
     def _step(self, b: int, sampling: bool) -> None:
-        if self.compile_mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-        self._decode(b, sampling)
+        if self._graphs is not None:
+            self._graphs(self._decode, b, sampling)
+        else:
+            self._decode(b, sampling)
 
     @torch.inference_mode()
     def _verify_step(self, k: int, sampling: bool) -> list[int]:
-        if self.compile_mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()
+        if self._graphs is not None:
+            return self._graphs(self._verify, k, sampling).tolist()
         return self._verify(k, sampling).tolist()
 
     def _read(self, n: int, lo: int, hi: int) -> list[list[int]]:

@@ -45,8 +45,42 @@ def test_cuda_graph_decode_matches_eager_and_does_not_recompile(random_model):
     for e, c in zip(eager, compiled):
         assert c.token_ids == e.token_ids
     graphs = counters["stats"]["unique_graphs"]
+    recorded = len(gen._graphs)
     gen.generate([[9, 9, 9], list(range(200, 226))], params)  # 26 tokens: same bucket
     assert counters["stats"]["unique_graphs"] == graphs
+    assert len(gen._graphs) == recorded == 1  # one CUDA graph (batch 2, greedy), replayed
+
+
+def test_cuda_graph_sampling_follows_the_seed(random_model):
+    from infer.generate import Generator
+    from infer.sampling import SamplingParams
+
+    model, tok = random_model
+    gen = Generator(model, tok, max_batch_size=1, max_seq_len=96, compile="reduce-overhead")
+    prompt = [[5, 6, 7, 8]]
+
+    def sample(seed):
+        params = SamplingParams(max_new_tokens=40, temperature=1.5, seed=seed, ignore_eos=True)
+        return gen.generate(prompt, params)[0].token_ids
+
+    first = sample(1)
+    assert sample(1) == first  # replayed graph, same seed: same tokens
+    assert sample(2) != first  # the graph's random stream follows the new seed
+    assert len(gen._graphs) == 1
+
+
+def test_nf4_matvec_equals_dequantized_linear_on_gpu():
+    from infer.quantize import NF4Linear
+
+    torch.manual_seed(0)
+    n, k = 384, 512
+    code = torch.linspace(-1, 1, 16, device="cuda")
+    layer = NF4Linear(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda"),
+                      torch.rand(n, k // 64, device="cuda"), code, None, k, n, 64)
+    x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
+    ref = torch.nn.functional.linear(x, layer.dequantize(torch.bfloat16)).float()
+    got = torch.compile(layer, dynamic=False)(x).float()
+    assert ((got - ref).norm() / ref.norm()) < 1e-2
 
 
 def test_compiled_nf4_layers_on_gpu(random_model, tmp_path):

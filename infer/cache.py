@@ -1,0 +1,56 @@
+"""The generator's KV cache: every layer's keys and values allocated once, written in place."""
+
+from __future__ import annotations
+
+import torch
+
+
+class StaticKVCache:
+    """Keys/values for every layer, allocated once as (batch, kv_heads, max_seq_len, head_dim).
+
+    Duck-types the part of transformers' Cache that attention layers call (`update`).
+    Writes go to slots `base_slot + arange(q)`, where `base_slot` is the generator's device
+    scalar: no Python state changes per step, so compiled graphs never see a new value.
+    """
+
+    is_compileable = True
+
+    def __init__(self, config, batch: int, max_len: int, dtype, device, base_slot: torch.Tensor):
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = text_config.num_attention_heads
+        self.kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+        self.head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+        self.num_layers = text_config.num_hidden_layers
+        shape = (batch, self.kv_heads, max_len, self.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
+        self.base_slot = base_slot
+        self._rows = torch.arange(batch, device=device)
+        self._heads = torch.arange(self.kv_heads, device=device)
+        for t in self.keys + self.values:
+            torch._dynamo.mark_static_address(t)  # CUDA graphs need fixed addresses
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        b, q = key_states.shape[0], key_states.shape[-2]
+        keys, values = self.keys[layer_idx][:b], self.values[layer_idx][:b]
+        if key_states.shape[1] != keys.shape[1] or key_states.shape[-1] != keys.shape[-1]:
+            raise RuntimeError(
+                f"layer {layer_idx} produced keys of shape {tuple(key_states.shape)}, but the cache was "
+                f"sized from the config as {tuple(keys.shape)}; this architecture is not supported"
+            )
+        slots = self.base_slot + torch.arange(q, device=keys.device)
+        # Written into the whole buffer with explicit (row, head, slot) indices rather than
+        # through the `[:b]` view: under torch.compile an in-place write to a view of a
+        # graph input became a copy of the entire buffer (all max_batch rows) every step,
+        # which cost a batch-1 step on a batch-32 cache 0.12 ms (1B model, H200).
+        index = (self._rows[:b, None, None], self._heads[None, :, None], slots[None, None, :])
+        self.keys[layer_idx].index_put_(index, key_states.to(keys.dtype))
+        self.values[layer_idx].index_put_(index, value_states.to(values.dtype))
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # only consulted when position_ids are absent; the generator always passes them

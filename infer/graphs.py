@@ -1,0 +1,61 @@
+"""Compiled decode steps captured as CUDA graphs by hand, one graph per step shape.
+
+Why not `torch.compile(mode="reduce-overhead")` (CUDA-graph trees)? It records the same
+graphs, but every call still evaluates dynamo's guards and walks the tree's bookkeeping
+in Python: measured on an H200 (1B model, batch 1) that was ~0.14 ms per token, 12% of
+the step. The generator's steps take no tensor inputs (all state lives in device buffers
+with fixed addresses) and their arguments are a few Python ints and bools, so a graph
+keyed by those arguments is valid for every later call with the same arguments: replaying
+it directly skips all of that host work.
+
+The first call with new arguments runs the compiled step for real (it compiles there,
+warms up on a side stream as CUDA graph capture requires) and then records the graph;
+later calls replay it. Capture executes nothing, so no step is run twice.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+class CUDAGraphs:
+    """`graphs(fn, *args)` runs fn(*args), from a recorded CUDA graph once one exists.
+
+    fn must read and write only tensors whose addresses never change (module parameters,
+    buffers marked with `torch._dynamo.mark_static_address`) and depend on `args` only
+    through their values. A returned tensor lives in the graphs' shared memory pool and is
+    overwritten by the next replay of any graph: read it before the next call.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, object]] = {}
+        self.pool = None
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+    def __call__(self, fn: Callable, *args):
+        key = (fn, *args)
+        entry = self.graphs.get(key)
+        if entry is not None:
+            graph, out = entry
+            graph.replay()
+            return out
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                result = fn(*args)  # the real step (compiles on first use)
+            torch.cuda.current_stream().wait_stream(side)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            # Intermediates of all graphs share one pool: steps never run concurrently, and
+            # callers read a step's returned tensor before the next step (see class docstring).
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = fn(*args)
+        self.graphs[key] = (graph, out)
+        return result
