@@ -99,6 +99,12 @@ def _rotate_half(x):
 class FusedDecoder(nn.Module):
     """forward(input_ids, position_ids, mask, cache, last_only) -> logits, like the model's."""
 
+    # How a decode step (a few query rows) attends: "explicit" (matmul, masked softmax,
+    # matmul; inductor fuses the mask into the softmax) or "sdpa". On an H200 (1B, batch 1)
+    # sdpa picked cuDNN's flash kernel at 10.9 us per layer against 6.8 us for explicit:
+    # 897 -> 982 tokens/s.
+    decode_attention = "explicit"
+
     def __init__(self, model):
         super().__init__()
         reason = unsupported_reason(model)
@@ -139,10 +145,17 @@ class FusedDecoder(nn.Module):
             ks = ks * cos + _rotate_half(ks) * sin
             keys, values = cache.update(ks, vs, i)
             qs = qs.reshape(b, self.kv_heads, group * q, self.head_dim)
-            out = F.scaled_dot_product_attention(qs, keys, values, attn_mask=grouped_mask, scale=attn.scaling)
+            out = self._attend(qs, keys, values, grouped_mask, attn.scaling)
             out = out.reshape(b, self.heads, q, self.head_dim).transpose(1, 2).reshape(b, q, -1)
             x = x + attn.o_proj(out)
             gate, up = self.gate_up[i](layer.post_attention_layernorm(x))
             x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
         x = inner.norm(x[:, -1:] if last_only else x)
         return self.model.lm_head(x)
+
+    def _attend(self, qs, keys, values, mask, scale):
+        if self.decode_attention == "explicit" and qs.shape[-2] <= 16:
+            scores = torch.matmul(qs, keys.transpose(-1, -2)).float() * scale
+            probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(values.dtype)
+            return torch.matmul(probs, values)
+        return F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=scale)

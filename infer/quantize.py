@@ -57,7 +57,34 @@ class NF4Linear(nn.Module):
         return (self.code[nibble] * self.absmax[:, cols // self.blocksize]).to(dtype)
 
     def forward(self, x):
-        return nn.functional.linear(x, self.dequantize(x.dtype), self.bias)
+        rows = x.numel() // self.in_features  # static under torch.compile(dynamic=False)
+        if rows > self.MATVEC_ROWS:
+            return nn.functional.linear(x, self.dequantize(x.dtype), self.bias)
+        return self.matvec(x)
+
+    # Decode steps (a few rows) use matvec; prefill and large batches dequantize once and
+    # use tensor cores. On an H200, matvec's single reduction was 1.2-1.7x faster than
+    # dequantize + linear for the 1B model's 2048-wide projections (same for 16384x2048).
+    MATVEC_ROWS = 4
+
+    def matvec(self, x):
+        """x @ W.T for a few rows, written as one reduction over the packed bytes.
+
+        Each byte is read once and yields two weights (high nibble: even column, low nibble:
+        odd column), and a block's scale is a broadcast rather than a gather, so inductor
+        emits a single reduction kernel whose only large read is the 4-bit weights.
+        Weights are rounded to x's dtype before the product, as in dequantize + linear.
+        """
+        n, k, bs = self.out_features, self.in_features, self.blocksize
+        packed = self.packed.view(n, k // bs, bs // 2).to(torch.int32)
+        scale = self.absmax.view(n, k // bs, 1)
+        high = (self.code[packed >> 4] * scale).to(x.dtype).float()
+        low = (self.code[packed & 15] * scale).to(x.dtype).float()
+        xs = x.reshape(-1, 1, k // bs, bs // 2, 2).float()
+        y = (xs[..., 0] * high + xs[..., 1] * low).sum(dim=(-2, -1))
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).view(*x.shape[:-1], n)
 
 
 class Int8Linear(nn.Module):

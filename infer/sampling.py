@@ -75,7 +75,7 @@ def choose_tokens(
     """
     logits = logits.float()
     if not sampling:
-        return logits.argmax(dim=-1)
+        return argmax(logits)
     vocab = logits.shape[-1]
     if history is not None:
         # Which vocabulary entries occurred: scatter-add of the valid flags, so a padding
@@ -83,7 +83,7 @@ def choose_tokens(
         seen = torch.zeros_like(logits).scatter_add_(1, history, history_valid.to(logits.dtype)) > 0
         pen = penalty[:, None]
         logits = torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
-    greedy_choice = logits.argmax(dim=-1)
+    greedy_choice = argmax(logits)
     scaled = logits / temperature.clamp(min=1e-5)[:, None]
     ordered, order = scaled.sort(dim=-1, descending=True)
     probs = ordered.softmax(dim=-1)
@@ -99,3 +99,21 @@ def choose_tokens(
     pick = (probs / race).argmax(dim=-1, keepdim=True)
     sampled = order.gather(1, pick).squeeze(1)
     return torch.where(temperature > 0, sampled, greedy_choice)
+
+
+def argmax(logits: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """`logits.argmax(-1)` for (rows, vocab), in two passes over vocabulary chunks.
+
+    A one-pass argmax of a single 128k-entry row compiles to a reduction run by one GPU
+    block (measured 34 us per decode step on an H200, 3% of a 1B model's step); per-chunk
+    maxima spread the read over ~100 blocks. Ties resolve to the lowest index, as argmax does.
+    """
+    rows, vocab = logits.shape
+    if vocab <= 4 * chunk:
+        return logits.argmax(dim=-1)
+    pad = -vocab % chunk
+    if pad:
+        logits = torch.nn.functional.pad(logits, (0, pad), value=float("-inf"))
+    best, where = logits.view(rows, -1, chunk).max(dim=-1)
+    block = best.argmax(dim=-1, keepdim=True)
+    return (block * chunk + where.gather(1, block)).squeeze(1)

@@ -200,3 +200,14 @@ def test_fused_decoder_matches_the_transformers_forward(model, tok, tiny_model_d
     expected = [hf_greedy(qwen, ids, 12) for ids in PROMPTS]
     gen = Generator(qwen, tok, max_batch_size=4, max_seq_len=64, fused=True)
     assert [r.token_ids for r in gen.generate(PROMPTS, SamplingParams(max_new_tokens=12, ignore_eos=True))] == expected
+
+
+def test_chunked_argmax_equals_argmax_including_ties():
+    from infer.sampling import argmax
+
+    torch.manual_seed(0)
+    for vocab in (100, 4097, 49152, 128256):  # below the chunking threshold, ragged and exact chunks
+        logits = torch.randn(3, vocab)
+        logits[1, 7] = logits[1, vocab - 1] = 50.0  # a tie: the lowest index wins, as in argmax
+        logits[2] = 0.0  # all equal
+        assert torch.equal(argmax(logits), logits.argmax(dim=-1)), vocab

@@ -52,6 +52,21 @@ def test_compiled_kernels_compute_what_bitsandbytes_computes(tiny_model_dir):
         assert ((got - ref).norm() / ref.norm()) < tolerance, quant
 
 
+def test_nf4_matvec_equals_dequantize_then_linear():
+    # Decode steps (<= 4 rows) take NF4Linear.matvec; more rows dequantize + linear.
+    torch.manual_seed(0)
+    n, k = 48, 256
+    layer = NF4Linear(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8), torch.rand(n, k // 64),
+                      torch.linspace(-1, 1, 16), torch.randn(n), k, n, 64)
+    weight = layer.dequantize(torch.float32)
+    for shape in ((1, 1, k), (1, 4, k), (2, 2, k)):
+        x = torch.randn(shape)
+        expected = torch.nn.functional.linear(x, weight, layer.bias)
+        assert layer(x).shape == expected.shape
+        torch.testing.assert_close(layer.matvec(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_saved_quantized_copy_reloads_without_requantizing(tiny_model_dir, tmp_path):
     out = save_quantized(tiny_model_dir, tmp_path / "q", quant="nf4")
     manifest = json.loads((out / "quantization.json").read_text())
