@@ -30,14 +30,22 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compute-dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="dtype 4-bit matmuls compute in (auto = --dtype)")
     g.add_argument("--no-double-quant", action="store_true", help="nf4/fp4: do not quantize the block scales")
+    g.add_argument("--keep-modules", default="", metavar="NAMES",
+                   help="with --quant: comma-separated module names left unquantized, e.g. down_proj")
+    g.add_argument("--adapter", action="store_true",
+                   help="LoRA run: quantize the base model and apply adapter/ unmerged (QLoRA-style) "
+                        "instead of quantizing the merged model/")
     g.add_argument("--trust-remote-code", action="store_true")
 
 
-def load_kwargs(args, quant: str | None = None) -> dict:
+def load_kwargs(args, quant: str | None = None, adapter: bool | None = None) -> dict:
+    quant = quant or args.quant
     return dict(
-        quant=quant or args.quant, dtype=args.dtype, device=args.device, attn_implementation=args.attn,
+        quant=quant, dtype=args.dtype, device=args.device, attn_implementation=args.attn,
         double_quant=not args.no_double_quant, compute_dtype=args.compute_dtype,
         trust_remote_code=args.trust_remote_code,
+        keep_modules=tuple(m.strip() for m in args.keep_modules.split(",") if m.strip()) if quant != "none" else (),
+        adapter=args.adapter if adapter is None else adapter,
     )
 
 
@@ -80,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score models on a dataset, side by side")
     p.add_argument("run", nargs="?", help="model to evaluate (or use --model, repeatable)")
     p.add_argument("--model", action="append", default=[],
-                   help="MODEL or MODEL:QUANT, repeatable or comma-separated, e.g. base,runs/demo,runs/demo:nf4")
+                   help="MODEL or MODEL:QUANT[+adapter], repeatable or comma-separated, e.g. base,runs/demo,runs/demo:nf4")
     p.add_argument("--data", required=True, help="JSONL/JSON file or saved dataset (messages, prompt/completion or alpaca)")
     p.add_argument("--metric", choices=("exact_match", "contains", "regex"), default="exact_match")
     p.add_argument("--regex", help="with --metric regex: pattern whose first group is the answer")
@@ -208,17 +216,27 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def parse_model_specs(run: str | None, specs: list[str]) -> list[tuple[str, str | None]]:
-    """'a,b:nf4' -> [(a, None), (b, 'nf4')]; a ':QUANT' suffix overrides --quant for that model."""
+def parse_model_specs(run: str | None, specs: list[str]) -> list[tuple[str, str | None, bool]]:
+    """'a,b:nf4,b:nf4+adapter' -> [(a, None, False), (b, 'nf4', False), (b, 'nf4', True)].
+
+    A ':QUANT' suffix overrides --quant for that model; '+adapter' loads a LoRA run's base
+    quantized with its adapter on top (see --adapter).
+    """
     out = []
     for item in ([run] if run else []) + [s for spec in specs for s in spec.split(",")]:
         item = item.strip()
         if not item:
             continue
         name, sep, suffix = item.rpartition(":")
-        out.append((name, suffix) if sep and suffix in QUANTS else (item, None))
+        quant, plus, extra = suffix.partition("+")
+        if sep and quant in QUANTS and (not plus or extra == "adapter"):
+            out.append((name, quant, bool(plus)))
+        elif sep and quant in QUANTS:
+            raise ValueError(f"model spec {item!r}: after {quant}, only '+adapter' is understood")
+        else:
+            out.append((item, None, False))
     if not out:
-        raise ValueError("eval needs a model: give RUN or --model (repeatable, MODEL[:QUANT])")
+        raise ValueError("eval needs a model: give RUN or --model (repeatable, MODEL[:QUANT[+adapter]])")
     return out
 
 
@@ -233,9 +251,13 @@ def cmd_eval(args) -> int:
         raise ValueError("--metric regex needs --regex PATTERN (its first group is the answer)")
     examples = load_examples(args.data, limit=args.limit)
     reports = []
-    for name, quant in models:
+    for name, quant, adapter in models:
         label = name if quant in (None, "none") and args.quant == "none" else f"{name}:{quant or args.quant}"
-        model, tokenizer = load(name, **load_kwargs(args, quant=quant))
+        adapter = adapter or args.adapter
+        label += "+adapter" if adapter else ""
+        model, tokenizer = load(name, **load_kwargs(args, quant=quant, adapter=adapter))
+        if model.tunewright["keep_modules"]:
+            label += f" (kept: {','.join(model.tunewright['keep_modules'])})"
         report = evaluate_model(
             model, tokenizer, examples, metric=args.metric, regex=args.regex, max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, compute_loss=not args.no_loss, compile=args.compile, name=label,
@@ -258,9 +280,13 @@ def cmd_eval(args) -> int:
 def cmd_quantize(args) -> int:
     from infer.quantize import save_quantized
 
+    if args.adapter:
+        raise ValueError("quantize saves one checkpoint; --adapter keeps the LoRA adapter separate. "
+                         "Load with --quant nf4 --adapter instead of saving a copy")
     out = save_quantized(
         args.run, args.out, quant=args.quant, double_quant=not args.no_double_quant, compute_dtype=args.compute_dtype,
         dtype=args.dtype, device=args.device, overwrite=args.overwrite,
+        keep_modules=tuple(m.strip() for m in args.keep_modules.split(",") if m.strip()),
     )
     print(out)
     return 0

@@ -36,6 +36,8 @@ def load(
     double_quant: bool = True,
     compute_dtype: str = "auto",
     trust_remote_code: bool = False,
+    keep_modules=(),
+    adapter: bool = False,
 ):
     """Return (model, tokenizer) ready for generation.
 
@@ -44,6 +46,11 @@ def load(
     compute_dtype (4-bit only): the dtype 4-bit matmuls run in; auto = dtype.
     attn_implementation: auto picks sdpa (the generator passes explicit masks over a static
     cache, which flash/varlen kernels do not take); other values as in infer.attention.
+    keep_modules: module names (as in bitsandbytes' skip list: `down_proj` matches every
+    layer's) left in `dtype` when quantizing; trades memory for accuracy.
+    adapter: for a LoRA run directory, load the run's base model (quantized as asked) and
+    apply `adapter/` on top, unmerged and unquantized, as QLoRA serves, instead of
+    quantizing the merged `model/`: the fine-tuning delta then keeps full precision.
     `model.tunewright` records what was loaded (source, quant, dtype, device, attention).
     """
     import torch
@@ -52,7 +59,11 @@ def load(
     _check_choice("quant", quant, QUANT_CHOICES)
     _check_choice("dtype", dtype, DTYPE_CHOICES)
     _check_choice("compute_dtype", compute_dtype, DTYPE_CHOICES)
-    checkpoint = resolve_checkpoint(path)
+    keep_modules = tuple(m for m in ([keep_modules] if isinstance(keep_modules, str) else keep_modules) if m)
+    if keep_modules and quant == "none":
+        raise LoadError(f"keep_modules {list(keep_modules)} only applies when quantizing; add --quant int8, nf4 or fp4")
+    run_adapter = find_adapter(path) if adapter else None
+    checkpoint = resolve_checkpoint(run_adapter["base"] if run_adapter else path)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     saved_quant = saved_quantization(checkpoint)
@@ -66,7 +77,9 @@ def load(
     if effective_quant != "none":
         check_quant_supported(effective_quant, dev)
     if quant != "none" and not saved_quant:
-        quantization_config = bnb_config(quant, double_quant, resolve_dtype(compute_dtype, dev) if compute_dtype != "auto" else torch_dtype)
+        quantization_config = bnb_config(
+            quant, double_quant, resolve_dtype(compute_dtype, dev) if compute_dtype != "auto" else torch_dtype, keep_modules
+        )
 
     attn = "sdpa" if attn_implementation == "auto" else attn_implementation
     if attn != "sdpa":
@@ -74,7 +87,8 @@ def load(
 
         attn = resolve_attn_implementation(attn)
 
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+    tokenizer_dir = run_adapter["tokenizer"] if run_adapter else checkpoint
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
     kwargs = dict(dtype=torch_dtype, attn_implementation=attn, trust_remote_code=trust_remote_code)
     if effective_quant != "none":
         # bitsandbytes places quantized weights while loading; a later .to() is refused.
@@ -87,6 +101,12 @@ def load(
     model = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
     if effective_quant == "none":
         model.to(dev)
+    if run_adapter:
+        from peft import PeftModel
+
+        # The transformers model with LoRA layers injected (adapters active), not the
+        # PeftModel wrapper: generation code sees the usual forward and attributes.
+        model = PeftModel.from_pretrained(model, run_adapter["adapter"], is_trainable=False).get_base_model()
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; eos is never attended
@@ -98,9 +118,32 @@ def load(
         "device": str(dev),
         "attn_implementation": attn,
         "double_quant": bool(double_quant) if effective_quant in ("nf4", "fp4") else None,
+        "keep_modules": list(keep_modules),
+        "adapter": str(run_adapter["adapter"]) if run_adapter else None,
     }
     log.info("loaded %s (quant=%s, dtype=%s, device=%s, attention=%s)", checkpoint, effective_quant, torch_dtype, dev, attn)
     return model, tokenizer
+
+
+def find_adapter(path) -> dict:
+    """{'adapter', 'base', 'tokenizer'} of a LoRA run directory, or a LoadError saying why not."""
+    run = Path(path).expanduser()
+    adapter_dir, manifest = run / "adapter", run / "manifest.json"
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise LoadError(
+            f"--adapter needs a LoRA run directory with adapter/adapter_config.json; {run} has none "
+            "(full fine-tuning runs have only the merged model/: drop --adapter)"
+        )
+    base = None
+    if manifest.is_file():
+        info = json.loads(manifest.read_text()).get("base_model") or {}
+        local = info.get("resolved_path")
+        base = local if local and Path(local).is_dir() else info.get("name")
+    if not base:
+        base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise LoadError(f"{run}: neither manifest.json nor adapter/adapter_config.json names the base model")
+    return {"adapter": adapter_dir, "base": base, "tokenizer": run / "model" if (run / "model").is_dir() else adapter_dir}
 
 
 def resolve_checkpoint(path) -> Path:
@@ -175,16 +218,19 @@ def check_quant_supported(quant: str, device) -> None:
         ) from None
 
 
-def bnb_config(quant: str, double_quant: bool, compute_dtype):
+def bnb_config(quant: str, double_quant: bool, compute_dtype, keep_modules=()):
     from transformers import BitsAndBytesConfig
 
+    # An explicit skip list replaces transformers' default (the output head), so it is kept.
+    skip = {"llm_int8_skip_modules": ["lm_head", *keep_modules]} if keep_modules else {}
     if quant == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
+        **skip,
     )
 
 

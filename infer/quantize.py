@@ -176,6 +176,7 @@ def save_quantized(
     dtype: str = "auto",
     device: str = "auto",
     overwrite: bool = False,
+    keep_modules=(),
 ) -> Path:
     """Quantize `source` with bitsandbytes and save a copy that reloads as-is; returns its path."""
     import bitsandbytes
@@ -189,7 +190,8 @@ def save_quantized(
     if out.exists() and not overwrite:
         raise LoadError(f"{out} already exists; pass --out elsewhere or --overwrite to replace it")
     started = time.time()
-    model, tokenizer = load(source, quant=quant, dtype=dtype, device=device, double_quant=double_quant, compute_dtype=compute_dtype)
+    model, tokenizer = load(source, quant=quant, dtype=dtype, device=device, double_quant=double_quant,
+                            compute_dtype=compute_dtype, keep_modules=keep_modules)
     info = model.tunewright
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written under a temporary name and renamed: an interrupted run leaves no directory
@@ -205,6 +207,7 @@ def save_quantized(
             "double_quant": double_quant if quant in ("nf4", "fp4") else None,
             "compute_dtype": compute_dtype if compute_dtype != "auto" else info["dtype"],
             "unquantized_dtype": info["dtype"],
+            "kept_unquantized": list(keep_modules),
             "weight_bytes": weight_bytes(model),
             "seconds": round(time.time() - started, 2),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -129,7 +129,10 @@ def test_cli_compares_models_side_by_side(tiny_model_dir, tmp_path, capsys):
     assert [r["n"] for r in reports] == [4, 4] and all(r["loss"] > 0 for r in reports)
     printed = capsys.readouterr().out
     assert f"| {tiny_model_dir}:nf4 | exact_match |" in printed and "per-example outputs" in printed
-    assert parse_model_specs(None, ["base,runs/x:nf4", "c:int8"]) == [("base", None), ("runs/x", "nf4"), ("c", "int8")]
+    assert parse_model_specs(None, ["base,runs/x:nf4", "c:int8", "runs/x:nf4+adapter"]) == [
+        ("base", None, False), ("runs/x", "nf4", False), ("c", "int8", False), ("runs/x", "nf4", True)]
+    with pytest.raises(ValueError, match=r"only '\+adapter'"):
+        parse_model_specs(None, ["runs/x:nf4+merged"])
     assert main(["eval", "--data", str(data), "--metric", "regex", "--model", str(tiny_model_dir)]) == 2
 
 

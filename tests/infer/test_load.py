@@ -113,3 +113,57 @@ def test_errors_say_what_is_wrong_and_what_to_do(tiny_model_dir, tmp_path):
             load(tiny_model_dir, device="cuda")
     with pytest.raises(LoadError, match="needs bitsandbytes on a CUDA GPU or the CPU"):
         load(tiny_model_dir, quant="nf4", device="meta")
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model_dir, tmp_path_factory):
+    """A run directory as train writes it for LoRA: merged model/, adapter/, manifest naming the base."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = tmp_path_factory.mktemp("lora-run")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a visible delta, so "adapter applied" is testable
+    peft_model.save_pretrained(run / "adapter")
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(run / "model")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(run / "model")
+    (run / "manifest.json").write_text(json.dumps({"base_model": {"name": "tiny", "resolved_path": str(tiny_model_dir)}}))
+    return run
+
+
+def test_adapter_on_base_equals_merged_model(lora_run, tiny_model_dir):
+    x = torch.tensor([[5, 6, 7, 8]])
+    merged, _ = load(lora_run)
+    unmerged, tok = load(lora_run, adapter=True)
+    base, _ = load(tiny_model_dir)
+    assert unmerged.tunewright["adapter"].endswith("adapter") and unmerged.tunewright["checkpoint"] == str(tiny_model_dir)
+    with torch.no_grad():
+        a, b, c = merged(x).logits, unmerged(x).logits, base(x).logits
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(c, a, atol=1e-2)  # the adapter changed the model
+
+
+def test_quantized_base_with_adapter_and_kept_modules(lora_run):
+    import bitsandbytes as bnb
+
+    model, tok = load(lora_run, quant="nf4", adapter=True, keep_modules=["down_proj"])
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj.base_layer, bnb.nn.Linear4bit)  # quantized base under LoRA
+    assert isinstance(layer.self_attn.k_proj, bnb.nn.Linear4bit)  # no adapter there
+    assert type(layer.mlp.down_proj.base_layer) is torch.nn.Linear  # kept unquantized
+    assert type(layer.self_attn.q_proj.lora_A["default"]) is torch.nn.Linear
+    out = Generator(model, tok, max_batch_size=1, max_seq_len=64).generate([[5, 6, 7]], SamplingParams(max_new_tokens=5, ignore_eos=True))
+    assert len(out[0].token_ids) == 5
+
+
+def test_adapter_and_keep_modules_errors(tiny_model_dir):
+    with pytest.raises(LoadError, match="adapter/adapter_config.json"):
+        load(tiny_model_dir, adapter=True)
+    with pytest.raises(LoadError, match="only applies when quantizing"):
+        load(tiny_model_dir, keep_modules=["down_proj"])
