@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="runs/<name>, a checkpoint directory, or a builtin model name")
     p.add_argument("--quant", choices=["none", "int8", "nf4", "fp4"], default="none",
                    help="bitsandbytes quantization at load time (default none)")
+    p.add_argument("--keep-modules", default="", metavar="NAMES",
+                   help="with --quant: comma-separated module names left unquantized, e.g. down_proj")
+    p.add_argument("--adapter", action="store_true",
+                   help="LoRA run: quantize the base model and apply adapter/ unmerged instead of the merged model/")
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to bind (default 127.0.0.1: reachable from this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (default 8000)")
@@ -67,8 +71,10 @@ def load_for_serving(args):
     (run directories, builtin names, bitsandbytes quantization, dtype and device)."""
     from infer.load import load
 
+    keep = tuple(m.strip() for m in getattr(args, "keep_modules", "").split(",") if m.strip())
     return load(args.run, quant=args.quant, dtype=args.dtype, device=args.device,
-                trust_remote_code=args.trust_remote_code)
+                trust_remote_code=args.trust_remote_code, keep_modules=keep if args.quant != "none" else (),
+                adapter=getattr(args, "adapter", False))
 
 
 class ServerState:

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "test-key-123"
@@ -384,3 +385,17 @@ def _wait_for(predicate, timeout: float = 60) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.05)
+
+
+def test_serve_loads_with_the_same_quantization_options(tiny_model_dir):
+    import bitsandbytes as bnb
+
+    from infer.serve import build_parser, load_for_serving
+
+    args = build_parser().parse_args([str(tiny_model_dir), "--quant", "nf4", "--keep-modules", "down_proj"])
+    model, _ = load_for_serving(args)
+    layer = model.model.layers[0]
+    assert type(layer.mlp.down_proj) is torch.nn.Linear and isinstance(layer.mlp.up_proj, bnb.nn.Linear4bit)
+    args = build_parser().parse_args([str(tiny_model_dir), "--adapter"])
+    with pytest.raises(ValueError, match="adapter/adapter_config.json"):
+        load_for_serving(args)
