@@ -1,8 +1,13 @@
-"""The generator's KV cache: every layer's keys and values allocated once, written in place."""
+"""The generator's KV cache (every layer's keys and values allocated once, written in place)
+and the checks that a model can run over it."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class StaticKVCache:
@@ -54,3 +59,26 @@ class StaticKVCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # only consulted when position_ids are absent; the generator always passes them
+
+
+def check_supported(config, max_seq_len: int) -> None:
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = getattr(text_config, "layer_types", None) or []
+    window = getattr(text_config, "sliding_window", None)
+    uses_window = any("sliding" in str(t) for t in layer_types) or (
+        window and getattr(text_config, "use_sliding_window", True) and window < max_seq_len and not layer_types
+    )
+    if uses_window:
+        raise ValueError(
+            f"{type(config).__name__} uses sliding-window attention, which the static-cache generator "
+            "does not implement; use transformers' model.generate for this model"
+        )
+
+
+def use_masked_attention(model) -> None:
+    # The generator passes explicit 4-D padding/causal masks over the static cache; only
+    # sdpa and eager attention take those (flash/varlen kernels ignore or reject them).
+    impl = getattr(model.config, "_attn_implementation", "sdpa")
+    if impl not in ("sdpa", "eager"):
+        log.info("generation switches attention from %s to sdpa (static cache with explicit masks)", impl)
+        model.set_attn_implementation("sdpa")

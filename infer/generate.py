@@ -49,11 +49,12 @@ import inspect
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
-from infer.cache import StaticKVCache
+from infer.cache import StaticKVCache, check_supported, use_masked_attention
+from infer.graphs import compile_mode, raise_dynamo_limits
 from infer.sampling import SamplingParams, choose_tokens
 
 log = logging.getLogger(__name__)
@@ -184,10 +185,10 @@ class Generator:
         self.sync_interval = max(1, sync_interval)
         self.device = next(model.parameters()).device
         self.config = model.config
-        _check_supported(self.config, max_seq_len)
-        _use_masked_attention(model)
+        check_supported(self.config, max_seq_len)
+        use_masked_attention(model)
         model.eval()
-        self.compile_mode = _compile_mode(compile, self.device)
+        self.compile_mode = compile_mode(compile, self.device)
         if quant_kernels not in ("auto", "bitsandbytes", "compiled"):
             raise ValueError(f"quant_kernels must be auto, bitsandbytes or compiled, got {quant_kernels!r}")
         inductor_on_gpu = self.compile_mode in INDUCTOR_MODES and self.device.type == "cuda"
@@ -259,7 +260,7 @@ class Generator:
     def _compiled(self, fn, mode):
         if mode is None:
             return fn
-        _raise_dynamo_limits()
+        raise_dynamo_limits()
         if callable(mode) or mode not in INDUCTOR_MODES:
             return torch.compile(fn, backend=mode, fullgraph=True, dynamic=False)
         mode = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
@@ -488,46 +489,3 @@ def _eos_ids(model, tokenizer) -> set[int]:
         elif value:
             ids.update(value)
     return ids
-
-
-def _compile_mode(compile, device) -> Any:
-    if compile in (False, None, "none", "off"):
-        return None
-    if compile == "auto":
-        return "reduce-overhead" if device.type == "cuda" else None
-    if compile is True:
-        return "reduce-overhead" if device.type == "cuda" else "default"
-    return compile
-
-
-def _raise_dynamo_limits() -> None:
-    # One graph per (batch bucket, sampling) and per prompt bucket: more than dynamo's
-    # default of 8 recompiles per function.
-    import torch._dynamo.config as dynamo_config
-
-    for name in ("recompile_limit", "cache_size_limit"):
-        if getattr(dynamo_config, name, 64) < 64:
-            setattr(dynamo_config, name, 64)
-
-
-def _check_supported(config, max_seq_len: int) -> None:
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layer_types = getattr(text_config, "layer_types", None) or []
-    window = getattr(text_config, "sliding_window", None)
-    uses_window = any("sliding" in str(t) for t in layer_types) or (
-        window and getattr(text_config, "use_sliding_window", True) and window < max_seq_len and not layer_types
-    )
-    if uses_window:
-        raise ValueError(
-            f"{type(config).__name__} uses sliding-window attention, which the static-cache generator "
-            "does not implement; use transformers' model.generate for this model"
-        )
-
-
-def _use_masked_attention(model) -> None:
-    # The generator passes explicit 4-D padding/causal masks over the static cache; only
-    # sdpa and eager attention take those (flash/varlen kernels ignore or reject them).
-    impl = getattr(model.config, "_attn_implementation", "sdpa")
-    if impl not in ("sdpa", "eager"):
-        log.info("generation switches attention from %s to sdpa (static cache with explicit masks)", impl)
-        model.set_attn_implementation("sdpa")

@@ -15,7 +15,7 @@ later calls replay it. Capture executes nothing, so no step is run twice.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -59,3 +59,24 @@ class CUDAGraphs:
                 out = fn(*args)
         self.graphs[key] = (graph, out)
         return result
+
+
+def compile_mode(compile, device) -> Any:
+    """The Generator's `compile` argument as an inductor mode, a dynamo backend, or None (eager)."""
+    if compile in (False, None, "none", "off"):
+        return None
+    if compile == "auto":
+        return "reduce-overhead" if device.type == "cuda" else None
+    if compile is True:
+        return "reduce-overhead" if device.type == "cuda" else "default"
+    return compile
+
+
+def raise_dynamo_limits() -> None:
+    # One graph per (batch bucket, sampling) and per prompt bucket: more than dynamo's
+    # default of 8 recompiles per function.
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if getattr(dynamo_config, name, 64) < 64:
+            setattr(dynamo_config, name, 64)
