@@ -17,17 +17,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-QUANTS = ("none", "int8", "nf4", "fp4")
+from infer.load import DTYPE_CHOICES, QUANT_CHOICES as QUANTS  # torch-free module: --help stays instant
 
 
 def add_load_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("loading")
     g.add_argument("--quant", choices=QUANTS, default="none", help="bitsandbytes quantization (default none)")
-    g.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+    g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="precision of unquantized weights; auto = bf16 on CUDA, fp32 on CPU")
     g.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
     g.add_argument("--attn", default="auto", help="attention implementation (auto = sdpa for generation)")
-    g.add_argument("--compute-dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+    g.add_argument("--compute-dtype", choices=DTYPE_CHOICES, default="auto",
                    help="dtype 4-bit matmuls compute in (auto = --dtype)")
     g.add_argument("--no-double-quant", action="store_true", help="nf4/fp4: do not quantize the block scales")
     g.add_argument("--keep-modules", default="", metavar="NAMES",
@@ -44,7 +44,7 @@ def load_kwargs(args, quant: str | None = None, adapter: bool | None = None) -> 
         quant=quant, dtype=args.dtype, device=args.device, attn_implementation=args.attn,
         double_quant=not args.no_double_quant, compute_dtype=args.compute_dtype,
         trust_remote_code=args.trust_remote_code,
-        keep_modules=tuple(m.strip() for m in args.keep_modules.split(",") if m.strip()) if quant != "none" else (),
+        keep_modules=args.keep_modules if quant != "none" else (),  # eval mixes quantized and unquantized models
         adapter=args.adapter if adapter is None else adapter,
     )
 
@@ -286,7 +286,7 @@ def cmd_quantize(args) -> int:
     out = save_quantized(
         args.run, args.out, quant=args.quant, double_quant=not args.no_double_quant, compute_dtype=args.compute_dtype,
         dtype=args.dtype, device=args.device, overwrite=args.overwrite,
-        keep_modules=tuple(m.strip() for m in args.keep_modules.split(",") if m.strip()),
+        keep_modules=args.keep_modules,
     )
     print(out)
     return 0

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from infer.architectures import PUBLIC_ARCHS
+from infer.load import DTYPE_CHOICES
 
 ARCHS = {  # public shapes plus a CPU-sized one for tests
     **PUBLIC_ARCHS,
@@ -428,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--num-draft", type=int, default=4, help="draft tokens per speculative step")

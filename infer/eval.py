@@ -48,26 +48,19 @@ class EvalReport:
 
 
 def load_examples(path, limit: int | None = None, *, fmt: str = "auto", fields=None, system_prompt=None) -> list[list[dict]]:
-    """Conversations from a data file (any format infer.records reads, except plain text)."""
-    from infer.records import RecordsError, normalize_rows, read_rows
+    """Conversations from a data file (any format infer.records reads, except plain text).
 
-    rows = read_rows(path, limit=limit)
-    fmt, items = normalize_rows(rows, fmt, fields=fields, system_prompt=system_prompt, source=str(path))
+    infer.records already rejects conversations that do not end with an assistant turn
+    after a user turn, naming file:line, so every item here has a reference answer.
+    """
+    from infer.records import RecordsError, load_records
+
+    fmt, items, _ = load_records(path, fmt, fields, system_prompt, limit=limit)
     if fmt == "text":
         raise RecordsError(
             f"{path}: rows are plain text, with no reference answer to score. Evaluation needs "
             "messages, prompt/completion or instruction/output (alpaca) rows."
         )
-    origins = getattr(rows, "origins", None) or [f"{path}: row {i}" for i in range(len(items))]
-    bad = [
-        f"{where}: the last message must be the assistant's reference answer after at least one prompt message"
-        for where, conv in zip(origins, items)
-        if len(conv) < 2 or conv[-1]["role"] != "assistant"
-    ]
-    if bad:
-        from infer.records import problem_report
-
-        raise RecordsError(problem_report(str(path), bad))
     return items
 
 

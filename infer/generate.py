@@ -54,8 +54,9 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from infer.cache import StaticKVCache, check_supported, use_masked_attention
+from infer.detokenize import TextStream
 from infer.graphs import compile_mode, raise_dynamo_limits
-from infer.sampling import SamplingParams, choose_tokens
+from infer.sampling import SamplingParams, choose_tokens, eos_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -96,62 +97,51 @@ class GenerationStats:
 
 
 class _Row:
-    """Host-side state of one prompt: tokens so far, end conditions, text already emitted."""
+    """Host-side state of one prompt: tokens so far, end conditions, text already emitted.
+
+    Text goes through infer.detokenize.TextStream (as in the server): incremental decoding,
+    stop strings cut before the match, and a tail that could start a stop string held back.
+    """
 
     def __init__(self, index, prompt_len, params: SamplingParams, tokenizer, eos_ids):
         self.index, self.prompt_len, self.params = index, prompt_len, params
-        self.tokenizer, self.eos_ids = tokenizer, eos_ids
+        self.eos_ids = eos_ids
         self.token_ids: list[int] = []
-        self.text = ""
+        self.stream = TextStream(tokenizer, tuple(params.stop))
+        self.pending = ""  # released text not yet handed out in an event
         self.emitted_tokens = 0
-        self.emitted_text = 0
         self.finish_reason: str | None = None
         self.ttft_s = 0.0
-        self.holdback = max((len(s) for s in params.stop), default=1) - 1
+
+    @property
+    def text(self) -> str:
+        return self.stream.text
 
     def add(self, tokens: Sequence[int]) -> None:
-        if self.finish_reason:
-            return
         for tok in tokens:
+            if self.finish_reason:
+                return
             if tok in self.eos_ids and not self.params.ignore_eos:
-                self.finish_reason = "stop"
-                break
-            self.token_ids.append(tok)
-            if len(self.token_ids) >= self.params.max_new_tokens:
-                self.finish_reason = "length"
-                break
-        self.text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        if self.params.stop:
-            self._apply_stop()
+                self._finish("stop")
+                return
+            self.token_ids.append(tok)  # kept up to the token that completes a stop string
+            self.pending += self.stream.push(tok)
+            if self.stream.stopped:
+                self._finish("stop")
+            elif len(self.token_ids) >= self.params.max_new_tokens:
+                self._finish("length")
 
-    def _apply_stop(self) -> None:
-        search_from = max(0, self.emitted_text - self.holdback)
-        hits = [(i, s) for s in self.params.stop if (i := self.text.find(s, search_from)) >= 0]
-        if not hits:
-            return
-        cut, stop = min(hits)
-        self.text = self.text[:cut]
-        # Keep the tokens up to the one that completed the stop string.
-        need = cut + len(stop)
-        for n in range(1, len(self.token_ids) + 1):
-            if len(self.tokenizer.decode(self.token_ids[:n], skip_special_tokens=True)) >= need:
-                self.token_ids = self.token_ids[:n]
-                break
-        self.finish_reason = "stop"
+    def _finish(self, reason: str) -> None:
+        self.pending += self.stream.flush()
+        self.finish_reason = reason
 
     def event(self) -> StreamEvent | None:
-        end = len(self.text)
-        if not self.finish_reason:
-            end -= self.holdback  # could be the start of a stop string
-            while end > self.emitted_text and self.text[end - 1] == "\ufffd":
-                end -= 1  # an incomplete multi-byte character: wait for the rest
-        end = max(end, self.emitted_text)
         new_tokens = self.token_ids[self.emitted_tokens:]
-        new_text = self.text[self.emitted_text:end]
-        if not new_tokens and not new_text and not self.finish_reason:
+        if not new_tokens and not self.pending and not self.finish_reason:
             return None
-        self.emitted_tokens, self.emitted_text = len(self.token_ids), end
-        return StreamEvent(self.index, new_tokens, new_text, bool(self.finish_reason), self.finish_reason)
+        event = StreamEvent(self.index, new_tokens, self.pending, bool(self.finish_reason), self.finish_reason)
+        self.emitted_tokens, self.pending = len(self.token_ids), ""
+        return event
 
 
 def _pow2_at_least(n: int) -> int:
@@ -213,7 +203,7 @@ class Generator:
         embed = model.get_input_embeddings().weight
         self.vocab_size = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else embed.shape[0]
         self.pad_id = _first(tokenizer.pad_token_id, tokenizer.eos_token_id, 0)
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_token_ids(model, tokenizer)
         self.buckets = sorted(set(prompt_buckets or [16 << i for i in range(16) if 16 << i < max_seq_len] + [max_seq_len]))
 
         dev, B, T = self.device, max_batch_size, cache_len
@@ -479,13 +469,3 @@ def _events_of(rows) -> Iterator[StreamEvent]:
 
 def _first(*values):
     return next(v for v in values if v is not None)
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids = set()
-    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif value:
-            ids.update(value)
-    return ids

@@ -17,7 +17,6 @@ log = logging.getLogger(__name__)
 
 QUANT_CHOICES = ("none", "int8", "nf4", "fp4")
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
-DEVICE_CHOICES = ("auto", "cuda", "cpu")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
 
@@ -47,7 +46,8 @@ def load(
     attn_implementation: auto picks sdpa (the generator passes explicit masks over a static
     cache, which flash/varlen kernels do not take); other values as in infer.attention.
     keep_modules: module names (as in bitsandbytes' skip list: `down_proj` matches every
-    layer's) left in `dtype` when quantizing; trades memory for accuracy.
+    layer's; a list or one comma-separated string) left in `dtype` when quantizing; trades
+    memory for accuracy.
     adapter: for a LoRA run directory, load the run's base model (quantized as asked) and
     apply `adapter/` on top, unmerged and unquantized, as QLoRA serves, instead of
     quantizing the merged `model/`: the fine-tuning delta then keeps full precision.
@@ -59,7 +59,9 @@ def load(
     _check_choice("quant", quant, QUANT_CHOICES)
     _check_choice("dtype", dtype, DTYPE_CHOICES)
     _check_choice("compute_dtype", compute_dtype, DTYPE_CHOICES)
-    keep_modules = tuple(m for m in ([keep_modules] if isinstance(keep_modules, str) else keep_modules) if m)
+    if isinstance(keep_modules, str):  # the CLI's comma-separated form
+        keep_modules = keep_modules.split(",")
+    keep_modules = tuple(m.strip() for m in keep_modules if m.strip())
     if keep_modules and quant == "none":
         raise LoadError(f"keep_modules {list(keep_modules)} only applies when quantizing; add --quant int8, nf4 or fp4")
     run_adapter = find_adapter(path) if adapter else None

@@ -117,3 +117,14 @@ def argmax(logits: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     best, where = logits.view(rows, -1, chunk).max(dim=-1)
     block = best.argmax(dim=-1, keepdim=True)
     return (block * chunk + where.gather(1, block)).squeeze(1)
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """Every id that ends a sequence: the generation config's, the model config's, the tokenizer's."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if value is None:
+            continue
+        ids.update(value if isinstance(value, (list, tuple)) else [value])
+    return {int(i) for i in ids}

@@ -149,10 +149,9 @@ def build_model(config, row: Row, seed: int, device, quant_dir: Optional[Path]):
     attn = resolve_attn_implementation(row.attn)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if row.method == "qlora":
-        from transformers import BitsAndBytesConfig
+        from infer.load import bnb_config
 
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.bfloat16)
+        bnb = bnb_config("nf4", True, torch.bfloat16)
         return AutoModelForCausalLM.from_pretrained(quant_dir, quantization_config=bnb, dtype=dtype,
                                                     attn_implementation=attn, device_map={"": device.index or 0})
     torch.manual_seed(seed)

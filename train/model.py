@@ -118,15 +118,10 @@ def load_model(recipe: Recipe) -> ModelSetup:
         dtype=dtype, attn_implementation=attn, trust_remote_code=recipe.model.trust_remote_code
     )
     if method == "qlora":
-        from transformers import BitsAndBytesConfig
+        from infer.load import bnb_config
 
         q = recipe.method.qlora
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=q.quant_type,
-            bnb_4bit_use_double_quant=q.double_quant,
-            bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
-        )
+        kwargs["quantization_config"] = bnb_config(q.quant_type, q.double_quant, getattr(torch, q.compute_dtype))
         # bitsandbytes quantizes while loading, so the weights must land on the GPU directly.
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)

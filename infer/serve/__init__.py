@@ -17,6 +17,8 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from infer.load import DTYPE_CHOICES, QUANT_CHOICES
+
 log = logging.getLogger("infer.serve")
 
 
@@ -27,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         "over an OpenAI-compatible HTTP API with continuous batching.",
     )
     p.add_argument("run", help="runs/<name>, a checkpoint directory, or a builtin model name")
-    p.add_argument("--quant", choices=["none", "int8", "nf4", "fp4"], default="none",
+    p.add_argument("--quant", choices=QUANT_CHOICES, default="none",
                    help="bitsandbytes quantization at load time (default none)")
     p.add_argument("--keep-modules", default="", metavar="NAMES",
                    help="with --quant: comma-separated module names left unquantized, e.g. down_proj")
@@ -39,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("TUNEWRIGHT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $TUNEWRIGHT_API_KEY)")
     p.add_argument("--served-model-name", help="the model id clients send (default: the run's name)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="precision of unquantized weights (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--max-batch-size", type=int, default=64, help="sequences decoded together (default 64)")
@@ -71,10 +73,9 @@ def load_for_serving(args):
     (run directories, builtin names, bitsandbytes quantization, dtype and device)."""
     from infer.load import load
 
-    keep = tuple(m.strip() for m in getattr(args, "keep_modules", "").split(",") if m.strip())
     return load(args.run, quant=args.quant, dtype=args.dtype, device=args.device,
-                trust_remote_code=args.trust_remote_code, keep_modules=keep if args.quant != "none" else (),
-                adapter=getattr(args, "adapter", False))
+                trust_remote_code=args.trust_remote_code, keep_modules=args.keep_modules if args.quant != "none" else (),
+                adapter=args.adapter)
 
 
 class ServerState:

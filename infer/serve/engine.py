@@ -34,7 +34,8 @@ from typing import Callable
 
 import torch
 
-from .detokenize import TextStream
+from infer.detokenize import TextStream
+from infer.sampling import eos_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class Engine:
         self.max_queue = max_queue
         self.prefill_token_budget = prefill_token_budget
         self.metrics = metrics
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_token_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
 
@@ -397,13 +398,3 @@ def _top_p_filter(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     mass_before = probs.cumsum(dim=-1) - probs
     ordered = ordered.masked_fill(mass_before >= top_p[:, None], float("-inf"))
     return torch.full_like(scores, float("-inf")).scatter(-1, order, ordered)
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
-        value = getattr(source, "eos_token_id", None)
-        if value is None:
-            continue
-        ids.update(value if isinstance(value, (list, tuple)) else [value])
-    return {int(i) for i in ids}

@@ -1,7 +1,7 @@
 """Token ids → text, one token at a time, with OpenAI `stop` strings.
 
 Decoding the whole output again after every token costs O(length) per token, which adds
-up across a batch of long generations on the engine thread. Instead we decode a short
+up across a batch of long generations (the Generator and the server engine both use this). Instead we decode a short
 window: the text of `ids[window:]` minus the text of `ids[window:last]`. A window that
 starts a token or two back keeps tokenizers that merge neighbours (leading spaces,
 multi-token UTF-8 characters) correct, and a trailing U+FFFD means the last token ended
