@@ -17,36 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from infer.load import DTYPE_CHOICES, QUANT_CHOICES as QUANTS  # torch-free module: --help stays instant
-
-
-def add_load_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("loading")
-    g.add_argument("--quant", choices=QUANTS, default="none", help="bitsandbytes quantization (default none)")
-    g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="precision of unquantized weights; auto = bf16 on CUDA, fp32 on CPU")
-    g.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
-    g.add_argument("--attn", default="auto", help="attention implementation (auto = sdpa for generation)")
-    g.add_argument("--compute-dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="dtype 4-bit matmuls compute in (auto = --dtype)")
-    g.add_argument("--no-double-quant", action="store_true", help="nf4/fp4: do not quantize the block scales")
-    g.add_argument("--keep-modules", default="", metavar="NAMES",
-                   help="with --quant: comma-separated module names left unquantized, e.g. down_proj")
-    g.add_argument("--adapter", action="store_true",
-                   help="LoRA run: quantize the base model and apply adapter/ unmerged (QLoRA-style) "
-                        "instead of quantizing the merged model/")
-    g.add_argument("--trust-remote-code", action="store_true")
-
-
-def load_kwargs(args, quant: str | None = None, adapter: bool | None = None) -> dict:
-    quant = quant or args.quant
-    return dict(
-        quant=quant, dtype=args.dtype, device=args.device, attn_implementation=args.attn,
-        double_quant=not args.no_double_quant, compute_dtype=args.compute_dtype,
-        trust_remote_code=args.trust_remote_code,
-        keep_modules=args.keep_modules if quant != "none" else (),  # eval mixes quantized and unquantized models
-        adapter=args.adapter if adapter is None else adapter,
-    )
+# infer.load imports torch only inside its functions: --help stays instant.
+from infer.load import QUANT_CHOICES as QUANTS, add_load_options, load_kwargs
 
 
 def add_sampling_options(p: argparse.ArgumentParser, *, temperature: float) -> None:

@@ -90,8 +90,9 @@ def prompt_ids(tokenizer, conversation: list[dict]) -> list[int]:
 
     context = conversation[:-1]
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
-        return list(tokenizer(text, add_special_tokens=False).input_ids)
+        from infer.generate import chat_prompt_ids
+
+        return chat_prompt_ids(tokenizer, context)
     return list(tokenizer(plain_prompt(context)).input_ids)
 
 

@@ -144,6 +144,16 @@ class _Row:
         return event
 
 
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of `messages` rendered by the chat template, ready for the assistant's turn.
+
+    The one place generation, evaluation and the server turn a conversation into a prompt:
+    the template writes any BOS itself, so the tokenizer adds no special tokens.
+    """
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -330,8 +340,7 @@ class Generator:
         conversation = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this tokenizer has no chat template: pass plain strings with chat=False")
-        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        return chat_prompt_ids(self.tokenizer, conversation)
 
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None, *, chat: bool | None = None) -> list[GenerationResult]:
         t0 = time.perf_counter()

@@ -91,7 +91,7 @@ def choose_tokens(
     k = torch.where(top_k > 0, top_k, vocab)[:, None]
     # Keep a token when it is inside top-k and the mass strictly before it is below top-p;
     # the first token always survives, so a row never ends up empty.
-    drop = (ranks >= k) | ((probs.cumsum(dim=-1) - probs) >= top_p[:, None])
+    drop = (ranks >= k) | outside_top_p(probs, top_p)
     ordered = ordered.masked_fill(drop, float("-inf"))
     probs = ordered.softmax(dim=-1)
     # Exponential race (Gumbel-max form of multinomial sampling): no host sync, graph-safe.
@@ -128,3 +128,9 @@ def eos_token_ids(model, tokenizer) -> set[int]:
             continue
         ids.update(value if isinstance(value, (list, tuple)) else [value])
     return {int(i) for i in ids}
+
+
+def outside_top_p(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """For probabilities sorted in descending order, which fall outside the top-p nucleus:
+    those whose preceding mass already reaches top_p (so the first token always stays)."""
+    return (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]

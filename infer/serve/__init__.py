@@ -17,7 +17,7 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from infer.load import DTYPE_CHOICES, QUANT_CHOICES
+from infer.load import add_load_options, load_kwargs
 
 log = logging.getLogger("infer.serve")
 
@@ -29,21 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
         "over an OpenAI-compatible HTTP API with continuous batching.",
     )
     p.add_argument("run", help="runs/<name>, a checkpoint directory, or a builtin model name")
-    p.add_argument("--quant", choices=QUANT_CHOICES, default="none",
-                   help="bitsandbytes quantization at load time (default none)")
-    p.add_argument("--keep-modules", default="", metavar="NAMES",
-                   help="with --quant: comma-separated module names left unquantized, e.g. down_proj")
-    p.add_argument("--adapter", action="store_true",
-                   help="LoRA run: quantize the base model and apply adapter/ unmerged instead of the merged model/")
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to bind (default 127.0.0.1: reachable from this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("TUNEWRIGHT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $TUNEWRIGHT_API_KEY)")
     p.add_argument("--served-model-name", help="the model id clients send (default: the run's name)")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="precision of unquantized weights (auto: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--max-batch-size", type=int, default=64, help="sequences decoded together (default 64)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="sequences allowed to wait for a slot; beyond it requests get 429 (default 256)")
@@ -54,9 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (default 1 MiB)")
     p.add_argument("--drain-timeout", type=float, default=300.0,
                    help="seconds SIGTERM waits for in-flight requests before closing them (default 300)")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the checkpoint's own Python code to run (off by default: it is arbitrary code)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_load_options(p)
     return p
 
 
@@ -73,9 +63,7 @@ def load_for_serving(args):
     (run directories, builtin names, bitsandbytes quantization, dtype and device)."""
     from infer.load import load
 
-    return load(args.run, quant=args.quant, dtype=args.dtype, device=args.device,
-                trust_remote_code=args.trust_remote_code, keep_modules=args.keep_modules if args.quant != "none" else (),
-                adapter=args.adapter)
+    return load(args.run, **load_kwargs(args))
 
 
 class ServerState:

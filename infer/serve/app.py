@@ -19,6 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from infer.generate import chat_prompt_ids
+
 from .engine import EngineStoppedError, Event, QueueFullError, SamplingParams, Sequence
 from .metrics import CONTENT_TYPE
 from .schemas import ChatCompletionRequest, CompletionRequest, error_body
@@ -147,10 +149,9 @@ def _chat_ids(state, body: ChatCompletionRequest) -> list[int]:
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 for m in body.messages]
     try:
-        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return chat_prompt_ids(tok, messages)
     except Exception as exc:  # jinja raises for conversations its template refuses
         raise ApiError(400, f"messages: the chat template refused them ({exc})", param="messages") from None
-    return tok(text, add_special_tokens=False)["input_ids"]
 
 
 def _budget(state, prompt_len: int, requested: int | None, chat: bool) -> int:
@@ -291,7 +292,6 @@ async def _sse(state, job: _Job, body, rid: str, chat: bool, info):
         elif event.text:
             yield chunk([choice(event.index, event.text, None)])
     if body.include_usage and not remaining:
-        usage_field.clear()
         yield chunk([], usage=_usage(info))
     yield "data: [DONE]\n\n"
 

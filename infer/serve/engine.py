@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 
 from infer.detokenize import TextStream
-from infer.sampling import eos_token_ids
+from infer.sampling import eos_token_ids, outside_top_p
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,6 @@ class Sequence:
         self.cancelled = False
         self.output_ids: list[int] = []
         self.finish_reason: str | None = None
-        self.first_token_time: float | None = None
         self.text: TextStream | None = None  # built by the engine, which owns the tokenizer
         self.generator: torch.Generator | None = None
 
@@ -244,9 +243,9 @@ class Engine:
         self._join(seqs, cache, mask)
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(sum(len(s.prompt_ids) for s in seqs))
+            self.metrics.generated_tokens.inc(len(tokens))
         now = time.perf_counter()
         for seq, token in zip(seqs, tokens):
-            seq.first_token_time = now
             if self.metrics is not None and seq.index == 0:
                 self.metrics.ttft.observe(now - seq.arrival)
             self._append(seq, token)
@@ -265,14 +264,13 @@ class Engine:
         tokens = self._sample(out.logits[:, -1, :], self._active)
         if self.metrics is not None:
             self.metrics.batch_size.observe(rows)
+            self.metrics.generated_tokens.inc(len(tokens))  # once per step, not per token
         for seq, token in zip(list(self._active), tokens):
             self._append(seq, token)
 
     def _append(self, seq: Sequence, token: int) -> None:
         """Record one sampled token; emit its text; decide whether the sequence is finished."""
         seq.output_ids.append(token)
-        if self.metrics is not None:
-            self.metrics.generated_tokens.inc()
         if seq.cancelled:
             return
         if token in self.eos_ids:
@@ -392,9 +390,7 @@ def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _top_p_filter(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Keep, per row, the smallest set of most likely tokens whose mass reaches top_p."""
+    """Scores outside each row's top-p nucleus set to -inf (infer.sampling's rule)."""
     ordered, order = scores.sort(dim=-1, descending=True)
-    probs = ordered.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs
-    ordered = ordered.masked_fill(mass_before >= top_p[:, None], float("-inf"))
+    ordered = ordered.masked_fill(outside_top_p(ordered.softmax(dim=-1), top_p), float("-inf"))
     return torch.full_like(scores, float("-inf")).scatter(-1, order, ordered)
