@@ -82,7 +82,6 @@ ROWS: dict[str, Row] = {r.name: r for r in [
 ]}
 FULL_ROWS = ["trl_default", "padding_free_sdpa", "varlen_fa2", "tw_default", "tw_adamw_torch", "tw_8bit",
              "fastest_eager", "fastest"]
-ADAPTER_ROWS = ["trl_peft_lora", "tw_lora", "trl_peft_qlora", "tw_qlora"]
 
 
 # ---------------------------------------------------------------- data

@@ -253,8 +253,6 @@ def compile_options() -> dict:
 
 
 def _check_policy(policy: CheckpointPolicy) -> CheckpointPolicy:
-    if isinstance(policy, bool):
-        return "all" if policy else "none"
     if isinstance(policy, str):
         if policy not in ("auto", "all", "none"):
             raise ValueError(f"checkpoint policy must be auto, all, none or a fraction in [0, 1], got {policy!r}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,17 +254,9 @@ def _summary(recipe, setup, recorder: MetricsRecorder, step, seconds, checkpoint
         # Over this invocation only: a resumed run starts its clock again.
         "tokens_per_s": round(trained_tokens / seconds, 1) if seconds > 0 and trained_tokens > 0 else None,
         "steps_per_s": round(recorder.train_summary.get("train_steps_per_second", 0.0), 3) or None,
-        "median_tokens_per_s": _median([r["tokens_per_s"] for r in rows]),
+        "median_tokens_per_s": statistics.median(speeds) if (speeds := [r["tokens_per_s"] for r in rows]) else None,
         "resumed_from": str(checkpoint) if checkpoint else None,
     }
-
-
-def _median(values: list[float]) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
 def _manifest(recipe: Recipe, setup: ModelSetup, summary: dict, checkpoint) -> dict[str, Any]:
