@@ -102,11 +102,9 @@ def answer_ids(tokenizer, conversation: list[dict], prompt: list[int]) -> list[i
         text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=False)
         full = list(tokenizer(text, add_special_tokens=False).input_ids)
         if full[: len(prompt)] == prompt:
-            answer = full[len(prompt):]
-            # Stop after the end-of-turn token; the template's trailing newline is not answer.
-            special = set(tokenizer.all_special_ids)
-            ends = [i for i, t in enumerate(answer) if t in special]
-            return answer[: ends[-1] + 1] if ends else answer
+            from infer.records import through_end_of_turn
+
+            return through_end_of_turn(tokenizer, full[len(prompt):])
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     return list(tokenizer(conversation[-1]["content"], add_special_tokens=False).input_ids) + eos
 

@@ -452,3 +452,17 @@ def _messages(row: dict, fields: dict[str, str], problems: list[str]) -> list[di
     elif roles and roles[-1] != "assistant":
         problems.append(f"the last message must be the assistant's answer, but '{key}' ends with a {roles[-1]!r} turn")
     return out
+
+
+def through_end_of_turn(tokenizer, answer: list[int]) -> list[int]:
+    """An assistant turn's tokens as rendered by a chat template, cut after its last special
+    token (the end-of-turn): what the template writes after it (ChatML's newline) belongs to
+    the next prompt. Training masks exactly this span and evaluation scores it.
+
+    Special means the tokenizer's named special tokens and any added token flagged special
+    (some end-of-turn tokens are only the latter).
+    """
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    special.update(i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False))
+    ends = [k for k, token in enumerate(answer) if token in special]
+    return answer[: ends[-1] + 1] if ends else answer

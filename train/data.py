@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
-from infer.records import RecordsError, load_records, plain_prompt, problem_report
+from infer.records import RecordsError, load_records, plain_prompt, problem_report, through_end_of_turn
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,6 @@ def render_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt:
 def _encode_with_template(tokenizer, conversation):
     ids = render_ids(tokenizer, conversation, add_generation_prompt=False)
     mask = [0] * len(ids)
-    stop_ids = _special_ids(tokenizer)
     for i, message in enumerate(conversation):
         if message["role"] != "assistant":
             continue
@@ -143,11 +142,7 @@ def _encode_with_template(tokenizer, conversation):
                 "give a prefix of the whole conversation), so the assistant tokens cannot be located. "
                 "Set data.chat_template: false, or use a tokenizer whose template renders turns in order."
             )
-        answer = through[len(prompt):]
-        # Keep the end-of-turn token (a special token) but not what the template writes after
-        # it (a newline for ChatML): that text is part of the next prompt, not of the answer.
-        ends = [k for k, token in enumerate(answer) if token in stop_ids]
-        length = ends[-1] + 1 if ends else len(answer)
+        length = len(through_end_of_turn(tokenizer, through[len(prompt):]))
         mask[len(prompt): len(prompt) + length] = [1] * length
     return ids, mask
 
@@ -181,14 +176,6 @@ def _eos_id(tokenizer) -> int:
             "or use a model whose tokenizer defines one."
         )
     return tokenizer.eos_token_id
-
-
-def _special_ids(tokenizer) -> set[int]:
-    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-    for token_id, token in getattr(tokenizer, "added_tokens_decoder", {}).items():
-        if getattr(token, "special", False):
-            ids.add(token_id)
-    return ids
 
 
 # ---------------------------------------------------------------- length
