@@ -25,6 +25,7 @@ leading columns no row needs any more are trimmed, so memory follows the live re
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import secrets
 import threading
@@ -187,12 +188,13 @@ class Engine:
                     return
                 admitted = self._admit()
             try:
-                self._retire()
-                if admitted:
-                    self._prefill(admitted)
+                with self._attention_backends():
                     self._retire()
-                if self._active:
-                    self._decode()
+                    if admitted:
+                        self._prefill(admitted)
+                        self._retire()
+                    if self._active:
+                        self._decode()
             except Exception as exc:  # a failed step must not kill the server
                 log.exception("generation step failed; failing the %d sequences in it", len(self._active))
                 for seq in self._active + [s for s in admitted if s not in self._active]:
@@ -201,6 +203,21 @@ class Engine:
                         seq.emit(Event(seq.index, "", "error", len(seq.output_ids), f"{type(exc).__name__}: {exc}"))
                 self._release(admitted)
                 self._reset_batch()
+
+    def _attention_backends(self):
+        """On CUDA, SDPA may use the flash and memory-efficient kernels but not cuDNN's.
+
+        This scheduler's attention shapes change every step (live rows x cache width), and
+        cuDNN's attention builds and keeps an execution graph per new shape. On an H200
+        (torch 2.11, 1B model shapes) 3000 new shapes grew host memory by 5.5 GB through the
+        default (cuDNN) backend and by 14 MB through the memory-efficient kernel: a server
+        never stops meeting new shapes, so its memory never stopped growing.
+        """
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
 
     def _admit(self) -> list[Sequence]:
         """Move waiting sequences into free slots while the prefill stays within its token budget."""
