@@ -42,7 +42,7 @@ ARCHS = {  # public shapes plus a CPU-sized one for tests
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, vocab_size=1024, tie_word_embeddings=True, rope_theta=10000.0),
 }
-ROWS = ("baseline", "static", "compile", "batch", "int8", "nf4", "nf4-bnb", "assistant", "lookup")
+ROWS = ("baseline", "static", "compile", "inductor", "batch", "int8", "nf4", "nf4-inductor", "nf4-bnb", "assistant", "lookup")
 
 
 def measure_copy_bandwidth(device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
@@ -310,16 +310,22 @@ def run_bench(
             results[sizes.index(1) - len(sizes)]["profile"] = prof = profile_decode(gen, one[0])
             log(f"    profile: {prof}")
         del gen
-    for quant in ("int8", "nf4", "nf4-bnb"):
+    if "inductor" in rows:  # the same compiled step without infer.kernels, for comparison
+        gen = Generator(target, tokenizer, max_batch_size=1, compile=compile, kernels="none", **common)
+        record("static + compile, inductor only", 1, time_generator(gen, one, new_tokens, repeats, dev), target, weights)
+        del gen
+    for quant in ("int8", "nf4", "nf4-inductor", "nf4-bnb"):
         if quant not in rows:
             continue
-        qmodel, qtok = load(source, quant=quant.removesuffix("-bnb"), dtype=dtype, device=device)
+        base_quant = quant.removesuffix("-bnb").removesuffix("-inductor")
+        qmodel, qtok = load(source, quant=base_quant, dtype=dtype, device=device)
         stored = weight_bytes(qmodel)
         kernels = "bitsandbytes" if quant.endswith("-bnb") else "compiled"
         gen = Generator(qmodel, qtok, max_batch_size=1, compile=False if kernels == "bitsandbytes" else compile,
-                        quant_kernels=kernels, **common)
+                        quant_kernels=kernels, kernels="none" if quant.endswith("-inductor") else "auto", **common)
         runtime = weight_bytes(qmodel)  # compiled layers keep block scales expanded (no double quant)
-        label = f"{quant.removesuffix('-bnb')} " + ("(bitsandbytes kernels, eager)" if kernels == "bitsandbytes" else "+ compile")
+        label = f"{base_quant} " + ("(bitsandbytes kernels, eager)" if kernels == "bitsandbytes" else
+                                    "+ compile, inductor only" if quant.endswith("-inductor") else "+ compile")
         record(label, 1, time_generator(gen, one, new_tokens, repeats, dev), qmodel, runtime,
                note=f"stored {stored / 1e9:.2f} GB ({stored / weights:.0%} of {str(torch_dtype).removeprefix('torch.')})")
         results[-1]["stored_weight_gb"] = stored / 1e9

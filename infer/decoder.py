@@ -42,6 +42,40 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
+def kernels_unsupported_reason(model) -> str | None:
+    """None when the batch-1 decode step can run infer.kernels' Triton kernels, else why not."""
+    import importlib.util
+
+    from infer.quantize import NF4Linear
+
+    config = model.config
+    inner = model.model
+    weight = inner.embed_tokens.weight
+    if weight.device.type != "cuda":
+        return "the Triton kernels run on CUDA only"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if weight.dtype not in (torch.float16, torch.bfloat16):
+        return f"the kernels take 16-bit activations, not {weight.dtype}"
+    if getattr(config, "hidden_act", None) != "silu":
+        return f"hidden_act {getattr(config, 'hidden_act', None)!r} (the kernels fuse SiLU)"
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return f"head_dim {head_dim} is not a power of two >= 16"
+    for layer in inner.layers:
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            if not hasattr(norm, "variance_epsilon") or norm.weight.dtype != weight.dtype:
+                return f"{type(norm).__name__} is not a RMSNorm in the activation dtype"
+        attn, mlp = layer.self_attn, layer.mlp
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            if type(proj) not in (nn.Linear, NF4Linear):
+                return f"{type(proj).__name__} projections have no kernel"
+            if proj.in_features % 16 or (type(proj) is NF4Linear and proj.in_features % 64):
+                return f"input size {proj.in_features} is not a multiple of the kernels' block"
+    return None
+
+
 class _Projection(nn.Module):
     """Several linear layers on the same input as one matmul, outputs split back."""
 
@@ -105,7 +139,7 @@ class FusedDecoder(nn.Module):
     # 897 -> 982 tokens/s.
     decode_attention = "explicit"
 
-    def __init__(self, model):
+    def __init__(self, model, kernels: str = "auto"):
         super().__init__()
         reason = unsupported_reason(model)
         if reason:
@@ -123,8 +157,46 @@ class FusedDecoder(nn.Module):
             self.qkv.append(_Projection([a.q_proj, a.k_proj, a.v_proj]))
             self.gate_up.append(_Projection([m.gate_proj, m.up_proj]))
         log.info("fused decoder: %d layers with one q/k/v and one gate/up matmul each", len(inner.layers))
+        if kernels not in ("auto", "triton", "none"):
+            raise ValueError(f"kernels must be auto, triton or none, got {kernels!r}")
+        why_not = kernels_unsupported_reason(model) if kernels != "none" else "kernels='none'"
+        if kernels == "triton" and why_not:
+            raise ValueError(f"kernels='triton', but {why_not}")
+        self.kernels = why_not is None
+        self.lm_head_kernel = False
+        if self.kernels:
+            self._tune()
+        else:
+            log.info("batch-1 decode without Triton kernels: %s", why_not)
+
+    def _tune(self) -> None:
+        """Choose each projection shape's launch configuration on this GPU, and whether the
+        output projection (the largest single read) runs faster as a kernel than as cuBLAS."""
+        from triton.testing import do_bench
+
+        from infer import kernels
+
+        inner = self.model.model
+        dtype = inner.embed_tokens.weight.dtype
+        layer = inner.layers[0]
+        kernels.tune_layer(self.qkv[0].fused, dtype, norm=True)
+        kernels.tune_layer(layer.self_attn.o_proj, dtype)
+        kernels.tune_layer(self.gate_up[0].fused, dtype, norm=True)
+        kernels.tune_layer(layer.mlp.down_proj, dtype, silu_mul=True)
+        head = self.model.lm_head
+        if type(head) is nn.Linear:
+            kernels.tune_layer(head, dtype, norm=True)
+            x = torch.randn(head.in_features, device=head.weight.device, dtype=dtype)
+            norm = inner.norm
+            as_kernel = do_bench(lambda: kernels.matvec(x, head, norm=norm.weight, eps=norm.variance_epsilon), return_mode="median")
+            as_linear = do_bench(lambda: head(x), return_mode="median")
+            self.lm_head_kernel = as_kernel <= as_linear
+            log.info("output projection: kernel %.1f us, cuBLAS %.1f us (without the norm)", as_kernel * 1e3, as_linear * 1e3)
+        log.info("batch-1 decode runs Triton kernels (5 per layer)")
 
     def forward(self, input_ids, position_ids, mask, cache, last_only: bool = False):
+        if self.kernels and input_ids.shape == (1, 1):
+            return self._decode_one(input_ids, position_ids, cache)
         inner = self.model.model
         x = inner.embed_tokens(input_ids)
         cos, sin = inner.rotary_emb(x, position_ids)
@@ -152,6 +224,33 @@ class FusedDecoder(nn.Module):
             x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
         x = inner.norm(x[:, -1:] if last_only else x)
         return self.model.lm_head(x)
+
+    def _decode_one(self, input_ids, position_ids, cache):
+        """One token of one sequence through infer.kernels: five kernels per layer."""
+        from infer import kernels
+
+        inner = self.model.model
+        x = inner.embed_tokens(input_ids)
+        cos, sin = inner.rotary_emb(x, position_ids)
+        cos, sin = cos.view(1, -1), sin.view(1, -1)
+        x = x.view(-1)
+        slot = cache.base_slot
+        start = (slot - position_ids[:, -1]).contiguous()  # first slot this row may attend to
+        for i, layer in enumerate(inner.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            norm = layer.input_layernorm
+            qkv = kernels.matvec(x, self.qkv[i].fused, norm=norm.weight, eps=norm.variance_epsilon)
+            out = kernels.decode_attention(qkv.view(1, -1), cos, sin, cache.keys[i], cache.values[i], slot, start,
+                                           heads=self.heads, kv_heads=self.kv_heads, scale=attn.scaling)
+            x = kernels.matvec(out.view(-1), attn.o_proj, residual=x)
+            norm = layer.post_attention_layernorm
+            gate_up = kernels.matvec(x, self.gate_up[i].fused, norm=norm.weight, eps=norm.variance_epsilon)
+            x = kernels.matvec(gate_up, mlp.down_proj, silu_mul=True, residual=x)
+        if self.lm_head_kernel:
+            logits = kernels.matvec(x, self.model.lm_head, norm=inner.norm.weight, eps=inner.norm.variance_epsilon)
+        else:
+            logits = self.model.lm_head(inner.norm(x))
+        return logits.view(1, 1, -1)
 
     def _attend(self, qs, keys, values, mask, scale):
         if self.decode_attention == "explicit" and qs.shape[-2] <= 16:

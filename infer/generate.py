@@ -36,6 +36,10 @@ API (a fixed-batch engine; the HTTP server in infer/serve/ runs its own continuo
 * `fused`: for llama / mistral / qwen2 models, "auto" (default) runs infer.decoder's lean
   forward (fused q/k/v and gate/up matmuls, no K/V copies for grouped-query attention)
   instead of the transformers forward; False forces the transformers forward.
+* `kernels`: with the fused forward on CUDA (16-bit or nf4 weights), "auto" runs batch-1
+  decode steps through infer.kernels' Triton kernels (5 per layer: norms, rotary, cache
+  write, SiLU and residual adds folded into the matvecs and attention); "none" leaves the
+  whole step to inductor; "triton" insists (an error if the model cannot).
 
 How it stays fast: all decode state (token history, current slot, per-row sampling
 parameters, KV cache) lives in device buffers allocated once, so the compiled decode step
@@ -177,6 +181,7 @@ class Generator:
         sync_interval: int = 16,
         quant_kernels: str = "auto",
         fused: bool | str = "auto",
+        kernels: str = "auto",
     ):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
@@ -204,7 +209,7 @@ class Generator:
 
             reason = unsupported_reason(model)
             if reason is None:
-                self.decoder = FusedDecoder(model)
+                self.decoder = FusedDecoder(model, kernels=kernels if self.compile_mode else "none")
             elif fused is True:
                 raise ValueError(f"fused=True, but {reason}; use fused='auto' to fall back to the transformers forward")
             else:

@@ -125,3 +125,129 @@ def test_speculative_on_gpu_equals_plain_greedy(random_model):
                      assistant_model=model, num_assistant_tokens=4)
     assert spec.generate([prompt], params)[0].token_ids == plain.token_ids
     assert spec.last_stats.accepted == spec.last_stats.drafted > 0
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_triton_matvec_folds_norm_silu_residual_and_bias():
+    import torch.nn.functional as F
+
+    from infer import kernels
+    from infer.quantize import NF4Linear
+
+    torch.manual_seed(0)
+    dt, n, k = torch.bfloat16, 1000, 576  # n not a multiple of any block; k = 64 * 9
+    lin = torch.nn.Linear(k, n, bias=True, device="cuda", dtype=dt)
+    x, res = torch.randn(k, device="cuda", dtype=dt), torch.randn(n, device="cuda", dtype=dt)
+    norm_w = (1 + 0.1 * torch.randn(k, device="cuda")).to(dt)
+    gate_up = torch.randn(2 * k, device="cuda", dtype=dt)
+
+    def rms(v):
+        h = v.float()
+        return norm_w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dt)
+
+    def check(got, want):  # the 16-bit reference computed in float64: both are near it
+        exact = want(torch.float64)
+        assert torch.isfinite(got).all() and got.shape == exact.shape
+        assert _rel(got, exact) < 1e-2
+        assert _rel(got, want(None)) < 1e-2
+
+    w64 = lin.weight.double()
+    check(kernels.matvec(x, lin, norm=norm_w, eps=1e-5), lambda d: lin(rms(x)) if d is None else F.linear(rms(x).double(), w64, lin.bias.double()))
+    check(kernels.matvec(x, lin, residual=res), lambda d: res + lin(x) if d is None else res.double() + F.linear(x.double(), w64, lin.bias.double()))
+    act = F.silu(gate_up[:k]) * gate_up[k:]
+    check(kernels.matvec(gate_up, lin, silu_mul=True, residual=res),
+          lambda d: res + lin(act) if d is None else res.double() + F.linear(act.double(), w64, lin.bias.double()))
+
+    code = torch.linspace(-1, 1, 16, device="cuda")
+    q = NF4Linear(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda"),
+                  torch.rand(n, k // 64, device="cuda"), code, None, k, n, 64)
+    deq = q.dequantize(dt)
+    check(kernels.matvec(x, q, norm=norm_w, eps=1e-5), lambda d: F.linear(rms(x), deq) if d is None else F.linear(rms(x).double(), deq.double()))
+    check(kernels.matvec(gate_up, q, silu_mul=True, residual=res),
+          lambda d: res + F.linear(act, deq) if d is None else res.double() + F.linear(act.double(), deq.double()))
+
+
+def test_triton_decode_attention_writes_cache_and_matches_reference():
+    from infer import kernels
+
+    torch.manual_seed(0)
+    dt, b, heads, kv_heads, d, slots = torch.bfloat16, 3, 12, 4, 64, 320
+    keys = torch.randn(4, kv_heads, slots, d, device="cuda", dtype=dt)
+    values = torch.randn_like(keys)
+    keys0, values0 = keys.clone(), values.clone()
+    qkv = torch.randn(b, (heads + 2 * kv_heads) * d, device="cuda", dtype=dt)
+    slot = torch.tensor(200, device="cuda")
+    start = torch.tensor([0, 37, 150], device="cuda")  # left padding differs per row
+    angle = (slot - start)[:, None].float() * (1e4 ** (-torch.arange(0, d, 2, device="cuda") / d))
+    emb = torch.cat([angle, angle], -1)
+    cos, sin = emb.cos().to(dt), emb.sin().to(dt)
+    out = kernels.decode_attention(qkv, cos, sin, keys, values, slot, start, heads=heads, kv_heads=kv_heads, scale=d ** -0.5)
+
+    def rotate(t):
+        return torch.cat((-t[..., d // 2:], t[..., : d // 2]), -1)
+
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], -1)
+    q, k, v = q.view(b, heads, d), k.view(b, kv_heads, d), v.view(b, kv_heads, d)
+    q = q * cos[:, None] + rotate(q) * sin[:, None]
+    k = k * cos[:, None] + rotate(k) * sin[:, None]
+    assert _rel(keys[:b, :, 200], k) < 1e-2 and torch.equal(values[:b, :, 200], v)  # the new token, rotary applied
+    keys0[:b, :, 200], values0[:b, :, 200] = keys[:b, :, 200], v
+    assert torch.equal(keys, keys0) and torch.equal(values, values0)  # and nothing else written
+    for row in range(b):
+        s = slice(int(start[row]), 201)
+        qg = q[row].view(kv_heads, heads // kv_heads, d).double()
+        probs = (qg @ keys0[row, :, s].double().transpose(-1, -2) * d ** -0.5).softmax(-1)
+        want = (probs @ values0[row, :, s].double()).reshape(-1)
+        assert _rel(out[row], want) < 1e-2
+
+
+def test_kernel_decode_steps_are_as_accurate_as_the_torch_path(random_model):
+    """Teacher-forced decode steps: logits through infer.kernels (bf16) and through the same
+    decoder's torch path (bf16) against the fp32 model. The kernels keep attention scores in
+    fp32 and fuse differently, so they are not bit-equal to the bf16 torch path; they must be
+    no further from fp32 than it is."""
+    import copy
+
+    from infer.cache import StaticKVCache
+    from infer.decoder import FusedDecoder
+    from infer.generate import Generator
+    from infer.sampling import SamplingParams
+
+    model, tok = random_model
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    decoders = [FusedDecoder(bf16, kernels="triton"), FusedDecoder(bf16, kernels="none"), FusedDecoder(copy.deepcopy(model), kernels="none")]
+    assert decoders[0].kernels and not decoders[1].kernels
+    slots = 64
+    caches = [StaticKVCache(d.model.config, 1, slots, d.model.model.embed_tokens.weight.dtype, "cuda",
+                            torch.zeros((), dtype=torch.long, device="cuda")) for d in decoders]
+    key_slots = torch.arange(slots, device="cuda")
+    prompt = torch.tensor([[5, 6, 7, 8, 9, 10, 11]], device="cuda")
+    n, steps = prompt.shape[1], 24
+    errors, agree = [[], []], [0, 0]
+    with torch.no_grad():
+        for decoder, cache in zip(decoders, caches):  # prefill: several query rows, torch path
+            mask = key_slots[None, None, None, :] <= torch.arange(n, device="cuda")[None, None, :, None]
+            logits = decoder(prompt, torch.arange(n, device="cuda")[None], mask, cache)
+        token = logits[0, -1].argmax().view(1, 1)
+        for step in range(steps):
+            slot = n + step
+            outs = []
+            for decoder, cache in zip(decoders, caches):
+                cache.base_slot.fill_(slot)
+                mask = (key_slots <= slot)[None, None, None, :]
+                outs.append(decoder(token, torch.tensor([[slot]], device="cuda"), mask, cache)[0, -1].float())
+            for i in (0, 1):
+                errors[i].append(_rel(outs[i], outs[2]))
+                agree[i] += int(outs[i].argmax() == outs[2].argmax())
+            token = outs[2].argmax().view(1, 1)  # every decoder is fed the fp32 model's choice
+    kernel_err, torch_err = max(errors[0]), max(errors[1])
+    assert kernel_err <= 1.5 * torch_err + 1e-3, (errors[0], errors[1])
+    assert agree[0] >= agree[1] - 2 and agree[0] >= steps * 3 // 4, agree
+
+    gen = Generator(bf16, tok, max_batch_size=1, max_seq_len=128, compile="reduce-overhead", kernels="triton")
+    assert gen.decoder.kernels
+    out = gen.generate([[5, 6, 7]], SamplingParams(max_new_tokens=32, ignore_eos=True))[0]
+    assert len(out.token_ids) == 32 and len(gen._graphs) == 1
