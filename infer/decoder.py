@@ -139,7 +139,7 @@ class FusedDecoder(nn.Module):
     # 897 -> 982 tokens/s.
     decode_attention = "explicit"
 
-    def __init__(self, model, kernels: str = "auto"):
+    def __init__(self, model, kernels: str = "auto", cache_slots: int | None = None):
         super().__init__()
         reason = unsupported_reason(model)
         if reason:
@@ -165,13 +165,14 @@ class FusedDecoder(nn.Module):
         self.kernels = why_not is None
         self.lm_head_kernel = False
         if self.kernels:
-            self._tune()
+            self._tune(cache_slots)
         else:
             log.info("batch-1 decode without Triton kernels: %s", why_not)
 
-    def _tune(self) -> None:
-        """Choose each projection shape's launch configuration on this GPU, and whether the
-        output projection (the largest single read) runs faster as a kernel than as cuBLAS."""
+    def _tune(self, cache_slots: int | None) -> None:
+        """Choose each projection shape's launch configuration on this GPU, whether the
+        output projection (the largest single read) runs faster as a kernel than as cuBLAS,
+        and the attention kernel's block for a cache of `cache_slots` (when given)."""
         from triton.testing import do_bench
 
         from infer import kernels
@@ -183,6 +184,9 @@ class FusedDecoder(nn.Module):
         kernels.tune_layer(layer.self_attn.o_proj, dtype)
         kernels.tune_layer(self.gate_up[0].fused, dtype, norm=True)
         kernels.tune_layer(layer.mlp.down_proj, dtype, silu_mul=True)
+        if cache_slots:
+            cfg = kernels.tune_attention(self.heads, self.kv_heads, self.head_dim, cache_slots, dtype, inner.embed_tokens.weight.device)
+            log.info("decode attention over %d slots: blocks of %d, %d warps", cache_slots, *cfg)
         head = self.model.lm_head
         if type(head) is nn.Linear:
             kernels.tune_layer(head, dtype, norm=True)

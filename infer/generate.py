@@ -209,7 +209,7 @@ class Generator:
 
             reason = unsupported_reason(model)
             if reason is None:
-                self.decoder = FusedDecoder(model, kernels=kernels if self.compile_mode else "none")
+                self.decoder = FusedDecoder(model, kernels=kernels if self.compile_mode else "none", cache_slots=cache_len)
             elif fused is True:
                 raise ValueError(f"fused=True, but {reason}; use fused='auto' to fall back to the transformers forward")
             else:

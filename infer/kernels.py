@@ -349,19 +349,60 @@ def tune_layer(layer, dtype, *, silu_mul: bool = False, norm: bool = False) -> N
     tune(key[0], n, k, run, key[3])
 
 
+# (BLOCK_S, num_warps) per (heads, kv_heads, head_dim, cache slots); a batch-1 step runs one
+# program per KV head (8 for Llama-3.2-1B), so the loop over the cache is latency-bound and
+# fewer, larger blocks can win.
+ATTENTION_CONFIGS = [(bs, w) for bs in (64, 128, 256) for w in (4, 8)]
+_attention_chosen: dict[tuple, tuple[int, int]] = {}
+
+
+def _launch_attention(qkv, cos, sin, keys, values, out, slot, start, heads, kv_heads, scale, cfg):
+    d = keys.shape[-1]
+    group = heads // kv_heads
+    block_s, warps = cfg
+    wrap_triton(_decode_attention_kernel)[(qkv.shape[0], kv_heads)](
+        qkv, cos, sin, keys, values, out, slot, start, scale, keys.stride(0), keys.stride(1), keys.shape[2],
+        H=heads, KVH=kv_heads, D=d, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)),
+        BLOCK_S=block_s, WHOLE_CACHE=_INTERPRETED, num_warps=warps, num_stages=3)
+
+
 @triton_op("tunewright::decode_attention", mutates_args=("keys", "values"))
 def _decode_attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
                          values: torch.Tensor, slot: torch.Tensor, start: torch.Tensor, heads: int,
                          kv_heads: int, scale: float) -> torch.Tensor:
-    b = qkv.shape[0]
-    d = keys.shape[-1]
-    group = heads // kv_heads
-    out = torch.empty(b, heads * d, dtype=qkv.dtype, device=qkv.device)
-    wrap_triton(_decode_attention_kernel)[(b, kv_heads)](
-        qkv, cos, sin, keys, values, out, slot, start, scale, keys.stride(0), keys.stride(1), keys.shape[2],
-        H=heads, KVH=kv_heads, D=d, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)),
-        BLOCK_S=64, WHOLE_CACHE=_INTERPRETED, num_warps=4, num_stages=3)
+    out = torch.empty(qkv.shape[0], heads * keys.shape[-1], dtype=qkv.dtype, device=qkv.device)
+    cfg = _attention_chosen.get((heads, kv_heads, keys.shape[-1], keys.shape[2]), (64, 4))
+    _launch_attention(qkv, cos, sin, keys, values, out, slot, start, heads, kv_heads, scale, cfg)
     return out
+
+
+def tune_attention(heads: int, kv_heads: int, head_dim: int, slots: int, dtype, device) -> tuple[int, int]:
+    """Pick (BLOCK_S, num_warps) for a cache of `slots`, timed with half of it filled."""
+    from triton.testing import do_bench_cudagraph
+
+    key = (heads, kv_heads, head_dim, slots)
+    if key in _attention_chosen:
+        return _attention_chosen[key]
+    keys = torch.randn(1, kv_heads, slots, head_dim, device=device, dtype=dtype)
+    values = torch.randn_like(keys)
+    qkv = torch.randn(1, (heads + 2 * kv_heads) * head_dim, device=device, dtype=dtype)
+    cos, sin = torch.randn(2, 1, head_dim, device=device, dtype=dtype)
+    slot, start = torch.tensor(slots // 2, device=device), torch.zeros(1, dtype=torch.long, device=device)
+    out = torch.empty(1, heads * head_dim, device=device, dtype=dtype)
+    best, best_ms = (64, 4), float("inf")
+    for cfg in ATTENTION_CONFIGS:
+        if cfg[0] > max(64, triton.next_power_of_2(slots)):
+            continue
+
+        def run(cfg=cfg):
+            _launch_attention(qkv, cos, sin, keys, values, out, slot, start, heads, kv_heads, head_dim ** -0.5, cfg)
+
+        run()
+        ms = do_bench_cudagraph(run, rep=10, return_mode="median")
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    _attention_chosen[key] = best
+    return best
 
 
 def decode_attention(qkv, cos, sin, keys, values, slot, start, *, heads: int, kv_heads: int, scale: float):
@@ -370,4 +411,3 @@ def decode_attention(qkv, cos, sin, keys, values, slot, start, *, heads: int, kv
     cache, written at `slot` (a 0-d device tensor); start: (b,) first slot each row may see.
     Returns (b, heads * head_dim)."""
     return _decode_attention_op(qkv, cos, sin, keys, values, slot, start, heads, kv_heads, scale)
-
