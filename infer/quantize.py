@@ -2,8 +2,10 @@
 
 * `save_quantized(src, out, quant=...)` writes a self-describing quantized copy: the
   bitsandbytes weights + config (with its quantization_config), the tokenizer, and
-  `quantization.json` (what, from where, sizes, versions). `infer.load(out)` reloads it
-  without quantizing again. `python -m infer quantize RUN --quant nf4` calls this.
+  `quantization.json` (what, from where, sizes, versions, calibration). `infer.load(out)`
+  reloads it without quantizing again. `python -m infer quantize RUN --quant nf4` calls
+  this; `--calib TRAIN_DATA` chooses the 4-bit codes with infer.calibrate instead of
+  rounding each weight to nearest (same bytes, far less accuracy lost).
 * `use_compiled_kernels(model)` swaps bitsandbytes' Linear4bit / Linear8bitLt for
   `NF4Linear` / `Int8Linear`: the same packed bytes, but dequantization written as plain
   tensor code. Under torch.compile (with coordinate-descent tuning, which turns batch-1
@@ -177,8 +179,15 @@ def save_quantized(
     device: str = "auto",
     overwrite: bool = False,
     keep_modules=(),
+    calib=None,
+    calib_rows: int = 256,
 ) -> Path:
-    """Quantize `source` with bitsandbytes and save a copy that reloads as-is; returns its path."""
+    """Quantize `source` with bitsandbytes and save a copy that reloads as-is; returns its path.
+
+    calib: a data file (train split, never the eval split) whose prompts + reference
+    answers calibrate 4-bit rounding (infer.calibrate); `calib_rows` rows are sampled from it.
+    None keeps bitsandbytes' round-to-nearest.
+    """
     import bitsandbytes
     import transformers
 
@@ -186,13 +195,22 @@ def save_quantized(
 
     if quant == "none":
         raise LoadError("quantize needs --quant int8, nf4 or fp4 (none would only copy the checkpoint)")
+    if calib is not None and quant not in ("nf4", "fp4"):
+        raise LoadError(f"--calib calibrates 4-bit rounding (nf4, fp4); {quant} has no codes to choose. "
+                        "Drop --calib, or use --quant nf4")
     out = Path(out) if out else default_output_dir(source, quant)
     if out.exists() and not overwrite:
         raise LoadError(f"{out} already exists; pass --out elsewhere or --overwrite to replace it")
     started = time.time()
+    rows = None
+    if calib is not None:
+        from infer.calibrate import read_calibration_rows
+
+        rows = read_calibration_rows(calib, calib_rows)  # bad data fails before the slow loads
     model, tokenizer = load(source, quant=quant, dtype=dtype, device=device, double_quant=double_quant,
                             compute_dtype=compute_dtype, keep_modules=keep_modules)
     info = model.tunewright
+    calibration = calibrate(model, tokenizer, rows, dtype=dtype, device=device) if rows else None
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written under a temporary name and renamed: an interrupted run leaves no directory
     # that looks like a finished quantized checkpoint.
@@ -208,6 +226,8 @@ def save_quantized(
             "compute_dtype": compute_dtype if compute_dtype != "auto" else info["dtype"],
             "unquantized_dtype": info["dtype"],
             "kept_unquantized": list(keep_modules),
+            "rounding": calibration["method"] if calibration else "nearest",
+            "calibration": calibration,
             "weight_bytes": weight_bytes(model),
             "seconds": round(time.time() - started, 2),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -223,3 +243,19 @@ def save_quantized(
         raise
     log.info("wrote %s (%s, %.1f MB of weights)", out, quant, manifest["weight_bytes"] / 1e6)
     return out
+
+
+def calibrate(model, tokenizer, rows: dict, *, dtype: str, device: str) -> dict:
+    """Re-round `model`'s 4-bit layers from its unquantized checkpoint (see infer.calibrate)."""
+    import gc
+
+    from infer.calibrate import calibrate_4bit_
+    from infer.load import load
+
+    source = model.tunewright["checkpoint"]
+    fp_model, _ = load(source, dtype=dtype, device=device)
+    try:
+        return calibrate_4bit_(model, fp_model, tokenizer, rows)
+    finally:
+        del fp_model
+        gc.collect()
