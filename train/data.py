@@ -43,7 +43,7 @@ def build_datasets(recipe, tokenizer, *, train_rows: Any = None) -> dict[str, An
     import datasets
 
     data = recipe.data
-    use_template = _uses_chat_template(data.chat_template, tokenizer)
+    use_template = uses_chat_template(data.chat_template, tokenizer)
     sources = {"train": data.train if train_rows is None else train_rows}
     if data.validation:
         sources["validation"] = data.validation
@@ -80,7 +80,7 @@ def _is_path_list(source: Any) -> bool:
     return isinstance(source, (list, tuple)) and bool(source) and all(isinstance(s, str) for s in source)
 
 
-def _uses_chat_template(setting, tokenizer) -> bool:
+def uses_chat_template(setting, tokenizer) -> bool:
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if setting is True and not has_template:
         raise RecordsError(

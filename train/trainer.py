@@ -178,6 +178,7 @@ def train_recipe(recipe: Recipe, *, resume: bool = False, recipe_path: str = "RE
     elif recorder.last_eval:
         summary["eval_loss"] = recorder.last_eval["eval_loss"]
 
+    _match_prompt_format(recipe, setup.tokenizer)
     final_model = _export(recipe, setup, trainer, run)
     if eval_examples is not None and final_model is None:
         log.warning("eval skipped: output.merge is false, so there is no plain model/ to score")
@@ -193,6 +194,18 @@ def train_recipe(recipe: Recipe, *, resume: bool = False, recipe_path: str = "RE
     run.write_manifest(_manifest(recipe, setup, summary, checkpoint))
     print(f"\nRun complete: {run.path}" + (f" (model: {run.model_dir})" if run.model_dir.is_dir() else ""))
     return RunResult(run.path, "completed", step, summary, trainer.model)
+
+
+def _match_prompt_format(recipe: Recipe, tokenizer) -> None:
+    """A run trained on plain prompt + completion text (data.chat_template false) exports a
+    tokenizer without the chat template, so that infer (eval, generate, serve) and the
+    after-training eval send prompts the way training laid them out, not through a template
+    the model never saw."""
+    from train.data import uses_chat_template
+
+    if getattr(tokenizer, "chat_template", None) and not uses_chat_template(recipe.data.chat_template, tokenizer):
+        log.info("data.chat_template is false: model/ gets a tokenizer without the chat template")
+        tokenizer.chat_template = None
 
 
 def _export(recipe: Recipe, setup: ModelSetup, trainer, run: RunDir):

@@ -209,6 +209,27 @@ def test_run_learns_and_exports_a_plain_checkpoint(method, lr, tmp_path, model_d
     assert "model" in manifest["contents"] and manifest["eval"]["tuned"] == summary["eval"]["tuned"]
 
 
+def test_plain_prompt_run_exports_a_tokenizer_without_the_chat_template(tmp_path, model_dir, data_file):
+    """data.chat_template false: model/ must not carry a template the model never saw, so that
+    infer's eval / generate / serve send the prompt the way training laid it out."""
+    from transformers import AutoTokenizer
+
+    from infer.eval import prompt_ids
+    from train.data import encode_conversation
+    from train.trainer import train_recipe
+
+    assert AutoTokenizer.from_pretrained(model_dir).chat_template  # the base has one
+    raw = tiny_recipe(tmp_path, model_dir, data_file, name="plain", data={"chat_template": False},
+                      training={"max_steps": 1})
+    run = train_recipe(validate_recipe(raw)).run_dir
+    exported = AutoTokenizer.from_pretrained(run / "model")
+    assert not exported.chat_template
+    conversation = [{"role": "user", "content": "Repeat after me: river"}, {"role": "assistant", "content": "river"}]
+    ids, mask = encode_conversation(exported, conversation, chat_template=False)
+    prompt = prompt_ids(exported, conversation)
+    assert ids[: len(prompt)] == prompt and not any(mask[: len(prompt)])  # inference's prompt = training's
+
+
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir, data_file):
     from train.rundir import RunDirError
     from train.trainer import train_recipe
