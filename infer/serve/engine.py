@@ -125,14 +125,12 @@ class Engine:
 
         self._cond = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
-        self._accepting = True
-        self._stopping = False
+        self._stopping = False  # set by stop(): no new work; the thread ends once the rest is done
         self._thread = threading.Thread(target=self._run, name="tunewright-engine", daemon=True)
         # Batch state, owned by the engine thread.
         self._active: list[Sequence] = []
         self._cache = None  # DynamicCache, one row per active sequence
         self._mask: torch.Tensor | None = None  # [rows, width], 0 where a row is padding
-        self._cached: list[int] = []  # tokens in the cache per row
         # Random generators are reused across requests (re-seeded on admission) so that their
         # number stays bounded by the batch size instead of one new device object per request.
         self._spare_generators: list[torch.Generator] = []
@@ -144,7 +142,7 @@ class Engine:
     def submit(self, seqs: list[Sequence], *, bounded: bool = True) -> None:
         """Queue sequences for generation; `bounded=False` (the server's own warm-up) skips the queue bound."""
         with self._cond:
-            if not self._accepting:
+            if self._stopping:
                 raise EngineStoppedError("the server is shutting down and takes no new requests")
             if bounded and len(self._waiting) + len(seqs) > self.max_queue:
                 raise QueueFullError(
@@ -163,7 +161,6 @@ class Engine:
     def stop(self, timeout: float | None = None) -> None:
         """Take no new work, finish everything queued and running, then end the thread."""
         with self._cond:
-            self._accepting = False
             self._stopping = True
             self._cond.notify()
         if self._thread.is_alive():
@@ -277,7 +274,6 @@ class Engine:
             input_ids=ids, attention_mask=self._mask, position_ids=positions,
             past_key_values=self._cache, use_cache=True,
         )
-        self._cached = [n + 1 for n in self._cached]
         tokens = self._sample(out.logits[:, -1, :], self._active)
         if self.metrics is not None:
             self.metrics.batch_size.observe(rows)
@@ -343,7 +339,6 @@ class Engine:
     def _join(self, seqs: list[Sequence], cache, mask: torch.Tensor) -> None:
         if not self._active:
             self._active, self._cache, self._mask = list(seqs), cache, mask
-            self._cached = [len(s.prompt_ids) for s in seqs]
             return
         width = max(self._mask.shape[1], mask.shape[1])
         for mine, theirs in zip(_layers(self._cache), _layers(cache)):
@@ -351,7 +346,6 @@ class Engine:
             mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
         self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)])
         self._active.extend(seqs)
-        self._cached.extend(len(s.prompt_ids) for s in seqs)
 
     def _retire(self) -> None:
         """Drop finished and cancelled rows; trim columns that only padding occupies."""
@@ -367,8 +361,8 @@ class Engine:
             return
         rows = torch.tensor(keep, device=self.device)
         self._active = [self._active[i] for i in keep]
-        self._cached = [self._cached[i] for i in keep]
-        trim = self._mask.shape[1] - max(self._cached)
+        # A row's cache holds every token but its newest (which the next step feeds).
+        trim = self._mask.shape[1] - max(s.num_tokens - 1 for s in self._active)
         for layer in _layers(self._cache):
             layer.keys = layer.keys.index_select(0, rows)[:, :, trim:]
             layer.values = layer.values.index_select(0, rows)[:, :, trim:]
@@ -376,7 +370,7 @@ class Engine:
 
     def _reset_batch(self) -> None:
         self._release(self._active)
-        self._active, self._cache, self._mask, self._cached = [], None, None, []
+        self._active, self._cache, self._mask = [], None, None
 
 
 def _layers(cache):
