@@ -17,8 +17,9 @@ round-to-nearest, byte for byte.
     rows = read_calibration_rows("data/train.jsonl", 256)      # before any slow load
     info = calibrate_4bit_(model_nf4, fp_model, tokenizer, rows)
 
-Memory: one in x in fp32 matrix per quantized linear is held until rounding (about 0.5 GB
-for the 135M demo model, several GB for 1B-class models).
+Memory: an in x in fp32 hessian per distinct linear input (q/k/v_proj share one, gate/up_proj
+another), collected for groups of linears that fit `max_hessian_bytes` (2 GiB) and freed after
+rounding. Each group reruns the calibration forward passes: more passes for a bounded peak.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -179,21 +181,64 @@ def calibration_sequences(tokenizer, rows: dict) -> list[list[int]]:
 
 
 @torch.no_grad()
-def collect_input_hessians(model, sequences: list[list[int]], names, batch_size: int = 16) -> dict[str, torch.Tensor]:
-    """H = sum over real (unpadded) tokens of x x^T, for the input x of each named linear."""
-    modules = dict(model.named_modules())
-    hessians: dict[str, torch.Tensor] = {}
-    keep = {}  # the current batch's token mask, read by the hooks
+def shared_inputs(model, sequences: list[list[int]], names) -> dict[str, str]:
+    """name -> the first of `names` that reads the very same input tensors (q/k/v_proj, gate/up_proj).
+
+    Their hessians are one sum, so it is computed and stored once. Found by one 16-token pass:
+    sharing is code structure, not data. A linear that pass never calls stays on its own.
+    """
+    if not sequences:
+        return {name: name for name in names}
+    modules, seen, index_of, calls = dict(model.named_modules()), [], {}, {}
 
     def record(name):
         def hook(_module, inputs, _output):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1])[keep["mask"]].float()
-            if name not in hessians:
-                hessians[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-            hessians[name].addmm_(x.T, x)
+            seen.append(inputs[0])  # held for the pass, so that an id names one tensor
+            calls.setdefault(name, []).append(index_of.setdefault(id(inputs[0]), len(index_of)))
         return hook
 
     handles = [modules[name].register_forward_hook(record(name)) for name in names]
+    try:
+        tokens = torch.tensor([max(sequences, key=len)[:16]], device=next(model.parameters()).device)
+        model(input_ids=tokens, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    first: dict[tuple, str] = {}
+    return {name: first.setdefault(tuple(calls[name]), name) if name in calls else name for name in names}
+
+
+def accumulate(hessians: dict, name: str, x: torch.Tensor) -> None:
+    """hessians[name] += x^T x, created on first use: once per distinct input and batch."""
+    if name not in hessians:
+        hessians[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+    hessians[name].addmm_(x.T, x)
+
+
+@torch.no_grad()
+def collect_input_hessians(model, sequences: list[list[int]], names, batch_size: int = 16,
+                           owner_of: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """H = sum over real (unpadded) tokens of x x^T, for the input x of each named linear.
+
+    Names sharing an input (owner_of, from shared_inputs) get one tensor: only its owner is
+    hooked to accumulate; the others check they still see the owner's very input tensor.
+    """
+    owner_of = owner_of or shared_inputs(model, sequences, names)
+    modules = dict(model.named_modules())
+    hessians: dict[str, torch.Tensor] = {}
+    keep = {}  # the current batch's token mask, read by the hooks
+    latest = {}  # owner -> weak reference to its latest input: a strong one would keep it alive
+
+    def record(name, owner):
+        def hook(_module, inputs, _output):
+            if name == owner:
+                latest[owner] = weakref.ref(inputs[0])
+                accumulate(hessians, owner, inputs[0].reshape(-1, inputs[0].shape[-1])[keep["mask"]].float())
+            elif owner not in latest or latest[owner]() is not inputs[0]:
+                raise RuntimeError(f"{name} no longer reads {owner}'s input: their shared hessian would be wrong")
+        return hook
+
+    handles = [modules[name].register_forward_hook(record(name, owner_of[name])) for name in names]
     device = next(model.parameters()).device
     pad = model.config.pad_token_id or 0
     ordered = sorted(sequences, key=len)  # similar lengths per batch: little padding
@@ -210,43 +255,61 @@ def collect_input_hessians(model, sequences: list[list[int]], names, batch_size:
     finally:
         for handle in handles:
             handle.remove()
-    return hessians
+    return {name: hessians[owner_of[name]] for name in names if owner_of[name] in hessians}
+
+
+def hessian_groups(owner_of: dict[str, str], widths: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """The distinct owners in order, grouped so each group's fp32 hessians fit max_bytes; one
+    hessian larger than that is a group alone (it is inverted whole, so cannot be split)."""
+    groups, used = [], 0
+    for owner in dict.fromkeys(owner_of.values()):
+        size = 4 * widths[owner] ** 2
+        if not groups or used + size > max_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(owner)
+        used += size
+    return groups
 
 
 # ---------------------------------------------------------------- whole model
 
 
-def calibrate_4bit_(model, fp_model, tokenizer, rows: dict) -> dict:
+def calibrate_4bit_(model, fp_model, tokenizer, rows: dict, max_hessian_bytes: int = 2 << 30) -> dict:
     """Re-round every bitsandbytes 4-bit linear of `model` in place, from the same layer of
     `fp_model` (the unquantized checkpoint) and its inputs on `rows`. Returns what was done,
-    for quantization.json."""
+    for quantization.json.
+
+    Hessians are held for one group of linears at a time (at most max_hessian_bytes, or one
+    hessian if larger) and freed after rounding. Each group reruns the calibration forward
+    passes: that is the price of the bound. Inputs always come from the unquantized fp_model,
+    so the codes do not depend on the grouping.
+    """
     import bitsandbytes as bnb
 
+    if isinstance(max_hessian_bytes, bool) or not isinstance(max_hessian_bytes, int) or max_hessian_bytes <= 0:
+        raise ValueError(f"max_hessian_bytes must be a positive number of bytes, got {max_hessian_bytes!r}")
     started = time.time()
     names = [name for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     sequences = calibration_sequences(tokenizer, rows)
-    hessians = collect_input_hessians(fp_model, sequences, names)
-    fp_modules = dict(fp_model.named_modules())
-    for name, module in model.named_modules():
-        if name in hessians:
-            weight = module.weight
-            packed = round_4bit(fp_modules[name].weight, weight.quant_state, hessians.pop(name))
-            weight.data = packed.to(weight.device)
-    log.info("calibrated %d 4-bit layers on %d rows (%d tokens) of %s in %.0f s",
-             len(names), len(sequences), sum(map(len, sequences)), rows["path"], time.time() - started)
-    return {
-        "method": METHOD,
-        "data": rows["path"],
-        "sha256": file_sha256(rows["path"]),
-        "format": rows["format"],
-        "rows": len(sequences),
-        "rows_available": rows["available"],
-        "selection": f"random sample, seed {rows['seed']}",
-        "tokens": sum(map(len, sequences)),
-        "layers": len(names),
-        "damp": DAMP,
-        "seconds": round(time.time() - started, 2),
-    }
+    modules, fp_modules = dict(model.named_modules()), dict(fp_model.named_modules())
+    owner_of = shared_inputs(fp_model, sequences, names)
+    groups = hessian_groups(owner_of, {name: fp_modules[name].weight.shape[1] for name in names}, max_hessian_bytes)
+    for group in map(set, groups):
+        members = [name for name in names if owner_of[name] in group]
+        hessians = collect_input_hessians(fp_model, sequences, members, owner_of=owner_of)
+        for name in members:
+            if name in hessians:  # a linear no calibration token reached keeps nearest rounding
+                weight = modules[name].weight
+                weight.data = round_4bit(fp_modules[name].weight, weight.quant_state, hessians[name]).to(weight.device)
+        del hessians  # before the next group's are collected
+    log.info("calibrated %d 4-bit layers (%d distinct inputs, %d groups of forward passes) on %d rows "
+             "(%d tokens) of %s in %.0f s", len(names), len(set(owner_of.values())), len(groups), len(sequences),
+             sum(map(len, sequences)), rows["path"], time.time() - started)
+    return {"method": METHOD, "data": rows["path"], "sha256": file_sha256(rows["path"]), "format": rows["format"],
+            "rows": len(sequences), "rows_available": rows["available"],
+            "selection": f"random sample, seed {rows['seed']}", "tokens": sum(map(len, sequences)),
+            "layers": len(names), "damp": DAMP, "seconds": round(time.time() - started, 2)}
 
 
 def file_sha256(path) -> str | None:

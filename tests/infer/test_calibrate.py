@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import re
+import weakref
 
 import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
 
+import infer.calibrate as calibrate
 from infer.__main__ import main
-from infer.calibrate import (calibration_sequences, code_table, collect_input_hessians, read_calibration_rows,
-                             round_4bit, stored_scales)
+from infer.calibrate import (calibrate_4bit_, calibration_sequences, code_table, collect_input_hessians,
+                             hessian_groups, read_calibration_rows, round_4bit, shared_inputs, stored_scales)
 from infer.generate import Generator
 from infer.load import load
 from infer.sampling import SamplingParams
@@ -82,6 +84,70 @@ def test_hessians_skip_padding(tiny_model_dir):
     for name in names:
         torch.testing.assert_close(padded[name], one_by_one[name], rtol=1e-4, atol=1e-4)
     assert not any(m._forward_hooks for m in model.modules())  # hooks removed
+
+
+def layer_linears(model) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in name]
+
+
+def test_linears_reading_one_input_share_one_hessian_computed_once(tiny_model_dir, monkeypatch):
+    model, _ = load(tiny_model_dir)
+    names, sequences = layer_linears(model), [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
+    calls = []
+    real_accumulate = calibrate.accumulate
+    monkeypatch.setattr(calibrate, "accumulate", lambda h, name, x: (calls.append(name), real_accumulate(h, name, x)))
+    hessians = collect_input_hessians(model, sequences, names, batch_size=2)
+    assert len(names) == 14 and len(calls) == 8 * 2  # 4 distinct inputs per layer, 2 batches
+    for layer in "model.layers.0.", "model.layers.1.":
+        h = {name[len(layer):]: hessians[name] for name in names if name.startswith(layer)}
+        assert h["self_attn.q_proj"] is h["self_attn.k_proj"] is h["self_attn.v_proj"]
+        assert h["mlp.gate_proj"] is h["mlp.up_proj"]
+        assert len({id(t) for t in h.values()}) == 4
+    monkeypatch.setattr(calibrate, "accumulate", real_accumulate)
+    for name in names:  # the very bytes each linear's own, unshared hook gives
+        assert torch.equal(hessians[name], collect_input_hessians(model, sequences, [name], batch_size=2)[name])
+    # A pairing the forward pass does not bear out is an error, not a wrong hessian.
+    owner_of = {name: name for name in names} | {"model.layers.0.self_attn.o_proj": "model.layers.0.self_attn.q_proj"}
+    with pytest.raises(RuntimeError, match="o_proj no longer reads .*q_proj's input"):
+        collect_input_hessians(model, sequences, names, owner_of=owner_of)
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_grouped_calibration_bounds_memory_and_keeps_the_bytes(tiny_model_dir, tmp_path, monkeypatch):
+    data = tmp_path / "train.jsonl"
+    write_rows(data, 12)
+    rows = read_calibration_rows(data, 12)
+    fp_model, tok = load(tiny_model_dir)
+    layer_bytes = 4 * (3 * 64 ** 2 + 128 ** 2)  # per layer: q/k/v, o, gate/up inputs 64 wide; down's 128
+    owner_of = shared_inputs(fp_model, calibration_sequences(tok, rows), layer_linears(fp_model))
+    widths = {name: 128 if "down_proj" in name else 64 for name in owner_of}
+    assert [len(g) for g in hessian_groups(owner_of, widths, layer_bytes)] == [4, 4]  # layer by layer
+    assert [len(g) for g in hessian_groups(owner_of, widths, 1)] == [1] * 8  # below one hessian: one at a time
+
+    alive, peak = [], []
+    real_accumulate = calibrate.accumulate
+
+    def tracking(hessians, name, x):  # the fp32 bytes of hessians alive whenever a new one is made
+        if name not in hessians:
+            real_accumulate(hessians, name, x)
+            alive.append(weakref.ref(hessians[name]))
+            peak[-1] = max(peak[-1], sum(4 * r().shape[0] ** 2 for r in alive if r() is not None))
+        else:
+            real_accumulate(hessians, name, x)
+
+    monkeypatch.setattr(calibrate, "accumulate", tracking)
+    packed = {}
+    for budget in 2 << 30, layer_bytes, 1:
+        model, _ = load(tiny_model_dir, quant="nf4")
+        peak.append(0)
+        calibrate_4bit_(model, fp_model, tok, rows, max_hessian_bytes=budget)
+        packed[budget] = {name: m.weight.data for name, m in model.named_modules() if name in owner_of}
+    assert peak == [2 * layer_bytes, layer_bytes, 4 * 128 ** 2]
+    for budget in layer_bytes, 1:
+        assert all(torch.equal(packed[budget][name], packed[2 << 30][name]) for name in owner_of), budget
+    for bad in 0, -1, 1.5:
+        with pytest.raises(ValueError, match="max_hessian_bytes must be a positive number of bytes"):
+            calibrate_4bit_(None, None, None, {}, max_hessian_bytes=bad)
 
 
 def write_rows(path, n: int) -> None:
