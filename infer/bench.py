@@ -43,6 +43,15 @@ ARCHS = {  # public shapes plus a CPU-sized one for tests
                  intermediate_size=128, vocab_size=1024, tie_word_embeddings=True, rope_theta=10000.0),
 }
 ROWS = ("baseline", "static", "compile", "inductor", "batch", "int8", "nf4", "nf4-inductor", "nf4-bnb", "assistant", "lookup")
+# Row names the targets are read from (exact: "static + compile, inductor only" is another row).
+BASELINE, COMPILED = "baseline (HF dynamic cache)", "static + compile"
+# bench row -> (quantization, row name, Generator options)
+QUANT_ROWS = {
+    "int8": ("int8", "int8 + compile", dict(quant_kernels="compiled")),
+    "nf4": ("nf4", "nf4 + compile", dict(quant_kernels="compiled")),
+    "nf4-inductor": ("nf4", "nf4 + compile, inductor only", dict(quant_kernels="compiled", kernels="none")),
+    "nf4-bnb": ("nf4", "nf4 (bitsandbytes kernels, eager)", dict(quant_kernels="bitsandbytes", compile=False)),
+}
 
 
 def measure_copy_bandwidth(device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
@@ -113,8 +122,9 @@ def bytes_per_token(model, weights: int, context: float) -> float:
     head = model.get_output_embeddings()
     if head is None or head.weight.data_ptr() != embed.data_ptr():
         read -= embed.numel() * embed.element_size()
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    from infer.cache import attention_shape
+
+    _, kv_heads, head_dim = attention_shape(config)
     kv = 2 * config.num_hidden_layers * kv_heads * head_dim * embed.element_size() * context
     return read + kv
 
@@ -295,7 +305,7 @@ def run_bench(
     if "baseline" in rows:
         base = time_baseline(target, one, new_tokens, repeats, dev)
         baseline_tokens = base["tokens"]
-        record("baseline (HF dynamic cache)", 1, base, target, weights)
+        record(BASELINE, 1, base, target, weights)
     if "static" in rows:
         gen = Generator(target, tokenizer, max_batch_size=1, compile=False, **common)
         record("static cache, eager", 1, time_generator(gen, one, new_tokens, repeats, dev), target, weights)
@@ -303,7 +313,7 @@ def run_bench(
     if "compile" in rows or "batch" in rows:
         sizes = sorted({1, *batch_sizes}) if "batch" in rows else [1]
         gen = Generator(target, tokenizer, max_batch_size=max(sizes), compile=compile, **common)
-        label = "static + compile" if gen.compile_mode else "static, eager (compile off)"
+        label = COMPILED if gen.compile_mode else "static, eager (compile off)"
         for b in sizes:
             record(label, b, time_generator(gen, all_prompts[:b], new_tokens, repeats, dev), target, weights)
         if profile and dev.type == "cuda":
@@ -314,18 +324,13 @@ def run_bench(
         gen = Generator(target, tokenizer, max_batch_size=1, compile=compile, kernels="none", **common)
         record("static + compile, inductor only", 1, time_generator(gen, one, new_tokens, repeats, dev), target, weights)
         del gen
-    for quant in ("int8", "nf4", "nf4-inductor", "nf4-bnb"):
-        if quant not in rows:
+    for row_name, (quant, label, options) in QUANT_ROWS.items():
+        if row_name not in rows:
             continue
-        base_quant = quant.removesuffix("-bnb").removesuffix("-inductor")
-        qmodel, qtok = load(source, quant=base_quant, dtype=dtype, device=device)
+        qmodel, qtok = load(source, quant=quant, dtype=dtype, device=device)
         stored = weight_bytes(qmodel)
-        kernels = "bitsandbytes" if quant.endswith("-bnb") else "compiled"
-        gen = Generator(qmodel, qtok, max_batch_size=1, compile=False if kernels == "bitsandbytes" else compile,
-                        quant_kernels=kernels, kernels="none" if quant.endswith("-inductor") else "auto", **common)
+        gen = Generator(qmodel, qtok, max_batch_size=1, **{"compile": compile, **options}, **common)
         runtime = weight_bytes(qmodel)  # compiled layers keep block scales expanded (no double quant)
-        label = f"{base_quant} " + ("(bitsandbytes kernels, eager)" if kernels == "bitsandbytes" else
-                                    "+ compile, inductor only" if quant.endswith("-inductor") else "+ compile")
         record(label, 1, time_generator(gen, one, new_tokens, repeats, dev), qmodel, runtime,
                note=f"stored {stored / 1e9:.2f} GB ({stored / weights:.0%} of {str(torch_dtype).removeprefix('torch.')})")
         results[-1]["stored_weight_gb"] = stored / 1e9
@@ -369,14 +374,14 @@ def _bnb_version() -> str | None:
         return None
 
 
-def _find(rows, prefix, batch=1):
-    return next((r for r in rows if r["name"].startswith(prefix) and r["batch"] == batch), None)
+def _find(rows, name, batch=1):
+    return next((r for r in rows if r["name"] == name and r["batch"] == batch), None)
 
 
 def check_targets(report: dict) -> list[dict]:
     """The issue's floors, each with the measured value and whether it was met."""
     rows, out = report["rows"], []
-    base, comp, nf4 = _find(rows, "baseline"), _find(rows, "static + compile"), _find(rows, "nf4 + compile")
+    base, comp, nf4 = _find(rows, BASELINE), _find(rows, COMPILED), _find(rows, QUANT_ROWS["nf4"][1])
     if comp:
         out.append(dict(target="static+compile decode >= 70% of bandwidth bound", value=100 * comp["decode_tok_s"] / report["bound_tok_s"], floor=70))
     if comp and base:
@@ -385,7 +390,7 @@ def check_targets(report: dict) -> list[dict]:
         out.append(dict(target="nf4 stored weights <= 45% of 16-bit", value=100 * nf4["stored_weight_gb"] / report["weight_gb"], ceiling=45))
         if comp:
             out.append(dict(target="nf4 batch-1 decode >= bf16 static+compile", value=nf4["decode_tok_s"] / comp["decode_tok_s"], floor=1.0))
-    b32 = max((r for r in rows if r["name"].startswith("static + compile")), key=lambda r: r["batch"], default=None)
+    b32 = max((r for r in rows if r["name"] == COMPILED), key=lambda r: r["batch"], default=None)
     if comp and b32 and b32["batch"] > 1:
         out.append(dict(target=f"batch {b32['batch']} aggregate >= 10x batch 1", value=b32["aggregate_tok_s"] / comp["aggregate_tok_s"], floor=10))
     for t in out:
@@ -406,7 +411,7 @@ def format_markdown(report: dict, command: str = "") -> str:
         lines.insert(0, f"Command: `{command}`")
     lines += ["", "| configuration | batch | TTFT ms | decode tok/s/seq | aggregate tok/s | x baseline | peak GB | weights GB | % of copy bw | same tokens as baseline | note |",
               "|" + "---|" * 11]
-    base = _find(report["rows"], "baseline")
+    base = _find(report["rows"], BASELINE)
     for r in report["rows"]:
         speedup = f"{r['decode_tok_s'] / base['decode_tok_s']:.1f}" if base and r["batch"] == 1 else "-"
         extra = r.get("note", "")

@@ -10,6 +10,19 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def text_config_of(config):
+    """The language-model part of a transformers config (itself for text-only models)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def attention_shape(config) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head_dim) of a transformers config (text part)."""
+    text_config = text_config_of(config)
+    heads = text_config.num_attention_heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    return heads, kv_heads, getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+
+
 class StaticKVCache:
     """Keys/values for every layer, allocated once as (batch, kv_heads, max_seq_len, head_dim).
 
@@ -21,11 +34,8 @@ class StaticKVCache:
     is_compileable = True
 
     def __init__(self, config, batch: int, max_len: int, dtype, device, base_slot: torch.Tensor):
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        heads = text_config.num_attention_heads
-        self.kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
-        self.head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
-        self.num_layers = text_config.num_hidden_layers
+        _, self.kv_heads, self.head_dim = attention_shape(config)
+        self.num_layers = text_config_of(config).num_hidden_layers
         shape = (batch, self.kv_heads, max_len, self.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
@@ -62,7 +72,7 @@ class StaticKVCache:
 
 
 def check_supported(config, max_seq_len: int) -> None:
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text_config = text_config_of(config)
     layer_types = getattr(text_config, "layer_types", None) or []
     window = getattr(text_config, "sliding_window", None)
     uses_window = any("sliding" in str(t) for t in layer_types) or (

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from infer.cache import attention_shape
+
 log = logging.getLogger(__name__)
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -35,11 +37,15 @@ def unsupported_reason(model) -> str | None:
 
     kinds = (nn.Linear, NF4Linear, Int8Linear)
     for layer in inner.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        for proj in _projections(layer):
             if type(proj) not in kinds:  # exact: bitsandbytes layers subclass nn.Linear
                 return f"{type(proj).__name__} layers (bitsandbytes kernels) are run through the transformers forward"
     return None
+
+
+def _projections(layer) -> tuple:
+    attn, mlp = layer.self_attn, layer.mlp
+    return attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj
 
 
 def kernels_unsupported_reason(model) -> str | None:
@@ -59,16 +65,14 @@ def kernels_unsupported_reason(model) -> str | None:
         return f"the kernels take 16-bit activations, not {weight.dtype}"
     if getattr(config, "hidden_act", None) != "silu":
         return f"hidden_act {getattr(config, 'hidden_act', None)!r} (the kernels fuse SiLU)"
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    head_dim = attention_shape(config)[2]
     if head_dim < 16 or head_dim & (head_dim - 1):
         return f"head_dim {head_dim} is not a power of two >= 16"
     for layer in inner.layers:
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             if not hasattr(norm, "variance_epsilon") or norm.weight.dtype != weight.dtype:
                 return f"{type(norm).__name__} is not a RMSNorm in the activation dtype"
-        attn, mlp = layer.self_attn, layer.mlp
-        for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        for proj in _projections(layer):
             if type(proj) not in (nn.Linear, NF4Linear):
                 return f"{type(proj).__name__} projections have no kernel"
             if proj.in_features % 16 or (type(proj) is NF4Linear and proj.in_features % 64):
@@ -147,9 +151,7 @@ class FusedDecoder(nn.Module):
         config = model.config
         self.model = model
         inner = model.model
-        self.heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.heads, self.kv_heads, self.head_dim = attention_shape(config)
         self.qkv = nn.ModuleList()
         self.gate_up = nn.ModuleList()
         for layer in inner.layers:
@@ -173,8 +175,6 @@ class FusedDecoder(nn.Module):
         """Choose each projection shape's launch configuration on this GPU, whether the
         output projection (the largest single read) runs faster as a kernel than as cuBLAS,
         and the attention kernel's block for a cache of `cache_slots` (when given)."""
-        from triton.testing import do_bench
-
         from infer import kernels
 
         inner = self.model.model
@@ -190,12 +190,7 @@ class FusedDecoder(nn.Module):
         head = self.model.lm_head
         if type(head) is nn.Linear:
             kernels.tune_layer(head, dtype, norm=True)
-            x = torch.randn(head.in_features, device=head.weight.device, dtype=dtype)
-            norm = inner.norm
-            as_kernel = do_bench(lambda: kernels.matvec(x, head, norm=norm.weight, eps=norm.variance_epsilon), return_mode="median")
-            as_linear = do_bench(lambda: head(x), return_mode="median")
-            self.lm_head_kernel = as_kernel <= as_linear
-            log.info("output projection: kernel %.1f us, cuBLAS %.1f us (without the norm)", as_kernel * 1e3, as_linear * 1e3)
+            self.lm_head_kernel = kernels.norm_matvec_beats_linear(head, inner.norm.weight, inner.norm.variance_epsilon)
         log.info("batch-1 decode runs Triton kernels (5 per layer)")
 
     def forward(self, input_ids, position_ids, mask, cache, last_only: bool = False):

@@ -25,12 +25,15 @@ compiled, CUDA-graph-recorded decode step. This module imports triton: check
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+log = logging.getLogger(__name__)
 
 NONE, RMSNORM, SILU_MUL = 0, 1, 2  # what the matvec does to its input first
 # eps and the attention scale are compile-time constants (one value per model): passed as
@@ -235,23 +238,25 @@ def _grid(n: int, cfg) -> tuple[int]:
     return (blocks,)
 
 
-def tune(kind: str, n: int, k: int, run, blocksize: int = 0) -> tuple[int, int, int, int]:
-    """Time `run(config)` for each candidate configuration, replayed from a CUDA graph as the
-    decode step runs it (eager timing would measure Python launch cost, not the kernel), and
-    remember the fastest for this shape; later `config` calls return it."""
+def _fastest(candidates, run):
+    """The candidate configuration whose `run(config)` is fastest, timed from CUDA-graph
+    replays as the decode step runs it (eager timing would measure Python launch cost)."""
     from triton.testing import do_bench_cudagraph
 
     best, best_ms = None, float("inf")
-    seen = set()
-    for bn, bk, warps, per_sm in MATVEC_CONFIGS:
-        cfg = (bn, _block_k(k, bk, max(16, blocksize)), warps, per_sm)
-        if cfg in seen or bn * cfg[1] > 16384:
-            continue
-        seen.add(cfg)
+    for cfg in candidates:
         run(cfg)  # compile outside the graph
         ms = do_bench_cudagraph(lambda: run(cfg), rep=10, return_mode="median")
         if ms < best_ms:
             best, best_ms = cfg, ms
+    return best
+
+
+def tune(kind: str, n: int, k: int, run, blocksize: int = 0) -> tuple[int, int, int, int]:
+    """Remember the fastest matvec configuration for this shape; later `config` calls return it."""
+    candidates = dict.fromkeys((bn, _block_k(k, bk, max(16, blocksize)), warps, per_sm)
+                               for bn, bk, warps, per_sm in MATVEC_CONFIGS)
+    best = _fastest([c for c in candidates if c[0] * c[1] <= 16384], run)
     _chosen[(kind, n, k, blocksize)] = best
     return best
 
@@ -305,11 +310,34 @@ def matvec(x, layer, *, residual=None, norm=None, eps: float = 0.0, silu_mul: bo
     (twice that with silu_mul: gate then up). `layer` is an nn.Linear or an NF4Linear."""
     from infer.quantize import NF4Linear
 
-    prologue = SILU_MUL if silu_mul else RMSNORM if norm is not None else NONE
+    prologue = _prologue(norm is not None, silu_mul)
     if isinstance(layer, NF4Linear):
         return _nf4_matvec_op(x, layer.packed, layer.absmax, layer.code, layer.blocksize, residual, norm,
                               layer.bias, eps, prologue)
     return _matvec_op(x, layer.weight, residual, norm, layer.bias, eps, prologue)
+
+
+def _prologue(norm: bool, silu_mul: bool) -> int:
+    return SILU_MUL if silu_mul else RMSNORM if norm else NONE
+
+
+_beats_linear: dict[tuple, bool] = {}
+
+
+def norm_matvec_beats_linear(layer, norm_weight, eps: float) -> bool:
+    """Whether RMSNorm + matvec as one kernel is at least as fast as cuBLAS's matvec alone
+    for this layer's shape (asked of the output head, the largest single read); measured
+    once per shape."""
+    from triton.testing import do_bench
+
+    key = (layer.out_features, layer.in_features, layer.weight.dtype)
+    if key not in _beats_linear:
+        x = torch.randn(layer.in_features, device=layer.weight.device, dtype=layer.weight.dtype)
+        as_kernel = do_bench(lambda: matvec(x, layer, norm=norm_weight, eps=eps), return_mode="median")
+        as_linear = do_bench(lambda: layer(x), return_mode="median")
+        _beats_linear[key] = as_kernel <= as_linear
+        log.info("output projection: kernel %.1f us, cuBLAS %.1f us (without the norm)", as_kernel * 1e3, as_linear * 1e3)
+    return _beats_linear[key]
 
 
 def tune_layer(layer, dtype, *, silu_mul: bool = False, norm: bool = False) -> None:
@@ -330,7 +358,7 @@ def tune_layer(layer, dtype, *, silu_mul: bool = False, norm: bool = False) -> N
     dev, dt = next(layer.parameters()).device, dtype
     x = torch.randn(2 * k if silu_mul else k, device=dev, dtype=dt)
     out = torch.empty(n, device=dev, dtype=dt)
-    prologue = SILU_MUL if silu_mul else RMSNORM if norm else NONE
+    prologue = _prologue(norm, silu_mul)
     normw = torch.ones(k, device=dev, dtype=dt) if norm else None
     weights = (layer.packed, layer.absmax) if quantized else (layer.weight,)
     nbytes = sum(t.numel() * t.element_size() for t in weights)
@@ -378,8 +406,6 @@ def _decode_attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 
 def tune_attention(heads: int, kv_heads: int, head_dim: int, slots: int, dtype, device) -> tuple[int, int]:
     """Pick (BLOCK_S, num_warps) for a cache of `slots`, timed with half of it filled."""
-    from triton.testing import do_bench_cudagraph
-
     key = (heads, kv_heads, head_dim, slots)
     if key in _attention_chosen:
         return _attention_chosen[key]
@@ -389,20 +415,13 @@ def tune_attention(heads: int, kv_heads: int, head_dim: int, slots: int, dtype, 
     cos, sin = torch.randn(2, 1, head_dim, device=device, dtype=dtype)
     slot, start = torch.tensor(slots // 2, device=device), torch.zeros(1, dtype=torch.long, device=device)
     out = torch.empty(1, heads * head_dim, device=device, dtype=dtype)
-    best, best_ms = (64, 4), float("inf")
-    for cfg in ATTENTION_CONFIGS:
-        if cfg[0] > max(64, triton.next_power_of_2(slots)):
-            continue
 
-        def run(cfg=cfg):
-            _launch_attention(qkv, cos, sin, keys, values, out, slot, start, heads, kv_heads, head_dim ** -0.5, cfg)
+    def run(cfg):
+        _launch_attention(qkv, cos, sin, keys, values, out, slot, start, heads, kv_heads, head_dim ** -0.5, cfg)
 
-        run()
-        ms = do_bench_cudagraph(run, rep=10, return_mode="median")
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    _attention_chosen[key] = best
-    return best
+    fits = [cfg for cfg in ATTENTION_CONFIGS if cfg[0] <= max(64, triton.next_power_of_2(slots))]
+    _attention_chosen[key] = _fastest(fits, run)
+    return _attention_chosen[key]
 
 
 def decode_attention(qkv, cos, sin, keys, values, slot, start, *, heads: int, kv_heads: int, scale: float):
