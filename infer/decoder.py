@@ -182,8 +182,8 @@ class FusedDecoder(nn.Module):
         layer = inner.layers[0]
         kernels.tune_layer(self.qkv[0].fused, dtype, norm=True)
         kernels.tune_layer(layer.self_attn.o_proj, dtype)
-        kernels.tune_layer(self.gate_up[0].fused, dtype, norm=True)
-        kernels.tune_layer(layer.mlp.down_proj, dtype, silu_mul=True)
+        kernels.tune_layer(self.gate_up[0].fused, dtype, norm=True, glu=True)
+        kernels.tune_layer(layer.mlp.down_proj, dtype)
         if cache_slots:
             cfg = kernels.tune_attention(self.heads, self.kv_heads, self.head_dim, cache_slots, dtype, inner.embed_tokens.weight.device)
             log.info("decode attention over %d slots: blocks of %d, %d warps", cache_slots, *cfg)
@@ -243,8 +243,8 @@ class FusedDecoder(nn.Module):
                                            heads=self.heads, kv_heads=self.kv_heads, scale=attn.scaling)
             x = kernels.matvec(out.view(-1), attn.o_proj, residual=x)
             norm = layer.post_attention_layernorm
-            gate_up = kernels.matvec(x, self.gate_up[i].fused, norm=norm.weight, eps=norm.variance_epsilon)
-            x = kernels.matvec(gate_up, mlp.down_proj, silu_mul=True, residual=x)
+            act = kernels.matvec(x, self.gate_up[i].fused, norm=norm.weight, eps=norm.variance_epsilon, glu=True)
+            x = kernels.matvec(act, mlp.down_proj, residual=x)
         if self.lm_head_kernel:
             logits = kernels.matvec(x, self.model.lm_head, norm=inner.norm.weight, eps=inner.norm.variance_epsilon)
         else:

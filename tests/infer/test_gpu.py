@@ -131,7 +131,7 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def test_triton_matvec_folds_norm_silu_residual_and_bias():
+def test_triton_matvec_folds_norm_glu_residual_and_bias():
     import torch.nn.functional as F
 
     from infer import kernels
@@ -140,13 +140,17 @@ def test_triton_matvec_folds_norm_silu_residual_and_bias():
     torch.manual_seed(0)
     dt, n, k = torch.bfloat16, 1000, 576  # n not a multiple of any block; k = 64 * 9
     lin = torch.nn.Linear(k, n, bias=True, device="cuda", dtype=dt)
+    gate_up = torch.nn.Linear(k, 2 * n, bias=True, device="cuda", dtype=dt)  # [gate; up]
     x, res = torch.randn(k, device="cuda", dtype=dt), torch.randn(n, device="cuda", dtype=dt)
     norm_w = (1 + 0.1 * torch.randn(k, device="cuda")).to(dt)
-    gate_up = torch.randn(2 * k, device="cuda", dtype=dt)
 
     def rms(v):
         h = v.float()
         return norm_w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dt)
+
+    def glu(gu):  # silu(gate) * up, from the layer's [gate; up] outputs
+        gate, up = gu.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
     def check(got, want):  # the 16-bit reference computed in float64: both are near it
         exact = want(torch.float64)
@@ -154,20 +158,28 @@ def test_triton_matvec_folds_norm_silu_residual_and_bias():
         assert _rel(got, exact) < 1e-2
         assert _rel(got, want(None)) < 1e-2
 
-    w64 = lin.weight.double()
+    w64, gu64 = lin.weight.double(), gate_up.weight.double()
     check(kernels.matvec(x, lin, norm=norm_w, eps=1e-5), lambda d: lin(rms(x)) if d is None else F.linear(rms(x).double(), w64, lin.bias.double()))
     check(kernels.matvec(x, lin, residual=res), lambda d: res + lin(x) if d is None else res.double() + F.linear(x.double(), w64, lin.bias.double()))
-    act = F.silu(gate_up[:k]) * gate_up[k:]
-    check(kernels.matvec(gate_up, lin, silu_mul=True, residual=res),
-          lambda d: res + lin(act) if d is None else res.double() + F.linear(act.double(), w64, lin.bias.double()))
+    check(kernels.matvec(x, gate_up, norm=norm_w, eps=1e-5, glu=True),
+          lambda d: glu(gate_up(rms(x))) if d is None else glu(F.linear(rms(x).double(), gu64, gate_up.bias.double())))
 
     code = torch.linspace(-1, 1, 16, device="cuda")
-    q = NF4Linear(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda"),
-                  torch.rand(n, k // 64, device="cuda"), code, None, k, n, 64)
-    deq = q.dequantize(dt)
-    check(kernels.matvec(x, q, norm=norm_w, eps=1e-5), lambda d: F.linear(rms(x), deq) if d is None else F.linear(rms(x).double(), deq.double()))
-    check(kernels.matvec(gate_up, q, silu_mul=True, residual=res),
-          lambda d: res + F.linear(act, deq) if d is None else res.double() + F.linear(act.double(), deq.double()))
+
+    def nf4(rows):
+        return NF4Linear(torch.randint(0, 256, (rows, k // 2), dtype=torch.uint8, device="cuda"),
+                         torch.rand(rows, k // 64, device="cuda"), code, None, k, rows, 64)
+
+    q, q2 = nf4(n), nf4(2 * n)
+    # bitsandbytes rounds each dequantized weight to 16 bits; the kernel keeps code * scale in fp32
+    deq, deq2 = q.dequantize(dt), q2.dequantize(dt)
+    deq64, deq2_64 = q.dequantize(torch.float32).double(), q2.dequantize(torch.float32).double()
+    check(kernels.matvec(x, q, norm=norm_w, eps=1e-5), lambda d: F.linear(rms(x), deq) if d is None else F.linear(rms(x).double(), deq64))
+    check(kernels.matvec(x, q, residual=res), lambda d: res + F.linear(x, deq) if d is None else res.double() + F.linear(x.double(), deq64))
+    check(kernels.matvec(x, q2, norm=norm_w, eps=1e-5, glu=True),
+          lambda d: glu(F.linear(rms(x), deq2)) if d is None else glu(F.linear(rms(x).double(), deq2_64)))
+    with pytest.raises(ValueError, match="glu"):
+        kernels.matvec(x, q2, residual=res, glu=True)
 
 
 def test_triton_decode_attention_writes_cache_and_matches_reference():
