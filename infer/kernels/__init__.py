@@ -41,9 +41,8 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # ---- launch configurations ---------------------------------------------------------------
 
-# (BLOCK_N, BLOCK_K, num_warps, programs per multiprocessor; 0 = one program per row block).
-# Wide K blocks keep more bytes in flight per program (the loop is not software-pipelined).
-MATVEC_CONFIGS = [(bn, bk, w, p) for bn in (2, 4, 8, 16) for bk in (512, 1024, 2048, 4096) for w in (4, 8) for p in (0, 2, 4)]
+# (BLOCK_N, BLOCK_K, num_warps, programs per multiprocessor; 0 = one program per row block)
+MATVEC_CONFIGS = [(bn, bk, w, p) for bn in (2, 4, 8, 16) for bk in (512, 1024) for w in (4, 8) for p in (0, 2, 4)]
 # The 4-bit kernel holds whole words per thread; wide K blocks let warps split K rather
 # than rows, so each input element's prologue is computed once per row block.
 NF4_CONFIGS = [(bn, bk, w, p) for bn in (4, 8, 16) for bk in (1024, 2048, 4096) for w in (4, 8) for p in (0, 2)]
