@@ -430,18 +430,17 @@ class Generator:
         self._slot.fill_(length)
         return b, length, sampling
 
+    def _run(self, fn, *args):
+        """fn(*args), replayed from its recorded CUDA graph when this generator records them."""
+        return self._graphs(fn, *args) if self._graphs is not None else fn(*args)
+
     @torch.inference_mode()
     def _step(self, b: int, sampling: bool) -> None:
-        if self._graphs is not None:
-            self._graphs(self._decode, b, sampling)
-        else:
-            self._decode(b, sampling)
+        self._run(self._decode, b, sampling)
 
     @torch.inference_mode()
     def _verify_step(self, k: int, sampling: bool) -> list[int]:
-        if self._graphs is not None:
-            return self._graphs(self._verify, k, sampling).tolist()
-        return self._verify(k, sampling).tolist()
+        return self._run(self._verify, k, sampling).tolist()
 
     def _read(self, n: int, lo: int, hi: int) -> list[list[int]]:
         return self._seq[:n, lo:hi].tolist()

@@ -58,12 +58,19 @@ def _block_k(k: int, want: int, multiple: int = 16) -> int:
     return bk
 
 
-def config(kind: str, n: int, k: int, blocksize: int = 0) -> tuple[int, int, int, int]:
+def _shape(kind: str, n: int, k: int, blocksize: int = 0, glu: bool = False) -> tuple:
+    """What launch configurations are chosen and remembered by: the kernel ("matvec" or
+    "nf4"), the weight's rows and columns, the 4-bit block size, and whether it is [gate; up]."""
+    return kind, n, k, blocksize, glu
+
+
+def config(shape: tuple) -> tuple[int, int, int, int]:
     """Launch configuration for a shape: the tuned one if `tune` ran, else a default."""
-    found = _chosen.get((kind, n, k, blocksize))
+    found = _chosen.get(shape)
     if found:
         return found
-    return (8 if n >= 8192 else 4), _block_k(k, 512 if kind.startswith("matvec") else 1024, max(16, blocksize)), 4, 0
+    kind, n, k, blocksize, _ = shape
+    return (8 if n >= 8192 else 4), _block_k(k, 512 if kind == "matvec" else 1024, max(16, blocksize)), 4, 0
 
 
 @functools.cache
@@ -83,9 +90,8 @@ def _grid(n: int, cfg) -> tuple[int]:
 def _fastest(candidates, run):
     """The candidate configuration whose `run(config)` is fastest, timed from CUDA-graph
     replays as the decode step runs it (eager timing would measure Python launch cost)."""
-    from triton.testing import do_bench_cudagraph
-
     from triton.runtime.errors import OutOfResources
+    from triton.testing import do_bench_cudagraph
 
     best, best_ms = None, float("inf")
     for cfg in candidates:
@@ -101,29 +107,36 @@ def _fastest(candidates, run):
     return best
 
 
-def tune(kind: str, n: int, k: int, run, blocksize: int = 0) -> tuple[int, int, int, int]:
+def tune(shape: tuple, run) -> tuple[int, int, int, int]:
     """Remember the fastest matvec configuration for this shape; later `config` calls return it."""
-    configs, limit = (MATVEC_CONFIGS, 16384) if kind.startswith("matvec") else (NF4_CONFIGS, 32768)
-    if kind.endswith("-glu"):  # two row blocks (gate and up) per program
+    kind, n, k, blocksize, glu = shape
+    configs, limit = (MATVEC_CONFIGS, 16384) if kind == "matvec" else (NF4_CONFIGS, 32768)
+    if glu:  # two row blocks (gate and up) per program
         limit //= 2
     candidates = dict.fromkeys((bn, _block_k(k, bk, max(16, blocksize)), warps, per_sm)
                                for bn, bk, warps, per_sm in configs)
     best = _fastest([c for c in candidates if c[0] * c[1] <= limit], run)
-    _chosen[(kind, n, k, blocksize)] = best
+    _chosen[shape] = best
     return best
 
 
 # ---- ops ---------------------------------------------------------------------------------
 
-def _launch_matvec(x, weight, out, residual, norm, bias, eps, glu, cfg):
-    n, k = weight.shape[0] // (2 if glu else 1), weight.shape[1]
+def _common_args(x, out, residual, norm, bias, eps, glu, rows, k, cfg):
+    """Grid and arguments both matvec kernels take (absent tensors stand in as unused pointers)."""
     bn, bk, warps, _ = cfg
+    n = rows // 2 if glu else rows  # outputs: with glu, one per gate/up row pair
     grid = _grid(n, cfg)
-    wrap_triton(matvec_kernel)[grid](
-        x_ptr=x, w_ptr=weight, out_ptr=out, res_ptr=residual if residual is not None else out,
+    return grid, dict(
+        x_ptr=x, out_ptr=out, res_ptr=residual if residual is not None else out,
         norm_ptr=norm if norm is not None else x, bias_ptr=bias if bias is not None else out, eps=eps,
         N=n, K=k, PROLOGUE=RMSNORM if norm is not None else NONE, RESIDUAL=residual is not None,
         BIAS=bias is not None, GLU=glu, BLOCK_N=bn, BLOCK_K=bk, PROGRAMS=grid[0], num_warps=warps)
+
+
+def _launch_matvec(x, weight, out, residual, norm, bias, eps, glu, cfg):
+    grid, args = _common_args(x, out, residual, norm, bias, eps, glu, *weight.shape, cfg)
+    wrap_triton(matvec_kernel)[grid](w_ptr=weight, **args)
 
 
 @triton_op("tunewright::matvec", mutates_args=())
@@ -131,20 +144,13 @@ def _matvec_op(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | N
                bias: torch.Tensor | None, eps: float, glu: bool) -> torch.Tensor:
     n, k = weight.shape
     out = torch.empty(n // 2 if glu else n, dtype=x.dtype, device=x.device)
-    _launch_matvec(x, weight, out, residual, norm, bias, eps, glu, config(_kind("matvec", glu), n, k))
+    _launch_matvec(x, weight, out, residual, norm, bias, eps, glu, config(_shape("matvec", n, k, glu=glu)))
     return out
 
 
 def _launch_nf4(x, packed, absmax, code, blocksize, out, residual, norm, bias, eps, glu, cfg):
-    n, k = packed.shape[0] // (2 if glu else 1), packed.shape[1] * 2
-    bn, bk, warps, _ = cfg
-    grid = _grid(n, cfg)
-    wrap_triton(nf4_matvec_kernel)[grid](
-        x_ptr=x, q_ptr=packed, absmax_ptr=absmax, code_ptr=code, out_ptr=out,
-        res_ptr=residual if residual is not None else out, norm_ptr=norm if norm is not None else x,
-        bias_ptr=bias if bias is not None else out, eps=eps,
-        N=n, K=k, BS=blocksize, PROLOGUE=RMSNORM if norm is not None else NONE, RESIDUAL=residual is not None,
-        BIAS=bias is not None, GLU=glu, BLOCK_N=bn, BLOCK_K=bk, PROGRAMS=grid[0], num_warps=warps)
+    grid, args = _common_args(x, out, residual, norm, bias, eps, glu, packed.shape[0], packed.shape[1] * 2, cfg)
+    wrap_triton(nf4_matvec_kernel)[grid](q_ptr=packed, absmax_ptr=absmax, code_ptr=code, BS=blocksize, **args)
 
 
 @triton_op("tunewright::nf4_matvec", mutates_args=())
@@ -154,12 +160,8 @@ def _nf4_matvec_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, 
     n, k = packed.shape[0], packed.shape[1] * 2
     out = torch.empty(n // 2 if glu else n, dtype=x.dtype, device=x.device)
     _launch_nf4(x, packed, absmax, code, blocksize, out, residual, norm, bias, eps, glu,
-                config(_kind("nf4", glu), n, k, blocksize))
+                config(_shape("nf4", n, k, blocksize, glu)))
     return out
-
-
-def _kind(kind: str, glu: bool) -> str:
-    return kind + "-glu" if glu else kind
 
 
 def matvec(x, layer, *, residual=None, norm=None, eps: float = 0.0, glu: bool = False):
@@ -210,8 +212,8 @@ def tune_layer(layer, dtype, *, norm: bool = False, glu: bool = False) -> None:
 
     n, k = layer.out_features, layer.in_features
     quantized = isinstance(layer, NF4Linear)
-    key = (_kind("nf4", glu), n, k, layer.blocksize) if quantized else (_kind("matvec", glu), n, k, 0)
-    if key in _chosen:
+    shape = _shape("nf4", n, k, layer.blocksize, glu) if quantized else _shape("matvec", n, k, glu=glu)
+    if shape in _chosen:
         return
     dev, dt = next(layer.parameters()).device, dtype
     x = torch.randn(k, device=dev, dtype=dt)
@@ -231,7 +233,7 @@ def tune_layer(layer, dtype, *, norm: bool = False, glu: bool = False) -> None:
         else:
             _launch_matvec(x, w[0], out, None, normw, None, 1e-6, glu, cfg)
 
-    tune(key[0], n, k, run, key[3])
+    tune(shape, run)
 
 
 # (BLOCK_S, num_warps) per (heads, kv_heads, head_dim, cache slots); a batch-1 step runs one
