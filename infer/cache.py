@@ -29,17 +29,21 @@ class StaticKVCache:
     Duck-types the part of transformers' Cache that attention layers call (`update`).
     Writes go to slots `base_slot + arange(q)`, where `base_slot` is the generator's device
     scalar: no Python state changes per step, so compiled graphs never see a new value.
+    Rows are left-padded; `row_start` (optional, (batch,) on the device) is the generator's
+    record of each row's first real slot, which infer.decoder's batch-1 kernels read.
     """
 
     is_compileable = True
 
-    def __init__(self, config, batch: int, max_len: int, dtype, device, base_slot: torch.Tensor):
+    def __init__(self, config, batch: int, max_len: int, dtype, device, base_slot: torch.Tensor,
+                 row_start: torch.Tensor | None = None):
         _, self.kv_heads, self.head_dim = attention_shape(config)
         self.num_layers = text_config_of(config).num_hidden_layers
         shape = (batch, self.kv_heads, max_len, self.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
         self.base_slot = base_slot
+        self.row_start = row_start
         self._rows = torch.arange(batch, device=device)
         self._heads = torch.arange(self.kv_heads, device=device)
         for t in self.keys + self.values:

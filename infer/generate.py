@@ -233,7 +233,7 @@ class Generator:
         self._key_slots = torch.arange(T, device=dev)
         for t in (self._seq, self._start, self._slot, self._temperature, self._top_k, self._top_p, self._penalty, self._key_slots):
             torch._dynamo.mark_static_address(t)
-        self.cache = StaticKVCache(self.config, B, T, embed.dtype, dev, self._slot)
+        self.cache = StaticKVCache(self.config, B, T, embed.dtype, dev, self._slot, self._start)
 
         params = inspect.signature(model.forward).parameters
         self._prefill_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in params else {}

@@ -272,7 +272,7 @@ def tune_attention(heads: int, kv_heads: int, head_dim: int, slots: int, dtype, 
     keys = torch.randn(1, kv_heads, slots, head_dim, device=device, dtype=dtype)
     values = torch.randn_like(keys)
     qkv = torch.randn(1, (heads + 2 * kv_heads) * head_dim, device=device, dtype=dtype)
-    cos, sin = torch.randn(2, 1, head_dim, device=device, dtype=dtype)
+    cos, sin = torch.randn(2, slots, head_dim, device=device, dtype=dtype)
     slot, start = torch.tensor(slots // 2, device=device), torch.zeros(1, dtype=torch.long, device=device)
     out = torch.empty(1, heads * head_dim, device=device, dtype=dtype)
 
@@ -286,7 +286,9 @@ def tune_attention(heads: int, kv_heads: int, head_dim: int, slots: int, dtype, 
 
 def decode_attention(qkv, cos, sin, keys, values, slot, start, *, heads: int, kv_heads: int, scale: float):
     """One query token per row. qkv: (b, (heads + 2 kv_heads) * head_dim), before rotary;
-    cos/sin: (b, head_dim); keys/values: the layer's (max_batch, kv_heads, slots, head_dim)
-    cache, written at `slot` (a 0-d device tensor); start: (b,) first slot each row may see.
-    Returns (b, heads * head_dim)."""
+    cos/sin: rotary tables, (positions, head_dim), row p for position p; keys/values: the
+    layer's (max_batch, kv_heads, slots, head_dim) cache, written at `slot` (a 0-d device
+    tensor); start: (b,) first slot each row may see (earlier ones are its left padding),
+    so the new token's position is slot - start. Nothing checks a position against the
+    tables' length on the device: the caller sizes them. Returns (b, heads * head_dim)."""
     return _decode_attention_op(qkv, cos, sin, keys, values, slot, start, heads, kv_heads, scale)

@@ -1,5 +1,6 @@
 """Triton decode attention for infer.decoder: one query token per row, grouped-query heads,
-rotary embedding and the KV-cache write folded in.
+rotary embedding (cos/sin rows read from tables computed once) and the KV-cache write
+folded in.
 
 Attention scores stay fp32 (as in flash attention) rather than being rounded to 16 bits
 between the two matmuls as the eager path does; rotary products are rounded as the
@@ -46,15 +47,17 @@ def decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, out_ptr, sl
                              GROUP_P: tl.constexpr, BLOCK_S: tl.constexpr, WHOLE_CACHE: tl.constexpr):
     """One program per (batch row, KV head): its GROUP query heads attend over slots
     [start, slot] of the cache; the new key/value (rotary applied) is written at `slot`
-    and taken from registers, the older ones are read from the cache."""
+    and taken from registers, the older ones are read from the cache. The new token's
+    position is slot - start; cos/sin are tables with one row of D per position."""
     b = tl.program_id(0)
     kv = tl.program_id(1)
     dt = out_ptr.dtype.element_ty
     slot = tl.load(slot_ptr)
     start = tl.load(start_ptr + b)
+    pos = slot - start
     d = tl.arange(0, D)
-    cos = tl.load(cos_ptr + b * D + d).to(tl.float32)
-    sin = tl.load(sin_ptr + b * D + d).to(tl.float32)
+    cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
+    sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
     row = qkv_ptr + b * (H + 2 * KVH) * D
     g = tl.arange(0, GROUP_P)
     in_group = g < GROUP

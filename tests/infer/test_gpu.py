@@ -186,17 +186,19 @@ def test_triton_decode_attention_writes_cache_and_matches_reference():
     from infer import kernels
 
     torch.manual_seed(0)
-    dt, b, heads, kv_heads, d, slots = torch.bfloat16, 3, 12, 4, 64, 320
+    dt, b, heads, kv_heads, d, slots = torch.bfloat16, 4, 12, 4, 64, 320
     keys = torch.randn(4, kv_heads, slots, d, device="cuda", dtype=dt)
     values = torch.randn_like(keys)
     keys0, values0 = keys.clone(), values.clone()
     qkv = torch.randn(b, (heads + 2 * kv_heads) * d, device="cuda", dtype=dt)
     slot = torch.tensor(200, device="cuda")
-    start = torch.tensor([0, 37, 150], device="cuda")  # left padding differs per row
-    angle = (slot - start)[:, None].float() * (1e4 ** (-torch.arange(0, d, 2, device="cuda") / d))
+    start = torch.tensor([0, 37, 150, 200], device="cuda")  # left padding differs per row; the last sees only itself
+    angle = torch.arange(slots, device="cuda")[:, None].float() * (1e4 ** (-torch.arange(0, d, 2, device="cuda") / d))
     emb = torch.cat([angle, angle], -1)
-    cos, sin = emb.cos().to(dt), emb.sin().to(dt)
-    out = kernels.decode_attention(qkv, cos, sin, keys, values, slot, start, heads=heads, kv_heads=kv_heads, scale=d ** -0.5)
+    cos_table, sin_table = emb.cos().to(dt), emb.sin().to(dt)  # row p: position p
+    out = kernels.decode_attention(qkv, cos_table, sin_table, keys, values, slot, start, heads=heads,
+                                   kv_heads=kv_heads, scale=d ** -0.5)
+    cos, sin = cos_table[slot - start], sin_table[slot - start]
 
     def rotate(t):
         return torch.cat((-t[..., d // 2:], t[..., : d // 2]), -1)
