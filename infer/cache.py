@@ -29,8 +29,9 @@ class StaticKVCache:
     Duck-types the part of transformers' Cache that attention layers call (`update`).
     Writes go to slots `base_slot + arange(q)`, where `base_slot` is the generator's device
     scalar: no Python state changes per step, so compiled graphs never see a new value.
-    Rows are left-padded; `row_start` (optional, (batch,) on the device) is the generator's
-    record of each row's first real slot, which infer.decoder's batch-1 kernels read.
+    Rows are left-padded; `row_start` ((batch,) on the device) is each row's first real slot,
+    which infer.decoder's batch-1 kernels read: the generator passes its own buffer, and
+    without one every row starts at slot 0 (no padding).
     """
 
     is_compileable = True
@@ -43,7 +44,7 @@ class StaticKVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
         self.base_slot = base_slot
-        self.row_start = row_start
+        self.row_start = row_start if row_start is not None else torch.zeros(batch, dtype=torch.long, device=device)
         self._rows = torch.arange(batch, device=device)
         self._heads = torch.arange(self.kv_heads, device=device)
         for t in self.keys + self.values:

@@ -90,19 +90,19 @@ def prompt_ids(tokenizer, conversation: list[dict]) -> list[int]:
 
     context = conversation[:-1]
     if getattr(tokenizer, "chat_template", None):
-        from infer.generate import chat_prompt_ids
+        from infer.records import chat_ids
 
-        return chat_prompt_ids(tokenizer, context)
+        return chat_ids(tokenizer, context, add_generation_prompt=True)
     return list(tokenizer(plain_prompt(context)).input_ids)
 
 
 def answer_ids(tokenizer, conversation: list[dict], prompt: list[int]) -> list[int]:
     """Reference answer tokens as training lays them out (ending with end-of-turn / eos)."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=False)
-        full = list(tokenizer(text, add_special_tokens=False).input_ids)
+        from infer.records import chat_ids, through_end_of_turn
+
+        full = chat_ids(tokenizer, conversation, add_generation_prompt=False)
         if full[: len(prompt)] == prompt:
-            from infer.records import through_end_of_turn
 
             return through_end_of_turn(tokenizer, full[len(prompt):])
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []

@@ -60,6 +60,7 @@ import torch
 from infer.cache import StaticKVCache, check_supported, use_masked_attention
 from infer.detokenize import TextStream
 from infer.graphs import compile_mode, raise_dynamo_limits
+from infer.records import chat_ids
 from infer.sampling import SamplingParams, choose_tokens, eos_token_ids
 
 log = logging.getLogger(__name__)
@@ -146,16 +147,6 @@ class _Row:
         event = StreamEvent(self.index, new_tokens, self.pending, bool(self.finish_reason), self.finish_reason)
         self.emitted_tokens, self.pending = len(self.token_ids), ""
         return event
-
-
-def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of `messages` rendered by the chat template, ready for the assistant's turn.
-
-    The one place generation, evaluation and the server turn a conversation into a prompt:
-    the template writes any BOS itself, so the tokenizer adds no special tokens.
-    """
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -345,7 +336,7 @@ class Generator:
         conversation = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this tokenizer has no chat template: pass plain strings with chat=False")
-        return chat_prompt_ids(self.tokenizer, conversation)
+        return chat_ids(self.tokenizer, conversation, add_generation_prompt=True)
 
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None, *, chat: bool | None = None) -> list[GenerationResult]:
         t0 = time.perf_counter()

@@ -454,6 +454,15 @@ def _messages(row: dict, fields: dict[str, str], problems: list[str]) -> list[di
     return out
 
 
+def chat_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> list[int]:
+    """Token ids of `messages` rendered by the tokenizer's chat template: the one renderer
+    training (prompt/answer masks), evaluation, generation and the server share, so a prompt
+    is tokenized the same way everywhere. The template writes any BOS itself, so the
+    tokenizer adds no special tokens."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
 def through_end_of_turn(tokenizer, answer: list[int]) -> list[int]:
     """An assistant turn's tokens as rendered by a chat template, cut after its last special
     token (the end-of-turn): what the template writes after it (ChatML's newline) belongs to

@@ -27,9 +27,9 @@ already fitted to `training.max_length`; TRL refuses a max_length it would not e
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from typing import Any
 
-from infer.records import RecordsError, load_records, plain_prompt, problem_report, through_end_of_turn
+from infer.records import RecordsError, chat_ids, load_records, plain_prompt, problem_report, through_end_of_turn
 
 log = logging.getLogger(__name__)
 
@@ -115,16 +115,8 @@ def encode_conversation(
     return ids, mask
 
 
-def render_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
-    """apply_chat_template as token ids, whichever shape this transformers version returns."""
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
-    if isinstance(ids, Mapping):  # transformers 5 returns a BatchEncoding by default
-        ids = ids["input_ids"]
-    return list(ids)
-
-
 def _encode_with_template(tokenizer, conversation):
-    ids = render_ids(tokenizer, conversation, add_generation_prompt=False)
+    ids = chat_ids(tokenizer, conversation, add_generation_prompt=False)
     mask = [0] * len(ids)
     for i, message in enumerate(conversation):
         if message["role"] != "assistant":
@@ -133,8 +125,8 @@ def _encode_with_template(tokenizer, conversation):
         # and with the answer; the difference is the answer. This only holds when each render
         # is a prefix of the next: templates that rewrite earlier turns (e.g. drop past
         # reasoning) or merge tokens across turns are refused instead of mis-masked.
-        prompt = render_ids(tokenizer, conversation[:i], add_generation_prompt=True)
-        through = render_ids(tokenizer, conversation[: i + 1], add_generation_prompt=False)
+        prompt = chat_ids(tokenizer, conversation[:i], add_generation_prompt=True)
+        through = chat_ids(tokenizer, conversation[: i + 1], add_generation_prompt=False)
         if through[: len(prompt)] != prompt or ids[: len(through)] != through:
             raise RecordsError(
                 f"the chat template does not render turn {i} as a continuation of the turns before it "

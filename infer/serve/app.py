@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from infer.generate import chat_prompt_ids
+from infer.records import chat_ids
 
 from .engine import EngineStoppedError, Event, QueueFullError, SamplingParams, Sequence
 from .metrics import CONTENT_TYPE
@@ -149,7 +149,7 @@ def _chat_ids(state, body: ChatCompletionRequest) -> list[int]:
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 for m in body.messages]
     try:
-        return chat_prompt_ids(tok, messages)
+        return chat_ids(tok, messages, add_generation_prompt=True)
     except Exception as exc:  # jinja raises for conversations its template refuses
         raise ApiError(400, f"messages: the chat template refused them ({exc})", param="messages") from None
 
