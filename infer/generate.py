@@ -44,7 +44,8 @@ API (a fixed-batch engine; the HTTP server in infer/serve/ runs its own continuo
 How it stays fast: all decode state (token history, current slot, per-row sampling
 parameters, KV cache) lives in device buffers allocated once, so the compiled decode step
 takes no inputs and returns nothing; one step is one CUDA-graph replay. The host reads new
-tokens every `sync_interval` steps, not every step.
+tokens every `sync_interval` steps, not every step, and on CUDA it queues the next
+`sync_interval` steps before reading, so the GPU does not wait while it detokenizes.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ class Generator:
         assistant_model=None,
         num_assistant_tokens: int = 5,
         prompt_lookup: int = 0,
-        sync_interval: int = 16,
+        sync_interval: int = 8,
         quant_kernels: str = "auto",
         fused: bool | str = "auto",
         kernels: str = "auto",
@@ -180,6 +181,7 @@ class Generator:
         cache_len = -(-max_seq_len // 64) * 64
         self.sync_interval = max(1, sync_interval)
         self.device = next(model.parameters()).device
+        self._groups_in_flight = 2 if self.device.type == "cuda" else 1  # see _batch_events
         self.config = model.config
         check_supported(self.config, max_seq_len)
         use_masked_attention(model)
@@ -436,6 +438,24 @@ class Generator:
     def _read(self, n: int, lo: int, hi: int) -> list[list[int]]:
         return self._seq[:n, lo:hi].tolist()
 
+    def _fetch(self, n: int, lo: int, hi: int) -> Callable[[], list[list[int]]]:
+        """Tokens at slots [lo, hi) of the first n rows, once the queued steps have made
+        them: on CUDA an asynchronous copy to pinned memory and an event, so reading them
+        waits for these steps only, not for steps queued after them."""
+        if self.device.type != "cuda":
+            tokens = self._read(n, lo, hi)
+            return lambda: tokens
+        host = torch.empty((n, hi - lo), dtype=torch.long, pin_memory=True)
+        host.copy_(self._seq[:n, lo:hi], non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def result():
+            done.synchronize()
+            return host.tolist()
+
+        return result
+
     def _batch_events(self, token_lists, rows: list[_Row], interval, stats) -> Iterator[StreamEvent]:
         t0 = time.perf_counter()
         max_new = max(r.params.max_new_tokens for r in rows)
@@ -447,13 +467,23 @@ class Generator:
             r.ttft_s = t_first - t0
             r.add(toks)
         yield from _events_of(rows)
-        slot, steps = length, 0
-        while not all(r.finish_reason for r in rows) and slot - length + 1 < max_new:
-            todo = min(interval, max_new - (slot - length + 1))
-            for _ in range(todo):
-                self._step(b, sampling)
-            new = self._read(n, slot + 1, slot + 1 + todo)
-            slot, steps = slot + todo, steps + todo
+        # Decode steps go out in groups of `interval`. On CUDA the next group is queued
+        # before the host reads (detokenizes, checks stop strings of) the current one, so the
+        # GPU never waits for the host; when every row has stopped, at most that one queued
+        # group is wasted. On CPU a step runs as it is called: nothing is run ahead.
+        total = max_new - 1  # the prefill made the first token
+        queued: list[Callable[[], list[list[int]]]] = []
+        launched = steps = 0
+        while not all(r.finish_reason for r in rows) and steps < total:
+            while launched < total and len(queued) < self._groups_in_flight:
+                todo = min(interval, total - launched)
+                for _ in range(todo):
+                    self._step(b, sampling)
+                lo = length + 1 + launched
+                queued.append(self._fetch(n, lo, lo + todo))
+                launched += todo
+            new = queued.pop(0)()
+            steps += len(new[0])
             for r, toks in zip(rows, new):
                 r.add(toks)
             yield from _events_of(rows)

@@ -142,6 +142,28 @@ def test_eos_and_stop_strings_end_the_output(model, tok):
     assert stopped.text == full.text[: full.text.index(stop)] and stopped.finish_reason == "stop"
 
 
+def test_steps_queued_ahead_change_no_output(model, tok):
+    """CUDA generators queue the next group of steps before reading the current one; here
+    (CPU) two groups in flight are forced. Rows that end inside a group, by an end token or
+    a stop string, and the call after them come out as without queuing."""
+    plain = Generator(model, tok, max_batch_size=2, max_seq_len=64, sync_interval=3)
+    queued = Generator(model, tok, max_batch_size=2, max_seq_len=64, sync_interval=3)
+    queued._groups_in_flight = 2
+    full = plain.generate(PROMPTS[:2], SamplingParams(max_new_tokens=16, ignore_eos=True))
+    stop = full[0].text[len(full[0].text) // 2 : len(full[0].text) // 2 + 4]
+    for gen in (plain, queued):
+        gen.eos_ids = {full[0].token_ids[6], full[1].token_ids[4]}
+    calls = [SamplingParams(max_new_tokens=16), SamplingParams(max_new_tokens=16, stop=[stop]),
+             SamplingParams(max_new_tokens=16, ignore_eos=True)]
+    for params in calls:
+        want, got = plain.generate(PROMPTS[:2], params), queued.generate(PROMPTS[:2], params)
+        assert [(r.token_ids, r.text, r.finish_reason) for r in got] == [(r.token_ids, r.text, r.finish_reason) for r in want]
+    assert [r.token_ids for r in got] == [r.token_ids for r in full]
+    ended = queued.generate(PROMPTS[:2], calls[0])
+    assert [r.finish_reason for r in ended] == ["stop", "stop"] and len(ended[0].token_ids) <= 6
+    assert queued.last_stats.decode_steps < 15  # it stopped reading once both rows had ended
+
+
 def test_stream_yields_the_same_tokens_and_text(model, tok):
     gen = Generator(model, tok, max_batch_size=2, max_seq_len=64)
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)

@@ -51,6 +51,31 @@ def test_cuda_graph_decode_matches_eager_and_does_not_recompile(random_model):
     assert len(gen._graphs) == recorded == 1  # one CUDA graph (batch 2, greedy), replayed
 
 
+def test_steps_queued_ahead_of_the_host_stop_where_a_row_ends(random_model):
+    """On CUDA the host reads a group of steps while the next group runs. A row that ends
+    inside a group (here at an end-of-sequence token) gets exactly the tokens up to it; the
+    steps already queued past it change nothing, for it or for the next call; streaming
+    one token per event gives the same tokens."""
+    from infer.generate import Generator
+    from infer.sampling import SamplingParams
+
+    model, tok = random_model
+    gen = Generator(model, tok, max_batch_size=2, max_seq_len=128, compile="reduce-overhead", sync_interval=4)
+    prompts = [[5, 6, 7, 8, 9], list(range(100, 121))]
+    full = gen.generate(prompts, SamplingParams(max_new_tokens=40, ignore_eos=True))
+    end = full[0].token_ids[9]  # the 10th token of the first row: the stop falls inside a group
+    first = full[0].token_ids.index(end)
+    gen.eos_ids = {end}
+    stopped = gen.generate(prompts, SamplingParams(max_new_tokens=40))
+    assert stopped[0].token_ids == full[0].token_ids[:first] and stopped[0].finish_reason == "stop"
+    want = full[1].token_ids[: full[1].token_ids.index(end)] if end in full[1].token_ids else full[1].token_ids
+    assert stopped[1].token_ids == want
+    gen.eos_ids = set()
+    assert [r.token_ids for r in gen.generate(prompts, SamplingParams(max_new_tokens=40))] == [r.token_ids for r in full]
+    events = list(gen.stream(prompts[:1], SamplingParams(max_new_tokens=40, ignore_eos=True), interval=1))
+    assert [t for e in events for t in e.token_ids] == full[0].token_ids and len(events) == 40
+
+
 def test_cuda_graph_sampling_follows_the_seed(random_model):
     from infer.generate import Generator
     from infer.sampling import SamplingParams
