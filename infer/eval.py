@@ -25,6 +25,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from infer.records import RecordsError, chat_ids, load_records, plain_prompt, through_end_of_turn
+
 METRICS = ("exact_match", "contains", "regex")
 
 
@@ -53,8 +55,6 @@ def load_examples(path, limit: int | None = None, *, fmt: str = "auto", fields=N
     infer.records already rejects conversations that do not end with an assistant turn
     after a user turn, naming file:line, so every item here has a reference answer.
     """
-    from infer.records import RecordsError, load_records
-
     fmt, items, _ = load_records(path, fmt, fields, system_prompt, limit=limit)
     if fmt == "text":
         raise RecordsError(
@@ -86,12 +86,8 @@ def score_one(output: str, reference: str, metric: str, pattern: re.Pattern | No
 
 def prompt_ids(tokenizer, conversation: list[dict]) -> list[int]:
     """Token ids of the prompt inference sends for `conversation` (its last turn excluded)."""
-    from infer.records import plain_prompt
-
     context = conversation[:-1]
     if getattr(tokenizer, "chat_template", None):
-        from infer.records import chat_ids
-
         return chat_ids(tokenizer, context, add_generation_prompt=True)
     return list(tokenizer(plain_prompt(context)).input_ids)
 
@@ -99,11 +95,8 @@ def prompt_ids(tokenizer, conversation: list[dict]) -> list[int]:
 def answer_ids(tokenizer, conversation: list[dict], prompt: list[int]) -> list[int]:
     """Reference answer tokens as training lays them out (ending with end-of-turn / eos)."""
     if getattr(tokenizer, "chat_template", None):
-        from infer.records import chat_ids, through_end_of_turn
-
         full = chat_ids(tokenizer, conversation, add_generation_prompt=False)
         if full[: len(prompt)] == prompt:
-
             return through_end_of_turn(tokenizer, full[len(prompt):])
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     return list(tokenizer(conversation[-1]["content"], add_special_tokens=False).input_ids) + eos
