@@ -1,5 +1,6 @@
-"""The generator's KV cache (every layer's keys and values allocated once, written in place)
-and the checks that a model can run over it."""
+"""The engine's KV cache (a fixed number of rows, each with its own length; every layer's
+keys and values allocated once and written in place) and the checks that a model can run
+over it."""
 
 from __future__ import annotations
 
@@ -24,56 +25,91 @@ def attention_shape(config) -> tuple[int, int, int]:
 
 
 class StaticKVCache:
-    """Keys/values for every layer, allocated once as (batch, kv_heads, max_seq_len, head_dim).
+    """Keys/values for every layer, allocated once as (rows, kv_heads, slots, head_dim).
 
-    Duck-types the part of transformers' Cache that attention layers call (`update`).
-    Writes go to slots `base_slot + arange(q)`, where `base_slot` is the generator's device
-    scalar: no Python state changes per step, so compiled graphs never see a new value.
-    Rows are left-padded; `row_start` ((batch,) on the device) is each row's first real slot,
-    which infer.decoder's batch-1 kernels read: the generator passes its own buffer, and
-    without one every row starts at slot 0 (no padding).
+    Each row holds one sequence from slot 0; `lens` ((rows,) on the device, owned by the
+    engine's runner) is how many of its tokens are cached, so a row's next token goes to
+    slot `lens[row]`. Rows join and leave by changing their lengths: nothing is moved.
+
+    Duck-types the part of transformers' Cache that attention layers call (`update`). What
+    a forward writes is set by the caller before it runs (`decode`, `fresh`, `extend`):
+
+    * decode: one new token for each of rows [0, b), at slot `lens[row]`; attention reads
+      rows [0, b) whole (the mask hides slots past each row's length).
+    * fresh: the first chunk of the prompts of `rows` (a right-padded batch), at slots
+      [0, q); attention reads only these new keys (nothing earlier exists).
+    * extend: a later chunk of one row's prompt (or speculative drafts), at slots
+      [start, start + q) (start None: the row's cached length); attention reads that
+      row whole.
+
+    `single_row` ((1,) on the device) names the one row a batch-1 Triton step decodes
+    (infer.decoder), so a lone sequence decodes at batch 1 whichever row it occupies.
     """
 
     is_compileable = True
 
-    def __init__(self, config, batch: int, max_len: int, dtype, device, base_slot: torch.Tensor,
-                 row_start: torch.Tensor | None = None):
+    def __init__(self, config, rows: int, slots: int, dtype, device, lens: torch.Tensor, single_row: torch.Tensor):
         _, self.kv_heads, self.head_dim = attention_shape(config)
         self.num_layers = text_config_of(config).num_hidden_layers
-        shape = (batch, self.kv_heads, max_len, self.head_dim)
+        shape = (rows, self.kv_heads, slots, self.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
-        self.base_slot = base_slot
-        self.row_start = row_start if row_start is not None else torch.zeros(batch, dtype=torch.long, device=device)
-        self._rows = torch.arange(batch, device=device)
+        self.lens, self.single_row = lens, single_row
+        self._rows = torch.arange(rows, device=device)
         self._heads = torch.arange(self.kv_heads, device=device)
         for t in self.keys + self.values:
             torch._dynamo.mark_static_address(t)  # CUDA graphs need fixed addresses
+        self.mode = "decode"
+        self._target: tuple = ()
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
+    def decode(self) -> None:
+        self.mode, self._target = "decode", ()
+
+    def fresh(self, rows: torch.Tensor) -> None:
+        self.mode, self._target = "fresh", (rows,)
+
+    def extend(self, row: int, start) -> None:
+        self.mode, self._target = "extend", (row, start)
+
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         b, q = key_states.shape[0], key_states.shape[-2]
-        keys, values = self.keys[layer_idx][:b], self.values[layer_idx][:b]
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
         if key_states.shape[1] != keys.shape[1] or key_states.shape[-1] != keys.shape[-1]:
             raise RuntimeError(
                 f"layer {layer_idx} produced keys of shape {tuple(key_states.shape)}, but the cache was "
                 f"sized from the config as {tuple(keys.shape)}; this architecture is not supported"
             )
-        slots = self.base_slot + torch.arange(q, device=keys.device)
-        # Written into the whole buffer with explicit (row, head, slot) indices rather than
-        # through the `[:b]` view: under torch.compile an in-place write to a view of a
-        # graph input became a copy of the entire buffer (all max_batch rows) every step,
-        # which cost a batch-1 step on a batch-32 cache 0.12 ms (1B model, H200).
-        index = (self._rows[:b, None, None], self._heads[None, :, None], slots[None, None, :])
-        self.keys[layer_idx].index_put_(index, key_states.to(keys.dtype))
-        self.values[layer_idx].index_put_(index, value_states.to(values.dtype))
-        return keys, values
+        key_states, value_states = key_states.to(keys.dtype), value_states.to(values.dtype)
+        heads = self._heads[None, :, None]
+        if self.mode == "decode":
+            # Written through explicit (row, head, slot) indices into the whole buffer: under
+            # torch.compile an in-place write to a `[:b]` view of a graph input became a copy
+            # of the entire buffer every step (0.12 ms of a batch-1 step, 1B model, H200).
+            index = (self._rows[:b, None, None], heads, self.lens[:b, None, None])
+            keys.index_put_(index, key_states)
+            values.index_put_(index, value_states)
+            return keys[:b], values[:b]
+        if self.mode == "fresh":
+            (rows,) = self._target
+            index = (rows[:, None, None], heads, torch.arange(q, device=keys.device)[None, None, :])
+            keys.index_put_(index, key_states)
+            values.index_put_(index, value_states)
+            return key_states, value_states
+        row, start = self._target  # start None: the row's length, read on the device
+        if start is None:
+            start = self.lens[row]
+        slots = start + torch.arange(q, device=keys.device)
+        index = (self._rows[row : row + 1, None, None], heads, slots[None, None, :])
+        keys.index_put_(index, key_states)
+        values.index_put_(index, value_states)
+        return keys[row : row + 1], values[row : row + 1]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0  # only consulted when position_ids are absent; the generator always passes them
+        return 0  # only consulted when position_ids are absent; the engine always passes them
 
 
 def check_supported(config, max_seq_len: int) -> None:
@@ -85,14 +121,14 @@ def check_supported(config, max_seq_len: int) -> None:
     )
     if uses_window:
         raise ValueError(
-            f"{type(config).__name__} uses sliding-window attention, which the static-cache generator "
+            f"{type(config).__name__} uses sliding-window attention, which the static-cache engine "
             "does not implement; use transformers' model.generate for this model"
         )
 
 
 def use_masked_attention(model) -> None:
-    # The generator passes explicit 4-D padding/causal masks over the static cache; only
-    # sdpa and eager attention take those (flash/varlen kernels ignore or reject them).
+    # The engine passes explicit 4-D padding/causal masks over the static cache; only sdpa
+    # and eager attention take those (flash/varlen kernels ignore or reject them).
     impl = getattr(model.config, "_attn_implementation", "sdpa")
     if impl not in ("sdpa", "eager"):
         log.info("generation switches attention from %s to sdpa (static cache with explicit masks)", impl)

@@ -1,4 +1,4 @@
-"""A lean forward pass for Llama-family decoders (llama, mistral, qwen2) over the generator's
+"""A lean forward pass for Llama-family decoders (llama, mistral, qwen2) over the engine's
 static cache, used instead of the transformers forward when the architecture allows.
 
 Why: at batch 1 a decode step is a few hundred small kernels, and a CUDA graph removes
@@ -138,7 +138,7 @@ def _rotate_half(x):
 
 
 class FusedDecoder(nn.Module):
-    """forward(input_ids, position_ids, mask, cache, last_only) -> logits, like the model's."""
+    """forward(input_ids, position_ids, mask, cache, last) -> logits, like the model's."""
 
     # How a decode step (a few query rows) attends: "explicit" (matmul, masked softmax,
     # matmul; inductor fuses the mask into the softmax) or "sdpa". On an H200 (1B, batch 1)
@@ -210,8 +210,9 @@ class FusedDecoder(nn.Module):
             self.lm_head_kernel = kernels.norm_matvec_beats_linear(head, inner.norm.weight, inner.norm.variance_epsilon)
         log.info("batch-1 decode runs Triton kernels (5 per layer)")
 
-    def forward(self, input_ids, position_ids, mask, cache, last_only: bool = False):
-        if self.kernels and input_ids.shape == (1, 1):
+    def forward(self, input_ids, position_ids, mask, cache, last=None):
+        """Logits for every position, or with `last` ((b,) indices) for one position per row."""
+        if self.kernels and input_ids.shape == (1, 1) and cache.mode == "decode":
             return self._decode_one(input_ids, cache)
         inner = self.model.model
         x = inner.embed_tokens(input_ids)
@@ -238,25 +239,26 @@ class FusedDecoder(nn.Module):
             x = x + attn.o_proj(out)
             gate, up = self.gate_up[i](layer.post_attention_layernorm(x))
             x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
-        x = inner.norm(x[:, -1:] if last_only else x)
-        return self.model.lm_head(x)
+        if last is not None:
+            x = x[torch.arange(b, device=x.device), last][:, None]
+        return self.model.lm_head(inner.norm(x))
 
     def _decode_one(self, input_ids, cache):
-        """One token of one sequence through infer.kernels: five kernels per layer."""
+        """One token of one sequence (cache row `cache.single_row`) through infer.kernels:
+        five kernels per layer."""
         from infer import kernels
 
         inner = self.model.model
         x = inner.embed_tokens(input_ids).view(-1)
-        slot = cache.base_slot
-        # The row's first slot comes from the cache (its position is slot - start), so the
-        # step computes no position tensor (92 -> 86 kernels per step with the rotary tables).
-        start = cache.row_start[:1]
+        # The row's length is its new token's slot and position: the step computes no
+        # position tensor (92 -> 86 kernels per step with the rotary tables).
+        lens, rows = cache.lens, cache.single_row
         for i, layer in enumerate(inner.layers):
             attn, mlp = layer.self_attn, layer.mlp
             norm = layer.input_layernorm
             qkv = kernels.matvec(x, self.qkv[i].fused, norm=norm.weight, eps=norm.variance_epsilon)
             out = kernels.decode_attention(qkv.view(1, -1), self.rotary_cos, self.rotary_sin, cache.keys[i],
-                                           cache.values[i], slot, start, heads=self.heads, kv_heads=self.kv_heads,
+                                           cache.values[i], lens, rows, heads=self.heads, kv_heads=self.kv_heads,
                                            scale=attn.scaling)
             x = kernels.matvec(out.view(-1), attn.o_proj, residual=x)
             norm = layer.post_attention_layernorm

@@ -2,7 +2,13 @@
 
 Everything here is plain tensor code with per-row parameters held in tensors, so one
 compiled graph serves every mix of requests in a batch (different temperatures, top-k,
-top-p and repetition penalties do not recompile).
+top-p, repetition penalties and seeds do not recompile).
+
+Random draws come from a counter-based hash of (the row's seed, the token's position,
+the vocabulary index) rather than from a global generator: a seeded request samples the
+same tokens whatever else shares its batch, however the batch changes between steps, and
+with or without speculative decoding (a drafted position draws the noise it would have
+drawn in plain decoding).
 """
 
 from __future__ import annotations
@@ -19,8 +25,12 @@ class SamplingParams:
     temperature 0 means greedy (argmax); top_k 0 and top_p 1.0 mean "no truncation";
     repetition_penalty 1.0 means none (HF/CTRL semantics: logits of tokens already in the
     prompt or output are divided by it when positive, multiplied when negative).
-    `stop` strings end the output before the matched text; `seed` makes sampling repeatable
-    for the whole call; `ignore_eos` keeps generating past end-of-sequence (benchmarks).
+    `stop` strings end the output before the matched text; `seed` (any integer; taken
+    modulo 2**64) makes sampling repeatable, also inside a batch shared with other requests;
+    `ignore_eos` keeps generating past end-of-sequence (benchmarks); `logprobs` (None: off)
+    asks for the chosen token's log-probability and that many of the most likely
+    alternatives at each position (log-softmax of the model's raw logits, as OpenAI and vLLM
+    report them).
     """
 
     max_new_tokens: int = 256
@@ -31,6 +41,7 @@ class SamplingParams:
     stop: tuple[str, ...] | list[str] = field(default_factory=tuple)
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self):
         problems = []
@@ -44,6 +55,10 @@ class SamplingParams:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.logprobs is not None and self.logprobs < 0:
+            problems.append(f"logprobs must be >= 0 (alternatives per position), got {self.logprobs}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            problems.append(f"seed must be an integer, got {self.seed!r}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.stop = tuple(s for s in self.stop if s)
@@ -53,6 +68,39 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def sampling(self) -> bool:
+        """Whether choosing a token needs more than an argmax of the raw logits."""
+        return not self.greedy or self.repetition_penalty != 1.0
+
+
+def seed_halves(seed: int) -> tuple[int, int]:
+    """Any Python integer as two 32-bit halves (of the seed modulo 2**64): device tensors
+    hold them without overflow, whatever a client sends."""
+    seed &= (1 << 64) - 1
+    return seed & 0xFFFFFFFF, seed >> 32
+
+
+_MIX = 0x45D9F3B  # a 32-bit multiplicative mixing constant (fits int64 products below 2**63)
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    h = ((h ^ (h >> 16)) * _MIX) & 0xFFFFFFFF
+    h = ((h ^ (h >> 16)) * _MIX) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def seeded_uniform(seed_lo: torch.Tensor, seed_hi: torch.Tensor, position: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(rows, vocab) floats in (0, 1), a pure function of (seed, position, vocabulary index).
+
+    Integer hashing in int64 with every intermediate kept below 2**63, so it runs the same
+    on CPU and GPU, inside compiled graphs, with no generator state to carry."""
+    idx = torch.arange(vocab, device=position.device)
+    h = _mix32((seed_lo[:, None] ^ (idx[None, :] * 0x9E3779B1 & 0xFFFFFFFF)) & 0xFFFFFFFF)
+    h = _mix32(h ^ (seed_hi[:, None] & 0xFFFFFFFF))
+    h = _mix32(h ^ ((position[:, None] * 0x85EBCA77) & 0xFFFFFFFF))
+    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
 def choose_tokens(
@@ -65,13 +113,16 @@ def choose_tokens(
     penalty: torch.Tensor | None = None,
     history: torch.Tensor | None = None,
     history_valid: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pick one token per row of `logits` (rows, vocab) -> (rows,) int64.
 
     `sampling=False` is the greedy fast path: one argmax, nothing else on the hot loop.
     Otherwise rows with temperature 0 still take the argmax (after the repetition
     penalty), so greedy and sampled requests can share a batch. `history` (rows, T) with
-    `history_valid` (rows, T) are the tokens the repetition penalty looks at.
+    `history_valid` (rows, T) are the tokens the repetition penalty looks at. `noise`
+    (rows, vocab) uniform draws in (0, 1) (see `seeded_uniform`); without it they come from
+    torch's global generator.
     """
     logits = logits.float()
     if not sampling:
@@ -95,7 +146,12 @@ def choose_tokens(
     ordered = ordered.masked_fill(drop, float("-inf"))
     probs = ordered.softmax(dim=-1)
     # Exponential race (Gumbel-max form of multinomial sampling): no host sync, graph-safe.
-    race = torch.empty_like(probs).exponential_(1.0)
+    # The noise is indexed by vocabulary entry (not by rank), so a token's draw does not
+    # depend on how the others sort.
+    if noise is None:
+        race = torch.empty_like(probs).exponential_(1.0)
+    else:
+        race = -torch.log(noise).gather(1, order)
     pick = (probs / race).argmax(dim=-1, keepdim=True)
     sampled = order.gather(1, pick).squeeze(1)
     return torch.where(temperature > 0, sampled, greedy_choice)

@@ -243,12 +243,12 @@ ATTENTION_CONFIGS = [(bs, w) for bs in (64, 128, 256) for w in (4, 8)]
 _attention_chosen: dict[tuple, tuple[int, int]] = {}
 
 
-def _launch_attention(qkv, cos, sin, keys, values, out, slot, start, heads, kv_heads, scale, cfg):
+def _launch_attention(qkv, cos, sin, keys, values, out, lens, rows, heads, kv_heads, scale, cfg):
     d = keys.shape[-1]
     group = heads // kv_heads
     block_s, warps = cfg
     wrap_triton(decode_attention_kernel)[(qkv.shape[0], kv_heads)](
-        qkv_ptr=qkv, cos_ptr=cos, sin_ptr=sin, k_ptr=keys, v_ptr=values, out_ptr=out, slot_ptr=slot, start_ptr=start,
+        qkv_ptr=qkv, cos_ptr=cos, sin_ptr=sin, k_ptr=keys, v_ptr=values, out_ptr=out, len_ptr=lens, row_ptr=rows,
         scale=scale, stride_b=keys.stride(0), stride_h=keys.stride(1), T=keys.shape[2],
         H=heads, KVH=kv_heads, D=d, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)),
         BLOCK_S=block_s, WHOLE_CACHE=_INTERPRETED, num_warps=warps, num_stages=3)
@@ -256,11 +256,11 @@ def _launch_attention(qkv, cos, sin, keys, values, out, slot, start, heads, kv_h
 
 @triton_op("tunewright::decode_attention", mutates_args=("keys", "values"))
 def _decode_attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
-                         values: torch.Tensor, slot: torch.Tensor, start: torch.Tensor, heads: int,
+                         values: torch.Tensor, lens: torch.Tensor, rows: torch.Tensor, heads: int,
                          kv_heads: int, scale: float) -> torch.Tensor:
     out = torch.empty(qkv.shape[0], heads * keys.shape[-1], dtype=qkv.dtype, device=qkv.device)
     cfg = _attention_chosen.get((heads, kv_heads, keys.shape[-1], keys.shape[2]), (64, 4))
-    _launch_attention(qkv, cos, sin, keys, values, out, slot, start, heads, kv_heads, scale, cfg)
+    _launch_attention(qkv, cos, sin, keys, values, out, lens, rows, heads, kv_heads, scale, cfg)
     return out
 
 
@@ -273,22 +273,23 @@ def tune_attention(heads: int, kv_heads: int, head_dim: int, slots: int, dtype, 
     values = torch.randn_like(keys)
     qkv = torch.randn(1, (heads + 2 * kv_heads) * head_dim, device=device, dtype=dtype)
     cos, sin = torch.randn(2, slots, head_dim, device=device, dtype=dtype)
-    slot, start = torch.tensor(slots // 2, device=device), torch.zeros(1, dtype=torch.long, device=device)
+    lens, rows = torch.tensor([slots // 2], device=device), torch.zeros(1, dtype=torch.long, device=device)
     out = torch.empty(1, heads * head_dim, device=device, dtype=dtype)
 
     def run(cfg):
-        _launch_attention(qkv, cos, sin, keys, values, out, slot, start, heads, kv_heads, head_dim ** -0.5, cfg)
+        _launch_attention(qkv, cos, sin, keys, values, out, lens, rows, heads, kv_heads, head_dim ** -0.5, cfg)
 
     fits = [cfg for cfg in ATTENTION_CONFIGS if cfg[0] <= max(64, triton.next_power_of_2(slots))]
     _attention_chosen[key] = _fastest(fits, run)
     return _attention_chosen[key]
 
 
-def decode_attention(qkv, cos, sin, keys, values, slot, start, *, heads: int, kv_heads: int, scale: float):
+def decode_attention(qkv, cos, sin, keys, values, lens, rows, *, heads: int, kv_heads: int, scale: float):
     """One query token per row. qkv: (b, (heads + 2 kv_heads) * head_dim), before rotary;
     cos/sin: rotary tables, (positions, head_dim), row p for position p; keys/values: the
-    layer's (max_batch, kv_heads, slots, head_dim) cache, written at `slot` (a 0-d device
-    tensor); start: (b,) first slot each row may see (earlier ones are its left padding),
-    so the new token's position is slot - start. Nothing checks a position against the
-    tables' length on the device: the caller sizes them. Returns (b, heads * head_dim)."""
-    return _decode_attention_op(qkv, cos, sin, keys, values, slot, start, heads, kv_heads, scale)
+    layer's (cache rows, kv_heads, slots, head_dim) cache; rows: (b,) the cache row of each
+    query row; lens: (cache rows,) tokens cached per cache row, so query row b's token is
+    written at slot lens[rows[b]], which is also its position. Nothing checks a position
+    against the tables' length on the device: the caller sizes them. Returns
+    (b, heads * head_dim)."""
+    return _decode_attention_op(qkv, cos, sin, keys, values, lens, rows, heads, kv_heads, scale)

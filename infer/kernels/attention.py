@@ -23,11 +23,11 @@ def _rope(ptr, offs, d, cos, sin, D: tl.constexpr, dt: tl.constexpr):
 
 
 @triton.jit
-def _attend_block(q, k_ptr, v_ptr, s0, start, slot, d, m, total, acc, scale: tl.constexpr, D: tl.constexpr, dt: tl.constexpr,
+def _attend_block(q, k_ptr, v_ptr, s0, slot, d, m, total, acc, scale: tl.constexpr, D: tl.constexpr, dt: tl.constexpr,
                   BLOCK_S: tl.constexpr):
-    """Online-softmax update with cache slots [s0, s0 + BLOCK_S) that lie in [start, slot)."""
+    """Online-softmax update with cache slots [s0, s0 + BLOCK_S) that lie before `slot`."""
     s = s0 + tl.arange(0, BLOCK_S)
-    seen = (s >= start) & (s < slot)
+    seen = s < slot
     keys = tl.load(k_ptr + s[:, None] * D + d[None, :], mask=seen[:, None], other=0.0)
     scores = tl.dot(q, tl.trans(keys)) * scale
     scores = tl.where(seen[None, :], scores, float("-inf"))
@@ -41,32 +41,32 @@ def _attend_block(q, k_ptr, v_ptr, s0, start, slot, d, m, total, acc, scale: tl.
 
 
 @triton.jit
-def decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, out_ptr, slot_ptr, start_ptr,
+def decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, out_ptr, len_ptr, row_ptr,
                              scale: tl.constexpr, stride_b, stride_h, T: tl.constexpr,
                              H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
                              GROUP_P: tl.constexpr, BLOCK_S: tl.constexpr, WHOLE_CACHE: tl.constexpr):
-    """One program per (batch row, KV head): its GROUP query heads attend over slots
-    [start, slot] of the cache; the new key/value (rotary applied) is written at `slot`
-    and taken from registers, the older ones are read from the cache. The new token's
-    position is slot - start; cos/sin are tables with one row of D per position."""
+    """One program per (query row b, KV head): query row b belongs to cache row
+    `rows[b]`, which holds `lens[rows[b]]` cached tokens from slot 0. Its GROUP query heads
+    attend over those and the new token; the new key/value (rotary applied) is written at
+    slot `lens[rows[b]]` (which is also its position) and taken from registers. cos/sin are
+    tables with one row of D per position."""
     b = tl.program_id(0)
     kv = tl.program_id(1)
     dt = out_ptr.dtype.element_ty
-    slot = tl.load(slot_ptr)
-    start = tl.load(start_ptr + b)
-    pos = slot - start
+    row = tl.load(row_ptr + b)
+    slot = tl.load(len_ptr + row)
     d = tl.arange(0, D)
-    cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
-    sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
-    row = qkv_ptr + b * (H + 2 * KVH) * D
+    cos = tl.load(cos_ptr + slot * D + d).to(tl.float32)
+    sin = tl.load(sin_ptr + slot * D + d).to(tl.float32)
+    qkv_row = qkv_ptr + b * (H + 2 * KVH) * D
     g = tl.arange(0, GROUP_P)
     in_group = g < GROUP
     heads = kv * GROUP + tl.where(in_group, g, 0)
-    q = _rope(row, heads[:, None] * D, d[None, :], cos[None, :], sin[None, :], D, dt)
+    q = _rope(qkv_row, heads[:, None] * D, d[None, :], cos[None, :], sin[None, :], D, dt)
     q = tl.where(in_group[:, None], q, 0.0).to(dt)
-    k_new = _rope(row, (H + kv) * D, d, cos, sin, D, dt)
-    v_new = tl.load(row + (H + KVH + kv) * D + d)
-    base = b * stride_b + kv * stride_h
+    k_new = _rope(qkv_row, (H + kv) * D, d, cos, sin, D, dt)
+    v_new = tl.load(qkv_row + (H + KVH + kv) * D + d)
+    base = row * stride_b + kv * stride_h
     tl.store(k_ptr + base + slot * D + d, k_new)
     tl.store(v_ptr + base + slot * D + d, v_new.to(dt))
 
@@ -76,9 +76,9 @@ def decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, out_ptr, sl
     acc = tl.zeros((GROUP_P, D), tl.float32) + v_new.to(tl.float32)[None, :]
     if WHOLE_CACHE:  # Triton's CPU interpreter cannot loop to a bound read from memory
         for s0 in range(0, T, BLOCK_S):
-            m, total, acc = _attend_block(q, k_ptr + base, v_ptr + base, s0, start, slot, d, m, total, acc, scale, D, dt, BLOCK_S)
+            m, total, acc = _attend_block(q, k_ptr + base, v_ptr + base, s0, slot, d, m, total, acc, scale, D, dt, BLOCK_S)
     else:
-        for s0 in range((start // BLOCK_S) * BLOCK_S, slot, BLOCK_S):
-            m, total, acc = _attend_block(q, k_ptr + base, v_ptr + base, s0, start, slot, d, m, total, acc, scale, D, dt, BLOCK_S)
+        for s0 in range(0, slot, BLOCK_S):
+            m, total, acc = _attend_block(q, k_ptr + base, v_ptr + base, s0, slot, d, m, total, acc, scale, D, dt, BLOCK_S)
     out = (acc / total[:, None]).to(dt)
     tl.store(out_ptr + b * H * D + heads[:, None] * D + d[None, :], out, mask=in_group[:, None])

@@ -1,0 +1,327 @@
+"""The model runner of the inference engine: a static KV cache of rows, the decode step
+compiled once and replayed from CUDA graphs, chunked prefill, and the device buffers the
+host reads tokens (and log-probabilities) from.
+
+All decode state lives in device buffers allocated once (tokens by position, each row's
+cached length, which rows are decoding, per-row sampling parameters and seeds), so a
+compiled step takes no tensor inputs and returns nothing; one step is one graph replay.
+A decode step runs rows [0, n) of the cache (n a power of two) or, with the Triton
+kernels, the one decoding row wherever it is (`single`). Rows that are not decoding (free,
+or part-way through their prompt) ride along: their outputs are not kept and their length
+does not move.
+
+Each step writes its chosen tokens to row `out_step` of a small ring (`out`), which the
+host copies out after a group of steps (`fetch_group`); on CUDA that copy is asynchronous,
+so the host can queue the next group before it reads this one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Callable
+
+import torch
+
+from infer.cache import StaticKVCache, check_supported, use_masked_attention
+from infer.graphs import compile_mode, raise_dynamo_limits
+from infer.sampling import SamplingParams, choose_tokens, seed_halves, seeded_uniform
+
+log = logging.getLogger(__name__)
+
+INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class ModelRunner:
+    def __init__(self, model, *, max_batch_size: int = 8, max_seq_len: int = 2048, compile="auto",
+                 quant_kernels: str = "auto", fused="auto", kernels: str = "auto", max_logprobs: int = 0,
+                 group_steps: int = 8, pad_id: int = 0):
+        self.model = model
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        # A multiple of 64 slots: SDPA's fused kernels want aligned masks.
+        self.slots = T = -(-max_seq_len // 64) * 64
+        self.group_steps = max(1, group_steps)
+        self.device = dev = next(model.parameters()).device
+        self.config = model.config
+        check_supported(self.config, max_seq_len)
+        use_masked_attention(model)
+        model.eval()
+        self.compile_mode = compile_mode(compile, dev)
+        if quant_kernels not in ("auto", "bitsandbytes", "compiled"):
+            raise ValueError(f"quant_kernels must be auto, bitsandbytes or compiled, got {quant_kernels!r}")
+        inductor_on_gpu = self.compile_mode in INDUCTOR_MODES and dev.type == "cuda"
+        if quant_kernels == "compiled" or (quant_kernels == "auto" and inductor_on_gpu):
+            from infer.quantize import use_compiled_kernels
+
+            use_compiled_kernels(model)  # in place: same packed weights, fusable dequantization
+        self.decoder = _decoder(model, fused, kernels if self.compile_mode else "none", T)
+        self.single_row_kernels = self.decoder is not None and self.decoder.kernels
+        embed = model.get_input_embeddings().weight
+        head = model.get_output_embeddings()
+        self.vocab_size = head.weight.shape[0] if head is not None else embed.shape[0]
+        self.max_logprobs = max_logprobs
+
+        B, G, K = max_batch_size, self.group_steps, max(1, max_logprobs)
+        self.seq = torch.full((B, T), pad_id, dtype=torch.long, device=dev)  # token by position
+        self.lens = torch.zeros(B, dtype=torch.long, device=dev)  # tokens cached per row
+        self.active = torch.zeros(B, dtype=torch.bool, device=dev)  # rows whose decode output is kept
+        self.single = torch.zeros(1, dtype=torch.long, device=dev)  # the row a single-row step decodes
+        self.temperature = torch.zeros(B, device=dev)
+        self.top_k = torch.zeros(B, dtype=torch.long, device=dev)
+        self.top_p = torch.ones(B, device=dev)
+        self.penalty = torch.ones(B, device=dev)
+        self.seed_lo = torch.zeros(B, dtype=torch.long, device=dev)
+        self.seed_hi = torch.zeros(B, dtype=torch.long, device=dev)
+        self.rows = torch.arange(B, device=dev)
+        self.key_slots = torch.arange(T, device=dev)
+        self.out = torch.zeros((G, B), dtype=torch.long, device=dev)  # tokens chosen by the group's steps
+        self.out_step = torch.zeros((), dtype=torch.long, device=dev)
+        self.out_lp = torch.zeros((G, B), device=dev)  # their log-probabilities (logprobs steps)
+        self.out_top = torch.zeros((G, B, K), device=dev)
+        self.out_top_ids = torch.zeros((G, B, K), dtype=torch.long, device=dev)
+        self._buffers = [v for v in vars(self).values() if isinstance(v, torch.Tensor)]
+        for t in self._buffers:
+            torch._dynamo.mark_static_address(t)
+        self.cache = StaticKVCache(self.config, B, T, embed.dtype, dev, self.lens, self.single)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+        # CUDA graphs are recorded by infer.graphs (not by inductor's cudagraph trees, whose
+        # per-call host work was 12% of a batch-1 step); inductor compiles without them.
+        self.graphs = None
+        if dev.type == "cuda" and self.compile_mode in ("reduce-overhead", "max-autotune"):
+            from infer.graphs import CUDAGraphs
+
+            self.graphs = CUDAGraphs(dev)
+        self._decode = self._compiled(self._decode_impl)
+        self._verify = self._compiled(self._verify_impl)
+
+    # ---- compiled pieces -------------------------------------------------------------
+
+    def _compiled(self, fn):
+        mode = self.compile_mode
+        if mode is None:
+            return fn
+        raise_dynamo_limits()
+        if callable(mode) or mode not in INDUCTOR_MODES:
+            return torch.compile(fn, backend=mode, fullgraph=True)
+        mode = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+        if self.device.type == "cuda":
+            import torch._inductor.config as inductor_config
+
+            # Lets inductor turn batch-1 matmuls into fused reductions that reach peak
+            # bandwidth, and fuse weight dequantization into them (as gpt-fast does).
+            inductor_config.coordinate_descent_tuning = True
+        # The batch size is a Python int: after a second size, dynamo compiles one graph
+        # with a symbolic batch, so each power-of-two bucket needs no new compile, only
+        # its own CUDA graph.
+        return torch.compile(fn, mode=mode, fullgraph=True)
+
+    def _forward(self, tokens, positions, mask, last=None):
+        if self.decoder is not None:
+            return self.decoder(tokens, positions, mask, self.cache, last)
+        kwargs = {}
+        if last is not None and self._keeps_logits:
+            # Only the listed positions reach the output layer: (rows, len(last), vocab),
+            # of which row i needs column i.
+            kwargs["logits_to_keep"] = last
+        out = self.model(input_ids=tokens, position_ids=positions, attention_mask=mask,
+                         past_key_values=self.cache, use_cache=True, **kwargs)
+        if last is None:
+            return out.logits
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        return out.logits[rows, rows if self._keeps_logits else last][:, None]
+
+    def _choose(self, logits, rows, positions, sampling: bool, history_upto=None):
+        """Tokens for `rows` (a (b,) index or a slice of rows) at `positions` (where each
+        chosen token will sit)."""
+        if not sampling:
+            return choose_tokens(logits, sampling=False)
+        history = valid = None
+        if history_upto is not None:  # the repetition penalty looks at prompt + output
+            history = self.seq[rows]
+            valid = self.key_slots[None, :] <= history_upto[:, None]
+        noise = seeded_uniform(self.seed_lo[rows], self.seed_hi[rows], positions, logits.shape[-1])
+        return choose_tokens(logits, sampling=True, temperature=self.temperature[rows], top_k=self.top_k[rows],
+                             top_p=self.top_p[rows], penalty=self.penalty[rows], history=history,
+                             history_valid=valid, noise=noise)
+
+    def _decode_impl(self, n: int, single: bool, sampling: bool, logprobs: bool) -> None:
+        rows = self.single if single else self.rows[:n]
+        pos = self.lens[rows]
+        tok = self.seq[rows, pos]
+        if single:  # infer.decoder's kernels read the row and its length from the cache
+            logits = self._forward(tok[:, None], pos[:, None], None)[:, -1]
+        else:
+            mask = (self.key_slots[None, :] <= pos[:, None])[:, None, None, :]
+            logits = self._forward(tok[:, None], pos[:, None], mask)[:, -1]
+        nxt = self._choose(logits, rows, pos + 1, sampling, history_upto=pos)
+        keep = self.active[rows]
+        self.seq[rows, pos + 1] = torch.where(keep, nxt, self.seq[rows, pos + 1])
+        # A row whose output the host no longer reads may run a few steps past its end
+        # (steps are queued ahead); the clamp keeps it inside the cache.
+        self.lens[rows] = torch.clamp(pos + keep.long(), max=self.slots - 2)
+        # (step, column) indices as tensors: a 0-d tensor used as an index would be read on
+        # the host (a recompile per value under dynamo).
+        index = (self.out_step.expand(rows.shape[0]), self.rows[: rows.shape[0]])
+        self.out.index_put_(index, nxt)
+        if logprobs:
+            self._write_logprobs(logits, nxt, index)
+        self.out_step.add_(1)
+
+    def _write_logprobs(self, logits, chosen, index):
+        lp = logits.float().log_softmax(dim=-1)
+        self.out_lp.index_put_(index, lp.gather(1, chosen[:, None])[:, 0])
+        top = lp.topk(self.out_top.shape[-1], dim=-1)
+        self.out_top.index_put_(index, top.values)
+        self.out_top_ids.index_put_(index, top.indices)
+
+    def _verify_impl(self, k: int, sampling: bool) -> torch.Tensor:
+        """Target-model choices after each of [newest token, k drafts] of row 0."""
+        slots = self.lens[0] + torch.arange(k + 1, device=self.device)
+        mask = (self.key_slots[None, :] <= slots[:, None])[None, None]
+        logits = self._forward(self.seq[0, slots][None], slots[None], mask)[0]
+        rows = torch.zeros(k + 1, dtype=torch.long, device=self.device)
+        return self._choose(logits, rows, slots + 1, sampling)
+
+    # ---- host side -------------------------------------------------------------------
+
+    def run(self, fn, *args):
+        """fn(*args), replayed from its recorded CUDA graph when this runner records them."""
+        return self.graphs(fn, *args) if self.graphs is not None else fn(*args)
+
+    @torch.inference_mode()
+    def decode_group(self, steps: int, n: int, single: bool, sampling: bool, logprobs: bool) -> None:
+        """Queue `steps` decode steps (at most group_steps); their tokens land in `out`."""
+        self.out_step.zero_()
+        self.cache.decode()
+        for _ in range(steps):
+            self.run(self._decode, n, single, sampling, logprobs)
+
+    @torch.inference_mode()
+    def verify(self, k: int, sampling: bool) -> list[int]:
+        self.cache.extend(0, None)  # at row 0's length, read on the device
+        return self.run(self._verify, k, sampling).tolist()
+
+    def load(self, row: int, tokens: list[int], params: SamplingParams, seed: int) -> None:
+        """Put a new sequence's prompt and sampling parameters into `row` (nothing cached).
+
+        A prefix cache would go here: copy (or share) the KV of the longest cached prefix
+        of `tokens` into the row and start its prefill after it."""
+        lo, hi = seed_halves(seed)
+        self._put(self.seq[row, : len(tokens)], tokens)
+        for buf, value in ((self.temperature, params.temperature), (self.top_k, params.top_k),
+                           (self.top_p, params.top_p), (self.penalty, params.repetition_penalty),
+                           (self.seed_lo, lo), (self.seed_hi, hi), (self.lens, 0), (self.active, False)):
+            buf[row] = value
+
+    def write(self, row: int, start: int, tokens: list[int]) -> None:
+        """Tokens at positions [start, start + len(tokens)) of a row (speculative drafts)."""
+        self._put(self.seq[row, start : start + len(tokens)], tokens)
+
+    def set_length(self, row: int, cached: int) -> None:
+        self.lens[row] = cached
+
+    def set_active(self, rows: list[int], active: bool) -> None:
+        if rows:
+            self.active[self._index(rows)] = active
+
+    def set_single(self, row: int) -> None:
+        self.single.fill_(row)
+
+    @torch.inference_mode()
+    def prefill_fresh(self, rows: list[int], chunks: list[list[int]], final: list[bool], sampling: bool,
+                      logprobs: bool) -> None:
+        """The first chunk of each row's prompt, as one right-padded batch. Rows whose chunk
+        ends the prompt get their first token at seq[row, len(chunk)]."""
+        k, width = len(rows), max(len(c) for c in chunks)
+        ids = torch.zeros((k, width), dtype=torch.long)
+        for i, chunk in enumerate(chunks):
+            ids[i, : len(chunk)] = torch.tensor(chunk)
+        ids = self._to_device(ids)
+        positions = torch.arange(width, device=self.device)
+        causal = positions[None, :] <= positions[:, None]
+        mask = causal[None, None].expand(k, 1, width, width)
+        row_index = self._index(rows)
+        lengths = self._index([len(c) for c in chunks])
+        self.cache.fresh(row_index)
+        logits = self._forward(ids, positions[None].expand(k, width), mask, last=lengths - 1)[:, -1]
+        self.lens[row_index] = lengths
+        self._first_tokens(logits, [r for r, f in zip(rows, final) if f], [i for i, f in enumerate(final) if f],
+                           sampling, logprobs)
+
+    @torch.inference_mode()
+    def prefill_extend(self, row: int, start: int, chunk: list[int], final: bool, sampling: bool,
+                       logprobs: bool) -> None:
+        """A later chunk of one row's prompt, at positions [start, start + len(chunk))."""
+        q = len(chunk)
+        ids = self._to_device(torch.tensor([chunk]))
+        positions = torch.arange(start, start + q, device=self.device)
+        mask = (self.key_slots[None, :] <= positions[:, None])[None, None]
+        self.cache.extend(row, start)
+        logits = self._forward(ids, positions[None], mask, last=torch.tensor([q - 1], device=self.device))[:, -1]
+        self.lens[row] = start + q
+        if final:
+            self._first_tokens(logits, [row], [0], sampling, logprobs)
+
+    def _first_tokens(self, logits, rows: list[int], picks: list[int], sampling: bool, logprobs: bool) -> None:
+        """Choose each finished prompt's first token into seq[row, lens[row]] and into
+        column `row` of `out` row 0 (read back by `fetch_first`)."""
+        if not rows:
+            return
+        row_index, logits = self._index(rows), logits[self._index(picks)]
+        pos = self.lens[row_index]
+        nxt = self._choose(logits, row_index, pos, sampling, history_upto=pos - 1)
+        self.seq[row_index, pos] = nxt
+        self.out[0, row_index] = nxt
+        if logprobs:
+            self._write_logprobs(logits, nxt, (torch.zeros_like(row_index), row_index))
+
+    def fetch(self, steps: int, columns: int, logprobs: bool) -> Callable[[], tuple]:
+        """What the queued steps wrote to `out` (steps x columns), once they have run: on
+        CUDA an asynchronous copy to pinned memory behind an event, so reading it waits for
+        these steps only, not for steps queued after them."""
+        parts = [self.out[:steps, :columns]]
+        if logprobs:
+            parts += [self.out_lp[:steps, :columns], self.out_top[:steps, :columns], self.out_top_ids[:steps, :columns]]
+        if self.device.type != "cuda":
+            values = tuple(p.tolist() for p in parts)
+            return lambda: values
+        host = [torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for p in parts]
+        for h, p in zip(host, parts):
+            h.copy_(p, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def result():
+            done.synchronize()
+            return tuple(h.tolist() for h in host)
+
+        return result
+
+    def _index(self, values: list[int]) -> torch.Tensor:
+        return self._to_device(torch.tensor(values, dtype=torch.long))
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        # From pinned memory without waiting: the host never blocks on queued steps.
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def _put(self, dst: torch.Tensor, values: list[int]) -> None:
+        dst.copy_(self._to_device(torch.tensor(values, dtype=dst.dtype)))
+
+
+def _decoder(model, fused, kernels: str, slots: int):
+    if fused not in ("auto", True, False):
+        raise ValueError(f"fused must be auto, True or False, got {fused!r}")
+    if not fused:
+        return None
+    from infer.decoder import FusedDecoder, unsupported_reason
+
+    reason = unsupported_reason(model)
+    if reason is None:
+        return FusedDecoder(model, kernels=kernels, cache_slots=slots)
+    if fused is True:
+        raise ValueError(f"fused=True, but {reason}; use fused='auto' to fall back to the transformers forward")
+    log.info("transformers forward (not the fused decoder): %s", reason)
+    return None
