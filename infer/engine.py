@@ -59,7 +59,7 @@ class Sequence:
         self.eos_ids = set() if params.ignore_eos else eos_ids
         self.seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.arrival = time.perf_counter() if arrival is None else arrival
-        self.admitted_at = self.first_token_at = self.finished_at = None
+        self.admitted_at = self.first_token_at = self.finished_at = self.last_event_at = None
         self.row: int | None = None
         self.cached = 0  # prompt tokens prefilled so far
         self.queued = 0  # decode steps queued for it and not read back yet
@@ -151,6 +151,7 @@ class Engine:
         self._active: set[int] = set()  # rows the device keeps decode outputs for
         self._single = 0
         self.decode_steps = 0  # decode steps queued since the engine was built
+        self.last_decode_rows = 0  # sequences in the group of steps the last step() queued
 
     # ---- requests ----------------------------------------------------------------------
 
@@ -201,6 +202,7 @@ class Engine:
     # ---- one scheduler iteration -------------------------------------------------------
 
     def step(self) -> list[StreamEvent]:
+        self.last_decode_rows = 0
         self._retire()
         self._admit()
         queued = self._prefill()
@@ -293,6 +295,7 @@ class Engine:
         logprobs = self._wants_logprobs(decoding)
         self.runner.decode_group(steps, n, single, any(s.params.sampling for s in decoding), logprobs)
         self.decode_steps += steps
+        self.last_decode_rows = len(decoding)
         for s in decoding:
             s.queued += steps
         self.pending.append(_Fetch(self.runner.fetch(steps, n, logprobs), columns, steps, logprobs))

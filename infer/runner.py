@@ -92,6 +92,7 @@ class ModelRunner:
             from infer.graphs import CUDAGraphs
 
             self.graphs = CUDAGraphs(dev)
+        self._row_views: dict[int, torch.Tensor] = {}
         self._decode = self._compiled(self._decode_impl)
         self._verify = self._compiled(self._verify_impl)
 
@@ -111,10 +112,17 @@ class ModelRunner:
             # Lets inductor turn batch-1 matmuls into fused reductions that reach peak
             # bandwidth, and fuse weight dequantization into them (as gpt-fast does).
             inductor_config.coordinate_descent_tuning = True
-        # The batch size is a Python int: after a second size, dynamo compiles one graph
-        # with a symbolic batch, so each power-of-two bucket needs no new compile, only
-        # its own CUDA graph.
         return torch.compile(fn, mode=mode, fullgraph=True)
+
+    def _rows_view(self, n: int) -> torch.Tensor:
+        """Rows [0, n) as one persistent tensor per bucket, its length marked dynamic: the
+        decode step compiles once for every batch size (and records a CUDA graph per size)."""
+        view = self._row_views.get(n)
+        if view is None:
+            view = self._row_views[n] = self.rows[:n]
+            torch._dynamo.mark_static_address(view)
+            torch._dynamo.maybe_mark_dynamic(view, 0)
+        return view
 
     def _forward(self, tokens, positions, mask, last=None):
         if self.decoder is not None:
@@ -145,8 +153,7 @@ class ModelRunner:
                              top_p=self.top_p[rows], penalty=self.penalty[rows], history=history,
                              history_valid=valid, noise=noise)
 
-    def _decode_impl(self, n: int, single: bool, sampling: bool, logprobs: bool) -> None:
-        rows = self.single if single else self.rows[:n]
+    def _decode_impl(self, rows: torch.Tensor, single: bool, sampling: bool, logprobs: bool) -> None:
         pos = self.lens[rows]
         tok = self.seq[rows, pos]
         if single:  # infer.decoder's kernels read the row and its length from the cache
@@ -194,8 +201,9 @@ class ModelRunner:
         """Queue `steps` decode steps (at most group_steps); their tokens land in `out`."""
         self.out_step.zero_()
         self.cache.decode()
+        rows = self.single if single else self._rows_view(n)
         for _ in range(steps):
-            self.run(self._decode, n, single, sampling, logprobs)
+            self.run(self._decode, rows, single, sampling, logprobs)
 
     @torch.inference_mode()
     def verify(self, k: int, sampling: bool) -> list[int]:

@@ -35,11 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("TUNEWRIGHT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $TUNEWRIGHT_API_KEY)")
     p.add_argument("--served-model-name", help="the model id clients send (default: the run's name)")
-    p.add_argument("--max-batch-size", type=int, default=64, help="sequences decoded together (default 64)")
+    p.add_argument("--max-batch-size", type=int,
+                   help="sequences decoded together: rows of the KV cache (default 64 on a GPU, 8 on the CPU)")
+    p.add_argument("--prefill-chunk", type=int, default=2048,
+                   help="prompt tokens prefilled per scheduler step, so a long prompt never stalls running "
+                   "streams for long (default 2048)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="sequences allowed to wait for a slot; beyond it requests get 429 (default 256)")
     p.add_argument("--max-model-len", type=int,
-                   help="cap on prompt + completion tokens (default: the model's context length)")
+                   help="cap on prompt + completion tokens: slots per KV-cache row (default: the model's context "
+                   "length, at most 4096 on a GPU and 2048 on the CPU)")
     p.add_argument("--default-max-tokens", type=int, default=1024,
                    help="chat completions without max_tokens stop here at most (default 1024)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (default 1 MiB)")
@@ -52,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("max_batch_size", "max_queue", "default_max_tokens", "max_body_bytes"):
-        if getattr(args, name) < 1:
+    for name in ("max_batch_size", "max_queue", "default_max_tokens", "max_body_bytes", "prefill_chunk", "max_model_len"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
     return serve(args)
 
@@ -87,27 +92,37 @@ class ServerState:
         self.server = None  # the uvicorn.Server, told to exit if loading fails
 
     def load(self) -> None:
-        from .engine import Engine
+        import functools
+
+        from infer.engine import Engine
+
+        from .engine import ServingEngine, warm_up
+        from .schemas import MAX_LOGPROBS
 
         try:
             started = time.perf_counter()
             model, tokenizer = self.loader(self.args)
+            gpu = next(model.parameters()).device.type == "cuda"
             config = model.config.get_text_config()
-            context = getattr(config, "max_position_embeddings", None) or self.args.max_model_len or 2048
-            self.max_model_len = min(context, self.args.max_model_len or context)
-            engine = Engine(model, tokenizer, max_batch_size=self.args.max_batch_size,
-                            max_queue=self.args.max_queue)
-            engine.start()
-            _warm_up(engine, tokenizer)
+            context = getattr(config, "max_position_embeddings", None) or 2048
+            self.max_model_len = self.args.max_model_len or min(context, 4096 if gpu else 2048)
+            batch = self.args.max_batch_size or (64 if gpu else 8)
+            engine = Engine(model, tokenizer, max_batch_size=batch, max_seq_len=self.max_model_len,
+                            prefill_chunk=self.args.prefill_chunk, max_logprobs=MAX_LOGPROBS)
+            serving = ServingEngine(engine, max_queue=self.args.max_queue)
+            serving.start()
+            warm_up(serving, tokenizer)
             # Metrics start after the warm-up so that they count user requests only.
-            engine.metrics = self.metrics
-            self.metrics.bind_engine(engine)
+            serving.metrics = self.metrics
+            self.metrics.bind_engine(serving)
             self.metrics.bind_device(engine.device)
-            self.tokenizer, self.engine = tokenizer, engine
+            self.token_text = functools.lru_cache(maxsize=65536)(
+                lambda token_id: tokenizer.decode([token_id], skip_special_tokens=False))
+            self.tokenizer, self.engine = tokenizer, serving
             self.ready = True
-            log.info("model %s ready on %s in %.1fs (context %d tokens, batch %d, queue %d)",
-                     self.model_name, engine.device, time.perf_counter() - started,
-                     self.max_model_len, self.args.max_batch_size, self.args.max_queue)
+            log.info("model %s ready on %s in %.1fs (context %d tokens, batch %d, KV cache %.2f GiB, queue %d)",
+                     self.model_name, engine.device, time.perf_counter() - started, self.max_model_len, batch,
+                     engine.runner.cache.nbytes / 2**30, self.args.max_queue)
         except BaseException as exc:  # noqa: BLE001 - any failure must end the server, not hang it
             log.error("could not load %s: %s: %s", self.args.run, type(exc).__name__, exc)
             self.load_error = exc
@@ -123,31 +138,6 @@ class ServerState:
             from starlette.concurrency import run_in_threadpool
 
             await run_in_threadpool(self.engine.stop, self.args.drain_timeout)
-
-
-def _warm_up(engine, tokenizer) -> None:
-    """Two short requests of different lengths through the real engine: the first user
-    request should not pay for kernel selection, and a model whose cache the engine cannot
-    batch fails here, at startup, not on a user's request."""
-    from .engine import SamplingParams, Sequence
-
-    done = threading.Event()
-    events = []
-
-    def emit(event):
-        events.append(event)
-        if sum(1 for e in events if e.finish_reason) == 2:
-            done.set()
-
-    ids = tokenizer("Hello, world. This is a warm-up.")["input_ids"] or [0]
-    seqs = [Sequence(ids[:3] or ids, SamplingParams(max_tokens=4, temperature=0.0), emit, index=0),
-            Sequence(ids, SamplingParams(max_tokens=4, temperature=1.0, seed=0), emit, index=1)]
-    engine.submit(seqs, bounded=False)
-    if not done.wait(timeout=600):
-        raise RuntimeError("warm-up generation did not finish within 600 s")
-    errors = [e.error for e in events if e.error]
-    if errors:
-        raise RuntimeError(f"warm-up generation failed: {errors[0]}")
 
 
 def _default_model_name(run: str) -> str:

@@ -21,7 +21,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from infer.records import chat_ids
 
-from .engine import EngineStoppedError, Event, QueueFullError, SamplingParams, Sequence
+from infer.engine import StreamEvent
+from infer.sampling import SamplingParams
+
+from .engine import EngineStoppedError, QueueFullError
 from .metrics import CONTENT_TYPE
 from .schemas import ChatCompletionRequest, CompletionRequest, error_body
 
@@ -49,7 +52,8 @@ def create_app(state) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        return JSONResponse(error_body(_describe_validation(exc.errors())), 400)
+        message, param = _describe_validation(exc.errors())
+        return JSONResponse(error_body(message, param=param), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -180,10 +184,10 @@ class _Job:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self.seqs: list[Sequence] = []
+        self.events: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        self.seqs: list = []
 
-    def emit(self, event: Event) -> None:  # called on the engine thread
+    def emit(self, event: StreamEvent) -> None:  # called on the engine thread
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the event loop is gone (server shutting down): nobody to tell
@@ -191,19 +195,22 @@ class _Job:
 
 
 async def _generate(state, request: Request, body, prompts: list[list[int]], chat: bool):
-    requested = body.requested_max_tokens if chat else body.max_tokens
+    requested = body.requested_max_tokens
     budgets = [_budget(state, len(ids), requested, chat) for ids in prompts]
+    if len(prompts) * body.n > state.engine.max_queue:  # could never be queued: a 429 would invite useless retries
+        raise ApiError(400, f"the request asks for {len(prompts) * body.n} sequences (prompts x n); this server "
+                       f"queues at most {state.engine.max_queue}", param="n")
     arrival = time.perf_counter()
     job = _Job(asyncio.get_running_loop())
     for p, (ids, max_tokens) in enumerate(zip(prompts, budgets)):
         for j in range(body.n):
             seed = None if body.seed is None else body.seed + j  # n choices must differ
-            params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
-                                    top_p=body.top_p, stop=body.stop_strings(), seed=seed)
-            job.seqs.append(Sequence(ids, params, job.emit, index=p * body.n + j, arrival=arrival))
-    if len(job.seqs) > state.engine.max_queue:  # could never be queued: a 429 would invite useless retries
-        raise ApiError(400, f"the request asks for {len(job.seqs)} sequences (prompts x n); this server "
-                       f"queues at most {state.engine.max_queue}", param="n")
+            try:
+                params = SamplingParams(max_new_tokens=max_tokens, seed=seed, logprobs=body.alternatives,
+                                        **body.sampling_kwargs())
+                job.seqs.append(state.engine.new_sequence(ids, params, job.emit, index=p * body.n + j, arrival=arrival))
+            except ValueError as exc:
+                raise ApiError(400, str(exc), param=_param_of(str(exc), chat)) from None
     try:
         state.engine.submit(job.seqs)
     except QueueFullError as exc:
@@ -213,43 +220,61 @@ async def _generate(state, request: Request, body, prompts: list[list[int]], cha
 
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     info = request.state
-    info.request_id, info.prompt_tokens, info.completion_tokens = rid, sum(map(len, prompts)), 0
+    info.request_id, info.prompt_tokens, info.completion_tokens = rid, sum(len(s.prompt) for s in job.seqs), 0
     if body.stream:
         stream = _sse(state, job, body, rid, chat, info)
         return _CancelOnClose(stream, lambda: state.engine.cancel(job.seqs), media_type="text/event-stream")
     return await _collect(state, request, job, body, rid, chat, info)
 
 
+def _param_of(message: str, chat: bool) -> str:
+    field = message.split(":", 1)[0].split()[0] if ":" in message else ""
+    if field in ("logprobs", "seed", "temperature", "top_p", "top_k", "repetition_penalty"):
+        return field
+    return "messages" if chat else "prompt"
+
+
 async def _collect(state, request: Request, job: _Job, body, rid: str, chat: bool, info):
     total = len(job.seqs)
     texts, reasons, tokens = [""] * total, [None] * total, [0] * total
+    logprobs: list[list] = [[] for _ in range(total)]
     remaining = total
+    checked = time.monotonic()
     try:
         while remaining:
             try:
-                event = await asyncio.wait_for(job.events.get(), timeout=1.0)
+                event = await asyncio.wait_for(job.events.get(), timeout=0.5)
             except asyncio.TimeoutError:
+                event = None
+            # Asked at least twice a second, also while tokens keep arriving: a client that
+            # hung up frees its rows within a second.
+            if time.monotonic() - checked >= 0.5:
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     return Response(status_code=499)  # nobody reads it; the log records the hang-up
+            if event is None:
                 continue
             if event.error:
                 raise ApiError(500, f"generation failed: {event.error}", "server_error")
             texts[event.index] += event.text
             tokens[event.index] = event.completion_tokens
-            if event.finish_reason:
+            logprobs[event.index] += event.logprobs or []
+            if event.finished:
                 reasons[event.index] = event.finish_reason
                 remaining -= 1
     finally:
         state.engine.cancel([s for s in job.seqs if s.finish_reason is None])
         info.completion_tokens = sum(tokens)
     usage = _usage(info)
+    wants = body.alternatives is not None
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
-                    "logprobs": None, "finish_reason": reasons[i]} for i in range(total)]
+                    "logprobs": _chat_logprobs(state, logprobs[i]) if wants else None,
+                    "finish_reason": reasons[i]} for i in range(total)]
         return {"id": rid, "object": "chat.completion", "created": int(time.time()),
                 "model": state.model_name, "choices": choices, "usage": usage}
-    choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": reasons[i]}
-               for i in range(total)]
+    choices = [{"index": i, "text": texts[i], "logprobs": _completion_logprobs(state, logprobs[i]) if wants else None,
+                "finish_reason": reasons[i]} for i in range(total)]
     return {"id": rid, "object": "text_completion", "created": int(time.time()),
             "model": state.model_name, "choices": choices, "usage": usage}
 
@@ -257,8 +282,10 @@ async def _collect(state, request: Request, job: _Job, body, rid: str, chat: boo
 async def _sse(state, job: _Job, body, rid: str, chat: bool, info):
     created, total = int(time.time()), len(job.seqs)
     tokens = [0] * total
+    offsets = [0] * total  # text offsets of completions' logprobs
     remaining = total
     usage_field = {"usage": None} if body.include_usage else {}
+    wants = body.alternatives is not None
 
     def chunk(choices: list[dict], **extra) -> str:
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -266,13 +293,17 @@ async def _sse(state, job: _Job, body, rid: str, chat: bool, info):
                    "choices": choices, **usage_field, **extra}
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-    def choice(index: int, text: str | None, finish: str | None, role: bool = False) -> dict:
+    def choice(index: int, text: str | None, finish: str | None, lps=None, role: bool = False) -> dict:
         if not chat:
-            return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            lp = _completion_logprobs(state, lps, offsets[index]) if wants and lps else None
+            if lp:
+                offsets[index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+            return {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish}
         delta: dict[str, Any] = {"role": "assistant"} if role else {}
         if text is not None:
             delta["content"] = text
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        lp = _chat_logprobs(state, lps) if wants and lps else None
+        return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
 
     if chat:  # OpenAI opens each choice with the assistant role and empty content
         for i in range(total):
@@ -284,16 +315,41 @@ async def _sse(state, job: _Job, body, rid: str, chat: bool, info):
             break
         tokens[event.index] = event.completion_tokens
         info.completion_tokens = sum(tokens)
-        if event.finish_reason:
+        if event.text or event.logprobs:
+            yield chunk([choice(event.index, event.text, None, event.logprobs)])
+        if event.finished:
             remaining -= 1
-            if event.text:
-                yield chunk([choice(event.index, event.text, None)])
             yield chunk([choice(event.index, None if chat else "", event.finish_reason)])
-        elif event.text:
-            yield chunk([choice(event.index, event.text, None)])
     if body.include_usage and not remaining:
         yield chunk([], usage=_usage(info))
     yield "data: [DONE]\n\n"
+
+
+def _token_text(state, token_id: int) -> str:
+    return state.token_text(token_id)
+
+
+def _chat_logprobs(state, entries: list) -> dict:
+    """OpenAI's chat form: content = [{token, logprob, bytes, top_logprobs}]."""
+    def item(token_id, logprob):
+        text = _token_text(state, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**item(tok, lp), "top_logprobs": [item(t, l) for t, l in top]} for tok, lp, top in entries]}
+
+
+def _completion_logprobs(state, entries: list, offset: int = 0) -> dict:
+    """The completions (legacy) form: parallel lists of tokens, their log-probabilities,
+    the top alternatives as {token: logprob} and each token's offset in the text."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for tok, lp, top in entries:
+        text = _token_text(state, tok)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(lp)
+        out["top_logprobs"].append({_token_text(state, t): l for t, l in top})
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
 
 
 def _usage(info) -> dict:
@@ -316,16 +372,19 @@ class _CancelOnClose(StreamingResponse):
             self._on_close()
 
 
-def _describe_validation(errors) -> str:
-    parts = []
+def _describe_validation(errors) -> tuple[str, str | None]:
+    """One message for all problems, and the first problem's field as OpenAI's `param`."""
+    parts, param = [], None
     for err in errors[:8]:
         loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
         if err.get("type") == "json_invalid":
             parts.append(f"request body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})")
             continue
         msg = err.get("msg", "invalid").removeprefix("Value error, ")
+        field = loc.split(".")[0] if loc else (msg.split(":", 1)[0] if ":" in msg and " " not in msg.split(":", 1)[0] else None)
+        param = param or field
         parts.append(f"{loc}: {msg}" if loc and not msg.startswith(f"{loc}:") else msg)
-    return "; ".join(parts) or "invalid request"
+    return "; ".join(parts) or "invalid request", param
 
 
 # ---- ASGI middleware ------------------------------------------------------------------

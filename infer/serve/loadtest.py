@@ -88,7 +88,7 @@ async def one_request(client, url: str, model: str, prompt: str, max_tokens: int
 async def scrape(client, url: str) -> dict:
     text = (await client.get(f"{url}/metrics")).text
     wanted = ("tunewright_gpu_memory_allocated_bytes", "tunewright_gpu_memory_reserved_bytes",
-              "process_resident_memory_bytes", "tunewright_running_sequences", "tunewright_queue_depth")
+              "process_resident_memory_bytes", "tunewright_sequences_running", "tunewright_sequences_waiting")
     out = {}
     for line in text.splitlines():
         name, _, value = line.partition(" ")

@@ -1,5 +1,7 @@
 """Prometheus metrics of the server, in a registry of its own (no global state to leak
-between servers built in one process, e.g. in tests)."""
+between servers built in one process, e.g. in tests). Names say what is counted and in
+which unit; the latency histograms are the ones vLLM users chart (time to first token,
+inter-token latency, end-to-end latency, queue time)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401 
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -34,16 +37,37 @@ class ServerMetrics:
         )
         self.ttft = Histogram(
             "tunewright_time_to_first_token_seconds",
-            "Time from request arrival to its first generated token", buckets=_TTFT_BUCKETS, registry=r,
+            "Per sequence: time from request arrival to its first generated token", buckets=_TTFT_BUCKETS, registry=r,
+        )
+        self.inter_token = Histogram(
+            "tunewright_inter_token_latency_seconds",
+            "Per generated token after the first: time since the sequence's previous tokens reached the server "
+            "thread, divided by the tokens that arrived", buckets=_ITL_BUCKETS, registry=r,
+        )
+        self.e2e = Histogram(
+            "tunewright_e2e_sequence_latency_seconds", "Per sequence: time from request arrival to its last token",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_time = Histogram(
+            "tunewright_queue_time_seconds", "Per sequence: time from request arrival to a KV-cache row",
+            buckets=_TTFT_BUCKETS, registry=r,
         )
         self.prompt_tokens = Counter("tunewright_prompt_tokens", "Prompt tokens prefilled", registry=r)
-        self.generated_tokens = Counter("tunewright_generated_tokens", "Tokens generated", registry=r)
+        self.generated_tokens = Counter("tunewright_generation_tokens", "Tokens generated", registry=r)
+        self.finished = Counter("tunewright_sequences_finished", "Sequences finished, by finish reason",
+                                ["reason"], registry=r)
         self.batch_size = Histogram(
-            "tunewright_batch_size", "Sequences in each batched decode step",
+            "tunewright_decode_batch_rows", "Sequences decoded together, per group of decode steps",
             buckets=_BATCH_BUCKETS, registry=r,
         )
-        self.queue_depth = Gauge("tunewright_queue_depth", "Sequences waiting for a batch slot", registry=r)
-        self.running = Gauge("tunewright_running_sequences", "Sequences in the running batch", registry=r)
+        self.waiting = Gauge("tunewright_sequences_waiting", "Sequences waiting for a KV-cache row", registry=r)
+        self.running = Gauge("tunewright_sequences_running", "Sequences holding a KV-cache row", registry=r)
+        self.kv_rows = Gauge("tunewright_kv_cache_rows", "KV-cache rows (the most sequences decoded together)",
+                             registry=r)
+        self.kv_usage = Gauge("tunewright_kv_cache_usage_ratio", "Fraction of KV-cache rows in use", registry=r)
+        self.graphs = Gauge("tunewright_decode_cuda_graphs", "CUDA graphs recorded for the decode step", registry=r)
+        self.compiles = Gauge("tunewright_compiled_graphs",
+                              "Graphs torch.compile has compiled in this process (dynamo's unique graphs)", registry=r)
         self.gpu_memory = Gauge(
             "tunewright_gpu_memory_allocated_bytes", "Bytes held by live tensors on the GPU (0 on CPU)",
             registry=r,
@@ -53,10 +77,15 @@ class ServerMetrics:
             registry=r,
         )
 
-    def bind_engine(self, engine) -> None:
-        """Read queue depth and batch occupancy from the engine at scrape time."""
-        self.queue_depth.set_function(lambda: engine.queue_depth)
-        self.running.set_function(lambda: engine.running)
+    def bind_engine(self, serving) -> None:
+        """Read queue depth, row occupancy and compilations from the engine at scrape time."""
+        rows = serving.max_batch_size
+        self.kv_rows.set(rows)
+        self.waiting.set_function(lambda: serving.queue_depth)
+        self.running.set_function(lambda: serving.running)
+        self.kv_usage.set_function(lambda: serving.running / rows)
+        self.graphs.set_function(lambda: serving.engine.graph_count)
+        self.compiles.set_function(_compiled_graphs)
 
     def bind_device(self, device) -> None:
         import torch
@@ -67,3 +96,9 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _compiled_graphs() -> float:
+    from torch._dynamo.utils import counters
+
+    return float(counters["stats"]["unique_graphs"])

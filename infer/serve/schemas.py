@@ -3,7 +3,8 @@
 Unknown fields are refused (as OpenAI does: "Unrecognized request argument"), so a typo
 such as `max_token` is an error instead of a silently ignored setting. Fields that
 OpenAI defines but this server cannot honour are accepted only at values that change
-nothing, and otherwise answered with a message naming the field.
+nothing, and otherwise answered with a message naming the field. `top_k` and
+`repetition_penalty` are accepted as vLLM accepts them (clients send them in `extra_body`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_CHOICES = 16
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs limit)
 
 
 def error_body(message: str, type_: str = "invalid_request_error", *, param: str | None = None,
@@ -36,7 +38,7 @@ class _Common(BaseModel):
     top_p: StrictFloat | None = Field(None, gt=0.0, le=1.0)
     n: StrictInt | None = Field(None, ge=1, le=MAX_CHOICES)
     stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    seed: StrictInt | None = None  # any integer: the engine uses it modulo 2**64
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None  # accepted and ignored: it only labels the caller
@@ -45,7 +47,9 @@ class _Common(BaseModel):
     frequency_penalty: StrictFloat | None = None
     presence_penalty: StrictFloat | None = None
     logit_bias: dict[str, float] | None = None
-    logprobs: Any = None
+    # vLLM's sampling extensions.
+    top_k: StrictInt | None = Field(None, ge=-1)
+    repetition_penalty: StrictFloat | None = Field(None, gt=0.0)
 
     @model_validator(mode="after")
     def _check_common(self):
@@ -63,8 +67,6 @@ class _Common(BaseModel):
                 raise ValueError(f"{name}: not supported by this server; leave it at 0")
         if self.logit_bias:
             raise ValueError("logit_bias: not supported by this server")
-        if self.logprobs not in (None, False, 0):
-            raise ValueError("logprobs: not supported by this server")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
         return self
@@ -78,12 +80,17 @@ class _Common(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def sampling_kwargs(self) -> dict:
+        return dict(temperature=self.temperature, top_p=self.top_p, top_k=max(0, self.top_k or 0),
+                    repetition_penalty=self.repetition_penalty or 1.0, stop=self.stop_strings())
+
 
 PromptType = Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
 
 
 class CompletionRequest(_Common):
     prompt: PromptType
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)  # alternatives per token
     echo: StrictBool = False
     suffix: StrictStr | None = None
     best_of: StrictInt | None = None
@@ -99,6 +106,14 @@ class CompletionRequest(_Common):
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt: must not be an empty list")
         return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def alternatives(self) -> int | None:
+        return self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt field as a list of prompts, each text or token ids."""
@@ -134,7 +149,8 @@ class ChatCompletionRequest(_Common):
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
-    top_logprobs: StrictInt | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @model_validator(mode="after")
     def _check_chat(self):
@@ -142,8 +158,8 @@ class ChatCompletionRequest(_Common):
             raise ValueError("tools: tool calling is not supported by this server")
         if self.response_format and self.response_format.get("type") != "text":
             raise ValueError("response_format: only {'type': 'text'} is supported by this server")
-        if self.top_logprobs:
-            raise ValueError("top_logprobs: not supported by this server")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: only allowed when logprobs is true")
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
             raise ValueError("max_tokens and max_completion_tokens disagree; send one of them")
@@ -152,3 +168,8 @@ class ChatCompletionRequest(_Common):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def alternatives(self) -> int | None:
+        """Log-probability alternatives per token, or None when logprobs are off."""
+        return (self.top_logprobs or 0) if self.logprobs else None

@@ -141,25 +141,98 @@ def test_chat_completions_streamed_and_not(server):
     assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].choices == []
 
 
-def test_sixteen_concurrent_clients_get_their_own_complete_answers(server, reference):
-    expected = [reference(p, 24) for p in PROMPTS]
+def test_sixteen_concurrent_clients_get_what_infer_generate_gives(server, reference):
+    """Mixed prompt and output lengths, half streamed: each answer is greedy `generate`'s
+    token for token (through the text), and the requests were decoded together."""
+    lengths = [6 + (i * 7) % 29 for i in range(16)]
+    expected = [reference(p, n) for p, n in zip(PROMPTS, lengths)]
     before = server.metrics()
     client = server.client()
 
     def ask(i: int) -> str:
+        kw = dict(model=MODEL, prompt=PROMPTS[i], max_tokens=lengths[i], temperature=0)
         if i % 2:  # half stream, half do not: both paths share the batch
-            stream = client.completions.create(model=MODEL, prompt=PROMPTS[i], max_tokens=24, temperature=0,
-                                               stream=True)
-            return "".join(c.choices[0].text for c in stream)
-        return client.completions.create(model=MODEL, prompt=PROMPTS[i], max_tokens=24, temperature=0).choices[0].text
+            return "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw))
+        return client.completions.create(**kw).choices[0].text
 
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(ask, range(16)))
     assert answers == expected
     after = server.metrics()
-    steps = after["tunewright_batch_size_count"] - before["tunewright_batch_size_count"]
-    rows = after["tunewright_batch_size_sum"] - before["tunewright_batch_size_sum"]
-    assert rows / steps > 2, "requests were not decoded together"
+    groups = after["tunewright_decode_batch_rows_count"] - before["tunewright_decode_batch_rows_count"]
+    rows = after["tunewright_decode_batch_rows_sum"] - before["tunewright_decode_batch_rows_sum"]
+    assert rows / groups > 2, "requests were not decoded together"
+
+
+def test_logprobs_in_openai_shapes(server):
+    client = server.client()
+    resp = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=5, temperature=0, logprobs=3)
+    lp = resp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert "".join(lp.tokens) == resp.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert len(top) == 3 and max(top.values()) == logprob and top[token] == logprob  # greedy: the argmax
+        assert all(v <= 0 for v in top.values())
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob == c.logprob for c in content)
+    assert all(bytes(c.bytes).decode() == c.token for c in content)
+    streamed = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=4, temperature=0, logprobs=True, stream=True)
+    tokens = [c.token for chunk in streamed if chunk.choices and chunk.choices[0].logprobs
+              for c in chunk.choices[0].logprobs.content]
+    assert tokens == [c.token for c in content]
+    plain = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=5, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].text == resp.choices[0].text
+
+
+def test_a_huge_seed_fails_nobody(server):
+    """Seeds of any size are taken modulo 2**64: a 64-bit random seed (or a bigger one)
+    among other requests leaves their text as it is without it."""
+    client = server.client()
+    kw = dict(model=MODEL, max_tokens=12, temperature=1.0)
+    alone = [client.completions.create(prompt=p, seed=7 + i, **kw).choices[0].text for i, p in enumerate(PROMPTS[:3])]
+    with ThreadPoolExecutor(4) as pool:
+        others = [pool.submit(client.completions.create, prompt=p, seed=7 + i, **kw) for i, p in enumerate(PROMPTS[:3])]
+        huge = [pool.submit(client.completions.create, prompt=PROMPTS[4], seed=s, **kw) for s in (2**64 - 1, 2**70 + 3, -5)]
+        assert [f.result().choices[0].text for f in others] == alone
+        assert all(f.result().usage.completion_tokens == 12 for f in huge)
+    again = client.completions.create(prompt=PROMPTS[4], seed=2**64 - 1, **kw).choices[0].text
+    assert again == huge[0].result().choices[0].text
+
+
+def test_max_completion_tokens_and_error_param(server):
+    client = server.client()
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                          max_completion_tokens=3, temperature=0)
+    assert chat.usage.completion_tokens == 3 and chat.choices[0].finish_reason == "length"
+    for body, param in [({"model": MODEL, "prompt": "hi", "temperature": 9.0}, "temperature"),
+                        ({"model": MODEL, "prompt": "hi", "max_tokens": "x"}, "max_tokens"),
+                        ({"model": MODEL, "prompt": "hi", "n": 0}, "n"),
+                        ({"model": MODEL, "prompt": "hi", "max_tokens": CONTEXT}, "max_tokens"),
+                        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, None)]:
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        resp = server.post(path, body)
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["message"]
+        if param:
+            assert error["param"] == param, error
+
+
+def test_disconnected_non_streaming_client_frees_its_row_within_a_second(server):
+    body = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 400, "temperature": 0}
+    before = server.metrics()["tunewright_generation_tokens_total"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5)
+    deadline = time.monotonic() + 3.0
+    while server.metrics()["tunewright_sequences_running"] > 0:
+        assert time.monotonic() < deadline, "the abandoned sequence is still generating"
+        time.sleep(0.05)
+    assert server.metrics()["tunewright_generation_tokens_total"] - before < 400
 
 
 def test_seed_n_and_stop(server):
@@ -205,7 +278,8 @@ BAD = {
     "token id outside vocab": (_json({"model": MODEL, "prompt": [1, 10**9]}), 400),
     "too many choices": (_json({"model": MODEL, "prompt": "hi", "n": 10_000}), 400),
     "more sequences than the queue holds": (_json({"model": MODEL, "prompt": ["hi"] * 40, "n": 8}), 400),
-    "unsupported feature": (_json({"model": MODEL, "prompt": "hi", "logprobs": 5}), 400),
+    "unsupported feature": (_json({"model": MODEL, "prompt": "hi", "suffix": "x"}), 400),
+    "too many logprobs": (_json({"model": MODEL, "prompt": "hi", "logprobs": 50}), 400),
     "unknown model": (_json({"model": "gpt-4", "prompt": "hi"}), 404),
     "body too large": (_json({"model": MODEL, "prompt": "x" * 100_000}), 413),
 }
@@ -264,25 +338,25 @@ def test_metrics_count_what_was_served(server):
     assert delta('tunewright_requests_total{route="/v1/completions",status="200"}') == 3
     assert delta('tunewright_requests_total{route="/v1/chat/completions",status="200"}') == 1
     assert delta('tunewright_requests_total{route="/v1/completions",status="400"}') == 1
-    assert delta("tunewright_generated_tokens_total") == sum(u.completion_tokens for u in usages)
+    assert delta("tunewright_generation_tokens_total") == sum(u.completion_tokens for u in usages)
     assert delta("tunewright_prompt_tokens_total") == sum(u.prompt_tokens for u in usages)
     assert delta("tunewright_time_to_first_token_seconds_count") == 4
     assert delta('tunewright_request_latency_seconds_count{route="/v1/completions"}') == 4
-    assert after["tunewright_queue_depth"] == 0 and after["tunewright_running_sequences"] == 0
+    assert after["tunewright_sequences_waiting"] == 0 and after["tunewright_sequences_running"] == 0
 
 
 def test_disconnected_stream_frees_its_slot(server):
-    before = server.metrics()["tunewright_generated_tokens_total"]
+    before = server.metrics()["tunewright_generation_tokens_total"]
     body = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 400, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body,
                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as resp:
         lines = resp.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))
     deadline = time.monotonic() + 30
-    while server.metrics()["tunewright_running_sequences"] > 0:
+    while server.metrics()["tunewright_sequences_running"] > 0:
         assert time.monotonic() < deadline, "the abandoned sequence is still generating"
         time.sleep(0.1)
-    assert server.metrics()["tunewright_generated_tokens_total"] - before < 400
+    assert server.metrics()["tunewright_generation_tokens_total"] - before < 400
 
 
 def test_one_log_line_per_request_without_prompt_text(server):
@@ -307,10 +381,10 @@ def test_queue_bound_gives_429_and_sigterm_drains(tiny_model_dir, tmp_path):
 
         running = threading.Thread(target=run, args=("running",))
         running.start()
-        _wait_for(lambda: srv.metrics()["tunewright_running_sequences"] == 1)
+        _wait_for(lambda: srv.metrics()["tunewright_sequences_running"] == 1)
         waiting = threading.Thread(target=run, args=("waiting",))
         waiting.start()
-        _wait_for(lambda: srv.metrics()["tunewright_queue_depth"] == 1)
+        _wait_for(lambda: srv.metrics()["tunewright_sequences_waiting"] == 1)
         refused = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
         assert refused.status_code == 429
         assert refused.json()["error"]["type"] == "rate_limit_error"
