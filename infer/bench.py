@@ -208,14 +208,20 @@ def profile_decode(gen, prompt, steps: int = 32) -> dict:
     from infer.sampling import SamplingParams
 
     gen.generate([prompt], SamplingParams(max_new_tokens=steps + 4, ignore_eos=True))
-    gen._start_batch([prompt], [SamplingParams(max_new_tokens=steps + 4)], steps + 4)
+    runner = gen.runner  # one sequence in row 0, stepped directly: nothing but decode steps is timed
+    runner.load(0, prompt, SamplingParams(max_new_tokens=steps + 4), 0)
+    runner.prefill_fresh([0], [prompt], [True], False, False)
+    runner.set_active([0], True)
+    runner.set_single(0)
+    single = runner.single_row_kernels
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
-            gen._step(1, False)
+            runner.decode_group(1, 1, single, False, False)
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) / steps
+    runner.set_active([0], False)
     kernels = [e for e in prof.key_averages() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
 
     def busy(e):
@@ -278,7 +284,7 @@ def run_bench(
     vocab = target.get_input_embeddings().weight.shape[0]
     all_prompts = torch.randint(10, vocab - 10, (max(batch_sizes), prompt_len), generator=g).tolist()
     max_seq_len = prompt_len + new_tokens + num_draft + 1
-    common = dict(max_seq_len=max_seq_len, prompt_buckets=[prompt_len])
+    common = dict(max_seq_len=max_seq_len)
     results = []
 
     def record(name, batch, row, model_for_bytes=None, weight_total=None, note=""):

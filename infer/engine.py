@@ -31,7 +31,7 @@ from typing import Callable
 
 from infer.detokenize import TextStream
 from infer.runner import ModelRunner
-from infer.sampling import SamplingParams, eos_token_ids
+from infer.sampling import SamplingParams, combined_sampling, eos_token_ids
 
 
 @dataclass
@@ -252,7 +252,7 @@ class Engine:
             final = [seq.cached + take == len(seq.prompt) for seq, take in fresh]
             done = [seq for (seq, _), f in zip(fresh, final) if f]
             self.runner.prefill_fresh([s.row for s, _ in fresh], [s.prompt[:take] for s, take in fresh], final,
-                                      any(s.params.sampling for s in done), self._wants_logprobs(done))
+                                      combined_sampling(s.params.sampling for s in done), self._wants_logprobs(done))
             for seq, take in fresh:
                 seq.cached = take
             finished += done
@@ -293,7 +293,7 @@ class Engine:
             columns = [(s.row, s) for s in decoding]
         steps = min(self.runner.group_steps, need)
         logprobs = self._wants_logprobs(decoding)
-        self.runner.decode_group(steps, n, single, any(s.params.sampling for s in decoding), logprobs)
+        self.runner.decode_group(steps, n, single, combined_sampling(s.params.sampling for s in decoding), logprobs)
         self.decode_steps += steps
         self.last_decode_rows = len(decoding)
         for s in decoding:

@@ -17,6 +17,7 @@ so the host can queue the next group before it reads this one.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from typing import Callable
@@ -139,9 +140,9 @@ class ModelRunner:
         rows = torch.arange(tokens.shape[0], device=tokens.device)
         return out.logits[rows, rows if self._keeps_logits else last][:, None]
 
-    def _choose(self, logits, rows, positions, sampling: bool, history_upto=None):
-        """Tokens for `rows` (a (b,) index or a slice of rows) at `positions` (where each
-        chosen token will sit)."""
+    def _choose(self, logits, rows, positions, sampling, history_upto=None):
+        """Tokens for `rows` (a (b,) index) at `positions` (where each chosen token will
+        sit); `sampling` as SamplingParams.sampling (False, "sample", "truncate")."""
         if not sampling:
             return choose_tokens(logits, sampling=False)
         history = valid = None
@@ -151,9 +152,9 @@ class ModelRunner:
         noise = seeded_uniform(self.seed_lo[rows], self.seed_hi[rows], positions, logits.shape[-1])
         return choose_tokens(logits, sampling=True, temperature=self.temperature[rows], top_k=self.top_k[rows],
                              top_p=self.top_p[rows], penalty=self.penalty[rows], history=history,
-                             history_valid=valid, noise=noise)
+                             history_valid=valid, noise=noise, truncate=sampling == "truncate")
 
-    def _decode_impl(self, rows: torch.Tensor, single: bool, sampling: bool, logprobs: bool) -> None:
+    def _decode_impl(self, rows: torch.Tensor, single: bool, sampling, logprobs: bool) -> None:
         pos = self.lens[rows]
         tok = self.seq[rows, pos]
         if single:  # infer.decoder's kernels read the row and its length from the cache
@@ -182,7 +183,7 @@ class ModelRunner:
         self.out_top.index_put_(index, top.values)
         self.out_top_ids.index_put_(index, top.indices)
 
-    def _verify_impl(self, k: int, sampling: bool) -> torch.Tensor:
+    def _verify_impl(self, k: int, sampling) -> torch.Tensor:
         """Target-model choices after each of [newest token, k drafts] of row 0."""
         slots = self.lens[0] + torch.arange(k + 1, device=self.device)
         mask = (self.key_slots[None, :] <= slots[:, None])[None, None]
@@ -197,7 +198,7 @@ class ModelRunner:
         return self.graphs(fn, *args) if self.graphs is not None else fn(*args)
 
     @torch.inference_mode()
-    def decode_group(self, steps: int, n: int, single: bool, sampling: bool, logprobs: bool) -> None:
+    def decode_group(self, steps: int, n: int, single: bool, sampling, logprobs: bool) -> None:
         """Queue `steps` decode steps (at most group_steps); their tokens land in `out`."""
         self.out_step.zero_()
         self.cache.decode()
@@ -206,7 +207,7 @@ class ModelRunner:
             self.run(self._decode, rows, single, sampling, logprobs)
 
     @torch.inference_mode()
-    def verify(self, k: int, sampling: bool) -> list[int]:
+    def verify(self, k: int, sampling) -> list[int]:
         self.cache.extend(0, None)  # at row 0's length, read on the device
         return self.run(self._verify, k, sampling).tolist()
 
@@ -236,8 +237,19 @@ class ModelRunner:
     def set_single(self, row: int) -> None:
         self.single.fill_(row)
 
+    def _prefill_attention(self):
+        """On CUDA, prefill's SDPA may use the flash and memory-efficient kernels but not
+        cuDNN's: prompt lengths make new attention shapes all the time, and cuDNN builds and
+        keeps an execution graph per shape (on an H200, 3000 shapes grew host memory by
+        5.5 GB through cuDNN, by 14 MB through the memory-efficient kernel)."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+
     @torch.inference_mode()
-    def prefill_fresh(self, rows: list[int], chunks: list[list[int]], final: list[bool], sampling: bool,
+    def prefill_fresh(self, rows: list[int], chunks: list[list[int]], final: list[bool], sampling,
                       logprobs: bool) -> None:
         """The first chunk of each row's prompt, as one right-padded batch. Rows whose chunk
         ends the prompt get their first token at seq[row, len(chunk)]."""
@@ -252,13 +264,14 @@ class ModelRunner:
         row_index = self._index(rows)
         lengths = self._index([len(c) for c in chunks])
         self.cache.fresh(row_index)
-        logits = self._forward(ids, positions[None].expand(k, width), mask, last=lengths - 1)[:, -1]
+        with self._prefill_attention():
+            logits = self._forward(ids, positions[None].expand(k, width), mask, last=lengths - 1)[:, -1]
         self.lens[row_index] = lengths
         self._first_tokens(logits, [r for r, f in zip(rows, final) if f], [i for i, f in enumerate(final) if f],
                            sampling, logprobs)
 
     @torch.inference_mode()
-    def prefill_extend(self, row: int, start: int, chunk: list[int], final: bool, sampling: bool,
+    def prefill_extend(self, row: int, start: int, chunk: list[int], final: bool, sampling,
                        logprobs: bool) -> None:
         """A later chunk of one row's prompt, at positions [start, start + len(chunk))."""
         q = len(chunk)
@@ -266,12 +279,13 @@ class ModelRunner:
         positions = torch.arange(start, start + q, device=self.device)
         mask = (self.key_slots[None, :] <= positions[:, None])[None, None]
         self.cache.extend(row, start)
-        logits = self._forward(ids, positions[None], mask, last=torch.tensor([q - 1], device=self.device))[:, -1]
+        with self._prefill_attention():
+            logits = self._forward(ids, positions[None], mask, last=torch.tensor([q - 1], device=self.device))[:, -1]
         self.lens[row] = start + q
         if final:
             self._first_tokens(logits, [row], [0], sampling, logprobs)
 
-    def _first_tokens(self, logits, rows: list[int], picks: list[int], sampling: bool, logprobs: bool) -> None:
+    def _first_tokens(self, logits, rows: list[int], picks: list[int], sampling, logprobs: bool) -> None:
         """Choose each finished prompt's first token into seq[row, lens[row]] and into
         column `row` of `out` row 0 (read back by `fetch_first`)."""
         if not rows:

@@ -70,9 +70,19 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
-    def sampling(self) -> bool:
-        """Whether choosing a token needs more than an argmax of the raw logits."""
-        return not self.greedy or self.repetition_penalty != 1.0
+    def sampling(self) -> str | bool:
+        """How the decode step must choose this request's tokens: False (an argmax of the raw
+        logits), "sample" (temperature and repetition penalty, no sort of the vocabulary) or
+        "truncate" (top-k / top-p as well)."""
+        if self.greedy and self.repetition_penalty == 1.0:
+            return False
+        return "truncate" if self.top_k > 0 or self.top_p < 1.0 else "sample"
+
+
+def combined_sampling(modes) -> str | bool:
+    """The one mode a batch of rows with these modes runs under."""
+    modes = set(modes)
+    return "truncate" if "truncate" in modes else "sample" if "sample" in modes else False
 
 
 def seed_halves(seed: int) -> tuple[int, int]:
@@ -114,6 +124,7 @@ def choose_tokens(
     history: torch.Tensor | None = None,
     history_valid: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    truncate: bool = True,
 ) -> torch.Tensor:
     """Pick one token per row of `logits` (rows, vocab) -> (rows,) int64.
 
@@ -122,7 +133,8 @@ def choose_tokens(
     penalty), so greedy and sampled requests can share a batch. `history` (rows, T) with
     `history_valid` (rows, T) are the tokens the repetition penalty looks at. `noise`
     (rows, vocab) uniform draws in (0, 1) (see `seeded_uniform`); without it they come from
-    torch's global generator.
+    torch's global generator. `truncate=False` skips top-k / top-p (and the sort of the
+    vocabulary they need) for batches whose rows use neither.
     """
     logits = logits.float()
     if not sampling:
@@ -136,6 +148,10 @@ def choose_tokens(
         logits = torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
     greedy_choice = argmax(logits)
     scaled = logits / temperature.clamp(min=1e-5)[:, None]
+    if not truncate:
+        race = torch.empty_like(scaled).exponential_(1.0) if noise is None else -torch.log(noise)
+        sampled = (scaled.softmax(dim=-1) / race).argmax(dim=-1)
+        return torch.where(temperature > 0, sampled, greedy_choice)
     ordered, order = scaled.sort(dim=-1, descending=True)
     probs = ordered.softmax(dim=-1)
     ranks = torch.arange(vocab, device=logits.device)[None, :]

@@ -59,11 +59,14 @@ def prompt_text(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
-async def one_request(client, url: str, model: str, prompt: str, max_tokens: int) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0,
-            "stream": True, "stream_options": {"include_usage": True}}
+async def one_request(client, url: str, model: str, prompt, max_tokens: int, temperature: float = 0.0,
+                      arrivals: list | None = None) -> dict:
+    """One streamed completion; `arrivals` (if given) collects the arrival time of every
+    chunk that carries text."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    ttft, usage, error = None, None, None
+    ttft, usage, error, times = None, None, None, []
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
             if resp.status_code != 200:
@@ -76,19 +79,27 @@ async def one_request(client, url: str, model: str, prompt: str, max_tokens: int
                     error = chunk["error"].get("message")
                 elif chunk.get("usage"):
                     usage = chunk["usage"]
-                elif ttft is None and chunk["choices"] and chunk["choices"][0]["text"]:
-                    ttft = time.perf_counter() - start
+                elif chunk["choices"] and chunk["choices"][0]["text"]:
+                    now = time.perf_counter()
+                    times.append(now)
+                    if ttft is None:
+                        ttft = now - start
     except Exception as exc:  # a load test counts failures instead of stopping at the first
         return {"error": f"{type(exc).__name__}: {exc}"}
+    if arrivals is not None:
+        arrivals.extend(times)
     if error or usage is None:
         return {"error": error or "stream ended without a usage chunk"}
-    return {"ttft": ttft, "latency": time.perf_counter() - start, "tokens": usage["completion_tokens"]}
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    return {"ttft": ttft, "latency": time.perf_counter() - start, "tokens": usage["completion_tokens"],
+            "max_gap": max(gaps, default=0.0), "decode_s": times[-1] - times[0] if len(times) > 1 else 0.0}
 
 
 async def scrape(client, url: str) -> dict:
     text = (await client.get(f"{url}/metrics")).text
     wanted = ("tunewright_gpu_memory_allocated_bytes", "tunewright_gpu_memory_reserved_bytes",
-              "process_resident_memory_bytes", "tunewright_sequences_running", "tunewright_sequences_waiting")
+              "process_resident_memory_bytes", "tunewright_sequences_running", "tunewright_sequences_waiting",
+              "tunewright_decode_cuda_graphs", "tunewright_compiled_graphs")
     out = {}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
@@ -98,7 +109,7 @@ async def scrape(client, url: str) -> dict:
 
 
 async def run_level(url: str, model: str, concurrency: int, seconds: float, max_tokens: int,
-                    prompt_words: int, api_key: str | None) -> dict:
+                    prompt_words: int, api_key: str | None, temperature: float = 0.0) -> dict:
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -113,7 +124,8 @@ async def run_level(url: str, model: str, concurrency: int, seconds: float, max_
         async def worker(seed: int):
             rng = random.Random(seed)
             while time.perf_counter() < deadline:
-                results.append(await one_request(client, url, model, prompt_text(rng, prompt_words), max_tokens))
+                results.append(await one_request(client, url, model, prompt_text(rng, prompt_words), max_tokens,
+                                                 temperature))
 
         async def sampler():
             while time.perf_counter() < deadline:
@@ -128,7 +140,11 @@ async def run_level(url: str, model: str, concurrency: int, seconds: float, max_
     errors = [r["error"] for r in results if "error" in r]
     ttfts = sorted(r["ttft"] for r in ok if r["ttft"] is not None)
     tokens = sum(r["tokens"] for r in ok)
+    streaming = [(r["tokens"] - 1) / r["decode_s"] for r in ok if r["decode_s"] > 0]
     return {
+        # Per request, tokens after the first over the time from the first to the last chunk.
+        "stream_tok_s_median": round(statistics.median(streaming), 1) if streaming else None,
+        "max_gap_p99_ms": round(1000 * _quantile(sorted(r["max_gap"] for r in ok), 0.99), 1) if ok else None,
         "concurrency": concurrency, "seconds": round(elapsed, 1), "requests": len(ok), "errors": len(errors),
         "error_examples": errors[:3], "generated_tokens": tokens, "tokens_per_s": round(tokens / elapsed, 1),
         "ttft_p50_ms": round(1000 * _quantile(ttfts, 0.50), 1) if ttfts else None,
@@ -136,6 +152,35 @@ async def run_level(url: str, model: str, concurrency: int, seconds: float, max_
         "latency_p50_s": round(statistics.median(r["latency"] for r in ok), 2) if ok else None,
         "idle_before": idle_before, "idle_after": idle_after, "memory": memory,
     }
+
+
+async def run_join(url: str, model: str, api_key: str | None, streams: int = 16, prompt_tokens: int = 4000,
+                   vocab: int = 1000) -> dict:
+    """`streams` running streamed requests; a prompt of `prompt_tokens` tokens joins them.
+    Reported: the longest gap between two chunks of any running stream while the long
+    prompt is prefilled (from its submission to its first token, plus 0.2 s)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=streams + 4, max_keepalive_connections=streams + 4)
+    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=httpx.Timeout(600)) as client:
+        arrivals = [[] for _ in range(streams)]
+        rng = random.Random(7)
+        running = [asyncio.create_task(one_request(client, url, model, prompt_text(rng, 48), 2048, 0.0, arrivals[i]))
+                   for i in range(streams)]
+        await asyncio.sleep(3.0)  # every stream is decoding
+        joined = time.perf_counter()
+        long = await one_request(client, url, model, [rng.randrange(10, vocab) for _ in range(prompt_tokens)], 8)
+        window_end = joined + (long.get("ttft") or 0.0) + 0.2
+        await asyncio.gather(*running)
+    gaps = []
+    for times in arrivals:
+        inside = [t for t in times if joined - 0.1 <= t <= window_end]
+        before = [t for t in times if t < joined - 0.1][-1:]
+        seq = before + inside
+        gaps += [b - a for a, b in zip(seq, seq[1:])]
+    return {"streams": streams, "prompt_tokens": prompt_tokens, "long_ttft_ms": round(1000 * (long.get("ttft") or -1), 1),
+            "long_error": long.get("error"), "max_gap_during_join_ms": round(1000 * max(gaps, default=0.0), 1)}
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -164,16 +209,25 @@ def start_server(run: str, extra: list[str], log: Path) -> tuple[subprocess.Pope
     raise SystemExit(f"server not ready after 900 s; see {log}")
 
 
+async def _final_counts(url: str) -> dict:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        return await scrape(client, url)
+
+
 def summarize(levels: list[dict]) -> str:
     base = levels[0]["tokens_per_s"] or float("nan")
-    lines = ["| clients | requests | errors | generated tok/s | vs 1st level | TTFT p50 | TTFT p99 | "
-             "GPU alloc idle before → after | GPU reserved first → last sample | RSS first → last sample |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| clients | requests | errors | generated tok/s | vs 1st level | per-stream tok/s (median) | TTFT p50 | "
+             "TTFT p99 | longest chunk gap p99 | GPU alloc idle before → after | GPU reserved first → last sample | "
+             "RSS first → last sample |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for lv in levels:
         mem = lv["memory"] or [{}]
         lines.append(
             f"| {lv['concurrency']} | {lv['requests']} | {lv['errors']} | {lv['tokens_per_s']} | "
-            f"{lv['tokens_per_s'] / base:.1f}x | {lv['ttft_p50_ms']} ms | {lv['ttft_p99_ms']} ms | "
+            f"{lv['tokens_per_s'] / base:.1f}x | {lv['stream_tok_s_median']} | {lv['ttft_p50_ms']} ms | "
+            f"{lv['ttft_p99_ms']} ms | {lv['max_gap_p99_ms']} ms | "
             f"{_mib(lv['idle_before'], 'tunewright_gpu_memory_allocated_bytes')} → "
             f"{_mib(lv['idle_after'], 'tunewright_gpu_memory_allocated_bytes')} | "
             f"{_mib(mem[0], 'tunewright_gpu_memory_reserved_bytes')} → "
@@ -200,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--levels", default="1:20,32:120", help="concurrency:seconds,... (default 1:20,32:120)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--prompt-words", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 (greedy, as `infer bench` measures) or a sampling temperature")
+    p.add_argument("--join", metavar="STREAMS:TOKENS",
+                   help="also measure the longest chunk gap of STREAMS running streams while a prompt of TOKENS "
+                   "tokens joins them (e.g. 16:4000)")
     p.add_argument("--out", type=Path, help="write all numbers as JSON here")
     args = p.parse_args(argv)
 
@@ -219,20 +278,28 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give --url of a running server, or --serve RUN")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     model = args.model or httpx.get(f"{args.url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
-    levels = []
+    levels, join, counts = [], None, {}
     try:
         for spec in args.levels.split(","):
             conc, secs = spec.split(":")
             print(f"level: {conc} clients for {secs}s ...", flush=True)
             levels.append(asyncio.run(run_level(args.url, model, int(conc), float(secs), args.max_tokens,
-                                                args.prompt_words, args.api_key)))
+                                                args.prompt_words, args.api_key, args.temperature)))
             print({k: v for k, v in levels[-1].items() if k != "memory"}, flush=True)
+        if args.join:
+            streams, tokens = (int(x) for x in args.join.split(":"))
+            join = asyncio.run(run_join(args.url, model, args.api_key, streams, tokens))
+            print(f"join: {join}", flush=True)
+        counts = asyncio.run(_final_counts(args.url))
+        print(f"compiled graphs {counts.get('tunewright_compiled_graphs')}, decode CUDA graphs "
+              f"{counts.get('tunewright_decode_cuda_graphs')} (whole run, warm-up included)", flush=True)
     finally:
         if proc is not None:
             proc.terminate()
             print(f"server exited with {proc.wait(timeout=300)} after SIGTERM", flush=True)
     if args.out:
-        args.out.write_text(json.dumps({"model": model, "max_tokens": args.max_tokens, "levels": levels}, indent=1))
+        args.out.write_text(json.dumps({"model": model, "max_tokens": args.max_tokens, "levels": levels,
+                                        "join": join if args.join else None, "counts": counts}, indent=1))
     print(summarize(levels))
     return 1 if any(lv["errors"] for lv in levels) else 0
 

@@ -3,8 +3,8 @@
 Unknown fields are refused (as OpenAI does: "Unrecognized request argument"), so a typo
 such as `max_token` is an error instead of a silently ignored setting. Fields that
 OpenAI defines but this server cannot honour are accepted only at values that change
-nothing, and otherwise answered with a message naming the field. `top_k` and
-`repetition_penalty` are accepted as vLLM accepts them (clients send them in `extra_body`).
+nothing, and otherwise answered with a message naming the field. `top_k`,
+`repetition_penalty` and `ignore_eos` are accepted as vLLM accepts them (clients send them in `extra_body`).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class _Common(BaseModel):
     # vLLM's sampling extensions.
     top_k: StrictInt | None = Field(None, ge=-1)
     repetition_penalty: StrictFloat | None = Field(None, gt=0.0)
+    ignore_eos: StrictBool = False
 
     @model_validator(mode="after")
     def _check_common(self):
@@ -82,7 +83,8 @@ class _Common(BaseModel):
 
     def sampling_kwargs(self) -> dict:
         return dict(temperature=self.temperature, top_p=self.top_p, top_k=max(0, self.top_k or 0),
-                    repetition_penalty=self.repetition_penalty or 1.0, stop=self.stop_strings())
+                    repetition_penalty=self.repetition_penalty or 1.0, stop=self.stop_strings(),
+                    ignore_eos=self.ignore_eos)
 
 
 PromptType = Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]

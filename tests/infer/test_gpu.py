@@ -38,17 +38,17 @@ def test_cuda_graph_decode_matches_eager_and_does_not_recompile(random_model):
     params = SamplingParams(max_new_tokens=32, ignore_eos=True)
     prompts = [[5, 6, 7, 8, 9], list(range(100, 121))]
     eager = Generator(model, tok, max_batch_size=2, max_seq_len=128, compile=False).generate(prompts, params)
-    gen = Generator(model, tok, max_batch_size=2, max_seq_len=128, compile="reduce-overhead", compile_prefill=True)
+    gen = Generator(model, tok, max_batch_size=2, max_seq_len=128, compile="reduce-overhead")
     assert gen.compile_mode == "reduce-overhead"
     gen.warmup(batch_sizes=(2,), prompt_len=16)
-    compiled = gen.generate(prompts, params)  # longest prompt 21 tokens: prefill bucket 32
+    compiled = gen.generate(prompts, params)
     for e, c in zip(eager, compiled):
         assert c.token_ids == e.token_ids
     graphs = counters["stats"]["unique_graphs"]
-    recorded = len(gen._graphs)
-    gen.generate([[9, 9, 9], list(range(200, 226))], params)  # 26 tokens: same bucket
+    recorded = gen.graph_count
+    gen.generate([[9, 9, 9], list(range(200, 226))], params)  # other prompt lengths: prefill is eager
     assert counters["stats"]["unique_graphs"] == graphs
-    assert len(gen._graphs) == recorded == 1  # one CUDA graph (batch 2, greedy), replayed
+    assert gen.graph_count == recorded == 1  # one CUDA graph (rows [0, 2), greedy), replayed
 
 
 def test_steps_queued_ahead_of_the_host_stop_where_a_row_ends(random_model):
@@ -72,7 +72,8 @@ def test_steps_queued_ahead_of_the_host_stop_where_a_row_ends(random_model):
     assert stopped[1].token_ids == want
     gen.eos_ids = set()
     assert [r.token_ids for r in gen.generate(prompts, SamplingParams(max_new_tokens=40))] == [r.token_ids for r in full]
-    events = list(gen.stream(prompts[:1], SamplingParams(max_new_tokens=40, ignore_eos=True), interval=1))
+    one = Generator(model, tok, max_batch_size=2, max_seq_len=128, compile="reduce-overhead", sync_interval=1)
+    events = list(one.stream(prompts[:1], SamplingParams(max_new_tokens=40, ignore_eos=True)))
     assert [t for e in events for t in e.token_ids] == full[0].token_ids and len(events) == 40
 
 
@@ -90,8 +91,8 @@ def test_cuda_graph_sampling_follows_the_seed(random_model):
 
     first = sample(1)
     assert sample(1) == first  # replayed graph, same seed: same tokens
-    assert sample(2) != first  # the graph's random stream follows the new seed
-    assert len(gen._graphs) == 1
+    assert sample(2) != first  # the graph's noise follows the new seed
+    assert gen.graph_count == 1
 
 
 def test_nf4_matvec_equals_dequantized_linear_on_gpu():
@@ -211,19 +212,20 @@ def test_triton_decode_attention_writes_cache_and_matches_reference():
     from infer import kernels
 
     torch.manual_seed(0)
-    dt, b, heads, kv_heads, d, slots = torch.bfloat16, 4, 12, 4, 64, 320
-    keys = torch.randn(4, kv_heads, slots, d, device="cuda", dtype=dt)
+    dt, b, heads, kv_heads, d, slots = torch.bfloat16, 3, 12, 4, 64, 320
+    keys = torch.randn(5, kv_heads, slots, d, device="cuda", dtype=dt)
     values = torch.randn_like(keys)
     keys0, values0 = keys.clone(), values.clone()
     qkv = torch.randn(b, (heads + 2 * kv_heads) * d, device="cuda", dtype=dt)
-    slot = torch.tensor(200, device="cuda")
-    start = torch.tensor([0, 37, 150, 200], device="cuda")  # left padding differs per row; the last sees only itself
+    lens = torch.tensor([7, 200, 0, 150, 99], device="cuda")  # cached tokens per cache row
+    rows = torch.tensor([3, 1, 2], device="cuda")  # query row -> cache row; row 2 sees only its new token
     angle = torch.arange(slots, device="cuda")[:, None].float() * (1e4 ** (-torch.arange(0, d, 2, device="cuda") / d))
     emb = torch.cat([angle, angle], -1)
     cos_table, sin_table = emb.cos().to(dt), emb.sin().to(dt)  # row p: position p
-    out = kernels.decode_attention(qkv, cos_table, sin_table, keys, values, slot, start, heads=heads,
+    out = kernels.decode_attention(qkv, cos_table, sin_table, keys, values, lens, rows, heads=heads,
                                    kv_heads=kv_heads, scale=d ** -0.5)
-    cos, sin = cos_table[slot - start], sin_table[slot - start]
+    at = lens[rows]
+    cos, sin = cos_table[at], sin_table[at]
 
     def rotate(t):
         return torch.cat((-t[..., d // 2:], t[..., : d // 2]), -1)
@@ -232,15 +234,44 @@ def test_triton_decode_attention_writes_cache_and_matches_reference():
     q, k, v = q.view(b, heads, d), k.view(b, kv_heads, d), v.view(b, kv_heads, d)
     q = q * cos[:, None] + rotate(q) * sin[:, None]
     k = k * cos[:, None] + rotate(k) * sin[:, None]
-    assert _rel(keys[:b, :, 200], k) < 1e-2 and torch.equal(values[:b, :, 200], v)  # the new token, rotary applied
-    keys0[:b, :, 200], values0[:b, :, 200] = keys[:b, :, 200], v
+    for i in range(b):
+        r, s = int(rows[i]), int(at[i])
+        assert _rel(keys[r, :, s], k[i]) < 1e-2 and torch.equal(values[r, :, s], v[i])  # the new token, rotary applied
+        keys0[r, :, s], values0[r, :, s] = keys[r, :, s], v[i]
     assert torch.equal(keys, keys0) and torch.equal(values, values0)  # and nothing else written
-    for row in range(b):
-        s = slice(int(start[row]), 201)
-        qg = q[row].view(kv_heads, heads // kv_heads, d).double()
-        probs = (qg @ keys0[row, :, s].double().transpose(-1, -2) * d ** -0.5).softmax(-1)
-        want = (probs @ values0[row, :, s].double()).reshape(-1)
-        assert _rel(out[row], want) < 1e-2
+    for i in range(b):
+        r, s = int(rows[i]), int(at[i])
+        qg = q[i].view(kv_heads, heads // kv_heads, d).double()
+        probs = (qg @ keys0[r, :, : s + 1].double().transpose(-1, -2) * d ** -0.5).softmax(-1)
+        want = (probs @ values0[r, :, : s + 1].double()).reshape(-1)
+        assert _rel(out[i], want) < 1e-2
+
+
+def test_single_row_kernel_step_gives_the_same_tokens_in_any_cache_row(random_model):
+    """With one sequence decoding, the engine runs it through the Triton kernels wherever
+    its cache row is: row 3 gives the tokens row 0 gives, bit for bit."""
+    import copy
+
+    from infer.runner import ModelRunner
+    from infer.sampling import SamplingParams
+
+    model, _ = random_model
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    runner = ModelRunner(bf16, max_batch_size=4, max_seq_len=128, compile="reduce-overhead", kernels="triton")
+    assert runner.single_row_kernels
+    prompt, greedy = [5, 6, 7, 8, 9, 10], SamplingParams(max_new_tokens=64)
+    outputs = []
+    for row in (0, 3):
+        runner.load(row, prompt, greedy, 0)
+        runner.prefill_fresh([row], [prompt], [True], False, False)
+        runner.set_active([row], True)
+        runner.set_single(row)
+        runner.decode_group(8, 1, True, False, False)
+        outputs.append(runner.seq[row, len(prompt): len(prompt) + 9].tolist())
+        assert int(runner.lens[row]) == len(prompt) + 8
+        runner.set_active([row], False)
+    assert outputs[0] == outputs[1]
+    assert runner.graphs is not None and len(runner.graphs) == 1  # one graph serves every row
 
 
 def test_kernel_decode_steps_are_as_accurate_as_the_torch_path(random_model):
@@ -261,13 +292,15 @@ def test_kernel_decode_steps_are_as_accurate_as_the_torch_path(random_model):
     assert decoders[0].kernels and not decoders[1].kernels
     slots = 64
     caches = [StaticKVCache(d.model.config, 1, slots, d.model.model.embed_tokens.weight.dtype, "cuda",
-                            torch.zeros((), dtype=torch.long, device="cuda")) for d in decoders]
+                            torch.zeros(1, dtype=torch.long, device="cuda"), torch.zeros(1, dtype=torch.long, device="cuda"))
+              for d in decoders]
     key_slots = torch.arange(slots, device="cuda")
     prompt = torch.tensor([[5, 6, 7, 8, 9, 10, 11]], device="cuda")
     n, steps = prompt.shape[1], 24
     errors, agree = [[], []], [0, 0]
     with torch.no_grad():
         for decoder, cache in zip(decoders, caches):  # prefill: several query rows, torch path
+            cache.extend(0, 0)
             mask = key_slots[None, None, None, :] <= torch.arange(n, device="cuda")[None, None, :, None]
             logits = decoder(prompt, torch.arange(n, device="cuda")[None], mask, cache)
         token = logits[0, -1].argmax().view(1, 1)
@@ -275,7 +308,8 @@ def test_kernel_decode_steps_are_as_accurate_as_the_torch_path(random_model):
             slot = n + step
             outs = []
             for decoder, cache in zip(decoders, caches):
-                cache.base_slot.fill_(slot)
+                cache.decode()
+                cache.lens.fill_(slot)
                 mask = (key_slots <= slot)[None, None, None, :]
                 outs.append(decoder(token, torch.tensor([[slot]], device="cuda"), mask, cache)[0, -1].float())
             for i in (0, 1):
@@ -289,4 +323,4 @@ def test_kernel_decode_steps_are_as_accurate_as_the_torch_path(random_model):
     gen = Generator(bf16, tok, max_batch_size=1, max_seq_len=128, compile="reduce-overhead", kernels="triton")
     assert gen.decoder.kernels
     out = gen.generate([[5, 6, 7]], SamplingParams(max_new_tokens=32, ignore_eos=True))[0]
-    assert len(out.token_ids) == 32 and len(gen._graphs) == 1
+    assert len(out.token_ids) == 32 and gen.graph_count == 1
