@@ -1,20 +1,25 @@
 # `make demo`: set up, fetch + convert the default model, fine-tune it on the shipped task, compare.
 # `make test`: set up and run the test suite (GPU tests skip on CPU).
+# `make lock`: re-resolve pyproject.toml's ranges in a throwaway venv and pin them in constraints.txt.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+TORCH  := torch==2.13.0
+LOCK   ?= constraints.txt
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup lock clean
 
 setup: $(STAMP)
 
 # torch is installed first and pinned: on the CPU machines the pin resolves to the local CPU wheel,
-# and an unpinned torch pulled in by another package would be the multi-GB CUDA build.
-$(STAMP): pyproject.toml
+# and an unpinned torch pulled in by another package would be the multi-GB CUDA build. Everything
+# else comes at the exact versions in constraints.txt; torch stays out of that file because its
+# build (+cpu or CUDA) differs by machine.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]' torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt $(TORCH)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]' $(TORCH)
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -22,6 +27,21 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The newest releases pyproject.toml allows, as one fresh install resolves them (nothing is run).
+# Written to a temporary name and renamed, so a failed resolve leaves the old pins in place;
+# --no-compile: the venv is thrown away, byte-compiling it would only cost time.
+lock:
+	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp" "$(LOCK).tmp"' EXIT; \
+	python3 -m venv "$$tmp/venv"; py="$$tmp/venv/bin/python"; \
+	$$py -m pip install -q --upgrade pip; \
+	$$py -m pip install -q --no-compile $(TORCH); \
+	$$py -m pip install -q --no-compile -e '.[dev]' $(TORCH); \
+	{ echo "# Exact versions \`make setup\` installs (pip install -c constraints.txt); torch is pinned in the Makefile."; \
+	  echo "# Written by \`make lock\`: a fresh venv ($$($$py -V)), $(TORCH), then pip install -e '.[dev]'"; \
+	  echo "# within pyproject.toml's ranges; this is its pip freeze without the project and torch."; \
+	  $$py -m pip freeze --exclude-editable | grep -vi '^torch=='; } > "$(LOCK).tmp"; \
+	mv "$(LOCK).tmp" "$(LOCK)"
 
 clean:
 	rm -rf $(VENV) runs

@@ -287,6 +287,8 @@ def calibrate_4bit_(model, fp_model, tokenizer, rows: dict, max_hessian_bytes: i
     """
     import bitsandbytes as bnb
 
+    from infer.quantize import canonical_4bit_
+
     if isinstance(max_hessian_bytes, bool) or not isinstance(max_hessian_bytes, int) or max_hessian_bytes <= 0:
         raise ValueError(f"max_hessian_bytes must be a positive number of bytes, got {max_hessian_bytes!r}")
     started = time.time()
@@ -301,7 +303,8 @@ def calibrate_4bit_(model, fp_model, tokenizer, rows: dict, max_hessian_bytes: i
         for name in members:
             if name in hessians:  # a linear no calibration token reached keeps nearest rounding
                 weight = modules[name].weight
-                weight.data = round_4bit(fp_modules[name].weight, weight.quant_state, hessians[name]).to(weight.device)
+                state = canonical_4bit_(weight)  # codes go in, and scales are read, in the canonical layout
+                weight.data = round_4bit(fp_modules[name].weight, state, hessians[name]).to(weight.device)
         del hessians  # before the next group's are collected
     log.info("calibrated %d 4-bit layers (%d distinct inputs, %d groups of forward passes) on %d rows "
              "(%d tokens) of %s in %.0f s", len(names), len(set(owner_of.values())), len(groups), len(sequences),

@@ -131,15 +131,43 @@ def use_compiled_kernels(model) -> int:
     return replaced
 
 
+def canonical_4bit_(weight):
+    """Put a bitsandbytes 4-bit weight (Params4bit) back in its canonical layout, in place;
+    returns its QuantState. Everything here that reads or writes 4-bit codes or scales calls
+    this first, so every CPU sees the same layout.
+
+    Canonical: codes row-major, two per byte, high nibble first; scales one per block, in
+    block order, double-quantized or not. On CPUs with AVX512-BF16, bitsandbytes rewrites a
+    Linear4bit's weight on its first eval-mode forward into a CPU-only layout (codes tiled in
+    32-row groups, scales expanded to bf16 and transposed; `packing_format_for_cpu` on the
+    state). Its own inverse, which it runs before saving or moving to a GPU, restores the
+    codes exactly and the scales to within bf16 rounding (the repack kept no more). The
+    layer repacks again on its next eval-mode forward on such a CPU.
+    """
+    state = weight.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):
+        return state
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    scales, nested = state.absmax, state.original_nested  # (in/blocksize, out) bf16
+    weight.data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+    if not nested:
+        # bitsandbytes' inverse re-quantizes double-quantized scales but returns plain ones
+        # still transposed (so block i would read another block's scale): restore their order.
+        state.absmax = scales.T.reshape(-1).float()
+    weight.quant_state = state
+    return state
+
+
 def _from_linear4bit(layer, bnb_functional) -> NF4Linear | None:
-    state = layer.weight.quant_state
+    state = canonical_4bit_(layer.weight)
     n, k = state.shape
     if k % state.blocksize or k % 2:
         return None
     absmax = state.absmax
     if getattr(state, "nested", False) or getattr(state, "state2", None) is not None:
         absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
-    packed = layer.weight.data.view(n, k // 2)
+    packed = layer.weight.data.view(torch.uint8).view(n, k // 2)  # any quant_storage dtype holds the same bytes
     bias = layer.bias.data if layer.bias is not None else None
     return NF4Linear(packed, absmax.float().view(n, k // state.blocksize), state.code.float(), bias, k, n, state.blocksize)
 
