@@ -236,3 +236,50 @@ def test_chunked_argmax_equals_argmax_including_ties():
         logits[1, 7] = logits[1, vocab - 1] = 50.0  # a tie: the lowest index wins, as in argmax
         logits[2] = 0.0  # all equal
         assert torch.equal(argmax(logits), logits.argmax(dim=-1)), vocab
+
+
+def test_more_prompts_than_rows_join_as_rows_free_and_match_alone(model, tok):
+    """Continuous batching: 7 prompts of mixed lengths and output budgets through 2 cache
+    rows; each sequence takes a row when one frees and gives what it gives alone."""
+    prompts = [list(range(3, 3 + n)) for n in (4, 11, 6, 2, 9, 5, 14)]
+    budgets = [3, 17, 8, 12, 5, 20, 9]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in budgets]
+    gen = Generator(model, tok, max_batch_size=2, max_seq_len=64, sync_interval=3)
+    together = gen.generate(prompts, params)
+    assert [len(r.token_ids) for r in together] == budgets
+    for prompt, budget, result in zip(prompts, budgets, together):
+        assert result.token_ids == hf_greedy(model, prompt, budget)
+
+
+def test_long_prompts_are_prefilled_in_chunks_with_the_same_result(model, tok):
+    prompt = [(i * 37) % 500 + 3 for i in range(45)]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    whole = Generator(model, tok, max_batch_size=2, max_seq_len=96).generate([prompt, PROMPTS[0]], params)
+    chunked = Generator(model, tok, max_batch_size=2, max_seq_len=96, prefill_chunk=8)
+    assert [r.token_ids for r in chunked.generate([prompt, PROMPTS[0]], params)] == [r.token_ids for r in whole]
+    assert whole[0].token_ids == hf_greedy(model, prompt, 10)
+
+
+def test_a_seeded_request_samples_the_same_tokens_whatever_shares_its_batch(model, tok):
+    seeded = SamplingParams(max_new_tokens=12, temperature=1.0, seed=2**64 + 11, ignore_eos=True)
+    gen = Generator(model, tok, max_batch_size=4, max_seq_len=64)
+    alone = gen.generate([PROMPTS[1]], seeded)[0].token_ids
+    others = [SamplingParams(max_new_tokens=n, temperature=0.8, top_p=0.9, ignore_eos=True) for n in (3, 15, 7)]
+    crowded = gen.generate([PROMPTS[0], PROMPTS[2], PROMPTS[1], PROMPTS[0]], [others[0], others[1], seeded, others[2]])
+    assert crowded[2].token_ids == alone
+    assert gen.generate([PROMPTS[1]], SamplingParams(max_new_tokens=12, temperature=1.0, seed=11, ignore_eos=True))[0].token_ids == alone
+
+
+def test_logprobs_are_the_log_softmax_of_the_model_logits(model, tok):
+    gen = Generator(model, tok, max_batch_size=2, max_seq_len=64, max_logprobs=3)
+    result = gen.generate([PROMPTS[0]], SamplingParams(max_new_tokens=4, ignore_eos=True, logprobs=3))[0]
+    ids = torch.tensor([PROMPTS[0] + result.token_ids])
+    with torch.no_grad():
+        expected = model(ids).logits[0, len(PROMPTS[0]) - 1 : -1].float().log_softmax(-1)
+    for step, (token, logprob, top) in enumerate(result.logprobs):
+        assert token == result.token_ids[step] and abs(logprob - expected[step, token].item()) < 1e-4
+        values, indices = expected[step].topk(3)
+        assert [t for t, _ in top] == indices.tolist()
+        assert all(abs(lp - v) < 1e-4 for (_, lp), v in zip(top, values.tolist()))
+    with pytest.raises(ValueError, match="logprobs: at most 3"):
+        gen.generate([PROMPTS[0]], SamplingParams(max_new_tokens=2, logprobs=5))
