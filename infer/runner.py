@@ -26,7 +26,7 @@ import torch
 
 from infer.cache import StaticKVCache, check_supported, use_masked_attention
 from infer.graphs import compile_mode, raise_dynamo_limits
-from infer.sampling import SamplingParams, choose_tokens, seed_halves, seeded_uniform
+from infer.sampling import SamplingParams, choose_tokens, seed_halves, seeded_uniform, vocabulary_keys
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class ModelRunner:
         self.seed_hi = torch.zeros(B, dtype=torch.long, device=dev)
         self.rows = torch.arange(B, device=dev)
         self.key_slots = torch.arange(T, device=dev)
+        self.vocab_keys = vocabulary_keys(self.vocab_size, dev)  # for the seeded sampling noise
         self.out = torch.zeros((G, B), dtype=torch.long, device=dev)  # tokens chosen by the group's steps
         self.out_step = torch.zeros((), dtype=torch.long, device=dev)
         self.out_lp = torch.zeros((G, B), device=dev)  # their log-probabilities (logprobs steps)
@@ -149,7 +150,7 @@ class ModelRunner:
         if history_upto is not None:  # the repetition penalty looks at prompt + output
             history = self.seq[rows]
             valid = self.key_slots[None, :] <= history_upto[:, None]
-        noise = seeded_uniform(self.seed_lo[rows], self.seed_hi[rows], positions, logits.shape[-1])
+        noise = seeded_uniform(self.seed_lo[rows], self.seed_hi[rows], positions, self.vocab_keys[: logits.shape[-1]])
         return choose_tokens(logits, sampling=True, temperature=self.temperature[rows], top_k=self.top_k[rows],
                              top_p=self.top_p[rows], penalty=self.penalty[rows], history=history,
                              history_valid=valid, noise=noise, truncate=sampling == "truncate")
@@ -163,11 +164,16 @@ class ModelRunner:
             mask = (self.key_slots[None, :] <= pos[:, None])[:, None, None, :]
             logits = self._forward(tok[:, None], pos[:, None], mask)[:, -1]
         nxt = self._choose(logits, rows, pos + 1, sampling, history_upto=pos)
-        keep = self.active[rows]
-        self.seq[rows, pos + 1] = torch.where(keep, nxt, self.seq[rows, pos + 1])
+        if single:  # the one decoding row (or a retired one whose queued steps change nothing kept)
+            self.seq[rows, pos + 1] = nxt
+            step = 1
+        else:  # rows part-way through their prompt, or free, must not move
+            keep = self.active[rows]
+            self.seq[rows, pos + 1] = torch.where(keep, nxt, self.seq[rows, pos + 1])
+            step = keep.long()
         # A row whose output the host no longer reads may run a few steps past its end
         # (steps are queued ahead); the clamp keeps it inside the cache.
-        self.lens[rows] = torch.clamp(pos + keep.long(), max=self.slots - 2)
+        self.lens[rows] = torch.clamp(pos + step, max=self.slots - 2)
         # (step, column) indices as tensors: a 0-d tensor used as an index would be read on
         # the host (a recompile per value under dynamo).
         index = (self.out_step.expand(rows.shape[0]), self.rows[: rows.shape[0]])

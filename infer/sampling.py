@@ -92,7 +92,8 @@ def seed_halves(seed: int) -> tuple[int, int]:
     return seed & 0xFFFFFFFF, seed >> 32
 
 
-_MIX = 0x45D9F3B  # a 32-bit multiplicative mixing constant (fits int64 products below 2**63)
+_MIX = 0x45D9F3B  # 32-bit mixing constants below 2**31: products stay below 2**63, and
+_SPREAD = 0x27D4EB2F  # no literal overflows the 32-bit index arithmetic of generated kernels
 
 
 def _mix32(h: torch.Tensor) -> torch.Tensor:
@@ -101,15 +102,21 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def seeded_uniform(seed_lo: torch.Tensor, seed_hi: torch.Tensor, position: torch.Tensor, vocab: int) -> torch.Tensor:
-    """(rows, vocab) floats in (0, 1), a pure function of (seed, position, vocabulary index).
+def vocabulary_keys(vocab: int, device) -> torch.Tensor:
+    """(vocab,) int64 hash of each vocabulary index: computed once, read by every step."""
+    return _mix32((torch.arange(vocab, device=device, dtype=torch.long) * _SPREAD) & 0xFFFFFFFF)
+
+
+def seeded_uniform(seed_lo: torch.Tensor, seed_hi: torch.Tensor, position: torch.Tensor,
+                   keys: torch.Tensor) -> torch.Tensor:
+    """(rows, vocab) floats in (0, 1), a pure function of (seed, position, vocabulary index);
+    `keys` from `vocabulary_keys`.
 
     Integer hashing in int64 with every intermediate kept below 2**63, so it runs the same
     on CPU and GPU, inside compiled graphs, with no generator state to carry."""
-    idx = torch.arange(vocab, device=position.device)
-    h = _mix32((seed_lo[:, None] ^ (idx[None, :] * 0x9E3779B1 & 0xFFFFFFFF)) & 0xFFFFFFFF)
-    h = _mix32(h ^ (seed_hi[:, None] & 0xFFFFFFFF))
-    h = _mix32(h ^ ((position[:, None] * 0x85EBCA77) & 0xFFFFFFFF))
+    h = _mix32(keys[None, :] ^ seed_lo[:, None])
+    h = _mix32(h ^ seed_hi[:, None])
+    h = _mix32(h ^ ((position[:, None] * _SPREAD) & 0xFFFFFFFF))
     return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
@@ -148,28 +155,20 @@ def choose_tokens(
         logits = torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
     greedy_choice = argmax(logits)
     scaled = logits / temperature.clamp(min=1e-5)[:, None]
-    if not truncate:
-        race = torch.empty_like(scaled).exponential_(1.0) if noise is None else -torch.log(noise)
-        sampled = (scaled.softmax(dim=-1) / race).argmax(dim=-1)
-        return torch.where(temperature > 0, sampled, greedy_choice)
-    ordered, order = scaled.sort(dim=-1, descending=True)
-    probs = ordered.softmax(dim=-1)
-    ranks = torch.arange(vocab, device=logits.device)[None, :]
-    k = torch.where(top_k > 0, top_k, vocab)[:, None]
-    # Keep a token when it is inside top-k and the mass strictly before it is below top-p;
-    # the first token always survives, so a row never ends up empty.
-    drop = (ranks >= k) | outside_top_p(probs, top_p)
-    ordered = ordered.masked_fill(drop, float("-inf"))
-    probs = ordered.softmax(dim=-1)
+    if truncate:
+        ordered, order = scaled.sort(dim=-1, descending=True)
+        ranks = torch.arange(vocab, device=logits.device)[None, :]
+        k = torch.where(top_k > 0, top_k, vocab)[:, None]
+        # Keep a token when it is inside top-k and the mass strictly before it is below top-p;
+        # the first token always survives, so a row never ends up empty.
+        drop = (ranks >= k) | outside_top_p(ordered.softmax(dim=-1), top_p)
+        # Back to vocabulary order: a row that truncates nothing then samples from exactly
+        # the numbers it samples from in a batch that does not truncate at all.
+        scaled = scaled.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
     # Exponential race (Gumbel-max form of multinomial sampling): no host sync, graph-safe.
-    # The noise is indexed by vocabulary entry (not by rank), so a token's draw does not
-    # depend on how the others sort.
-    if noise is None:
-        race = torch.empty_like(probs).exponential_(1.0)
-    else:
-        race = -torch.log(noise).gather(1, order)
-    pick = (probs / race).argmax(dim=-1, keepdim=True)
-    sampled = order.gather(1, pick).squeeze(1)
+    # The noise is indexed by vocabulary entry, so a token's draw does not depend on the others.
+    race = torch.empty_like(scaled).exponential_(1.0) if noise is None else -torch.log(noise)
+    sampled = (scaled.softmax(dim=-1) / race).argmax(dim=-1)
     return torch.where(temperature > 0, sampled, greedy_choice)
 
 
@@ -204,5 +203,6 @@ def eos_token_ids(model, tokenizer) -> set[int]:
 
 def outside_top_p(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """For probabilities sorted in descending order, which fall outside the top-p nucleus:
-    those whose preceding mass already reaches top_p (so the first token always stays)."""
-    return (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]
+    those whose preceding mass already reaches top_p (so the first token always stays).
+    top_p 1 keeps every token (a rounded cumulative sum may reach 1 before the tail)."""
+    return ((sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]) & (top_p[:, None] < 1.0)
