@@ -59,6 +59,7 @@ class StaticKVCache:
         self._heads = torch.arange(self.kv_heads, device=device)
         for t in self.keys + self.values:
             torch._dynamo.mark_static_address(t)  # CUDA graphs need fixed addresses
+            torch._dynamo.mark_static(t)  # and the Triton kernels fixed shapes
         self.mode = "decode"
         self._target: tuple = ()
 

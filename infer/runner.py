@@ -84,6 +84,10 @@ class ModelRunner:
         self._buffers = [v for v in vars(self).values() if isinstance(v, torch.Tensor)]
         for t in self._buffers:
             torch._dynamo.mark_static_address(t)
+            # Every dimension static, also when another runner (other sizes) compiled the
+            # same step earlier in the process: the Triton kernels take the cache length as
+            # a compile-time constant. Only the batch (see _rows_view) is dynamic.
+            torch._dynamo.mark_static(t)
         self.cache = StaticKVCache(self.config, B, T, embed.dtype, dev, self.lens, self.single)
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
