@@ -7,7 +7,9 @@ tuned model on the recipe's held-out set, then write the summary and, last, the 
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import shlex
 import statistics
 import time
@@ -15,7 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from transformers import TrainerCallback
+
 from train.callbacks import MetricsRecorder, ProgressBar, StopOnSignal
+from train.errors import DiskFullError, TrainingDiverged, UserError, is_disk_full
 from train.model import ModelSetup, load_model, merge_adapter
 from train.recipe import Recipe
 from train.rundir import RunDir, atomic_write_json, dataset_hashes, library_versions
@@ -37,6 +42,10 @@ def build_sft_config(recipe: Recipe, setup: ModelSetup, run: RunDir, *, has_vali
 
     t = recipe.training
     evaluate_every = has_validation and t.eval_steps is not None
+    # transformers renamed gradient_checkpointing to activation_checkpointing; the oldest supported
+    # version knows only the old name.
+    checkpointing_arg = ("activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__
+                         else "gradient_checkpointing")
     return SFTConfig(
         output_dir=str(run.checkpoints_dir),
         seed=t.seed,
@@ -57,7 +66,7 @@ def build_sft_config(recipe: Recipe, setup: ModelSetup, run: RunDir, *, has_vali
         # Both are decided per decoder layer by train.speed (see build_trainer): checkpointing per
         # micro-batch against the memory limit, and a compile that survives varying lengths
         # (TRL's whole-model compile recompiles on each new batch length).
-        gradient_checkpointing=False,
+        **{checkpointing_arg: False},
         torch_compile=False,
         logging_strategy="steps",
         logging_steps=t.logging_steps,
@@ -69,6 +78,9 @@ def build_sft_config(recipe: Recipe, setup: ModelSetup, run: RunDir, *, has_vali
         report_to="none",  # TensorBoard is added as a callback that writes into the run directory
         disable_tqdm=True,  # our own bar shows loss and tokens/s
         dataloader_num_workers=0,
+        dataloader_pin_memory=setup.device.startswith("cuda"),  # pinned pages only speed up copies to a GPU
+        # A non-finite loss must reach NonFiniteGuard, not be replaced by the average of the previous ones.
+        logging_nan_inf_filter=False,
         # Data: rows arrive as input_ids + completion_mask (train.data). TRL's preparation turns the
         # mask into labels only with completion_only_loss on (its default is off for such rows).
         completion_only_loss=True,
@@ -123,27 +135,58 @@ def speed_settings(recipe: Recipe, setup: ModelSetup) -> dict[str, Any]:
 
 def train_recipe(recipe: Recipe, *, resume: bool = False, recipe_path: str = "RECIPE",
                  overrides: Sequence[str] = (), callbacks: Sequence = ()) -> RunResult:
-    """Run the recipe end to end; `callbacks` are extra TrainerCallbacks (tests use them)."""
+    """Run the recipe end to end; `callbacks` are extra TrainerCallbacks (tests use them).
+
+    Everything that can be checked is checked before the run directory changes: the lock, the
+    plan (what is resumed or replaced), the eval set, the model, the data. A run that replaces
+    an earlier one is built beside it and swapped in only once complete.
+    """
+    from train.checks import check_not_distributed
+    from train.rundir import RunLock
+
+    check_not_distributed()
+    with RunLock(recipe.run_dir):
+        final = RunDir(recipe.run_dir)
+        plan = final.plan(resume=resume, overwrite=recipe.output.overwrite, recipe_path=recipe_path)
+        try:
+            return _train_planned(recipe, plan, recipe_path, overrides, callbacks)
+        except Exception as exc:
+            if is_disk_full(exc):
+                where = getattr(exc, "filename", None) or plan.work.path
+                raise DiskFullError(where) from exc
+            raise
+
+
+def _train_planned(recipe: Recipe, plan, recipe_path: str, overrides: Sequence[str], callbacks: Sequence) -> RunResult:
+    from infer.models import resolve_model
+    from train.checks import load_model_checked
     from train.data import build_datasets
+    from train.model import load_tokenizer
 
     command = " ".join(["python -m train", shlex.quote(recipe_path), *map(shlex.quote, overrides)])
+    run, checkpoint = plan.work, plan.checkpoint
+    if checkpoint is not None:
+        _check_recipe_changes(run, recipe, checkpoint)
+        done = _finished_run(run, recipe, checkpoint)
+        if done is not None:
+            return done
     eval_examples = None
     if recipe.eval.data:
         from train.evaluation import load_eval_examples
 
         eval_examples = load_eval_examples(recipe)
-    run = RunDir(recipe.run_dir)
-    checkpoint = run.prepare(resume=resume, overwrite=recipe.output.overwrite, recipe_path=recipe_path)
-    setup = load_model(recipe)
+    # The data first (it needs only the tokenizer): a bad row fails in seconds, before any weights load.
+    base_path = resolve_model(recipe.model.name, revision=recipe.model.revision)
+    datasets = build_datasets(recipe, load_tokenizer(base_path, trust_remote_code=recipe.model.trust_remote_code))
+    setup = load_model_checked(recipe)
     speed = speed_settings(recipe, setup)
     log.info("model %s from %s: method %s, attention %s, precision %s, device %s, compiled layers %s, "
              "checkpointing %s", recipe.model.name, setup.base_path, setup.method, setup.attn_implementation,
              setup.precision, setup.device, "on" if speed["compile"] else "off", speed["checkpoint"])
-    datasets = build_datasets(recipe, setup.tokenizer)
-    if checkpoint is not None:
-        _warn_about_recipe_changes(run, recipe)
-    run.write_recipe(recipe)
 
+    # Validated: from here on the run directory changes.
+    plan.final.begin(plan)
+    run.write_recipe(recipe)
     tokens_offset = 0
     if checkpoint is not None:
         kept = run.truncate_metrics(_checkpoint_step(checkpoint))
@@ -152,8 +195,12 @@ def train_recipe(recipe: Recipe, *, resume: bool = False, recipe_path: str = "RE
     else:
         run.metrics_jsonl.unlink(missing_ok=True)
 
+    guard = NonFiniteGuard()
+    extra = [guard, *callbacks]
+    if checkpoint is not None:
+        extra.append(ApplyLearningRate(recipe.training.learning_rate))
     trainer, recorder, stopper = build_trainer(recipe, setup, datasets, run,
-                                               tokens_offset=tokens_offset, callbacks=callbacks)
+                                               tokens_offset=tokens_offset, callbacks=extra)
     started = time.perf_counter()
     stopper.install()
     try:
@@ -163,14 +210,28 @@ def train_recipe(recipe: Recipe, *, resume: bool = False, recipe_path: str = "RE
     train_seconds = time.perf_counter() - started
     step = trainer.state.global_step
 
-    summary = _summary(recipe, setup, recorder, step, train_seconds, checkpoint)
+    summary = _summary(recipe, setup, recorder, run, step, train_seconds, checkpoint)
+    if guard.problem is not None:
+        summary["status"] = "diverged"
+        atomic_write_json(run.metrics_json, summary)
+        kept = "; the previous run is untouched" if plan.replaces else ""
+        raise TrainingDiverged(
+            f"training stopped at step {guard.step}: {guard.problem}. Nothing was exported{kept}. "
+            f"Lower training.learning_rate (now {recipe.training.learning_rate:g}) or check the data for rows "
+            f"that break the loss; metrics so far are in {run.metrics_jsonl}."
+        )
     if stopper.stopped:
         summary["status"] = "interrupted"
         atomic_write_json(run.metrics_json, summary)
         run.write_loss_plot()
         last = run.last_checkpoint()
-        print(f"\nInterrupted at step {step}; checkpoint saved in {last}.\n"
-              f"Resume with: {command} --resume")
+        if plan.replaces:
+            again = command if "output.overwrite=true" in overrides else f"{command} output.overwrite=true"
+            print(f"\nInterrupted at step {step}; checkpoint saved in {last}. The previous run in "
+                  f"{plan.final.path} is untouched until this one completes.\nResume with: {again} --resume")
+        else:
+            print(f"\nInterrupted at step {step}; checkpoint saved in {last}.\n"
+                  f"Resume with: {command} --resume")
         return RunResult(run.path, "interrupted", step, summary, trainer.model)
 
     if "validation" in datasets and recipe.training.eval_steps is None:
@@ -192,9 +253,75 @@ def train_recipe(recipe: Recipe, *, resume: bool = False, recipe_path: str = "RE
     atomic_write_json(run.metrics_json, summary)
     run.write_loss_plot()
     run.write_manifest(_manifest(recipe, setup, summary, checkpoint))
-    print(f"\nRun complete: {run.path}" + (f" (model: {run.model_dir})" if run.model_dir.is_dir() else ""))
-    return RunResult(run.path, "completed", step, summary, trainer.model)
+    plan.final.install(plan)
+    final = plan.final
+    print(f"\nRun complete: {final.path}" + (f" (model: {final.model_dir})" if final.model_dir.is_dir() else ""))
+    return RunResult(final.path, "completed", step, summary, trainer.model)
 
+
+class NonFiniteGuard(TrainerCallback):
+    """Stops training when the loss, the gradient norm or the trained weights stop being finite,
+    before such a step is saved as a checkpoint; the pipeline then exports nothing."""
+
+    def __init__(self):
+        self.problem: str | None = None
+        self.step: int | None = None
+
+    def _stop(self, state, control, problem: str):
+        if self.problem is None:
+            self.problem, self.step = problem, state.global_step
+        control.should_training_stop = True
+        control.should_save = False  # never checkpoint weights that are already broken
+        return control
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        # Checked on steps that save or end training (the loss is only seen at logging steps; a
+        # huge update can leave NaN weights behind a finite loss).
+        if model is not None and (control.should_save or control.should_training_stop or
+                                  state.global_step >= state.max_steps):
+            bad = _first_non_finite(model)
+            if bad is not None:
+                return self._stop(state, control, f"the weight {bad} is no longer finite")
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                return self._stop(state, control, f"{key} became {value}")
+        return control
+
+
+def _first_non_finite(model) -> str | None:
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad and param.is_floating_point() and not torch.isfinite(param).all():
+                return name
+    return None
+
+
+class ApplyLearningRate(TrainerCallback):
+    """On resume, the checkpoint's scheduler and optimizer restore the old learning rate; this puts
+    the recipe's in its place, keeping the schedule's position (warmup, decay) at the resumed step."""
+
+    def __init__(self, learning_rate: float):
+        self.learning_rate = learning_rate
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        if optimizer is None or lr_scheduler is None or not hasattr(lr_scheduler, "lr_lambdas"):
+            return
+        old = lr_scheduler.base_lrs[0] if lr_scheduler.base_lrs else None
+        if old == self.learning_rate:
+            return
+        lr_scheduler.base_lrs = [self.learning_rate] * len(optimizer.param_groups)
+        for group, factor in zip(optimizer.param_groups, lr_scheduler.lr_lambdas):
+            group["initial_lr"] = self.learning_rate
+            group["lr"] = self.learning_rate * factor(lr_scheduler.last_epoch)
+        lr_scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+        log.info("training.learning_rate changed on resume: %g -> %g (applied from step %d)",
+                 old, self.learning_rate, state.global_step + 1)
 
 def _match_prompt_format(recipe: Recipe, tokenizer) -> None:
     """A run trained on plain prompt + completion text (data.chat_template false) exports a
@@ -223,18 +350,59 @@ def _export(recipe: Recipe, setup: ModelSetup, trainer, run: RunDir):
     return merged
 
 
-def _warn_about_recipe_changes(run: RunDir, recipe: Recipe) -> None:
-    """Resuming with other settings is allowed (e.g. more max_steps) but should not go unnoticed."""
+# Keys whose change makes a checkpoint unloadable: other weight shapes, another base, another
+# optimizer state layout.
+_FIXED_ON_RESUME = ("model.name", "model.revision", "method.type", "method.lora.r", "method.lora.target_modules",
+                    "method.lora.bias", "method.qlora.quant_type", "method.qlora.double_quant", "training.optimizer")
+
+
+def _saved_recipe(run: RunDir) -> dict[str, Any]:
     import yaml
 
     if not run.recipe_file.is_file():
+        return {}
+    return _flatten(yaml.safe_load(run.recipe_file.read_text()) or {})
+
+
+def _check_recipe_changes(run: RunDir, recipe: Recipe, checkpoint: Path) -> None:
+    """Resuming with other settings is allowed (more max_steps, another learning rate) and reported;
+    a change the checkpoint cannot follow is refused before anything loads."""
+    before = _saved_recipe(run)
+    if not before:
         return
-    before = _flatten(yaml.safe_load(run.recipe_file.read_text()) or {})
     after = _flatten(recipe.model_dump(mode="json"))
-    changed = [f"{k} ({before.get(k)!r} -> {after.get(k)!r})" for k in sorted(set(before) | set(after))
-               if before.get(k) != after.get(k)]
+    changed = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+    fixed = [k for k in changed if k in _FIXED_ON_RESUME]
+    if fixed:
+        what = "; ".join(f"{k} ({before.get(k)!r} -> {after.get(k)!r})" for k in fixed)
+        raise UserError(
+            f"--resume: {what} changed since {checkpoint.name} was saved, and the checkpoint cannot be "
+            f"loaded with it (its weights and optimizer state have the old shapes). Put the old value back "
+            f"to resume, or start over with output.overwrite=true (or another name=...)."
+        )
     if changed:
-        log.warning("resuming with a recipe that differs from the saved one: %s", "; ".join(changed))
+        log.warning("resuming with a recipe that differs from the saved one: %s",
+                    "; ".join(f"{k} ({before.get(k)!r} -> {after.get(k)!r})" for k in changed))
+
+
+def _finished_run(run: RunDir, recipe: Recipe, checkpoint: Path) -> RunResult | None:
+    """The result of a complete run whose last checkpoint already reached the recipe's end, else None."""
+    if not run.is_complete():
+        return None  # e.g. killed while exporting: resuming trains no step and exports again
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    step = int(state["global_step"])
+    target = recipe.training.max_steps
+    if target is None:
+        before = _saved_recipe(run)
+        if before.get("training.max_steps") is None and before.get("training.epochs") == recipe.training.epochs:
+            target = state.get("max_steps")
+    if target is None or step < target:
+        return None
+    print(f"{run.path} is already complete: it trained {step} of {target} steps, so there is nothing to resume. "
+          "To train longer, raise training.max_steps (or epochs) and resume; to start over, use "
+          "output.overwrite=true.")
+    summary = json.loads(run.metrics_json.read_text()) if run.metrics_json.is_file() else {}
+    return RunResult(run.path, "completed", step, summary)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -251,9 +419,9 @@ def _checkpoint_step(checkpoint: Path) -> int:
     return int(checkpoint.name.rpartition("-")[2])
 
 
-def _summary(recipe, setup, recorder: MetricsRecorder, step, seconds, checkpoint) -> dict[str, Any]:
+def _summary(recipe, setup, recorder: MetricsRecorder, run: RunDir, step, seconds, checkpoint) -> dict[str, Any]:
     last = recorder.last_train or {}
-    rows = [r for r in RunDir(recipe.run_dir).read_metrics() if r.get("tokens_per_s")]
+    rows = [r for r in run.read_metrics() if r.get("tokens_per_s")]
     trained_tokens = last.get("tokens", 0) - recorder.tokens_offset if last else 0
     return {
         "name": recipe.name,
