@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 # (category, message regex, why it is harmless)
@@ -63,3 +64,7 @@ def quiet_libraries(verbose: bool = False) -> None:
     # "Loading weights" / "Writing model shards" bars for checkpoints that load in a blink. Read by
     # huggingface_hub when it is imported; transformers takes its bar setting from there.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # already imported (a notebook, a test): switch the bars off directly
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()

@@ -68,12 +68,12 @@ def read_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()):
     from train.recipe import RecipeError, load_recipe
 
     check_overrides(overrides)
+    if Path(path).is_dir():
+        raise RecipeError(f"{path} is a directory; give the path of a recipe YAML file (see recipes/)")
     try:
         return load_recipe(path, list(overrides))
     except UnicodeDecodeError as exc:
         raise RecipeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the recipe as UTF-8") from None
-    except IsADirectoryError:
-        raise RecipeError(f"{path} is a directory; give the path of a recipe YAML file") from None
 
 
 def check_output_dir_writable(path: Path) -> None:

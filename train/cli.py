@@ -73,7 +73,14 @@ def train_main(argv: list[str] | None = None, *, prog: str = "python -m train") 
 
         return bench_main(argv[1:]) or 0
     # Intermixed: overrides may come before or after the flags (`RECIPE --dry-run name=x`).
-    args = build_parser(prog).parse_intermixed_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_intermixed_args(argv)
+    # ... and before the recipe: the one positional that is not key=value (or is a file) is the recipe.
+    positionals = [args.recipe, *args.overrides]
+    recipes = [p for p in positionals if "=" not in p or os.path.isfile(p)]
+    if len(recipes) != 1:
+        parser.error(f"expected one recipe file and key.sub=value overrides, got {positionals}")
+    args.recipe, args.overrides = recipes[0], [p for p in positionals if p is not recipes[0]]
     # OpenMP threads that spin while waiting collapse when the CPU is shared: on a 2-core
     # machine with one other busy process, a demo step took 30-40 s spinning vs 5.6 s with
     # passive waits (and 5.3 s with one thread). Read when torch loads, hence before the import.

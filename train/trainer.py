@@ -207,6 +207,9 @@ def _train_planned(recipe: Recipe, plan, recipe_path: str, overrides: Sequence[s
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         stopper.uninstall()
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, ProgressBar) and callback.bar is not None:
+                callback.bar.close()  # training raised: end the bar's line before the error is printed
     train_seconds = time.perf_counter() - started
     step = trainer.state.global_step
 
