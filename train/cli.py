@@ -88,7 +88,7 @@ def train_main(argv: list[str] | None = None, *, prog: str = "python -m train") 
     from infer.quiet import quiet_libraries
 
     quiet_libraries(verbose=args.verbose)
-    return run_guarded(lambda: _train(args, prog))
+    return run_guarded(lambda: _train(args))
 
 
 def run_guarded(job) -> int:
@@ -111,7 +111,7 @@ def run_guarded(job) -> int:
         raise
 
 
-def _train(args, prog: str) -> int:
+def _train(args) -> int:
     from train.checks import check_not_distributed, read_recipe
 
     check_not_distributed()

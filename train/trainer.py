@@ -20,9 +20,10 @@ from typing import Any, Sequence
 from transformers import TrainerCallback
 
 from train.callbacks import MetricsRecorder, ProgressBar, StopOnSignal
-from train.errors import DiskFullError, TrainingDiverged, UserError, is_disk_full
+from train.errors import DiskFullError, TrainingDiverged, is_disk_full
 from train.model import ModelSetup, load_model, merge_adapter
 from train.recipe import Recipe
+from train.resume import ApplyLearningRate, check_recipe_changes, finished_step
 from train.rundir import RunDir, atomic_write_json, dataset_hashes, library_versions
 
 log = logging.getLogger(__name__)
@@ -166,10 +167,11 @@ def _train_planned(recipe: Recipe, plan, recipe_path: str, overrides: Sequence[s
     command = " ".join(["python -m train", shlex.quote(recipe_path), *map(shlex.quote, overrides)])
     run, checkpoint = plan.work, plan.checkpoint
     if checkpoint is not None:
-        _check_recipe_changes(run, recipe, checkpoint)
-        done = _finished_run(run, recipe, checkpoint)
-        if done is not None:
-            return done
+        check_recipe_changes(run, recipe, checkpoint)
+        step = finished_step(run, recipe, checkpoint)
+        if step is not None:
+            summary = json.loads(run.metrics_json.read_text()) if run.metrics_json.is_file() else {}
+            return RunResult(run.path, "completed", step, summary)
     eval_examples = None
     if recipe.eval.data:
         from train.evaluation import load_eval_examples
@@ -305,27 +307,6 @@ def _first_non_finite(model) -> str | None:
     return None
 
 
-class ApplyLearningRate(TrainerCallback):
-    """On resume, the checkpoint's scheduler and optimizer restore the old learning rate; this puts
-    the recipe's in its place, keeping the schedule's position (warmup, decay) at the resumed step."""
-
-    def __init__(self, learning_rate: float):
-        self.learning_rate = learning_rate
-
-    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
-        if optimizer is None or lr_scheduler is None or not hasattr(lr_scheduler, "lr_lambdas"):
-            return
-        old = lr_scheduler.base_lrs[0] if lr_scheduler.base_lrs else None
-        if old == self.learning_rate:
-            return
-        lr_scheduler.base_lrs = [self.learning_rate] * len(optimizer.param_groups)
-        for group, factor in zip(optimizer.param_groups, lr_scheduler.lr_lambdas):
-            group["initial_lr"] = self.learning_rate
-            group["lr"] = self.learning_rate * factor(lr_scheduler.last_epoch)
-        lr_scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-        log.info("training.learning_rate changed on resume: %g -> %g (applied from step %d)",
-                 old, self.learning_rate, state.global_step + 1)
-
 def _match_prompt_format(recipe: Recipe, tokenizer) -> None:
     """A run trained on plain prompt + completion text (data.chat_template false) exports a
     tokenizer without the chat template, so that infer (eval, generate, serve) and the
@@ -351,71 +332,6 @@ def _export(recipe: Recipe, setup: ModelSetup, trainer, run: RunDir):
     merged = merge_adapter(setup, run.adapter_dir)
     run.export_model(merged, setup.tokenizer)
     return merged
-
-
-# Keys whose change makes a checkpoint unloadable: other weight shapes, another base, another
-# optimizer state layout.
-_FIXED_ON_RESUME = ("model.name", "model.revision", "method.type", "method.lora.r", "method.lora.target_modules",
-                    "method.lora.bias", "method.qlora.quant_type", "method.qlora.double_quant", "training.optimizer")
-
-
-def _saved_recipe(run: RunDir) -> dict[str, Any]:
-    import yaml
-
-    if not run.recipe_file.is_file():
-        return {}
-    return _flatten(yaml.safe_load(run.recipe_file.read_text()) or {})
-
-
-def _check_recipe_changes(run: RunDir, recipe: Recipe, checkpoint: Path) -> None:
-    """Resuming with other settings is allowed (more max_steps, another learning rate) and reported;
-    a change the checkpoint cannot follow is refused before anything loads."""
-    before = _saved_recipe(run)
-    if not before:
-        return
-    after = _flatten(recipe.model_dump(mode="json"))
-    changed = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
-    fixed = [k for k in changed if k in _FIXED_ON_RESUME]
-    if fixed:
-        what = "; ".join(f"{k} ({before.get(k)!r} -> {after.get(k)!r})" for k in fixed)
-        raise UserError(
-            f"--resume: {what} changed since {checkpoint.name} was saved, and the checkpoint cannot be "
-            f"loaded with it (its weights and optimizer state have the old shapes). Put the old value back "
-            f"to resume, or start over with output.overwrite=true (or another name=...)."
-        )
-    if changed:
-        log.warning("resuming with a recipe that differs from the saved one: %s",
-                    "; ".join(f"{k} ({before.get(k)!r} -> {after.get(k)!r})" for k in changed))
-
-
-def _finished_run(run: RunDir, recipe: Recipe, checkpoint: Path) -> RunResult | None:
-    """The result of a complete run whose last checkpoint already reached the recipe's end, else None."""
-    if not run.is_complete():
-        return None  # e.g. killed while exporting: resuming trains no step and exports again
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    step = int(state["global_step"])
-    target = recipe.training.max_steps
-    if target is None:
-        before = _saved_recipe(run)
-        if before.get("training.max_steps") is None and before.get("training.epochs") == recipe.training.epochs:
-            target = state.get("max_steps")
-    if target is None or step < target:
-        return None
-    print(f"{run.path} is already complete: it trained {step} of {target} steps, so there is nothing to resume. "
-          "To train longer, raise training.max_steps (or epochs) and resume; to start over, use "
-          "output.overwrite=true.")
-    summary = json.loads(run.metrics_json.read_text()) if run.metrics_json.is_file() else {}
-    return RunResult(run.path, "completed", step, summary)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _checkpoint_step(checkpoint: Path) -> int:
