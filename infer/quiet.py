@@ -45,22 +45,21 @@ class _DropLines(logging.Filter):
         return not str(record.msg).startswith(self.prefixes)
 
 
-_installed = False
+_LOG_FILTERS = {name: _DropLines(prefixes) for name, prefixes in KNOWN_LOG_LINES.items()}
 
 
 def quiet_libraries(verbose: bool = False) -> None:
     """Install the filters above and turn off the weight loading / saving progress bars.
 
-    With `verbose`, nothing is filtered. Safe to call more than once.
+    With `verbose`, nothing is filtered. Calling it again re-installs what a
+    `warnings.catch_warnings()` block has since reset; nothing is added twice.
     """
-    global _installed
-    if verbose or _installed:
+    if verbose:
         return
-    _installed = True
     for category, pattern, _why in KNOWN_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern, category=category)
-    for name, prefixes in KNOWN_LOG_LINES.items():
-        logging.getLogger(name).addFilter(_DropLines(prefixes))
+        warnings.filterwarnings("ignore", message=pattern, category=category)  # replaces an identical entry
+    for name, line_filter in _LOG_FILTERS.items():
+        logging.getLogger(name).addFilter(line_filter)  # a no-op when already there
     # "Loading weights" / "Writing model shards" bars for checkpoints that load in a blink. Read by
     # huggingface_hub when it is imported; transformers takes its bar setting from there.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -341,3 +341,16 @@ def test_bench_removes_its_temporary_directory_when_terminated(tmp_path):
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bug_still_shows_its_traceback(tmp_path, tiny_model_dir, data_file, monkeypatch):
+    """Only user errors become one line: anything else propagates (the interpreter prints it)."""
+    import train.trainer
+    from train.cli import train_main
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(train.trainer, "train_recipe", broken)
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        train_main([str(write_recipe(tmp_path, tiny_model_dir, data_file))])
