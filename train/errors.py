@@ -51,18 +51,24 @@ def is_user_error(exc: BaseException) -> bool:
                for c in type(exc).__mro__)
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """True for ENOSPC, also when a library wrapped it (torch.save raises RuntimeError for it)."""
+def is_disk_full(exc: BaseException, path=None) -> bool:
+    """True for ENOSPC / EDQUOT anywhere in the exception's chain, or for a failed write (OSError,
+    RuntimeError) while the file system holding `path` is full: torch.save reports a full disk
+    as "PytorchStreamWriter failed writing file", without the errno."""
     seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    chain = exc
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        if isinstance(chain, OSError) and chain.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        if "No space left on device" in str(exc):
+        if "No space left on device" in str(chain):
             return True
-        exc = exc.__cause__ or exc.__context__
+        chain = chain.__cause__ or chain.__context__
+    if path is not None and isinstance(exc, (OSError, RuntimeError)):
+        import shutil
+
+        try:
+            return shutil.disk_usage(path).free < 16 * 2**20
+        except OSError:
+            return False
     return False
-
-
-class TrainingInterrupted(UserError):
-    """Ctrl-C (or a notebook's interrupt) stopped training after saving a checkpoint (Python API)."""

@@ -152,17 +152,15 @@ def train_recipe(recipe: Recipe, *, resume: bool = False, recipe_path: str = "RE
         try:
             return _train_planned(recipe, plan, recipe_path, overrides, callbacks)
         except Exception as exc:
-            if is_disk_full(exc):
+            if is_disk_full(exc, plan.work.path):
                 where = getattr(exc, "filename", None) or plan.work.path
                 raise DiskFullError(where) from exc
             raise
 
 
 def _train_planned(recipe: Recipe, plan, recipe_path: str, overrides: Sequence[str], callbacks: Sequence) -> RunResult:
-    from infer.models import resolve_model
     from train.checks import load_model_checked
     from train.data import build_datasets
-    from train.model import load_tokenizer
 
     command = " ".join(["python -m train", shlex.quote(recipe_path), *map(shlex.quote, overrides)])
     run, checkpoint = plan.work, plan.checkpoint
@@ -177,14 +175,13 @@ def _train_planned(recipe: Recipe, plan, recipe_path: str, overrides: Sequence[s
         from train.evaluation import load_eval_examples
 
         eval_examples = load_eval_examples(recipe)
-    # The data first (it needs only the tokenizer): a bad row fails in seconds, before any weights load.
-    base_path = resolve_model(recipe.model.name, revision=recipe.model.revision)
-    datasets = build_datasets(recipe, load_tokenizer(base_path, trust_remote_code=recipe.model.trust_remote_code))
     setup = load_model_checked(recipe)
     speed = speed_settings(recipe, setup)
     log.info("model %s from %s: method %s, attention %s, precision %s, device %s, compiled layers %s, "
              "checkpointing %s", recipe.model.name, setup.base_path, setup.method, setup.attn_implementation,
              setup.precision, setup.device, "on" if speed["compile"] else "off", speed["checkpoint"])
+    # Formatted with the tokenizer the model is trained and exported with (its chat template).
+    datasets = build_datasets(recipe, setup.tokenizer)
 
     # Validated: from here on the run directory changes.
     plan.final.begin(plan)

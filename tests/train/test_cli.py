@@ -231,16 +231,25 @@ def test_diverging_run_stops_and_exports_nothing(tmp_path, tiny_model_dir, data_
         assert int(checkpoint.name.split("-")[1]) < 2
 
 
-def test_disk_full_is_one_line_and_the_old_run_survives(tmp_path, tiny_model_dir, data_file, capsys, monkeypatch):
+@pytest.mark.parametrize("how", ["enospc", "torch_writer"])
+def test_disk_full_is_one_line_and_the_old_run_survives(how, tmp_path, tiny_model_dir, data_file, capsys,
+                                                        monkeypatch):
+    import shutil as shutil_module
+
     import torch
 
     run = old_run(tmp_path)
     recipe = write_recipe(tmp_path, tiny_model_dir, data_file, training={"max_steps": 1})
 
     def full(obj, f, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        if how == "enospc":
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        # What torch.save raises on a real full disk: no errno, so the free space decides.
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
 
-    monkeypatch.setattr(torch, "save", full)  # the trainer's checkpoint (optimizer state) is the first write
+    monkeypatch.setattr(torch, "save", full)  # the trainer's checkpoint is the first write of a torch file
+    if how == "torch_writer":
+        monkeypatch.setattr(shutil_module, "disk_usage", lambda path: shutil_module._ntuple_diskusage(10, 10, 0))
     code, _, err = run_main(capsys, recipe, "output.overwrite=true")
     assert code == 2
     assert_one_error(err, f"disk full at {tmp_path / 'runs'}")
