@@ -212,7 +212,9 @@ def _train_planned(recipe: Recipe, plan, recipe_path: str, overrides: Sequence[s
     train_seconds = time.perf_counter() - started
     step = trainer.state.global_step
 
-    summary = _summary(recipe, setup, recorder, run, step, train_seconds, checkpoint)
+    # Where the checkpoint will be once a replacement is installed in place of the old run.
+    resumed_from = plan.final.path / checkpoint.relative_to(run.path) if checkpoint else None
+    summary = _summary(recipe, setup, recorder, run, step, train_seconds, resumed_from)
     if guard.problem is not None:
         summary["status"] = "diverged"
         atomic_write_json(run.metrics_json, summary)
@@ -254,7 +256,7 @@ def _train_planned(recipe: Recipe, plan, recipe_path: str, overrides: Sequence[s
     summary["after_training_seconds"] = round(time.perf_counter() - started - train_seconds, 2)
     atomic_write_json(run.metrics_json, summary)
     run.write_loss_plot()
-    run.write_manifest(_manifest(recipe, setup, summary, checkpoint))
+    run.write_manifest(_manifest(recipe, setup, summary, resumed_from))
     plan.final.install(plan)
     final = plan.final
     print(f"\nRun complete: {final.path}" + (f" (model: {final.model_dir})" if final.model_dir.is_dir() else ""))

@@ -110,6 +110,35 @@ def test_overwrite_replaces_the_old_run_at_the_end_and_the_console_is_quiet(tmp_
         assert noise not in proc.stderr, proc.stderr
 
 
+def test_an_interrupted_replacement_leaves_the_old_run_and_resumes_into_its_place(tmp_path, tiny_model_dir,
+                                                                                   data_file, capsys):
+    from transformers import TrainerCallback
+
+    from train.checks import read_recipe
+    from train.trainer import train_recipe
+
+    class CtrlC(TrainerCallback):  # what the user's Ctrl-C does after the first step
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    run = old_run(tmp_path)
+    path = write_recipe(tmp_path, tiny_model_dir, data_file, training={"max_steps": 3, "save_steps": 100})
+    result = train_recipe(read_recipe(path, ["output.overwrite=true"]), callbacks=[CtrlC()])
+    assert result.status == "interrupted"
+    assert "--resume" in capsys.readouterr().out
+    assert json.loads((run / "manifest.json").read_text()) == {"name": "old"}  # untouched so far
+
+    code, _, err = run_main(capsys, path, "output.overwrite=true", "--resume")
+    assert code == 0, err
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["training"]["steps"] == 3
+    # The checkpoint as it is now named, inside the installed run (not the staging directory).
+    resumed = run / "checkpoints" / f"checkpoint-{result.global_step}"
+    assert manifest["training"]["resumed_from"] == str(resumed) and resumed.is_dir()
+    assert sorted(p.name for p in run.parent.iterdir()) == ["run"]
+
+
 def test_a_second_run_of_the_same_name_fails_at_once_and_a_dead_holder_is_taken_over(tmp_path, tiny_model_dir,
                                                                                      data_file, capsys, caplog):
     from train.rundir import RunLock
