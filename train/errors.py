@@ -31,6 +31,10 @@ class DiskFullError(UserError):
         self.path = path
 
 
+class TrainingInterrupted(UserError):
+    """Ctrl-C (or a notebook's interrupt) stopped training after saving a checkpoint (Python API)."""
+
+
 class MultiProcessLaunchError(UserError):
     """Started by torchrun / accelerate launch, which tunewright does not distribute over."""
 
