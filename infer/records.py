@@ -177,9 +177,19 @@ def _read_json_lines(path: Path, limit: int | None) -> Rows:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
                     row = _Unreadable(f"not valid JSON ({exc.msg} at column {exc.colno})")
+                except (RecursionError, ValueError) as exc:  # nesting too deep, an integer too long
+                    row = _Unreadable(f"not usable JSON ({_json_limit(exc)})")
             rows.append(_object_or_unreadable(row))
             rows.origins.append(f"{path}:{lineno}")
     return rows
+
+
+def _json_limit(exc: Exception) -> str:
+    """Python's JSON parser refuses nesting deeper than the recursion limit and integers longer
+    than sys.get_int_max_str_digits(); say which, in words."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc).split(":")[0]
 
 
 def _read_json(path: Path, limit: int | None) -> Rows:
@@ -192,6 +202,8 @@ def _read_json(path: Path, limit: int | None) -> Rows:
             f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg}). A .json file holds one "
             "document: a list of row objects or {\"data\": [...]}; use .jsonl for one row per line."
         ) from None
+    except (RecursionError, ValueError) as exc:
+        raise RecordsError(f"{path}: not usable JSON ({_json_limit(exc)})") from None
     if isinstance(doc, dict) and isinstance(doc.get("data"), list):
         items, label = doc["data"], "data item"
     elif isinstance(doc, list):

@@ -23,8 +23,10 @@ import gc
 import json
 import logging
 import math
+import signal
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -391,12 +393,38 @@ def parse_args(argv):
     p.add_argument("--memory-limit-gib", type=float, default=None,
                    help="limit for checkpoint='auto' rows (default: the first row's measured peak)")
     p.add_argument("--json", default=None, help="write all results here")
-    p.add_argument("--workdir", default="/tmp/tunewright-bench")
+    p.add_argument("--workdir", default=None,
+                   help="where the temporary directory for the trainer outputs and the QLoRA base goes "
+                   "(default: the system's temp dir); it is removed at the end, also on Ctrl-C or SIGTERM")
     return p.parse_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     ns = parse_args(sys.argv[1:] if argv is None else argv)
+    if ns.workdir:
+        Path(ns.workdir).mkdir(parents=True, exist_ok=True)
+    # SIGTERM (a job scheduler, `kill`) unwinds like Ctrl-C, so the temporary directory is removed.
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not the main thread: SIGTERM stays as it is
+        previous = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="tunewright-bench-", dir=ns.workdir) as tmp:
+            ns.workdir = tmp
+            return run_bench(ns, argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted; temporary files removed", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
     import torch
     from datasets import Dataset
 

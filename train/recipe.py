@@ -8,6 +8,7 @@ YAML tells us), and for an unknown key the closest valid one.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -20,7 +21,8 @@ class RecipeError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: a learning rate of .inf or .nan "trains" into a model of NaN weights.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -129,6 +131,11 @@ class EvalConfig(Section):
     def _regex_needs_pattern(self):
         if self.metric == "regex" and not self.regex:
             raise ValueError("metric: regex needs eval.regex (a pattern whose first group is the answer)")
+        if self.regex:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"eval.regex {self.regex!r} is not a valid regular expression: {exc}") from None
         return self
 
 
@@ -174,7 +181,10 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             problems.append(str(exc))
     if problems:
         raise RecipeError("bad override(s):\n" + "\n".join(f"  - {p}" for p in problems))
-    return validate_recipe(raw, source=str(path), lines=_key_lines(text))
+    lines: dict[tuple, Any] = _key_lines(text)
+    for item in overrides:  # a bad value from the command line is reported as the command line's
+        lines[tuple(item.partition("=")[0].strip().split("."))] = f"command line ({item})"
+    return validate_recipe(raw, source=str(path), lines=lines)
 
 
 def validate_recipe(raw: dict[str, Any], source: str = "<recipe>", lines: dict[tuple, int] | None = None) -> Recipe:
@@ -210,7 +220,7 @@ def _format_errors(exc: ValidationError, source: str, lines: dict[tuple, int]) -
         loc = tuple(str(p) for p in err["loc"])
         dotted = ".".join(loc) or "(top level)"
         line = lines.get(loc) or lines.get(loc[:-1])
-        where = f"{source}:{line}" if line else source
+        where = line if isinstance(line, str) else f"{source}:{line}" if line else source
         if err["type"] == "extra_forbidden":
             hint = _suggest(loc)
             msg = f"unknown key '{dotted}'" + (f" (did you mean '{hint}'?)" if hint else "")

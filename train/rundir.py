@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -34,6 +35,20 @@ log = logging.getLogger(__name__)
 
 class RunDirError(RuntimeError):
     """The run directory is in a state the requested action must not touch."""
+
+
+@dataclass
+class RunPlan:
+    """Where one invocation writes (`work`: the run itself, or the replacement being built) and
+    the checkpoint it resumes from."""
+
+    final: "RunDir"
+    work: "RunDir"
+    checkpoint: Path | None
+
+    @property
+    def replaces(self) -> bool:
+        return self.work.path != self.final.path
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -137,39 +152,100 @@ class RunDir:
         found = self.checkpoints()
         return found[-1] if found else None
 
-    def prepare(self, *, resume: bool, overwrite: bool, recipe_path: str = "RECIPE") -> Path | None:
-        """Make the directory ready for training; return the checkpoint to resume from (or None)."""
+    # ------------------------------------------------------------ planning a run
+
+    @property
+    def staging_path(self) -> Path:
+        """Where a run that replaces this one (output.overwrite) is built until it completes."""
+        return self.path.parent / f".{self.path.name}.next"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.parent / f".{self.path.name}.lock"
+
+    def plan(self, *, resume: bool, overwrite: bool, recipe_path: str = "RECIPE") -> "RunPlan":
+        """Decide where this invocation writes and what it resumes from; change nothing on disk.
+
+        A run that replaces an existing one (output.overwrite) is built in a hidden sibling
+        directory and swapped in by `install` only once it is complete: the old run stays whole
+        until then, whatever goes wrong on the way.
+        """
         p = self.path
+        staging = RunDir(self.staging_path)
         if resume:
-            ckpt = self.last_checkpoint()
+            # An interrupted replacement continues where it was built; otherwise the run itself.
+            work = staging if overwrite and staging.checkpoints() else self
+            ckpt = work.usable_checkpoint()
             if ckpt is None:
                 raise RunDirError(
-                    f"--resume: no checkpoint in {self.checkpoints_dir} to resume from. "
+                    f"--resume: no checkpoint in {work.checkpoints_dir} to resume from. "
                     f"Start the run without --resume: python -m train {recipe_path}"
                 )
+            return RunPlan(final=self, work=work, checkpoint=ckpt)
+        if p.exists() and not p.is_dir():
+            raise RunDirError(f"{p} exists and is a file, not a run directory. Choose another output.dir or name.")
+        if not (p.exists() and any(p.iterdir())):
+            return RunPlan(final=self, work=self, checkpoint=None)
+        if not (self.recipe_file.is_file() or self.checkpoints_dir.is_dir() or self.is_complete()):
+            raise RunDirError(
+                f"{p} exists and is not a tunewright run directory; refusing to write into it. "
+                "Choose another output.dir or name."
+            )
+        if not overwrite:
+            if self.is_complete():
+                what = "holds a completed run"
+            elif self.last_checkpoint() is not None:
+                what = f"holds an unfinished run (last checkpoint: {self.last_checkpoint().name})"
+            else:
+                what = "holds an earlier, unfinished run"
+            raise RunDirError(
+                f"{p} {what}. Continue it with: python -m train {recipe_path} --resume ; "
+                f"or start over with: python -m train {recipe_path} output.overwrite=true ; "
+                "or give this run another name (name=...)."
+            )
+        return RunPlan(final=self, work=staging, checkpoint=None)
+
+    def begin(self, plan: "RunPlan") -> None:
+        """Make `plan.work` ready for writing. Called once everything has been validated."""
+        work = plan.work
+        if plan.checkpoint is not None:
             # The run is about to change: it must stop looking complete until the new manifest lands.
-            self.manifest_file.unlink(missing_ok=True)
-            return ckpt
-        if p.exists() and any(p.iterdir()):
-            if not (self.recipe_file.is_file() or self.checkpoints_dir.is_dir() or self.is_complete()):
-                raise RunDirError(
-                    f"{p} exists and is not a tunewright run directory; refusing to write into it. "
-                    "Choose another output.dir or name."
-                )
-            if not overwrite:
-                if self.is_complete():
-                    what = "holds a completed run"
-                elif self.last_checkpoint() is not None:
-                    what = f"holds an unfinished run (last checkpoint: {self.last_checkpoint().name})"
-                else:
-                    what = "holds an earlier, unfinished run"
-                raise RunDirError(
-                    f"{p} {what}. Continue it with: python -m train {recipe_path} --resume ; "
-                    f"or start over with: python -m train {recipe_path} output.overwrite=true ; "
-                    "or give this run another name (name=...)."
-                )
-            shutil.rmtree(p)
-        p.mkdir(parents=True, exist_ok=True)
+            work.manifest_file.unlink(missing_ok=True)
+            return
+        if plan.replaces:
+            shutil.rmtree(work.path, ignore_errors=True)  # a replacement an earlier invocation left unfinished
+        work.path.mkdir(parents=True, exist_ok=True)
+
+    def install(self, plan: "RunPlan") -> None:
+        """Put a completed replacement in place of the old run: two renames, then the old one goes.
+
+        Killed between the renames, the old run is in .<name>.old and the new one in
+        .<name>.next: both whole, neither deleted.
+        """
+        if not plan.replaces:
+            return
+        old = self.path.parent / f".{self.path.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if self.path.exists():
+            self.path.rename(old)
+        plan.work.path.rename(self.path)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def prepare(self, *, resume: bool, overwrite: bool, recipe_path: str = "RECIPE") -> Path | None:
+        """`plan` + `begin` for callers with nothing to validate in between; returns the checkpoint."""
+        plan = self.plan(resume=resume, overwrite=overwrite, recipe_path=recipe_path)
+        self.begin(plan)
+        return plan.checkpoint
+
+    def usable_checkpoint(self) -> Path | None:
+        """The newest checkpoint whose files are whole; a damaged newer one is skipped, saying so."""
+        from train.checks import checkpoint_problem
+
+        for ckpt in reversed(self.checkpoints()):
+            problem = checkpoint_problem(ckpt)
+            if problem is None:
+                return ckpt
+            log.warning("%s is damaged (%s): resuming from the checkpoint before it", ckpt, problem)
         return None
 
     def write_recipe(self, recipe: Recipe) -> None:
@@ -276,3 +352,67 @@ def _fix_generation_config(model, tokenizer) -> None:
     gen.eos_token_id = eos_ids[0] if len(eos_ids) == 1 else eos_ids
     if gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id
+
+
+class RunLock:
+    """One writer per run name: a second `python -m train` of the same run fails at once.
+
+    The lock is an flock on <output.dir>/.<name>.lock, which the kernel releases when the
+    holder dies however it dies, so a lock left by a killed run is simply taken over. The file
+    holds the holder's PID, for the message.
+    """
+
+    def __init__(self, run_path: Path):
+        self.run_path = Path(run_path)
+        self.path = RunDir(run_path).lock_path
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        from train.errors import RunLockedError, UserError
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"output.dir {self.path.parent} cannot be created: {exc.strerror or exc}") from None
+        for _ in range(10):  # retried only while another process is removing the file under us
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise UserError(f"output.dir {self.path.parent} is not writable: {exc.strerror or exc}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise RunLockedError(
+                    f"{self.run_path} is being written by another training process "
+                    f"(PID {holder}, lock {self.path}). Wait for it to finish, or give this run another name (name=...)."
+                ) from None
+            # The previous holder may have unlinked the file between our open and our flock.
+            if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                break
+            os.close(fd)
+        else:
+            raise RunLockedError(f"could not take the lock {self.path}; another process keeps replacing it")
+        previous = os.read(fd, 64).decode(errors="replace").strip()
+        if previous and previous != str(os.getpid()):
+            log.info("taking over the lock %s left by PID %s, which is no longer running", self.path, previous)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # before unlocking, so no one locks a file about to vanish
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

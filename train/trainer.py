@@ -7,7 +7,9 @@ tuned model on the recipe's held-out set, then write the summary and, last, the 
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import shlex
 import statistics
 import time
@@ -15,9 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from transformers import TrainerCallback
+
 from train.callbacks import MetricsRecorder, ProgressBar, StopOnSignal
+from train.errors import DiskFullError, TrainingDiverged, is_disk_full
 from train.model import ModelSetup, load_model, merge_adapter
 from train.recipe import Recipe
+from train.resume import ApplyLearningRate, check_recipe_changes, finished_step
 from train.rundir import RunDir, atomic_write_json, dataset_hashes, library_versions
 
 log = logging.getLogger(__name__)
@@ -37,6 +43,10 @@ def build_sft_config(recipe: Recipe, setup: ModelSetup, run: RunDir, *, has_vali
 
     t = recipe.training
     evaluate_every = has_validation and t.eval_steps is not None
+    # transformers renamed gradient_checkpointing to activation_checkpointing; the oldest supported
+    # version knows only the old name.
+    checkpointing_arg = ("activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__
+                         else "gradient_checkpointing")
     return SFTConfig(
         output_dir=str(run.checkpoints_dir),
         seed=t.seed,
@@ -57,7 +67,7 @@ def build_sft_config(recipe: Recipe, setup: ModelSetup, run: RunDir, *, has_vali
         # Both are decided per decoder layer by train.speed (see build_trainer): checkpointing per
         # micro-batch against the memory limit, and a compile that survives varying lengths
         # (TRL's whole-model compile recompiles on each new batch length).
-        gradient_checkpointing=False,
+        **{checkpointing_arg: False},
         torch_compile=False,
         logging_strategy="steps",
         logging_steps=t.logging_steps,
@@ -69,6 +79,9 @@ def build_sft_config(recipe: Recipe, setup: ModelSetup, run: RunDir, *, has_vali
         report_to="none",  # TensorBoard is added as a callback that writes into the run directory
         disable_tqdm=True,  # our own bar shows loss and tokens/s
         dataloader_num_workers=0,
+        dataloader_pin_memory=setup.device.startswith("cuda"),  # pinned pages only speed up copies to a GPU
+        # A non-finite loss must reach NonFiniteGuard, not be replaced by the average of the previous ones.
+        logging_nan_inf_filter=False,
         # Data: rows arrive as input_ids + completion_mask (train.data). TRL's preparation turns the
         # mask into labels only with completion_only_loss on (its default is off for such rows).
         completion_only_loss=True,
@@ -123,27 +136,56 @@ def speed_settings(recipe: Recipe, setup: ModelSetup) -> dict[str, Any]:
 
 def train_recipe(recipe: Recipe, *, resume: bool = False, recipe_path: str = "RECIPE",
                  overrides: Sequence[str] = (), callbacks: Sequence = ()) -> RunResult:
-    """Run the recipe end to end; `callbacks` are extra TrainerCallbacks (tests use them)."""
+    """Run the recipe end to end; `callbacks` are extra TrainerCallbacks (tests use them).
+
+    Everything that can be checked is checked before the run directory changes: the lock, the
+    plan (what is resumed or replaced), the eval set, the model, the data. A run that replaces
+    an earlier one is built beside it and swapped in only once complete.
+    """
+    from train.checks import check_not_distributed
+    from train.rundir import RunLock
+
+    check_not_distributed()
+    with RunLock(recipe.run_dir):
+        final = RunDir(recipe.run_dir)
+        plan = final.plan(resume=resume, overwrite=recipe.output.overwrite, recipe_path=recipe_path)
+        try:
+            return _train_planned(recipe, plan, recipe_path, overrides, callbacks)
+        except Exception as exc:
+            if is_disk_full(exc, plan.work.path):
+                where = getattr(exc, "filename", None) or plan.work.path
+                raise DiskFullError(where) from exc
+            raise
+
+
+def _train_planned(recipe: Recipe, plan, recipe_path: str, overrides: Sequence[str], callbacks: Sequence) -> RunResult:
+    from train.checks import load_model_checked
     from train.data import build_datasets
 
     command = " ".join(["python -m train", shlex.quote(recipe_path), *map(shlex.quote, overrides)])
+    run, checkpoint = plan.work, plan.checkpoint
+    if checkpoint is not None:
+        check_recipe_changes(run, recipe, checkpoint)
+        step = finished_step(run, recipe, checkpoint)
+        if step is not None:
+            summary = json.loads(run.metrics_json.read_text()) if run.metrics_json.is_file() else {}
+            return RunResult(run.path, "completed", step, summary)
     eval_examples = None
     if recipe.eval.data:
         from train.evaluation import load_eval_examples
 
         eval_examples = load_eval_examples(recipe)
-    run = RunDir(recipe.run_dir)
-    checkpoint = run.prepare(resume=resume, overwrite=recipe.output.overwrite, recipe_path=recipe_path)
-    setup = load_model(recipe)
+    setup = load_model_checked(recipe)
     speed = speed_settings(recipe, setup)
     log.info("model %s from %s: method %s, attention %s, precision %s, device %s, compiled layers %s, "
              "checkpointing %s", recipe.model.name, setup.base_path, setup.method, setup.attn_implementation,
              setup.precision, setup.device, "on" if speed["compile"] else "off", speed["checkpoint"])
+    # Formatted with the tokenizer the model is trained and exported with (its chat template).
     datasets = build_datasets(recipe, setup.tokenizer)
-    if checkpoint is not None:
-        _warn_about_recipe_changes(run, recipe)
-    run.write_recipe(recipe)
 
+    # Validated: from here on the run directory changes.
+    plan.final.begin(plan)
+    run.write_recipe(recipe)
     tokens_offset = 0
     if checkpoint is not None:
         kept = run.truncate_metrics(_checkpoint_step(checkpoint))
@@ -152,25 +194,48 @@ def train_recipe(recipe: Recipe, *, resume: bool = False, recipe_path: str = "RE
     else:
         run.metrics_jsonl.unlink(missing_ok=True)
 
+    guard = NonFiniteGuard()
+    extra = [guard, *callbacks]
+    if checkpoint is not None:
+        extra.append(ApplyLearningRate(recipe.training.learning_rate))
     trainer, recorder, stopper = build_trainer(recipe, setup, datasets, run,
-                                               tokens_offset=tokens_offset, callbacks=callbacks)
+                                               tokens_offset=tokens_offset, callbacks=extra)
     started = time.perf_counter()
     stopper.install()
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         stopper.uninstall()
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, ProgressBar) and callback.bar is not None:
+                callback.bar.close()  # training raised: end the bar's line before the error is printed
     train_seconds = time.perf_counter() - started
     step = trainer.state.global_step
 
-    summary = _summary(recipe, setup, recorder, step, train_seconds, checkpoint)
+    # Where the checkpoint will be once a replacement is installed in place of the old run.
+    resumed_from = plan.final.path / checkpoint.relative_to(run.path) if checkpoint else None
+    summary = _summary(recipe, setup, recorder, run, step, train_seconds, resumed_from)
+    if guard.problem is not None:
+        summary["status"] = "diverged"
+        atomic_write_json(run.metrics_json, summary)
+        kept = "; the previous run is untouched" if plan.replaces else ""
+        raise TrainingDiverged(
+            f"training stopped at step {guard.step}: {guard.problem}. Nothing was exported{kept}. "
+            f"Lower training.learning_rate (now {recipe.training.learning_rate:g}) or check the data for rows "
+            f"that break the loss; metrics so far are in {run.metrics_jsonl}."
+        )
     if stopper.stopped:
         summary["status"] = "interrupted"
         atomic_write_json(run.metrics_json, summary)
         run.write_loss_plot()
         last = run.last_checkpoint()
-        print(f"\nInterrupted at step {step}; checkpoint saved in {last}.\n"
-              f"Resume with: {command} --resume")
+        if plan.replaces:
+            again = command if "output.overwrite=true" in overrides else f"{command} output.overwrite=true"
+            print(f"\nInterrupted at step {step}; checkpoint saved in {last}. The previous run in "
+                  f"{plan.final.path} is untouched until this one completes.\nResume with: {again} --resume")
+        else:
+            print(f"\nInterrupted at step {step}; checkpoint saved in {last}.\n"
+                  f"Resume with: {command} --resume")
         return RunResult(run.path, "interrupted", step, summary, trainer.model)
 
     if "validation" in datasets and recipe.training.eval_steps is None:
@@ -191,9 +256,54 @@ def train_recipe(recipe: Recipe, *, resume: bool = False, recipe_path: str = "RE
     summary["after_training_seconds"] = round(time.perf_counter() - started - train_seconds, 2)
     atomic_write_json(run.metrics_json, summary)
     run.write_loss_plot()
-    run.write_manifest(_manifest(recipe, setup, summary, checkpoint))
-    print(f"\nRun complete: {run.path}" + (f" (model: {run.model_dir})" if run.model_dir.is_dir() else ""))
-    return RunResult(run.path, "completed", step, summary, trainer.model)
+    run.write_manifest(_manifest(recipe, setup, summary, resumed_from))
+    plan.final.install(plan)
+    final = plan.final
+    print(f"\nRun complete: {final.path}" + (f" (model: {final.model_dir})" if final.model_dir.is_dir() else ""))
+    return RunResult(final.path, "completed", step, summary, trainer.model)
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Stops training when the loss, the gradient norm or the trained weights stop being finite,
+    before such a step is saved as a checkpoint; the pipeline then exports nothing."""
+
+    def __init__(self):
+        self.problem: str | None = None
+        self.step: int | None = None
+
+    def _stop(self, state, control, problem: str):
+        if self.problem is None:
+            self.problem, self.step = problem, state.global_step
+        control.should_training_stop = True
+        control.should_save = False  # never checkpoint weights that are already broken
+        return control
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        # Checked on steps that save or end training (the loss is only seen at logging steps; a
+        # huge update can leave NaN weights behind a finite loss).
+        if model is not None and (control.should_save or control.should_training_stop or
+                                  state.global_step >= state.max_steps):
+            bad = _first_non_finite(model)
+            if bad is not None:
+                return self._stop(state, control, f"the weight {bad} is no longer finite")
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                return self._stop(state, control, f"{key} became {value}")
+        return control
+
+
+def _first_non_finite(model) -> str | None:
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad and param.is_floating_point() and not torch.isfinite(param).all():
+                return name
+    return None
 
 
 def _match_prompt_format(recipe: Recipe, tokenizer) -> None:
@@ -223,37 +333,13 @@ def _export(recipe: Recipe, setup: ModelSetup, trainer, run: RunDir):
     return merged
 
 
-def _warn_about_recipe_changes(run: RunDir, recipe: Recipe) -> None:
-    """Resuming with other settings is allowed (e.g. more max_steps) but should not go unnoticed."""
-    import yaml
-
-    if not run.recipe_file.is_file():
-        return
-    before = _flatten(yaml.safe_load(run.recipe_file.read_text()) or {})
-    after = _flatten(recipe.model_dump(mode="json"))
-    changed = [f"{k} ({before.get(k)!r} -> {after.get(k)!r})" for k in sorted(set(before) | set(after))
-               if before.get(k) != after.get(k)]
-    if changed:
-        log.warning("resuming with a recipe that differs from the saved one: %s", "; ".join(changed))
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _checkpoint_step(checkpoint: Path) -> int:
     return int(checkpoint.name.rpartition("-")[2])
 
 
-def _summary(recipe, setup, recorder: MetricsRecorder, step, seconds, checkpoint) -> dict[str, Any]:
+def _summary(recipe, setup, recorder: MetricsRecorder, run: RunDir, step, seconds, checkpoint) -> dict[str, Any]:
     last = recorder.last_train or {}
-    rows = [r for r in RunDir(recipe.run_dir).read_metrics() if r.get("tokens_per_s")]
+    rows = [r for r in run.read_metrics() if r.get("tokens_per_s")]
     trained_tokens = last.get("tokens", 0) - recorder.tokens_offset if last else 0
     return {
         "name": recipe.name,

@@ -116,11 +116,13 @@ def test_cli_missing_recipe_exits_2(tmp_path):
 
 
 def test_cli_dry_run_prints_the_resolved_recipe(tmp_path):
-    path = _write(tmp_path, "name: t\ndata:\n  train: a.jsonl\n")
+    data = _write(tmp_path, '{"prompt": "a", "completion": "b"}\n' * 3, "a.jsonl")
+    path = _write(tmp_path, f"name: t\ndata:\n  train: {data}\noutput:\n  dir: {tmp_path / 'runs'}\n")
     proc = _cli(str(path), "training.max_steps=7", "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert "max_steps: 7" in proc.stdout
     assert "padding_free: true" in proc.stdout  # defaults are filled in
+    assert "# checked: train 3 rows" in proc.stdout  # the data was read and formatted
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
 
 

@@ -42,10 +42,39 @@ def test_completed_run_is_not_overwritten_without_consent(tmp_path):
     assert run.is_complete() and run.model_dir.is_dir()  # untouched
 
 
-def test_overwrite_starts_from_an_empty_directory(tmp_path):
+def test_overwrite_builds_beside_the_old_run_and_replaces_it_only_at_install(tmp_path):
     run = _completed_run(tmp_path)
-    assert run.prepare(resume=False, overwrite=True) is None
-    assert list(run.path.iterdir()) == []
+    before = sorted(p.name for p in run.path.iterdir())
+    plan = run.plan(resume=False, overwrite=True)
+    assert plan.replaces and plan.checkpoint is None
+    assert sorted(p.name for p in run.path.iterdir()) == before  # planning deletes nothing
+    run.begin(plan)
+    assert list(plan.work.path.iterdir()) == [] and run.is_complete()  # the old run is still whole
+    (plan.work.path / "recipe.yaml").write_text("name: done\n")
+    plan.work.write_manifest({"name": "new"})
+    run.install(plan)
+    assert json.loads(run.manifest_file.read_text())["name"] == "new" and not run.model_dir.exists()
+    assert sorted(p.name for p in run.path.parent.iterdir()) == ["done"]  # no staging or old copy left
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
+    run = RunDir(tmp_path / "r")
+    older = _checkpoint(run, 2)
+    newest = _checkpoint(run, 4)
+    (older / "adapter_model.safetensors").write_bytes(_safetensors_bytes())
+    (newest / "adapter_model.safetensors").write_bytes(_safetensors_bytes()[:-3])  # cut off
+    assert run.usable_checkpoint() == older
+    assert "checkpoint-4 is damaged (adapter_model.safetensors: cut off" in caplog.text
+    (newest / "adapter_model.safetensors").write_bytes(_safetensors_bytes())
+    (newest / "optimizer.pt").write_bytes(b"\x00" * 100)  # random bytes, not a torch file
+    assert run.prepare(resume=True, overwrite=False) == older
+
+
+def _safetensors_bytes() -> bytes:
+    import torch
+    from safetensors.torch import save
+
+    return save({"w": torch.ones(4, 4)})
 
 
 def test_unfinished_run_names_its_last_checkpoint(tmp_path):

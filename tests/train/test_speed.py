@@ -231,6 +231,7 @@ def test_bench_rows_see_the_same_tokens_and_losses(tmp_path):
     for a, b in zip(res[0]["losses"], res[1]["losses"]):
         assert math.isclose(a, b, rel_tol=1e-3)
     assert all(r["tokens_per_s"] > 0 and r["compilations"] == 0 for r in res)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]  # its temporary directory is gone
 
 
 def test_a_layer_that_fails_to_compile_runs_eager_and_says_so(monkeypatch):

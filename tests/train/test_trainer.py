@@ -81,8 +81,9 @@ def test_cpu_defaults_fp32_no_checkpointing_padding_free_without_max_length(tmp_
     with pytest.raises(RecipeError, match="fp16 needs a CUDA GPU"):
         resolve_precision("fp16", cuda=False)
 
-    class Setup:  # just the field build_sft_config reads
+    class Setup:  # just the fields build_sft_config reads
         precision = "fp32"
+        device = "cpu"
 
     recipe = validate_recipe(tiny_recipe(tmp_path, "m", data_file, training={"eval_steps": 3}))
     args = build_sft_config(recipe, Setup, RunDir(tmp_path / "r"), has_validation=True)
@@ -90,6 +91,8 @@ def test_cpu_defaults_fp32_no_checkpointing_padding_free_without_max_length(tmp_
     assert (args.bf16, args.fp16, args.gradient_checkpointing, args.torch_compile) == (False,) * 4
     assert args.padding_free and args.max_length is None  # rows are already fitted by train.data
     assert args.completion_only_loss is True  # else TRL would train on the prompt too
+    assert args.dataloader_pin_memory is False  # no GPU to copy to (and no pin_memory warning)
+    assert args.logging_nan_inf_filter is False  # a NaN loss must be seen, not averaged away
     assert args.eval_strategy == "steps" and args.eval_steps == 3
     assert args.output_dir == str(tmp_path / "r" / "checkpoints")
 
