@@ -67,14 +67,15 @@ class StaticKVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    def decode(self) -> None:
-        self.mode, self._target = "decode", ()
+    def decode(self, window: int | None = None) -> None:
+        """`window`: attention reads only slots [0, window) (eager steps; see ModelRunner)."""
+        self.mode, self._target = "decode", (window,)
 
     def fresh(self, rows: torch.Tensor) -> None:
         self.mode, self._target = "fresh", (rows,)
 
-    def extend(self, row: int, start) -> None:
-        self.mode, self._target = "extend", (row, start)
+    def extend(self, row: int, start, window: int | None = None) -> None:
+        self.mode, self._target = "extend", (row, start, window)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         b, q = key_states.shape[0], key_states.shape[-2]
@@ -93,21 +94,22 @@ class StaticKVCache:
             index = (self._rows[:b, None, None], heads, self.lens[:b, None, None])
             keys.index_put_(index, key_states)
             values.index_put_(index, value_states)
-            return keys[:b], values[:b]
+            (window,) = self._target
+            return keys[:b, :, :window], values[:b, :, :window]
         if self.mode == "fresh":
             (rows,) = self._target
             index = (rows[:, None, None], heads, torch.arange(q, device=keys.device)[None, None, :])
             keys.index_put_(index, key_states)
             values.index_put_(index, value_states)
             return key_states, value_states
-        row, start = self._target  # start None: the row's length, read on the device
+        row, start, window = self._target  # start None: the row's length, read on the device
         if start is None:
             start = self.lens[row]
         slots = start + torch.arange(q, device=keys.device)
         index = (self._rows[row : row + 1, None, None], heads, slots[None, None, :])
         keys.index_put_(index, key_states)
         values.index_put_(index, value_states)
-        return keys[row : row + 1], values[row : row + 1]
+        return keys[row : row + 1, :, :window], values[row : row + 1, :, :window]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # only consulted when position_ids are absent; the engine always passes them

@@ -206,8 +206,11 @@ class Engine:
         self._retire()
         self._admit()
         queued = self._prefill()
-        queued = self._decode() or queued
         events: list[StreamEvent] = []
+        if self.groups_in_flight == 1:  # steps run as they are called: hand out first tokens first
+            while self.pending:
+                events += self._read(self.pending.popleft())
+        queued = self._decode() or queued
         while self.pending and (len(self.pending) >= self.groups_in_flight or not queued):
             events += self._read(self.pending.popleft())
         return events
@@ -293,7 +296,9 @@ class Engine:
             columns = [(s.row, s) for s in decoding]
         steps = min(self.runner.group_steps, need)
         logprobs = self._wants_logprobs(decoding)
-        self.runner.decode_group(steps, n, single, combined_sampling(s.params.sampling for s in decoding), logprobs)
+        longest = max(len(s.prompt) + len(s.token_ids) + s.queued for s in decoding) + steps
+        self.runner.decode_group(steps, n, single, combined_sampling(s.params.sampling for s in decoding), logprobs,
+                                 longest)
         self.decode_steps += steps
         self.last_decode_rows = len(decoding)
         for s in decoding:

@@ -159,13 +159,13 @@ class ModelRunner:
                              top_p=self.top_p[rows], penalty=self.penalty[rows], history=history,
                              history_valid=valid, noise=noise, truncate=sampling == "truncate")
 
-    def _decode_impl(self, rows: torch.Tensor, single: bool, sampling, logprobs: bool) -> None:
+    def _decode_impl(self, rows: torch.Tensor, single: bool, sampling, logprobs: bool, window: int | None = None) -> None:
         pos = self.lens[rows]
         tok = self.seq[rows, pos]
         if single:  # infer.decoder's kernels read the row and its length from the cache
             logits = self._forward(tok[:, None], pos[:, None], None)[:, -1]
         else:
-            mask = (self.key_slots[None, :] <= pos[:, None])[:, None, None, :]
+            mask = (self.key_slots[None, :window] <= pos[:, None])[:, None, None, :]
             logits = self._forward(tok[:, None], pos[:, None], mask)[:, -1]
         nxt = self._choose(logits, rows, pos + 1, sampling, history_upto=pos)
         if single:  # the one decoding row (or a retired one whose queued steps change nothing kept)
@@ -208,13 +208,21 @@ class ModelRunner:
         return self.graphs(fn, *args) if self.graphs is not None else fn(*args)
 
     @torch.inference_mode()
-    def decode_group(self, steps: int, n: int, single: bool, sampling, logprobs: bool) -> None:
-        """Queue `steps` decode steps (at most group_steps); their tokens land in `out`."""
+    def decode_group(self, steps: int, n: int, single: bool, sampling, logprobs: bool, longest: int | None = None) -> None:
+        """Queue `steps` decode steps (at most group_steps); their tokens land in `out`.
+
+        `longest`: no decoding row holds more than this many tokens by the group's end. An
+        eager step (no compile: the CPU default) then attends over those slots only, not
+        the whole cache; a compiled step keeps one shape and masks."""
         self.out_step.zero_()
-        self.cache.decode()
+        window = None
+        if self.compile_mode is None and longest is not None:
+            window = min(self.slots, -(-longest // 64) * 64)
+        self.cache.decode(window)
         rows = self.single if single else self._rows_view(n)
+        args = (rows, single, sampling, logprobs) + ((window,) if window is not None else ())
         for _ in range(steps):
-            self.run(self._decode, rows, single, sampling, logprobs)
+            self.run(self._decode, *args)
 
     @torch.inference_mode()
     def verify(self, k: int, sampling) -> list[int]:
@@ -287,8 +295,9 @@ class ModelRunner:
         q = len(chunk)
         ids = self._to_device(torch.tensor([chunk]))
         positions = torch.arange(start, start + q, device=self.device)
-        mask = (self.key_slots[None, :] <= positions[:, None])[None, None]
-        self.cache.extend(row, start)
+        window = min(self.slots, -(-(start + q) // 64) * 64)
+        mask = (self.key_slots[None, :window] <= positions[:, None])[None, None]
+        self.cache.extend(row, start, window)
         with self._prefill_attention():
             logits = self._forward(ids, positions[None], mask, last=torch.tensor([q - 1], device=self.device))[:, -1]
         self.lens[row] = start + q
