@@ -28,7 +28,7 @@ _MIX = 0x45D9F3B
 _LOW32 = 0xFFFFFFFF
 
 
-def hash_uniform32(shape: torch.Size, seed: torch.Tensor, salt: int, device) -> torch.Tensor:
+def hash_uniform32(shape: torch.Size, seed: torch.Tensor, salt: torch.Tensor, device) -> torch.Tensor:
     """32 well-mixed bits per element (int64 in [0, 2^32)), a pure function of seed, salt and position.
 
     Every product stays below 2^63 (operands are masked to 32 bits, the multipliers are below
@@ -47,9 +47,11 @@ class SeededDropout(nn.Module):
     def __init__(self, p: float, seed: torch.Tensor, salt: int):
         super().__init__()
         self.p = float(p)
-        self.salt = int(salt)
-        # Shared by every SeededDropout of the model; not saved with the adapter.
+        # Tensors, not Python ints: the compiled layer takes them as inputs, so every decoder
+        # layer runs the same graph (an int would be a constant, and a guard, per layer).
+        # `seed` is shared by every SeededDropout of the model; neither is saved with the adapter.
         self.register_buffer("seed", seed, persistent=False)
+        self.register_buffer("salt", torch.tensor(int(salt), dtype=torch.int64, device=seed.device), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
@@ -58,7 +60,7 @@ class SeededDropout(nn.Module):
         return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, salt={self.salt}"
+        return f"p={self.p}, salt={int(self.salt)}"
 
 
 class RecomputableDropout:
