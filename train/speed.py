@@ -14,10 +14,10 @@ Two mechanisms, both per decoder layer, installed on a model that SFTTrainer is 
   checkpointed as needed (spread evenly). `"all"`, `"none"` or a fraction fix the choice.
 
 With compile on, peft's LoRA dropout is swapped for one without random ops (train.dropout),
-which a checkpointed compiled layer can recompute. Checkpointing wraps the compiled call (not the other way round): when the recompute runs
-under a different compiled graph than the forward did, the saved tensors do not line up
-(pytorch/pytorch#166926). Neither mechanism changes the math: tests compare losses and
-gradients against the plain eager model.
+which a checkpointed compiled layer can recompute. Checkpointing wraps the compiled call
+(not the other way round): when the recompute runs under a different compiled graph than
+the forward did, the saved tensors do not line up (pytorch/pytorch#166926). Neither
+mechanism changes the math: tests compare losses and gradients against the plain eager model.
 """
 
 from __future__ import annotations
@@ -95,8 +95,9 @@ class LayerRunner:
     `memory_limit` (bytes) bounds what `checkpoint="auto"` may use; `static_bytes` is what
     training holds besides activations (weights, gradients, optimizer state), normally from
     `static_training_bytes`; `chunked_loss` says whether the loss head is TRL's fused one or
-    full logits (train.loss), which decides how much the head needs per token. `warmup_batches` micro-batches (two optimizer steps' worth:
-    the optimizer state appears at the first step) run fully checkpointed to calibrate.
+    full logits (train.loss), which decides how much the head needs per token.
+    `warmup_batches` micro-batches (two optimizer steps' worth: the optimizer state appears
+    at the first step) run fully checkpointed to calibrate.
     """
 
     def __init__(
