@@ -56,6 +56,7 @@ class Row:
     grad_accum: int = 1
     method: str = "full"  # full | lora | qlora
     steps: Optional[int] = None  # when --steps is not given (else 50)
+    chunked_loss: bool = True  # TRL's fused LM head; False: full logits (train.loss)
     note: str = ""
 
 
@@ -68,6 +69,8 @@ ROWS: dict[str, Row] = {r.name: r for r in [
         note="tunewright default: varlen FA2, per-layer compile, checkpoint what the limit needs"),
     Row("tw_adamw_torch", attn="auto", compile=True, checkpoint="auto", optim="adamw_torch",
         note="default with the foreach AdamW instead of the fused one"),
+    Row("tw_default_full_logits", attn="auto", compile=True, checkpoint="auto", chunked_loss=False,
+        note="default with the loss from full logits instead of TRL's fused LM head"),
     Row("tw_8bit", attn="auto", compile=True, checkpoint="auto", optim="adamw_8bit",
         note="default + 8-bit AdamW (frees memory, so fewer layers recomputed)"),
     Row("tw_ga2", attn="auto", compile=True, checkpoint="auto", grad_accum=2,
@@ -81,6 +84,8 @@ ROWS: dict[str, Row] = {r.name: r for r in [
     Row("trl_peft_qlora", padding_free=False, attn="sdpa", method="qlora", note="TRL + peft defaults, nf4 base"),
     Row("tw_qlora", attn="auto", compile=True, checkpoint="auto", method="qlora"),
     Row("tw_qlora_eager", attn="auto", checkpoint="auto", method="qlora", note="tw_qlora without compile"),
+    Row("tw_qlora_long", attn="auto", compile=True, checkpoint="all", method="qlora",
+        note="for --lengths: tw_qlora with every layer checkpointed"),
 ]}
 FULL_ROWS = ["trl_default", "padding_free_sdpa", "varlen_fa2", "tw_default", "tw_adamw_torch", "tw_8bit",
              "fastest_eager", "fastest"]
@@ -217,6 +222,7 @@ def step_recorder():
         def __init__(self):
             self.ends: list[float] = []
             self.losses: list[float] = []
+            self.peaks: list[float] = []  # GiB allocated at most during each step (CUDA)
             self.start = 0.0
 
         def _now(self):
@@ -227,8 +233,14 @@ def step_recorder():
         def on_train_begin(self, args, state, control, **kw):
             self.start = self._now()
 
+        def on_step_begin(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+
         def on_step_end(self, args, state, control, **kw):
             self.ends.append(self._now())
+            if torch.cuda.is_available():
+                self.peaks.append(torch.cuda.max_memory_allocated() / 2**30)
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -286,12 +298,19 @@ def run_row(row: Row, ns: argparse.Namespace, config, dataset, device, rate: flo
     callbacks = [recorder]
     if ours:
         limit = int(ns.memory_limit_gib * 2**30) if ns.memory_limit_gib else None
-        callbacks.append(speed_callback(compile=row.compile, checkpoint=row.checkpoint, memory_limit=limit))
+        callbacks.append(speed_callback(compile=row.compile, checkpoint=row.checkpoint, memory_limit=limit,
+                                        chunked_loss=row.chunked_loss))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=minimal_tokenizer(),
                          peft_config=peft_config, callbacks=callbacks)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # per-step log dicts would bury the table
+    if not row.chunked_loss:
+        from train.loss import use_full_logits_loss
+
+        use_full_logits_loss(trainer.model)
+    if ns.lengths:  # the rows in the order given: one length per step, ascending
+        trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(dataset)
     trainer.data_collator = counter = CountingCollator(trainer.data_collator)
     error = None
     try:
@@ -304,6 +323,8 @@ def run_row(row: Row, ns: argparse.Namespace, config, dataset, device, rate: flo
     result = summarize(row, ns, recorder, counter, model if error is None else None, rate, steps)
     result["error"] = error
     result["compilations"] = count_compilations()
+    if ns.lengths:
+        result.update(longest_row(counter.lengths[:len(recorder.ends)], recorder.peaks, device))
     if device.type == "cuda":
         result["peak_alloc_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
@@ -327,7 +348,7 @@ def summarize(row, ns, recorder, counter, model, rate, steps) -> dict:
     times = [b - a for a, b in zip(ends, ends[1:])]
     out: dict[str, Any] = {"row": row.name, "note": row.note, "config": dataclasses.asdict(row),
                            "losses": recorder.losses, "step_s": times,
-                           "tokens_per_step": [sum(x) for x in per_step]}
+                           "tokens_per_step": [sum(x) for x in per_step], "peak_gib_per_step": recorder.peaks}
     w = min(ns.warmup, max(len(times) - 1, 0))
     timed = times[w:]
     tokens = sum(sum(x) for x in per_step[w:len(times)])
@@ -341,6 +362,22 @@ def summarize(row, ns, recorder, counter, model, rate, steps) -> dict:
         attn = 6 * cfg.num_hidden_layers * heads_dim * sum(L * L for x in per_step[w:len(times)] for L in x)
         out["model_tflops_per_s"] = (per_token * tokens + attn) / secs / 1e12
         out["mfu"] = (per_token * tokens + attn) / secs / rate if rate else None
+    return out
+
+
+def longest_row(trained: list[list[int]], peaks: list[float], device) -> dict:
+    """--lengths: the longest row that trained, and the longest a straight line through the last
+    two (length, peak memory) points puts at 97% of the device's memory. With every layer
+    checkpointed and a varlen / flash attention kernel, memory grows linearly with the length."""
+    lengths = [sum(x) for x in trained]
+    out: dict[str, Any] = {"longest_trained": max(lengths, default=0), "lengths_trained": lengths}
+    if len(peaks) >= 2 and device.type == "cuda" and lengths[-1] != lengths[-2]:
+        import torch
+
+        slope = (peaks[-1] - peaks[-2]) / (lengths[-1] - lengths[-2])  # GiB per token
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        out["bytes_per_token"] = slope * 2**30
+        out["longest_fit"] = int(lengths[-1] + (0.97 * total - peaks[-1]) / slope) if slope > 0 else None
     return out
 
 
@@ -392,6 +429,9 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory-limit-gib", type=float, default=None,
                    help="limit for checkpoint='auto' rows (default: the first row's measured peak)")
+    p.add_argument("--lengths", default=None,
+                   help="comma list of row lengths for the longest-row test: batch 1, one row of each length in "
+                        "the order given, one step each; reports the longest that trained and a linear fit")
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument("--workdir", default=None,
                    help="where the temporary directory for the trainer outputs and the QLoRA base goes "
@@ -437,7 +477,13 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
         raise SystemExit(f"unknown row(s) {unknown}; known: {', '.join(ROWS)}")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     config = model_config(ns.model)
-    rows = synthetic_rows(ns.n_rows, ns.min_len, ns.max_len, config.vocab_size, ns.seed)
+    if ns.lengths:
+        lengths = [int(x) for x in ns.lengths.split(",")]
+        rows = [synthetic_rows(1, n, n, config.vocab_size, ns.seed + i)[0] for i, n in enumerate(lengths)]
+        ns.batch_size, ns.steps, ns.max_len = 1, len(lengths), max(lengths)
+        config.max_position_embeddings = max(config.max_position_embeddings, max(lengths))
+    else:
+        rows = synthetic_rows(ns.n_rows, ns.min_len, ns.max_len, config.vocab_size, ns.seed)
     dataset = Dataset.from_dict({"input_ids": rows})
     rate = bf16_matmul_rate(device)
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -454,11 +500,15 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
         t0 = time.time()
         res = run_row(row, ns, config, dataset, device, rate, quant_dir)
         res["wall_s"] = time.time() - t0
-        if ns.memory_limit_gib is None and results == [] and res.get("peak_alloc_gib"):
+        if ns.memory_limit_gib is None and results == [] and res.get("peak_alloc_gib") and not ns.lengths:
             ns.memory_limit_gib = res["peak_alloc_gib"]  # the baseline's peak bounds the 'auto' rows
         results.append(res)
         print(f"{name}: {res.get('tokens_per_s', 0):.0f} tok/s, peak {res.get('peak_alloc_gib', 0):.2f} GiB, "
               f"{res['compilations']} compiles, {res['wall_s']:.0f}s {res.get('error') or ''}", flush=True)
+        if ns.lengths:
+            print(f"{name}: longest row trained {res['longest_trained']} tokens "
+                  f"(steps at {res['lengths_trained']}), peaks {[round(p, 2) for p in res['peak_gib_per_step']]} GiB, "
+                  f"linear fit: {res.get('longest_fit')} tokens at 97% of the device", flush=True)
         if ns.json:
             Path(ns.json).write_text(json.dumps({"env": env, "memory_limit_gib": ns.memory_limit_gib,
                                                  "results": results}, indent=1))

@@ -96,6 +96,9 @@ class TrainingConfig(Section):
     # auto: on with a CUDA GPU. Each decoder layer is compiled once with dynamic shapes, so
     # variable-length padding-free batches do not recompile (TRL's whole-model compile does).
     compile: Union[Literal["auto"], bool] = "auto"
+    # The loss through TRL's fused LM head: logits in tiles, never [tokens, vocabulary] at once
+    # (train/loss.py). false: full logits (the reference; ~16 bytes x vocabulary per token).
+    chunked_loss: bool = True
     attn_implementation: Literal["auto", "flash_attention_2", "varlen_fa2", "sdpa", "eager"] = "auto"
     # auto: bf16 on a GPU that supports it, fp32 on CPU.
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"

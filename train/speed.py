@@ -13,10 +13,11 @@ Two mechanisms, both per decoder layer, installed on a model that SFTTrainer is 
   memory limit otherwise: short batches run with none, long ones with as few layers
   checkpointed as needed (spread evenly). `"all"`, `"none"` or a fraction fix the choice.
 
-Checkpointing wraps the compiled call (not the other way round): when the recompute runs
-under a different compiled graph than the forward did, the saved tensors do not line up
-(pytorch/pytorch#166926). Neither mechanism changes the math: tests compare losses and
-gradients against the plain eager model.
+With compile on, peft's LoRA dropout is swapped for one without random ops (train.dropout),
+which a checkpointed compiled layer can recompute. Checkpointing wraps the compiled call
+(not the other way round): when the recompute runs under a different compiled graph than
+the forward did, the saved tensors do not line up (pytorch/pytorch#166926). Neither
+mechanism changes the math: tests compare losses and gradients against the plain eager model.
 """
 
 from __future__ import annotations
@@ -93,8 +94,10 @@ class LayerRunner:
 
     `memory_limit` (bytes) bounds what `checkpoint="auto"` may use; `static_bytes` is what
     training holds besides activations (weights, gradients, optimizer state), normally from
-    `static_training_bytes`. `warmup_batches` micro-batches (two optimizer steps' worth:
-    the optimizer state appears at the first step) run fully checkpointed to calibrate.
+    `static_training_bytes`; `chunked_loss` says whether the loss head is TRL's fused one or
+    full logits (train.loss), which decides how much the head needs per token.
+    `warmup_batches` micro-batches (two optimizer steps' worth: the optimizer state appears
+    at the first step) run fully checkpointed to calibrate.
     """
 
     def __init__(
@@ -106,8 +109,12 @@ class LayerRunner:
         memory_limit: Optional[int] = None,
         static_bytes: int = 0,
         warmup_batches: int = 2,
+        chunked_loss: bool = True,
     ):
         self.backbone, self.layers = decoder_layers(model)
+        self.chunked_loss = chunked_loss
+        head = unwrap(model).get_output_embeddings()
+        self.head_trainable = head is not None and head.weight.requires_grad
         self.compile = compile
         self.checkpoint = _check_policy(checkpoint)
         self.memory_limit = memory_limit
@@ -124,6 +131,11 @@ class LayerRunner:
             plain = torch.compile(_run_layer, dynamic=True, options=options)
             ckpt = torch.compile(_run_layer_checkpointed, dynamic=True, options=options)
         self._plain, self._ckpt = plain, ckpt
+        self.dropout = None
+        if compile:
+            from train.dropout import RecomputableDropout
+
+            self.dropout = RecomputableDropout(model)
         self.compile_failures: list[str] = []
         self._hook = None
 
@@ -141,6 +153,8 @@ class LayerRunner:
     def remove(self) -> None:
         for layer in self.layers:
             layer.__dict__.pop("forward", None)
+        if self.dropout is not None:
+            self.dropout.restore()
         if self._hook is not None:
             self._hook.remove()
 
@@ -155,8 +169,6 @@ class LayerRunner:
     def _run(self, slot: str, eager: Callable, layer: nn.Module, args, kwargs):
         """Call the compiled variant; if Inductor cannot compile it, run that variant eager from now on.
 
-        Seen on H200 with torch 2.11: the checkpointed layer of an 8B LoRA / QLoRA model (LoRA
-        dropout 0.05) failed in Inductor's partitioner ("Node ... was invalid, but is output").
         A compile failure is raised before the compiled code runs, so nothing has been
         computed twice; training goes on at eager speed for that variant, and says so.
         """
@@ -183,6 +195,8 @@ class LayerRunner:
     def _before_batch(self, module, args, kwargs):
         if not (module.training and torch.is_grad_enabled()):
             return None
+        if self.dropout is not None:
+            self.dropout.reseed()
         if self.checkpoint == "auto":
             tokens = _batch_tokens(args, kwargs)
             if tokens:
@@ -196,7 +210,9 @@ class LayerRunner:
         kept = self._kept_bytes_per_token() * tokens
         full = self.layer_bytes_per_token * tokens
         return int(
-            self.static_bytes + head_reserve_bytes(self.backbone.config, tokens)
+            self.static_bytes
+            + head_reserve_bytes(self.backbone.config, tokens, chunked=self.chunked_loss,
+                                 head_trainable=self.head_trainable)
             + n * kept + (n - n_checkpointed) * max(full - kept, 0)
         )
 
@@ -282,12 +298,24 @@ def _device_memory(module: nn.Module) -> Optional[int]:
 # ---------------------------------------------------------------- memory accounting
 
 
-def head_reserve_bytes(config, tokens: int) -> int:
-    """Transient memory of the loss head: TRL's fused head holds one fp32 logits tile (and its
-    exp) at a time, plus the fp32 gradient of the final hidden states."""
+def head_reserve_bytes(config, tokens: int, *, chunked: bool = True, head_trainable: bool = False) -> int:
+    """Transient memory of the loss head.
+
+    TRL's fused head (chunked) holds one logits tile (and its exp) at a time, the fp32
+    gradient of the final hidden states and, when the head weight trains, an fp32 gradient
+    accumulator for it plus its cast back to the weight's dtype: nothing grows with
+    tokens x vocabulary. Full logits grow with both (train.loss.head_bytes_per_token).
+    """
+    from train.loss import head_bytes_per_token
+
     vocab = getattr(config, "vocab_size", _HEAD_TILE_VOCAB)
+    hidden_grad = tokens * config.hidden_size * 4
+    if not chunked:
+        weight_grad = vocab * config.hidden_size * 2 if head_trainable else 0
+        return tokens * head_bytes_per_token(vocab, chunked=False) + hidden_grad + weight_grad
     tile = min(tokens, _HEAD_TILE_TOKENS) * min(vocab, _HEAD_TILE_VOCAB) * 4
-    return 2 * tile + tokens * config.hidden_size * 4
+    weight_grad = vocab * config.hidden_size * (4 + 2) if head_trainable else 0
+    return 2 * tile + hidden_grad + weight_grad
 
 
 def optimizer_state_bytes_per_param(optim: str, param_bytes: int) -> float:
@@ -357,7 +385,8 @@ def count_compilations() -> int:
 # ---------------------------------------------------------------- trainer wiring
 
 
-def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit: Optional[int] = None):
+def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit: Optional[int] = None,
+                   chunked_loss: bool = True):
     """A TrainerCallback that installs a LayerRunner when training begins.
 
     It has to wait for `on_train_begin`: by then the Trainer has wrapped the model (PEFT,
@@ -379,6 +408,7 @@ def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit:
                     memory_limit=memory_limit,
                     static_bytes=static_training_bytes(model, args.optim),
                     warmup_batches=2 * args.gradient_accumulation_steps,
+                    chunked_loss=chunked_loss,
                 ).install()
                 log.info(
                     "decoder layers: compile=%s, checkpointing=%s%s",
@@ -403,4 +433,5 @@ def recipe_speed_settings(training, *, cuda: bool) -> dict:
     else:
         checkpoint = "all" if setting else "none"
     limit = int(training.memory_limit_gib * 2**30) if training.memory_limit_gib else None
-    return {"compile": compile, "checkpoint": checkpoint, "memory_limit": limit}
+    return {"compile": compile, "checkpoint": checkpoint, "memory_limit": limit,
+            "chunked_loss": training.chunked_loss}

@@ -124,6 +124,10 @@ def build_trainer(recipe: Recipe, setup: ModelSetup, datasets: dict, run: RunDir
         callbacks=extra + list(callbacks),
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the bar replaces it
+    if not recipe.training.chunked_loss:
+        from train.loss import use_full_logits_loss
+
+        use_full_logits_loss(trainer.model)
     return trainer, recorder, stopper
 
 

@@ -255,3 +255,109 @@ def test_a_layer_that_fails_to_compile_runs_eager_and_says_so(monkeypatch):
     assert max(rel(g, r) for g, r in zip(grads, ref_grads)) < 1e-5
     assert runner._ckpt is speed._run_layer_checkpointed and len(runner.compile_failures) == 1
     assert "ckpt" in runner.compile_failures[0]
+
+
+# ---------------------------------------------------------------- LoRA dropout under compile + checkpointing
+
+
+def tiny_lora(dropout=0.05, layers=2):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(tiny_llama(layers), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                         target_modules="all-linear", task_type="CAUSAL_LM")).train()
+
+
+def lora_loss_and_grads(model, batch, seed):
+    torch.manual_seed(seed)  # the runner's reseed draws from torch's generator
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture
+def replayed_random_ops(monkeypatch):
+    """The random ops in the recomputed (checkpointed) part of each graph the partitioner splits:
+    ops with the random tag, and Inductor's own random prims, which is what a dropout becomes on
+    CPU (on CUDA the generator state is threaded from forward to backward instead). CPU SDPA is
+    left out: its op carries a dropout argument and the tag; the GPU layers run varlen FA2. The
+    compile caches are off so that the partitioner really runs."""
+    from torch._functorch import partitioners
+
+    seen: list[str] = []
+    real = partitioners.has_recomputable_rng_ops
+
+    def is_random(node) -> bool:
+        name = str(node.target)
+        return "scaled_dot_product" not in name and (
+            torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()) or "inductor_random" in name)
+
+    def spy(graph):
+        seen.extend(str(n.target) for n in graph.graph.nodes if partitioners.must_recompute(n) and is_random(n))
+        return real(graph)
+
+    monkeypatch.setattr(partitioners, "has_recomputable_rng_ops", spy)
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        yield seen
+
+
+def test_seeded_dropout_drops_p_and_rescales_like_nn_dropout():
+    from train.dropout import SeededDropout
+
+    seed = torch.tensor(1234)
+    drop = SeededDropout(0.25, seed, salt=3).train()
+    x = torch.ones(64, 512)
+    y = drop(x)
+    kept = (y != 0).float().mean().item()
+    assert abs(kept - 0.75) < 0.01 and torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.75))
+    assert torch.equal(drop(x), y), "same seed, same mask: what a recomputation relies on"
+    assert not torch.equal(SeededDropout(0.25, seed, salt=4).train()(x), y)
+    assert not torch.equal(SeededDropout(0.25, torch.tensor(1235), salt=3).train()(x), y)
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_compiled_checkpointed_lora_layer_has_no_random_op_and_equals_eager(replayed_random_ops):
+    """The checkpointed LoRA layer (dropout 0.05) compiles through Inductor on CPU, its graph asks
+    the partitioner for no recomputed random op (the generator-state path that fails on CUDA), and
+    loss and LoRA gradients equal the same layers run eager with the same dropout masks."""
+    from train.dropout import RecomputableDropout, SeededDropout
+
+    seen = replayed_random_ops
+    _, packed = batches([9, 14, 6])
+
+    torch._dynamo.reset()
+    eager = tiny_lora(layers=3)
+    masks = RecomputableDropout(eager)
+    assert len(masks) == 3 * 7  # every LoRA linear of every layer
+    torch.manual_seed(5)
+    masks.reseed()
+    ref_loss, ref_grads = lora_loss_and_grads(eager, packed, seed=5)
+
+    model = tiny_lora(layers=3)
+    runner = LayerRunner(model, compile=True, checkpoint="all").install()
+    assert sum(isinstance(m, SeededDropout) for m in model.modules()) == 21
+    before = count_compilations()
+    loss, grads = lora_loss_and_grads(model, packed, seed=5)
+    assert runner.compile_failures == [] and runner.history == [3]
+    # The first layer's input does not require grad (frozen embeddings), the others' does: two
+    # graphs, and the layers after the first share one whatever their dropout salts.
+    assert count_compilations() - before == 2
+    assert seen == [], "a random op is recomputed inside the compiled checkpointed layer"
+    assert torch.allclose(loss, ref_loss, rtol=1e-5), (loss, ref_loss)
+    assert max(rel(grads[n], ref_grads[n]) for n in ref_grads) < 1e-4
+    assert len(ref_grads) == 3 * 7 * 2  # lora_A and lora_B of each
+    runner.remove()
+    assert sum(type(m) is torch.nn.Dropout for m in model.modules()) == 21  # peft's modules are back
+    assert not any("seed" in k for k in model.state_dict())
+
+
+def test_peft_dropout_in_a_compiled_checkpointed_layer_is_a_recomputed_random_op(replayed_random_ops):
+    """What the swap avoids: with peft's own nn.Dropout the partitioner has a random op to replay."""
+    seen = replayed_random_ops
+    torch._dynamo.reset()
+    model = tiny_lora(layers=1)
+    runner = LayerRunner(model, compile=True, checkpoint="all").install()
+    runner.dropout.restore()  # peft's nn.Dropout back inside the compiled region
+    lora_loss_and_grads(model, batches([9, 14])[1], seed=0)
+    runner.remove()
+    assert seen, "peft's dropout should be a random op recomputed in the backward"

@@ -1,0 +1,94 @@
+"""The training loss: through TRL's fused LM head (chunked), or from the full logits.
+
+TRL's `SFTTrainer` already computes the loss chunk by chunk: it patches the model's forward
+(`trl.trainer.utils.add_fused_lm_head`) so that `fused_lm_head=True` runs the backbone and
+projects only the positions with a label through the LM head, in tiles of 4096 tokens x
+32768 vocabulary entries (an online log-sum-exp in Triton on CUDA, the same tiles in torch
+on CPU); its backward recomputes each tile and accumulates the gradients of the hidden
+states and of the head weight in fp32. No [tokens, vocab] logits tensor exists in either
+pass, padding-free rows and LoRA / QLoRA included. tunewright keeps that head as the default
+rather than adding a second implementation of the same idea.
+
+`training.chunked_loss: false` swaps the fused head for the textbook computation: full
+logits, fp32 log-softmax, cross-entropy. It is the reference the fused head is tested
+against and the escape hatch if a model's head is one TRL's kernel does not cover. Both
+paths feed TRL's `compute_loss` the same per-token fields, so the normalisation (the
+`num_items_in_batch` token count of the whole accumulated batch that transformers' Trainer
+passes in), the logged loss, `mean_token_accuracy` and `entropy` are TRL's own in both.
+
+Targets are the same in both: the labels shifted by one over the whole row. For a
+padding-free row that shift crosses from one sequence into the next, which is harmless
+because TRL's collator sets the label of every sequence's first token (position_ids == 0)
+to -100, and transformers' Trainer counts `labels[..., 1:] != -100` for `num_items_in_batch`.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def lm_base(model: nn.Module) -> nn.Module:
+    """The transformers model TRL patched (under a peft wrapper, its base model)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def use_full_logits_loss(model: nn.Module) -> None:
+    """Make `fused_lm_head=True` calls compute the per-token log-probabilities from the full logits.
+
+    Call it after `SFTTrainer(...)` has added its fused head: the forward TRL installed is
+    kept for every call without `fused_lm_head` (generation, evaluation with logits).
+    """
+    base = lm_base(model)
+    trl_forward = base.forward
+    if getattr(trl_forward, "_tunewright_full_logits", False):
+        return
+
+    @functools.wraps(type(base).forward)
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head:
+            return trl_forward(*args, labels=labels, shift_labels=shift_labels,
+                               num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs["use_cache"] = False
+        logits = trl_forward(*args, **kwargs).logits
+        return per_token_outputs(logits, labels, shift_labels, num_items_in_batch)
+
+    forward._tunewright_full_logits = True
+    base.forward = types.MethodType(forward, base)
+
+
+def per_token_outputs(logits: torch.Tensor, labels, shift_labels, num_items_in_batch):
+    """TRL's `FusedCausalLMOutput` fields (log_probs, entropy, is_top1, label_mask, loss) from full logits."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    if shift_labels is None:
+        logits, targets = logits[:, :-1], labels[:, 1:]
+    else:
+        targets = shift_labels
+    targets = targets.to(logits.device)
+    mask = targets != -100
+    logits = logits.float()
+    # cross_entropy is 0 where the target is ignored, like the fused head's per-token fields
+    log_probs = -F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    with torch.no_grad():
+        log_p = torch.log_softmax(logits, dim=-1)
+        entropy = -(log_p.exp() * log_p).sum(-1).masked_fill(~mask, 0.0)
+        del log_p
+        is_top1 = (logits.argmax(-1) == targets) & mask
+    count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    return FusedCausalLMOutput(loss=-log_probs.sum() / count, log_probs=log_probs, entropy=entropy,
+                               is_top1=is_top1, label_mask=mask)
+
+
+def head_bytes_per_token(vocab_size: int, *, chunked: bool) -> int:
+    """Loss-head bytes per token that scale with the vocabulary, for the memory policy (train.speed).
+
+    Full logits: the bf16 logits, their fp32 copy, the fp32 log-softmax cross_entropy saves,
+    and in the backward its fp32 gradient and the bf16 one of the logits (~16 bytes x vocab).
+    The fused head's tiles do not grow with the token count (see train.speed.head_reserve_bytes).
+    """
+    return 0 if chunked else 16 * vocab_size
