@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import statistics
 import sys
 import tempfile
@@ -455,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", help="also write the table here")
     p.add_argument("--profile", action="store_true", help="CUDA: profile batch-1 decode steps of the compiled rows")
     args = p.parse_args(argv)
+    # Each compile + CUDA-graph recording is logged with its time (infer.graphs).
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("infer.graphs").setLevel(logging.INFO)
     report = run_bench(
         args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
         batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), rows=tuple(r for r in args.rows.split(",") if r),

@@ -210,10 +210,15 @@ class FusedDecoder(nn.Module):
             self.lm_head_kernel = kernels.norm_matvec_beats_linear(head, inner.norm.weight, inner.norm.variance_epsilon)
         log.info("batch-1 decode runs Triton kernels (5 per layer)")
 
-    def forward(self, input_ids, position_ids, mask, cache, last=None):
-        """Logits for every position, or with `last` ((b,) indices) for one position per row."""
-        if self.kernels and input_ids.shape == (1, 1) and cache.mode == "decode":
-            return self._decode_one(input_ids, cache)
+    def forward(self, input_ids, position_ids, mask, cache, last=None, rows=None):
+        """Logits for every position, or with `last` ((b,) indices) for one position per row.
+        `rows` ((b,) cache rows) in a decode step: the step attends through the Triton
+        kernel, which reads each row's own cached length (see _decode_rows)."""
+        if self.kernels and cache.mode == "decode":
+            if rows is not None:
+                return self._decode_rows(input_ids, cache, rows)
+            if input_ids.shape == (1, 1):
+                return self._decode_one(input_ids, cache)
         inner = self.model.model
         x = inner.embed_tokens(input_ids)
         cos, sin = inner.rotary_emb(x, position_ids)
@@ -269,6 +274,27 @@ class FusedDecoder(nn.Module):
         else:
             logits = self.model.lm_head(inner.norm(x))
         return logits.view(1, 1, -1)
+
+    def _decode_rows(self, input_ids, cache, rows):
+        """One token for each of several rows: projections as batched matmuls (cuBLAS), and
+        attention through the row-indirect kernel, which walks only the slots each row holds.
+        Masked attention over the cache would read every slot of every row each step: with
+        4,096 slots and 32 rows (1B model) that is 2 GB a step, more than the weights."""
+        from infer import kernels
+
+        inner = self.model.model
+        b = input_ids.shape[0]
+        x = inner.embed_tokens(input_ids).view(b, -1)
+        for i, layer in enumerate(inner.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = self.qkv[i].fused(layer.input_layernorm(x))
+            out = kernels.decode_attention(qkv, self.rotary_cos, self.rotary_sin, cache.keys[i], cache.values[i],
+                                           cache.lens, rows, heads=self.heads, kv_heads=self.kv_heads,
+                                           scale=attn.scaling)
+            x = x + attn.o_proj(out)
+            gate, up = self.gate_up[i](layer.post_attention_layernorm(x))
+            x = x + mlp.down_proj(mlp.act_fn(gate) * up)
+        return self.model.lm_head(inner.norm(x)).view(b, 1, -1)
 
     def _attend(self, qs, keys, values, mask, scale):
         if self.decode_attention == "explicit" and qs.shape[-2] <= 16:

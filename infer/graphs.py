@@ -15,9 +15,13 @@ later calls replay it. Capture executes nothing, so no step is run twice.
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any, Callable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class CUDAGraphs:
@@ -44,6 +48,7 @@ class CUDAGraphs:
             graph, out = entry
             graph.replay()
             return out
+        start = time.perf_counter()
         with torch.cuda.device(self.device):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -58,7 +63,14 @@ class CUDAGraphs:
             with torch.cuda.graph(graph, pool=self.pool):
                 out = fn(*args)
         self.graphs[key] = (graph, out)
+        log.info("CUDA graph %d recorded in %.1f s (compile included) for %s%s", len(self.graphs),
+                 time.perf_counter() - start, getattr(fn, "__name__", fn), _describe(args))
         return result
+
+
+def _describe(args) -> tuple:
+    # A tensor argument is a rows view: its length is the batch bucket.
+    return tuple(f"rows[{a.shape[0]}]" if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def compile_mode(compile, device) -> Any:

@@ -99,12 +99,18 @@ class ModelRunner:
 
             self.graphs = CUDAGraphs(dev)
         self._row_views: dict[int, torch.Tensor] = {}
+        self._decode_one = self._compiled(self._decode_impl, tuned=True)  # the single-row step
         self._decode = self._compiled(self._decode_impl)
-        self._verify = self._compiled(self._verify_impl)
+        self._verify = self._compiled(self._verify_impl, tuned=True)
 
     # ---- compiled pieces -------------------------------------------------------------
 
-    def _compiled(self, fn):
+    def _compiled(self, fn, *, tuned: bool = False):
+        """fn compiled in this runner's mode. `tuned`: let inductor tune its reductions by
+        coordinate descent (for the batch-1 and verify steps, where they are the step's
+        weight reads: it fuses dequantization into them and reaches peak bandwidth, as
+        gpt-fast does). The batched step's matmuls go to cuBLAS, where the tuning buys
+        nothing measurable and costs most of a minute of start-up per compile."""
         mode = self.compile_mode
         if mode is None:
             return fn
@@ -112,13 +118,12 @@ class ModelRunner:
         if callable(mode) or mode not in INDUCTOR_MODES:
             return torch.compile(fn, backend=mode, fullgraph=True)
         mode = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
-        if self.device.type == "cuda":
-            import torch._inductor.config as inductor_config
-
-            # Lets inductor turn batch-1 matmuls into fused reductions that reach peak
-            # bandwidth, and fuse weight dequantization into them (as gpt-fast does).
-            inductor_config.coordinate_descent_tuning = True
-        return torch.compile(fn, mode=mode, fullgraph=True)
+        if self.device.type != "cuda":
+            return torch.compile(fn, mode=mode, fullgraph=True)
+        # Options per compiled function (torch.compile takes options or a mode, not both),
+        # not inductor's global config: two runners in one process do not change each other.
+        options = {"coordinate_descent_tuning": tuned, "max_autotune": mode.startswith("max-autotune")}
+        return torch.compile(fn, fullgraph=True, options=options)
 
     def _rows_view(self, n: int) -> torch.Tensor:
         """Rows [0, n) as one persistent tensor per bucket, its length marked dynamic: the
@@ -130,9 +135,9 @@ class ModelRunner:
             torch._dynamo.maybe_mark_dynamic(view, 0)
         return view
 
-    def _forward(self, tokens, positions, mask, last=None):
+    def _forward(self, tokens, positions, mask, last=None, rows=None):
         if self.decoder is not None:
-            return self.decoder(tokens, positions, mask, self.cache, last)
+            return self.decoder(tokens, positions, mask, self.cache, last, rows)
         kwargs = {}
         if last is not None and self._keeps_logits:
             # Only the listed positions reach the output layer: (rows, len(last), vocab),
@@ -164,6 +169,8 @@ class ModelRunner:
         tok = self.seq[rows, pos]
         if single:  # infer.decoder's kernels read the row and its length from the cache
             logits = self._forward(tok[:, None], pos[:, None], None)[:, -1]
+        elif self.decoder is not None and self.decoder.kernels:  # attention reads each row's own slots
+            logits = self._forward(tok[:, None], pos[:, None], None, rows=rows)[:, -1]
         else:
             mask = (self.key_slots[None, :window] <= pos[:, None])[:, None, None, :]
             logits = self._forward(tok[:, None], pos[:, None], mask)[:, -1]
@@ -221,8 +228,9 @@ class ModelRunner:
         self.cache.decode(window)
         rows = self.single if single else self._rows_view(n)
         args = (rows, single, sampling, logprobs) + ((window,) if window is not None else ())
+        step = self._decode_one if single else self._decode
         for _ in range(steps):
-            self.run(self._decode, *args)
+            self.run(step, *args)
 
     @torch.inference_mode()
     def verify(self, k: int, sampling) -> list[int]:

@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (default 1 MiB)")
     p.add_argument("--drain-timeout", type=float, default=300.0,
                    help="seconds SIGTERM waits for in-flight requests before closing them (default 300)")
+    p.add_argument("--warm-up", choices=("all", "greedy", "none"), default="all",
+                   help="decode graphs compiled and recorded before the port answers: every batch bucket for "
+                   "greedy and sampled requests (all), greedy only (a first sampled request then compiles "
+                   "while others wait), or none (default all)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_load_options(p)
     return p
@@ -111,7 +115,8 @@ class ServerState:
                             prefill_chunk=self.args.prefill_chunk, max_logprobs=MAX_LOGPROBS)
             serving = ServingEngine(engine, max_queue=self.args.max_queue)
             serving.start()
-            warm_up(serving, tokenizer)
+            if self.args.warm_up != "none":
+                warm_up(serving, tokenizer, with_sampling=self.args.warm_up == "all")
             # Metrics start after the warm-up so that they count user requests only.
             serving.metrics = self.metrics
             self.metrics.bind_engine(serving)

@@ -133,10 +133,10 @@ class ServingEngine:
             m.finished.labels(event.finish_reason or "unknown").inc()
 
 
-def warm_up(serving: ServingEngine, tokenizer, *, timeout: float = 900) -> None:
+def warm_up(serving: ServingEngine, tokenizer, *, with_sampling: bool = True, timeout: float = 900) -> None:
     """Requests through the real engine before the port answers 200: every batch-size bucket
     compiles and records its CUDA graph here (not on a user's request), and a model whose
-    cache the engine cannot run fails at start-up."""
+    cache the engine cannot run fails at start-up. `with_sampling=False`: greedy steps only."""
     from infer.sampling import SamplingParams
 
     engine = serving.engine
@@ -148,7 +148,8 @@ def warm_up(serving: ServingEngine, tokenizer, *, timeout: float = 900) -> None:
         sizes = [1, min(2, engine.max_batch_size)]  # nothing to record on the CPU: check that it runs
     steps = 2 * engine.runner.group_steps + 2
     for size in sizes:
-        for sampled in (False, True):
+        for sampled in (False, True) if with_sampling else (False,):
+            start = time.perf_counter()
             done = threading.Event()
             events: list[StreamEvent] = []
 
@@ -165,6 +166,8 @@ def warm_up(serving: ServingEngine, tokenizer, *, timeout: float = 900) -> None:
             errors = [e.error for e in events if e.error]
             if errors:
                 raise RuntimeError(f"warm-up generation failed: {errors[0]}")
+            log.info("warm-up: %d %s sequence(s) in %.1f s", size, "sampled" if sampled else "greedy",
+                     time.perf_counter() - start)
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
     log.info("warm-up: %d decode graphs recorded", engine.graph_count)

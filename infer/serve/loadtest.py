@@ -108,31 +108,65 @@ async def scrape(client, url: str) -> dict:
     return out
 
 
-async def run_level(url: str, model: str, concurrency: int, seconds: float, max_tokens: int,
-                    prompt_words: int, api_key: str | None, temperature: float = 0.0) -> dict:
+async def _clients(url: str, model: str, seeds: range, deadline: float, max_tokens: int, prompt_words: int,
+                   api_key: str | None, temperature: float) -> list[dict]:
+    """One client per seed, each sending one request after another until `deadline`
+    (time.time(), so processes agree on it)."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    n = len(seeds)
+    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
+    results: list[dict] = []
     async with httpx.AsyncClient(headers=headers, limits=limits, timeout=httpx.Timeout(600)) as client:
-        idle_before = await scrape(client, url)
-        results: list[dict] = []
-        memory: list[dict] = []
-        start = time.perf_counter()
-        deadline = start + seconds
-
         async def worker(seed: int):
             rng = random.Random(seed)
-            while time.perf_counter() < deadline:
+            while time.time() < deadline:
                 results.append(await one_request(client, url, model, prompt_text(rng, prompt_words), max_tokens,
                                                  temperature))
 
+        await asyncio.gather(*(worker(seed) for seed in seeds))
+    return results
+
+
+def _clients_in_process(*args) -> list[dict]:
+    return asyncio.run(_clients(*args))
+
+
+async def run_level(url: str, model: str, concurrency: int, seconds: float, max_tokens: int,
+                    prompt_words: int, api_key: str | None, temperature: float = 0.0, procs: int = 1) -> dict:
+    """`concurrency` clients for `seconds`. `procs` > 1 spreads the clients over that many
+    processes: one Python process parsing every streamed chunk of a hundred clients can
+    itself become the bottleneck and inflate the latencies it reports."""
+    import concurrent.futures
+    import multiprocessing
+
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    seeds = range(1000 * concurrency, 1000 * concurrency + concurrency)
+    procs = max(1, min(procs, concurrency))
+    async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(600)) as client:
+        idle_before = await scrape(client, url)
+        memory: list[dict] = []
+        start = time.perf_counter()
+        deadline = time.time() + seconds
+        shares = [seeds[i::procs] for i in range(procs)]
+        common = (deadline, max_tokens, prompt_words, api_key, temperature)
+
         async def sampler():
-            while time.perf_counter() < deadline:
+            while time.time() < deadline:
                 memory.append({"t": round(time.perf_counter() - start, 1), **await scrape(client, url)})
                 await asyncio.sleep(5)
 
-        await asyncio.gather(sampler(), *(worker(1000 * concurrency + i) for i in range(concurrency)))
+        if procs == 1:
+            _, results = await asyncio.gather(sampler(), _clients(url, model, seeds, *common))
+        else:
+            loop = asyncio.get_running_loop()
+            with concurrent.futures.ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                parts = [loop.run_in_executor(pool, _clients_in_process, url, model, share, *common) for share in shares]
+                _, *lists = await asyncio.gather(sampler(), *parts)
+            results = [r for part in lists for r in part]
         elapsed = time.perf_counter() - start
         idle_after = await scrape(client, url)
 
@@ -259,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--join", metavar="STREAMS:TOKENS",
                    help="also measure the longest chunk gap of STREAMS running streams while a prompt of TOKENS "
                    "tokens joins them (e.g. 16:4000)")
+    p.add_argument("--procs", type=int, default=1,
+                   help="client processes the clients of a level are spread over (default 1)")
     p.add_argument("--out", type=Path, help="write all numbers as JSON here")
     args = p.parse_args(argv)
 
@@ -284,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             conc, secs = spec.split(":")
             print(f"level: {conc} clients for {secs}s ...", flush=True)
             levels.append(asyncio.run(run_level(args.url, model, int(conc), float(secs), args.max_tokens,
-                                                args.prompt_words, args.api_key, args.temperature)))
+                                                args.prompt_words, args.api_key, args.temperature, args.procs)))
             print({k: v for k, v in levels[-1].items() if k != "memory"}, flush=True)
         if args.join:
             streams, tokens = (int(x) for x in args.join.split(":"))
