@@ -95,7 +95,7 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
 
 def load_model(recipe: Recipe) -> ModelSetup:
     """Load the base named by the recipe and prepare it for the recipe's method."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, set_seed
 
     cuda = cuda_available()
     method = recipe.method.type
@@ -124,6 +124,8 @@ def load_model(recipe: Recipe) -> ModelSetup:
         kwargs["quantization_config"] = bnb_config(q.quant_type, q.double_quant, getattr(torch, q.compute_dtype))
         # bitsandbytes quantizes while loading, so the weights must land on the GPU directly.
         kwargs["device_map"] = {"": torch.cuda.current_device()}
+    # training.seed fixes everything random from here on: python, numpy and torch (CPU and CUDA).
+    set_seed(recipe.training.seed)
     model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
     tokenizer = load_tokenizer(base_path, trust_remote_code=recipe.model.trust_remote_code)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
@@ -137,6 +139,9 @@ def load_model(recipe: Recipe) -> ModelSetup:
     if method in ("lora", "qlora"):
         from peft import get_peft_model
 
+        # Seeded again right before the adapter is built, so its initial matrices depend on the
+        # seed alone, not on how many random numbers loading the base happened to draw.
+        set_seed(recipe.training.seed)
         model = get_peft_model(model, build_lora_config(recipe))
         trainable, total = model.get_nb_trainable_parameters()
         log.info("LoRA: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
