@@ -36,7 +36,7 @@ class DataConfig(Section):
     train: Union[str, list[str]] = Field(..., description="JSON/JSONL file(s) or a dataset directory")
     validation: Optional[Union[str, list[str]]] = None
     # auto detects from the first row's fields.
-    format: Literal["auto", "messages", "prompt_completion", "alpaca", "text"] = "auto"
+    format: Literal["auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text"] = "auto"
     # Canonical field -> the dataset's field, e.g. {prompt: question, completion: answer}.
     fields: dict[str, str] = Field(default_factory=dict)
     system_prompt: Optional[str] = None
