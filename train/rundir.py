@@ -91,16 +91,15 @@ def describe_data_source(source: str) -> dict[str, Any]:
     return {"path": str(path), "sha256": None, "note": "not a local file"}
 
 
-def _as_list(value: str | list[str] | None) -> list[str]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else list(value)
-
-
 def dataset_hashes(recipe: Recipe) -> dict[str, list[dict[str, Any]]]:
+    """Each source of each split: its file's hash, and how it was read (format, max_rows, weight)."""
+    def describe(source) -> dict[str, Any]:
+        how = {"format": source.format, "max_rows": source.max_rows, "weight": source.weight}
+        return {**describe_data_source(source.path), **how}
+
     out = {
-        "train": [describe_data_source(s) for s in _as_list(recipe.data.train)],
-        "validation": [describe_data_source(s) for s in _as_list(recipe.data.validation)],
+        "train": [describe(s) for s in recipe.data.train],
+        "validation": [describe(s) for s in recipe.data.validation or []],
     }
     if recipe.eval.data:
         out["eval"] = [describe_data_source(recipe.eval.data)]

@@ -364,6 +364,18 @@ def test_dry_run_reads_the_data(tmp_path, tiny_model_dir, data_file, capsys):
     assert_one_error(err, "echo.jsonl:2: field 'prompt' must be a string")
 
 
+def test_dry_run_of_the_mixed_sources_recipe_prints_what_each_source_gives(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # the recipe's data paths are relative to the repository
+    code, out, err = run_main(capsys, "recipes/mixed_sources.yaml", "--dry-run")
+    assert code == 0, err
+    table = out.split("data.train: ")[1].splitlines()
+    assert table[0].startswith("1000 rows from 2 sources")
+    assert table[2].split()[:8] == ["data/dates/train.jsonl", "prompt_completion", "600", "of", "1000", "1", "600",
+                                    "60.0%"]
+    assert table[3].split()[:6] == ["data/dates_chat/train.jsonl", "sharegpt", "200", "2", "400", "40.0%"]
+    assert "# checked: eval 200 rows, train 1000 rows, validation 100 rows" in out
+
+
 def test_console_command_dispatches_train_and_infer(capsys):
     import tomllib
 
