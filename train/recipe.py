@@ -142,10 +142,24 @@ class TrainingConfig(Section):
     attn_implementation: Literal["auto", "flash_attention_2", "varlen_fa2", "sdpa", "eager"] = "auto"
     # auto: bf16 on a GPU that supports it, fp32 on CPU.
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # Experiment trackers by transformers' names (tensorboard, wandb, mlflow, ...), none, or all
+    # (every one installed). Offline by default: train/trackers.py.
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
     logging_steps: int = Field(1, gt=0)
     save_steps: int = Field(50, gt=0)
     save_total_limit: int = Field(2, gt=0)
     eval_steps: Optional[int] = Field(None, gt=0)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_list(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, names: list[str]) -> list[str]:
+        check_tracker_names(names)
+        return [] if names == ["none"] else names
 
     @model_validator(mode="after")
     def _packing_needs_padding_free(self):
@@ -154,11 +168,30 @@ class TrainingConfig(Section):
         return self
 
 
+def check_tracker_names(names: list[str]) -> None:
+    """ValueError naming a tracker transformers does not know."""
+    if "none" in names and len(names) > 1:
+        raise ValueError(f"none means no tracker; it cannot be combined with {[n for n in names if n != 'none']}")
+    # tensorboard is in every transformers version's list; checking any other name imports
+    # transformers (seconds), so only a recipe that names one pays for it.
+    rest = [n for n in names if n not in ("none", "all", "tensorboard")]
+    if not rest:
+        return
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    known = sorted(INTEGRATION_TO_CALLBACK)
+    bad = [n for n in rest if n not in known]
+    if bad:
+        hints = [f"{n!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(n, known, n=1)) else repr(n)
+                 for n in bad]
+        raise ValueError(f"unknown tracker {', '.join(hints)}; transformers supports {', '.join(known)}, "
+                         "or none / all")
+
+
 class OutputConfig(Section):
     dir: str = "runs"  # the run directory is <dir>/<name>
     overwrite: bool = False
     merge: bool = True  # write merged weights to model/ (LoRA is also kept in adapter/)
-    tensorboard: bool = True
 
 
 class EvalConfig(Section):

@@ -5,7 +5,8 @@
       model/           merged, loadable weights + tokenizer + chat template + generation config
       adapter/         LoRA adapter (lora / qlora only)
       checkpoints/     trainer checkpoints for --resume
-      tensorboard/     TensorBoard event files (output.tensorboard)
+      tensorboard/     TensorBoard event files (training.report_to: tensorboard)
+      wandb/, mlruns/  offline wandb runs, the MLflow file store (when report_to names them)
       metrics.jsonl    one line per logged step; metrics.json: the summary
       loss.png         loss curve
       manifest.json    what is inside and how it was made; written last
@@ -333,8 +334,8 @@ class RunDir:
             raise
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        contents = [name for name in ("recipe.yaml", "model", "adapter", "checkpoints", "tensorboard",
-                                      "metrics.jsonl", "metrics.json", "loss.png")
+        contents = [name for name in ("recipe.yaml", "model", "adapter", "checkpoints", "tensorboard", "wandb",
+                                      "mlruns", "metrics.jsonl", "metrics.json", "loss.png")
                     if (self.path / name).exists()]
         manifest = {"format": "tunewright-run/1", "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "contents": contents + ["manifest.json"], **manifest}

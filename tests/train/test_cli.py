@@ -6,6 +6,7 @@ overrides in any order, torchrun refused, bench cleaning up after itself."""
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import os
 import shutil
@@ -37,8 +38,8 @@ def write_recipe(tmp_path, model_dir, data_file, *, name="run", **sections) -> P
         "data": {"train": str(data_file)},
         "method": {"type": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
         "training": {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-2, "lr_scheduler": "constant",
-                     "save_steps": 1, "max_length": 64},
-        "output": {"dir": str(tmp_path / "runs"), "tensorboard": False},
+                     "save_steps": 1, "max_length": 64, "report_to": "none"},
+        "output": {"dir": str(tmp_path / "runs")},
     }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
@@ -343,6 +344,21 @@ def test_the_same_recipe_twice_gives_the_same_losses_and_weights(tmp_path, tiny_
         assert first.keys() == second.keys()
         for key in first:
             assert torch.equal(first[key], second[key]), f"{part}: {key}"
+
+
+# ---------------------------------------------------------------- experiment trackers
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(p) for p in ("wandb", "mlflow")), reason="checks a missing tracker")
+@pytest.mark.parametrize("flag", ["--dry-run", None])
+def test_a_tracker_that_is_not_installed_fails_before_anything_runs(flag, tmp_path, tiny_model_dir, data_file,
+                                                                    capsys):
+    recipe = write_recipe(tmp_path, tiny_model_dir, data_file)
+    code, _, err = run_main(capsys, recipe, "training.report_to=[tensorboard, wandb, mlflow]", *[flag] * bool(flag))
+    assert code == 2
+    assert_one_error(err, "training.report_to: wandb, mlflow are not installed",
+                     "(pip install wandb mlflow), or leave them out of training.report_to")
+    assert not (tmp_path / "runs" / "run").exists()
 
 
 # ---------------------------------------------------------------- the command line itself

@@ -78,6 +78,18 @@ def test_data_sources_take_one_path_or_a_list_and_name_a_bad_key_by_index(tmp_pa
     assert f"{path}:7: data.train.1.max_rows: Input should be greater than 0" in str(err.value)
 
 
+def test_report_to_takes_transformers_tracker_names(tmp_path):
+    path = _write(tmp_path, "name: t\ndata:\n  train: a.jsonl\ntraining:\n  report_to: [tensorboard, wandbb]\n")
+    with pytest.raises(RecipeError, match=rf"{path}:5: training.report_to: .*unknown tracker 'wandbb' "
+                                          r"\(did you mean 'wandb'\?\); transformers supports .*mlflow.*tensorboard"):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match=r"training.report_to: .*none means no tracker"):
+        load_recipe(path, ["training.report_to=[none, tensorboard]"])
+    assert load_recipe(path, ["training.report_to=none"]).training.report_to == []
+    assert load_recipe(path, ["training.report_to=mlflow"]).training.report_to == ["mlflow"]  # a string is one name
+    assert load_recipe(_write(tmp_path, "name: t\ndata:\n  train: a.jsonl\n")).training.report_to == ["tensorboard"]
+
+
 def test_all_problems_are_reported_at_once(tmp_path):
     path = _write(tmp_path, "name: t\ndata:\n  train: a.jsonl\ntraining:\n  batch_size: many\n  epohcs: 2\n")
     with pytest.raises(RecipeError, match=r"2 problems") as err:

@@ -57,8 +57,8 @@ def tiny_recipe(tmp_path, model_dir, data_file, *, name="tiny", **sections) -> d
         "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
         # batch_size 8 = every row each step: the logged losses are all on the same batch.
         "training": {"max_steps": 8, "batch_size": 8, "learning_rate": 2e-2, "lr_scheduler": "constant",
-                     "save_steps": 100, "max_length": 64},
-        "output": {"dir": str(tmp_path / "runs"), "tensorboard": False},
+                     "save_steps": 100, "max_length": 64, "report_to": "none"},
+        "output": {"dir": str(tmp_path / "runs")},
     }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
@@ -169,10 +169,9 @@ def test_run_learns_and_exports_a_plain_checkpoint(method, lr, tmp_path, model_d
     from train.trainer import train_recipe
 
     raw = tiny_recipe(tmp_path, model_dir, data_file, name=method, method={"type": method},
-                      training={"learning_rate": lr},
+                      training={"learning_rate": lr, "report_to": "tensorboard"},
                       data={"validation": str(data_file)},
-                      eval={"data": str(data_file), "limit": 4, "max_new_tokens": 4, "samples": 1},
-                      output={"tensorboard": True})
+                      eval={"data": str(data_file), "limit": 4, "max_new_tokens": 4, "samples": 1})
     result = train_recipe(validate_recipe(raw))
     run = result.run_dir
     assert result.status == "completed" and result.global_step == 8
@@ -210,6 +209,17 @@ def test_run_learns_and_exports_a_plain_checkpoint(method, lr, tmp_path, model_d
         method, "sdpa", "fp32", "cpu", 8)
     assert manifest["versions"]["torch"] == version("torch") and manifest["versions"]["trl"] == version("trl")
     assert "model" in manifest["contents"] and manifest["eval"]["tuned"] == summary["eval"]["tuned"]
+
+    # TensorBoard has every step's loss, the validation loss and the after-training eval scores.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    scalars = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert scalars["train/loss"] == pytest.approx([r["loss"] for r in rows])
+    assert scalars["eval/loss"] == pytest.approx([summary["eval_loss"]])
+    assert scalars["eval/exact_match"] == pytest.approx([summary["eval"]["tuned"]])
+    assert scalars["eval/exact_match_base"] == pytest.approx([summary["eval"]["base"]])
 
 
 def test_plain_prompt_run_exports_a_tokenizer_without_the_chat_template(tmp_path, model_dir, data_file):
@@ -306,8 +316,8 @@ def test_default_model_short_lora_run_reloads_and_scores(tmp_path, default_model
         "model": {"name": "smollm2-135m-instruct"},
         "data": {"train": str(REPO / "data/dates/train.jsonl"), "max_rows": 4},
         "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
-        "training": {"max_steps": 2, "batch_size": 2, "learning_rate": 1e-3, "save_steps": 100},
-        "output": {"dir": str(tmp_path / "runs"), "tensorboard": False},
+        "training": {"max_steps": 2, "batch_size": 2, "learning_rate": 1e-3, "save_steps": 100, "report_to": "none"},
+        "output": {"dir": str(tmp_path / "runs")},
         "eval": {"data": str(REPO / "data/dates/test.jsonl"), "limit": 2, "max_new_tokens": 12, "samples": 1},
     }
     result = train_recipe(validate_recipe(raw))
