@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from infer.attention import resolve_attn_implementation
-from infer.models import resolve_model
+from infer.models import BUILTIN_MODELS, resolve_model
 from train.recipe import Recipe, RecipeError
 
 log = logging.getLogger(__name__)
@@ -170,12 +171,32 @@ def stored_dtype(path: str, *, trust_remote_code: bool = False) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-def merge_adapter(setup: ModelSetup, adapter_dir) -> Any:
-    """A plain model: a fresh fp32 copy of the base with the LoRA deltas folded in.
+def export_dtype(requested: str, setup: ModelSetup, model_name: str) -> torch.dtype:
+    """The dtype model/ is written in (output.dtype): as asked; for auto, the 16-bit dtype training
+    ran in, else the dtype the base is published in (a builtin's own, or its config's)."""
+    if requested != "auto":
+        return _DTYPES[requested]
+    if setup.weights_dtype in (torch.bfloat16, torch.float16):
+        return setup.weights_dtype
+    if model_name in BUILTIN_MODELS:
+        return getattr(torch, BUILTIN_MODELS[model_name].dtype)
+    return stored_dtype(setup.base_path, trust_remote_code=setup.trust_remote_code)
+
+
+def base_model_reference(model_name: str, base_path: str) -> str:
+    """How adapter/ names its base: a builtin name or hub id as the recipe wrote it (those resolve
+    on any machine, unlike this machine's cache directory); a local directory by its absolute path."""
+    if model_name in BUILTIN_MODELS or not Path(model_name).expanduser().exists():
+        return model_name
+    return str(Path(base_path).resolve())
+
+
+def merge_adapter(setup: ModelSetup, adapter_dir, dtype: torch.dtype) -> Any:
+    """A plain model: a fresh fp32 copy of the base with the LoRA deltas folded in, cast to `dtype`.
 
     The base is reloaded rather than merging into the trained one: under QLoRA the trained
     base is 4-bit, and under bf16 adding the small deltas to bf16 weights would round many of
-    them away. The result is cast to the dtype the base checkpoint was stored in.
+    them away. The sum is rounded once, at the end.
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -183,7 +204,7 @@ def merge_adapter(setup: ModelSetup, adapter_dir) -> Any:
     trust = setup.trust_remote_code
     base = AutoModelForCausalLM.from_pretrained(setup.base_path, dtype=torch.float32, trust_remote_code=trust)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged = merged.to(stored_dtype(setup.base_path, trust_remote_code=trust))
+    merged = merged.to(dtype)
     merged.generation_config = base.generation_config
     merged.eval()
     return merged

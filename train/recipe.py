@@ -192,6 +192,9 @@ class OutputConfig(Section):
     dir: str = "runs"  # the run directory is <dir>/<name>
     overwrite: bool = False
     merge: bool = True  # write merged weights to model/ (LoRA is also kept in adapter/)
+    # The dtype of model/'s weights. auto: bf16 / fp16 when training ran in it, else the dtype the
+    # base model is published in (bf16 for the builtin SmolLM2); fp32 keeps full precision.
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
 
 class EvalConfig(Section):

@@ -311,10 +311,17 @@ class RunDir:
             shutil.rmtree(final)
         staging.rename(final)
 
-    def export_adapter(self, peft_model) -> None:
+    def export_adapter(self, peft_model, tokenizer, *, base_model: str, revision: str | None = None) -> None:
+        """Save the LoRA adapter with the tokenizer (and its chat template) beside it, naming its base
+        as `base_model` (peft would write the local directory the base was loaded from)."""
         staging = Path(tempfile.mkdtemp(dir=self.path, prefix=".adapter-"))
         try:
             peft_model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            config_file = staging / "adapter_config.json"
+            config = json.loads(config_file.read_text())
+            config.update(base_model_name_or_path=base_model, revision=revision)
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             self._install_dir(staging, self.adapter_dir)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 
 from train.callbacks import MetricsRecorder, ProgressBar, StopOnSignal
 from train.errors import DiskFullError, TrainingDiverged, is_disk_full
-from train.model import ModelSetup, load_model, merge_adapter
+from train.model import ModelSetup, base_model_reference, export_dtype, load_model, merge_adapter
 from train.recipe import Recipe
 from train.resume import ApplyLearningRate, check_recipe_changes, finished_step
 from train.rundir import RunDir, atomic_write_json, dataset_hashes, library_versions
@@ -339,16 +339,21 @@ def _match_prompt_format(recipe: Recipe, tokenizer) -> None:
 
 
 def _export(recipe: Recipe, setup: ModelSetup, trainer, run: RunDir):
-    """Write adapter/ and model/; return the model that model/ holds (None when not written)."""
+    """Write adapter/ and model/; return the model that model/ holds (None when not written).
+
+    A full fine-tune is cast to output.dtype in place: what is scored afterwards is what model/ holds."""
     model = trainer.model
     model.eval()
+    dtype = export_dtype(recipe.output.dtype, setup, recipe.model.name)
     if setup.method == "full":
+        model.to(dtype)
         run.export_model(model, setup.tokenizer)
         return model
-    run.export_adapter(model)
+    run.export_adapter(model, setup.tokenizer, base_model=base_model_reference(recipe.model.name, setup.base_path),
+                       revision=recipe.model.revision)
     if not recipe.output.merge:
         return None
-    merged = merge_adapter(setup, run.adapter_dir)
+    merged = merge_adapter(setup, run.adapter_dir, dtype)
     run.export_model(merged, setup.tokenizer)
     return merged
 
@@ -392,6 +397,8 @@ def _manifest(recipe: Recipe, setup: ModelSetup, summary: dict, checkpoint) -> d
             "attn_implementation": setup.attn_implementation,
             "precision": setup.precision,
             "weights_dtype": str(setup.weights_dtype).removeprefix("torch."),
+            "model_dtype": (str(export_dtype(recipe.output.dtype, setup, recipe.model.name)).removeprefix("torch.")
+                            if setup.method == "full" or recipe.output.merge else None),  # model/'s weights
             "device": setup.device,
             "gradient_checkpointing": speed["checkpoint"],  # none | all | auto (per micro-batch)
             "padding_free": t.padding_free,

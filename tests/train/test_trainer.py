@@ -243,6 +243,56 @@ def test_plain_prompt_run_exports_a_tokenizer_without_the_chat_template(tmp_path
     assert ids[: len(prompt)] == prompt and not any(mask[: len(prompt)])  # inference's prompt = training's
 
 
+def test_outputs_travel_16_bit_model_and_an_adapter_that_names_its_base(tmp_path, tiny_model_dir, data_file):
+    """A base stored in bf16 gives a bf16 model/ (output.dtype: auto), the fp32 one rounded once; adapter/
+    names its base and carries the tokenizer; infer loads the merged model and the adapter alone."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from infer.load import load
+    from train.cli import train_main
+
+    base = tmp_path / "bf16-base"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(base)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(base)
+    path = tmp_path / "travel.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tmp_path, base, data_file, training={"max_steps": 1})))
+    runs = tmp_path / "runs"
+    for dtype in ("auto", "fp32"):
+        assert train_main([str(path), f"name={dtype}", f"output.dtype={dtype}"]) == 0
+    weights = {d: load_file(runs / d / "model" / "model.safetensors") for d in ("auto", "fp32")}
+    assert {t.dtype for t in weights["auto"].values()} == {torch.bfloat16}
+    assert {t.dtype for t in weights["fp32"].values()} == {torch.float32}
+    for key, value in weights["fp32"].items():  # merged in fp32, rounded once
+        assert torch.equal(weights["auto"][key], value.to(torch.bfloat16)), key
+    assert json.loads((runs / "auto" / "manifest.json").read_text())["training"]["model_dtype"] == "bfloat16"
+
+    adapter = runs / "auto" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base.resolve())  # a local base: its absolute path
+    assert (adapter / "tokenizer.json").is_file() and (adapter / "chat_template.jinja").is_file()
+
+    only_adapter = tmp_path / "adapter-only"  # e.g. output.merge: false, or model/ not copied along
+    shutil.copytree(runs / "fp32", only_adapter, ignore=shutil.ignore_patterns("model"))
+    merged, _ = load(runs / "fp32")
+    applied, tokenizer = load(only_adapter, adapter=True)
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(base).chat_template
+    ids = tokenizer("Repeat after me: river", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(applied(ids).logits, merged(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_adapter_names_a_builtin_or_hub_base_as_the_recipe_does(tmp_path, tiny_model_dir):
+    from train.model import base_model_reference
+
+    cache = "/root/.cache/tunewright/models/smollm2-135m-instruct-0.1.2"
+    assert base_model_reference("smollm2-135m-instruct", cache) == "smollm2-135m-instruct"
+    assert base_model_reference("meta-llama/Llama-3.2-1B", "/hub/snapshots/abc") == "meta-llama/Llama-3.2-1B"
+    assert base_model_reference(str(tiny_model_dir), str(tiny_model_dir)) == str(tiny_model_dir.resolve())
+
+
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir, data_file):
     from train.rundir import RunDirError
     from train.trainer import train_recipe
@@ -325,16 +375,21 @@ def test_default_model_short_lora_run_reloads_and_scores(tmp_path, default_model
     run = result.run_dir
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["base_model"]["resolved_path"] == str(default_model_dir)
+    adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "smollm2-135m-instruct"  # not this machine's cache
 
     model = AutoModelForCausalLM.from_pretrained(run / "model").eval()
     tokenizer = AutoTokenizer.from_pretrained(run / "model")
-    assert model.dtype == torch.float32  # the dtype the base checkpoint is stored in
+    assert model.dtype == torch.bfloat16  # the dtype SmolLM2 is published in: half the fp32 bytes
+    assert (run / "model" / "model.safetensors").stat().st_size < 0.55 * (default_model_dir / "model.safetensors").stat().st_size
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Convert this date to ISO 8601 "
                                              "(YYYY-MM-DD): March 5, 2021"}], add_generation_prompt=True,
                                            return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        torch.testing.assert_close(model(**prompt).logits, result.model.eval()(**prompt).logits,
-                                   atol=1e-3, rtol=1e-4)
+    with torch.no_grad():  # the same answer as the trained fp32 model, from weights rounded to bf16
+        exported = model.float()(**prompt).logits[0, -1]
+        trained = result.model.eval()(**prompt).logits[0, -1]
+    assert exported.argmax() == trained.argmax()
+    torch.testing.assert_close(exported, trained, atol=0.5, rtol=0.05)
     scores = json.loads((run / "metrics.json").read_text())["eval"]
     assert scores["n"] == 2 and 0 <= scores["base"] <= 100 and 0 <= scores["tuned"] <= 100
     first = json.loads((REPO / "data/dates/test.jsonl").read_text().splitlines()[0])
