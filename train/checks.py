@@ -228,7 +228,8 @@ def check_inputs(recipe) -> dict[str, int]:
     base_path = resolve_model(recipe.model.name, revision=recipe.model.revision)
     check_model_files(base_path)
     check_target_modules(recipe, base_path)
-    tokenizer = load_tokenizer(base_path, trust_remote_code=recipe.model.trust_remote_code)
+    tokenizer = load_tokenizer(base_path, trust_remote_code=recipe.model.trust_remote_code,
+                               chat_template=recipe.data.chat_template)
     for split, dataset in build_datasets(recipe, tokenizer).items():
         counts[split] = len(dataset)
     return counts

@@ -84,10 +84,14 @@ def build_lora_config(recipe: Recipe):
     )
 
 
-def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+def load_tokenizer(path: str, *, trust_remote_code: bool = False, chat_template: Any = "auto"):
+    """The base's tokenizer, with the template data.chat_template names in place of its own."""
     from transformers import AutoTokenizer
 
+    from train.chat_templates import apply_template_setting
+
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    apply_template_setting(tokenizer, chat_template)
     if tokenizer.pad_token is None:
         # Pads never reach the loss (labels are -100 there), so reusing eos is harmless.
         tokenizer.pad_token = tokenizer.eos_token
@@ -128,7 +132,8 @@ def load_model(recipe: Recipe) -> ModelSetup:
     # training.seed fixes everything random from here on: python, numpy and torch (CPU and CUDA).
     set_seed(recipe.training.seed)
     model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
-    tokenizer = load_tokenizer(base_path, trust_remote_code=recipe.model.trust_remote_code)
+    tokenizer = load_tokenizer(base_path, trust_remote_code=recipe.model.trust_remote_code,
+                               chat_template=recipe.data.chat_template)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
 
     if method == "qlora":

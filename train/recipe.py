@@ -60,13 +60,22 @@ class DataConfig(Section):
     # Canonical field -> the dataset's field, e.g. {prompt: question, completion: answer}.
     fields: dict[str, str] = Field(default_factory=dict)
     system_prompt: Optional[str] = None
-    # auto: use the tokenizer's chat template when it has one.
-    chat_template: Union[Literal["auto"], bool] = "auto"
+    # auto: the tokenizer's template when it has one; true: it must have one; false: plain prompt +
+    # completion text; chatml | llama3 | zephyr, or a .jinja file: that template (train/chat_templates.py).
+    chat_template: Union[bool, str] = "auto"
     # completion: loss only on completion / assistant tokens; all: every token.
     loss_on: Literal["completion", "all"] = "completion"
     max_rows: Optional[int] = Field(None, gt=0)
     # Rows longer than training.max_length: truncate them, or drop them with a warning.
     overlong: Literal["truncate", "drop"] = "truncate"
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, value):
+        from train.chat_templates import check_template_setting
+
+        check_template_setting(value)
+        return value
 
     @field_validator("train", "validation", mode="before")
     @classmethod

@@ -351,11 +351,21 @@ class RunDir:
 
 def _fix_generation_config(model, tokenizer) -> None:
     """Generation must stop at the chat template's end-of-turn token and know the pad token."""
+    from train.chat_templates import end_of_turn_id
+
     gen = model.generation_config
     eos: Iterable[int] | int | None = gen.eos_token_id
     eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
         eos_ids.insert(0, tokenizer.eos_token_id)
+    # What the model was trained to end a turn with, when that is not eos (e.g. a template set by
+    # data.chat_template); training only uses templates whose turns end on such a token.
+    try:
+        end = end_of_turn_id(tokenizer) if getattr(tokenizer, "chat_template", None) else None
+    except Exception:  # a template that cannot render the probe conversation was not trained on either
+        end = None
+    if end is not None and end not in eos_ids:
+        eos_ids.append(end)
     gen.eos_token_id = eos_ids[0] if len(eos_ids) == 1 else eos_ids
     if gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id
