@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import random
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from infer.records import (RecordsError, chat_ids, normalize_rows, plain_prompt, problem_report, read_rows,
@@ -56,7 +56,6 @@ class SourceReport:
     used: int = 0  # after dropping and weighting: the rows this source puts in the split
     weight: float = 1.0
     template: bool = False
-    origins: list[str] = field(default_factory=list, repr=False)
 
 
 def build_datasets(recipe, tokenizer, *, train_rows: Any = None, report: bool = True) -> dict[str, Any]:
