@@ -1,10 +1,15 @@
 """Write the shipped `dates` task: turn a date written in words into ISO 8601.
 
     python data/make_dataset.py                 # (re)write data/dates/{train,validation,test}.jsonl
+                                                # and data/dates_chat/train.jsonl
     python data/make_dataset.py --baseline 50   # score the untuned builtin model on 50 test rows
 
 Seeded and deterministic: the same seed writes byte-identical files. Every date is drawn
 once, so no test or validation date appears in train (in any written style).
+
+`dates_chat` is a second, smaller source in another format (ShareGPT conversations) for
+recipes that mix sources: the same conversion, then a follow-up turn asking for another
+layout of the same date. Its dates are none of the dates splits' dates.
 """
 
 from __future__ import annotations
@@ -17,6 +22,14 @@ from pathlib import Path
 
 PROMPT = "Convert this date to ISO 8601 (YYYY-MM-DD): {date}"
 SIZES = {"train": 1000, "validation": 100, "test": 200}
+CHAT_ROWS = 200
+SYSTEM = "You rewrite dates exactly as asked and write nothing else."
+# A follow-up question and how its answer lays out the date.
+FOLLOW_UPS = [
+    ("Now write it as DD/MM/YYYY.", lambda d: f"{d.day:02d}/{d.month:02d}/{d.year}"),
+    ("And in US order, MM/DD/YYYY?", lambda d: f"{d.month:02d}/{d.day:02d}/{d.year}"),
+    ("Which year is that?", lambda d: str(d.year)),
+]
 FIRST_DAY, LAST_DAY = dt.date(1900, 1, 1), dt.date(2099, 12, 31)
 MONTHS = [
     "January", "February", "March", "April", "May", "June",
@@ -61,7 +74,31 @@ def make_splits(seed: int) -> dict[str, list[dict[str, str]]]:
     return splits
 
 
-def write_splits(splits: dict[str, list[dict[str, str]]], out_dir: Path) -> None:
+def make_chat_rows(seed: int, splits: dict[str, list[dict[str, str]]]) -> list[dict]:
+    """Two-turn ShareGPT conversations on dates that appear in no split; a third open with a system turn."""
+    rng = random.Random(f"{seed}:chat")  # its own generator: the splits stay byte-identical
+    taken = {row["completion"] for rows in splits.values() for row in rows}
+    n_days = (LAST_DAY - FIRST_DAY).days + 1
+    rows = []
+    for offset in rng.sample(range(n_days), CHAT_ROWS + len(taken)):
+        day = FIRST_DAY + dt.timedelta(days=offset)
+        if day.isoformat() in taken:
+            continue
+        question, layout = rng.choice(FOLLOW_UPS)
+        turns = [{"from": "system", "value": SYSTEM}] if rng.random() < 1 / 3 else []
+        turns += [
+            {"from": "human", "value": PROMPT.format(date=STYLES[rng.choice(list(STYLES))](day))},
+            {"from": "gpt", "value": day.isoformat()},
+            {"from": "human", "value": question},
+            {"from": "gpt", "value": layout(day)},
+        ]
+        rows.append({"conversations": turns})
+        if len(rows) == CHAT_ROWS:
+            break
+    return rows
+
+
+def write_splits(splits: dict[str, list[dict]], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in splits.items():
         path = out_dir / f"{name}.jsonl"
@@ -113,12 +150,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=2021)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "dates")
+    parser.add_argument("--chat-out", type=Path, default=Path(__file__).parent / "dates_chat")
     parser.add_argument("--baseline", type=int, metavar="N", help="score the untuned model on N test rows")
     args = parser.parse_args()
     if args.baseline:
         score_untuned(args.out / "test.jsonl", args.baseline)
     else:
-        write_splits(make_splits(args.seed), args.out)
+        splits = make_splits(args.seed)
+        write_splits(splits, args.out)
+        write_splits({"train": make_chat_rows(args.seed, splits)}, args.chat_out)
 
 
 if __name__ == "__main__":

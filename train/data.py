@@ -14,6 +14,10 @@ The prompt part of a conversation is tokenized exactly as inference prompts the 
 `apply_chat_template(conversation[:-1], add_generation_prompt=True)`, and a template for
 which that is not a prefix of the full conversation is refused rather than guessed around.
 
+A split is one or more sources (`data.train` / `data.validation`), each in its own format:
+every source is read, sampled (`max_rows`: a seeded random sample), tokenized, fitted to
+training.max_length and weighted (`weight`: how many times each row is used) on its own, and
+the split is their concatenation; a table of rows and token lengths per source is printed.
 Relative data paths in a recipe are taken from the current directory, like any other path
 given on the command line.
 
@@ -27,57 +31,134 @@ already fitted to `training.max_length`; TRL refuses a max_length it would not e
 from __future__ import annotations
 
 import logging
+import random
+import statistics
+from dataclasses import dataclass
 from typing import Any
 
-from infer.records import RecordsError, chat_ids, load_records, plain_prompt, problem_report, through_end_of_turn
+from infer.records import (RecordsError, chat_ids, normalize_rows, plain_prompt, problem_report, read_rows,
+                           through_end_of_turn)
 
 log = logging.getLogger(__name__)
 
 
-def build_datasets(recipe, tokenizer, *, train_rows: Any = None) -> dict[str, Any]:
+@dataclass
+class SourceReport:
+    """What one source contributed to a split, printed before training."""
+
+    label: str  # data.train[1]: path
+    format: str
+    rows: int  # rows in the file
+    sampled: int  # after max_rows
+    lengths: list[int]  # tokens per sampled row, before fitting to max_length
+    truncated: int = 0
+    dropped: int = 0
+    used: int = 0  # after dropping and weighting: the rows this source puts in the split
+    weight: float = 1.0
+    template: bool = False
+
+
+def build_datasets(recipe, tokenizer, *, train_rows: Any = None, report: bool = True) -> dict[str, Any]:
     """{"train": Dataset, "validation": Dataset (when configured)} of input_ids + completion_mask.
 
-    `train_rows` (a list of dicts, a Dataset, or a path) replaces `recipe.data.train`,
-    for callers that already hold the rows.
+    Each split is the concatenation of its sources (`data.train` / `data.validation`), each read,
+    sampled (max_rows), tokenized, fitted to training.max_length and weighted on its own. With
+    `report`, a table of rows and token lengths per source is printed. `train_rows` (a list of
+    dicts, a Dataset, or a path) replaces `recipe.data.train`, for callers that already hold the rows.
     """
     import datasets
 
+    from train.recipe import DataSource
+
     data = recipe.data
     use_template = uses_chat_template(data.chat_template, tokenizer)
-    sources = {"train": data.train if train_rows is None else train_rows}
+    splits = {"train": data.train}
+    if train_rows is not None:
+        splits["train"] = [DataSource(path="<rows>", format=data.format, fields=data.fields, max_rows=data.max_rows)]
     if data.validation:
-        sources["validation"] = data.validation
+        splits["validation"] = data.validation
     out = {}
-    for split, source in sources.items():
-        fmt, items, origins = load_records(
-            source, data.format, data.fields, data.system_prompt, limit=data.max_rows
-        )
-        label = ", ".join(source) if _is_path_list(source) else str(source) if isinstance(source, str) else split
-        if fmt == "text" and data.system_prompt:
-            log.warning("%s: data.system_prompt is ignored for text rows (they are not conversations)", label)
-        examples, problems = [], []
-        for origin, item in zip(origins, items):
-            try:
-                if fmt == "text":
-                    examples.append(encode_text(tokenizer, item))
-                else:
-                    examples.append(
-                        encode_conversation(tokenizer, item, chat_template=use_template, loss_on=data.loss_on)
-                    )
-            except RecordsError as exc:
-                problems.append(f"{origin}: {exc}")
-        if problems:
-            raise RecordsError(problem_report(label, problems))
-        fitted = fit_to_length(examples, origins, recipe.training.max_length, data.overlong, split=split)
+    for split, sources in splits.items():
+        examples, reports = [], []
+        for i, source in enumerate(sources):
+            label = f"data.{split}[{i}]: {source.path}" if len(sources) > 1 else f"data.{split}: {source.path}"
+            rows = train_rows if train_rows is not None else source.path
+            part, source_report = build_source(recipe, tokenizer, source, rows, label, use_template=use_template)
+            examples += part
+            reports.append(source_report)
         out[split] = datasets.Dataset.from_dict(
-            {"input_ids": [ids for ids, _ in fitted], "completion_mask": [mask for _, mask in fitted]}
+            {"input_ids": [ids for ids, _ in examples], "completion_mask": [mask for _, mask in examples]}
         )
-        log.info("%s: %d rows (%s format, chat template %s)", split, len(fitted), fmt, "on" if use_template else "off")
+        if report:
+            print(format_report(split, reports, recipe.training.max_length, data.overlong), flush=True)
     return out
 
 
-def _is_path_list(source: Any) -> bool:
-    return isinstance(source, (list, tuple)) and bool(source) and all(isinstance(s, str) for s in source)
+def build_source(recipe, tokenizer, source, rows: Any, label: str, *, use_template: bool):
+    """One source's examples (ids, mask), sampled, fitted and weighted, and its report."""
+    data, seed = recipe.data, recipe.training.seed
+    try:
+        read = read_rows(rows)
+    except RecordsError as exc:  # its message names the file already
+        raise RecordsError(f"{label.partition(': ')[0]}: {exc}") from None
+    total = len(read)
+    if source.max_rows is not None and source.max_rows < total:
+        # A seeded random sample: the first N rows of a file are often sorted by topic or length.
+        keep = sorted(random.Random(f"{seed}:{source.path}").sample(range(total), source.max_rows))
+        origins = [read.origins[i] for i in keep]
+        read = type(read)([read[i] for i in keep], origins)
+    fmt, items = normalize_rows(read, source.format, source.fields, data.system_prompt, source=label)
+    if fmt == "text" and data.system_prompt:
+        log.warning("%s: data.system_prompt is ignored for text rows (they are not conversations)", label)
+    examples, problems = [], []
+    for origin, item in zip(read.origins, items):
+        try:
+            if fmt == "text":
+                examples.append(encode_text(tokenizer, item))
+            else:
+                examples.append(encode_conversation(tokenizer, item, chat_template=use_template, loss_on=data.loss_on))
+        except RecordsError as exc:
+            problems.append(f"{origin}: {exc}")
+    if problems:
+        raise RecordsError(problem_report(label, problems))
+    report = SourceReport(label=label, format=fmt, rows=total, sampled=len(examples),
+                          lengths=[len(ids) for ids, _ in examples], weight=source.weight,
+                          template=use_template and fmt != "text")
+    fitted = fit_to_length(examples, read.origins, recipe.training.max_length, data.overlong, split=label,
+                           counts=report)
+    weighted = apply_weight(fitted, source.weight, random.Random(f"{seed}:{source.path}:weight"))
+    if not weighted:
+        raise RecordsError(f"{label}: weight {source.weight:g} leaves none of its {len(fitted)} rows; raise it")
+    report.used = len(weighted)
+    return weighted, report
+
+
+def apply_weight(examples: list, weight: float, rng: random.Random) -> list:
+    """Every example int(weight) times, plus a random fraction(weight) of them once more."""
+    whole, fraction = divmod(weight, 1.0)
+    extra = round(fraction * len(examples))
+    return examples * int(whole) + [examples[i] for i in sorted(rng.sample(range(len(examples)), extra))]
+
+
+def format_report(split: str, reports: list[SourceReport], max_length: int, overlong: str) -> str:
+    """Rows and token lengths per source, as a table."""
+    total = sum(r.used for r in reports)
+    header = ["source", "format", "rows", "weight", "used", "share", "tokens min/median/max", "truncated", "dropped"]
+    table = [header]
+    for r in reports:
+        rows = f"{r.sampled} of {r.rows}" if r.sampled < r.rows else str(r.rows)
+        lengths = f"{min(r.lengths)} / {statistics.median(r.lengths):g} / {max(r.lengths)}" if r.lengths else "-"
+        table.append([r.label.partition(": ")[2], r.format, rows,
+                      f"{r.weight:g}", str(r.used), f"{100 * r.used / total:.1f}%" if total else "-", lengths,
+                      str(r.truncated), str(r.dropped)])
+    widths = [max(len(row[c]) for row in table) for c in range(len(header))]
+    template = "on" if any(r.template for r in reports) else "off"
+    lines = [f"data.{split}: {total} rows from {len(reports)} source{'s' if len(reports) != 1 else ''} "
+             f"(chat template {template}, training.max_length {max_length}, data.overlong {overlong})"]
+    for row in table:
+        cells = [cell.ljust(w) if c < 2 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths))]
+        lines.append("  " + "  ".join(cells).rstrip())
+    return "\n".join(lines)
 
 
 def uses_chat_template(setting, tokenizer) -> bool:
@@ -180,8 +261,11 @@ def fit_to_length(
     overlong: str,
     *,
     split: str = "train",
+    counts: SourceReport | None = None,
 ) -> list[tuple[list[int], list[int]]]:
-    """Truncate or drop rows over max_length; drop rows left with no target token."""
+    """Truncate or drop rows over max_length; drop rows left with no target token.
+
+    `counts`, when given, receives how many rows were truncated and dropped."""
     kept, truncated, too_long, no_target = [], [], [], []
     for origin, (ids, mask) in zip(origins, examples):
         if len(ids) > max_length:
@@ -195,6 +279,8 @@ def fit_to_length(
             no_target.append(origin)
             continue
         kept.append((ids, mask))
+    if counts is not None:
+        counts.truncated, counts.dropped = len(truncated), len(too_long) + len(no_target)
     limit = f"training.max_length={max_length}"
     if truncated:
         log.warning("%s: truncated %d row(s) longer than %s (first: %s)", split, len(truncated), limit, truncated[0])

@@ -46,6 +46,7 @@ _FOREIGN_USER_ERRORS = {
     "infer.records.RecordsError",
     "infer.models.ModelSourceError",
     "infer.load.LoadError",
+    "train.chat_templates.ChatTemplateError",
 }
 
 

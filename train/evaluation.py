@@ -30,6 +30,7 @@ def evaluate_after_training(recipe: Recipe, tuned_model, setup: ModelSetup, exam
     Returns the numbers for metrics.json: scores in percent, n, and `samples` example rows.
     """
     from infer.eval import evaluate_model
+    from infer.load import resolve_dtype
 
     ev = recipe.eval
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -39,7 +40,9 @@ def evaluate_after_training(recipe: Recipe, tuned_model, setup: ModelSetup, exam
     kwargs = dict(metric=ev.metric, regex=ev.regex, max_new_tokens=ev.max_new_tokens, compute_loss=False)
 
     started = time.perf_counter()
-    tuned_model.to(device).eval()
+    # In the dtype `python -m infer` loads model/ in (fp32 on CPU, where 16-bit matmuls are slow):
+    # the weights are model/'s, the arithmetic is infer's.
+    tuned_model.to(device=device, dtype=resolve_dtype("auto", torch.device(device))).eval()
     tuned = evaluate_model(tuned_model, tokenizer, examples, name="tuned", **kwargs)
     out: dict[str, Any] = {"data": ev.data, "metric": ev.metric, "n": tuned.n, "tuned": round(tuned.score, 2)}
     base = None

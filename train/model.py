@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from infer.attention import resolve_attn_implementation
-from infer.models import resolve_model
+from infer.models import BUILTIN_MODELS, resolve_model
 from train.recipe import Recipe, RecipeError
 
 log = logging.getLogger(__name__)
@@ -83,10 +84,14 @@ def build_lora_config(recipe: Recipe):
     )
 
 
-def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+def load_tokenizer(path: str, *, trust_remote_code: bool = False, chat_template: Any = "auto"):
+    """The base's tokenizer, with the template data.chat_template names in place of its own."""
     from transformers import AutoTokenizer
 
+    from train.chat_templates import apply_template_setting
+
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    apply_template_setting(tokenizer, chat_template)
     if tokenizer.pad_token is None:
         # Pads never reach the loss (labels are -100 there), so reusing eos is harmless.
         tokenizer.pad_token = tokenizer.eos_token
@@ -95,7 +100,7 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
 
 def load_model(recipe: Recipe) -> ModelSetup:
     """Load the base named by the recipe and prepare it for the recipe's method."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, set_seed
 
     cuda = cuda_available()
     method = recipe.method.type
@@ -124,8 +129,11 @@ def load_model(recipe: Recipe) -> ModelSetup:
         kwargs["quantization_config"] = bnb_config(q.quant_type, q.double_quant, getattr(torch, q.compute_dtype))
         # bitsandbytes quantizes while loading, so the weights must land on the GPU directly.
         kwargs["device_map"] = {"": torch.cuda.current_device()}
+    # training.seed fixes everything random from here on: python, numpy and torch (CPU and CUDA).
+    set_seed(recipe.training.seed)
     model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
-    tokenizer = load_tokenizer(base_path, trust_remote_code=recipe.model.trust_remote_code)
+    tokenizer = load_tokenizer(base_path, trust_remote_code=recipe.model.trust_remote_code,
+                               chat_template=recipe.data.chat_template)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
 
     if method == "qlora":
@@ -137,6 +145,9 @@ def load_model(recipe: Recipe) -> ModelSetup:
     if method in ("lora", "qlora"):
         from peft import get_peft_model
 
+        # Seeded again right before the adapter is built, so its initial matrices depend on the
+        # seed alone, not on how many random numbers loading the base happened to draw.
+        set_seed(recipe.training.seed)
         model = get_peft_model(model, build_lora_config(recipe))
         trainable, total = model.get_nb_trainable_parameters()
         log.info("LoRA: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
@@ -165,12 +176,32 @@ def stored_dtype(path: str, *, trust_remote_code: bool = False) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-def merge_adapter(setup: ModelSetup, adapter_dir) -> Any:
-    """A plain model: a fresh fp32 copy of the base with the LoRA deltas folded in.
+def export_dtype(requested: str, setup: ModelSetup, model_name: str) -> torch.dtype:
+    """The dtype model/ is written in (output.dtype): as asked; for auto, the 16-bit dtype training
+    ran in, else the dtype the base is published in (a builtin's own, or its config's)."""
+    if requested != "auto":
+        return _DTYPES[requested]
+    if setup.weights_dtype in (torch.bfloat16, torch.float16):
+        return setup.weights_dtype
+    if model_name in BUILTIN_MODELS:
+        return getattr(torch, BUILTIN_MODELS[model_name].dtype)
+    return stored_dtype(setup.base_path, trust_remote_code=setup.trust_remote_code)
+
+
+def base_model_reference(model_name: str, base_path: str) -> str:
+    """How adapter/ names its base: a builtin name or hub id as the recipe wrote it (those resolve
+    on any machine, unlike this machine's cache directory); a local directory by its absolute path."""
+    if model_name in BUILTIN_MODELS or not Path(model_name).expanduser().exists():
+        return model_name
+    return str(Path(base_path).resolve())
+
+
+def merge_adapter(setup: ModelSetup, adapter_dir, dtype: torch.dtype) -> Any:
+    """A plain model: a fresh fp32 copy of the base with the LoRA deltas folded in, cast to `dtype`.
 
     The base is reloaded rather than merging into the trained one: under QLoRA the trained
     base is 4-bit, and under bf16 adding the small deltas to bf16 weights would round many of
-    them away. The result is cast to the dtype the base checkpoint was stored in.
+    them away. The sum is rounded once, at the end.
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -178,7 +209,7 @@ def merge_adapter(setup: ModelSetup, adapter_dir) -> Any:
     trust = setup.trust_remote_code
     base = AutoModelForCausalLM.from_pretrained(setup.base_path, dtype=torch.float32, trust_remote_code=trust)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged = merged.to(stored_dtype(setup.base_path, trust_remote_code=trust))
+    merged = merged.to(dtype)
     merged.generation_config = base.generation_config
     merged.eval()
     return merged

@@ -8,12 +8,14 @@ YAML tells us), and for an unknown key the closest valid one.
 from __future__ import annotations
 
 import difflib
+import os
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class RecipeError(ValueError):
@@ -32,21 +34,68 @@ class ModelConfig(Section):
     trust_remote_code: bool = False
 
 
+DataFormat = Literal["auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text"]
+
+
+class DataSource(Section):
+    """One file (or save_to_disk directory) of a split; unset keys take data.format / fields / max_rows."""
+
+    path: str
+    format: Optional[DataFormat] = None
+    fields: Optional[dict[str, str]] = None
+    # A random sample of this many rows (seeded by training.seed), not the first ones in the file.
+    max_rows: Optional[int] = Field(None, gt=0)
+    # How many times each row is used: 2 = every row twice, 0.5 = a random half (seeded).
+    # A source's share of the mix is its rows x weight over the sum of that over all sources.
+    weight: float = Field(1.0, gt=0)
+
+
 class DataConfig(Section):
-    train: Union[str, list[str]] = Field(..., description="JSON/JSONL file(s) or a dataset directory")
-    validation: Optional[Union[str, list[str]]] = None
-    # auto detects from the first row's fields.
-    format: Literal["auto", "messages", "prompt_completion", "alpaca", "text"] = "auto"
+    # A path, a {path, format, fields, max_rows, weight} mapping, or a list of either: the split
+    # is every source's rows, each read, sampled and weighted on its own.
+    train: list[DataSource] = Field(..., min_length=1, description="JSON/JSONL file(s) or a dataset directory")
+    validation: Optional[list[DataSource]] = Field(None, min_length=1)
+    # The defaults for sources that do not set their own. auto detects from the first row's fields.
+    format: DataFormat = "auto"
     # Canonical field -> the dataset's field, e.g. {prompt: question, completion: answer}.
     fields: dict[str, str] = Field(default_factory=dict)
     system_prompt: Optional[str] = None
-    # auto: use the tokenizer's chat template when it has one.
-    chat_template: Union[Literal["auto"], bool] = "auto"
+    # auto: the tokenizer's template when it has one; true: it must have one; false: plain prompt +
+    # completion text; chatml | llama3 | zephyr, or a .jinja file: that template (train/chat_templates.py).
+    chat_template: Union[bool, str] = "auto"
     # completion: loss only on completion / assistant tokens; all: every token.
     loss_on: Literal["completion", "all"] = "completion"
     max_rows: Optional[int] = Field(None, gt=0)
     # Rows longer than training.max_length: truncate them, or drop them with a warning.
     overlong: Literal["truncate", "drop"] = "truncate"
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, value):
+        from train.chat_templates import check_template_setting
+
+        check_template_setting(value)
+        return value
+
+    @field_validator("train", "validation", mode="before")
+    @classmethod
+    def _as_sources(cls, value):
+        if value is None:
+            return value
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [{"path": os.fspath(item)} if isinstance(item, (str, os.PathLike)) else item for item in items]
+
+    @model_validator(mode="after")
+    def _fill_source_defaults(self):
+        # Written out per source, so the run directory's recipe.yaml says what each one used.
+        for source in [*self.train, *(self.validation or [])]:
+            if source.format is None:
+                source.format = self.format
+            if source.fields is None:
+                source.fields = dict(self.fields)
+            if source.max_rows is None:
+                source.max_rows = self.max_rows
+        return self
 
 
 class LoraConfig(Section):
@@ -102,10 +151,24 @@ class TrainingConfig(Section):
     attn_implementation: Literal["auto", "flash_attention_2", "varlen_fa2", "sdpa", "eager"] = "auto"
     # auto: bf16 on a GPU that supports it, fp32 on CPU.
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # Experiment trackers by transformers' names (tensorboard, wandb, mlflow, ...), none, or all
+    # (every one installed). Offline by default: train/trackers.py.
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
     logging_steps: int = Field(1, gt=0)
     save_steps: int = Field(50, gt=0)
     save_total_limit: int = Field(2, gt=0)
     eval_steps: Optional[int] = Field(None, gt=0)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_list(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, names: list[str]) -> list[str]:
+        check_tracker_names(names)
+        return [] if names == ["none"] else names
 
     @model_validator(mode="after")
     def _packing_needs_padding_free(self):
@@ -114,11 +177,33 @@ class TrainingConfig(Section):
         return self
 
 
+def check_tracker_names(names: list[str]) -> None:
+    """ValueError naming a tracker transformers does not know."""
+    if "none" in names and len(names) > 1:
+        raise ValueError(f"none means no tracker; it cannot be combined with {[n for n in names if n != 'none']}")
+    # tensorboard is in every transformers version's list; checking any other name imports
+    # transformers (seconds), so only a recipe that names one pays for it.
+    rest = [n for n in names if n not in ("none", "all", "tensorboard")]
+    if not rest:
+        return
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    known = sorted(INTEGRATION_TO_CALLBACK)
+    bad = [n for n in rest if n not in known]
+    if bad:
+        hints = [f"{n!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(n, known, n=1)) else repr(n)
+                 for n in bad]
+        raise ValueError(f"unknown tracker {', '.join(hints)}; transformers supports {', '.join(known)}, "
+                         "or none / all")
+
+
 class OutputConfig(Section):
     dir: str = "runs"  # the run directory is <dir>/<name>
     overwrite: bool = False
     merge: bool = True  # write merged weights to model/ (LoRA is also kept in adapter/)
-    tensorboard: bool = True
+    # The dtype of model/'s weights. auto: bf16 / fp16 when training ran in it, else the dtype the
+    # base model is published in (bf16 for the builtin SmolLM2); fp32 keeps full precision.
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
 
 class EvalConfig(Section):
@@ -240,13 +325,26 @@ def _suggest(loc: tuple[str, ...]) -> str | None:
     """The closest valid key at the same place as an unknown key, as a dotted path."""
     model: type[BaseModel] = Recipe
     for part in loc[:-1]:
+        if part.isdigit():  # an item of a list of sections, e.g. data.train.1.weight
+            continue
         field = model.model_fields.get(part)
-        sub = getattr(field, "annotation", None) if field else None
-        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+        sub = _section_type(getattr(field, "annotation", None)) if field else None
+        if sub is None:
             return None
         model = sub
     match = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.5)
     return ".".join(loc[:-1] + (match[0],)) if match else None
+
+
+def _section_type(annotation) -> type[BaseModel] | None:
+    """The section model an annotation holds: itself, or inside Optional[...] / list[...]."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def _key_lines(text: str) -> dict[tuple, int]:
@@ -263,6 +361,10 @@ def _key_lines(text: str) -> dict[tuple, int]:
                 path = prefix + (str(key_node.value),)
                 out[path] = key_node.start_mark.line + 1
                 walk(value_node, path)
+        elif isinstance(node, yaml.SequenceNode):  # list items by index, as pydantic names them
+            for i, item in enumerate(node.value):
+                out[prefix + (str(i),)] = item.start_mark.line + 1
+                walk(item, prefix + (str(i),))
 
     walk(root, ())
     return out

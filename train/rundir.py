@@ -5,7 +5,8 @@
       model/           merged, loadable weights + tokenizer + chat template + generation config
       adapter/         LoRA adapter (lora / qlora only)
       checkpoints/     trainer checkpoints for --resume
-      tensorboard/     TensorBoard event files (output.tensorboard)
+      tensorboard/     TensorBoard event files (training.report_to: tensorboard)
+      wandb/, mlruns/  offline wandb runs, the MLflow file store (when report_to names them)
       metrics.jsonl    one line per logged step; metrics.json: the summary
       loss.png         loss curve
       manifest.json    what is inside and how it was made; written last
@@ -91,16 +92,15 @@ def describe_data_source(source: str) -> dict[str, Any]:
     return {"path": str(path), "sha256": None, "note": "not a local file"}
 
 
-def _as_list(value: str | list[str] | None) -> list[str]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else list(value)
-
-
 def dataset_hashes(recipe: Recipe) -> dict[str, list[dict[str, Any]]]:
+    """Each source of each split: its file's hash, and how it was read (format, max_rows, weight)."""
+    def describe(source) -> dict[str, Any]:
+        how = {"format": source.format, "max_rows": source.max_rows, "weight": source.weight}
+        return {**describe_data_source(source.path), **how}
+
     out = {
-        "train": [describe_data_source(s) for s in _as_list(recipe.data.train)],
-        "validation": [describe_data_source(s) for s in _as_list(recipe.data.validation)],
+        "train": [describe(s) for s in recipe.data.train],
+        "validation": [describe(s) for s in recipe.data.validation or []],
     }
     if recipe.eval.data:
         out["eval"] = [describe_data_source(recipe.eval.data)]
@@ -311,10 +311,17 @@ class RunDir:
             shutil.rmtree(final)
         staging.rename(final)
 
-    def export_adapter(self, peft_model) -> None:
+    def export_adapter(self, peft_model, tokenizer, *, base_model: str, revision: str | None = None) -> None:
+        """Save the LoRA adapter with the tokenizer (and its chat template) beside it, naming its base
+        as `base_model` (peft would write the local directory the base was loaded from)."""
         staging = Path(tempfile.mkdtemp(dir=self.path, prefix=".adapter-"))
         try:
             peft_model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            config_file = staging / "adapter_config.json"
+            config = json.loads(config_file.read_text())
+            config.update(base_model_name_or_path=base_model, revision=revision)
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             self._install_dir(staging, self.adapter_dir)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -334,8 +341,8 @@ class RunDir:
             raise
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        contents = [name for name in ("recipe.yaml", "model", "adapter", "checkpoints", "tensorboard",
-                                      "metrics.jsonl", "metrics.json", "loss.png")
+        contents = [name for name in ("recipe.yaml", "model", "adapter", "checkpoints", "tensorboard", "wandb",
+                                      "mlruns", "metrics.jsonl", "metrics.json", "loss.png")
                     if (self.path / name).exists()]
         manifest = {"format": "tunewright-run/1", "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "contents": contents + ["manifest.json"], **manifest}
@@ -344,11 +351,21 @@ class RunDir:
 
 def _fix_generation_config(model, tokenizer) -> None:
     """Generation must stop at the chat template's end-of-turn token and know the pad token."""
+    from train.chat_templates import end_of_turn_id
+
     gen = model.generation_config
     eos: Iterable[int] | int | None = gen.eos_token_id
     eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
         eos_ids.insert(0, tokenizer.eos_token_id)
+    # What the model was trained to end a turn with, when that is not eos (e.g. a template set by
+    # data.chat_template); training only uses templates whose turns end on such a token.
+    try:
+        end = end_of_turn_id(tokenizer) if getattr(tokenizer, "chat_template", None) else None
+    except Exception:  # a template that cannot render the probe conversation was not trained on either
+        end = None
+    if end is not None and end not in eos_ids:
+        eos_ids.append(end)
     gen.eos_token_id = eos_ids[0] if len(eos_ids) == 1 else eos_ids
     if gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id

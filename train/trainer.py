@@ -21,10 +21,11 @@ from transformers import TrainerCallback
 
 from train.callbacks import MetricsRecorder, ProgressBar, StopOnSignal
 from train.errors import DiskFullError, TrainingDiverged, is_disk_full
-from train.model import ModelSetup, load_model, merge_adapter
+from train.model import ModelSetup, base_model_reference, export_dtype, load_model, merge_adapter
 from train.recipe import Recipe
 from train.resume import ApplyLearningRate, check_recipe_changes, finished_step
 from train.rundir import RunDir, atomic_write_json, dataset_hashes, library_versions
+from train.trackers import Trackers, eval_metrics, find_trackers, offline_environment, resolve_trackers
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,10 @@ def build_sft_config(recipe: Recipe, setup: ModelSetup, run: RunDir, *, has_vali
         save_total_limit=t.save_total_limit,
         eval_strategy="steps" if evaluate_every else "no",
         eval_steps=t.eval_steps if evaluate_every else None,
-        report_to="none",  # TensorBoard is added as a callback that writes into the run directory
+        # The trackers (training.report_to) are added as one callback (train.trackers): TensorBoard
+        # writes into the run directory, and their end waits for the after-training eval scores.
+        report_to="none",
+        run_name=recipe.name,
         disable_tqdm=True,  # our own bar shows loss and tokens/s
         dataloader_num_workers=0,
         dataloader_pin_memory=setup.device.startswith("cuda"),  # pinned pages only speed up copies to a GPU
@@ -94,9 +98,11 @@ def build_sft_config(recipe: Recipe, setup: ModelSetup, run: RunDir, *, has_vali
     )
 
 
-def build_trainer(recipe: Recipe, setup: ModelSetup, datasets: dict, run: RunDir, *,
+def build_trainer(recipe: Recipe, setup: ModelSetup, datasets: dict, run: RunDir, trackers: Sequence[str] = (), *,
                   tokens_offset: int = 0, callbacks: Sequence = ()):
-    """The SFTTrainer plus the callbacks the pipeline reads back (metrics recorder, signal stopper)."""
+    """The SFTTrainer plus the callbacks the pipeline reads back (metrics recorder, signal stopper).
+
+    `trackers`: the names resolve_trackers returned for training.report_to."""
     from transformers import PrinterCallback
     from trl import SFTTrainer
 
@@ -106,15 +112,8 @@ def build_trainer(recipe: Recipe, setup: ModelSetup, datasets: dict, run: RunDir
     from train.speed import speed_callback
 
     extra = [recorder, ProgressBar(recorder), stopper, speed_callback(**speed_settings(recipe, setup))]
-    if recipe.output.tensorboard:
-        from transformers.integrations import TensorBoardCallback, is_tensorboard_available
-
-        if is_tensorboard_available():
-            tensorboard = TensorBoardCallback()
-            tensorboard.logging_dir = str(run.tensorboard_dir)  # default would be inside checkpoints/
-            extra.append(tensorboard)
-        else:
-            log.warning("output.tensorboard is on but tensorboard is not installed: no TensorBoard logs")
+    if trackers:
+        extra.append(Trackers(trackers, run.tensorboard_dir))
     trainer = SFTTrainer(
         model=setup.model,
         args=args,
@@ -174,6 +173,7 @@ def _train_planned(recipe: Recipe, plan, recipe_path: str, overrides: Sequence[s
         if step is not None:
             summary = json.loads(run.metrics_json.read_text()) if run.metrics_json.is_file() else {}
             return RunResult(run.path, "completed", step, summary)
+    trackers = resolve_trackers(recipe.training.report_to)  # a tracker that is not installed fails here
     eval_examples = None
     if recipe.eval.data:
         from train.evaluation import load_eval_examples
@@ -202,8 +202,20 @@ def _train_planned(recipe: Recipe, plan, recipe_path: str, overrides: Sequence[s
     extra = [guard, *callbacks]
     if checkpoint is not None:
         extra.append(ApplyLearningRate(recipe.training.learning_rate))
-    trainer, recorder, stopper = build_trainer(recipe, setup, datasets, run,
-                                               tokens_offset=tokens_offset, callbacks=extra)
+    with offline_environment(trackers, run.path):
+        trainer, recorder, stopper = build_trainer(recipe, setup, datasets, run, trackers,
+                                                   tokens_offset=tokens_offset, callbacks=extra)
+        try:
+            return _train_and_export(recipe, plan, setup, datasets, trainer, recorder, stopper, guard,
+                                     eval_examples, command, overrides)
+        finally:
+            if (group := find_trackers(trainer)) is not None:
+                group.finish(trainer)  # also when training failed or was interrupted
+
+
+def _train_and_export(recipe: Recipe, plan, setup: ModelSetup, datasets: dict, trainer, recorder, stopper,
+                      guard, eval_examples, command: str, overrides: Sequence[str]) -> RunResult:
+    run, checkpoint = plan.work, plan.checkpoint
     started = time.perf_counter()
     stopper.install()
     try:
@@ -255,6 +267,10 @@ def _train_planned(recipe: Recipe, plan, recipe_path: str, overrides: Sequence[s
         from train.evaluation import evaluate_after_training
 
         summary["eval"] = evaluate_after_training(recipe, final_model, setup, eval_examples)
+    if (group := find_trackers(trainer)) is not None:
+        if summary.get("eval"):
+            group.log(trainer, eval_metrics(summary["eval"]))
+        group.finish(trainer)  # the trackers' files are complete before the run is
 
     summary["status"] = "completed"
     summary["after_training_seconds"] = round(time.perf_counter() - started - train_seconds, 2)
@@ -323,16 +339,21 @@ def _match_prompt_format(recipe: Recipe, tokenizer) -> None:
 
 
 def _export(recipe: Recipe, setup: ModelSetup, trainer, run: RunDir):
-    """Write adapter/ and model/; return the model that model/ holds (None when not written)."""
+    """Write adapter/ and model/; return the model that model/ holds (None when not written).
+
+    A full fine-tune is cast to output.dtype in place: what is scored afterwards is what model/ holds."""
     model = trainer.model
     model.eval()
+    dtype = export_dtype(recipe.output.dtype, setup, recipe.model.name)
     if setup.method == "full":
+        model.to(dtype)
         run.export_model(model, setup.tokenizer)
         return model
-    run.export_adapter(model)
+    run.export_adapter(model, setup.tokenizer, base_model=base_model_reference(recipe.model.name, setup.base_path),
+                       revision=recipe.model.revision)
     if not recipe.output.merge:
         return None
-    merged = merge_adapter(setup, run.adapter_dir)
+    merged = merge_adapter(setup, run.adapter_dir, dtype)
     run.export_model(merged, setup.tokenizer)
     return merged
 
@@ -376,6 +397,8 @@ def _manifest(recipe: Recipe, setup: ModelSetup, summary: dict, checkpoint) -> d
             "attn_implementation": setup.attn_implementation,
             "precision": setup.precision,
             "weights_dtype": str(setup.weights_dtype).removeprefix("torch."),
+            "model_dtype": (str(export_dtype(recipe.output.dtype, setup, recipe.model.name)).removeprefix("torch.")
+                            if setup.method == "full" or recipe.output.merge else None),  # model/'s weights
             "device": setup.device,
             "gradient_checkpointing": speed["checkpoint"],  # none | all | auto (per micro-batch)
             "padding_free": t.padding_free,

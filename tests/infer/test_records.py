@@ -101,6 +101,7 @@ def test_empty_file_is_an_error(tmp_path):
     "row, fmt",
     [
         ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "messages"),
+        ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}, "sharegpt"),
         ({"prompt": "p", "completion": "c"}, "prompt_completion"),
         ({"instruction": "i", "input": "", "output": "o"}, "alpaca"),
         ({"text": "t"}, "text"),
@@ -187,6 +188,39 @@ def test_bad_messages_rows(tmp_path):
     assert "chats: row 3: the last message must be the assistant's answer, but 'messages' ends with a 'user' turn" in message
     assert "chats: row 4: messages[0]: assistant turn before any user turn" in message
     assert "chats: row 5: field 'messages' must be a non-empty list" in message
+
+
+def test_sharegpt_rows_become_conversations():
+    row = {"conversations": [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "2+2?"},
+        {"from": "gpt", "value": "4"},
+        {"from": "user", "value": "And 3+3?"},  # some exports use the plain role names
+        {"from": "assistant", "value": "6"},
+    ]}
+    assert to_conversation(row, "sharegpt") == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3+3?"},
+        {"role": "assistant", "content": "6"},
+    ]
+    mapped = {"dialog": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    assert to_conversation(mapped, "sharegpt", {"conversations": "dialog"})[1] == {"role": "assistant", "content": "a"}
+
+
+def test_bad_sharegpt_rows(tmp_path):
+    rows = [
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]},
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt"}]},
+        {"conversations": [{"from": "human", "value": "q"}]},
+    ]
+    with pytest.raises(RecordsError) as info:
+        normalize_rows(rows, "sharegpt", source="chats")
+    message = str(info.value)
+    assert "chats: row 0: conversations[1]: from must be one of human, gpt, system, user, assistant, got 'bot'" in message
+    assert "chats: row 1: conversations[1]: value must be a string, got nothing" in message
+    assert "chats: row 2: the last message must be the assistant's answer, but 'conversations' has no" in message
 
 
 def test_problem_list_is_capped_with_a_count(tmp_path):

@@ -242,7 +242,7 @@ def test_gpu_default_recipe_trains_padding_free_through_varlen_and_matches_sdpa_
     base = os.environ.get("TUNEWRIGHT_GPU_BASE") or str(fetch_builtin(DEFAULT_MODEL))
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml"
     common = [f"model.name={base}", "training.max_steps=30", "eval.data=null", f"output.dir={tmp_path}",
-              "output.merge=false", "output.tensorboard=false", "training.save_steps=1000"]
+              "output.merge=false", "training.report_to=none", "training.save_steps=1000"]
     auto = train_recipe(load_recipe(recipe, common + ["name=auto"]))
     ref = train_recipe(load_recipe(recipe, common + [
         "name=sdpa_padded", "training.attn_implementation=sdpa", "training.padding_free=false",

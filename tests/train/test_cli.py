@@ -6,6 +6,7 @@ overrides in any order, torchrun refused, bench cleaning up after itself."""
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,8 +38,8 @@ def write_recipe(tmp_path, model_dir, data_file, *, name="run", **sections) -> P
         "data": {"train": str(data_file)},
         "method": {"type": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
         "training": {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-2, "lr_scheduler": "constant",
-                     "save_steps": 1, "max_length": 64},
-        "output": {"dir": str(tmp_path / "runs"), "tensorboard": False},
+                     "save_steps": 1, "max_length": 64, "report_to": "none"},
+        "output": {"dir": str(tmp_path / "runs")},
     }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
@@ -317,6 +319,48 @@ def test_resume_finished_run_changed_recipe_and_damaged_checkpoint(tmp_path, tin
     assert json.loads((run / "manifest.json").read_text())["training"]["steps"] == 3
 
 
+# ---------------------------------------------------------------- reproducibility
+
+
+def test_the_same_recipe_twice_gives_the_same_losses_and_weights(tmp_path, tiny_model_dir, data_file, capsys):
+    """training.seed fixes the adapter's initial matrices, LoRA dropout and the data order: two runs
+    in one process (the second starts from whatever random state the first left) agree bit for bit."""
+    from safetensors.torch import load_file
+
+    recipe = write_recipe(tmp_path, tiny_model_dir, data_file, method={"lora": {"r": 4, "alpha": 8, "dropout": 0.2}},
+                          training={"max_steps": 2, "batch_size": 2, "save_steps": 100})
+    runs = []
+    for name in ("first", "second"):
+        code, _, err = run_main(capsys, recipe, f"name={name}")
+        assert code == 0, err
+        runs.append(tmp_path / "runs" / name)
+    metrics = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in runs]
+    # The step-1 loss is the same whatever the adapter's A matrices are (B starts at zero); the
+    # gradient norm and every later loss are not.
+    for key in ("loss", "grad_norm"):
+        assert [row[key] for row in metrics[0]] == [row[key] for row in metrics[1]], key
+    for part in ("adapter/adapter_model.safetensors", "model/model.safetensors"):
+        first, second = (load_file(run / part) for run in runs)
+        assert first.keys() == second.keys()
+        for key in first:
+            assert torch.equal(first[key], second[key]), f"{part}: {key}"
+
+
+# ---------------------------------------------------------------- experiment trackers
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(p) for p in ("wandb", "mlflow")), reason="checks a missing tracker")
+@pytest.mark.parametrize("flag", ["--dry-run", None])
+def test_a_tracker_that_is_not_installed_fails_before_anything_runs(flag, tmp_path, tiny_model_dir, data_file,
+                                                                    capsys):
+    recipe = write_recipe(tmp_path, tiny_model_dir, data_file)
+    code, _, err = run_main(capsys, recipe, "training.report_to=[tensorboard, wandb, mlflow]", *[flag] * bool(flag))
+    assert code == 2
+    assert_one_error(err, "training.report_to: wandb, mlflow are not installed",
+                     "(pip install wandb mlflow), or leave them out of training.report_to")
+    assert not (tmp_path / "runs" / "run").exists()
+
+
 # ---------------------------------------------------------------- the command line itself
 
 
@@ -334,6 +378,18 @@ def test_dry_run_reads_the_data(tmp_path, tiny_model_dir, data_file, capsys):
     code, _, err = run_main(capsys, write_recipe(tmp_path, tiny_model_dir, data_file), "--dry-run")
     assert code == 2
     assert_one_error(err, "echo.jsonl:2: field 'prompt' must be a string")
+
+
+def test_dry_run_of_the_mixed_sources_recipe_prints_what_each_source_gives(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # the recipe's data paths are relative to the repository
+    code, out, err = run_main(capsys, "recipes/mixed_sources.yaml", "--dry-run")
+    assert code == 0, err
+    table = out.split("data.train: ")[1].splitlines()
+    assert table[0].startswith("1000 rows from 2 sources")
+    assert table[2].split()[:8] == ["data/dates/train.jsonl", "prompt_completion", "600", "of", "1000", "1", "600",
+                                    "60.0%"]
+    assert table[3].split()[:6] == ["data/dates_chat/train.jsonl", "sharegpt", "200", "2", "400", "40.0%"]
+    assert "# checked: eval 200 rows, train 1000 rows, validation 100 rows" in out
 
 
 def test_console_command_dispatches_train_and_infer(capsys):

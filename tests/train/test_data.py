@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import statistics
+from collections import Counter
 
 import datasets
 import pytest
@@ -109,7 +111,7 @@ def test_loss_on_all_counts_prompt_tokens_too(tokenizer):
     assert mask == [1] * len(ids)
 
 
-def test_overlong_rows_truncate_or_drop_with_counts(tokenizer, tmp_path, caplog):
+def test_overlong_rows_truncate_or_drop_with_counts(tokenizer, tmp_path, caplog, capsys):
     rows = [
         {"prompt": "Hi", "completion": "Hello there, friend."},  # fits
         {"prompt": "Hi", "completion": " ".join(["word"] * 40)},  # answer runs past the limit
@@ -127,6 +129,8 @@ def test_overlong_rows_truncate_or_drop_with_counts(tokenizer, tmp_path, caplog)
     assert "truncated 2 row(s)" in caplog.text
     assert f"dropped 1 row(s) with no loss tokens left within training.max_length={max_length}" in caplog.text
     assert f"{train}:3" in caplog.text
+    source_line = next(line for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith(train))
+    assert source_line.split()[-2:] == ["2", "1"]  # truncated, dropped
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="train.data"):
@@ -154,6 +158,55 @@ def test_max_rows_system_prompt_and_validation_split(tokenizer, tmp_path):
     assert "Answer tersely." in text and "named SmolLM" not in text  # replaces the template's default
     no_validation = recipe({"train": data.data.train, "fields": data.data.fields})
     assert sorted(build_datasets(no_validation, tokenizer)) == ["train"]
+
+
+def test_sources_of_different_formats_are_sampled_weighted_and_reported(tokenizer, tmp_path, capsys):
+    completions = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(20)])
+    chats = write_jsonl(tmp_path / "chat.jsonl", [
+        {"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]} for i in range(4)
+    ])
+
+    def answers(seed=42):
+        data = recipe({"train": [{"path": completions, "max_rows": 5},
+                                 {"path": chats, "format": "sharegpt", "weight": 2.5}]}, seed=seed)
+        rows = build_datasets(data, tokenizer)["train"]
+        return [targets(tokenizer, r["input_ids"], r["completion_mask"]).removesuffix("<|im_end|>") for r in rows]
+
+    first = answers()
+    sampled = [a for a in first if a.startswith("c")]
+    assert len(sampled) == 5 and sampled != ["c0", "c1", "c2", "c3", "c4"]  # a random sample, not the head
+    assert answers() == first  # ... fixed by training.seed
+    assert [a for a in answers(seed=7) if a.startswith("c")] != sampled
+    # weight 2.5: every conversation twice, and a random half of them a third time.
+    assert sorted(Counter(a for a in first if a.startswith("a")).values()) == [2, 2, 3, 3]
+
+    report = capsys.readouterr().out.split("data.train: ")[1].splitlines()
+    assert report[0].startswith("15 rows from 2 sources (chat template on")
+    rows = build_datasets(recipe({"train": completions}), tokenizer)["train"]
+    lengths = sorted(len(ids) for ids in rows["input_ids"])
+    assert report[2].split() == [completions, "prompt_completion", "5", "of", "20", "1", "5", "33.3%", *report[2].split()[8:]]
+    assert report[3].split()[:6] == [chats, "sharegpt", "4", "2.5", "10", "66.7%"]
+    # min / median / max tokens of the whole file, as its own report (no max_rows) gives them
+    whole = capsys.readouterr().out.splitlines()[2].split()
+    assert whole[6:11] == [str(lengths[0]), "/", f"{statistics.median(lengths):g}", "/", str(lengths[-1])]
+    assert whole[-2:] == ["0", "0"]  # nothing truncated or dropped
+
+
+def test_a_bad_source_is_named_with_its_row(tokenizer, tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "p", "completion": "c"}])
+    bad = write_jsonl(tmp_path / "chat.jsonl", [
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]},
+    ])
+    with pytest.raises(RecordsError) as info:
+        build_datasets(recipe({"train": [good, bad]}), tokenizer)
+    message = str(info.value)
+    assert message.startswith(f"data.train[1]: {bad} (sharegpt format): 2 problems")
+    assert f"{bad}:2: conversations[1]: from must be one of human, gpt, system, user, assistant, got 'bot'" in message
+    with pytest.raises(RecordsError, match=rf"^data.train\[1\]: data file not found: {tmp_path}/gone.jsonl"):
+        build_datasets(recipe({"train": [good, str(tmp_path / "gone.jsonl")]}), tokenizer)
+    with pytest.raises(RecordsError, match=r"data.train\[0\]: .*weight 0.1 leaves none of its 1 rows"):
+        build_datasets(recipe({"train": [{"path": good, "weight": 0.1}, bad]}), tokenizer)
 
 
 def test_in_memory_dataset_and_saved_directory(tokenizer, tmp_path):

@@ -220,8 +220,8 @@ def one_step(tmp_path, model_dir, data_file, *, batch_size, grad_accum, chunked)
         "method": {"type": "full"},
         "training": {"max_steps": 1, "batch_size": batch_size, "grad_accum": grad_accum, "optimizer": "sgd",
                      "learning_rate": 1.0, "lr_scheduler": "constant", "max_grad_norm": 1e9, "chunked_loss": chunked,
-                     "max_length": 64, "save_steps": 100},
-        "output": {"dir": str(tmp_path / "runs"), "tensorboard": False, "merge": False},
+                     "max_length": 64, "save_steps": 100, "report_to": "none"},
+        "output": {"dir": str(tmp_path / "runs"), "merge": False},
     })
     result = train_recipe(recipe)
     before = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()

@@ -38,17 +38,17 @@ def test_every_shipped_recipe_validates_and_opens_with_its_command(path, monkeyp
     recipe = load_recipe(path)
     first = path.read_text().splitlines()[0]
     assert first.startswith(f"# python -m train recipes/{path.name}"), first
-    for source in [recipe.data.train, recipe.data.validation, recipe.eval.data]:
-        for file in [source] if isinstance(source, str) else source or []:
-            assert Path(file).is_file(), f"{path.name}: {file} does not exist"
+    files = [s.path for s in recipe.data.train + (recipe.data.validation or [])]
+    for file in files + ([recipe.eval.data] if recipe.eval.data else []):
+        assert Path(file).is_file(), f"{path.name}: {file} does not exist"
 
 
 def test_demo_recipe_is_the_dates_job_on_the_builtin_model(monkeypatch):
     monkeypatch.chdir(REPO)
     recipe = load_recipe(REPO / "recipes" / "demo.yaml")
     assert recipe.model.name == "smollm2-135m-instruct"
-    assert recipe.data.train == "data/dates/train.jsonl"
-    assert recipe.data.validation == "data/dates/validation.jsonl"
+    assert [s.path for s in recipe.data.train] == ["data/dates/train.jsonl"]
+    assert [s.path for s in recipe.data.validation] == ["data/dates/validation.jsonl"]
     assert recipe.eval.data == "data/dates/test.jsonl" and recipe.eval.compare_base
 
 
@@ -60,6 +60,34 @@ def test_typo_names_key_file_line_and_suggestion(tmp_path):
     assert f"{path}:5" in msg
     assert "unknown key 'training.learnig_rate'" in msg
     assert "did you mean 'training.learning_rate'" in msg
+
+
+def test_data_sources_take_one_path_or_a_list_and_name_a_bad_key_by_index(tmp_path):
+    path = _write(tmp_path, "name: t\ndata:\n  train: a.jsonl\n  format: alpaca\n  max_rows: 3\n")
+    (source,) = load_recipe(path).data.train  # one path is one source with the data-wide defaults
+    assert (source.path, source.format, source.fields, source.max_rows, source.weight) == ("a.jsonl", "alpaca", {}, 3, 1)
+    path = _write(tmp_path, "name: t\ndata:\n  train:\n    - a.jsonl\n    - path: b.jsonl\n      format: sharegpt\n"
+                            "      weight: 0.5\n")
+    first, second = load_recipe(path).data.train
+    assert (first.format, second.format, second.weight) == ("auto", "sharegpt", 0.5)
+    path = _write(tmp_path, "name: t\ndata:\n  train:\n    - a.jsonl\n    - path: b.jsonl\n      wieght: 2\n"
+                            "      max_rows: 0\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert f"{path}:6: unknown key 'data.train.1.wieght' (did you mean 'data.train.1.weight'?)" in str(err.value)
+    assert f"{path}:7: data.train.1.max_rows: Input should be greater than 0" in str(err.value)
+
+
+def test_report_to_takes_transformers_tracker_names(tmp_path):
+    path = _write(tmp_path, "name: t\ndata:\n  train: a.jsonl\ntraining:\n  report_to: [tensorboard, wandbb]\n")
+    with pytest.raises(RecipeError, match=rf"{path}:5: training.report_to: .*unknown tracker 'wandbb' "
+                                          r"\(did you mean 'wandb'\?\); transformers supports .*mlflow.*tensorboard"):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match=r"training.report_to: .*none means no tracker"):
+        load_recipe(path, ["training.report_to=[none, tensorboard]"])
+    assert load_recipe(path, ["training.report_to=none"]).training.report_to == []
+    assert load_recipe(path, ["training.report_to=mlflow"]).training.report_to == ["mlflow"]  # a string is one name
+    assert load_recipe(_write(tmp_path, "name: t\ndata:\n  train: a.jsonl\n")).training.report_to == ["tensorboard"]
 
 
 def test_all_problems_are_reported_at_once(tmp_path):

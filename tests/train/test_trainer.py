@@ -57,8 +57,8 @@ def tiny_recipe(tmp_path, model_dir, data_file, *, name="tiny", **sections) -> d
         "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
         # batch_size 8 = every row each step: the logged losses are all on the same batch.
         "training": {"max_steps": 8, "batch_size": 8, "learning_rate": 2e-2, "lr_scheduler": "constant",
-                     "save_steps": 100, "max_length": 64},
-        "output": {"dir": str(tmp_path / "runs"), "tensorboard": False},
+                     "save_steps": 100, "max_length": 64, "report_to": "none"},
+        "output": {"dir": str(tmp_path / "runs")},
     }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
@@ -169,10 +169,9 @@ def test_run_learns_and_exports_a_plain_checkpoint(method, lr, tmp_path, model_d
     from train.trainer import train_recipe
 
     raw = tiny_recipe(tmp_path, model_dir, data_file, name=method, method={"type": method},
-                      training={"learning_rate": lr},
+                      training={"learning_rate": lr, "report_to": "tensorboard"},
                       data={"validation": str(data_file)},
-                      eval={"data": str(data_file), "limit": 4, "max_new_tokens": 4, "samples": 1},
-                      output={"tensorboard": True})
+                      eval={"data": str(data_file), "limit": 4, "max_new_tokens": 4, "samples": 1})
     result = train_recipe(validate_recipe(raw))
     run = result.run_dir
     assert result.status == "completed" and result.global_step == 8
@@ -211,6 +210,17 @@ def test_run_learns_and_exports_a_plain_checkpoint(method, lr, tmp_path, model_d
     assert manifest["versions"]["torch"] == version("torch") and manifest["versions"]["trl"] == version("trl")
     assert "model" in manifest["contents"] and manifest["eval"]["tuned"] == summary["eval"]["tuned"]
 
+    # TensorBoard has every step's loss, the validation loss and the after-training eval scores.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    scalars = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert scalars["train/loss"] == pytest.approx([r["loss"] for r in rows])
+    assert scalars["eval/loss"] == pytest.approx([summary["eval_loss"]])
+    assert scalars["eval/exact_match"] == pytest.approx([summary["eval"]["tuned"]])
+    assert scalars["eval/exact_match_base"] == pytest.approx([summary["eval"]["base"]])
+
 
 def test_plain_prompt_run_exports_a_tokenizer_without_the_chat_template(tmp_path, model_dir, data_file):
     """data.chat_template false: model/ must not carry a template the model never saw, so that
@@ -231,6 +241,56 @@ def test_plain_prompt_run_exports_a_tokenizer_without_the_chat_template(tmp_path
     ids, mask = encode_conversation(exported, conversation, chat_template=False)
     prompt = prompt_ids(exported, conversation)
     assert ids[: len(prompt)] == prompt and not any(mask[: len(prompt)])  # inference's prompt = training's
+
+
+def test_outputs_travel_16_bit_model_and_an_adapter_that_names_its_base(tmp_path, tiny_model_dir, data_file):
+    """A base stored in bf16 gives a bf16 model/ (output.dtype: auto), the fp32 one rounded once; adapter/
+    names its base and carries the tokenizer; infer loads the merged model and the adapter alone."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from infer.load import load
+    from train.cli import train_main
+
+    base = tmp_path / "bf16-base"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(base)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(base)
+    path = tmp_path / "travel.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tmp_path, base, data_file, training={"max_steps": 1})))
+    runs = tmp_path / "runs"
+    for dtype in ("auto", "fp32"):
+        assert train_main([str(path), f"name={dtype}", f"output.dtype={dtype}"]) == 0
+    weights = {d: load_file(runs / d / "model" / "model.safetensors") for d in ("auto", "fp32")}
+    assert {t.dtype for t in weights["auto"].values()} == {torch.bfloat16}
+    assert {t.dtype for t in weights["fp32"].values()} == {torch.float32}
+    for key, value in weights["fp32"].items():  # merged in fp32, rounded once
+        assert torch.equal(weights["auto"][key], value.to(torch.bfloat16)), key
+    assert json.loads((runs / "auto" / "manifest.json").read_text())["training"]["model_dtype"] == "bfloat16"
+
+    adapter = runs / "auto" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base.resolve())  # a local base: its absolute path
+    assert (adapter / "tokenizer.json").is_file() and (adapter / "chat_template.jinja").is_file()
+
+    only_adapter = tmp_path / "adapter-only"  # e.g. output.merge: false, or model/ not copied along
+    shutil.copytree(runs / "fp32", only_adapter, ignore=shutil.ignore_patterns("model"))
+    merged, _ = load(runs / "fp32")
+    applied, tokenizer = load(only_adapter, adapter=True)
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(base).chat_template
+    ids = tokenizer("Repeat after me: river", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(applied(ids).logits, merged(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_adapter_names_a_builtin_or_hub_base_as_the_recipe_does(tmp_path, tiny_model_dir):
+    from train.model import base_model_reference
+
+    cache = "/root/.cache/tunewright/models/smollm2-135m-instruct-0.1.2"
+    assert base_model_reference("smollm2-135m-instruct", cache) == "smollm2-135m-instruct"
+    assert base_model_reference("meta-llama/Llama-3.2-1B", "/hub/snapshots/abc") == "meta-llama/Llama-3.2-1B"
+    assert base_model_reference(str(tiny_model_dir), str(tiny_model_dir)) == str(tiny_model_dir.resolve())
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir, data_file):
@@ -306,8 +366,8 @@ def test_default_model_short_lora_run_reloads_and_scores(tmp_path, default_model
         "model": {"name": "smollm2-135m-instruct"},
         "data": {"train": str(REPO / "data/dates/train.jsonl"), "max_rows": 4},
         "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
-        "training": {"max_steps": 2, "batch_size": 2, "learning_rate": 1e-3, "save_steps": 100},
-        "output": {"dir": str(tmp_path / "runs"), "tensorboard": False},
+        "training": {"max_steps": 2, "batch_size": 2, "learning_rate": 1e-3, "save_steps": 100, "report_to": "none"},
+        "output": {"dir": str(tmp_path / "runs")},
         "eval": {"data": str(REPO / "data/dates/test.jsonl"), "limit": 2, "max_new_tokens": 12, "samples": 1},
     }
     result = train_recipe(validate_recipe(raw))
@@ -315,16 +375,21 @@ def test_default_model_short_lora_run_reloads_and_scores(tmp_path, default_model
     run = result.run_dir
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["base_model"]["resolved_path"] == str(default_model_dir)
+    adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "smollm2-135m-instruct"  # not this machine's cache
 
     model = AutoModelForCausalLM.from_pretrained(run / "model").eval()
     tokenizer = AutoTokenizer.from_pretrained(run / "model")
-    assert model.dtype == torch.float32  # the dtype the base checkpoint is stored in
+    assert model.dtype == torch.bfloat16  # the dtype SmolLM2 is published in: half the fp32 bytes
+    assert (run / "model" / "model.safetensors").stat().st_size < 0.55 * (default_model_dir / "model.safetensors").stat().st_size
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Convert this date to ISO 8601 "
                                              "(YYYY-MM-DD): March 5, 2021"}], add_generation_prompt=True,
                                            return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        torch.testing.assert_close(model(**prompt).logits, result.model.eval()(**prompt).logits,
-                                   atol=1e-3, rtol=1e-4)
+    with torch.no_grad():  # the same answer as the trained fp32 model, from weights rounded to bf16
+        exported = model.float()(**prompt).logits[0, -1]
+        trained = result.model.eval()(**prompt).logits[0, -1]
+    assert exported.argmax() == trained.argmax()
+    torch.testing.assert_close(exported, trained, atol=0.5, rtol=0.05)
     scores = json.loads((run / "metrics.json").read_text())["eval"]
     assert scores["n"] == 2 and 0 <= scores["base"] <= 100 and 0 <= scores["tuned"] <= 100
     first = json.loads((REPO / "data/dates/test.jsonl").read_text().splitlines()[0])
