@@ -21,6 +21,7 @@ tables, its metadata keys and its quantizers. What llama.cpp needs beyond a plai
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -57,8 +58,9 @@ def ggml_type(quant: str):
 def file_type(quant: str):
     import gguf
 
-    return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-            "bf16": gguf.LlamaFileType.MOSTLY_BF16}.get(quant) or gguf.LlamaFileType[f"MOSTLY_{quant.upper()}"]
+    if quant == "f32":
+        return gguf.LlamaFileType.ALL_F32
+    return gguf.LlamaFileType[f"MOSTLY_{quant.upper()}"]
 
 
 def check_exportable(config) -> str:
@@ -132,9 +134,11 @@ def write_gguf(model, tokenizer, path, *, quant: str, name: str | None = None) -
     arch_name = check_exportable(config)
     qtype = ggml_type(quant)
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
-    vocab = tokenizer_metadata(tokenizer, model.get_input_embeddings().weight.shape[0], arch_name)
+    vocab = tokenizer_metadata(tokenizer, model.get_input_embeddings().weight.shape[0])
 
     path = Path(path)
+    # Its INFO lines (endianness, shard plan) restate what the export reports itself.
+    logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)
     writer = gguf.GGUFWriter(path, arch_name)
     writer.add_name(name or path.stem)
     writer.add_type(gguf.GGUFType.MODEL)
@@ -246,7 +250,7 @@ def _add(writer, name: str, data: np.ndarray, target, quantize) -> None:
 # ---------------------------------------------------------------- tokenizer
 
 
-def tokenizer_metadata(tokenizer, n_vocab: int, arch_name: str) -> dict:
+def tokenizer_metadata(tokenizer, n_vocab: int) -> dict:
     """Everything llama.cpp needs to tokenize and stop like `tokenizer` does.
 
     n_vocab is the embedding's row count: a vocabulary shorter than it (padded embeddings)
@@ -272,6 +276,10 @@ def tokenizer_metadata(tokenizer, n_vocab: int, arch_name: str) -> dict:
 
     import gguf
 
+    normalizer = (spec.get("normalizer") or {}).get("type")
+    if not byte_fallback and normalizer not in (None, "NFC"):  # NFC (Qwen2): llama.cpp skips it, a no-op on composed text
+        raise ExportError(f"the tokenizer normalizes text ({normalizer}) before splitting; llama.cpp's byte-level "
+                          "tokenizer does not, so prompts would be tokenized differently")
     if byte_fallback:
         kind, pre, add_space = "llama", None, _sentencepiece_space_prefix(spec)
         scores = _merge_scores(merges, id_to_token, n_vocab)
@@ -283,12 +291,12 @@ def tokenizer_metadata(tokenizer, n_vocab: int, arch_name: str) -> dict:
         if token is None:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
+        elif byte_fallback and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            tokens.append(token)  # llama.cpp's byte fallback looks these up by type
+            types.append(gguf.TokenType.BYTE)
         elif i in added:
             tokens.append(token)
             types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
-        elif byte_fallback and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
-            tokens.append(token)
-            types.append(gguf.TokenType.BYTE)
         else:
             tokens.append(token)
             types.append(gguf.TokenType.NORMAL)
@@ -336,6 +344,8 @@ def _byte_level_pre(spec: dict) -> str:
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
+    if any(s.get("type") == "ByteLevel" and s.get("add_prefix_space") for s in steps):
+        raise ExportError("the tokenizer's byte-level pre-tokenizer adds a prefix space, which llama.cpp's does not")
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         return "gpt2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):

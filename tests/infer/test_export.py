@@ -127,6 +127,19 @@ def test_q8_0_stays_within_its_tolerance(tiny_llama, tmp_path):
     assert "| perplexity (fixed texts, 4 rows) |" in card
 
 
+@pytest.mark.parametrize("quant", ["f32", "bf16", "q5_1", "q5_0", "q4_1"])
+def test_every_other_type_writes_and_passes_its_check(tiny_llama, tmp_path, quant):
+    import gguf
+
+    result = export_gguf(tiny_llama, quant=quant, out=tmp_path / quant, ppl_rows=0)
+    assert result.passed, result.proof["failures"]
+    reader = gguf.GGUFReader(result.gguf)
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType[
+        "ALL_F32" if quant == "f32" else f"MOSTLY_{quant.upper()}"]
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.attn_q.weight"] == quant.upper() and kinds["blk.0.attn_norm.weight"] == "F32"
+
+
 def test_chat_template_and_end_of_turn_survive_in_the_metadata(tiny_llama, tmp_path, small_tokenizer):
     import gguf
 
@@ -157,6 +170,36 @@ def test_chat_template_and_end_of_turn_survive_in_the_metadata(tiny_llama, tmp_p
     assert '{{ "<|im_start|>user\\n" }}{{ $m.Content }}{{ "<|im_end|>\\n" }}' in modelfile
     assert "You are a helpful assistant." in modelfile  # the template's default system message
     assert "**Not checked**" in (result.out / "README.md").read_text()
+
+
+def test_sentencepiece_style_vocabulary_round_trips(tmp_path_factory, tmp_path):
+    import gguf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    metaspace = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.pre_tokenizer = metaspace
+    trained.train_from_iterator(["The quick brown fox jumps over the lazy dog.", "Convert 1976-07-04 please."] * 20,
+                                trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    spec = json.loads(trained.to_str())["model"]
+    vocab = dict(spec["vocab"])  # byte pieces in the model vocabulary, not added tokens, as in Llama 2's
+    for i in range(256):
+        vocab.setdefault(f"<0x{i:02X}>", len(vocab))
+    backend = Tokenizer(models.BPE(vocab, [tuple(m) for m in spec["merges"]], unk_token="<unk>", byte_fallback=True))
+    backend.pre_tokenizer = metaspace
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    backend.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = CHATML.replace("<|im_start|>", "<s>").replace("<|im_end|>", "</s>")
+    source = _tiny(tmp_path_factory, tokenizer, "llama")
+    result = export_gguf(source, quant="f16", out=tmp_path / "spm", ppl_rows=0)
+    assert result.passed, result.proof["failures"]  # ids identical on texts with accents, digits, double spaces
+    assert result.written["tokenizer"]["model"] == "llama"
+    reader = gguf.GGUFReader(result.gguf)
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    assert types[tokenizer.convert_tokens_to_ids("<0xC3>")] == gguf.TokenType.BYTE
+    assert reader.fields["tokenizer.ggml.add_space_prefix"].contents() is True
 
 
 def test_ollama_layout_reproduces_the_chat_template(small_tokenizer):
