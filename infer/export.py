@@ -139,7 +139,7 @@ def export_gguf(source, *, quant: str = "q8_0", fmt: str = "gguf", out=None, ove
 
     from infer.fidelity import check_gguf
     from infer.gguf_file import write_gguf
-    from infer.modelcard import atomic_write_text, export_card
+    from infer.modelcard import atomic_write_text, current_umask, export_card
     from infer.ollama import modelfile
 
     # Refused before any weights load: the config names the model type.
@@ -178,6 +178,7 @@ def export_gguf(source, *, quant: str = "q8_0", fmt: str = "gguf", out=None, ove
                   "check": proof if proof is not None else "not checked (--no-check)"}
         atomic_write_text(staging / "proof.json", json.dumps(record, indent=2, default=str) + "\n")
         atomic_write_text(staging / "README.md", export_card(info, written, proof, files))
+        staging.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide an export meant to be shared
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)

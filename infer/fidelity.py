@@ -128,7 +128,7 @@ def check_gguf(tuned, tokenizer, gguf_path, *, quant: str, ppl_examples=None, ev
         "passed": not failures,
         "failures": failures,
         "notes": notes,
-        "reader": f"transformers {transformers.__version__} GGUF loader (dequantized to float32)",
+        "reader": f"transformers {transformers.__version__}'s GGUF loader, dequantizing to float32",
         "quant": quant,
         "tolerances": tolerance,
         "config": shape,

@@ -65,7 +65,7 @@ def export_card(source: dict, written: dict, proof: dict | None, files: dict) ->
     if source.get("manifest"):
         tags.insert(1, _method(source))
     body = [f"# {source['name']} ({quant} GGUF)", "",
-            _summary(source, f"GGUF file for llama.cpp, Ollama and LM Studio, in {quant}"), ""]
+            _summary(source, f"{quant} GGUF file (for llama.cpp, Ollama, LM Studio)"), ""]
     body += _verdict(proof, files)
     body += _file_section(written, files)
     body += _proof_section(proof)
@@ -273,8 +273,9 @@ def _proof_section(proof: dict | None) -> list[str]:
              f"| perplexity ({ppl['data']}, {ppl['rows']} rows) | {ppl['tuned']:.4f} | {ppl['exported']:.4f} ({ppl['increase_pct']:+.2f}%) | <= +{tol['ppl_increase_pct']}% |"]
     ev = proof.get("eval")
     if ev:
+        drop = ev["allowed_drop_points"]
         lines.append(f"| {ev['metric']} on `{ev['data']}` ({ev['n']} rows) | {ev['tuned']:.1f}% | {ev['exported']:.1f}% | "
-                     f"drop <= {ev['allowed_drop_points']:g} points |")
+                     f"drop of at most {drop:g} point{'' if drop == 1 else 's'} |")
     lines += ["", "Not measured here: llama.cpp's kernels, which also round activations to 8 bits in quantized "
               "matmuls on the CPU; the numbers above are the cost of the weights' rounding.", ""]
     return lines
@@ -289,10 +290,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would hide a card meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _num(value) -> str | None:
