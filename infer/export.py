@@ -169,7 +169,10 @@ def export_gguf(source, *, quant: str = "q8_0", fmt: str = "gguf", out=None, ove
             files["gguf"] = gguf_path.name + ".failed"
             gguf_path.rename(staging / files["gguf"])
         elif fmt == "ollama":
-            atomic_write_text(staging / "Modelfile", modelfile(gguf_path.name, tokenizer, written["tokenizer"]))
+            from infer.sampling import eos_token_ids
+
+            stops = tokenizer.convert_ids_to_tokens(sorted(eos_token_ids(model, tokenizer)))
+            atomic_write_text(staging / "Modelfile", modelfile(gguf_path.name, tokenizer, written["tokenizer"], stops))
             files["modelfile"] = "Modelfile"
         record = {"format": "tunewright-export/1", "source": str(source), "checkpoint": info["checkpoint"],
                   "file": files["gguf"], "sha256": files["sha256"], "written": written,

@@ -146,9 +146,10 @@ def go_template(layout: ChatLayout) -> str:
     )
 
 
-def modelfile(gguf_name: str, tokenizer, vocab: dict) -> str:
-    """The Modelfile text for `gguf_name` (a file in the same directory)."""
-    stops = [t for t in dict.fromkeys([vocab.get("end_of_turn"), tokenizer.eos_token]) if t]
+def modelfile(gguf_name: str, tokenizer, vocab: dict, extra_stops=()) -> str:
+    """The Modelfile text for `gguf_name` (a file in the same directory). Generation stops at
+    the end-of-turn token, eos, and `extra_stops` (the generation config's other eos tokens)."""
+    stops = [t for t in dict.fromkeys([vocab.get("end_of_turn"), tokenizer.eos_token, *extra_stops]) if t]
     lines = ["# Ollama: ollama create NAME -f Modelfile   (then: ollama run NAME)", f"FROM ./{gguf_name}", ""]
     if getattr(tokenizer, "chat_template", None):
         layout, why = derive_layout(tokenizer, add_bos=vocab["add_bos"])
