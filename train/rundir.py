@@ -346,7 +346,18 @@ class RunDir:
                     if (self.path / name).exists()]
         manifest = {"format": "tunewright-run/1", "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "contents": contents + ["manifest.json"], **manifest}
+        self.write_model_cards(manifest)
         atomic_write_json(self.manifest_file, manifest)
+
+    def write_model_cards(self, manifest: dict[str, Any]) -> None:
+        """README.md model cards in model/ and adapter/, before the manifest marks the run complete.
+        A card that cannot be written costs a warning, not a finished run."""
+        from infer.modelcard import write_run_cards
+
+        try:
+            write_run_cards(self.path, manifest)
+        except Exception as exc:  # noqa: BLE001 - the weights are the product; the card is documentation
+            log.warning("model cards not written (%s: %s)", type(exc).__name__, exc)
 
 
 def _fix_generation_config(model, tokenizer) -> None:

@@ -147,6 +147,21 @@ def test_manifest_lists_what_exists(tmp_path):
     assert manifest["name"] == "r"
 
 
+def test_manifest_comes_with_model_cards(tmp_path):
+    run = RunDir(tmp_path / "r")
+    run.prepare(resume=False, overwrite=False)
+    run.model_dir.mkdir()
+    run.adapter_dir.mkdir()
+    (run.adapter_dir / "README.md").write_text("peft's placeholder card")
+    run.write_manifest({"name": "r", "base_model": {"name": "smollm2-135m-instruct"}, "training": {"method": "lora"},
+                        "datasets": {"train": [{"path": "data/t.jsonl", "sha256": "ab" * 32}]},
+                        "eval": {"data": "data/e.jsonl", "metric": "exact_match", "n": 5, "tuned": 80.0, "base": 20.0}})
+    model_card = (run.model_dir / "README.md").read_text()
+    assert model_card.startswith("---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\nlibrary_name: transformers")
+    assert "| tuned model | 80.0% |" in model_card and "ab" * 32 in model_card
+    assert "library_name: peft" in (run.adapter_dir / "README.md").read_text()
+
+
 def test_truncate_metrics_drops_steps_after_the_checkpoint(tmp_path):
     run = RunDir(tmp_path / "r")
     run.prepare(resume=False, overwrite=False)
