@@ -244,10 +244,12 @@ class ModelRunner:
         of `tokens` into the row and start its prefill after it."""
         lo, hi = seed_halves(seed)
         self._put(self.seq[row, : len(tokens)], tokens)
+        # fill_ with a Python number is a kernel argument; `buf[row] = value` would copy it
+        # from pageable host memory, which on CUDA waits for the queued steps.
         for buf, value in ((self.temperature, params.temperature), (self.top_k, params.top_k),
                            (self.top_p, params.top_p), (self.penalty, params.repetition_penalty),
                            (self.seed_lo, lo), (self.seed_hi, hi), (self.lens, 0), (self.active, False)):
-            buf[row] = value
+            buf[row].fill_(value)
 
     def write(self, row: int, start: int, tokens: list[int]) -> None:
         """Tokens at positions [start, start + len(tokens)) of a row (speculative drafts)."""
@@ -258,7 +260,7 @@ class ModelRunner:
 
     def set_active(self, rows: list[int], active: bool) -> None:
         if rows:
-            self.active[self._index(rows)] = active
+            self.active.index_fill_(0, self._index(rows), active)  # no host-to-device copy of `active`
 
     def set_single(self, row: int) -> None:
         self.single.fill_(row)

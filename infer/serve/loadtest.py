@@ -189,7 +189,7 @@ async def run_level(url: str, model: str, concurrency: int, seconds: float, max_
 
 
 async def run_join(url: str, model: str, api_key: str | None, streams: int = 16, prompt_tokens: int = 4000,
-                   vocab: int = 1000) -> dict:
+                   vocab: int = 1000, stream_tokens: int = 3000) -> dict:
     """`streams` running streamed requests; a prompt of `prompt_tokens` tokens joins them.
     Reported: the longest gap between two chunks of any running stream while the long
     prompt is prefilled (from its submission to its first token, plus 0.2 s)."""
@@ -200,13 +200,18 @@ async def run_join(url: str, model: str, api_key: str | None, streams: int = 16,
     async with httpx.AsyncClient(headers=headers, limits=limits, timeout=httpx.Timeout(600)) as client:
         arrivals = [[] for _ in range(streams)]
         rng = random.Random(7)
-        running = [asyncio.create_task(one_request(client, url, model, prompt_text(rng, 48), 2048, 0.0, arrivals[i]))
+        running = [asyncio.create_task(one_request(client, url, model, prompt_text(rng, 48), stream_tokens, 0.0,
+                                                   arrivals[i]))
                    for i in range(streams)]
-        await asyncio.sleep(3.0)  # every stream is decoding
+        while not all(arrivals) and not any(t.done() for t in running):  # every stream is decoding
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
         joined = time.perf_counter()
         long = await one_request(client, url, model, [rng.randrange(10, vocab) for _ in range(prompt_tokens)], 8)
         window_end = joined + (long.get("ttft") or 0.0) + 0.2
         await asyncio.gather(*running)
+    # A stream that ended inside the window says nothing about the gaps there.
+    early = sum(1 for times in arrivals if not times or times[-1] < window_end)
     gaps = []
     for times in arrivals:
         inside = [t for t in times if joined - 0.1 <= t <= window_end]
@@ -214,7 +219,8 @@ async def run_join(url: str, model: str, api_key: str | None, streams: int = 16,
         seq = before + inside
         gaps += [b - a for a, b in zip(seq, seq[1:])]
     return {"streams": streams, "prompt_tokens": prompt_tokens, "long_ttft_ms": round(1000 * (long.get("ttft") or -1), 1),
-            "long_error": long.get("error"), "max_gap_during_join_ms": round(1000 * max(gaps, default=0.0), 1)}
+            "long_error": long.get("error"), "max_gap_during_join_ms": round(1000 * max(gaps, default=0.0), 1),
+            "streams_ended_before_the_window_closed": early}
 
 
 def _quantile(values: list[float], q: float) -> float:
