@@ -62,11 +62,12 @@ def prompt_text(rng: random.Random, words: int) -> str:
 async def one_request(client, url: str, model: str, prompt, max_tokens: int, temperature: float = 0.0,
                       arrivals: list | None = None) -> dict:
     """One streamed completion; `arrivals` (if given) collects the arrival time of every
-    chunk that carries text."""
+    chunk that carries text, as it arrives."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    ttft, usage, error, times = None, None, None, []
+    ttft, usage, error = None, None, None
+    times = arrivals if arrivals is not None else []
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
             if resp.status_code != 200:
@@ -86,8 +87,6 @@ async def one_request(client, url: str, model: str, prompt, max_tokens: int, tem
                         ttft = now - start
     except Exception as exc:  # a load test counts failures instead of stopping at the first
         return {"error": f"{type(exc).__name__}: {exc}"}
-    if arrivals is not None:
-        arrivals.extend(times)
     if error or usage is None:
         return {"error": error or "stream ended without a usage chunk"}
     gaps = [b - a for a, b in zip(times, times[1:])]
