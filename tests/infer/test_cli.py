@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -83,20 +82,11 @@ def test_serve_with_a_port_out_of_range_is_one_line_and_exit_2(tiny_model_dir):
         "(see --help)"]
 
 
-def test_ctrl_c_exits_130_without_traceback(tiny_model_dir):
+def test_ctrl_c_exits_130_without_traceback(tiny_model_dir, signal_when):
     proc = subprocess.Popen([sys.executable, "-m", "infer", "chat", str(tiny_model_dir)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=ENV)
-    try:
-        lines = []
-        while not any(line.startswith("Chat:") for line in lines):  # loaded, waiting for the user
-            line = proc.stderr.readline()
-            assert line, "".join(lines)
-            lines.append(line)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # "Chat: ..." on stderr: the model is loaded and the prompt waits for the user.
+    _, err = signal_when(proc, lambda: proc.stderr.readline().startswith("Chat:"), signal.SIGINT)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
 
@@ -152,23 +142,14 @@ def test_quantize_overwrite_never_deletes_what_it_did_not_write(tiny_model_dir, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy-int8", "photos", "runs", "src"]
 
 
-def test_bench_removes_its_temporary_models_when_terminated(tmp_path):
+def test_bench_removes_its_temporary_models_when_terminated(tmp_path, signal_when):
     args = ["bench", "--model", "tiny", "--rows", "baseline", "--batch-sizes", "1", "--prompt-len", "8",
             "--new-tokens", "100000", "--repeats", "1", "--device", "cpu", "--json", str(tmp_path / "bench.json")]
     temp = tmp_path / "tmp"
     temp.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "infer", *args], cwd=REPO, env={**ENV, "TMPDIR": str(temp)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not list(temp.glob("tunewright-bench-*")):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _, err = signal_when(proc, lambda: list(temp.glob("tunewright-bench-*")), signal.SIGTERM)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert list(temp.iterdir()) == []
