@@ -74,9 +74,8 @@ def describe_infer_error(exc: BaseException) -> str | None:
     """The message for a mistake `python -m infer` users make, or None for a bug."""
     import re
 
-    if isinstance(exc, (UserError, ValueError)):  # LoadError, RecordsError: ValueErrors with a message for users
-        return str(exc)
-    if type(exc).__name__ in ("ModelSourceError",):
+    # LoadError and RecordsError are ValueErrors; infer raises ValueError for bad option values.
+    if isinstance(exc, (UserError, ValueError)) or type(exc).__name__ == "ModelSourceError":
         return str(exc)
     if isinstance(exc, re.error):
         return f"invalid regular expression: {exc}"

@@ -2,8 +2,9 @@
 
 The process binds its socket first and answers `GET /health` with 503 while the model
 loads in a background thread, so an orchestrator can tell "starting" from "dead".
-SIGTERM (or Ctrl-C) stops accepting connections, lets in-flight requests finish, stops
-the batching engine and exits 0.
+SIGTERM (or Ctrl-C) turns `/health` and new requests to 503, lets in-flight requests
+finish (at most --drain-timeout seconds), then stops listening, stops the batching engine
+and exits 0. Slow or idle clients are bounded in infer.serve.connections.
 """
 
 from __future__ import annotations
