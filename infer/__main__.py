@@ -41,7 +41,9 @@ def add_sampling_options(p: argparse.ArgumentParser, *, temperature: float) -> N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m infer", description=__doc__.split("\n\n")[0],
+    from infer.errors import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m infer", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -71,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-loss", action="store_true", help="skip loss/perplexity on the references")
     p.add_argument("--compile", action="store_true", help="compile the decode step (pays off on long evals)")
-    p.add_argument("--output", default="eval-results.jsonl", help="per-example outputs (JSONL)")
+    p.add_argument("--output", help="per-example outputs (JSONL; default: eval-results.jsonl, or eval-results-N.jsonl "
+                   "when that exists)")
     p.add_argument("--summary", help="also write the summary table as JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output / --summary file")
     add_load_options(p)
 
     p = sub.add_parser(
@@ -108,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-rows", type=int, default=32, metavar="N",
                    help="validation rows for the perplexity check (default 32; 0: fixed texts)")
     p.add_argument("--no-check", action="store_true", help="write without checking (the card then says so)")
+    p.add_argument("--verbose", action="store_true", help="show every library warning and progress bar")
 
     p = sub.add_parser("bench", help="generation benchmark (see infer/bench.py)", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
@@ -117,13 +122,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # bench and serve own their options; pass everything after the command through.
-    if argv and argv[0] in ("bench", "serve"):
-        if argv[0] == "bench":
-            from infer.bench import main as bench_main
+    """Every subcommand runs under one handler: a user's mistake is one line and exit 2,
+    Ctrl-C exit 130, a bug its traceback (infer.errors)."""
+    from infer.errors import describe_infer_error, run_guarded
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_guarded(lambda: _run(argv), describe_infer_error)
+
+
+def _run(argv: list[str]) -> int:
+    from infer.errors import terminate_as_interrupt
+    from infer.quiet import quiet_libraries
+
+    quiet_libraries(verbose="--verbose" in argv)
+    # bench and serve own their options; pass everything after the command through.
+    if argv and argv[0] == "bench":
+        from infer.bench import main as bench_main
+
+        with terminate_as_interrupt():  # its temporary models are removed also on SIGTERM
             return bench_main(argv[1:])
+    if argv and argv[0] == "serve":
         from infer.serve import main as serve_main
 
         return serve_main(argv[1:])
@@ -131,15 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from infer.load import LoadError
-    from infer.records import RecordsError
-
-    try:
-        return {"generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "quantize": cmd_quantize,
-                "export": cmd_export}[args.command](args)
-    except (LoadError, RecordsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return {"generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "quantize": cmd_quantize,
+            "export": cmd_export}[args.command](args)
 
 
 def _params(args):
@@ -245,12 +256,24 @@ def parse_model_specs(run: str | None, specs: list[str]) -> list[tuple[str, str 
 def cmd_eval(args) -> int:
     import gc
 
-    from infer.eval import evaluate_model, format_table, load_examples, write_jsonl
-    from infer.load import load
+    from pathlib import Path
 
+    from infer.eval import evaluate_model, format_table, load_examples, write_jsonl
+    from infer.load import find_adapter, load, resolve_checkpoint
+    from infer.outputs import check_regex, check_writable, free_name, write_atomically
+
+    # Everything that can be wrong is found before the first model is scored.
     models = parse_model_specs(args.run, args.model)
     if args.metric == "regex" and not args.regex:
         raise ValueError("--metric regex needs --regex PATTERN (its first group is the answer)")
+    if args.regex is not None:
+        check_regex(args.regex)
+    output = args.output or free_name(Path("eval-results.jsonl"))
+    for path in (output, args.summary):
+        if path is not None:
+            check_writable(path, overwrite=args.overwrite)
+    for name, _quant, adapter in models:
+        resolve_checkpoint(find_adapter(name)["base"] if adapter or args.adapter else name)
     examples = load_examples(args.data, limit=args.limit)
     reports = []
     for name, quant, adapter in models:
@@ -268,14 +291,14 @@ def cmd_eval(args) -> int:
         print(f"{label}: {report.score:.1f}% ({report.correct}/{report.n})", file=sys.stderr)
         del model
         gc.collect()
-    path = write_jsonl(args.output, reports)
+    path = write_jsonl(output, reports)
     table = format_table(reports)
     print(f"\n{args.metric} on {args.data} ({len(examples)} examples)\n\n{table}\n\nper-example outputs: {path}")
     if args.summary:
         import json
 
-        with open(args.summary, "w") as f:
-            json.dump({"data": args.data, "reports": [r.summary() for r in reports]}, f, indent=2)
+        summary = {"data": args.data, "reports": [r.summary() for r in reports]}
+        write_atomically(args.summary, json.dumps(summary, indent=2))
     return 0
 
 

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from infer.architectures import PUBLIC_ARCHS
+from infer.errors import ArgumentParser
 from infer.load import DTYPE_CHOICES
 
 ARCHS = {  # public shapes plus a CPU-sized one for tests
@@ -440,7 +441,7 @@ def _fmt(value, digits: int = 2) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m infer bench", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m infer bench", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-3.2-1b", help=f"{', '.join(ARCHS)} (random weights), or a run/checkpoint path")
     p.add_argument("--prompt-len", type=int, default=128)
@@ -455,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="bench.json", help="write the full report here")
     p.add_argument("--markdown", help="also write the table here")
     p.add_argument("--profile", action="store_true", help="CUDA: profile batch-1 decode steps of the compiled rows")
+    p.add_argument("--verbose", action="store_true", help="show every library warning and progress bar")
     args = p.parse_args(argv)
     # Each compile + CUDA-graph recording is logged with its time (infer.graphs).
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")

@@ -198,13 +198,11 @@ def reference_loss(model, tokenizer, examples, prompts, *, batch_size: int = 8) 
 
 def write_jsonl(path, reports: list[EvalReport]) -> Path:
     """One line per (model, example): model name + the row."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for report in reports:
-            for i, row in enumerate(report.rows):
-                f.write(json.dumps({"model": report.name, "index": i, **row}, ensure_ascii=False) + "\n")
-    return path
+    from infer.outputs import write_atomically
+
+    lines = [json.dumps({"model": report.name, "index": i, **row}, ensure_ascii=False) + "\n"
+             for report in reports for i, row in enumerate(report.rows)]
+    return write_atomically(path, "".join(lines))
 
 
 def format_table(reports: list[EvalReport]) -> str:

@@ -100,7 +100,13 @@ def load(
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     if quantization_config is not None:  # an explicit None would erase a saved quantization config
         kwargs["quantization_config"] = quantization_config
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
+    except RuntimeError as exc:
+        if "mismatched_sizes" not in str(exc) and "size mismatch" not in str(exc):
+            raise
+        raise LoadError(f"{checkpoint}: the weights do not have the sizes its config.json describes; the config "
+                        "belongs to another model, or the weights were saved from one") from None
     if effective_quant == "none":
         model.to(dev)
     if run_adapter:
@@ -145,6 +151,8 @@ def add_load_options(p) -> None:
                         "instead of quantizing the merged model/")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow the checkpoint's own Python code to run (off by default: it is arbitrary code)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show every library warning and progress bar, including the known harmless ones")
 
 
 def load_kwargs(args, quant: str | None = None, adapter: bool | None = None) -> dict:
@@ -222,7 +230,12 @@ def resolve_device(device: str = "auto"):
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise LoadError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise LoadError(f"device {device!r} is not supported: use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LoadError("device 'cuda' was requested but this machine has no usable CUDA GPU; use --device cpu or auto")
     return dev

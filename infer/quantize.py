@@ -196,6 +196,34 @@ def default_output_dir(source: str | os.PathLike, quant: str) -> Path:
     return Path(f"{path.name.replace('/', '--')}-{quant}")
 
 
+WRITTEN_BY = "tunewright quantize"  # in quantization.json: the only directories --overwrite replaces
+
+
+def check_replaceable(out: Path, source, *, overwrite: bool) -> None:
+    """Refuse an `out` that exists unless --overwrite, and, even then, anything but a quantized
+    copy this command wrote: never the source, a directory holding it, a run directory or an
+    unrelated folder."""
+    from infer.load import LoadError, resolve_checkpoint
+
+    if not out.exists():
+        return
+    if not overwrite:
+        raise LoadError(f"{out} already exists; pass --out elsewhere or --overwrite to replace it")
+    target = out.resolve()
+    for protected in {Path(source).expanduser().resolve(), resolve_checkpoint(source).resolve()}:
+        if target == protected or target in protected.parents:
+            raise LoadError(f"--out {out} holds the model being quantized ({protected}); --overwrite would delete "
+                            "it. Choose another --out")
+    try:
+        written_by = json.loads((out / "quantization.json").read_text()).get("written_by")
+    except (OSError, ValueError, AttributeError):
+        written_by = None
+    if written_by != WRITTEN_BY or (out / "manifest.json").exists():
+        raise LoadError(f"--overwrite replaces only a quantized copy written by `python -m infer quantize`, and {out} "
+                        "is not one (its quantization.json does not say so); nothing was deleted. Choose another "
+                        "--out, or remove it yourself")
+
+
 def save_quantized(
     source,
     out: str | os.PathLike | None = None,
@@ -227,8 +255,7 @@ def save_quantized(
         raise LoadError(f"--calib calibrates 4-bit rounding (nf4, fp4); {quant} has no codes to choose. "
                         "Drop --calib, or use --quant nf4")
     out = Path(out) if out else default_output_dir(source, quant)
-    if out.exists() and not overwrite:
-        raise LoadError(f"{out} already exists; pass --out elsewhere or --overwrite to replace it")
+    check_replaceable(out, source, overwrite=overwrite)
     started = time.time()
     rows = None
     if calib is not None:
@@ -247,6 +274,7 @@ def save_quantized(
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         manifest = {
+            "written_by": WRITTEN_BY,
             "source": str(source),
             "source_checkpoint": info["checkpoint"],
             "quant": quant,
@@ -263,12 +291,16 @@ def save_quantized(
             "reload": f"python -m infer generate {out} 'Hello'  (or infer.load('{out}'))",
         }
         (staging / "quantization.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
+        replaced = None
+        if out.exists():  # moved aside, not deleted, until the new copy is in place
+            replaced = out.with_name(f"{staging.name}.replaced")
+            out.rename(replaced)
         staging.rename(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if replaced is not None:
+        shutil.rmtree(replaced)
     log.info("wrote %s (%s, %.1f MB of weights)", out, quant, manifest["weight_bytes"] / 1e6)
     return out
 

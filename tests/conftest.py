@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -49,3 +51,23 @@ def tiny_model_dir(tmp_path_factory, default_model_dir):
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def signal_when():
+    """`signal_when(proc, ready, sig)`: wait until `ready()` while `proc` runs, send it `sig`, and
+    return its (stdout, stderr); a process that outlives this is killed."""
+    def send(proc, ready, sig, timeout: float = 180):
+        try:
+            deadline = time.monotonic() + timeout
+            while not ready():
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "the process never got ready for the signal"
+                time.sleep(0.1)
+            proc.send_signal(sig)
+            return proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+    return send

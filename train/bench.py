@@ -23,7 +23,6 @@ import gc
 import json
 import logging
 import math
-import signal
 import statistics
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from infer.architectures import PUBLIC_ARCHS
+from infer.errors import EXIT_INTERRUPTED, terminate_as_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -443,25 +443,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ns = parse_args(sys.argv[1:] if argv is None else argv)
     if ns.workdir:
         Path(ns.workdir).mkdir(parents=True, exist_ok=True)
-    # SIGTERM (a job scheduler, `kill`) unwinds like Ctrl-C, so the temporary directory is removed.
     try:
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    except ValueError:  # not the main thread: SIGTERM stays as it is
-        previous = None
-    try:
-        with tempfile.TemporaryDirectory(prefix="tunewright-bench-", dir=ns.workdir) as tmp:
+        with terminate_as_interrupt(), tempfile.TemporaryDirectory(prefix="tunewright-bench-", dir=ns.workdir) as tmp:
             ns.workdir = tmp
             return run_bench(ns, argv)
     except KeyboardInterrupt:
         print("\ninterrupted; temporary files removed", file=sys.stderr)
-        return 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+        return EXIT_INTERRUPTED
 
 
 def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:

@@ -16,8 +16,7 @@ import logging
 import os
 import sys
 
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130  # the shell's convention for "stopped by Ctrl-C"
+from infer.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED
 
 USAGE = """usage: tunewright {train,infer} ...
 
@@ -92,23 +91,11 @@ def train_main(argv: list[str] | None = None, *, prog: str = "python -m train") 
 
 
 def run_guarded(job) -> int:
-    """Run `job()` (returns an exit status) under the single error handler."""
-    from train.errors import is_disk_full, is_user_error
+    """Run `job()` (returns an exit status) under the handler every entrypoint shares (infer.errors)."""
+    from infer.errors import run_guarded as guarded
+    from train.errors import describe_train_error
 
-    try:
-        return job()
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as exc:
-        if is_user_error(exc):
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        if is_disk_full(exc):
-            where = getattr(exc, "filename", None) or "the output directory"
-            print(f"error: disk full at {where}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        raise
+    return guarded(job, describe_train_error)
 
 
 def _train(args) -> int:

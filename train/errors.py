@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import errno
 
-
-class UserError(Exception):
-    """Something the user can fix: the message says what, where, and what to do."""
+from infer.errors import UserError  # one base for both packages' user errors
 
 
 class RunLockedError(UserError):
@@ -54,6 +52,15 @@ def is_user_error(exc: BaseException) -> bool:
     """Whether `exc`'s message is meant for the user (exit 2, no traceback)."""
     return any(isinstance(exc, UserError) or f"{c.__module__}.{c.__qualname__}" in _FOREIGN_USER_ERRORS
                for c in type(exc).__mro__)
+
+
+def describe_train_error(exc: BaseException) -> str | None:
+    """The one-line message for a user's mistake (or a full disk), None for a bug."""
+    if is_user_error(exc):
+        return str(exc)
+    if is_disk_full(exc):
+        return f"disk full at {getattr(exc, 'filename', None) or 'the output directory'}"
+    return None
 
 
 def is_disk_full(exc: BaseException, path=None) -> bool:

@@ -2,13 +2,15 @@
 
 The process binds its socket first and answers `GET /health` with 503 while the model
 loads in a background thread, so an orchestrator can tell "starting" from "dead".
-SIGTERM (or Ctrl-C) stops accepting connections, lets in-flight requests finish, stops
-the batching engine and exits 0.
+SIGTERM (or Ctrl-C) turns `/health` and new requests to 503, lets in-flight requests
+finish (at most --drain-timeout seconds), then stops listening, stops the batching engine
+and exits 0. Slow or idle clients are bounded in infer.serve.connections.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import socket
@@ -17,13 +19,14 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from infer.errors import ArgumentParser
 from infer.load import add_load_options, load_kwargs
 
 log = logging.getLogger("infer.serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m infer serve",
         description="Serve a run directory (or checkpoint directory, or builtin model name) "
         "over an OpenAI-compatible HTTP API with continuous batching.",
@@ -31,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="runs/<name>, a checkpoint directory, or a builtin model name")
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to bind (default 127.0.0.1: reachable from this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (default 8000)")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port; 0 picks a free one (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("TUNEWRIGHT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $TUNEWRIGHT_API_KEY)")
     p.add_argument("--served-model-name", help="the model id clients send (default: the run's name)")
@@ -50,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (default 1 MiB)")
     p.add_argument("--drain-timeout", type=float, default=300.0,
                    help="seconds SIGTERM waits for in-flight requests before closing them (default 300)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection may take to send a request's headers before it is closed (default 10)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request may take to send its body before it gets 408 (default 30)")
+    p.add_argument("--max-connections", type=int, default=1000,
+                   help="open connections served at once; requests beyond get 503, and connections far "
+                   "beyond are closed when accepted (default 1000)")
     p.add_argument("--warm-up", choices=("all", "greedy", "none"), default="all",
                    help="decode graphs compiled and recorded before the port answers: every batch bucket for "
                    "greedy and sampled requests (all), greedy only (a first sampled request then compiles "
@@ -59,11 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0 to 65535; 0 picks a free one)")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    for name in ("max_batch_size", "max_queue", "default_max_tokens", "max_body_bytes", "prefill_chunk", "max_model_len"):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("max_batch_size", "max_queue", "default_max_tokens", "max_body_bytes", "prefill_chunk",
+                 "max_model_len", "max_connections"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("drain_timeout", "header_timeout", "body_timeout"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be a positive number of seconds")
     return serve(args)
 
 
@@ -92,6 +113,7 @@ class ServerState:
         self.max_model_len = 0
         self.ready = False
         self.draining = False
+        self.in_flight = 0  # requests other than /health and /metrics being answered
         self.load_error: BaseException | None = None
         self.server = None  # the uvicorn.Server, told to exit if loading fails
 
@@ -174,6 +196,7 @@ def serve(args) -> int:
     import uvicorn
 
     from .app import create_app
+    from .connections import connection_limit, guarded_protocol, limit_repeated_log_lines
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state = ServerState(args)
@@ -184,8 +207,21 @@ def serve(args) -> int:
             state.draining = True  # /health turns 503 so a load balancer stops sending work
             super().handle_exit(sig, frame)
 
+        async def shutdown(self, sockets=None):
+            # uvicorn stops listening first; then /health would refuse connections during the
+            # drain. Keep answering (503 on /health and on new requests) until the requests in
+            # flight are done, then let uvicorn close what is left within the remaining time.
+            deadline = time.monotonic() + args.drain_timeout
+            while state.in_flight and not self.force_exit and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            self.config.timeout_graceful_shutdown = max(0.0, deadline - time.monotonic())
+            await super().shutdown(sockets)
+
+    max_connections = connection_limit(args.max_connections)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=args.drain_timeout)
+                            timeout_graceful_shutdown=args.drain_timeout, limit_concurrency=max_connections,
+                            http=guarded_protocol(args.header_timeout, max_connections))
+    limit_repeated_log_lines()  # after uvicorn.Config, which installs uvicorn's handlers
     server = state.server = _Server(config)
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]

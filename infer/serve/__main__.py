@@ -2,6 +2,6 @@
 
 import sys
 
-from . import main
+from infer.__main__ import main
 
-sys.exit(main())
+sys.exit(main(["serve", *sys.argv[1:]]))

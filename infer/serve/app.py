@@ -97,8 +97,8 @@ def create_app(state) -> FastAPI:
         return await _generate(state, request, body, [_chat_ids(state, body)], chat=True)
 
     app.include_router(v1)
-    app.add_middleware(BodySizeLimit, max_bytes=state.args.max_body_bytes)
-    app.add_middleware(RequestLog, metrics=state.metrics)
+    app.add_middleware(BodyLimits, max_bytes=state.args.max_body_bytes, timeout=state.args.body_timeout)
+    app.add_middleware(RequestLog, state=state)
     return app
 
 
@@ -116,6 +116,9 @@ async def _require_api_key(request: Request) -> None:
 
 async def _require_ready(request: Request) -> None:
     state = request.app.state.server
+    if state.draining:
+        raise ApiError(503, "the server is shutting down and takes no new requests", "server_error",
+                       code="shutting_down")
     if not state.ready:
         raise ApiError(503, "the model is still loading; retry when GET /health answers 200",
                        "server_error", code="model_loading")
@@ -388,28 +391,34 @@ def _describe_validation(errors) -> tuple[str, str | None]:
 
 
 # ---- ASGI middleware ------------------------------------------------------------------
-class BodySizeLimit:
-    """Refuse request bodies over `max_bytes` with 413 before any route parses them."""
+class BodyLimits:
+    """Read the whole request body before any route (auth included) sees it: over `max_bytes`
+    it is refused with 413, not complete within `timeout` seconds with 408."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout: float):
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(send)
+            return await self._refuse(send, 413, f"request body is larger than {self.max_bytes} bytes")
         # Chunked bodies carry no length: read (at most the limit) before the app sees them.
         chunks, size = [], 0
+        deadline = time.monotonic() + self.timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                log.info("closed a connection whose request body was not complete within %g s", self.timeout)
+                return await self._refuse(send, 408, f"the request body was not complete within {self.timeout:g} s")
             if message["type"] != "http.request":
                 return  # client went away mid-body
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                return await self._refuse(send)
+                return await self._refuse(send, 413, f"request body is larger than {self.max_bytes} bytes")
             if not message.get("more_body"):
                 break
         replayed = False
@@ -423,10 +432,10 @@ class BodySizeLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send):
-        body = json.dumps(error_body(f"request body is larger than {self.max_bytes} bytes")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
+    async def _refuse(self, send, status: int, message: str):
+        body = json.dumps(error_body(message)).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
@@ -437,13 +446,15 @@ class RequestLog:
 
     ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
-    def __init__(self, app, metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, state):
+        self.app, self.state, self.metrics = app, state, state.metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.perf_counter()
+        counted = scope["path"] not in ("/health", "/metrics")  # a drain waits for these
+        self.state.in_flight += counted
         # Generation routes replace this with the id they answer with (cmpl-…, chatcmpl-…).
         scope.setdefault("state", {})["request_id"] = "req-" + uuid.uuid4().hex[:16]
         seen = {"status": None, "complete": False}
@@ -457,7 +468,14 @@ class RequestLog:
 
         try:
             await self.app(scope, receive, watch)
+        except asyncio.CancelledError:
+            # Only the end of a drain cancels requests: one line instead of uvicorn's traceback.
+            info = scope["state"]
+            log.warning("drain timeout: cut off request id=%s %s %s after %s completion tokens",
+                        info.get("request_id", "-"), scope["method"], scope["path"], info.get("completion_tokens", 0))
+            raise
         finally:
+            self.state.in_flight -= counted
             # 499: the client hung up before the answer was complete (nginx's convention).
             status = seen["status"] or 500
             if seen["status"] is not None and not seen["complete"]:

@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 KEY = "test-key-123"
 MODEL = "tiny"
 CONTEXT = 512  # --max-model-len: makes "prompt longer than the context" cheap to build
+SLOW_CLIENT_TIMEOUT = 2  # --header-timeout and --body-timeout of the shared server
 
 
 class Server:
@@ -89,7 +90,8 @@ def launch(model_dir: Path, log: Path, *args: str) -> Server:
 def server(tiny_model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
     srv = launch(tiny_model_dir, log, "--api-key", KEY, "--served-model-name", MODEL,
-                 "--max-model-len", str(CONTEXT), "--max-body-bytes", "65536", "--max-batch-size", "32")
+                 "--max-model-len", str(CONTEXT), "--max-body-bytes", "65536", "--max-batch-size", "32",
+                 "--header-timeout", str(SLOW_CLIENT_TIMEOUT), "--body-timeout", str(SLOW_CLIENT_TIMEOUT))
     yield srv
     assert srv.stop() == 0, srv.log.read_text()[-3000:]
 
@@ -370,6 +372,64 @@ def test_one_log_line_per_request_without_prompt_text(server):
     assert secret not in log
 
 
+def test_incomplete_requests_are_closed_and_health_answers_throughout(server):
+    """50 connections that stop halfway through their headers or their body (no API key: they
+    are closed before auth) are closed after the timeout; /health answers all the while."""
+    port = int(server.url.rsplit(":", 1)[1])
+    conns = []
+    for i in range(50):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        if i % 2:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Half-A-Hea")
+        else:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 200\r\n\r\n{\"model\": \"ti")
+        conns.append(sock)
+    started = time.monotonic()
+    closed: dict[int, bytes] = {}
+
+    def read_until_closed(i: int, sock: socket.socket) -> None:
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+        closed[i] = data
+
+    readers = [threading.Thread(target=read_until_closed, args=(i, s), daemon=True) for i, s in enumerate(conns)]
+    for reader in readers:
+        reader.start()
+    health = []
+    while len(closed) < len(conns) and time.monotonic() - started < 60:
+        health.append(httpx.get(f"{server.url}/health", timeout=10).status_code)
+        time.sleep(0.2)
+    for sock in conns:
+        sock.close()
+    assert len(closed) == len(conns), f"{len(conns) - len(closed)} connections still open after 60 s"
+    assert set(health) == {200} and len(health) >= 3
+    for i, data in closed.items():
+        # Half a body: 408 from the server; half the headers: closed without a word (nothing to answer).
+        assert data.startswith(b"HTTP/1.1 408") if i % 2 == 0 else data == b""
+    served = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert served.status_code == 200  # and everyone else is served
+
+
+def test_repeated_log_lines_are_held_back():
+    import logging
+
+    from infer.serve.connections import RepeatLimiter
+
+    limiter = RepeatLimiter(interval=60)
+    records = [logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "accept failed: %s", ("Too many open files",),
+                                 None) for _ in range(1000)]
+    shown = [r for r in records if limiter.filter(r)]
+    assert len(shown) == 1
+    other = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "accept failed: %s", ("other",), None)
+    assert limiter.filter(other)
+    limiter.interval = 0
+    later = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "accept failed: %s", ("Too many open files",),
+                              None)
+    assert limiter.filter(later) and "999 more like it" in later.getMessage()
+
+
 def test_queue_bound_gives_429_and_sigterm_drains(tiny_model_dir, tmp_path):
     srv = launch(tiny_model_dir, tmp_path / "server.log", "--max-batch-size", "1", "--max-queue", "1")
     try:
@@ -391,9 +451,10 @@ def test_queue_bound_gives_429_and_sigterm_drains(tiny_model_dir, tmp_path):
 
         assert "waiting" not in results  # it cannot have started yet: the slot is taken
         srv.proc.send_signal(signal.SIGTERM)
-        time.sleep(1.0)
-        with pytest.raises(httpx.ConnectError):  # no longer accepting
-            httpx.get(f"{srv.url}/health", timeout=5)
+        # Draining: /health still answers, with 503, and new work is turned away.
+        _wait_for(lambda: _status(f"{srv.url}/health") == 503)
+        late = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
+        assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
         running.join(timeout=240)
         waiting.join(timeout=240)
         assert srv.proc.wait(timeout=240) == 0
@@ -402,6 +463,26 @@ def test_queue_bound_gives_429_and_sigterm_drains(tiny_model_dir, tmp_path):
             assert results[name].json()["usage"]["completion_tokens"] == 200
     finally:
         srv.stop()
+
+
+def test_a_drain_timeout_cuts_off_with_one_line(tiny_model_dir, tmp_path):
+    srv = launch(tiny_model_dir, tmp_path / "server.log", "--drain-timeout", "1", "--warm-up", "none")
+    try:
+        body = {"model": tiny_model_dir.name, "prompt": PROMPTS[0], "max_tokens": 2000, "ignore_eos": True}
+        result = {}
+        request = threading.Thread(target=lambda: result.update(r=httpx.post(f"{srv.url}/v1/completions", json=body,
+                                                                            timeout=120)))
+        request.start()
+        _wait_for(lambda: srv.metrics()["tunewright_sequences_running"] == 1)
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(timeout=120) == 0
+        request.join(timeout=60)
+    finally:
+        srv.stop()
+    log = srv.log.read_text()
+    assert "Traceback" not in log and "CancelledError" not in log
+    assert re.search(r"drain timeout: cut off request id=cmpl-\w+ POST /v1/completions", log), log[-3000:]
+    assert result["r"].status_code == 500
 
 
 def test_health_is_503_until_the_model_is_loaded(tiny_model_dir):
