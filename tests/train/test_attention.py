@@ -225,7 +225,7 @@ def test_gpu_varlen_fa2_compiled_layers_match_eager():
 
 @pytest.mark.gpu
 def test_gpu_default_recipe_trains_padding_free_through_varlen_and_matches_sdpa_padded(tmp_path):
-    """Issue 2's GPU check: recipes/demo.yaml with attn_implementation auto runs padding-free through
+    """The GPU check of the default recipe: recipes/demo.yaml with attn_implementation auto runs padding-free through
     varlen_fa2 (compiled, auto checkpointing), and its per-step losses match an SDPA padded eager run.
 
     The base is the builtin model, or `$TUNEWRIGHT_GPU_BASE` (the GPU machine has no network: a
