@@ -277,10 +277,11 @@ def cmd_eval(args) -> int:
     examples = load_examples(args.data, limit=args.limit)
     reports = []
     for name, quant, adapter in models:
-        label = name if quant in (None, "none") and args.quant == "none" else f"{name}:{quant or args.quant}"
         adapter = adapter or args.adapter
-        label += "+adapter" if adapter else ""
         model, tokenizer = load(name, **load_kwargs(args, quant=quant, adapter=adapter))
+        loaded = model.tunewright["quant"]  # what `auto` resolved to
+        label = name if loaded == "none" else f"{name}:{loaded}"
+        label += "+adapter" if adapter else ""
         if model.tunewright["keep_modules"]:
             label += f" (kept: {','.join(model.tunewright['keep_modules'])})"
         report = evaluate_model(

@@ -33,9 +33,10 @@ def unsupported_reason(model) -> str | None:
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
         return "unexpected module layout"
+    from infer.cpu_quant import Int4WeightLinear, Int8WeightLinear
     from infer.quantize import Int8Linear, NF4Linear
 
-    kinds = (nn.Linear, NF4Linear, Int8Linear)
+    kinds = (nn.Linear, NF4Linear, Int8Linear, Int8WeightLinear, Int4WeightLinear)
     for layer in inner.layers:
         for proj in _projections(layer):
             if type(proj) not in kinds:  # exact: bitsandbytes layers subclass nn.Linear
@@ -103,6 +104,8 @@ def _concatenate(layers: list[nn.Module]) -> nn.Module:
     kind = type(first)
     if any(type(l) is not kind for l in layers) or any(l.in_features != first.in_features for l in layers):
         raise ValueError("cannot fuse layers of different kinds or input sizes")
+    if hasattr(first, "fused_tensors"):
+        return _concatenate_cpu_quantized(layers)
     names = {nn.Linear: ("weight",), NF4Linear: ("packed", "absmax"), Int8Linear: ("weight", "scale")}[kind]
     if kind is NF4Linear and any(l.blocksize != first.blocksize or not torch.equal(l.code, first.code) for l in layers):
         raise ValueError("cannot fuse 4-bit layers with different block sizes or code tables")
@@ -130,6 +133,24 @@ def _concatenate(layers: list[nn.Module]) -> nn.Module:
     if kind is NF4Linear:
         return NF4Linear(joined["packed"], joined["absmax"], first.code.data, bias, first.in_features, out_features, first.blocksize)
     return Int8Linear(joined["weight"], joined["scale"], bias, first.in_features, out_features)
+
+
+def _concatenate_cpu_quantized(layers: list[nn.Module]) -> nn.Module:
+    """infer.cpu_quant layers joined along their output rows; the originals become views."""
+    first = layers[0]
+    biased = [l.bias for l in layers if l.bias is not None]
+    joined = {}
+    for name in first.fused_tensors:
+        dim = first.fused_dims[name]
+        joined[name] = torch.cat([getattr(l, name).data for l in layers], dim=dim)
+        sizes = [getattr(l, name).shape[dim] for l in layers]
+        for l, view in zip(layers, joined[name].split(sizes, dim=dim)):
+            setattr(l, name, nn.Parameter(view, requires_grad=False))
+    bias = None
+    if biased:
+        bias = torch.cat([l.bias.data if l.bias is not None else
+                          torch.zeros(l.out_features, dtype=biased[0].dtype, device=biased[0].device) for l in layers])
+    return first.fused_with(joined, bias)
 
 
 def _rotate_half(x):

@@ -15,7 +15,10 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-QUANT_CHOICES = ("none", "int8", "nf4", "fp4")
+QUANT_CHOICES = ("none", "int8", "nf4", "fp4", "w8", "w4")
+BNB_QUANTS = ("int8", "nf4", "fp4")
+CPU_QUANTS = ("w8", "w4")  # infer.cpu_quant
+CPU_DEFAULT_QUANT = "w8"  # what `auto` picks on the CPU
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
@@ -40,7 +43,9 @@ def load(
 ):
     """Return (model, tokenizer) ready for generation.
 
-    quant: none | int8 | nf4 | fp4. dtype: auto (CUDA: bf16 where supported, else fp16;
+    quant: none | int8 | nf4 | fp4 (bitsandbytes) | w8 | w4 (weight-only layers on PyTorch's
+    CPU kernels, infer.cpu_quant; CPU only) | auto (the CPU default, CPU_DEFAULT_QUANT, on
+    the CPU; none elsewhere). dtype: auto (CUDA: bf16 where supported, else fp16;
     CPU: fp32) | bf16 | fp16 | fp32 — the precision of everything not quantized.
     compute_dtype (4-bit only): the dtype 4-bit matmuls run in; auto = dtype.
     attn_implementation: auto picks sdpa (the generator passes explicit masks over a static
@@ -56,19 +61,27 @@ def load(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _check_choice("quant", quant, QUANT_CHOICES)
+    _check_choice("quant", quant, QUANT_CHOICES + ("auto",))
     _check_choice("dtype", dtype, DTYPE_CHOICES)
     _check_choice("compute_dtype", compute_dtype, DTYPE_CHOICES)
     if isinstance(keep_modules, str):  # the CLI's comma-separated form
         keep_modules = keep_modules.split(",")
     keep_modules = tuple(m.strip() for m in keep_modules if m.strip())
+    dev = resolve_device(device)
+    quant = resolve_quant(quant, dev)
+    cpu_quant = quant if quant in CPU_QUANTS else None
+    if cpu_quant:
+        check_cpu_quant(cpu_quant, dev, keep_modules, adapter)
+        quant = "none"  # nothing for bitsandbytes to do; quantize_for_cpu runs after loading
     if keep_modules and quant == "none":
         raise LoadError(f"keep_modules {list(keep_modules)} only applies when quantizing; add --quant int8, nf4 or fp4")
     run_adapter = find_adapter(path) if adapter else None
     checkpoint = resolve_checkpoint(run_adapter["base"] if run_adapter else path)
-    dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     saved_quant = saved_quantization(checkpoint)
+    if saved_quant and cpu_quant:
+        raise LoadError(f"{checkpoint} is already quantized ({saved_quant}); --quant {cpu_quant} quantizes an "
+                        "unquantized checkpoint. Load it with --quant none, or point at the original checkpoint")
     if saved_quant and quant not in ("none", saved_quant):
         raise LoadError(
             f"{checkpoint} is already quantized ({saved_quant}); load it with quant='none' (or "
@@ -116,6 +129,11 @@ def load(
         # PeftModel wrapper: generation code sees the usual forward and attributes.
         model = PeftModel.from_pretrained(model, run_adapter["adapter"], is_trainable=False).get_base_model()
     model.eval()
+    if cpu_quant:
+        from infer.cpu_quant import quantize_for_cpu
+
+        quantize_for_cpu(model, cpu_quant)
+        effective_quant = cpu_quant
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; eos is never attended
     model.tunewright = {
@@ -136,7 +154,9 @@ def load(
 def add_load_options(p) -> None:
     """The loading options every infer command (and the server) takes; load_kwargs maps them to load()."""
     g = p.add_argument_group("loading")
-    g.add_argument("--quant", choices=QUANT_CHOICES, default="none", help="bitsandbytes quantization (default none)")
+    g.add_argument("--quant", choices=("auto",) + QUANT_CHOICES, default="auto",
+                   help="int8 / nf4 / fp4: bitsandbytes; w8 / w4: weight-only layers on PyTorch's CPU kernels; "
+                        f"auto (default): {CPU_DEFAULT_QUANT} on the CPU, none on a GPU")
     g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="precision of unquantized weights; auto = bf16 on CUDA, fp32 on CPU")
     g.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
@@ -223,6 +243,24 @@ def saved_quantization(checkpoint: Path) -> str | None:
     if qc.get("load_in_8bit"):
         return "int8"
     return qc.get("bnb_4bit_quant_type", "nf4")
+
+
+def resolve_quant(quant: str, device) -> str:
+    """`auto`: CPU_DEFAULT_QUANT on the CPU (the fastest setting that keeps accuracy there),
+    no quantization elsewhere; other values as given."""
+    if quant != "auto":
+        return quant
+    return CPU_DEFAULT_QUANT if device.type == "cpu" else "none"
+
+
+def check_cpu_quant(quant: str, device, keep_modules, adapter: bool) -> None:
+    if device.type != "cpu":
+        raise LoadError(f"--quant {quant} runs PyTorch's CPU kernels; device {device} is not the CPU. "
+                        "Use --quant int8 / nf4 on a GPU, or --device cpu")
+    if keep_modules:
+        raise LoadError(f"--keep-modules applies to bitsandbytes quantization (int8, nf4, fp4), not {quant}")
+    if adapter:
+        raise LoadError(f"--adapter with --quant {quant} is not supported: load the merged model (drop --adapter)")
 
 
 def resolve_device(device: str = "auto"):

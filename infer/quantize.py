@@ -249,8 +249,9 @@ def save_quantized(
 
     from infer.load import LoadError, load, weight_bytes
 
-    if quant == "none":
-        raise LoadError("quantize needs --quant int8, nf4 or fp4 (none would only copy the checkpoint)")
+    if quant not in ("int8", "nf4", "fp4"):
+        raise LoadError(f"quantize needs --quant int8, nf4 or fp4, not {quant} (none would only copy the checkpoint; "
+                        "w8 / w4 quantize at load time and save nothing)")
     if calib is not None and quant not in ("nf4", "fp4"):
         raise LoadError(f"--calib calibrates 4-bit rounding (nf4, fp4); {quant} has no codes to choose. "
                         "Drop --calib, or use --quant nf4")

@@ -59,7 +59,7 @@ class ModelRunner:
         self.single_row_kernels = self.decoder is not None and self.decoder.kernels
         embed = model.get_input_embeddings().weight
         head = model.get_output_embeddings()
-        self.vocab_size = head.weight.shape[0] if head is not None else embed.shape[0]
+        self.vocab_size = (getattr(head, "out_features", None) or head.weight.shape[0]) if head is not None else embed.shape[0]
         self.max_logprobs = max_logprobs
 
         B, G, K = max_batch_size, self.group_steps, max(1, max_logprobs)

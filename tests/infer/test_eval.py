@@ -117,6 +117,8 @@ def test_load_examples_formats_and_errors(tmp_path):
 
 
 def test_cli_compares_models_side_by_side(tiny_model_dir, tmp_path, capsys):
+    from infer.load import CPU_DEFAULT_QUANT
+
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"prompt": q, "completion": "x"}) + "\n" for q in QUESTIONS))
     out, summary = tmp_path / "out.jsonl", tmp_path / "summary.json"
@@ -124,7 +126,9 @@ def test_cli_compares_models_side_by_side(tiny_model_dir, tmp_path, capsys):
                  "--max-new-tokens", "3", "--output", str(out), "--summary", str(summary)])
     assert code == 0
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(lines) == 8 and {line["model"] for line in lines} == {str(tiny_model_dir), f"{tiny_model_dir}:nf4"}
+    # Without a suffix the CLI loads with --quant auto: the CPU default on this machine.
+    default = f"{tiny_model_dir}:{CPU_DEFAULT_QUANT}"
+    assert len(lines) == 8 and {line["model"] for line in lines} == {default, f"{tiny_model_dir}:nf4"}
     reports = json.loads(summary.read_text())["reports"]
     assert [r["n"] for r in reports] == [4, 4] and all(r["loss"] > 0 for r in reports)
     printed = capsys.readouterr().out
