@@ -65,9 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", nargs="?", help="model to evaluate (or use --model, repeatable)")
     p.add_argument("--model", action="append", default=[],
                    help="MODEL or MODEL:QUANT[+adapter], repeatable or comma-separated, e.g. base,runs/demo,runs/demo:nf4")
-    p.add_argument("--data", required=True, help="JSONL/JSON file or saved dataset (messages, prompt/completion or alpaca)")
+    p.add_argument("--data", required=True,
+                   help="JSONL/JSON file or saved dataset (messages, sharegpt, prompt/completion or alpaca)")
+    p.add_argument("--format", choices=("auto", "messages", "sharegpt", "prompt_completion", "alpaca"), default="auto",
+                   help="row format of --data (auto: told by the first row's fields)")
+    p.add_argument("--fields", action="append", default=[], metavar="CANONICAL=COLUMN,...",
+                   help="map the data's own column names, e.g. prompt=question,completion=answer (as a recipe's "
+                        "data.fields)")
     p.add_argument("--metric", choices=("exact_match", "contains", "regex"), default="exact_match")
     p.add_argument("--regex", help="with --metric regex: pattern whose first group is the answer")
+    p.add_argument("--normalize", choices=("none", "number"), default="none",
+                   help="number: answers that both read as numbers compare as numbers (70,000 = 70000 = 70000.0); "
+                        "default none: as text")
     p.add_argument("--limit", type=int)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
@@ -258,9 +267,10 @@ def cmd_eval(args) -> int:
 
     from pathlib import Path
 
-    from infer.eval import evaluate_model, format_table, load_examples, write_jsonl
+    from infer.eval import check_normalize, evaluate_model, format_table, load_examples, write_jsonl
     from infer.load import find_adapter, load, resolve_checkpoint
     from infer.outputs import check_regex, check_writable, free_name, write_atomically
+    from infer.records import parse_field_mapping
 
     # Everything that can be wrong is found before the first model is scored.
     models = parse_model_specs(args.run, args.model)
@@ -268,13 +278,17 @@ def cmd_eval(args) -> int:
         raise ValueError("--metric regex needs --regex PATTERN (its first group is the answer)")
     if args.regex is not None:
         check_regex(args.regex)
+    check_normalize(args.metric, args.normalize)
+    fields = {}
+    for spec in args.fields:
+        fields.update(parse_field_mapping(spec, "--fields"))
     output = args.output or free_name(Path("eval-results.jsonl"))
     for path in (output, args.summary):
         if path is not None:
             check_writable(path, overwrite=args.overwrite)
     for name, _quant, adapter in models:
         resolve_checkpoint(find_adapter(name)["base"] if adapter or args.adapter else name)
-    examples = load_examples(args.data, limit=args.limit)
+    examples = load_examples(args.data, limit=args.limit, fmt=args.format, fields=fields or None, fields_option="--fields")
     reports = []
     for name, quant, adapter in models:
         adapter = adapter or args.adapter
@@ -285,7 +299,8 @@ def cmd_eval(args) -> int:
         if model.tunewright["keep_modules"]:
             label += f" (kept: {','.join(model.tunewright['keep_modules'])})"
         report = evaluate_model(
-            model, tokenizer, examples, metric=args.metric, regex=args.regex, max_new_tokens=args.max_new_tokens,
+            model, tokenizer, examples, metric=args.metric, regex=args.regex, normalize=args.normalize,
+            max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, compute_loss=not args.no_loss, compile=args.compile, name=label,
         )
         reports.append(report)
@@ -294,7 +309,8 @@ def cmd_eval(args) -> int:
         gc.collect()
     path = write_jsonl(output, reports)
     table = format_table(reports)
-    print(f"\n{args.metric} on {args.data} ({len(examples)} examples)\n\n{table}\n\nper-example outputs: {path}")
+    metric = args.metric if args.normalize == "none" else f"{args.metric} ({args.normalize})"
+    print(f"\n{metric} on {args.data} ({len(examples)} examples)\n\n{table}\n\nper-example outputs: {path}")
     if args.summary:
         import json
 

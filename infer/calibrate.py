@@ -287,6 +287,7 @@ def calibrate_4bit_(model, fp_model, tokenizer, rows: dict, max_hessian_bytes: i
     """
     import bitsandbytes as bnb
 
+    from infer.progress import progress_bar
     from infer.quantize import canonical_4bit_
 
     if isinstance(max_hessian_bytes, bool) or not isinstance(max_hessian_bytes, int) or max_hessian_bytes <= 0:
@@ -297,15 +298,17 @@ def calibrate_4bit_(model, fp_model, tokenizer, rows: dict, max_hessian_bytes: i
     modules, fp_modules = dict(model.named_modules()), dict(fp_model.named_modules())
     owner_of = shared_inputs(fp_model, sequences, names)
     groups = hessian_groups(owner_of, {name: fp_modules[name].weight.shape[1] for name in names}, max_hessian_bytes)
-    for group in map(set, groups):
-        members = [name for name in names if owner_of[name] in group]
-        hessians = collect_input_hessians(fp_model, sequences, members, owner_of=owner_of)
-        for name in members:
-            if name in hessians:  # a linear no calibration token reached keeps nearest rounding
-                weight = modules[name].weight
-                state = canonical_4bit_(weight)  # codes go in, and scales are read, in the canonical layout
-                weight.data = round_4bit(fp_modules[name].weight, state, hessians[name]).to(weight.device)
-        del hessians  # before the next group's are collected
+    with progress_bar(len(names), "calibrating 4-bit layers", "layer") as bar:
+        for group in map(set, groups):
+            members = [name for name in names if owner_of[name] in group]
+            hessians = collect_input_hessians(fp_model, sequences, members, owner_of=owner_of)
+            for name in members:
+                if name in hessians:  # a linear no calibration token reached keeps nearest rounding
+                    weight = modules[name].weight
+                    state = canonical_4bit_(weight)  # codes go in, and scales are read, in the canonical layout
+                    weight.data = round_4bit(fp_modules[name].weight, state, hessians[name]).to(weight.device)
+                bar.update()
+            del hessians  # before the next group's are collected
     log.info("calibrated %d 4-bit layers (%d distinct inputs, %d groups of forward passes) on %d rows "
              "(%d tokens) of %s in %.0f s", len(names), len(set(owner_of.values())), len(groups), len(sequences),
              sum(map(len, sequences)), rows["path"], time.time() - started)

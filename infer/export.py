@@ -121,7 +121,8 @@ def check_data(source: dict, ppl_rows: int, eval_rows: int | None):
     if ev.get("data") and eval_rows != 0:
         limit = eval_rows if eval_rows is not None else ev.get("limit")
         evals = load_examples(ev["data"], limit=limit, **kwargs)
-    options = dict(metric=ev.get("metric", "exact_match"), regex=ev.get("regex"), max_new_tokens=ev.get("max_new_tokens", 64))
+    options = dict(metric=ev.get("metric", "exact_match"), regex=ev.get("regex"), normalize=ev.get("normalize", "none"),
+                   max_new_tokens=ev.get("max_new_tokens", 64))
     return ppl, evals, options, validation, ev.get("data")
 
 

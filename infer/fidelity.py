@@ -237,10 +237,10 @@ def _text_loss(model, tokenizer, texts) -> float:
 
 
 def compare_eval(tuned, reloaded, tokenizer, examples, *, metric: str = "exact_match", regex: str | None = None,
-                 max_new_tokens: int = 64) -> dict:
+                 normalize: str = "none", max_new_tokens: int = 64) -> dict:
     from infer.eval import evaluate_model
 
-    kwargs = dict(metric=metric, regex=regex, max_new_tokens=max_new_tokens, compute_loss=False)
+    kwargs = dict(metric=metric, regex=regex, normalize=normalize, max_new_tokens=max_new_tokens, compute_loss=False)
     a = evaluate_model(tuned, tokenizer, examples, name="tuned", **kwargs)
     b = evaluate_model(reloaded, tokenizer, examples, name="exported", **kwargs)
     return {"metric": metric, "n": a.n, "tuned": round(a.score, 2), "exported": round(b.score, 2),

@@ -12,7 +12,8 @@
   SamplingParams for all prompts or one per prompt.
 * `generate` returns one GenerationResult per prompt, in order: token_ids (without the
   end-of-sequence token), text (stop string excluded), finish_reason ("stop" | "length"),
-  prompt_tokens, ttft_s, seconds, logprobs. `gen.last_stats` holds the timing of the last call.
+  prompt_tokens, ttft_s, seconds, logprobs. `gen.last_stats` holds the timing of the last call;
+  `on_finished=` is called with each prompt's index as it ends.
 * More prompts than `max_batch_size` share the cache's rows: a prompt takes the row of
   one that finished (continuous batching). `prompt + max_new_tokens` must fit `max_seq_len`.
 * `assistant_model=` (same vocabulary) or `prompt_lookup=N` turn on speculative decoding
@@ -123,11 +124,13 @@ class Generator:
         return chat_ids(self.tokenizer, conversation, add_generation_prompt=True)
 
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-                 chat: bool | None = None) -> list[GenerationResult]:
+                 chat: bool | None = None, on_finished: Callable[[int], None] | None = None) -> list[GenerationResult]:
+        """`on_finished(index)` is called as each prompt's generation ends (e.g. to move a progress bar)."""
         t0 = time.perf_counter()
         seqs = []
-        for _ in self._events(prompts, params, chat, seqs):
-            pass
+        for event in self._events(prompts, params, chat, seqs):
+            if event.finished and on_finished is not None:
+                on_finished(event.index)
         seconds = time.perf_counter() - t0
         return [GenerationResult(s.index, s.token_ids, s.text, s.finish_reason or "length", len(s.prompt),
                                  (s.first_token_at or t0) - s.arrival, seconds,

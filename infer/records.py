@@ -95,11 +95,14 @@ def load_records(
     system_prompt: str | None = None,
     *,
     limit: int | None = None,
+    fields_option: str = "data.fields",
 ) -> tuple[str, list, list[str]]:
     """read_rows + normalize_rows, with unparseable lines and bad fields in one error.
 
     `source` may also be a list of paths, read in order as one dataset (`limit` counts
     rows over all of them). Returns (format, conversations or texts, origin of each).
+    `fields_option` is where the user sets `fields` (a recipe key or a command-line option),
+    named in messages about the mapping.
     """
     if isinstance(source, (list, tuple)) and source and all(isinstance(s, (str, os.PathLike)) for s in source):
         rows, missing = Rows(), []
@@ -118,7 +121,7 @@ def load_records(
         name = ", ".join(str(p) for p in source)
     else:
         rows, name = _read_source(source, limit)
-    fmt, items = normalize_rows(rows, fmt, fields, system_prompt, source=name)
+    fmt, items = normalize_rows(rows, fmt, fields, system_prompt, source=name, fields_option=fields_option)
     return fmt, items, rows.origins
 
 
@@ -141,7 +144,7 @@ def _read_source(source: Any, limit: int | None) -> tuple[Rows, str]:
         else:
             raise RecordsError(
                 f"data file not found: {source} (relative paths are taken from the current "
-                f"directory, {Path.cwd()}). Check the path in the recipe's data section."
+                f"directory, {Path.cwd()}). Check the path."
             )
         name = str(source)
     else:
@@ -279,34 +282,53 @@ def _json_type(value: Any) -> str:
 # ---------------------------------------------------------------- formats
 
 
-def _check_fields(fields: dict[str, str] | None) -> dict[str, str]:
+def _check_fields(fields: dict[str, str] | None, option: str = "data.fields") -> dict[str, str]:
     fields = dict(fields or {})
     problems = []
     for key, value in fields.items():
         if key not in CANONICAL_FIELDS:
             close = difflib.get_close_matches(key, CANONICAL_FIELDS, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            problems.append(f"data.fields: unknown canonical field '{key}'{hint}; valid: {', '.join(CANONICAL_FIELDS)}")
+            problems.append(f"{option}: unknown canonical field '{key}'{hint}; valid: {', '.join(CANONICAL_FIELDS)}")
         elif not isinstance(value, str) or not value:
-            problems.append(f"data.fields.{key}: must name a field of the dataset, got {value!r}")
+            where = f"{option} {key}=" if option.startswith("--") else f"{option}.{key}"
+            problems.append(f"{where}: must name a field of the dataset, got {value!r}")
     if problems:
-        raise RecordsError(problem_report("data.fields", problems))
+        raise RecordsError(problem_report(option, problems))
     return fields
 
 
-def detect_format(row: dict, fields: dict[str, str] | None = None) -> str:
+def mapping_example(option: str = "data.fields") -> str:
+    """How to map question/answer columns, in the syntax of `option` (a recipe key or a flag)."""
+    if option.startswith("--"):
+        return f"{option} prompt=question,completion=answer"
+    return f"{option}: {{prompt: question, completion: answer}} in the recipe"
+
+
+def parse_field_mapping(text: str, option: str = "--fields") -> dict[str, str]:
+    """'prompt=question,completion=answer' -> {"prompt": "question", "completion": "answer"}."""
+    fields = {}
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        canonical, sep, column = (part.strip() for part in pair.partition("="))
+        if not sep or not canonical or not column:
+            raise RecordsError(f"{option} {text!r}: expected CANONICAL=COLUMN pairs separated by commas, "
+                               f"e.g. {mapping_example(option)}")
+        fields[canonical] = column
+    return _check_fields(fields, option)
+
+
+def detect_format(row: dict, fields: dict[str, str] | None = None, fields_option: str = "data.fields") -> str:
     """The format of one row: messages, sharegpt, prompt_completion, alpaca or text."""
-    fields = _check_fields(fields)
+    fields = _check_fields(fields, fields_option)
     for fmt in FORMATS:  # order matters: a chat row may also carry a stray `text` column
         if all(fields.get(name, name) in row for name in _REQUIRED[fmt]):
             return fmt
     mapped = "".join(f", {k}: {v}" for k, v in fields.items())
     raise RecordsError(
         f"cannot tell the format of a row with fields {sorted(row)[:12]}"
-        + (f" (data.fields maps{mapped[1:]})" if fields else "")
+        + (f" ({fields_option} maps{mapped[1:]})" if fields else "")
         + ". Expected one of: messages; conversations (sharegpt); prompt + completion; instruction + output "
-        "(alpaca); text. "
-        "Rename the fields, or map them in the recipe, e.g. data.fields: {prompt: question, completion: answer}."
+        f"(alpaca); text. Rename the fields, or map them, e.g. {mapping_example(fields_option)}."
     )
 
 
@@ -329,13 +351,14 @@ def normalize_rows(
     fields: dict[str, str] | None = None,
     system_prompt: str | None = None,
     source: str = "<data>",
+    fields_option: str = "data.fields",
 ) -> tuple[str, list]:
     """Validate every row and convert it: conversations, or strings for the text format.
 
     Returns (format, items). Raises one RecordsError listing each bad row by file:line
     (taken from `rows.origins` when `rows` came from read_rows).
     """
-    fields = _check_fields(fields)
+    fields = _check_fields(fields, fields_option)
     if not rows:
         raise RecordsError(f"{source}: contains no rows; a dataset needs at least one.")
     origins = getattr(rows, "origins", None)
@@ -348,7 +371,7 @@ def normalize_rows(
             problems = [f"{where}: {_convert(row, 'text', fields, None)[1][0]}" for where, row in zip(origins, rows)]
             raise RecordsError(problem_report(source, problems, "No row could be read."))
         try:
-            fmt = detect_format(rows[first], fields)
+            fmt = detect_format(rows[first], fields, fields_option)
         except RecordsError as exc:
             raise RecordsError(f"{origins[first]}: {exc}") from None
     elif fmt not in FORMATS:

@@ -37,7 +37,8 @@ def evaluate_after_training(recipe: Recipe, tuned_model, setup: ModelSetup, exam
     tokenizer = setup.tokenizer
     # No reference-loss pass: validation loss is already measured, and on CPU it would cost
     # as much again as the generations.
-    kwargs = dict(metric=ev.metric, regex=ev.regex, max_new_tokens=ev.max_new_tokens, compute_loss=False)
+    kwargs = dict(metric=ev.metric, regex=ev.regex, normalize=ev.normalize, max_new_tokens=ev.max_new_tokens,
+                  compute_loss=False)
 
     started = time.perf_counter()
     # In the dtype `python -m infer` loads model/ in (fp32 on CPU, where 16-bit matmuls are slow):

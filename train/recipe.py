@@ -210,6 +210,8 @@ class EvalConfig(Section):
     data: Optional[str] = None  # held-out JSONL scored after training
     metric: Literal["exact_match", "contains", "regex"] = "exact_match"
     regex: Optional[str] = None  # with metric: regex, the first group is the answer
+    # number: answers that both read as numbers compare as numbers (70,000 = 70000.0); none: as text.
+    normalize: Literal["none", "number"] = "none"
     max_new_tokens: int = Field(64, gt=0)
     compare_base: bool = True  # also score the untuned base model
     limit: Optional[int] = Field(None, gt=0)
@@ -224,6 +226,9 @@ class EvalConfig(Section):
                 re.compile(self.regex)
             except re.error as exc:
                 raise ValueError(f"eval.regex {self.regex!r} is not a valid regular expression: {exc}") from None
+        if self.normalize != "none" and self.metric == "contains":
+            raise ValueError(f"eval.normalize: {self.normalize} compares whole answers; use it with metric exact_match "
+                             "or regex, not contains")
         return self
 
 

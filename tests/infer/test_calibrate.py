@@ -155,11 +155,14 @@ def write_rows(path, n: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def test_quantize_cli_with_calibration_reloads_and_names_it(tiny_model_dir, tmp_path, capsys):
+def test_quantize_cli_with_calibration_reloads_and_names_it(tiny_model_dir, tmp_path, capsys, monkeypatch):
     data, out = tmp_path / "train.jsonl", tmp_path / "tiny-nf4"
     write_rows(data, 12)
+    monkeypatch.setenv("TUNEWRIGHT_PROGRESS", "1")  # as on a terminal
     assert main(["quantize", str(tiny_model_dir), "--quant", "nf4", "--calib", str(data), "--calib-rows", "8",
                  "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "calibrating 4-bit layers" in err and "14/14" in err  # one bar over the layers
     manifest = json.loads((out / "quantization.json").read_text())
     assert manifest["rounding"] == "gptq"
     calibration = manifest["calibration"]

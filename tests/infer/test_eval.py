@@ -31,6 +31,16 @@ def model_and_tok(tiny_model_dir):
     return model.eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
+@pytest.fixture(scope="module")
+def varied_model_dir(model_and_tok, tmp_path_factory):
+    """model_and_tok saved as a checkpoint, for the CLI: it answers each question differently."""
+    path = tmp_path_factory.mktemp("varied")
+    model, tok = model_and_tok
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def conversation(question, answer):
     return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
 
@@ -145,3 +155,87 @@ def test_format_table_lists_every_model(model_and_tok):
     report = evaluate_model(model, tok, [conversation("hi", "there")], max_new_tokens=2, name="tuned:nf4")
     table = format_table([report, report])
     assert table.count("| tuned:nf4 | exact_match | 0.0 | 0 / 1 |") == 2
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def outputs_in(path):
+    return [json.loads(line)["output"] for line in path.read_text().splitlines()]
+
+
+def test_cli_fields_maps_a_dataset_s_own_columns(varied_model_dir, tmp_path, capsys):
+    run = ["eval", str(varied_model_dir), "--max-new-tokens", "4", "--no-loss"]
+    probe = write_rows(tmp_path / "probe.jsonl", [{"prompt": q, "completion": "x"} for q in QUESTIONS])
+    assert main([*run, "--data", str(probe), "--output", str(tmp_path / "probe-out.jsonl")]) == 0
+    said = outputs_in(tmp_path / "probe-out.jsonl")
+    answers = [said[0], said[1], "not it", "nor this"]  # two right, two wrong
+    canonical = write_rows(tmp_path / "canonical.jsonl", [{"prompt": q, "completion": a} for q, a in zip(QUESTIONS, answers)])
+    own = write_rows(tmp_path / "own.jsonl", [{"question": q, "answer": a} for q, a in zip(QUESTIONS, answers)])
+    capsys.readouterr()
+
+    assert main([*run, "--data", str(own), "--output", str(tmp_path / "refused.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "own.jsonl:1: cannot tell the format" in err and "--fields prompt=question,completion=answer" in err
+    assert "recipe" not in err  # eval takes no recipe: the message names the flag it does take
+
+    summaries = {}
+    for name, data, extra in [("canonical", canonical, []),
+                              ("own", own, ["--fields", "prompt=question", "--fields", "completion=answer",
+                                            "--format", "prompt_completion"])]:
+        out, summary = tmp_path / f"{name}-out.jsonl", tmp_path / f"{name}-summary.json"
+        assert main([*run, "--data", str(data), *extra, "--output", str(out), "--summary", str(summary)]) == 0
+        summaries[name] = json.loads(summary.read_text())["reports"][0], outputs_in(out)
+    (canonical_report, canonical_outputs), (own_report, own_outputs_) = summaries["canonical"], summaries["own"]
+    assert canonical_report["correct"] == own_report["correct"] == 2 and canonical_outputs == own_outputs_
+
+    assert main([*run, "--data", str(own), "--fields", "promt=question", "--output", str(tmp_path / "typo.jsonl")]) == 2
+    assert "--fields: unknown canonical field 'promt' (did you mean 'prompt'?)" in capsys.readouterr().err
+
+
+def test_cli_normalize_number_compares_numeric_answers(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from infer.generate import GenerationResult, Generator
+
+    said = ["So she earns #### 70,000", "#### 70000.0", "#### 7000", "#### 70,000"]
+    references = ["He works it out.\n#### 70000"] * 3 + ["#### 70,000"]
+
+    def fixed_outputs(self, prompts, params=None, *, chat=None, on_finished=None):
+        return [GenerationResult(i, [1], said[i], "stop", len(p)) for i, p in enumerate(prompts)]
+
+    monkeypatch.setattr(Generator, "generate", fixed_outputs)
+    data = write_rows(tmp_path / "gsm.jsonl", [{"prompt": q, "completion": r} for q, r in zip(QUESTIONS, references)])
+    run = ["eval", str(tiny_model_dir), "--data", str(data), "--metric", "regex", "--regex", r"####\s*(\S+)", "--no-loss"]
+    correct = {}
+    for name, extra in [("text", []), ("number", ["--normalize", "number"])]:
+        out = tmp_path / f"{name}.jsonl"
+        assert main([*run, *extra, "--output", str(out)]) == 0
+        correct[name] = [json.loads(line)["correct"] for line in out.read_text().splitlines()]
+    assert correct == {"text": [False, False, False, True], "number": [True, True, False, True]}
+    assert "| regex (number) | 75.0 | 3 / 4 |" in capsys.readouterr().out
+    assert main([*run[:4], "--metric", "contains", "--normalize", "number"]) == 2
+    assert "use it with metric exact_match or regex" in capsys.readouterr().err
+
+
+def test_score_one_number_normalization():
+    answer = re.compile(r"####\s*(.+)")
+    for said in ["#### 70,000", "#### 70000", "#### 70000.0", "####  70000 ", "#### +70000."]:
+        assert score_one(said, "#### 70000", "regex", answer, "number") == (True, said.split("####")[1].strip())
+    assert score_one("#### 70,000", "#### 70000", "regex", answer)[0] is False  # default: as text
+    assert score_one("1,5", "15", "exact_match", normalize="number")[0] is False  # not a thousands separator
+    assert score_one("70,000", "70000", "exact_match", normalize="number")[0] is True
+    assert score_one("seventy", "seventy", "exact_match", normalize="number")[0] is True  # text still compares
+
+
+def test_cli_eval_shows_one_bar_per_phase_only_when_wanted(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    data = write_rows(tmp_path / "qa.jsonl", [{"prompt": q, "completion": "x"} for q in QUESTIONS])
+    run = ["eval", str(tiny_model_dir), "--data", str(data), "--max-new-tokens", "2"]
+    monkeypatch.delenv("TUNEWRIGHT_PROGRESS", raising=False)
+    assert main([*run, "--output", str(tmp_path / "plain.jsonl")]) == 0
+    err = capsys.readouterr().err
+    assert "generating" not in err and "it/s" not in err and "row/s" not in err  # captured stderr is no terminal
+    monkeypatch.setenv("TUNEWRIGHT_PROGRESS", "1")
+    assert main([*run, "--output", str(tmp_path / "bars.jsonl")]) == 0
+    err = capsys.readouterr().err
+    assert f"{tiny_model_dir}: generating" in err and f"{tiny_model_dir}: loss" in err and "4/4" in err

@@ -90,6 +90,17 @@ def test_report_to_takes_transformers_tracker_names(tmp_path):
     assert load_recipe(_write(tmp_path, "name: t\ndata:\n  train: a.jsonl\n")).training.report_to == ["tensorboard"]
 
 
+def test_eval_normalize_compares_numbers_with_a_whole_answer_metric(tmp_path):
+    path = _write(tmp_path, "name: t\ndata:\n  train: a.jsonl\neval:\n  data: e.jsonl\n  metric: regex\n"
+                            "  regex: '#### (.+)'\n")
+    assert load_recipe(path).eval.normalize == "none"  # answers compare as text unless asked
+    assert load_recipe(path, ["eval.normalize=number"]).eval.normalize == "number"
+    with pytest.raises(RecipeError, match=r"eval.normalize: number compares whole answers.*not contains"):
+        load_recipe(path, ["eval.normalize=number", "eval.metric=contains"])
+    with pytest.raises(RecipeError, match=r"eval.normalize: .*'numbers'"):
+        load_recipe(path, ["eval.normalize=numbers"])
+
+
 def test_all_problems_are_reported_at_once(tmp_path):
     path = _write(tmp_path, "name: t\ndata:\n  train: a.jsonl\ntraining:\n  batch_size: many\n  epohcs: 2\n")
     with pytest.raises(RecipeError, match=r"2 problems") as err:
