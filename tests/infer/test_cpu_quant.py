@@ -102,11 +102,12 @@ def test_compiled_cpu_step_equals_eager(tiny_model_dir):
 
 
 def test_cpu_quant_refuses_what_it_cannot_do(tiny_model_dir):
-    from infer.load import LoadError, load, resolve_quant
+    from infer.load import CPU_DEFAULT_QUANT, LoadError, load, resolve_quant
 
     with pytest.raises(LoadError, match="keep-modules applies to bitsandbytes"):
         load(tiny_model_dir, quant="w8", device="cpu", keep_modules="down_proj")
-    assert resolve_quant("auto", torch.device("cpu")) in ("w8", "w4")
+    assert resolve_quant("auto", torch.device("cpu")) == CPU_DEFAULT_QUANT
+    assert resolve_quant("w8", torch.device("cpu")) == "w8"
     assert resolve_quant("auto", torch.device("cuda")) == "none"
     with pytest.raises(ValueError, match="quant must be one of"):
         quantize_for_cpu(nn.Linear(4, 4), "int3")

@@ -136,8 +136,9 @@ def test_cli_compares_models_side_by_side(tiny_model_dir, tmp_path, capsys):
                  "--max-new-tokens", "3", "--output", str(out), "--summary", str(summary)])
     assert code == 0
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    # Without a suffix the CLI loads with --quant auto: the CPU default on this machine.
-    default = f"{tiny_model_dir}:{CPU_DEFAULT_QUANT}"
+    # Without a suffix the CLI loads with --quant auto: the CPU default on this machine, named
+    # in the label unless it is no quantization.
+    default = str(tiny_model_dir) if CPU_DEFAULT_QUANT == "none" else f"{tiny_model_dir}:{CPU_DEFAULT_QUANT}"
     assert len(lines) == 8 and {line["model"] for line in lines} == {default, f"{tiny_model_dir}:nf4"}
     reports = json.loads(summary.read_text())["reports"]
     assert [r["n"] for r in reports] == [4, 4] and all(r["loss"] > 0 for r in reports)
