@@ -57,8 +57,7 @@ class Int8WeightLinear(nn.Module):
         y = y.to(x.dtype).view(*shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
-    # Concatenation along the output rows (infer.decoder fuses q/k/v and gate/up).
-    fused_tensors = ("weight", "scale")
+    # Tensor name -> dimension of output rows, for infer.decoder's q/k/v and gate/up fusion.
     fused_dims = {"weight": 0, "scale": 0}
 
     def fused_with(self, tensors: dict, bias) -> "Int8WeightLinear":
@@ -120,7 +119,6 @@ class Int4WeightLinear(nn.Module):
         y = y.to(x.dtype).view(*shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
-    fused_tensors = ("packed", "scale_offset")
     fused_dims = {"packed": 0, "scale_offset": 1}
 
     def fused_with(self, tensors: dict, bias) -> "Int4WeightLinear":

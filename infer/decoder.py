@@ -104,26 +104,28 @@ def _concatenate(layers: list[nn.Module]) -> nn.Module:
     kind = type(first)
     if any(type(l) is not kind for l in layers) or any(l.in_features != first.in_features for l in layers):
         raise ValueError("cannot fuse layers of different kinds or input sizes")
-    if hasattr(first, "fused_tensors"):
-        return _concatenate_cpu_quantized(layers)
-    names = {nn.Linear: ("weight",), NF4Linear: ("packed", "absmax"), Int8Linear: ("weight", "scale")}[kind]
+    # Tensor name -> the dimension of output rows; infer.cpu_quant's layers describe their own.
+    dims = getattr(first, "fused_dims", None) or dict.fromkeys(
+        {nn.Linear: ("weight",), NF4Linear: ("packed", "absmax"), Int8Linear: ("weight", "scale")}[kind], 0)
     if kind is NF4Linear and any(l.blocksize != first.blocksize or not torch.equal(l.code, first.code) for l in layers):
         raise ValueError("cannot fuse 4-bit layers with different block sizes or code tables")
     biased = [l.bias for l in layers if l.bias is not None]
     joined = {}
-    for name in names + (("bias",) if biased else ()):
+    for name, dim in {**dims, **({"bias": 0} if biased else {})}.items():
         parts = [
             getattr(l, name).data if getattr(l, name) is not None
             # a layer without bias next to one with: its share of the fused bias is zero
             else torch.zeros(l.out_features, dtype=biased[0].dtype, device=biased[0].device)
             for l in layers
         ]
-        joined[name] = torch.cat(parts, dim=0)
-        for l, view in zip(layers, joined[name].split([p.shape[0] for p in parts], dim=0)):
+        joined[name] = torch.cat(parts, dim=dim)
+        for l, view in zip(layers, joined[name].split([p.shape[dim] for p in parts], dim=dim)):
             if getattr(l, name) is not None:
                 setattr(l, name, nn.Parameter(view, requires_grad=False))
+    bias = joined.pop("bias", None)
+    if hasattr(first, "fused_with"):
+        return first.fused_with(joined, bias)
     out_features = sum(l.out_features for l in layers)
-    bias = joined.get("bias")
     if kind is nn.Linear:
         fused = nn.Linear(first.in_features, out_features, bias=bias is not None, device="meta")
         fused.weight = nn.Parameter(joined["weight"], requires_grad=False)
@@ -133,24 +135,6 @@ def _concatenate(layers: list[nn.Module]) -> nn.Module:
     if kind is NF4Linear:
         return NF4Linear(joined["packed"], joined["absmax"], first.code.data, bias, first.in_features, out_features, first.blocksize)
     return Int8Linear(joined["weight"], joined["scale"], bias, first.in_features, out_features)
-
-
-def _concatenate_cpu_quantized(layers: list[nn.Module]) -> nn.Module:
-    """infer.cpu_quant layers joined along their output rows; the originals become views."""
-    first = layers[0]
-    biased = [l.bias for l in layers if l.bias is not None]
-    joined = {}
-    for name in first.fused_tensors:
-        dim = first.fused_dims[name]
-        joined[name] = torch.cat([getattr(l, name).data for l in layers], dim=dim)
-        sizes = [getattr(l, name).shape[dim] for l in layers]
-        for l, view in zip(layers, joined[name].split(sizes, dim=dim)):
-            setattr(l, name, nn.Parameter(view, requires_grad=False))
-    bias = None
-    if biased:
-        bias = torch.cat([l.bias.data if l.bias is not None else
-                          torch.zeros(l.out_features, dtype=biased[0].dtype, device=biased[0].device) for l in layers])
-    return first.fused_with(joined, bias)
 
 
 def _rotate_half(x):

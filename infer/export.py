@@ -140,7 +140,8 @@ def export_gguf(source, *, quant: str = "q8_0", fmt: str = "gguf", out=None, ove
 
     from infer.fidelity import check_gguf
     from infer.gguf_file import write_gguf
-    from infer.modelcard import atomic_write_text, current_umask, export_card
+    from infer.modelcard import export_card
+    from infer.outputs import current_umask, write_atomically
     from infer.ollama import modelfile
 
     # Refused before any weights load: the config names the model type.
@@ -173,15 +174,15 @@ def export_gguf(source, *, quant: str = "q8_0", fmt: str = "gguf", out=None, ove
             from infer.sampling import eos_token_ids
 
             stops = tokenizer.convert_ids_to_tokens(sorted(eos_token_ids(model, tokenizer)))
-            atomic_write_text(staging / "Modelfile", modelfile(gguf_path.name, tokenizer, written["tokenizer"], stops))
+            write_atomically(staging / "Modelfile", modelfile(gguf_path.name, tokenizer, written["tokenizer"], stops))
             files["modelfile"] = "Modelfile"
         record = {"format": "tunewright-export/1", "source": str(source), "checkpoint": info["checkpoint"],
                   "file": files["gguf"], "sha256": files["sha256"], "written": written,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "seconds": round(time.perf_counter() - started, 1),
                   "check": proof if proof is not None else "not checked (--no-check)"}
-        atomic_write_text(staging / "proof.json", json.dumps(record, indent=2, default=str) + "\n")
-        atomic_write_text(staging / "README.md", export_card(info, written, proof, files))
+        write_atomically(staging / "proof.json", json.dumps(record, indent=2, default=str) + "\n")
+        write_atomically(staging / "README.md", export_card(info, written, proof, files))
         staging.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide an export meant to be shared
         if out.exists():
             shutil.rmtree(out)

@@ -17,6 +17,8 @@ import json
 import logging
 from pathlib import Path
 
+from infer.outputs import write_atomically
+
 log = logging.getLogger(__name__)
 
 LICENSE_LINE = "license:  # fill in before publishing: the base model's license and the data's terms apply"
@@ -42,7 +44,7 @@ def write_run_cards(run_path, manifest: dict | None = None) -> list[Path]:
     for part in ("model", "adapter"):
         folder = Path(run_path) / part
         if folder.is_dir():
-            atomic_write_text(folder / "README.md", run_card(source, part))
+            write_atomically(folder / "README.md", run_card(source, part))
             written.append(folder / "README.md")
     return written
 
@@ -279,30 +281,6 @@ def _proof_section(proof: dict | None) -> list[str]:
     lines += ["", "Not measured here: llama.cpp's kernels, which also round activations to 8 bits in quantized "
               "matmuls on the CPU; the numbers above are the cost of the weights' rounding.", ""]
     return lines
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write under a temporary name, then rename: a reader never sees half a file."""
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would hide a card meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def current_umask() -> int:
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _num(value) -> str | None:

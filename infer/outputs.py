@@ -44,16 +44,26 @@ def free_name(path: Path) -> Path:
 
 
 def write_atomically(path, text: str) -> Path:
-    """Write under a temporary name in the same directory, then rename: readers see the old
-    file or the whole new one, never half of it."""
+    """Write under a temporary name in the same directory, flushed to disk, then rename:
+    readers see the old file or the whole new one, never half of it. The file gets the
+    permissions an ordinary write would (mkstemp's 0600 would hide what is meant to be read)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from infer.outputs import write_atomically
 from train.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -52,23 +53,8 @@ class RunPlan:
         return self.work.path != self.final.path
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+    write_atomically(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def sha256_file(path: Path) -> str:
@@ -249,7 +235,7 @@ class RunDir:
         return None
 
     def write_recipe(self, recipe: Recipe) -> None:
-        atomic_write_text(self.recipe_file, recipe.to_yaml())
+        write_atomically(self.recipe_file, recipe.to_yaml())
 
     # ------------------------------------------------------------ metrics
 
@@ -269,7 +255,7 @@ class RunDir:
     def truncate_metrics(self, last_step: int) -> list[dict[str, Any]]:
         """Keep only lines up to `last_step`: a resumed run replays the steps after its checkpoint."""
         kept = [r for r in self.read_metrics() if r.get("step", 0) <= last_step]
-        atomic_write_text(self.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in kept))
+        write_atomically(self.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in kept))
         return kept
 
     def write_loss_plot(self) -> bool:
