@@ -6,7 +6,7 @@ keep-alive connections (`timeout_keep_alive`), but it waits forever for a reques
 A client that opens a connection and never finishes its headers therefore holds a file
 descriptor before any route, auth included, sees it; enough of them exhaust the process's
 descriptors and `/health` stops answering. `guarded_protocol` steps around that in uvicorn's
-own HTTP protocol: it closes a connection whose headers are not complete within the header
+own (httptools) HTTP protocol: it closes a connection whose headers are not complete within the header
 timeout, and closes at once a connection accepted beyond the bound, so descriptors stay
 bounded. Slow bodies are timed out where the body is read (`BodyLimits` in app.py), so the
 client gets a 408.
@@ -19,8 +19,7 @@ import logging
 import resource
 import time
 
-import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("infer.serve")
 
@@ -49,10 +48,13 @@ def connection_limit(requested: int) -> int:
     return min(requested, allowed)
 
 
-def guarded_protocol(header_timeout: float, max_connections: int) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with a header timeout and a hard bound on open connections."""
+def guarded_protocol(header_timeout: float, max_connections: int) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol (C parser: less of the GIL per request than h11, which the
+    engine thread shares) with a header timeout and a hard bound on open connections."""
 
-    class GuardedH11Protocol(H11Protocol):
+    class GuardedHttpToolsProtocol(HttpToolsProtocol):
+        # The header timer runs while a request's headers are awaited: from the connection's
+        # start and from each request's first byte, until its headers are complete.
         def connection_made(self, transport) -> None:
             self._header_timer = None
             super().connection_made(transport)
@@ -63,12 +65,13 @@ def guarded_protocol(header_timeout: float, max_connections: int) -> type[H11Pro
                 return
             self._arm_header_timer()
 
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
-                self._arm_header_timer()  # part of a next request's headers: its own deadline
-            else:
-                self._disarm_header_timer()
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm_header_timer()
+
+        def on_headers_complete(self) -> None:
+            self._disarm_header_timer()
+            super().on_headers_complete()
 
         def connection_lost(self, exc) -> None:
             self._disarm_header_timer()
@@ -85,11 +88,11 @@ def guarded_protocol(header_timeout: float, max_connections: int) -> type[H11Pro
 
         def _headers_timed_out(self) -> None:
             self._header_timer = None
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            if not self.transport.is_closing():
                 log.info("closed a connection that sent no complete request headers within %g s", header_timeout)
                 self.transport.close()
 
-    return GuardedH11Protocol
+    return GuardedHttpToolsProtocol
 
 
 class RepeatLimiter(logging.Filter):
