@@ -121,6 +121,25 @@ class Sequence:
         return event
 
 
+def check_request(prompt: list[int], params: SamplingParams, *, vocab_size: int, max_seq_len: int,
+                  max_logprobs: int) -> None:
+    """Raise ValueError saying what to change if an engine with these limits cannot run the request.
+    The server checks on its HTTP side with this too, before anything reaches the engine."""
+    if not prompt:
+        raise ValueError("empty prompt: give at least one token")
+    bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"prompt: token id {bad!r} is outside the vocabulary (0..{vocab_size - 1})")
+    if len(prompt) + params.max_new_tokens > max_seq_len:
+        raise ValueError(
+            f"prompt of {len(prompt)} tokens + max_new_tokens {params.max_new_tokens} exceeds max_seq_len "
+            f"{max_seq_len}: shorten the prompt, lower max_new_tokens, or build the engine with a "
+            "larger max_seq_len"
+        )
+    if params.logprobs is not None and params.logprobs > max_logprobs:
+        raise ValueError(f"logprobs: at most {max_logprobs} alternatives per token here, got {params.logprobs}")
+
+
 @dataclass
 class _Fetch:
     read: Callable[[], tuple]
@@ -158,20 +177,8 @@ class Engine:
     def new_sequence(self, prompt: list[int], params: SamplingParams, *, index: int = 0,
                      arrival: float | None = None) -> Sequence:
         """A validated sequence, ready to submit. Raises ValueError saying what to change."""
-        if not prompt:
-            raise ValueError("empty prompt: give at least one token")
-        vocab = self.runner.vocab_size
-        bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt: token id {bad!r} is outside the vocabulary (0..{vocab - 1})")
-        if len(prompt) + params.max_new_tokens > self.max_seq_len:
-            raise ValueError(
-                f"prompt of {len(prompt)} tokens + max_new_tokens {params.max_new_tokens} exceeds max_seq_len "
-                f"{self.max_seq_len}: shorten the prompt, lower max_new_tokens, or build the engine with a "
-                "larger max_seq_len"
-            )
-        if params.logprobs is not None and params.logprobs > self.max_logprobs:
-            raise ValueError(f"logprobs: at most {self.max_logprobs} alternatives per token here, got {params.logprobs}")
+        check_request(prompt, params, vocab_size=self.runner.vocab_size, max_seq_len=self.max_seq_len,
+                      max_logprobs=self.max_logprobs)
         return Sequence(list(prompt), params, self.tokenizer, self.eos_ids, index=index, arrival=arrival)
 
     def submit(self, seq: Sequence) -> None:

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode graphs compiled and recorded before the port answers: every batch bucket for "
                    "greedy and sampled requests (all), greedy only (a first sampled request then compiles "
                    "while others wait), or none (default all)")
+    p.add_argument("--engine", choices=("process", "thread"), default="process",
+                   help="where the engine runs: a process of its own, so that HTTP work and the scheduler do "
+                   "not share one GIL (default), or a thread of the server process")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_load_options(p)
     return p
@@ -115,46 +118,61 @@ class ServerState:
         self.draining = False
         self.in_flight = 0  # requests other than /health and /metrics being answered
         self.load_error: BaseException | None = None
+        self.engine_client = None  # the engine process, once started
+        self.engine_failed: str | None = None  # why the engine process died, if it did
         self.server = None  # the uvicorn.Server, told to exit if loading fails
 
     def load(self) -> None:
         import functools
 
-        from infer.engine import Engine
-
-        from .engine import ServingEngine, warm_up
-        from .schemas import MAX_LOGPROBS
+        from .engine import warm_up
+        from .engine_process import EngineLoadError
 
         try:
             started = time.perf_counter()
-            model, tokenizer = self.loader(self.args)
-            gpu = next(model.parameters()).device.type == "cuda"
-            config = model.config.get_text_config()
-            context = getattr(config, "max_position_embeddings", None) or 2048
-            self.max_model_len = self.args.max_model_len or min(context, 4096 if gpu else 2048)
-            batch = self.args.max_batch_size or (64 if gpu else 8)
-            engine = Engine(model, tokenizer, max_batch_size=batch, max_seq_len=self.max_model_len,
-                            prefill_chunk=self.args.prefill_chunk, max_logprobs=MAX_LOGPROBS)
-            serving = ServingEngine(engine, max_queue=self.args.max_queue)
-            serving.start()
+            serving, tokenizer = self._start_engine()
             if self.args.warm_up != "none":
                 warm_up(serving, tokenizer, with_sampling=self.args.warm_up == "all")
             # Metrics start after the warm-up so that they count user requests only.
             serving.metrics = self.metrics
             self.metrics.bind_engine(serving)
-            self.metrics.bind_device(engine.device)
+            self.max_model_len = serving.max_model_len
             self.token_text = functools.lru_cache(maxsize=65536)(
                 lambda token_id: tokenizer.decode([token_id], skip_special_tokens=False))
             self.tokenizer, self.engine = tokenizer, serving
             self.ready = True
-            log.info("model %s ready on %s in %.1fs (context %d tokens, batch %d, KV cache %.2f GiB, queue %d)",
-                     self.model_name, engine.device, time.perf_counter() - started, self.max_model_len, batch,
-                     engine.runner.cache.nbytes / 2**30, self.args.max_queue)
+            log.info("model %s ready on %s in %.1fs (context %d tokens, batch %d, KV cache %.2f GiB, queue %d, "
+                     "engine on a %s)", self.model_name, serving.device_name, time.perf_counter() - started,
+                     serving.max_model_len, serving.max_batch_size, serving.kv_cache_bytes / 2**30,
+                     self.args.max_queue, self.args.engine)
         except BaseException as exc:  # noqa: BLE001 - any failure must end the server, not hang it
-            log.error("could not load %s: %s: %s", self.args.run, type(exc).__name__, exc)
+            message = str(exc) if isinstance(exc, EngineLoadError) else f"{type(exc).__name__}: {exc}"
+            log.error("could not load %s: %s", self.args.run, message)
             self.load_error = exc
+            if self.engine_client is not None:
+                self.engine_client.stop(5)
             if self.server is not None:
                 self.server.should_exit = True
+
+    def _start_engine(self):
+        """(engine, tokenizer): the engine in a process of its own, or on a thread of this one."""
+        from .engine import ServingEngine, build_engine
+        from .engine_process import EngineClient
+
+        if self.args.engine == "process":
+            self.engine_client = EngineClient(self.loader, self.args, max_queue=self.args.max_queue,
+                                              log_level=self.args.log_level, on_exit=self._engine_exited)
+            return self.engine_client, self.engine_client.start()
+        model, tokenizer = self.loader(self.args)
+        serving = ServingEngine(build_engine(model, tokenizer, self.args), max_queue=self.args.max_queue)
+        serving.start()
+        return serving, tokenizer
+
+    def _engine_exited(self, reason: str) -> None:
+        """The engine process died: /health and new requests answer 503 and the server exits 1."""
+        self.engine_failed = reason
+        if self.server is not None:
+            self.server.should_exit = True
 
     @asynccontextmanager
     async def lifespan(self, app):
@@ -232,4 +250,4 @@ def serve(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     server.run(sockets=[sock])
-    return 1 if state.load_error is not None else 0
+    return 1 if state.load_error is not None or state.engine_failed else 0

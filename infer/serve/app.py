@@ -66,9 +66,10 @@ def create_app(state) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if state.ready and not state.draining:
+        if state.ready and not state.draining and not state.engine_failed:
             return {"status": "ok"}
-        return JSONResponse({"status": "draining" if state.draining else "loading"}, 503)
+        status = "failed" if state.engine_failed else "draining" if state.draining else "loading"
+        return JSONResponse({"status": status}, 503)
 
     @app.get("/metrics")
     async def metrics():
@@ -116,6 +117,8 @@ async def _require_api_key(request: Request) -> None:
 
 async def _require_ready(request: Request) -> None:
     state = request.app.state.server
+    if state.engine_failed:
+        raise ApiError(503, f"{state.engine_failed}; the server is stopping", "server_error", code="engine_failed")
     if state.draining:
         raise ApiError(503, "the server is shutting down and takes no new requests", "server_error",
                        code="shutting_down")

@@ -1,7 +1,9 @@
-"""The server's engine thread: infer.engine's scheduler (the one `Generator` drives) run
-on a thread of its own, fed by the HTTP handlers. This module owns no decode loop: it
-moves submitted sequences into the engine, calls `step()`, hands each event to its
-request, and keeps the serving metrics.
+"""The server's engine, in-process: infer.engine's scheduler (the one `Generator` drives)
+run on a thread of the server process, fed by the HTTP handlers (`--engine thread`). The
+default runs the same scheduler in a process of its own (infer.serve.engine_process); both
+offer the HTTP side the same methods. Neither owns a decode loop: they move submitted
+sequences into the engine, call `step()`, hand each event to its request, and keep the
+serving metrics.
 
 A request is validated when its sequences are built (`new_sequence`, on the HTTP side),
 so nothing that one client sends can fail a step that other clients share. Should a step
@@ -37,7 +39,10 @@ class ServingEngine:
         self.max_queue = max_queue
         self.metrics = metrics
         self.max_batch_size = engine.max_batch_size
+        self.max_model_len = engine.max_seq_len
         self.device = engine.device
+        self.device_name = str(engine.device)
+        self.kv_cache_bytes = engine.runner.cache.nbytes
         self._cond = threading.Condition()
         self._inbox: list[Sequence] = []
         self._stopping = False  # set by stop(): no new work; the thread ends once the rest is done
@@ -103,55 +108,111 @@ class ServingEngine:
                 for seq in self._inbox:
                     engine.submit(seq)
                 self._inbox.clear()
-            try:
-                events = engine.step()
-            except Exception as exc:  # a failed step must not kill the server
-                lost = engine.reset()
-                log.exception("generation step failed; failing the %d sequences in flight", len(lost))
-                events = [seq.fail(f"{type(exc).__name__}: {exc}") for seq in lost if not seq.cancelled]
+            events = step_or_fail(engine)
             now = time.perf_counter()
             if self.metrics is not None and engine.last_decode_rows:
                 self.metrics.batch_size.observe(engine.last_decode_rows)
             for event in events:
                 seq = event.sequence
                 if self.metrics is not None:
-                    self._observe(seq, event, now)
+                    queued = seq.admitted_at - seq.arrival if seq.admitted_at is not None else None
+                    observe(self.metrics, seq, event, now, queued)
                 if seq.emit is not None and not seq.cancelled:
                     seq.emit(event)
 
-    def _observe(self, seq: Sequence, event: StreamEvent, now: float) -> None:
-        m = self.metrics
-        new = len(event.token_ids)
-        if event.completion_tokens == new and (new or event.finished):  # its first event
-            m.prompt_tokens.inc(len(seq.prompt))
-            m.ttft.observe(now - seq.arrival)
-            if seq.admitted_at is not None:
-                m.queue_time.observe(seq.admitted_at - seq.arrival)
-        elif new:
-            gap = (now - seq.last_event_at) / new
-            for _ in range(new):
-                m.inter_token.observe(gap)
-        m.generated_tokens.inc(new)
-        seq.last_event_at = now
-        if event.finished:
-            m.e2e.observe(now - seq.arrival)
-            m.finished.labels(event.finish_reason or "unknown").inc()
+    # ---- what the metrics and the warm-up read -------------------------------------
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+    @property
+    def group_steps(self) -> int:
+        return self.engine.runner.group_steps
+
+    @property
+    def graph_count(self) -> int:
+        return self.engine.graph_count
+
+    def gpu_memory(self) -> tuple[int, int]:
+        """(allocated, reserved) bytes on the engine's GPU; zeros on the CPU."""
+        return gpu_memory(self.device)
+
+    def compiled_graphs(self) -> int:
+        return compiled_graphs()
+
+    def engine_rss(self) -> int:
+        return 0  # the engine lives in the server process: its memory is the process's own
 
 
-def warm_up(serving: ServingEngine, tokenizer, *, with_sampling: bool = True, timeout: float = 900) -> None:
+def build_engine(model, tokenizer, args) -> Engine:
+    """The server's engine for a loaded model, sized by the serve options (`args`)."""
+    from .schemas import MAX_LOGPROBS
+
+    gpu = next(model.parameters()).device.type == "cuda"
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 2048
+    max_len = args.max_model_len or min(context, 4096 if gpu else 2048)
+    batch = args.max_batch_size or (64 if gpu else 8)
+    return Engine(model, tokenizer, max_batch_size=batch, max_seq_len=max_len, prefill_chunk=args.prefill_chunk,
+                  max_logprobs=MAX_LOGPROBS)
+
+
+def step_or_fail(engine: Engine) -> list[StreamEvent]:
+    """One scheduler step. Should it fail (a bug, the GPU out of memory), the sequences in
+    flight end with an error event and the engine starts clean: the server keeps serving."""
+    try:
+        return engine.step()
+    except Exception as exc:
+        lost = engine.reset()
+        log.exception("generation step failed; failing the %d sequences in flight", len(lost))
+        return [seq.fail(f"{type(exc).__name__}: {exc}") for seq in lost if not seq.cancelled]
+
+
+def observe(m, seq, event: StreamEvent, now: float, queued: float | None) -> None:
+    """Per-sequence latency metrics from one event; `seq` has `prompt`, `arrival` and
+    `last_event_at`; `queued` is the sequence's wait for a row (with its first event)."""
+    new = len(event.token_ids)
+    if event.completion_tokens == new and (new or event.finished):  # its first event
+        m.prompt_tokens.inc(len(seq.prompt))
+        m.ttft.observe(now - seq.arrival)
+        if queued is not None:
+            m.queue_time.observe(queued)
+    elif new:
+        gap = (now - seq.last_event_at) / new
+        for _ in range(new):
+            m.inter_token.observe(gap)
+    m.generated_tokens.inc(new)
+    seq.last_event_at = now
+    if event.finished:
+        m.e2e.observe(now - seq.arrival)
+        m.finished.labels(event.finish_reason or "unknown").inc()
+
+
+def gpu_memory(device) -> tuple[int, int]:
+    if getattr(device, "type", None) != "cuda":
+        return 0, 0
+    return torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process (dynamo's unique graphs)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def warm_up(serving, tokenizer, *, with_sampling: bool = True, timeout: float = 900) -> None:
     """Requests through the real engine before the port answers 200: every batch-size bucket
     compiles and records its CUDA graph here (not on a user's request), and a model whose
     cache the engine cannot run fails at start-up. `with_sampling=False`: greedy steps only."""
     from infer.sampling import SamplingParams
 
-    engine = serving.engine
     ids = tokenizer("Hello, world. This is a warm-up.")["input_ids"] or [0]
     sizes = [1]
-    while sizes[-1] < engine.max_batch_size:
-        sizes.append(min(2 * sizes[-1], engine.max_batch_size))
-    if engine.device.type != "cuda":
-        sizes = [1, min(2, engine.max_batch_size)]  # nothing to record on the CPU: check that it runs
-    steps = 2 * engine.runner.group_steps + 2
+    while sizes[-1] < serving.max_batch_size:
+        sizes.append(min(2 * sizes[-1], serving.max_batch_size))
+    if serving.device_type != "cuda":
+        sizes = [1, min(2, serving.max_batch_size)]  # nothing to record on the CPU: check that it runs
+    steps = 2 * serving.group_steps + 2
     for size in sizes:
         for sampled in (False, True) if with_sampling else (False,):
             start = time.perf_counter()
@@ -173,6 +234,4 @@ def warm_up(serving: ServingEngine, tokenizer, *, with_sampling: bool = True, ti
                 raise RuntimeError(f"warm-up generation failed: {errors[0]}")
             log.info("warm-up: %d %s sequence(s) in %.1f s", size, "sampled" if sampled else "greedy",
                      time.perf_counter() - start)
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize()
-    log.info("warm-up: %d decode graphs recorded", engine.graph_count)
+    log.info("warm-up: %d decode graphs recorded", serving.graph_count)

@@ -97,7 +97,8 @@ async def one_request(client, url: str, model: str, prompt, max_tokens: int, tem
 async def scrape(client, url: str) -> dict:
     text = (await client.get(f"{url}/metrics")).text
     wanted = ("tunewright_gpu_memory_allocated_bytes", "tunewright_gpu_memory_reserved_bytes",
-              "process_resident_memory_bytes", "tunewright_sequences_running", "tunewright_sequences_waiting",
+              "process_resident_memory_bytes", "tunewright_engine_process_resident_memory_bytes",
+              "tunewright_sequences_running", "tunewright_sequences_waiting",
               "tunewright_decode_cuda_graphs", "tunewright_compiled_graphs")
     out = {}
     for line in text.splitlines():
@@ -259,8 +260,8 @@ def summarize(levels: list[dict]) -> str:
     base = levels[0]["tokens_per_s"] or float("nan")
     lines = ["| clients | requests | errors | generated tok/s | vs 1st level | per-stream tok/s (median) | TTFT p50 | "
              "TTFT p99 | longest chunk gap p99 | GPU alloc idle before → after | GPU reserved first → last sample | "
-             "RSS first → last sample |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "server RSS first → last sample | engine RSS first → last sample |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for lv in levels:
         mem = lv["memory"] or [{}]
         lines.append(
@@ -271,9 +272,13 @@ def summarize(levels: list[dict]) -> str:
             f"{_mib(lv['idle_after'], 'tunewright_gpu_memory_allocated_bytes')} | "
             f"{_mib(mem[0], 'tunewright_gpu_memory_reserved_bytes')} → "
             f"{_mib(mem[-1], 'tunewright_gpu_memory_reserved_bytes')} | "
-            f"{_mib(mem[0], 'process_resident_memory_bytes')} → {_mib(mem[-1], 'process_resident_memory_bytes')} |"
+            f"{_mib(mem[0], 'process_resident_memory_bytes')} → {_mib(mem[-1], 'process_resident_memory_bytes')} | "
+            f"{_mib(mem[0], _ENGINE_RSS)} → {_mib(mem[-1], _ENGINE_RSS)} |"
         )
     return "\n".join(lines)
+
+
+_ENGINE_RSS = "tunewright_engine_process_resident_memory_bytes"
 
 
 def _mib(sample: dict, key: str) -> str:

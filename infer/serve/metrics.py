@@ -76,29 +76,24 @@ class ServerMetrics:
             "tunewright_gpu_memory_reserved_bytes", "Bytes the CUDA caching allocator holds (0 on CPU)",
             registry=r,
         )
+        self.engine_rss = Gauge(
+            "tunewright_engine_process_resident_memory_bytes",
+            "Resident memory of the engine process (0 when the engine runs on a thread of this process, whose "
+            "memory process_resident_memory_bytes shows)", registry=r,
+        )
 
     def bind_engine(self, serving) -> None:
-        """Read queue depth, row occupancy and compilations from the engine at scrape time."""
+        """Read queue depth, row occupancy, compilations and memory from the engine at scrape time."""
         rows = serving.max_batch_size
         self.kv_rows.set(rows)
         self.waiting.set_function(lambda: serving.queue_depth)
         self.running.set_function(lambda: serving.running)
         self.kv_usage.set_function(lambda: serving.running / rows)
-        self.graphs.set_function(lambda: serving.engine.graph_count)
-        self.compiles.set_function(_compiled_graphs)
-
-    def bind_device(self, device) -> None:
-        import torch
-
-        if getattr(device, "type", None) == "cuda":
-            self.gpu_memory.set_function(lambda: torch.cuda.memory_allocated(device))
-            self.gpu_memory_reserved.set_function(lambda: torch.cuda.memory_reserved(device))
+        self.graphs.set_function(lambda: serving.graph_count)
+        self.compiles.set_function(serving.compiled_graphs)
+        self.gpu_memory.set_function(lambda: serving.gpu_memory()[0])
+        self.gpu_memory_reserved.set_function(lambda: serving.gpu_memory()[1])
+        self.engine_rss.set_function(serving.engine_rss)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-def _compiled_graphs() -> float:
-    from torch._dynamo.utils import counters
-
-    return float(counters["stats"]["unique_graphs"])

@@ -485,20 +485,62 @@ def test_a_drain_timeout_cuts_off_with_one_line(tiny_model_dir, tmp_path):
     assert result["r"].status_code == 500
 
 
-def test_health_is_503_until_the_model_is_loaded(tiny_model_dir):
+def _engine_pid(server_pid: int) -> int:
+    """The engine process: the server's child started by multiprocessing's spawn."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == server_pid and b"spawn_main" in cmdline:
+            return int(entry.name)
+    raise AssertionError(f"no engine process under server pid {server_pid}")
+
+
+def test_a_dead_engine_process_fails_its_requests_and_stops_the_server(tiny_model_dir, tmp_path):
+    srv = launch(tiny_model_dir, tmp_path / "server.log", "--max-batch-size", "4", "--warm-up", "none")
+    result = {}
+    try:
+        body = {"model": tiny_model_dir.name, "prompt": PROMPTS[0], "max_tokens": 2000, "ignore_eos": True}
+        request = threading.Thread(target=lambda: result.update(r=httpx.post(f"{srv.url}/v1/completions", json=body,
+                                                                            timeout=120)))
+        request.start()
+        _wait_for(lambda: srv.metrics()["tunewright_sequences_running"] == 1)
+        os.kill(_engine_pid(srv.proc.pid), signal.SIGKILL)
+        assert srv.proc.wait(timeout=60) == 1  # for a supervisor to restart it
+        request.join(timeout=60)
+    finally:
+        srv.stop()
+    assert result["r"].status_code == 500
+    assert "engine process exited unexpectedly" in result["r"].json()["error"]["message"]
+    assert "engine process exited unexpectedly" in srv.log.read_text()
+
+
+def _load_when_released(release: Path, args):
+    """A loader that waits for `release` to exist (module level: the engine process unpickles it)."""
+    from infer.serve import load_for_serving
+
+    deadline = time.monotonic() + 120
+    while not release.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return load_for_serving(args)
+
+
+@pytest.mark.parametrize("engine", ["process", "thread"])
+def test_health_is_503_until_the_model_is_loaded(tiny_model_dir, tmp_path, engine):
+    import functools
+
     import uvicorn
 
-    from infer.serve import ServerState, build_parser, load_for_serving
+    from infer.serve import ServerState, build_parser
     from infer.serve.app import create_app
 
-    release = threading.Event()
-
-    def held_back_loader(args):
-        release.wait(timeout=120)
-        return load_for_serving(args)
-
-    args = build_parser().parse_args([str(tiny_model_dir), "--port", "0"])
-    state = ServerState(args, loader=held_back_loader)
+    release = tmp_path / "release"
+    args = build_parser().parse_args([str(tiny_model_dir), "--port", "0", "--engine", engine, "--warm-up", "none"])
+    state = ServerState(args, loader=functools.partial(_load_when_released, release))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -511,11 +553,14 @@ def test_health_is_503_until_the_model_is_loaded(tiny_model_dir):
         assert _status(f"{url}/health") == 503
         loading = httpx.get(f"{url}/v1/models", timeout=10)
         assert loading.status_code == 503 and loading.json()["error"]["code"] == "model_loading"
-        release.set()
+        release.touch()
         _wait_for(lambda: _status(f"{url}/health") == 200, timeout=120)
         assert httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"] == tiny_model_dir.name
+        done = httpx.post(f"{url}/v1/completions", json={"model": tiny_model_dir.name, "prompt": "Hi", "max_tokens": 3},
+                          timeout=60)
+        assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 3
     finally:
-        release.set()
+        release.touch()
         server.should_exit = True
         thread.join(timeout=60)
 

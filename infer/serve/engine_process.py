@@ -1,0 +1,325 @@
+"""The engine in a process of its own (`--engine process`, the default), as vLLM runs its
+engine core: the HTTP event loop (JSON, SSE, tokenization) and the scheduler's Python work
+no longer take turns on one GIL.
+
+    server process                                  engine process
+    HTTP routes ─ EngineClient ──── requests ────▶  infer.engine.Engine.step() loop
+                  (one handle per   ◀── events ────  (model, KV cache, sampler,
+                   sequence)          + counts       detokenizer, stop rules)
+
+Requests are validated on the server side (`infer.engine.check_request`, the engine's own
+rule) before they are sent, so what reaches the engine runs. Each step's events travel as
+one message of plain tuples. If the engine process dies, every sequence in flight ends
+with an error event, new requests get 503 and `on_exit` tells the server, which exits
+non-zero for its supervisor to restart it.
+
+Messages to the engine: ("add", [(sid, prompt, params, index, arrival)]), ("cancel", [sid]),
+("stop",). From it: ("ready", info, tokenizer), ("failed", message),
+("events", [event tuple], running, waiting, decode_rows, stats or None), ("stopped",).
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+
+from infer.engine import StreamEvent, check_request
+
+from .engine import (EngineStoppedError, QueueFullError, build_engine, compiled_graphs, gpu_memory, observe,
+                     step_or_fail)
+
+log = logging.getLogger("infer.serve")
+
+STATS_INTERVAL = 0.5  # seconds between the engine's memory / compilation reports while it is busy
+
+
+class EngineLoadError(RuntimeError):
+    """The engine process could not load the model or build the engine; the message says why."""
+
+
+class _Handle:
+    """The server side of one sequence: what the routes and the metrics read."""
+
+    __slots__ = ("sid", "prompt", "params", "index", "arrival", "emit", "finish_reason", "cancelled",
+                 "last_event_at")
+
+    def __init__(self, sid, prompt, params, index, arrival, emit):
+        self.sid, self.prompt, self.params, self.index, self.emit = sid, prompt, params, index, emit
+        self.arrival = time.perf_counter() if arrival is None else arrival
+        self.finish_reason = None
+        self.cancelled = False
+        self.last_event_at = None
+
+
+class EngineClient:
+    """Runs `build_engine(*loader(args), args)` in a child process and offers the HTTP side
+    the methods of the in-process `ServingEngine`."""
+
+    def __init__(self, loader, args, *, max_queue: int = 256, metrics=None, log_level: str = "info",
+                 on_exit=None):
+        self.loader, self.args, self.max_queue, self.metrics = loader, args, max_queue, metrics
+        self.log_level, self.on_exit = log_level, on_exit
+        self._lock = threading.Lock()  # the live handles and the send side of the pipe
+        self._live: dict[int, _Handle] = {}
+        self._ids = itertools.count()
+        self._stopping = False
+        self._dead: str | None = None
+        self._proc = self._receiver = None
+        self.running = 0
+        self._waiting = 0
+        self._stats = {"graphs": 0, "compiled": 0, "gpu": (0, 0), "rss": 0}
+
+    # ---- start-up ------------------------------------------------------------------
+    def start(self):
+        """Start the engine process and wait until its model is loaded; returns the tokenizer.
+        Raises EngineLoadError with the engine's reason if it cannot load."""
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or threads
+        to_engine_r, self._to_engine = ctx.Pipe(duplex=False)
+        self._from_engine, from_engine_w = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_engine_main, name="tunewright-engine",
+                                 args=(to_engine_r, from_engine_w, self.loader, self.args, self.log_level))
+        self._proc.start()
+        atexit.register(self._kill)  # runs before multiprocessing's own exit hook, which would wait for it
+        to_engine_r.close()
+        from_engine_w.close()
+        while not self._from_engine.poll(1.0):
+            if not self._proc.is_alive():
+                raise EngineLoadError(f"the engine process exited with code {self._proc.exitcode} while loading")
+        try:
+            msg = self._from_engine.recv()
+        except EOFError:
+            self._proc.join(5)
+            raise EngineLoadError(f"the engine process exited with code {self._proc.exitcode} while loading") from None
+        if msg[0] == "failed":
+            self._proc.join(30)
+            raise EngineLoadError(msg[1])
+        info, tokenizer = msg[1], msg[2]
+        self.max_batch_size, self.max_model_len = info["max_batch_size"], info["max_model_len"]
+        self.vocab_size, self.max_logprobs = info["vocab_size"], info["max_logprobs"]
+        self.device_type, self.device_name = info["device_type"], info["device"]
+        self.group_steps, self.kv_cache_bytes = info["group_steps"], info["kv_cache_bytes"]
+        # The receiver thread wakes on each message; a switch interval of 1 ms (default 5)
+        # keeps it from waiting behind the event loop's JSON work for long.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
+        self._receiver = threading.Thread(target=self._receive, name="tunewright-engine-events", daemon=True)
+        self._receiver.start()
+        return tokenizer
+
+    # ---- called from the HTTP side -------------------------------------------------
+    def new_sequence(self, prompt: list[int], params, emit, *, index: int = 0, arrival: float | None = None):
+        check_request(prompt, params, vocab_size=self.vocab_size, max_seq_len=self.max_model_len,
+                      max_logprobs=self.max_logprobs)  # ValueError: a 400
+        return _Handle(next(self._ids), list(prompt), params, index, arrival, emit)
+
+    def submit(self, seqs: list[_Handle], *, bounded: bool = True) -> None:
+        with self._lock:
+            if self._dead is not None:
+                raise EngineStoppedError(f"{self._dead}; the server is stopping")
+            if self._stopping:
+                raise EngineStoppedError("the server is shutting down and takes no new requests")
+            waiting = self.queue_depth
+            if bounded and waiting + len(seqs) > self.max_queue:
+                raise QueueFullError(
+                    f"the request queue is full ({waiting} sequences waiting, limit {self.max_queue}); retry later"
+                )
+            for h in seqs:
+                self._live[h.sid] = h
+            self._send(("add", [(h.sid, h.prompt, h.params, h.index, h.arrival) for h in seqs]))
+
+    def cancel(self, seqs: list[_Handle]) -> None:
+        with self._lock:
+            sids = [h.sid for h in seqs if self._live.pop(h.sid, None) is not None]
+            for h in seqs:
+                h.cancelled = True
+            if sids and self._dead is None:
+                self._send(("cancel", sids))
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Take no new work, let the engine finish what it has, then end its process."""
+        with self._lock:
+            self._stopping = True
+            if self._dead is None:
+                self._send(("stop",))
+        if self._receiver is not None:
+            self._receiver.join(timeout)
+        if self._proc is not None:
+            self._proc.join(5)
+            self._kill()
+
+    @property
+    def queue_depth(self) -> int:
+        return max(0, len(self._live) - self.running)
+
+    # ---- what the metrics and the warm-up read -------------------------------------
+    @property
+    def graph_count(self) -> int:
+        return self._stats["graphs"]
+
+    def compiled_graphs(self) -> int:
+        return self._stats["compiled"]
+
+    def gpu_memory(self) -> tuple[int, int]:
+        return self._stats["gpu"]
+
+    def engine_rss(self) -> int:
+        return self._stats["rss"]
+
+    # ---- the receiver thread -------------------------------------------------------
+    def _send(self, msg) -> None:
+        try:
+            self._to_engine.send(msg)
+        except OSError:  # the engine is gone; the receiver thread reports it
+            pass
+
+    def _receive(self) -> None:
+        stopped = False
+        try:
+            while True:
+                msg = self._from_engine.recv()
+                if msg[0] == "events":
+                    self._dispatch(*msg[1:])
+                elif msg[0] == "stopped":
+                    stopped = True
+                    return
+        except (EOFError, OSError):
+            pass
+        finally:
+            if not stopped:
+                self._engine_died()
+
+    def _dispatch(self, events, running, waiting, decode_rows, stats) -> None:
+        now = time.perf_counter()
+        self.running, self._waiting = running, waiting
+        if stats is not None:
+            self._stats = stats
+        m = self.metrics
+        if m is not None and decode_rows:
+            m.batch_size.observe(decode_rows)
+        for sid, token_ids, text, finished, reason, logprobs, completion, error, queued in events:
+            h = self._live.get(sid)
+            if h is None:  # cancelled: nobody waits for it
+                continue
+            if finished:
+                self._live.pop(sid, None)
+                h.finish_reason = reason
+            event = StreamEvent(h.index, token_ids, text, finished, reason, logprobs, completion, error, h)
+            if m is not None:
+                observe(m, h, event, now, queued)
+            if h.emit is not None:
+                h.emit(event)
+
+    def _engine_died(self) -> None:
+        self._proc.join(5)
+        reason = f"the engine process exited unexpectedly (exit code {self._proc.exitcode})"
+        with self._lock:
+            self._dead = reason
+            lost = list(self._live.values())
+            self._live.clear()
+        log.error("%s; failing the %d sequences in flight", reason, len(lost))
+        for h in lost:
+            h.finish_reason = "error"
+            if h.emit is not None:
+                h.emit(StreamEvent(h.index, [], "", True, "error", None, 0, reason, h))
+        if self.on_exit is not None:
+            self.on_exit(reason)
+
+    def _kill(self) -> None:
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(10)
+
+
+# ---- the engine process -------------------------------------------------------------
+def _engine_main(inbox, outbox, loader, args, log_level: str) -> None:
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The server process decides when the engine stops (after its drain); a Ctrl-C that
+    # reaches the whole process group must not cut the engine off mid-drain.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        model, tokenizer = loader(args)
+        engine = build_engine(model, tokenizer, args)
+    except BaseException as exc:  # noqa: BLE001 - every reason goes back to the server
+        outbox.send(("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    info = {"max_batch_size": engine.max_batch_size, "max_model_len": engine.max_seq_len,
+            "vocab_size": engine.runner.vocab_size, "max_logprobs": engine.max_logprobs,
+            "device_type": engine.device.type, "device": str(engine.device),
+            "group_steps": engine.runner.group_steps, "kv_cache_bytes": engine.runner.cache.nbytes}
+    outbox.send(("ready", info, tokenizer))
+    try:
+        _run(engine, inbox, outbox)
+    except (EOFError, BrokenPipeError):  # the server process is gone: nothing left to serve
+        pass
+
+
+def _run(engine, inbox, outbox) -> None:
+    seqs: dict = {}
+    stopping = False
+    stats_at = 0.0
+    while True:
+        messages = []
+        if not engine.has_work:
+            if stopping:
+                outbox.send(("stopped",))
+                return
+            outbox.send(("events", [], 0, len(engine.waiting), 0, _stats(engine)))  # the idle picture
+            messages.append(inbox.recv())  # nothing to do until a request comes
+        while inbox.poll():
+            messages.append(inbox.recv())
+        refused = []
+        for msg in messages:
+            if msg[0] == "add":
+                for sid, prompt, params, index, arrival in msg[1]:
+                    try:
+                        seq = engine.new_sequence(prompt, params, index=index, arrival=arrival)
+                    except ValueError as exc:  # the server checks first; this is the engine's last word
+                        refused.append((sid, [], "", True, "error", None, 0, str(exc), None))
+                        continue
+                    seq.sid = sid
+                    seqs[sid] = seq
+                    engine.submit(seq)
+            elif msg[0] == "cancel":
+                for sid in msg[1]:
+                    if (seq := seqs.pop(sid, None)) is not None:
+                        seq.cancelled = True
+            elif msg[0] == "stop":
+                stopping = True
+        events = step_or_fail(engine)
+        out = refused
+        for event in events:
+            seq = event.sequence
+            if seq.cancelled:
+                continue
+            if event.finished:
+                seqs.pop(seq.sid, None)
+            first = event.completion_tokens == len(event.token_ids)
+            queued = seq.admitted_at - seq.arrival if first and seq.admitted_at is not None else None
+            out.append((seq.sid, event.token_ids, event.text, event.finished, event.finish_reason, event.logprobs,
+                        event.completion_tokens, event.error, queued))
+        now = time.monotonic()
+        stats = None
+        if now - stats_at >= STATS_INTERVAL:
+            stats, stats_at = _stats(engine), now
+        if out or stats is not None or engine.last_decode_rows:
+            outbox.send(("events", out, engine.running, len(engine.waiting), engine.last_decode_rows, stats))
+
+
+def _stats(engine) -> dict:
+    return {"graphs": engine.graph_count, "compiled": compiled_graphs(), "gpu": gpu_memory(engine.device),
+            "rss": _rss()}
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
