@@ -125,7 +125,7 @@ class ServerState:
     def load(self) -> None:
         import functools
 
-        from .engine import warm_up
+        from .engine import freeze_startup_objects, warm_up
         from .engine_process import EngineLoadError
 
         try:
@@ -133,6 +133,8 @@ class ServerState:
             serving, tokenizer = self._start_engine()
             if self.args.warm_up != "none":
                 warm_up(serving, tokenizer, with_sampling=self.args.warm_up == "all")
+            serving.warmed_up()
+            freeze_startup_objects()
             # Metrics start after the warm-up so that they count user requests only.
             serving.metrics = self.metrics
             self.metrics.bind_engine(serving)

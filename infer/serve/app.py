@@ -193,7 +193,7 @@ class _Job:
         self.events: asyncio.Queue[StreamEvent] = asyncio.Queue()
         self.seqs: list = []
 
-    def emit(self, event: StreamEvent) -> None:  # called on the engine thread
+    def emit(self, event: StreamEvent) -> None:  # called on the engine's (or its receiver's) thread
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the event loop is gone (server shutting down): nobody to tell

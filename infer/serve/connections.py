@@ -49,8 +49,8 @@ def connection_limit(requested: int) -> int:
 
 
 def guarded_protocol(header_timeout: float, max_connections: int) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol (C parser: less of the GIL per request than h11, which the
-    engine thread shares) with a header timeout and a hard bound on open connections."""
+    """uvicorn's httptools protocol (C parser: less Python time per request than h11) with a
+    header timeout and a hard bound on open connections."""
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # The header timer runs while a request's headers are awaited: from the connection's

@@ -14,7 +14,7 @@ with an error event, new requests get 503 and `on_exit` tells the server, which 
 non-zero for its supervisor to restart it.
 
 Messages to the engine: ("add", [(sid, prompt, params, index, arrival)]), ("cancel", [sid]),
-("stop",). From it: ("ready", info, tokenizer), ("failed", message),
+("warmed_up",), ("stop",). From it: ("ready", info, tokenizer), ("failed", message),
 ("events", [event tuple], running, waiting, decode_rows, stats or None), ("stopped",).
 """
 
@@ -32,8 +32,8 @@ import time
 
 from infer.engine import StreamEvent, check_request
 
-from .engine import (EngineStoppedError, QueueFullError, build_engine, compiled_graphs, gpu_memory, observe,
-                     step_or_fail)
+from .engine import (EngineStoppedError, QueueFullError, build_engine, compiled_graphs, freeze_startup_objects,
+                     gpu_memory, observe, step_or_fail)
 
 log = logging.getLogger("infer.serve")
 
@@ -152,6 +152,12 @@ class EngineClient:
         if self._proc is not None:
             self._proc.join(5)
             self._kill()
+
+    def warmed_up(self) -> None:
+        """Serving starts now: the engine process freezes its start-up objects (see
+        `freeze_startup_objects`) before its next step."""
+        with self._lock:
+            self._send(("warmed_up",))
 
     @property
     def queue_depth(self) -> int:
@@ -290,6 +296,8 @@ def _run(engine, inbox, outbox) -> None:
                 for sid in msg[1]:
                     if (seq := seqs.pop(sid, None)) is not None:
                         seq.cancelled = True
+            elif msg[0] == "warmed_up":
+                freeze_startup_objects()
             elif msg[0] == "stop":
                 stopping = True
         events = step_or_fail(engine)
