@@ -167,7 +167,7 @@ def read_calibration_rows(path, rows: int, seed: int = 0) -> dict:
 
 def calibration_sequences(tokenizer, rows: dict) -> list[list[int]]:
     """Token ids of each row as training lays it out: prompt then reference answer."""
-    from infer.eval import answer_ids, prompt_ids
+    from infer.prompts import answer_ids, prompt_ids
 
     sequences = []
     for item in rows["items"]:
@@ -288,7 +288,7 @@ def calibrate_4bit_(model, fp_model, tokenizer, rows: dict, max_hessian_bytes: i
     import bitsandbytes as bnb
 
     from infer.progress import progress_bar
-    from infer.quantize import canonical_4bit_
+    from infer.quantized_layers import canonical_4bit_
 
     if isinstance(max_hessian_bytes, bool) or not isinstance(max_hessian_bytes, int) or max_hessian_bytes <= 0:
         raise ValueError(f"max_hessian_bytes must be a positive number of bytes, got {max_hessian_bytes!r}")

@@ -52,7 +52,7 @@ class ModelRunner:
             raise ValueError(f"quant_kernels must be auto, bitsandbytes or compiled, got {quant_kernels!r}")
         inductor_on_gpu = self.compile_mode in INDUCTOR_MODES and dev.type == "cuda"
         if quant_kernels == "compiled" or (quant_kernels == "auto" and inductor_on_gpu):
-            from infer.quantize import use_compiled_kernels
+            from infer.quantized_layers import use_compiled_kernels
 
             use_compiled_kernels(model)  # in place: same packed weights, fusable dequantization
         self.decoder = _decoder(model, fused, kernels if self.compile_mode else "none", T)

@@ -168,7 +168,7 @@ def matvec(x, layer, *, residual=None, norm=None, eps: float = 0.0, glu: bool = 
     """layer(rms_norm(x) if norm else x) (+ residual) for one row x (1-D). With glu, layer's
     outputs are [gate; up] and the result is silu(gate) * up, half as long. `layer` is an
     nn.Linear or an NF4Linear."""
-    from infer.quantize import NF4Linear
+    from infer.quantized_layers import NF4Linear
 
     if glu and (layer.out_features % 2 or residual is not None):
         raise ValueError("glu needs an even number of outputs ([gate; up]) and no residual")
@@ -208,7 +208,7 @@ def tune_layer(layer, dtype, *, norm: bool = False, glu: bool = False) -> None:
     between timed calls (the 1B model's q/k/v, 13 MB, against an H200's 50 MB) would
     favour configurations that are fast only when the weights are cached.
     """
-    from infer.quantize import NF4Linear
+    from infer.quantized_layers import NF4Linear
 
     n, k = layer.out_features, layer.in_features
     quantized = isinstance(layer, NF4Linear)

@@ -227,7 +227,7 @@ def test_plain_prompt_run_exports_a_tokenizer_without_the_chat_template(tmp_path
     infer's eval / generate / serve send the prompt the way training laid it out."""
     from transformers import AutoTokenizer
 
-    from infer.eval import prompt_ids
+    from infer.prompts import prompt_ids
     from train.data import encode_conversation
     from train.trainer import train_recipe
 
