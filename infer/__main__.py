@@ -328,9 +328,11 @@ def cmd_quantize(args) -> int:
     if args.calib_rows is not None and args.calib is None:
         raise ValueError("--calib-rows needs --calib FILE (the data to sample calibration rows from)")
     if args.calib is None and args.quant in ("nf4", "fp4"):
-        from infer.calibrate import recipe_train_data
+        from pathlib import Path
 
-        train = recipe_train_data(args.run)
+        from infer.run_directory import RunDirectory
+
+        train = RunDirectory(Path(args.run).expanduser()).train_data()
         print(f"note: plain round-to-nearest {args.quant}; --calib {train or 'TRAIN_DATA'} keeps more accuracy "
               "at the same size", file=sys.stderr)
     out = save_quantized(

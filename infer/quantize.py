@@ -20,14 +20,17 @@ from pathlib import Path
 
 import torch
 
+from infer.run_directory import RunDirectory
+
 log = logging.getLogger(__name__)
 
 
 def default_output_dir(source: str | os.PathLike, quant: str) -> Path:
     """RUN/model-nf4 for a run directory, else CHECKPOINT-nf4 beside the checkpoint."""
     path = Path(source).expanduser()
-    if (path / "model" / "config.json").is_file():
-        return path / f"model-{quant}"
+    run = RunDirectory(path)
+    if run.has_model():
+        return run.quantized_dir(quant)
     if path.is_dir():
         return path.with_name(f"{path.name}-{quant}")
     return Path(f"{path.name.replace('/', '--')}-{quant}")
@@ -55,7 +58,7 @@ def check_replaceable(out: Path, source, *, overwrite: bool) -> None:
         written_by = json.loads((out / "quantization.json").read_text()).get("written_by")
     except (OSError, ValueError, AttributeError):
         written_by = None
-    if written_by != WRITTEN_BY or (out / "manifest.json").exists():
+    if written_by != WRITTEN_BY or RunDirectory(out).manifest_file.exists():
         raise LoadError(f"--overwrite replaces only a quantized copy written by `python -m infer quantize`, and {out} "
                         "is not one (its quantization.json does not say so); nothing was deleted. Choose another "
                         "--out, or remove it yourself")
