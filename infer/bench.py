@@ -442,9 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="CUDA: profile batch-1 decode steps of the compiled rows")
     p.add_argument("--verbose", action="store_true", help="show every library warning and progress bar")
     args = p.parse_args(argv)
-    # Each compile + CUDA-graph recording is logged with its time (infer.graphs).
+    # Each compile + CUDA-graph recording is logged with its time (infer.cuda_graphs).
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("infer.graphs").setLevel(logging.INFO)
+    logging.getLogger("infer.cuda_graphs").setLevel(logging.INFO)
     report = run_bench(
         args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
         batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), rows=tuple(r for r in args.rows.split(",") if r),
