@@ -37,6 +37,7 @@ from pathlib import Path
 
 from infer.errors import ArgumentParser
 from infer.load import DTYPE_CHOICES
+from infer.quiet import add_verbose_option
 from infer.random_model import ARCHITECTURES
 ROWS = ("baseline", "static", "compile", "inductor", "batch", "int8", "nf4", "nf4-inductor", "nf4-bnb", "assistant", "lookup")
 # Row names the targets are read from (exact: "static + compile, inductor only" is another row).
@@ -440,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="bench.json", help="write the full report here")
     p.add_argument("--markdown", help="also write the table here")
     p.add_argument("--profile", action="store_true", help="CUDA: profile batch-1 decode steps of the compiled rows")
-    p.add_argument("--verbose", action="store_true", help="show every library warning and progress bar")
+    add_verbose_option(p)
     args = p.parse_args(argv)
     # Each compile + CUDA-graph recording is logged with its time (infer.cuda_graphs).
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")

@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from infer.quiet import add_verbose_option
 from infer.run_directory import RunDirectory
 
 log = logging.getLogger(__name__)
@@ -175,8 +176,7 @@ def add_load_options(p) -> None:
                         "instead of quantizing the merged model/")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow the checkpoint's own Python code to run (off by default: it is arbitrary code)")
-    p.add_argument("--verbose", action="store_true",
-                   help="show every library warning and progress bar, including the known harmless ones")
+    add_verbose_option(p, "library warning and progress bar, including the known harmless ones")
 
 
 def load_kwargs(args, quant: str | None = None, adapter: bool | None = None) -> dict:

@@ -220,13 +220,16 @@ def _quantile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def start_server(run: str, extra: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(run: str, extra: list[str], log: Path, *, env: dict | None = None, cwd=None,
+                 timeout: float = 900) -> tuple[subprocess.Popen, str]:
+    """Start `python -m infer serve RUN` on a free port, its output in `log`; (process, URL) once
+    /health answers. `env` replaces the environment (unbuffered output is added either way)."""
     cmd = [sys.executable, "-m", "infer.serve", run, "--port", "0", *extra]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=cwd,
+                            env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"})
     import httpx
 
-    deadline = time.monotonic() + 900
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"server exited with {proc.returncode}; see {log}:\n{log.read_text()[-3000:]}")
@@ -239,7 +242,7 @@ def start_server(run: str, extra: list[str], log: Path) -> tuple[subprocess.Pope
                 pass
         time.sleep(0.5)
     proc.kill()
-    raise SystemExit(f"server not ready after 900 s; see {log}")
+    raise SystemExit(f"server not ready after {timeout:.0f} s; see {log}")
 
 
 async def _final_counts(url: str) -> dict:
