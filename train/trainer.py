@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from transformers import TrainerCallback
 
+from infer.run_directory import Manifest
 from train.callbacks import MetricsRecorder, ProgressBar, StopOnSignal
 from train.errors import DiskFullError, TrainingDiverged, is_disk_full
 from train.model import ModelSetup, base_model_reference, export_dtype, load_model, merge_adapter
@@ -382,7 +383,9 @@ def _summary(recipe, setup, recorder: MetricsRecorder, run: RunDir, step, second
     }
 
 
-def _manifest(recipe: Recipe, setup: ModelSetup, summary: dict, checkpoint) -> dict[str, Any]:
+def _manifest(recipe: Recipe, setup: ModelSetup, summary: dict, checkpoint) -> Manifest:
+    """The fields of manifest.json (infer.run_directory.Manifest) except format, written and contents,
+    which RunDir.write_manifest adds."""
     t = recipe.training
     speed = speed_settings(recipe, setup)
     return {
