@@ -21,6 +21,7 @@ import sys
 
 # infer.load imports torch only inside its functions: --help stays instant.
 from infer.load import QUANT_CHOICES as QUANTS, add_load_options, load_kwargs
+from infer.quiet import add_verbose_option
 
 
 def add_sampling_options(p: argparse.ArgumentParser, *, temperature: float) -> None:
@@ -121,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-rows", type=int, default=32, metavar="N",
                    help="validation rows for the perplexity check (default 32; 0: fixed texts)")
     p.add_argument("--no-check", action="store_true", help="write without checking (the card then says so)")
-    p.add_argument("--verbose", action="store_true", help="show every library warning and progress bar")
+    add_verbose_option(p)
 
     p = sub.add_parser("bench", help="generation benchmark (see infer/bench.py)", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
@@ -328,9 +329,11 @@ def cmd_quantize(args) -> int:
     if args.calib_rows is not None and args.calib is None:
         raise ValueError("--calib-rows needs --calib FILE (the data to sample calibration rows from)")
     if args.calib is None and args.quant in ("nf4", "fp4"):
-        from infer.calibrate import recipe_train_data
+        from pathlib import Path
 
-        train = recipe_train_data(args.run)
+        from infer.run_directory import RunDirectory
+
+        train = RunDirectory(Path(args.run).expanduser()).train_data()
         print(f"note: plain round-to-nearest {args.quant}; --calib {train or 'TRAIN_DATA'} keeps more accuracy "
               "at the same size", file=sys.stderr)
     out = save_quantized(

@@ -35,15 +35,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from infer.architectures import PUBLIC_ARCHS
 from infer.errors import ArgumentParser
 from infer.load import DTYPE_CHOICES
-
-ARCHS = {  # public shapes plus a CPU-sized one for tests
-    **PUBLIC_ARCHS,
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, vocab_size=1024, tie_word_embeddings=True, rope_theta=10000.0),
-}
+from infer.quiet import add_verbose_option
+from infer.random_model import ARCHITECTURES
 ROWS = ("baseline", "static", "compile", "inductor", "batch", "int8", "nf4", "nf4-inductor", "nf4-bnb", "assistant", "lookup")
 # Row names the targets are read from (exact: "static + compile, inductor only" is another row).
 BASELINE, COMPILED = "baseline (HF dynamic cache)", "static + compile"
@@ -74,24 +69,14 @@ def measure_copy_bandwidth(device, nbytes: int = 1 << 30, repeats: int = 10) -> 
     return 2 * nbytes / statistics.median(times)
 
 
-def synthetic_tokenizer(vocab_size: int):
-    """A word-level tokenizer over 't0'..'tN': lets random-weight models save, reload and decode."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+def build_random_model(arch: str, dtype, device, **shape):
+    """(random model of `arch`, its synthetic tokenizer) with no end-of-sequence token: every
+    row decodes exactly the tokens asked for. `shape` overrides fields of the architecture."""
+    from infer.random_model import architecture_config, random_model, synthetic_tokenizer
 
-    core = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="t0", pad_token="t0", eos_token=f"t{vocab_size - 1}")
-
-
-def build_random_model(arch: str, dtype, device):
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(**ARCHS[arch], max_position_embeddings=8192, bos_token_id=None, eos_token_id=None, pad_token_id=0)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    config = architecture_config(arch, max_position_embeddings=8192, bos_token_id=None, eos_token_id=None,
+                                 pad_token_id=0, **shape)
+    model = random_model(config, dtype=dtype, device=device, attn_implementation="sdpa")
     model.generation_config.eos_token_id = None
     return model.eval(), synthetic_tokenizer(config.vocab_size)
 
@@ -267,7 +252,7 @@ def run_bench(
     log(f"copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write)")
 
     workdir = tempfile.TemporaryDirectory(prefix="tunewright-bench-")
-    if model in ARCHS:
+    if model in ARCHITECTURES:
         target, tokenizer = build_random_model(model, torch_dtype, dev)
         source = Path(workdir.name) / "model"
         if {"int8", "nf4", "nf4-bnb"} & set(rows):  # quantized rows reload through infer.load
@@ -443,7 +428,7 @@ def _fmt(value, digits: int = 2) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m infer bench", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama-3.2-1b", help=f"{', '.join(ARCHS)} (random weights), or a run/checkpoint path")
+    p.add_argument("--model", default="llama-3.2-1b", help=f"{', '.join(ARCHITECTURES)} (random weights), or a run/checkpoint path")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--batch-sizes", default="1,8,32")
@@ -456,11 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="bench.json", help="write the full report here")
     p.add_argument("--markdown", help="also write the table here")
     p.add_argument("--profile", action="store_true", help="CUDA: profile batch-1 decode steps of the compiled rows")
-    p.add_argument("--verbose", action="store_true", help="show every library warning and progress bar")
+    add_verbose_option(p)
     args = p.parse_args(argv)
-    # Each compile + CUDA-graph recording is logged with its time (infer.graphs).
+    # Each compile + CUDA-graph recording is logged with its time (infer.cuda_graphs).
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("infer.graphs").setLevel(logging.INFO)
+    logging.getLogger("infer.cuda_graphs").setLevel(logging.INFO)
     report = run_bench(
         args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
         batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), rows=tuple(r for r in args.rows.split(",") if r),

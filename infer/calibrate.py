@@ -24,13 +24,14 @@ rounding. Each group reruns the calibration forward passes: more passes for a bo
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import weakref
 from pathlib import Path
 
 import torch
+
+from infer.checksums import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def read_calibration_rows(path, rows: int, seed: int = 0) -> dict:
 
 def calibration_sequences(tokenizer, rows: dict) -> list[list[int]]:
     """Token ids of each row as training lays it out: prompt then reference answer."""
-    from infer.eval import answer_ids, prompt_ids
+    from infer.prompts import answer_ids, prompt_ids
 
     sequences = []
     for item in rows["items"]:
@@ -288,7 +289,7 @@ def calibrate_4bit_(model, fp_model, tokenizer, rows: dict, max_hessian_bytes: i
     import bitsandbytes as bnb
 
     from infer.progress import progress_bar
-    from infer.quantize import canonical_4bit_
+    from infer.quantized_layers import canonical_4bit_
 
     if isinstance(max_hessian_bytes, bool) or not isinstance(max_hessian_bytes, int) or max_hessian_bytes <= 0:
         raise ValueError(f"max_hessian_bytes must be a positive number of bytes, got {max_hessian_bytes!r}")
@@ -312,36 +313,12 @@ def calibrate_4bit_(model, fp_model, tokenizer, rows: dict, max_hessian_bytes: i
     log.info("calibrated %d 4-bit layers (%d distinct inputs, %d groups of forward passes) on %d rows "
              "(%d tokens) of %s in %.0f s", len(names), len(set(owner_of.values())), len(groups), len(sequences),
              sum(map(len, sequences)), rows["path"], time.time() - started)
-    return {"method": METHOD, "data": rows["path"], "sha256": file_sha256(rows["path"]), "format": rows["format"],
+    return {"method": METHOD, "data": rows["path"], "sha256": _data_sha256(rows["path"]), "format": rows["format"],
             "rows": len(sequences), "rows_available": rows["available"],
             "selection": f"random sample, seed {rows['seed']}", "tokens": sum(map(len, sequences)),
             "layers": len(names), "damp": DAMP, "seconds": round(time.time() - started, 2)}
 
 
-def file_sha256(path) -> str | None:
+def _data_sha256(path) -> str | None:
     path = Path(path).expanduser()
-    if not path.is_file():
-        return None  # a save_to_disk directory: its files are named by datasets
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def recipe_train_data(source) -> str | None:
-    """The train data a run directory's recipe.yaml names, to suggest as --calib."""
-    recipe = Path(source).expanduser() / "recipe.yaml"
-    if not recipe.is_file():
-        return None
-    import yaml
-
-    try:
-        train = (yaml.safe_load(recipe.read_text()) or {}).get("data", {}).get("train")
-    except (yaml.YAMLError, AttributeError):
-        return None
-    if isinstance(train, list) and train:  # several sources: the first one is the suggestion
-        train = train[0]
-    if isinstance(train, dict):  # {path, format, ...}, as train writes each source
-        train = train.get("path")
-    return train if isinstance(train, str) else None
+    return sha256_file(path) if path.is_file() else None  # a save_to_disk directory: its files are named by datasets

@@ -34,7 +34,7 @@ def unsupported_reason(model) -> str | None:
     if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
         return "unexpected module layout"
     from infer.cpu_quant import Int4WeightLinear, Int8WeightLinear
-    from infer.quantize import Int8Linear, NF4Linear
+    from infer.quantized_layers import Int8Linear, NF4Linear
 
     kinds = (nn.Linear, NF4Linear, Int8Linear, Int8WeightLinear, Int4WeightLinear)
     for layer in inner.layers:
@@ -53,7 +53,7 @@ def kernels_unsupported_reason(model) -> str | None:
     """None when the batch-1 decode step can run infer.kernels' Triton kernels, else why not."""
     import importlib.util
 
-    from infer.quantize import NF4Linear
+    from infer.quantized_layers import NF4Linear
 
     config = model.config
     inner = model.model
@@ -98,7 +98,7 @@ class _Projection(nn.Module):
 
 def _concatenate(layers: list[nn.Module]) -> nn.Module:
     """One layer computing all of `layers`; the originals become views of its tensors."""
-    from infer.quantize import Int8Linear, NF4Linear
+    from infer.quantized_layers import Int8Linear, NF4Linear
 
     first = layers[0]
     kind = type(first)

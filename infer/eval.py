@@ -7,7 +7,7 @@ measure the model's loss and perplexity on the reference answers.
 
 An example is a conversation whose last message is the assistant's reference answer. The
 prompt is what inference sends: `apply_chat_template(conversation[:-1],
-add_generation_prompt=True)`, or `infer.records.plain_prompt` for a tokenizer without a
+add_generation_prompt=True)`, or `infer.prompts.plain_prompt` for a tokenizer without a
 chat template (the same layout training uses). Greedy decoding; outputs are compared after
 stripping surrounding whitespace.
 
@@ -31,7 +31,8 @@ from decimal import Decimal
 from pathlib import Path
 
 from infer.progress import progress_bar
-from infer.records import RecordsError, chat_ids, load_records, plain_prompt, through_end_of_turn
+from infer.prompts import answer_ids, prompt_ids
+from infer.records import RecordsError, load_records
 
 METRICS = ("exact_match", "contains", "regex")
 NORMALIZE = ("none", "number")
@@ -118,24 +119,6 @@ def check_normalize(metric: str, normalize: str) -> None:
     if normalize != "none" and metric == "contains":
         raise ValueError(f"normalize {normalize!r} compares whole answers: use it with metric exact_match or regex, "
                          "not contains")
-
-
-def prompt_ids(tokenizer, conversation: list[dict]) -> list[int]:
-    """Token ids of the prompt inference sends for `conversation` (its last turn excluded)."""
-    context = conversation[:-1]
-    if getattr(tokenizer, "chat_template", None):
-        return chat_ids(tokenizer, context, add_generation_prompt=True)
-    return list(tokenizer(plain_prompt(context)).input_ids)
-
-
-def answer_ids(tokenizer, conversation: list[dict], prompt: list[int]) -> list[int]:
-    """Reference answer tokens as training lays them out (ending with end-of-turn / eos)."""
-    if getattr(tokenizer, "chat_template", None):
-        full = chat_ids(tokenizer, conversation, add_generation_prompt=False)
-        if full[: len(prompt)] == prompt:
-            return through_end_of_turn(tokenizer, full[len(prompt):])
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return list(tokenizer(conversation[-1]["content"], add_special_tokens=False).input_ids) + eos
 
 
 def evaluate_model(

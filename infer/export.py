@@ -22,7 +22,6 @@ the failures, and the command exits 1.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -31,7 +30,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from infer.checksums import sha256_file
 from infer.gguf_file import ExportError, check_exportable, ggml_type
+from infer.run_directory import RunDirectory, read_run
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +52,16 @@ class ExportResult:
 def describe_source(source) -> dict:
     """What RUN is: {'kind': run | checkpoint | builtin, 'path', 'name', 'manifest', 'recipe', 'checkpoint'}."""
     from infer.load import LoadError, find_adapter, resolve_checkpoint
-    from infer.modelcard import read_run
     from infer.models import BUILTIN_MODELS
 
     name = str(source)
     path = Path(name).expanduser()
-    if name not in BUILTIN_MODELS and path.is_dir() and ((path / "recipe.yaml").is_file() or (path / "manifest.json").is_file()):
+    run = RunDirectory(path)
+    if name not in BUILTIN_MODELS and run.is_run():
         info = read_run(path)
-        if (path / "model" / "config.json").is_file():
+        if run.has_model():
             info["checkpoint"] = str(resolve_checkpoint(path))
-        elif (path / "adapter" / "adapter_config.json").is_file():
+        elif run.has_adapter():
             info["adapter"] = find_adapter(path)
             info["checkpoint"] = str(resolve_checkpoint(info["adapter"]["base"]))
         else:
@@ -75,7 +76,7 @@ def describe_source(source) -> dict:
 
 def default_output_dir(source: dict, quant: str) -> Path:
     if source["kind"] == "run":
-        return Path(source["path"]) / f"gguf-{quant}"
+        return RunDirectory(source["path"]).gguf_dir(quant)
     if source["kind"] == "checkpoint":
         path = Path(source["path"])
         return path.with_name(f"{path.name}-gguf-{quant}")
@@ -166,7 +167,7 @@ def export_gguf(source, *, quant: str = "q8_0", fmt: str = "gguf", out=None, ove
                                eval_examples=eval_examples, eval_options=eval_options,
                                eval_data=eval_data, ppl_data=ppl_data)
         passed = proof is None or proof["passed"]
-        files = {"gguf": gguf_path.name, "sha256": _sha256(gguf_path), "ollama_name": stem.lower()}
+        files = {"gguf": gguf_path.name, "sha256": sha256_file(gguf_path), "ollama_name": stem.lower()}
         if not passed:
             files["gguf"] = gguf_path.name + ".failed"
             gguf_path.rename(staging / files["gguf"])
@@ -191,11 +192,3 @@ def export_gguf(source, *, quant: str = "q8_0", fmt: str = "gguf", out=None, ove
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ExportResult(out=out, gguf=out / files["gguf"], passed=passed, proof=proof, written=written)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

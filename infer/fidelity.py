@@ -144,7 +144,7 @@ def probe_prompts(tokenizer) -> list[str]:
     if getattr(tokenizer, "chat_template", None):
         return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                 for p in PROBE_PROMPTS]
-    from infer.records import plain_prompt
+    from infer.prompts import plain_prompt
 
     return [plain_prompt([{"role": "user", "content": p}]) for p in PROBE_PROMPTS]
 
@@ -209,7 +209,8 @@ def compare_logits(tuned, reloaded, prompts: list[list[int]], *, tie: float) -> 
 
 def compare_perplexity(tuned, reloaded, tokenizer, examples) -> dict:
     if examples:
-        from infer.eval import prompt_ids, reference_loss
+        from infer.eval import reference_loss
+        from infer.prompts import prompt_ids
 
         prompts = [prompt_ids(tokenizer, conv) for conv in examples]
         losses = [reference_loss(m, tokenizer, examples, prompts) for m in (tuned, reloaded)]

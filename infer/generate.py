@@ -23,7 +23,7 @@
 * `compile`: "auto" (CUDA: inductor + CUDA graphs; CPU: eager), False, True, an inductor
   mode name, or a dynamo backend (name or callable, e.g. tests' compile counters).
 * `quant_kernels`: for bitsandbytes-quantized models, "compiled" swaps their layers (in
-  place) for ones whose dequantization inductor fuses into the matmul (infer.quantize);
+  place) for ones whose dequantization inductor fuses into the matmul (infer.quantized_layers);
   "bitsandbytes" keeps bitsandbytes' kernels; "auto" = compiled when inductor runs on CUDA.
 * `fused`: for llama / mistral / qwen2 models, "auto" (default) runs infer.decoder's lean
   forward instead of the transformers forward; False forces the transformers forward.
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 from infer.engine import Engine, StreamEvent
-from infer.records import chat_ids
+from infer.prompts import chat_ids
 from infer.sampling import SamplingParams
 
 __all__ = ["Generator", "GenerationResult", "GenerationStats", "StreamEvent", "SamplingParams"]
@@ -94,7 +94,8 @@ class Generator:
             from infer.speculative import AssistantDrafter, PromptLookupDrafter
 
             if assistant_model is not None:
-                self.drafter = AssistantDrafter(self, assistant_model, num_assistant_tokens)
+                self.drafter = AssistantDrafter(model, assistant_model, num_assistant_tokens, max_seq_len=max_seq_len,
+                                                compile=self.compile_mode or False)
             else:
                 self.drafter = PromptLookupDrafter(prompt_lookup)
 
@@ -168,7 +169,8 @@ class Generator:
             from infer.speculative import speculative_events
 
             for seq in seqs:
-                yield from speculative_events(self, seq, stats)
+                yield from speculative_events(self.runner, self.drafter, seq, stats, max_seq_len=self.max_seq_len,
+                                              sync_interval=self.sync_interval)
         else:
             for seq in seqs:
                 engine.submit(seq)

@@ -322,7 +322,7 @@ def tokenizer_metadata(tokenizer, n_vocab: int) -> dict:
 def end_of_turn_token(tokenizer) -> tuple[int, str] | None:
     """The special token the chat template closes an assistant turn with (ChatML's <|im_end|>,
     Llama 3's <|eot_id|>): what generation must stop at."""
-    from infer.records import chat_ids, through_end_of_turn
+    from infer.prompts import chat_ids, through_end_of_turn
 
     conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     try:

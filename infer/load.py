@@ -13,6 +13,9 @@ import logging
 import sys
 from pathlib import Path
 
+from infer.quiet import add_verbose_option
+from infer.run_directory import RunDirectory
+
 log = logging.getLogger(__name__)
 
 QUANT_CHOICES = ("none", "int8", "nf4", "fp4", "w8", "w4")
@@ -173,8 +176,7 @@ def add_load_options(p) -> None:
                         "instead of quantizing the merged model/")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow the checkpoint's own Python code to run (off by default: it is arbitrary code)")
-    p.add_argument("--verbose", action="store_true",
-                   help="show every library warning and progress bar, including the known harmless ones")
+    add_verbose_option(p, "library warning and progress bar, including the known harmless ones")
 
 
 def load_kwargs(args, quant: str | None = None, adapter: bool | None = None) -> dict:
@@ -190,23 +192,17 @@ def load_kwargs(args, quant: str | None = None, adapter: bool | None = None) -> 
 
 def find_adapter(path) -> dict:
     """{'adapter', 'base', 'tokenizer'} of a LoRA run directory, or a LoadError saying why not."""
-    run = Path(path).expanduser()
-    adapter_dir, manifest = run / "adapter", run / "manifest.json"
-    if not (adapter_dir / "adapter_config.json").is_file():
+    run = RunDirectory(Path(path).expanduser())
+    if not run.has_adapter():
         raise LoadError(
-            f"--adapter needs a LoRA run directory with adapter/adapter_config.json; {run} has none "
+            f"--adapter needs a LoRA run directory with adapter/adapter_config.json; {run.path} has none "
             "(full fine-tuning runs have only the merged model/: drop --adapter)"
         )
-    base = None
-    if manifest.is_file():
-        info = json.loads(manifest.read_text()).get("base_model") or {}
-        local = info.get("resolved_path")
-        base = local if local and Path(local).is_dir() else info.get("name")
+    base = run.adapter_base()
     if not base:
-        base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not base:
-        raise LoadError(f"{run}: neither manifest.json nor adapter/adapter_config.json names the base model")
-    return {"adapter": adapter_dir, "base": base, "tokenizer": run / "model" if (run / "model").is_dir() else adapter_dir}
+        raise LoadError(f"{run.path}: neither manifest.json nor adapter/adapter_config.json names the base model")
+    return {"adapter": run.adapter_dir, "base": base,
+            "tokenizer": run.model_dir if run.model_dir.is_dir() else run.adapter_dir}
 
 
 def resolve_checkpoint(path) -> Path:
@@ -281,7 +277,8 @@ def resolve_device(device: str = "auto"):
     return dev
 
 
-def resolve_dtype(name: str, device):
+def resolve_dtype(name: str, device=None):
+    """The torch dtype for bf16 / fp16 / fp32; `auto` picks for `device` (needed then only)."""
     import torch
 
     if name == "auto":

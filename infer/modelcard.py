@@ -13,26 +13,15 @@ terms, which a tool cannot know.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from infer.outputs import write_atomically
+from infer.run_directory import RunDirectory, read_run
 
 log = logging.getLogger(__name__)
 
 LICENSE_LINE = "license:  # fill in before publishing: the base model's license and the data's terms apply"
-
-
-def read_run(run_path) -> dict:
-    """{'path', 'name', 'manifest', 'recipe'} of a run directory (manifest/recipe None when absent)."""
-    import yaml
-
-    run = Path(run_path)
-    manifest = json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").is_file() else None
-    recipe = yaml.safe_load((run / "recipe.yaml").read_text()) if (run / "recipe.yaml").is_file() else None
-    name = (manifest or {}).get("name") or (recipe or {}).get("name") or run.name
-    return {"kind": "run", "path": str(run), "name": name, "manifest": manifest, "recipe": recipe}
 
 
 def write_run_cards(run_path, manifest: dict | None = None) -> list[Path]:
@@ -40,9 +29,8 @@ def write_run_cards(run_path, manifest: dict | None = None) -> list[Path]:
     source = read_run(run_path)
     if manifest is not None:
         source["manifest"] = manifest
-    written = []
-    for part in ("model", "adapter"):
-        folder = Path(run_path) / part
+    run, written = RunDirectory(run_path), []
+    for part, folder in (("model", run.model_dir), ("adapter", run.adapter_dir)):
         if folder.is_dir():
             write_atomically(folder / "README.md", run_card(source, part))
             written.append(folder / "README.md")
@@ -56,7 +44,7 @@ def run_card(source: dict, part: str = "model") -> str:
     what = "LoRA adapter" if part == "adapter" else "model (merged weights)" if _method(source) != "full" else "model"
     body = [f"# {source['name']}", "", _summary(source, what), ""]
     body += _training(source) + _data(source) + _evaluation(source)
-    body += _loading_adapter(source) if part == "adapter" else _loading_model(source, "model")
+    body += _loading_adapter(source) if part == "adapter" else _loading_model(source)
     return _front_matter(source, library, tags) + "\n".join(body)
 
 
@@ -187,8 +175,8 @@ def _evaluation(source: dict) -> list[str]:
     return lines + [""]
 
 
-def _loading_model(source: dict, part: str) -> list[str]:
-    path = str(Path(source["path"]) / part) if source.get("kind") == "run" else source["path"]
+def _loading_model(source: dict) -> list[str]:
+    path = str(RunDirectory(source["path"]).model_dir) if source.get("kind") == "run" else source["path"]
     run = source["path"]
     return ["## How to load", "", "transformers:", "", "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -206,7 +194,7 @@ def _loading_adapter(source: dict) -> list[str]:
     base = info.get("resolved_path") or info.get("name")
     note = (f"  # the base as trained: the builtin {info['name']} tunewright caches (read from a GGUF), not the hub weights"
             if info.get("name") in BUILTIN_MODELS else "  # the base the adapter was trained on")
-    adapter = str(Path(source["path"]) / "adapter")
+    adapter = str(RunDirectory(source["path"]).adapter_dir)
     return ["## How to load", "", "The adapter on its base model (peft):", "", "```python",
             "from peft import PeftModel", "from transformers import AutoModelForCausalLM",
             f'base = AutoModelForCausalLM.from_pretrained("{base}"){note}',

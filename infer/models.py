@@ -18,6 +18,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from infer.run_directory import RunDirectory
+
 log = logging.getLogger(__name__)
 
 
@@ -70,8 +72,9 @@ def resolve_model(name_or_path: str | os.PathLike, *, revision: str | None = Non
         return str(fetch_builtin(name))
     path = Path(name).expanduser()
     if path.exists():
-        if is_checkpoint_dir(path / "model"):  # a run directory written by `python -m train`
-            return str(path / "model")
+        run = RunDirectory(path)
+        if is_checkpoint_dir(run.model_dir):  # a run directory written by `python -m train`
+            return str(run.model_dir)
         if not is_checkpoint_dir(path):
             raise ModelSourceError(
                 f"{path} exists but is not a checkpoint directory (no config.json). "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -61,6 +62,11 @@ def write_atomically(path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomically(path, obj) -> Path:
+    """`obj` as indented JSON (anything JSON cannot hold as its str()), written atomically."""
+    return write_atomically(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def current_umask() -> int:

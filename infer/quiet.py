@@ -14,6 +14,11 @@ import os
 import sys
 import warnings
 
+def add_verbose_option(parser, shows: str = "library warning and progress bar") -> None:
+    """The `--verbose` flag, which turns these filters off; `shows` says what it shows, in the help."""
+    parser.add_argument("--verbose", action="store_true", help=f"show every {shows}")
+
+
 # (category, message regex, why it is harmless)
 KNOWN_WARNINGS: list[tuple[type[Warning], str, str]] = [
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated",

@@ -1,8 +1,8 @@
 """Dataset rows at the format level: read them, tell their format, turn them into conversations.
 
-No tokenizer here: `train.data` builds token ids and loss masks on top of this, and the
-evaluation in `infer` reads its prompts and references through the same functions, so a row
-means the same thing in training and in evaluation.
+No tokenizer here: `train.data` builds token ids and loss masks on top of this (with
+infer.prompts), and the evaluation in `infer` reads its prompts and references through the
+same functions, so a row means the same thing in training and in evaluation.
 
 Five formats (the canonical field names; `fields` maps them to a dataset's own names):
 
@@ -388,24 +388,6 @@ def normalize_rows(
     return fmt, items
 
 
-def plain_prompt(messages: list[dict[str, str]], eos_token: str = "") -> str:
-    """The prompt for a model without a chat template (and `data.chat_template: false`).
-
-    Consecutive non-assistant messages are joined by a blank line; an assistant message is
-    followed by `eos_token`. The answer follows the prompt directly, with no separator, so a
-    dataset that wants one puts it at the end of its prompts. `train.data` lays out training
-    rows the same way, so for single-turn rows the prompt tokens match exactly.
-    """
-    text, previous = "", None
-    for message in messages:
-        if message["role"] == "assistant":
-            text += message["content"] + eos_token
-        else:
-            text += ("\n\n" if previous not in (None, "assistant") else "") + message["content"]
-        previous = message["role"]
-    return text
-
-
 def _convert(row: dict, fmt: str, fields: dict[str, str], system_prompt: str | None) -> tuple[Any, list[str]]:
     """(converted row, problems); the value is meaningless when there are problems."""
     if isinstance(row, _Unreadable):
@@ -501,26 +483,3 @@ def _turns(row: dict, key: str, role_key: str, content_key: str, role_names: dic
     elif roles and roles[-1] != "assistant":
         problems.append(f"the last message must be the assistant's answer, but '{key}' ends with a {roles[-1]!r} turn")
     return out
-
-
-def chat_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> list[int]:
-    """Token ids of `messages` rendered by the tokenizer's chat template: the one renderer
-    training (prompt/answer masks), evaluation, generation and the server share, so a prompt
-    is tokenized the same way everywhere. The template writes any BOS itself, so the
-    tokenizer adds no special tokens."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    return list(tokenizer(text, add_special_tokens=False).input_ids)
-
-
-def through_end_of_turn(tokenizer, answer: list[int]) -> list[int]:
-    """An assistant turn's tokens as rendered by a chat template, cut after its last special
-    token (the end-of-turn): what the template writes after it (ChatML's newline) belongs to
-    the next prompt. Training masks exactly this span and evaluation scores it.
-
-    Special means the tokenizer's named special tokens and any added token flagged special
-    (some end-of-turn tokens are only the latter).
-    """
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    special.update(i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False))
-    ends = [k for k, token in enumerate(answer) if token in special]
-    return answer[: ends[-1] + 1] if ends else answer

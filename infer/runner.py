@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from infer.cache import StaticKVCache, check_supported, use_masked_attention
-from infer.graphs import compile_mode, raise_dynamo_limits
+from infer.cuda_graphs import compile_mode, raise_dynamo_limits
 from infer.sampling import SamplingParams, choose_tokens, seed_halves, seeded_uniform, vocabulary_keys
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class ModelRunner:
             raise ValueError(f"quant_kernels must be auto, bitsandbytes or compiled, got {quant_kernels!r}")
         inductor_on_gpu = self.compile_mode in INDUCTOR_MODES and dev.type == "cuda"
         if quant_kernels == "compiled" or (quant_kernels == "auto" and inductor_on_gpu):
-            from infer.quantize import use_compiled_kernels
+            from infer.quantized_layers import use_compiled_kernels
 
             use_compiled_kernels(model)  # in place: same packed weights, fusable dequantization
         self.decoder = _decoder(model, fused, kernels if self.compile_mode else "none", T)
@@ -91,11 +91,11 @@ class ModelRunner:
         self.cache = StaticKVCache(self.config, B, T, embed.dtype, dev, self.lens, self.single)
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
-        # CUDA graphs are recorded by infer.graphs (not by inductor's cudagraph trees, whose
+        # CUDA graphs are recorded by infer.cuda_graphs (not by inductor's cudagraph trees, whose
         # per-call host work was 12% of a batch-1 step); inductor compiles without them.
         self.graphs = None
         if dev.type == "cuda" and self.compile_mode in ("reduce-overhead", "max-autotune"):
-            from infer.graphs import CUDAGraphs
+            from infer.cuda_graphs import CUDAGraphs
 
             self.graphs = CUDAGraphs(dev)
         self._row_views: dict[int, torch.Tensor] = {}

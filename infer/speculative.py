@@ -18,13 +18,11 @@ causal mask never reads them and the next write overwrites them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
+from infer.engine import Sequence, StreamEvent
+from infer.runner import ModelRunner
 from infer.sampling import SamplingParams
-
-if TYPE_CHECKING:
-    from infer.engine import Sequence, StreamEvent
-    from infer.generate import Generator, GenerationStats
 
 
 class PromptLookupDrafter:
@@ -33,12 +31,12 @@ class PromptLookupDrafter:
             raise ValueError(f"prompt_lookup must be >= 1 draft token, got {num_tokens}")
         self.k, self.max_ngram = num_tokens, max_ngram
 
-    def begin(self, gen: Generator, prompt: list[int]) -> None:
+    def begin(self, prompt: list[int]) -> None:
         # n-gram -> index right after its latest occurrence; extended as the sequence grows
         self._next_after: dict[tuple[int, ...], int] = {}
         self._indexed = 0
 
-    def propose(self, gen: Generator, seq: list[int], newest_slot: int) -> list[int]:
+    def propose(self, seq: list[int], newest_slot: int) -> list[int]:
         for j in range(max(self._indexed, 1), len(seq)):
             for n in range(1, self.max_ngram + 1):
                 if j - n >= 0:
@@ -55,12 +53,10 @@ class PromptLookupDrafter:
 
 
 class AssistantDrafter:
-    def __init__(self, target: Generator, assistant_model, num_tokens: int):
-        from infer.runner import ModelRunner
-
+    def __init__(self, target_model, assistant_model, num_tokens: int, *, max_seq_len: int, compile):
         if num_tokens < 1:
             raise ValueError(f"num_assistant_tokens must be >= 1, got {num_tokens}")
-        t_vocab = target.model.get_input_embeddings().weight.shape[0]
+        t_vocab = target_model.get_input_embeddings().weight.shape[0]
         a_vocab = assistant_model.get_input_embeddings().weight.shape[0]
         if t_vocab != a_vocab:
             raise ValueError(
@@ -68,11 +64,11 @@ class AssistantDrafter:
                 "speculative decoding needs the same tokenizer: pick an assistant of the same model family"
             )
         self.k = num_tokens
-        self.runner = ModelRunner(assistant_model, max_batch_size=1, max_seq_len=target.max_seq_len,
-                                  compile=target.compile_mode or False, group_steps=max(8, num_tokens))
+        self.runner = ModelRunner(assistant_model, max_batch_size=1, max_seq_len=max_seq_len, compile=compile,
+                                  group_steps=max(8, num_tokens))
         self.fed = 0  # the assistant's cache holds positions [0, fed) of the current sequence
 
-    def begin(self, gen: Generator, prompt: list[int]) -> None:
+    def begin(self, prompt: list[int]) -> None:
         a = self.runner
         a.load(0, prompt, GREEDY, 0)
         a.prefill_fresh([0], [prompt], [False], False, False)
@@ -80,7 +76,7 @@ class AssistantDrafter:
         a.set_single(0)
         self.fed = len(prompt)
 
-    def propose(self, gen: Generator, seq: list[int], newest: int) -> list[int]:
+    def propose(self, seq: list[int], newest: int) -> list[int]:
         a = self.runner
         # Bring the assistant up to the target's sequence (at most two tokens behind), then
         # let it continue greedily from the newest token.
@@ -100,8 +96,11 @@ class AssistantDrafter:
 GREEDY = SamplingParams(max_new_tokens=1)
 
 
-def speculative_events(gen: Generator, seq: Sequence, stats: GenerationStats) -> Iterator[StreamEvent]:
-    """Generate `seq` alone in row 0 of the generator's engine, with drafts."""
+def speculative_events(runner: ModelRunner, drafter, seq: Sequence, stats, *, max_seq_len: int,
+                       sync_interval: int) -> Iterator[StreamEvent]:
+    """Generate `seq` alone in row 0 of `runner`, with `drafter`'s drafts, yielding its events
+    every `sync_interval` target-model calls. `stats` (infer.generate's GenerationStats) gets
+    the tokens drafted and accepted and the target-model calls after the first token."""
     params = seq.params
     if params.repetition_penalty != 1.0:
         raise ValueError(
@@ -110,7 +109,6 @@ def speculative_events(gen: Generator, seq: Sequence, stats: GenerationStats) ->
         )
     if params.logprobs is not None:
         raise ValueError("logprobs are not supported with speculative decoding; drop one of the two")
-    drafter, runner, interval = gen.drafter, gen.runner, gen.sync_interval
     prompt = seq.prompt
     runner.load(0, prompt, params, seq.seed)
     runner.prefill_fresh([0], [prompt], [True], params.sampling, False)
@@ -119,13 +117,13 @@ def speculative_events(gen: Generator, seq: Sequence, stats: GenerationStats) ->
     seq.add(runner.fetch(1, 1, False)()[0][0][0])
     if (event := seq.event()) is not None:
         yield event
-    drafter.begin(gen, prompt)
+    drafter.begin(prompt)
     tokens = prompt + seq.token_ids
     newest, calls, k = len(prompt), 0, drafter.k
     try:
         while not seq.done and newest - len(prompt) + 1 < params.max_new_tokens:
             # Near the end of the cache, verify would write past it: fall back to single steps.
-            draft = drafter.propose(gen, tokens, newest) if newest + k < gen.max_seq_len else []
+            draft = drafter.propose(tokens, newest) if newest + k < max_seq_len else []
             if draft:
                 draft = (draft + [draft[-1]] * k)[:k]  # fixed verify shape: one compiled graph
                 runner.write(0, newest + 1, draft)
@@ -147,7 +145,7 @@ def speculative_events(gen: Generator, seq: Sequence, stats: GenerationStats) ->
             calls += 1
             for token in new:
                 seq.add(token)
-            if calls % interval == 0 or seq.done:
+            if calls % sync_interval == 0 or seq.done:
                 if (event := seq.event()) is not None:
                     yield event
         if (event := seq.event()) is not None:

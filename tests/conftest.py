@@ -27,30 +27,31 @@ def default_model_dir():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, default_model_dir):
-    """A 2-layer Llama with random weights and the default model's tokenizer + chat template."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """The 2-layer `tiny` Llama with random weights and the default model's tokenizer + chat template."""
+    from transformers import AutoTokenizer
 
-    out = tmp_path_factory.mktemp("tiny-llama")
+    from infer.random_model import architecture_config, save_random_model
+
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    config = architecture_config("tiny", vocab_size=len(tokenizer), max_position_embeddings=2048,
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
+    return save_random_model(tmp_path_factory.mktemp("tiny-llama"), config, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def spread_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny Llama re-initialised with std 0.2 instead of 0.02, so logits and per-token losses
+    spread. At std 0.02 the frozen tied embeddings cap every logit near 1.3: LoRA (which cannot
+    touch them) would have no room to lower the loss, and a loss averaged per micro-batch instead
+    of over the accumulated batch would look the same."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from infer.random_model import save_random_model
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.initializer_range = 0.2
+    return save_random_model(tmp_path_factory.mktemp("tiny-spread"), config, AutoTokenizer.from_pretrained(tiny_model_dir))
 
 
 @pytest.fixture

@@ -30,17 +30,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from infer.architectures import PUBLIC_ARCHS
 from infer.errors import EXIT_INTERRUPTED, terminate_as_interrupt
+from infer.random_model import ARCHITECTURES
 
 log = logging.getLogger(__name__)
-
-# Public shapes (infer/architectures.py) plus a CPU-sized one for tests.
-ARCHS: dict[str, dict[str, Any]] = {
-    **PUBLIC_ARCHS,
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, vocab_size=512, tie_word_embeddings=True, rope_theta=10000.0),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,11 +132,11 @@ def minimal_tokenizer():
 
 
 def model_config(arch: str):
-    from transformers import LlamaConfig
+    from infer.random_model import architecture_config
 
-    if arch not in ARCHS:
-        raise SystemExit(f"unknown --model {arch!r}; choose from {', '.join(ARCHS)}")
-    return LlamaConfig(max_position_embeddings=4096, pad_token_id=0, eos_token_id=1, bos_token_id=1, **ARCHS[arch])
+    if arch not in ARCHITECTURES:
+        raise SystemExit(f"unknown --model {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+    return architecture_config(arch, max_position_embeddings=4096, pad_token_id=0, eos_token_id=1, bos_token_id=1)
 
 
 def build_model(config, row: Row, seed: int, device, quant_dir: Optional[Path]):
@@ -151,6 +144,7 @@ def build_model(config, row: Row, seed: int, device, quant_dir: Optional[Path]):
     from transformers import AutoModelForCausalLM
 
     from infer.attention import resolve_attn_implementation
+    from infer.random_model import random_model
 
     attn = resolve_attn_implementation(row.attn)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -160,10 +154,7 @@ def build_model(config, row: Row, seed: int, device, quant_dir: Optional[Path]):
         bnb = bnb_config("nf4", True, torch.bfloat16)
         return AutoModelForCausalLM.from_pretrained(quant_dir, quantization_config=bnb, dtype=dtype,
                                                     attn_implementation=attn, device_map={"": device.index or 0})
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
-    return model
+    return random_model(config, dtype=dtype, device=device, seed=seed, attn_implementation=attn)
 
 
 def matmul_params(model) -> tuple[int, int]:
@@ -416,7 +407,7 @@ def table(results: list[dict]) -> str:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m train bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="llama-3.2-1b", help=f"architecture: {', '.join(ARCHS)}")
+    p.add_argument("--model", default="llama-3.2-1b", help=f"architecture: {', '.join(ARCHITECTURES)}")
     p.add_argument("--rows", default=None, help=f"comma list (default: the full-FT rows); known: {', '.join(ROWS)}")
     p.add_argument("--steps", type=int, default=None,
                    help="optimizer steps for every row (default: 50, and 200 for tw_default to count recompiles)")
@@ -507,15 +498,12 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
 def save_random_checkpoint(config, ns, device) -> Path:
     """QLoRA quantizes while loading, so the random base is written once and reloaded in 4-bit."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from infer.random_model import save_random_model
 
     out = Path(ns.workdir) / f"random-{ns.model}"
     if not (out / "config.json").exists():
-        torch.manual_seed(ns.seed)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        model.save_pretrained(out)
-        del model
+        save_random_model(out, config, dtype=torch.bfloat16, device=device, seed=ns.seed)
         gc.collect()
         torch.cuda.empty_cache()
     return out

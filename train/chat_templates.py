@@ -107,7 +107,7 @@ def _assistant_turn(tokenizer) -> str:
 def end_of_turn_id(tokenizer) -> int | None:
     """The special token the tokenizer's template ends an assistant turn with (the last special token
     of a rendered answer, as training masks it), or None when the turn holds none."""
-    from infer.records import chat_ids
+    from infer.prompts import chat_ids
 
     prompt = chat_ids(tokenizer, _PROBE[:1], add_generation_prompt=True)
     whole = chat_ids(tokenizer, _PROBE, add_generation_prompt=False)

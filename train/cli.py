@@ -17,6 +17,7 @@ import os
 import sys
 
 from infer.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED
+from infer.quiet import add_verbose_option
 
 USAGE = """usage: tunewright {train,infer} ...
 
@@ -60,8 +61,7 @@ def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the recipe, read and format the data (no model weights), print the "
                         "resolved recipe and row counts, and exit")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show every library log line and warning, including the known harmless ones")
+    add_verbose_option(parser, "library log line and warning, including the known harmless ones")
     return parser
 
 

@@ -7,7 +7,7 @@ the loss). What counts as a target:
   end-of-turn token (`<|im_end|>` for SmolLM2) so the tuned model learns to stop; the
   newline a template puts after that token, the prompts and the system turn are context;
 - conversations without one: the assistant text plus the tokenizer's eos token, laid out
-  as `infer.records.plain_prompt` describes;
+  as `infer.prompts.plain_prompt` describes;
 - `text` rows, or `data.loss_on: all`: every token.
 
 The prompt part of a conversation is tokenized exactly as inference prompts the model,
@@ -36,8 +36,8 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from infer.records import (RecordsError, chat_ids, normalize_rows, plain_prompt, problem_report, read_rows,
-                           through_end_of_turn)
+from infer.prompts import chat_ids, plain_prompt, through_end_of_turn
+from infer.records import RecordsError, normalize_rows, problem_report, read_rows
 
 log = logging.getLogger(__name__)
 

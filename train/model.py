@@ -18,12 +18,12 @@ from typing import Any
 import torch
 
 from infer.attention import resolve_attn_implementation
+from infer.load import resolve_dtype
 from infer.models import BUILTIN_MODELS, resolve_model
 from train.recipe import Recipe, RecipeError
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Kernels that only exist on a CUDA GPU; asking for them on CPU is a recipe problem, not a crash.
 _GPU_ONLY_ATTENTION = ("flash_attention_2", "varlen_fa2")
 
@@ -67,7 +67,7 @@ def resolve_precision(requested: str, *, cuda: bool | None = None) -> str:
 def weights_dtype(precision: str) -> torch.dtype:
     # fp16 trains with fp32 master weights under autocast: the GradScaler refuses fp16 parameters.
     # bf16 weights are safe to train directly and halve memory.
-    return torch.float32 if precision == "fp16" else _DTYPES[precision]
+    return torch.float32 if precision == "fp16" else resolve_dtype(precision)
 
 
 def build_lora_config(recipe: Recipe):
@@ -180,7 +180,7 @@ def export_dtype(requested: str, setup: ModelSetup, model_name: str) -> torch.dt
     """The dtype model/ is written in (output.dtype): as asked; for auto, the 16-bit dtype training
     ran in, else the dtype the base is published in (a builtin's own, or its config's)."""
     if requested != "auto":
-        return _DTYPES[requested]
+        return resolve_dtype(requested)
     if setup.weights_dtype in (torch.bfloat16, torch.float16):
         return setup.weights_dtype
     if model_name in BUILTIN_MODELS:

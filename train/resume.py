@@ -24,11 +24,7 @@ FIXED_ON_RESUME = ("model.name", "model.revision", "method.type", "method.lora.r
 
 
 def saved_recipe(run: RunDir) -> dict[str, Any]:
-    import yaml
-
-    if not run.recipe_file.is_file():
-        return {}
-    return flatten(yaml.safe_load(run.recipe_file.read_text()) or {})
+    return flatten(run.read_recipe() or {})
 
 
 def check_recipe_changes(run: RunDir, recipe: Recipe, checkpoint: Path) -> None:

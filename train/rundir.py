@@ -1,35 +1,22 @@
-"""The run directory: the contract between `train` (writes it) and `infer` (reads it).
-
-    runs/<name>/
-      recipe.yaml      the fully resolved recipe
-      model/           merged, loadable weights + tokenizer + chat template + generation config
-      adapter/         LoRA adapter (lora / qlora only)
-      checkpoints/     trainer checkpoints for --resume
-      tensorboard/     TensorBoard event files (training.report_to: tensorboard)
-      wandb/, mlruns/  offline wandb runs, the MLflow file store (when report_to names them)
-      metrics.jsonl    one line per logged step; metrics.json: the summary
-      loss.png         loss curve
-      manifest.json    what is inside and how it was made; written last
-
-A run is complete exactly when manifest.json exists. model/ and manifest.json are written
-under a temporary name and renamed into place, so a killed run never leaves either one
-looking complete.
+"""What training does to its run directory (infer.run_directory holds the layout, the
+manifest schema and the readers and writers both sides use): plan where an invocation writes
+(resume, replace), find checkpoints, export model/ and adapter/, draw the loss curve, write
+the manifest with its model cards, and hold the lock that keeps a second writer out.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from infer.outputs import write_atomically
+from infer.checksums import sha256_file, sha256_tree
+from infer.run_directory import ADAPTER_CONFIG, RunDirectory
 from train.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -53,28 +40,13 @@ class RunPlan:
         return self.work.path != self.final.path
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    write_atomically(path, json.dumps(obj, indent=2, default=str) + "\n")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def describe_data_source(source: str) -> dict[str, Any]:
     """Path + sha256 of one data source; a dataset directory hashes its files in name order."""
     path = Path(source).expanduser()
     if path.is_file():
         return {"path": str(path), "sha256": sha256_file(path), "bytes": path.stat().st_size}
     if path.is_dir():
-        digest = hashlib.sha256()
-        for file in sorted(p for p in path.rglob("*") if p.is_file()):
-            digest.update(str(file.relative_to(path)).encode() + b"\0" + sha256_file(file).encode())
-        return {"path": str(path), "sha256": digest.hexdigest(), "kind": "directory"}
+        return {"path": str(path), "sha256": sha256_tree(path), "kind": "directory"}
     return {"path": str(path), "sha256": None, "note": "not a local file"}
 
 
@@ -105,23 +77,7 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-class RunDir:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-
-    recipe_file = property(lambda self: self.path / "recipe.yaml")
-    model_dir = property(lambda self: self.path / "model")
-    adapter_dir = property(lambda self: self.path / "adapter")
-    checkpoints_dir = property(lambda self: self.path / "checkpoints")
-    tensorboard_dir = property(lambda self: self.path / "tensorboard")
-    metrics_jsonl = property(lambda self: self.path / "metrics.jsonl")
-    metrics_json = property(lambda self: self.path / "metrics.json")
-    loss_png = property(lambda self: self.path / "loss.png")
-    manifest_file = property(lambda self: self.path / "manifest.json")
-
-    def is_complete(self) -> bool:
-        return self.manifest_file.is_file()
-
+class RunDir(RunDirectory):
     def checkpoints(self) -> list[Path]:
         """Checkpoint directories in step order (the trainer writes checkpoint-<step>)."""
         if not self.checkpoints_dir.is_dir():
@@ -234,29 +190,7 @@ class RunDir:
             log.warning("%s is damaged (%s): resuming from the checkpoint before it", ckpt, problem)
         return None
 
-    def write_recipe(self, recipe: Recipe) -> None:
-        write_atomically(self.recipe_file, recipe.to_yaml())
-
     # ------------------------------------------------------------ metrics
-
-    def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_jsonl.is_file():
-            return []
-        rows = []
-        for line in self.metrics_jsonl.read_text().splitlines():
-            line = line.strip()
-            if line:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass  # a line cut off by a kill: the step is replayed on resume anyway
-        return rows
-
-    def truncate_metrics(self, last_step: int) -> list[dict[str, Any]]:
-        """Keep only lines up to `last_step`: a resumed run replays the steps after its checkpoint."""
-        kept = [r for r in self.read_metrics() if r.get("step", 0) <= last_step]
-        write_atomically(self.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in kept))
-        return kept
 
     def write_loss_plot(self) -> bool:
         rows = self.read_metrics()
@@ -304,7 +238,7 @@ class RunDir:
         try:
             peft_model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
-            config_file = staging / "adapter_config.json"
+            config_file = staging / ADAPTER_CONFIG
             config = json.loads(config_file.read_text())
             config.update(base_model_name_or_path=base_model, revision=revision)
             config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -326,14 +260,11 @@ class RunDir:
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
-    def write_manifest(self, manifest: dict[str, Any]) -> None:
-        contents = [name for name in ("recipe.yaml", "model", "adapter", "checkpoints", "tensorboard", "wandb",
-                                      "mlruns", "metrics.jsonl", "metrics.json", "loss.png")
-                    if (self.path / name).exists()]
-        manifest = {"format": "tunewright-run/1", "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "contents": contents + ["manifest.json"], **manifest}
+    def write_manifest(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """The model cards, then manifest.json, which marks the run complete."""
+        manifest = self.complete_manifest(fields)
         self.write_model_cards(manifest)
-        atomic_write_json(self.manifest_file, manifest)
+        return super().write_manifest(manifest)
 
     def write_model_cards(self, manifest: dict[str, Any]) -> None:
         """README.md model cards in model/ and adapter/, before the manifest marks the run complete.

@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 
 from transformers import TrainerCallback
 
+from infer.run_directory import RunDirectory
 from train.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def offline_environment(trackers: Sequence[str], run_dir: Path) -> Iterator[None
     if "wandb" in trackers:
         defaults.update(WANDB_MODE="offline", WANDB_DIR=str(Path(run_dir).absolute()), WANDB_PROJECT="tunewright")
     if "mlflow" in trackers:
-        defaults["MLFLOW_TRACKING_URI"] = (Path(run_dir).absolute() / "mlruns").as_uri()
+        defaults["MLFLOW_TRACKING_URI"] = RunDirectory(Path(run_dir).absolute()).mlruns_dir.as_uri()
     added = {k: v for k, v in defaults.items() if not os.environ.get(k)}
     os.environ.update(added)
     for key, value in added.items():

@@ -7,7 +7,6 @@ tuned model on the recipe's held-out set, then write the summary and, last, the 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shlex
@@ -19,12 +18,13 @@ from typing import Any, Sequence
 
 from transformers import TrainerCallback
 
+from infer.run_directory import Manifest
 from train.callbacks import MetricsRecorder, ProgressBar, StopOnSignal
 from train.errors import DiskFullError, TrainingDiverged, is_disk_full
 from train.model import ModelSetup, base_model_reference, export_dtype, load_model, merge_adapter
 from train.recipe import Recipe
 from train.resume import ApplyLearningRate, check_recipe_changes, finished_step
-from train.rundir import RunDir, atomic_write_json, dataset_hashes, library_versions
+from train.rundir import RunDir, dataset_hashes, library_versions
 from train.trackers import Trackers, eval_metrics, find_trackers, offline_environment, resolve_trackers
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def _train_planned(recipe: Recipe, plan, recipe_path: str, overrides: Sequence[s
         check_recipe_changes(run, recipe, checkpoint)
         step = finished_step(run, recipe, checkpoint)
         if step is not None:
-            summary = json.loads(run.metrics_json.read_text()) if run.metrics_json.is_file() else {}
+            summary = run.read_summary()
             return RunResult(run.path, "completed", step, summary)
     trackers = resolve_trackers(recipe.training.report_to)  # a tracker that is not installed fails here
     eval_examples = None
@@ -189,7 +189,7 @@ def _train_planned(recipe: Recipe, plan, recipe_path: str, overrides: Sequence[s
 
     # Validated: from here on the run directory changes.
     plan.final.begin(plan)
-    run.write_recipe(recipe)
+    run.write_recipe(recipe.to_yaml())
     tokens_offset = 0
     if checkpoint is not None:
         kept = run.truncate_metrics(_checkpoint_step(checkpoint))
@@ -233,7 +233,7 @@ def _train_and_export(recipe: Recipe, plan, setup: ModelSetup, datasets: dict, t
     summary = _summary(recipe, setup, recorder, run, step, train_seconds, resumed_from)
     if guard.problem is not None:
         summary["status"] = "diverged"
-        atomic_write_json(run.metrics_json, summary)
+        run.write_summary(summary)
         kept = "; the previous run is untouched" if plan.replaces else ""
         raise TrainingDiverged(
             f"training stopped at step {guard.step}: {guard.problem}. Nothing was exported{kept}. "
@@ -242,7 +242,7 @@ def _train_and_export(recipe: Recipe, plan, setup: ModelSetup, datasets: dict, t
         )
     if stopper.stopped:
         summary["status"] = "interrupted"
-        atomic_write_json(run.metrics_json, summary)
+        run.write_summary(summary)
         run.write_loss_plot()
         last = run.last_checkpoint()
         if plan.replaces:
@@ -274,7 +274,7 @@ def _train_and_export(recipe: Recipe, plan, setup: ModelSetup, datasets: dict, t
 
     summary["status"] = "completed"
     summary["after_training_seconds"] = round(time.perf_counter() - started - train_seconds, 2)
-    atomic_write_json(run.metrics_json, summary)
+    run.write_summary(summary)
     run.write_loss_plot()
     run.write_manifest(_manifest(recipe, setup, summary, resumed_from))
     plan.final.install(plan)
@@ -383,7 +383,9 @@ def _summary(recipe, setup, recorder: MetricsRecorder, run: RunDir, step, second
     }
 
 
-def _manifest(recipe: Recipe, setup: ModelSetup, summary: dict, checkpoint) -> dict[str, Any]:
+def _manifest(recipe: Recipe, setup: ModelSetup, summary: dict, checkpoint) -> Manifest:
+    """The fields of manifest.json (infer.run_directory.Manifest) except format, written and contents,
+    which RunDir.write_manifest adds."""
     t = recipe.training
     speed = speed_settings(recipe, setup)
     return {

@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from infer.records import chat_ids
+from infer.prompts import chat_ids
 
 from infer.engine import StreamEvent
 from infer.sampling import SamplingParams

@@ -28,10 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from infer.architectures import PUBLIC_ARCHS
-
-# Longer context than the config default so long prompts and outputs fit any load level.
-SHAPES = {"llama-3.2-1b": dict(PUBLIC_ARCHS["llama-3.2-1b"], max_position_embeddings=8192)}
+SHAPES = ("llama-3.2-1b",)  # --shape: architectures of infer.random_model
 
 WORDS = ("river stone lantern orbit copper meadow signal harbor velvet canyon ember tide "
          "quartz willow beacon prism falcon glacier thistle marble cobalt juniper").split()
@@ -40,19 +37,16 @@ WORDS = ("river stone lantern orbit copper meadow signal harbor velvet canyon em
 def make_random_model(out: Path, tokenizer_dir: Path, shape: str) -> Path:
     """Write a random-weight Llama of `shape` (bf16) with the given tokenizer to `out`."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
+
+    from infer.random_model import architecture_config, save_random_model
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(**SHAPES[shape], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
+    # Longer context than the config default so long prompts and outputs fit any load level.
+    config = architecture_config(shape, max_position_embeddings=8192, bos_token_id=tok.bos_token_id,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    with torch.device(device):  # initialising 1B parameters on the CPU takes minutes; on a GPU, seconds
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    del model
-    return out
+    return save_random_model(out, config, tok, dtype=torch.bfloat16, device=device)
 
 
 def prompt_text(rng: random.Random, words: int) -> str:
@@ -227,13 +221,16 @@ def _quantile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def start_server(run: str, extra: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(run: str, extra: list[str], log: Path, *, env: dict | None = None, cwd=None,
+                 timeout: float = 900) -> tuple[subprocess.Popen, str]:
+    """Start `python -m infer serve RUN` on a free port, its output in `log`; (process, URL) once
+    /health answers. `env` replaces the environment (unbuffered output is added either way)."""
     cmd = [sys.executable, "-m", "infer.serve", run, "--port", "0", *extra]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=cwd,
+                            env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"})
     import httpx
 
-    deadline = time.monotonic() + 900
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"server exited with {proc.returncode}; see {log}:\n{log.read_text()[-3000:]}")
@@ -246,7 +243,7 @@ def start_server(run: str, extra: list[str], log: Path) -> tuple[subprocess.Pope
                 pass
         time.sleep(0.5)
     proc.kill()
-    raise SystemExit(f"server not ready after 900 s; see {log}")
+    raise SystemExit(f"server not ready after {timeout:.0f} s; see {log}")
 
 
 async def _final_counts(url: str) -> dict:
@@ -292,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-args", default="", help="extra server arguments, one string")
     p.add_argument("--random-model", type=Path, help="write a random-weight model here first and serve it")
     p.add_argument("--tokenizer", type=Path, help="tokenizer directory for --random-model")
-    p.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
+    p.add_argument("--shape", default="llama-3.2-1b", choices=SHAPES)
     p.add_argument("--model", help="model id to send (default: the server's first /v1/models entry)")
     p.add_argument("--api-key", default=os.environ.get("TUNEWRIGHT_API_KEY"))
     p.add_argument("--levels", default="1:20,32:120", help="concurrency:seconds,... (default 1:20,32:120)")

@@ -12,8 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from infer.__main__ import main, parse_model_specs
-from infer.eval import answer_ids, evaluate_model, format_table, load_examples, prompt_ids, score_one
+from infer.eval import evaluate_model, format_table, load_examples, score_one
 from infer.generate import Generator
+from infer.prompts import answer_ids, prompt_ids
 from infer.records import RecordsError
 from infer.sampling import SamplingParams
 

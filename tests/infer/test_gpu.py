@@ -17,10 +17,9 @@ SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_ke
 
 @pytest.fixture(scope="module")
 def random_model():
-    from infer.bench import ARCHS, build_random_model
+    from infer.bench import build_random_model
 
-    ARCHS["gpu-test"] = SHAPE
-    model, tok = build_random_model("gpu-test", torch.float32, torch.device("cuda"))
+    model, tok = build_random_model("tiny", torch.float32, torch.device("cuda"), **SHAPE)
     with torch.no_grad():  # large weights: well-separated logits, so argmax is robust to fusion order
         for name, p in model.named_parameters():
             if p.dim() == 2:
@@ -96,7 +95,7 @@ def test_cuda_graph_sampling_follows_the_seed(random_model):
 
 
 def test_nf4_matvec_equals_dequantized_linear_on_gpu():
-    from infer.quantize import NF4Linear
+    from infer.quantized_layers import NF4Linear
 
     torch.manual_seed(0)
     n, k = 384, 512
@@ -112,7 +111,7 @@ def test_nf4_matvec_equals_dequantized_linear_on_gpu():
 def test_compiled_nf4_layers_on_gpu(random_model, tmp_path):
     from infer.generate import Generator
     from infer.load import load, weight_bytes
-    from infer.quantize import NF4Linear
+    from infer.quantized_layers import NF4Linear
     from infer.sampling import SamplingParams
 
     model, tok = random_model
@@ -161,7 +160,7 @@ def test_triton_matvec_folds_norm_glu_residual_and_bias():
     import torch.nn.functional as F
 
     from infer import kernels
-    from infer.quantize import NF4Linear
+    from infer.quantized_layers import NF4Linear
 
     torch.manual_seed(0)
     dt, n, k = torch.bfloat16, 1000, 576  # n not a multiple of any block; k = 64 * 9

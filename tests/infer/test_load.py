@@ -12,7 +12,8 @@ import torch
 import infer
 from infer.generate import Generator
 from infer.load import LoadError, load, weight_bytes
-from infer.quantize import Int8Linear, NF4Linear, save_quantized, use_compiled_kernels
+from infer.quantize import save_quantized
+from infer.quantized_layers import Int8Linear, NF4Linear, use_compiled_kernels
 from infer.sampling import SamplingParams
 
 

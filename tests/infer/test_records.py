@@ -14,7 +14,6 @@ from infer.records import (
     detect_format,
     load_records,
     normalize_rows,
-    plain_prompt,
     read_rows,
     to_conversation,
 )
@@ -241,14 +240,3 @@ def test_load_records_reads_several_files_as_one(tmp_path):
     assert origins == [f"{a}:1", f"{a}:2", f"{b}:1"]
     with pytest.raises(RecordsError, match="missing.jsonl.*\n.*gone.jsonl"):
         load_records([str(a), "missing.jsonl", "gone.jsonl"])
-
-
-def test_plain_prompt_layout():
-    messages = [
-        {"role": "system", "content": "S"},
-        {"role": "user", "content": "U1"},
-        {"role": "assistant", "content": "A1"},
-        {"role": "user", "content": "U2"},
-    ]
-    assert plain_prompt(messages) == "S\n\nU1A1U2"
-    assert plain_prompt(messages, eos_token="</s>") == "S\n\nU1A1</s>U2"

@@ -24,6 +24,8 @@ import openai
 import pytest
 import torch
 
+from infer.serve.loadtest import start_server
+
 REPO = Path(__file__).resolve().parents[2]
 KEY = "test-key-123"
 MODEL = "tiny"
@@ -64,26 +66,12 @@ class Server:
 
 
 def launch(model_dir: Path, log: Path, *args: str) -> Server:
-    cmd = [sys.executable, "-m", "infer.serve", str(model_dir), "--port", "0", *args]
     # One intra-op thread: the tiny model gains nothing from more, and OpenMP threads that
     # spin against the test process on a 2-core machine make every step ~10x slower.
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TUNEWRIGHT_API_KEY", None)
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, env=env)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        found = re.search(r"listening on (http://[\d.]+:\d+)", log.read_text())
-        if found:
-            try:
-                if httpx.get(f"{found.group(1)}/health", timeout=5).status_code == 200:
-                    return Server(proc, found.group(1), log)
-            except httpx.HTTPError:
-                pass
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError(f"server not ready after 240 s:\n{log.read_text()[-4000:]}")
+    proc, url = start_server(str(model_dir), list(args), log, env=env, cwd=REPO, timeout=240)
+    return Server(proc, url, log)
 
 
 @pytest.fixture(scope="module")

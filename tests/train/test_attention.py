@@ -100,13 +100,10 @@ def test_kernel_adapter_speaks_both_torch_signatures(monkeypatch, new_api):
 
 
 def _tiny_llama(attn: str, dtype=torch.float32, device="cpu", seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from infer.random_model import architecture_config, random_model
 
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        return LlamaForCausalLM(cfg).to(dtype).eval().requires_grad_(True), cfg
+    cfg = architecture_config("tiny", vocab_size=300, max_position_embeddings=512, tie_word_embeddings=False)
+    return random_model(cfg, device=device, seed=seed).to(dtype).eval().requires_grad_(True), cfg
 
 
 def _batches(lengths, vocab=300, device="cpu", seed=1):

@@ -12,12 +12,10 @@ from train.recipe import RecipeError, validate_recipe
 
 
 def tiny_llama(method: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from infer.random_model import architecture_config, random_model
 
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
+    cfg = architecture_config("tiny", vocab_size=300, max_position_embeddings=512, tie_word_embeddings=False)
+    model = random_model(cfg)
     model.config._attn_implementation = "sdpa"
     # as train.model sets it: with a cache, transformers would not split the padding-free row into its sequences
     model.config.use_cache = False
@@ -193,21 +191,6 @@ def data_file(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny Llama at init std 0.2: per-token losses then differ a lot, so a loss averaged per
-    micro-batch instead of over the accumulated batch would show."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("tiny-spread")
-    config = AutoConfig.from_pretrained(tiny_model_dir)
-    config.initializer_range = 0.2
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
-
-
 def one_step(tmp_path, model_dir, data_file, *, batch_size, grad_accum, chunked):
     """One SGD step of a full fine-tune on all 8 rows: (logged loss, weight change, logged accuracy)."""
     from transformers import AutoModelForCausalLM
@@ -231,11 +214,11 @@ def one_step(tmp_path, model_dir, data_file, *, batch_size, grad_accum, chunked)
     return row["loss"], delta, row.get("mean_token_accuracy")
 
 
-def test_gradient_accumulation_2x4_equals_1x8_through_the_trainer(tmp_path, model_dir, data_file):
+def test_gradient_accumulation_2x4_equals_1x8_through_the_trainer(tmp_path, spread_model_dir, data_file):
     """The loss of a step split into 2 micro-batches of 4 rows is normalised by the token count of
     all 8 rows (transformers' num_items_in_batch), so loss and update equal one batch of 8 --
     through TRL's fused head and through full logits alike (training.chunked_loss false)."""
-    runs = {(b, ga, c): one_step(tmp_path, model_dir, data_file, batch_size=b, grad_accum=ga, chunked=c)
+    runs = {(b, ga, c): one_step(tmp_path, spread_model_dir, data_file, batch_size=b, grad_accum=ga, chunked=c)
             for b, ga in ((8, 1), (4, 2)) for c in (True, False)}
     ref_loss, ref_delta, _ = runs[(8, 1, True)]
     assert ref_delta.norm() > 0

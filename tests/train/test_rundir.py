@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from train.recipe import validate_recipe
-from train.rundir import RunDir, RunDirError, atomic_write_json, dataset_hashes
+from train.rundir import RunDir, RunDirError, dataset_hashes
 
 
 def _checkpoint(run: RunDir, step: int, complete: bool = True):
@@ -126,14 +126,6 @@ def test_export_failure_leaves_no_model_dir(tmp_path):
         run.export_model(Exploding(), tokenizer)
     assert not run.model_dir.exists()
     assert [p.name for p in run.path.iterdir()] == []  # the staging directory is gone too
-
-
-def test_atomic_json_write_replaces_without_leftovers(tmp_path):
-    target = tmp_path / "m.json"
-    atomic_write_json(target, {"a": 1})
-    atomic_write_json(target, {"a": 2})
-    assert json.loads(target.read_text()) == {"a": 2}
-    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
 
 
 def test_manifest_lists_what_exists(tmp_path):

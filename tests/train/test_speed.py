@@ -15,12 +15,11 @@ from train.speed import LayerRunner, count_compilations, evenly_spaced
 
 
 def tiny_llama(layers=2, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from infer.random_model import architecture_config, random_model
 
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
+    cfg = architecture_config("tiny", vocab_size=300, num_hidden_layers=layers, max_position_embeddings=512,
+                              tie_word_embeddings=False)
+    model = random_model(cfg, seed=seed)
     model.config._attn_implementation = "sdpa"
     return model.train()
 

@@ -31,24 +31,6 @@ def data_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny Llama re-initialised with std 0.2 instead of 0.02.
-
-    At std 0.02 the frozen tied embeddings cap every logit near 1.3, so LoRA (which cannot
-    touch them) has no room to lower the loss and a "loss falls" check would test nothing.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("tiny-learnable")
-    config = AutoConfig.from_pretrained(tiny_model_dir)
-    config.initializer_range = 0.2
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
-
-
 def tiny_recipe(tmp_path, model_dir, data_file, *, name="tiny", **sections) -> dict:
     raw = {
         "name": name,
@@ -163,12 +145,12 @@ class RecordSteps(TrainerCallback):
 
 
 @pytest.mark.parametrize("method,lr", [("full", 5e-3), ("lora", 2e-2)])
-def test_run_learns_and_exports_a_plain_checkpoint(method, lr, tmp_path, model_dir, data_file):
+def test_run_learns_and_exports_a_plain_checkpoint(method, lr, tmp_path, spread_model_dir, data_file):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from train.trainer import train_recipe
 
-    raw = tiny_recipe(tmp_path, model_dir, data_file, name=method, method={"type": method},
+    raw = tiny_recipe(tmp_path, spread_model_dir, data_file, name=method, method={"type": method},
                       training={"learning_rate": lr, "report_to": "tensorboard"},
                       data={"validation": str(data_file)},
                       eval={"data": str(data_file), "limit": 4, "max_new_tokens": 4, "samples": 1})
@@ -203,7 +185,7 @@ def test_run_learns_and_exports_a_plain_checkpoint(method, lr, tmp_path, model_d
     assert summary["eval"]["n"] == 4 and {"tuned", "base", "gain_points"} <= set(summary["eval"])
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["datasets"]["train"][0]["sha256"] == hashlib.sha256(data_file.read_bytes()).hexdigest()
-    assert manifest["base_model"]["resolved_path"] == str(model_dir)
+    assert manifest["base_model"]["resolved_path"] == str(spread_model_dir)
     t = manifest["training"]
     assert (t["method"], t["attn_implementation"], t["precision"], t["device"], t["steps"]) == (
         method, "sdpa", "fp32", "cpu", 8)
@@ -222,17 +204,17 @@ def test_run_learns_and_exports_a_plain_checkpoint(method, lr, tmp_path, model_d
     assert scalars["eval/exact_match_base"] == pytest.approx([summary["eval"]["base"]])
 
 
-def test_plain_prompt_run_exports_a_tokenizer_without_the_chat_template(tmp_path, model_dir, data_file):
+def test_plain_prompt_run_exports_a_tokenizer_without_the_chat_template(tmp_path, spread_model_dir, data_file):
     """data.chat_template false: model/ must not carry a template the model never saw, so that
     infer's eval / generate / serve send the prompt the way training laid it out."""
     from transformers import AutoTokenizer
 
-    from infer.eval import prompt_ids
+    from infer.prompts import prompt_ids
     from train.data import encode_conversation
     from train.trainer import train_recipe
 
-    assert AutoTokenizer.from_pretrained(model_dir).chat_template  # the base has one
-    raw = tiny_recipe(tmp_path, model_dir, data_file, name="plain", data={"chat_template": False},
+    assert AutoTokenizer.from_pretrained(spread_model_dir).chat_template  # the base has one
+    raw = tiny_recipe(tmp_path, spread_model_dir, data_file, name="plain", data={"chat_template": False},
                       training={"max_steps": 1})
     run = train_recipe(validate_recipe(raw)).run_dir
     exported = AutoTokenizer.from_pretrained(run / "model")
