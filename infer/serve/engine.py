@@ -65,13 +65,7 @@ class ServingEngine:
     def submit(self, seqs: list[Sequence], *, bounded: bool = True) -> None:
         """Queue sequences for generation; `bounded=False` (the server's own warm-up) skips the queue bound."""
         with self._cond:
-            if self._stopping:
-                raise EngineStoppedError("the server is shutting down and takes no new requests")
-            waiting = self.queue_depth
-            if bounded and waiting + len(seqs) > self.max_queue:
-                raise QueueFullError(
-                    f"the request queue is full ({waiting} sequences waiting, limit {self.max_queue}); retry later"
-                )
+            check_admission(self._stopping, self.queue_depth, len(seqs), self.max_queue if bounded else None)
             self._inbox.extend(seqs)
             self._cond.notify()
 
@@ -146,6 +140,14 @@ class ServingEngine:
 
     def warmed_up(self) -> None:
         """Serving starts now (the server process freezes its start-up objects itself)."""
+
+
+def check_admission(stopping: bool, waiting: int, new: int, max_queue: int | None) -> None:
+    """Raise what the HTTP side turns into a 503 (stopping) or a 429 (the queue is full)."""
+    if stopping:
+        raise EngineStoppedError("the server is shutting down and takes no new requests")
+    if max_queue is not None and waiting + new > max_queue:
+        raise QueueFullError(f"the request queue is full ({waiting} sequences waiting, limit {max_queue}); retry later")
 
 
 def build_engine(model, tokenizer, args) -> Engine:

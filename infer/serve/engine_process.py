@@ -32,7 +32,7 @@ import time
 
 from infer.engine import StreamEvent, check_request
 
-from .engine import (EngineStoppedError, QueueFullError, build_engine, compiled_graphs, freeze_startup_objects,
+from .engine import (EngineStoppedError, build_engine, check_admission, compiled_graphs, freeze_startup_objects,
                      gpu_memory, observe, step_or_fail)
 
 log = logging.getLogger("infer.serve")
@@ -122,13 +122,7 @@ class EngineClient:
         with self._lock:
             if self._dead is not None:
                 raise EngineStoppedError(f"{self._dead}; the server is stopping")
-            if self._stopping:
-                raise EngineStoppedError("the server is shutting down and takes no new requests")
-            waiting = self.queue_depth
-            if bounded and waiting + len(seqs) > self.max_queue:
-                raise QueueFullError(
-                    f"the request queue is full ({waiting} sequences waiting, limit {self.max_queue}); retry later"
-                )
+            check_admission(self._stopping, self.queue_depth, len(seqs), self.max_queue if bounded else None)
             for h in seqs:
                 self._live[h.sid] = h
             self._send(("add", [(h.sid, h.prompt, h.params, h.index, h.arrival) for h in seqs]))
