@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 CheckpointPolicy = Union[str, float]  # "auto" | "all" | "none" | fraction of layers in [0, 1]
 
-# TRL's fused LM head works on tiles of this many tokens x vocabulary entries in fp32
+# TRL's fused LM head projects into one buffer of this many tokens x vocabulary entries
 # (trl.kernels.chunked_logprob: TOKEN_CHUNK_SIZE, _CHUNKED_LOGPROB_CHUNK_SIZE).
 _HEAD_TILE_TOKENS = 4096
 _HEAD_TILE_VOCAB = 32768
@@ -212,7 +212,7 @@ class LayerRunner:
         return int(
             self.static_bytes
             + head_reserve_bytes(self.backbone.config, tokens, chunked=self.chunked_loss,
-                                 head_trainable=self.head_trainable)
+                                 head_trainable=self.head_trainable, act_bytes=self._act_bytes())
             + n * kept + (n - n_checkpointed) * max(full - kept, 0)
         )
 
@@ -246,9 +246,13 @@ class LayerRunner:
         self._max_predicted = max(self._max_predicted, self.predicted_peak(tokens, choice))
         return choice
 
+    def _act_bytes(self) -> int:
+        """Bytes of one activation element: the embedding's dtype (a layer's first weight may be 4-bit)."""
+        return self.backbone.get_input_embeddings().weight.element_size()
+
     def _kept_bytes_per_token(self) -> int:
         """What a checkpointed layer still saves per token: its input hidden state."""
-        return self.backbone.config.hidden_size * next(self.layers[0].parameters()).element_size()
+        return self.backbone.config.hidden_size * self._act_bytes()
 
 
 def compile_options() -> dict:
@@ -298,24 +302,29 @@ def _device_memory(module: nn.Module) -> Optional[int]:
 # ---------------------------------------------------------------- memory accounting
 
 
-def head_reserve_bytes(config, tokens: int, *, chunked: bool = True, head_trainable: bool = False) -> int:
-    """Transient memory of the loss head.
+def head_reserve_bytes(config, tokens: int, *, chunked: bool = True, head_trainable: bool = False,
+                       act_bytes: int = 2) -> int:
+    """Transient memory of the loss head for `tokens` tokens whose activations are `act_bytes` wide.
 
-    TRL's fused head (chunked) holds one logits tile (and its exp) at a time, the fp32
-    gradient of the final hidden states and, when the head weight trains, an fp32 gradient
-    accumulator for it plus its cast back to the weight's dtype: nothing grows with
-    tokens x vocabulary. Full logits grow with both (train.loss.head_bytes_per_token).
+    TRL's fused head (chunked, trl.kernels.chunked_logprob) projects into one
+    [4096 tokens, 32768 vocabulary] buffer in the compute dtype, which the Triton kernel
+    folds in place, in the forward and again in the backward. Per labelled token it keeps
+    the gathered final hidden state for the backward, and the backward accumulates that
+    state's gradient in fp32 before casting it back; when the head weight trains, an fp32
+    accumulator for it plus the cast back. Nothing grows with tokens x vocabulary. Full
+    logits grow with both (train.loss.head_bytes_per_token).
     """
     from train.loss import head_bytes_per_token
 
     vocab = getattr(config, "vocab_size", _HEAD_TILE_VOCAB)
-    hidden_grad = tokens * config.hidden_size * 4
+    hidden = config.hidden_size
     if not chunked:
-        weight_grad = vocab * config.hidden_size * 2 if head_trainable else 0
-        return tokens * head_bytes_per_token(vocab, chunked=False) + hidden_grad + weight_grad
-    tile = min(tokens, _HEAD_TILE_TOKENS) * min(vocab, _HEAD_TILE_VOCAB) * 4
-    weight_grad = vocab * config.hidden_size * (4 + 2) if head_trainable else 0
-    return 2 * tile + hidden_grad + weight_grad
+        weight_grad = vocab * hidden * act_bytes if head_trainable else 0
+        return tokens * (head_bytes_per_token(vocab, chunked=False) + hidden * 4) + weight_grad
+    tile = min(tokens, _HEAD_TILE_TOKENS) * min(vocab, _HEAD_TILE_VOCAB) * act_bytes
+    per_token = hidden * (act_bytes + 4 + act_bytes)  # gathered state, fp32 gradient, its cast
+    weight_grad = vocab * hidden * (4 + act_bytes) if head_trainable else 0
+    return tile + tokens * per_token + weight_grad
 
 
 def optimizer_state_bytes_per_param(optim: str, param_bytes: int) -> float:

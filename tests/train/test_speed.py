@@ -112,6 +112,18 @@ def test_auto_policy_checkpoints_only_what_the_limit_needs():
     assert runner.auto_count(100) == 4  # still calibrating
 
 
+def test_kept_activations_use_the_activation_width_not_a_4bit_weight():
+    """A checkpointed layer keeps its bf16 input however its weights are stored: under QLoRA a
+    layer's first parameter is a uint8 block of 4-bit values, which must not halve the estimate."""
+    model = tiny_llama().to(torch.bfloat16)
+    _, layers = speed.decoder_layers(model)
+    attn = layers[0].self_attn.q_proj
+    attn.weight = torch.nn.Parameter(torch.zeros(attn.weight.numel() // 2, 1, dtype=torch.uint8), requires_grad=False)
+    assert next(layers[0].parameters()).element_size() == 1
+    runner = LayerRunner(model, checkpoint="all")
+    assert runner._kept_bytes_per_token() == 64 * 2
+
+
 def test_layer_activation_probe_counts_saved_tensors_per_token():
     model = tiny_llama()
     backbone, layers = speed.decoder_layers(model)
