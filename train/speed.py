@@ -13,11 +13,16 @@ Two mechanisms, both per decoder layer, installed on a model that SFTTrainer is 
   memory limit otherwise: short batches run with none, long ones with as few layers
   checkpointed as needed (spread evenly). `"all"`, `"none"` or a fraction fix the choice.
 
-With compile on, peft's LoRA dropout is swapped for one without random ops (train.dropout),
-which a checkpointed compiled layer can recompute. Checkpointing wraps the compiled call
-(not the other way round): when the recompute runs under a different compiled graph than
-the forward did, the saved tensors do not line up (pytorch/pytorch#166926). Neither
-mechanism changes the math: tests compare losses and gradients against the plain eager model.
+A checkpointed layer is compiled with the checkpoint inside it, `torch.compile(checkpoint(layer))`:
+Inductor fuses the recomputation into the backward. The other nesting with torch's
+non-reentrant checkpoint breaks when the recompute runs under a different compiled graph
+than the forward did: the saved tensors do not line up (pytorch/pytorch#166926). With
+compile on, peft's LoRA dropout is swapped for one without random ops (train.dropout),
+which a checkpointed compiled layer can recompute. Where Inductor still cannot compile the
+checkpointed layer, and when activations are offloaded to the CPU, the layer is instead
+recomputed from outside the compiled plain layer (train.recompute), which matches no saved
+tensors. None of it changes the math: tests compare losses and gradients against the plain
+eager model.
 """
 
 from __future__ import annotations
@@ -97,7 +102,8 @@ class LayerRunner:
     `static_training_bytes`; `chunked_loss` says whether the loss head is TRL's fused one or
     full logits (train.loss), which decides how much the head needs per token.
     `warmup_batches` micro-batches (two optimizer steps' worth: the optimizer state appears
-    at the first step) run fully checkpointed to calibrate.
+    at the first step) run fully checkpointed to calibrate. `offload` keeps the input of
+    every checkpointed layer in pinned CPU memory until its backward (train.recompute).
     """
 
     def __init__(
@@ -110,8 +116,10 @@ class LayerRunner:
         static_bytes: int = 0,
         warmup_batches: int = 2,
         chunked_loss: bool = True,
+        offload: bool = False,
     ):
         self.backbone, self.layers = decoder_layers(model)
+        self.offload = offload
         self.chunked_loss = chunked_loss
         head = unwrap(model).get_output_embeddings()
         self.head_trainable = head is not None and head.weight.requires_grad
@@ -138,6 +146,7 @@ class LayerRunner:
             self.dropout = RecomputableDropout(model)
         self.compile_failures: list[str] = []
         self._hook = None
+        self._anchor: Optional[torch.Tensor] = None
 
     def install(self) -> "LayerRunner":
         for index, layer in enumerate(self.layers):
@@ -161,16 +170,32 @@ class LayerRunner:
     def _layer_forward(self, index: int, layer: nn.Module) -> Callable:
         def forward(*args, **kwargs):
             if layer.training and torch.is_grad_enabled() and index in self.checkpointed:
+                if self.offload:
+                    return self._recompute(layer, *args, **kwargs)
                 return self._run("_ckpt", _run_layer_checkpointed, layer, args, kwargs)
             return self._run("_plain", _run_layer, layer, args, kwargs)
 
         return forward
 
+    def _recompute(self, layer: nn.Module, *args, **kwargs):
+        """The layer run like a plain one (compiled if the plain layer is) and recomputed in the backward."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if self._anchor is None or self._anchor.device != hidden.device:
+            self._anchor = torch.empty(0, device=hidden.device, requires_grad=True)
+        from train.recompute import recompute_layer
+
+        return recompute_layer(self._run_plain, layer, args, kwargs, anchor=self._anchor, offload=self.offload)
+
+    def _run_plain(self, layer: nn.Module, *args, **kwargs):
+        return self._run("_plain", _run_layer, layer, args, kwargs)
+
     def _run(self, slot: str, eager: Callable, layer: nn.Module, args, kwargs):
-        """Call the compiled variant; if Inductor cannot compile it, run that variant eager from now on.
+        """Call the compiled variant; if Inductor cannot compile it, fall back from now on.
 
         A compile failure is raised before the compiled code runs, so nothing has been
-        computed twice; training goes on at eager speed for that variant, and says so.
+        computed twice. The plain layer falls back to eager. The checkpointed layer falls
+        back to the compiled plain layer recomputed from outside (train.recompute), so it
+        stays compiled as long as the plain layer compiles. Training goes on, and says so.
         """
         fn = getattr(self, slot)
         if fn is eager:
@@ -179,10 +204,12 @@ class LayerRunner:
             return fn(layer, *args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as exc:
             reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
-            log.warning("compiling the %s decoder layer failed (%s); it runs eager", slot.strip("_"), reason)
+            fallback = self._recompute if slot == "_ckpt" else eager
+            how = "is recomputed around the plain layer" if slot == "_ckpt" else "runs eager"
+            log.warning("compiling the %s decoder layer failed (%s); it %s", slot.strip("_"), reason, how)
             self.compile_failures.append(f"{slot.strip('_')}: {reason}")
-            setattr(self, slot, eager)
-            return eager(layer, *args, **kwargs)
+            setattr(self, slot, fallback)
+            return fallback(layer, *args, **kwargs)
 
     def _fixed_count(self) -> int:
         n = len(self.layers)
@@ -207,13 +234,13 @@ class LayerRunner:
     def predicted_peak(self, tokens: int, n_checkpointed: int) -> int:
         """Memory a micro-batch of `tokens` tokens should peak at with `n_checkpointed` layers recomputed."""
         n = len(self.layers)
-        kept = self._kept_bytes_per_token() * tokens
+        kept = 0 if self.offload else self._kept_bytes_per_token() * tokens  # offloaded: on the CPU
         full = self.layer_bytes_per_token * tokens
         return int(
             self.static_bytes
             + head_reserve_bytes(self.backbone.config, tokens, chunked=self.chunked_loss,
                                  head_trainable=self.head_trainable, act_bytes=self._act_bytes())
-            + n * kept + (n - n_checkpointed) * max(full - kept, 0)
+            + n_checkpointed * kept + (n - n_checkpointed) * max(full, kept)
         )
 
     def auto_count(self, tokens: int) -> int:
