@@ -422,7 +422,7 @@ def count_compilations() -> int:
 
 
 def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit: Optional[int] = None,
-                   chunked_loss: bool = True):
+                   chunked_loss: bool = True, offload: bool = False):
     """A TrainerCallback that installs a LayerRunner when training begins.
 
     It has to wait for `on_train_begin`: by then the Trainer has wrapped the model (PEFT,
@@ -445,12 +445,14 @@ def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit:
                     static_bytes=static_training_bytes(model, args.optim),
                     warmup_batches=2 * args.gradient_accumulation_steps,
                     chunked_loss=chunked_loss,
+                    offload=offload,
                 ).install()
                 log.info(
-                    "decoder layers: compile=%s, checkpointing=%s%s",
+                    "decoder layers: compile=%s, checkpointing=%s%s%s",
                     compile,
                     checkpoint,
                     f" within {memory_limit / 2**30:.1f} GiB" if memory_limit else "",
+                    ", checkpointed inputs offloaded to the CPU" if offload else "",
                 )
 
     return SpeedCallback()
@@ -460,7 +462,8 @@ def recipe_speed_settings(training, *, cuda: bool) -> dict:
     """speed_callback arguments for a recipe's `training` section on this machine.
 
     compile auto -> on with CUDA (on CPU the compile time outweighs a short run);
-    gradient_checkpointing auto -> the per-micro-batch memory policy on CUDA, none on CPU.
+    gradient_checkpointing auto -> the per-micro-batch memory policy on CUDA, none on CPU;
+    offload_activations applies to whichever layers are checkpointed.
     """
     compile = cuda if training.compile == "auto" else bool(training.compile)
     setting = training.gradient_checkpointing
@@ -470,4 +473,4 @@ def recipe_speed_settings(training, *, cuda: bool) -> dict:
         checkpoint = "all" if setting else "none"
     limit = int(training.memory_limit_gib * 2**30) if training.memory_limit_gib else None
     return {"compile": compile, "checkpoint": checkpoint, "memory_limit": limit,
-            "chunked_loss": training.chunked_loss}
+            "chunked_loss": training.chunked_loss, "offload": training.offload_activations}

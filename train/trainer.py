@@ -401,6 +401,7 @@ def _manifest(recipe: Recipe, setup: ModelSetup, summary: dict, checkpoint) -> d
                             if setup.method == "full" or recipe.output.merge else None),  # model/'s weights
             "device": setup.device,
             "gradient_checkpointing": speed["checkpoint"],  # none | all | auto (per micro-batch)
+            "offload_activations": speed["offload"],
             "padding_free": t.padding_free,
             "packing": t.packing,
             "compile": speed["compile"],

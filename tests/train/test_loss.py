@@ -180,10 +180,9 @@ def test_full_logits_reserve_grows_with_tokens_times_vocabulary():
     assert trained_head == 128256 * 2048 * 6  # fp32 accumulator + cast back
     assert head_reserve_bytes(cfg, 100, chunked=True, act_bytes=4) == 100 * 32768 * 4 + 100 * 2048 * 12
 
-    class Training:
-        compile, gradient_checkpointing, memory_limit_gib, chunked_loss = "auto", "auto", None, False
-
-    assert recipe_speed_settings(Training, cuda=True)["chunked_loss"] is False
+    training = validate_recipe({"name": "x", "data": {"train": "d.jsonl"},
+                                "training": {"chunked_loss": False}}).training
+    assert recipe_speed_settings(training, cuda=True)["chunked_loss"] is False
 
 
 # ---------------------------------------------------------------- through the real trainer

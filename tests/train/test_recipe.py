@@ -101,6 +101,20 @@ def test_eval_normalize_compares_numbers_with_a_whole_answer_metric(tmp_path):
         load_recipe(path, ["eval.normalize=numbers"])
 
 
+def test_offload_activations_is_a_boolean_that_needs_checkpointing(tmp_path):
+    path = _write(tmp_path, "name: t\ndata:\n  train: a.jsonl\n")
+    assert load_recipe(path).training.offload_activations is False
+    assert load_recipe(path, ["training.offload_activations=true"]).training.offload_activations is True
+    assert load_recipe(path, ["training.offload_activations=true",
+                              "training.gradient_checkpointing=true"]).training.offload_activations is True
+    with pytest.raises(RecipeError, match=r"training.offload_activations.*'later'"):
+        load_recipe(path, ["training.offload_activations=later"])
+    with pytest.raises(RecipeError, match=r"no layer is checkpointed"):
+        load_recipe(path, ["training.offload_activations=true", "training.gradient_checkpointing=false"])
+    with pytest.raises(RecipeError, match=r"did you mean 'training.offload_activations'"):
+        load_recipe(path, ["training.offload_activation=true"])
+
+
 def test_all_problems_are_reported_at_once(tmp_path):
     path = _write(tmp_path, "name: t\ndata:\n  train: a.jsonl\ntraining:\n  batch_size: many\n  epohcs: 2\n")
     with pytest.raises(RecipeError, match=r"2 problems") as err:

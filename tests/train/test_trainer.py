@@ -149,6 +149,30 @@ def test_padding_free_loss_equals_padded_loss(tmp_path, tiny_model_dir, data_fil
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_offloaded_activations_train_to_the_same_losses(method, tmp_path, model_dir, data_file):
+    """training.offload_activations: every layer checkpointed with its input kept on the CPU trains
+    to the same per-step losses as no checkpointing and as checkpointing on the device (LoRA with
+    dropout: the recomputation replays the forward's masks)."""
+    from train.trainer import train_recipe
+
+    losses = {}
+    for checkpointing, offload in ((False, False), (True, False), (True, True)):
+        raw = tiny_recipe(tmp_path, model_dir, data_file, name=f"{method}-{checkpointing}-{offload}",
+                          method={"type": method, "lora": {"r": 8, "alpha": 16, "dropout": 0.1}},
+                          training={"max_steps": 4, "batch_size": 4, "learning_rate": 1e-2,
+                                    "gradient_checkpointing": checkpointing, "offload_activations": offload})
+        result = train_recipe(validate_recipe(raw))
+        losses[checkpointing, offload] = [r["loss"] for r in metric_rows(result.run_dir) if "loss" in r]
+        manifest = json.loads((result.run_dir / "manifest.json").read_text())
+        assert manifest["training"]["offload_activations"] is offload
+        assert manifest["training"]["gradient_checkpointing"] == ("all" if checkpointing else "none")
+    reference = losses[False, False]
+    assert len(reference) == 4 and reference[-1] < reference[0]
+    for key, values in losses.items():
+        assert values == pytest.approx(reference, rel=1e-5), key
+
+
 # ---------------------------------------------------------------- a whole run
 
 
