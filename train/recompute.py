@@ -1,4 +1,5 @@
-"""A decoder layer recomputed in the backward from outside its compiled code, its input optionally in CPU memory.
+"""Recomputation for long rows: a decoder layer recomputed in the backward from outside its compiled
+code, its input optionally in CPU memory (`recompute_layer`), and MLPs run chunk by chunk (`ChunkedMLP`).
 
 `torch.utils.checkpoint` inside a compiled layer hands the whole recomputation to
 Inductor, which fuses it into the backward kernels (train.speed's default for a
@@ -27,7 +28,7 @@ embeddings' output require grad for the same reason.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -99,3 +100,112 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype, bool]:
 def _autocast(device_type: str, state: tuple[bool, torch.dtype, bool]):
     enabled, dtype, cache = state
     return torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache)
+
+
+class ChunkedMLP:
+    """Each decoder layer's MLP over at most `chunk_tokens` tokens at a time, in the forward and again in the backward.
+
+    An MLP acts on every token alone, so a long row's MLP can run chunk by chunk: the forward
+    keeps only the MLP's input, and the backward recomputes and backpropagates one chunk at a
+    time. Its activations (gate, up and their product, 3.5 x the hidden size each on Llama,
+    plus what LoRA saves) then never exceed one chunk's, where they would otherwise be the
+    largest part of a recomputed layer's working set. Rows of at most `chunk_tokens` tokens,
+    and evaluation, run the MLP as it is.
+
+    The chunks run outside any compiled graph (the layer around them compiles in two parts).
+    Random ops replay the forward's generator state; `seed`, the one tensor of
+    train.dropout's seeded LoRA dropout, is offset per chunk, so that chunks draw different
+    masks, the same in the forward and the recomputation.
+    """
+
+    def __init__(self, layers, chunk_tokens: int, seed: Optional[torch.Tensor] = None):
+        if chunk_tokens < 1:
+            raise ValueError(f"MLP chunks need at least one token, got {chunk_tokens}")
+        self.layers, self.chunk_tokens, self.seed = layers, chunk_tokens, seed
+        self._anchor: Optional[torch.Tensor] = None
+
+    def install(self) -> "ChunkedMLP":
+        for layer in self.layers:
+            layer.mlp.forward = self._forward(layer.mlp)
+        return self
+
+    def remove(self) -> None:
+        for layer in self.layers:
+            layer.mlp.__dict__.pop("forward", None)
+
+    def _forward(self, mlp: nn.Module) -> Callable:
+        @torch.compiler.disable
+        def forward(x):
+            if not (mlp.training and torch.is_grad_enabled()) or x.numel() // x.shape[-1] <= self.chunk_tokens:
+                return type(mlp).forward(mlp, x)
+            if self._anchor is None or self._anchor.device != x.device:
+                self._anchor = torch.empty(0, device=x.device, requires_grad=True)
+            return _ChunkedMLP.apply(mlp, self.chunk_tokens, self.seed, self._anchor, x)
+
+        return forward
+
+
+_CHUNK_SEED_STEP = 0x9E3779B1  # any odd step: chunk k draws with seed + k * step
+
+
+class _ChunkedMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mlp, chunk, seed, anchor, x):
+        ctx.mlp, ctx.chunk, ctx.seed = mlp, chunk, seed
+        ctx.autocast = _autocast_state(x.device.type)
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.device_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.save_for_backward(x)
+        flat = x.reshape(-1, x.shape[-1])
+        out = None
+        for k, start in enumerate(range(0, flat.shape[0], chunk)):
+            with _chunk_seed(mlp, seed, k):
+                y = type(mlp).forward(mlp, flat[start:start + chunk])
+            if out is None:
+                out = y.new_empty(flat.shape[0], y.shape[-1])
+            out[start:start + chunk] = y
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        flat = x.reshape(-1, x.shape[-1]).detach()
+        grad_flat = grad_out.reshape(-1, grad_out.shape[-1])
+        need_x = ctx.needs_input_grad[4]
+        grad_x = torch.empty_like(flat) if need_x else None
+        devices = [x.device] if ctx.device_rng is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.device_rng is not None:
+                torch.cuda.set_rng_state(ctx.device_rng, x.device)
+            for k, start in enumerate(range(0, flat.shape[0], ctx.chunk)):
+                xc = flat[start:start + ctx.chunk].detach().requires_grad_(need_x)
+                with torch.enable_grad(), _autocast(x.device.type, ctx.autocast), _chunk_seed(ctx.mlp, ctx.seed, k):
+                    y = type(ctx.mlp).forward(ctx.mlp, xc)
+                if y.requires_grad:
+                    torch.autograd.backward(y, grad_flat[start:start + ctx.chunk])
+                if need_x:
+                    grad_x[start:start + ctx.chunk] = xc.grad
+        return None, None, None, None, None if grad_x is None else grad_x.view_as(x)
+
+
+class _chunk_seed:
+    """The seeded LoRA dropouts inside `mlp` draw with `seed + k * step` while chunk k runs.
+
+    Each module's buffer is swapped for the offset tensor and put back, never written in
+    place: compiled graphs may hold the shared seed for their backward, and an in-place write
+    would invalidate it."""
+
+    def __init__(self, mlp: nn.Module, seed: Optional[torch.Tensor], k: int):
+        self.seed = seed
+        self.modules = [] if seed is None or k == 0 else [
+            m for m in mlp.modules() if getattr(m, "seed", None) is seed]
+        self.value = seed + k * _CHUNK_SEED_STEP if self.modules else None
+
+    def __enter__(self):
+        for m in self.modules:
+            m.seed = self.value
+
+    def __exit__(self, *exc):
+        for m in self.modules:
+            m.seed = self.seed

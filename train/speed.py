@@ -103,7 +103,8 @@ class LayerRunner:
     full logits (train.loss), which decides how much the head needs per token.
     `warmup_batches` micro-batches (two optimizer steps' worth: the optimizer state appears
     at the first step) run fully checkpointed to calibrate. `offload` keeps the input of
-    every checkpointed layer in pinned CPU memory until its backward (train.recompute).
+    every checkpointed layer in pinned CPU memory until its backward; `mlp_chunk_tokens` runs
+    the MLPs of longer rows in chunks of that many tokens (both in train.recompute).
     """
 
     def __init__(
@@ -117,9 +118,11 @@ class LayerRunner:
         warmup_batches: int = 2,
         chunked_loss: bool = True,
         offload: bool = False,
+        mlp_chunk_tokens: Optional[int] = None,
     ):
         self.backbone, self.layers = decoder_layers(model)
         self.offload = offload
+        self.mlp_chunk_tokens = mlp_chunk_tokens
         self.chunked_loss = chunked_loss
         head = unwrap(model).get_output_embeddings()
         self.head_trainable = head is not None and head.weight.requires_grad
@@ -147,6 +150,12 @@ class LayerRunner:
         self.compile_failures: list[str] = []
         self._hook = None
         self._anchor: Optional[torch.Tensor] = None
+        self.chunked_mlp = None
+        if mlp_chunk_tokens:
+            from train.recompute import ChunkedMLP
+
+            self.chunked_mlp = ChunkedMLP(self.layers, mlp_chunk_tokens,
+                                          seed=self.dropout.seed if self.dropout is not None else None)
 
     def install(self) -> "LayerRunner":
         for index, layer in enumerate(self.layers):
@@ -154,6 +163,8 @@ class LayerRunner:
             if hasattr(layer, "gradient_checkpointing"):
                 layer.gradient_checkpointing = False
             layer.forward = self._layer_forward(index, layer)
+        if self.chunked_mlp is not None:
+            self.chunked_mlp.install()
         self._hook = self.backbone.register_forward_pre_hook(self._before_batch, with_kwargs=True)
         if not isinstance(self.checkpoint, str) or self.checkpoint != "auto":
             self.checkpointed = evenly_spaced(len(self.layers), self._fixed_count())
@@ -162,6 +173,8 @@ class LayerRunner:
     def remove(self) -> None:
         for layer in self.layers:
             layer.__dict__.pop("forward", None)
+        if self.chunked_mlp is not None:
+            self.chunked_mlp.remove()
         if self.dropout is not None:
             self.dropout.restore()
         if self._hook is not None:
@@ -170,7 +183,8 @@ class LayerRunner:
     def _layer_forward(self, index: int, layer: nn.Module) -> Callable:
         def forward(*args, **kwargs):
             if layer.training and torch.is_grad_enabled() and index in self.checkpointed:
-                if self.offload:
+                # the chunked MLP runs outside the compiled graph, which a compiled checkpoint cannot span
+                if self.offload or self.chunked_mlp is not None:
                     return self._recompute(layer, *args, **kwargs)
                 return self._run("_ckpt", _run_layer_checkpointed, layer, args, kwargs)
             return self._run("_plain", _run_layer, layer, args, kwargs)
@@ -422,7 +436,7 @@ def count_compilations() -> int:
 
 
 def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit: Optional[int] = None,
-                   chunked_loss: bool = True, offload: bool = False):
+                   chunked_loss: bool = True, offload: bool = False, mlp_chunk_tokens: Optional[int] = None):
     """A TrainerCallback that installs a LayerRunner when training begins.
 
     It has to wait for `on_train_begin`: by then the Trainer has wrapped the model (PEFT,
@@ -446,13 +460,15 @@ def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit:
                     warmup_batches=2 * args.gradient_accumulation_steps,
                     chunked_loss=chunked_loss,
                     offload=offload,
+                    mlp_chunk_tokens=mlp_chunk_tokens,
                 ).install()
                 log.info(
-                    "decoder layers: compile=%s, checkpointing=%s%s%s",
+                    "decoder layers: compile=%s, checkpointing=%s%s%s%s",
                     compile,
                     checkpoint,
                     f" within {memory_limit / 2**30:.1f} GiB" if memory_limit else "",
                     ", checkpointed inputs offloaded to the CPU" if offload else "",
+                    f", MLPs in chunks of {mlp_chunk_tokens} tokens" if mlp_chunk_tokens else "",
                 )
 
     return SpeedCallback()
@@ -473,4 +489,5 @@ def recipe_speed_settings(training, *, cuda: bool) -> dict:
         checkpoint = "all" if setting else "none"
     limit = int(training.memory_limit_gib * 2**30) if training.memory_limit_gib else None
     return {"compile": compile, "checkpoint": checkpoint, "memory_limit": limit,
-            "chunked_loss": training.chunked_loss, "offload": training.offload_activations}
+            "chunked_loss": training.chunked_loss, "offload": training.offload_activations,
+            "mlp_chunk_tokens": training.mlp_chunk_tokens}

@@ -490,3 +490,98 @@ def test_offloaded_compiled_layers_match_eager_and_keep_no_layer_input_for_the_b
         assert max(rel(grads[n], ref_grads[n]) for n in ref_grads) < 1e-4, name
     assert kept["recomputed"] - kept["offloaded"] == 3, kept  # the three layer inputs
     assert kept["plain"] > kept["recomputed"] + 3 * 4, kept
+
+
+# ---------------------------------------------------------------- MLPs in chunks of tokens
+
+
+def mlp_in_chunks_with_full_autograd(model, chunk):
+    """The reference for ChunkedMLP: the same chunks (so the same dropout draws, in the same
+    order), each run with ordinary autograd keeping all of its activations."""
+    _, layers = speed.decoder_layers(model)
+    for layer in layers:
+        mlp = layer.mlp
+
+        def forward(x, mlp=mlp):
+            flat = x.reshape(-1, x.shape[-1])
+            parts = [type(mlp).forward(mlp, flat[i:i + chunk]) for i in range(0, flat.shape[0], chunk)]
+            return torch.cat(parts).view(*x.shape[:-1], -1)
+
+        mlp.forward = forward
+
+
+@pytest.mark.parametrize("checkpoint,offload", [("none", False), ("all", False), ("all", True)])
+def test_chunked_mlp_equals_the_same_chunks_under_full_autograd(checkpoint, offload):
+    """Eager LoRA with peft's dropout (0.05): MLPs in chunks of 8 tokens (29 tokens: 4 chunks),
+    alone, under checkpointing and with offload, give the loss and LoRA gradients of the same
+    chunks run with all their activations kept -- the backward replays each chunk's masks."""
+    _, packed = batches([9, 14, 6])
+    reference = tiny_lora(layers=3)
+    mlp_in_chunks_with_full_autograd(reference, 8)
+    ref_loss, ref_grads = lora_loss_and_grads(reference, packed, seed=3)
+
+    model = tiny_lora(layers=3)
+    runner = LayerRunner(model, checkpoint=checkpoint, offload=offload, mlp_chunk_tokens=8).install()
+    loss, grads = lora_loss_and_grads(model, packed, seed=3)
+    runner.remove()
+    assert torch.allclose(loss, ref_loss, rtol=1e-6), (loss, ref_loss)
+    assert max(rel(grads[n], ref_grads[n]) for n in ref_grads) < 1e-5
+    assert all(grads[n].norm() > 0 for n in grads if "mlp" in n and "lora_B" in n)
+    assert not any("forward" in layer.mlp.__dict__ for layer in runner.layers)  # removed again
+
+
+def test_chunked_mlp_keeps_only_its_input_and_short_rows_run_whole():
+    """Between forward and backward a chunked MLP holds its input and nothing else of the MLP;
+    rows no longer than a chunk are not chunked at all."""
+    _, packed = batches([9, 14, 6])
+    kept = {}
+    for chunk in (None, 8, 29):
+        model = tiny_llama(layers=3)
+        runner = LayerRunner(model, checkpoint="none", mlp_chunk_tokens=chunk).install()
+        _, _, kept[chunk] = kept_for_backward(model, packed, seed=0)
+        runner.remove()
+    assert kept[29] == kept[None]
+    # gate, up, their product under SiLU... of 2x the hidden size, replaced by the MLP input alone
+    assert kept[None] - kept[8] >= 3 * 3, kept
+
+
+def test_compiled_chunked_lora_mlp_equals_eager_and_draws_new_masks_per_chunk():
+    """Under compile the LoRA dropout is the seeded hash: each chunk draws with its own seed
+    (identical tokens in two chunks are masked differently), the recomputation draws the same,
+    and the compiled layers around the eager chunks equal the eager model."""
+    from train.dropout import RecomputableDropout
+    from train.recompute import ChunkedMLP
+
+    _, packed = batches([9, 14, 6])
+    torch._dynamo.reset()
+    eager = tiny_lora(layers=3)
+    masks = RecomputableDropout(eager)
+    chunks = ChunkedMLP(speed.decoder_layers(eager)[1], 8, seed=masks.seed).install()
+    torch.manual_seed(5)
+    masks.reseed()
+    ref_loss, ref_grads = lora_loss_and_grads(eager, packed, seed=5)
+
+    mlp = speed.decoder_layers(eager)[1][0].mlp
+    for name, p in mlp.named_parameters():  # lora_B starts at zero: make the adapters (and their dropout) show
+        if "lora_B" in name:
+            torch.nn.init.normal_(p.data, std=0.1)
+    same = torch.ones(1, 16, 64, requires_grad=True)  # two chunks of identical tokens
+    drop = mlp.up_proj.lora_dropout["default"]
+    chunks.seed = None  # without the per-chunk offset every chunk hashes the same indices
+    with torch.enable_grad():
+        unseeded = mlp(same)
+    chunks.seed = masks.seed
+    with torch.enable_grad():
+        per_chunk = mlp(same)
+    assert torch.equal(unseeded[0, :8], unseeded[0, 8:])
+    assert not torch.equal(per_chunk[0, :8], per_chunk[0, 8:]), "every chunk drew the same dropout mask"
+    assert drop.seed is masks.seed  # the shared seed is back after the chunks
+    chunks.remove()
+
+    model = tiny_lora(layers=3)
+    runner = LayerRunner(model, compile=True, checkpoint="all", offload=True, mlp_chunk_tokens=8).install()
+    loss, grads = lora_loss_and_grads(model, packed, seed=5)
+    runner.remove()
+    assert runner.compile_failures == []
+    assert torch.allclose(loss, ref_loss, rtol=1e-5), (loss, ref_loss)
+    assert max(rel(grads[n], ref_grads[n]) for n in ref_grads) < 1e-4
