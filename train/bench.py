@@ -24,6 +24,7 @@ import gc
 import json
 import logging
 import math
+import shutil
 import statistics
 import sys
 import tempfile
@@ -87,8 +88,10 @@ ROWS: dict[str, Row] = {r.name: r for r in [
     Row("trl_peft_qlora", padding_free=False, attn="sdpa", method="qlora", note="TRL + peft defaults, nf4 base"),
     Row("tw_qlora", attn="auto", compile=True, checkpoint="auto", method="qlora"),
     Row("tw_qlora_eager", attn="auto", checkpoint="auto", method="qlora", note="tw_qlora without compile"),
-    Row("tw_qlora_long", attn="auto", compile=True, checkpoint="all", method="qlora", offload=True,
+    Row("tw_lora_long", attn="auto", compile=True, checkpoint="all", method="lora", offload=True,
         mlp_chunk_tokens=8192, note="for --longest: every layer checkpointed, its input on the CPU, MLPs in chunks"),
+    Row("tw_qlora_long", attn="auto", compile=True, checkpoint="all", method="qlora", offload=True,
+        mlp_chunk_tokens=8192, note="tw_lora_long on the nf4 base"),
 ]}
 FULL_ROWS = ["trl_default", "padding_free_sdpa", "varlen_fa2", "tw_default", "tw_adamw_torch", "tw_8bit",
              "fastest_eager", "fastest"]
@@ -362,8 +365,9 @@ def run_row(row: Row, ns: argparse.Namespace, config, dataset, device, rate: flo
     return result
 
 
-def run_longest(row: Row, ns: argparse.Namespace, config, device, quant_dir) -> dict:
-    """--longest: the longest single row `row` trains at batch 1 (train.longest)."""
+def run_longest(row: Row, ns: argparse.Namespace, config, device, quant_dir, report=None) -> dict:
+    """--longest: the longest single row `row` trains at batch 1 (train.longest); `report(partial)`
+    is called after every try."""
     from datasets import Dataset
 
     from train.longest import LengthSearch, max_tries, search_longest
@@ -386,8 +390,9 @@ def run_longest(row: Row, ns: argparse.Namespace, config, device, quant_dir) -> 
         return collate([{"input_ids": cache[length]}])
 
     result: dict[str, Any] = {"row": row.name, "note": row.note, "config": dataclasses.asdict(row), "error": None}
+    on_try = (lambda: report({**result, **search.summary()})) if report else None
     try:
-        result.update(search_longest(trainer, search, make_batch, steps_per_try=ns.longest_steps))
+        result.update(search_longest(trainer, search, make_batch, steps_per_try=ns.longest_steps, on_try=on_try))
     except Exception as exc:  # noqa: BLE001 -- one broken configuration must not lose the other rows
         log.exception("row %s failed", row.name)
         result.update(search.summary())
@@ -561,11 +566,18 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
     if any(ROWS[n].method == "qlora" for n in names):
         quant_dir = save_random_checkpoint(config, ns, device)
     results = []
+
+    def write(results):
+        if ns.json:
+            Path(ns.json).write_text(json.dumps({"env": env, "memory_limit_gib": ns.memory_limit_gib,
+                                                 "memory_cap_gib": ns.memory_cap_gib, "results": results},
+                                                indent=1))
+
     for name in names:
         row = ROWS[name]
         t0 = time.time()
-        if ns.longest:
-            res = run_longest(row, ns, config, device, quant_dir)
+        if ns.longest:  # a search cut short still leaves its tries in the JSON
+            res = run_longest(row, ns, config, device, quant_dir, report=lambda partial: write(results + [partial]))
         else:
             res = run_row(row, ns, config, dataset, device, rate, quant_dir)
         res["wall_s"] = time.time() - t0
@@ -579,10 +591,7 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
         else:
             print(f"{name}: {res.get('tokens_per_s', 0):.0f} tok/s, peak {res.get('peak_alloc_gib', 0):.2f} GiB, "
                   f"{res['compilations']} compiles, {res['wall_s']:.0f}s {res.get('error') or ''}", flush=True)
-        if ns.json:
-            Path(ns.json).write_text(json.dumps({"env": env, "memory_limit_gib": ns.memory_limit_gib,
-                                                 "memory_cap_gib": ns.memory_cap_gib, "results": results},
-                                                indent=1))
+        write(results)
     print(longest_table(results) if ns.longest else table(results))
     return 0
 
@@ -593,11 +602,14 @@ def save_random_checkpoint(config, ns, device) -> Path:
     from transformers import AutoModelForCausalLM
 
     out = Path(ns.base_dir or ns.workdir) / f"random-{ns.model}"
-    if not (out / "config.json").exists():
+    if not out.is_dir():
         torch.manual_seed(ns.seed)
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        model.save_pretrained(out)
+        partial = out.with_name(out.name + ".partial")  # renamed once complete: a killed save is not reused
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save_pretrained(partial)
+        partial.rename(out)
         del model
         gc.collect()
         torch.cuda.empty_cache()

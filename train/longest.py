@@ -98,9 +98,10 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def search_longest(trainer, search: LengthSearch, make_batch: Callable[[int], dict], *,
-                   steps_per_try: int = 2) -> dict[str, Any]:
+                   steps_per_try: int = 2, on_try: Optional[Callable[[], None]] = None) -> dict[str, Any]:
     """Run `search` through `trainer`: each try is `steps_per_try` optimizer steps on
-    `make_batch(length)`, whatever the trainer's dataset holds (its batches are replaced)."""
+    `make_batch(length)`, whatever the trainer's dataset holds (its batches are replaced).
+    `on_try()` runs after each try is recorded."""
     import torch
     from transformers import TrainerCallback
 
@@ -149,6 +150,8 @@ def search_longest(trainer, search: LengthSearch, make_batch: Callable[[int], di
                           error=state["failed"])
             log.info("longest row: %s tokens %s (%.1f s)", search.tries[-1]["length"],
                      "trained" if ok else "out of memory", search.tries[-1]["seconds"])
+            if on_try is not None:
+                on_try()
             if search.current is None:
                 control.should_training_stop = True
             else:
