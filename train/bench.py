@@ -507,7 +507,8 @@ def parse_args(argv):
                    help="--longest stops when the lengths that trained and failed are this fraction apart")
     p.add_argument("--longest-steps", type=int, default=2, help="optimizer steps per --longest try")
     p.add_argument("--longest-budget-s", type=float, default=None,
-                   help="seconds of searching per row (model building excluded); then the bracket found is reported")
+                   help="seconds of searching per row after its first try (model building and compiling excluded); "
+                        "then the bracket found so far is reported")
     p.add_argument("--base-dir", default=None,
                    help="where the random checkpoint that QLoRA rows quantize is written, and reused by later "
                         "invocations (default: inside the temporary directory)")

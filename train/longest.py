@@ -29,7 +29,8 @@ class LengthSearch:
     `precision` of the longest length that trained (and at least `granule` tokens wide).
 
     `current` is the next length to try, None once the search is over: bracketed, at the
-    `ceiling`, out of `budget_s` seconds, or failing even at `granule` tokens.
+    `ceiling`, out of `budget_s` seconds (counted from the end of the first try, which carries
+    the compilation), or failing even at `granule` tokens.
     """
 
     def __init__(self, start: int, *, precision: float = 0.05, ceiling: int = 1 << 20, granule: int = 256,
@@ -45,6 +46,8 @@ class LengthSearch:
 
     def record(self, ok: bool, **info) -> None:
         self.tries.append({"length": self.current, "ok": ok, **info})
+        if len(self.tries) == 1:
+            self.started = time.perf_counter()
         if ok:
             self.longest_ok = max(self.longest_ok, self.current)
         else:
@@ -71,7 +74,7 @@ class LengthSearch:
     def summary(self) -> dict[str, Any]:
         return {"longest_trained": self.longest_ok, "shortest_failed": self.shortest_failed,
                 "at_ceiling": self.longest_ok >= self.ceiling, "tries": self.tries,
-                "search_s": time.perf_counter() - self.started}
+                "search_s": sum(t.get("seconds", 0) for t in self.tries)}
 
 
 def linear_fit(tries: list[dict[str, Any]], device_gib: float) -> dict[str, Any]:
@@ -114,6 +117,10 @@ def search_longest(trainer, search: LengthSearch, make_batch: Callable[[int], di
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
+            # pinned host blocks of offloaded activations are cached per size too, and each try has its own
+            host_empty_cache = getattr(torch._C, "_host_emptyCache", None)
+            if host_empty_cache is not None:
+                host_empty_cache()
 
     def start_try():
         state.update(failed=None, steps=0, t0=time.perf_counter())

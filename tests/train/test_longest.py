@@ -42,10 +42,19 @@ def test_search_halves_when_the_first_try_fails_and_stops_at_the_ceiling():
         LengthSearch(100, granule=256)
 
 
-def test_search_stops_when_its_time_is_spent():
-    search = LengthSearch(1024, budget_s=0.0)
-    assert run_search(search, lambda n: True) == [1024]
-    assert search.summary()["longest_trained"] == 1024
+def test_search_stops_when_its_time_is_spent_after_the_first_try(monkeypatch):
+    import train.longest
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(train.longest.time, "perf_counter", lambda: clock["now"])
+    search = LengthSearch(1024, budget_s=10.0)
+
+    def fits(n):  # the first try compiles for 100 s, each later one takes 6 s
+        clock["now"] += 100.0 if n == 1024 else 6.0
+        return True
+
+    assert run_search(search, fits) == [1024, 2048, 4096]
+    assert search.summary()["longest_trained"] == 4096
 
 
 def test_linear_fit_extrapolates_the_two_longest_rows_that_trained():
