@@ -89,9 +89,9 @@ ROWS: dict[str, Row] = {r.name: r for r in [
     Row("tw_qlora", attn="auto", compile=True, checkpoint="auto", method="qlora"),
     Row("tw_qlora_eager", attn="auto", checkpoint="auto", method="qlora", note="tw_qlora without compile"),
     Row("tw_lora_long", attn="auto", compile=True, checkpoint="all", method="lora", offload=True,
-        mlp_chunk_tokens=8192, note="for --longest: every layer checkpointed, its input on the CPU, MLPs in chunks"),
+        mlp_chunk_tokens=4096, note="for --longest: every layer checkpointed, its input on the CPU, MLPs in chunks"),
     Row("tw_qlora_long", attn="auto", compile=True, checkpoint="all", method="qlora", offload=True,
-        mlp_chunk_tokens=8192, note="tw_lora_long on the nf4 base"),
+        mlp_chunk_tokens=4096, note="tw_lora_long on the nf4 base"),
 ]}
 FULL_ROWS = ["trl_default", "padding_free_sdpa", "varlen_fa2", "tw_default", "tw_adamw_torch", "tw_8bit",
              "fastest_eager", "fastest"]
