@@ -246,21 +246,22 @@ def test_bench_rows_see_the_same_tokens_and_losses(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]  # its temporary directory is gone
 
 
+def broken_compile(*args, **kwargs):
+    """What Inductor raised on H200 for the checkpointed LoRA layer."""
+    cause = AssertionError("Node convert_element_type_164 was invalid, but is output")
+    try:  # the constructor gained an argument across torch releases
+        raise torch._dynamo.exc.BackendCompilerFailed(lambda: None, cause, None)
+    except TypeError:
+        raise torch._dynamo.exc.BackendCompilerFailed(lambda: None, cause) from None
+
+
 def test_a_layer_that_fails_to_compile_falls_back_and_says_so(monkeypatch):
     """Inductor failed on H200 for the checkpointed layer of 8B LoRA models: training must go on."""
     model = tiny_llama()
     _, packed = batches([9, 14])
     ref_loss, ref_grads = loss_and_grads(model, packed)
     runner = LayerRunner(model, checkpoint="all").install()
-
-    def broken(*args, **kwargs):
-        cause = AssertionError("Node mm_42 was invalid, but is output")
-        try:  # the constructor gained an argument across torch releases
-            raise torch._dynamo.exc.BackendCompilerFailed(lambda: None, cause, None)
-        except TypeError:
-            raise torch._dynamo.exc.BackendCompilerFailed(lambda: None, cause) from None
-
-    runner._ckpt = broken  # as if compile=True had produced this
+    runner._ckpt = broken_compile  # as if compile=True had produced this
     loss, grads = loss_and_grads(model, packed)
     runner.remove()
     assert torch.allclose(loss, ref_loss, rtol=1e-6)
@@ -379,15 +380,6 @@ def test_peft_dropout_in_a_compiled_checkpointed_layer_is_a_recomputed_random_op
 # ---------------------------------------------------------------- recomputed outside the compiled layer, offloaded
 
 
-def broken_compile(*args, **kwargs):
-    """What Inductor raised on H200 for the checkpointed LoRA layer."""
-    cause = AssertionError("Node convert_element_type_164 was invalid, but is output")
-    try:  # the constructor gained an argument across torch releases
-        raise torch._dynamo.exc.BackendCompilerFailed(lambda: None, cause, None)
-    except TypeError:
-        raise torch._dynamo.exc.BackendCompilerFailed(lambda: None, cause) from None
-
-
 @pytest.mark.parametrize("offload", [False, True])
 def test_eager_lora_recomputed_outside_replays_peft_dropout(offload):
     """peft's own nn.Dropout draws from torch's generator: the recomputation restores the state the
@@ -409,19 +401,25 @@ def test_eager_lora_recomputed_outside_replays_peft_dropout(offload):
     assert max(rel(grads[n], ref_grads[n]) for n in ref_grads) < 1e-5
 
 
+def eager_with_seeded_dropout(batch, seed):
+    """Loss and LoRA gradients of the 3-layer LoRA model run eager with the seeded dropout that
+    compile installs: the reference a compiled run with the same seed must equal."""
+    from train.dropout import RecomputableDropout
+
+    torch._dynamo.reset()
+    eager = tiny_lora(layers=3)
+    masks = RecomputableDropout(eager)
+    torch.manual_seed(seed)
+    masks.reseed()
+    return lora_loss_and_grads(eager, batch, seed=seed)
+
+
 def test_checkpointed_lora_layer_that_fails_in_inductor_stays_compiled():
     """The 8B LoRA / QLoRA failure: Inductor cannot compile the checkpointed layer. It is then the
     compiled plain layer recomputed in the backward, never eager; loss and gradients equal eager
     with the same dropout masks, and only the plain layer's graphs are compiled."""
-    from train.dropout import RecomputableDropout
-
     _, packed = batches([9, 14, 6])
-    torch._dynamo.reset()
-    eager = tiny_lora(layers=3)
-    masks = RecomputableDropout(eager)
-    torch.manual_seed(5)
-    masks.reseed()
-    ref_loss, ref_grads = lora_loss_and_grads(eager, packed, seed=5)
+    ref_loss, ref_grads = eager_with_seeded_dropout(packed, seed=5)
 
     model = tiny_lora(layers=3)
     runner = LayerRunner(model, compile=True, checkpoint="all").install()
@@ -468,15 +466,8 @@ def test_offloaded_compiled_layers_match_eager_and_keep_no_layer_input_for_the_b
     """compile + offload: the same loss and gradients as eager. Between forward and backward
     autograd holds one activation per checkpointed layer (its input) without offload, none with
     it -- the input waits in CPU memory -- and a layer run without checkpointing holds many."""
-    from train.dropout import RecomputableDropout
-
     _, packed = batches([9, 14, 6])
-    torch._dynamo.reset()
-    eager = tiny_lora(layers=3)
-    masks = RecomputableDropout(eager)
-    torch.manual_seed(5)
-    masks.reseed()
-    ref_loss, ref_grads = lora_loss_and_grads(eager, packed, seed=5)
+    ref_loss, ref_grads = eager_with_seeded_dropout(packed, seed=5)
     kept = {}
     for name, policy, offload in (("plain", "none", False), ("recomputed", "all", False), ("offloaded", "all", True)):
         model = tiny_lora(layers=3)
