@@ -132,7 +132,8 @@ def search_longest(trainer, search: LengthSearch, make_batch: Callable[[int], di
         if state["failed"] is not None or search.current is None:
             return torch.zeros((), device=device)
         batch = make_batch(search.current)
-        count = trainer._get_num_items_in_batch([batch], device)
+        # the loss is normalised by the labelled tokens, counted as transformers' Trainer counts them
+        count = (batch["labels"][..., 1:] != -100).sum().to(device)
         try:
             return real_step(model, batch, count)
         except Exception as exc:  # noqa: BLE001 -- out of memory is a result; anything else is re-raised
