@@ -6,6 +6,7 @@ Each row trains through TRL's SFTTrainer; what changes is only how (padded or
 padding-free, which attention, compiled or not, which layers checkpointed, which
 optimizer, how many micro-batches a step is split into). Printed: real tokens/s, MFU,
 peak memory, compilations, and the loss at each step; `--json` writes everything.
+`--longest` instead finds the longest single row each configuration trains (train.longest).
 
 MFU = model FLOPs / time / the bf16 matmul rate measured at start-up on this device.
 Model FLOPs per step: 6*N per real token for full fine-tuning (N = matmul parameters:
@@ -23,6 +24,7 @@ import gc
 import json
 import logging
 import math
+import shutil
 import statistics
 import sys
 import tempfile
@@ -50,6 +52,8 @@ class Row:
     method: str = "full"  # full | lora | qlora
     steps: Optional[int] = None  # when --steps is not given (else 50)
     chunked_loss: bool = True  # TRL's fused LM head; False: full logits (train.loss)
+    offload: bool = False  # checkpointed layers' inputs wait in CPU memory (train.recompute)
+    mlp_chunk_tokens: Optional[int] = None  # MLPs of longer rows run in chunks of this many tokens
     note: str = ""
 
 
@@ -77,8 +81,10 @@ ROWS: dict[str, Row] = {r.name: r for r in [
     Row("trl_peft_qlora", padding_free=False, attn="sdpa", method="qlora", note="TRL + peft defaults, nf4 base"),
     Row("tw_qlora", attn="auto", compile=True, checkpoint="auto", method="qlora"),
     Row("tw_qlora_eager", attn="auto", checkpoint="auto", method="qlora", note="tw_qlora without compile"),
-    Row("tw_qlora_long", attn="auto", compile=True, checkpoint="all", method="qlora",
-        note="for --lengths: tw_qlora with every layer checkpointed"),
+    Row("tw_lora_long", attn="auto", compile=True, checkpoint="all", method="lora", offload=True,
+        mlp_chunk_tokens=4096, note="for --longest: every layer checkpointed, its input on the CPU, MLPs in chunks"),
+    Row("tw_qlora_long", attn="auto", compile=True, checkpoint="all", method="qlora", offload=True,
+        mlp_chunk_tokens=4096, note="tw_lora_long on the nf4 base"),
 ]}
 FULL_ROWS = ["trl_default", "padding_free_sdpa", "varlen_fa2", "tw_default", "tw_adamw_torch", "tw_8bit",
              "fastest_eager", "fastest"]
@@ -240,22 +246,12 @@ def step_recorder():
     return StepRecorder()
 
 
-def run_row(row: Row, ns: argparse.Namespace, config, dataset, device, rate: float, quant_dir) -> dict:
-    import torch
+def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, steps: int, callbacks: list):
+    """TRL's SFTTrainer for `row`; tunewright's rows get the layer runner's callback appended to `callbacks`."""
     from trl import SFTConfig, SFTTrainer
 
-    from train.speed import count_compilations, speed_callback
+    from train.speed import speed_callback
 
-    torch._dynamo.reset()
-    from torch._dynamo.utils import counters
-
-    counters.clear()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    steps = ns.steps or row.steps or 50
-    model = build_model(config, row, ns.seed, device, quant_dir)
     ours = row.checkpoint != "trl"
     args = SFTConfig(
         output_dir=str(Path(ns.workdir) / row.name),
@@ -285,12 +281,11 @@ def run_row(row: Row, ns: argparse.Namespace, config, dataset, device, rate: flo
 
         peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
                                  task_type="CAUSAL_LM")
-    recorder = step_recorder()
-    callbacks = [recorder]
     if ours:
         limit = int(ns.memory_limit_gib * 2**30) if ns.memory_limit_gib else None
         callbacks.append(speed_callback(compile=row.compile, checkpoint=row.checkpoint, memory_limit=limit,
-                                        chunked_loss=row.chunked_loss))
+                                        chunked_loss=row.chunked_loss, offload=row.offload,
+                                        mlp_chunk_tokens=row.mlp_chunk_tokens))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=minimal_tokenizer(),
                          peft_config=peft_config, callbacks=callbacks)
     from transformers.trainer_callback import PrinterCallback
@@ -300,8 +295,46 @@ def run_row(row: Row, ns: argparse.Namespace, config, dataset, device, rate: flo
         from train.loss import use_full_logits_loss
 
         use_full_logits_loss(trainer.model)
-    if ns.lengths:  # the rows in the order given: one length per step, ascending
-        trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(dataset)
+    return trainer
+
+
+def fresh_row_state(device) -> None:
+    """No compiled graph, counter, cached block or peak left over from the previous row."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def runner_facts(callbacks: list) -> dict:
+    """What the layer runner did (layers checkpointed per micro-batch, variants that fell back)."""
+    runner = next((getattr(c, "runner", None) for c in callbacks if getattr(c, "runner", None)), None)
+    out: dict[str, Any] = {}
+    if runner is not None and runner.history:
+        out["checkpointed_layers"] = {"min": min(runner.history), "max": max(runner.history),
+                                      "mean": statistics.fmean(runner.history), "of": len(runner.layers),
+                                      "bytes_per_token_layer": runner.layer_bytes_per_token}
+    if runner is not None and runner.compile_failures:
+        out["compile_failures"] = runner.compile_failures  # those layer variants fell back
+    return out
+
+
+def run_row(row: Row, ns: argparse.Namespace, config, dataset, device, rate: float, quant_dir) -> dict:
+    import torch
+
+    from train.speed import count_compilations
+
+    fresh_row_state(device)
+    steps = ns.steps or row.steps or 50
+    model = build_model(config, row, ns.seed, device, quant_dir)
+    recorder = step_recorder()
+    callbacks = [recorder]
+    trainer = build_trainer(row, ns, model, dataset, device, steps, callbacks)
     trainer.data_collator = counter = CountingCollator(trainer.data_collator)
     error = None
     try:
@@ -314,19 +347,49 @@ def run_row(row: Row, ns: argparse.Namespace, config, dataset, device, rate: flo
     result = summarize(row, ns, recorder, counter, model if error is None else None, rate, steps)
     result["error"] = error
     result["compilations"] = count_compilations()
-    if ns.lengths:
-        result.update(longest_row(counter.lengths[:len(recorder.ends)], recorder.peaks, device))
     if device.type == "cuda":
         result["peak_alloc_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
-    runner = next((getattr(c, "runner", None) for c in callbacks if getattr(c, "runner", None)), None)
-    if runner is not None and runner.history:
-        result["checkpointed_layers"] = {"min": min(runner.history), "max": max(runner.history),
-                                         "mean": statistics.fmean(runner.history),
-                                         "of": len(runner.layers),
-                                         "bytes_per_token_layer": runner.layer_bytes_per_token}
-    if runner is not None and runner.compile_failures:
-        result["compile_failures"] = runner.compile_failures  # those layer variants ran eager
+    result.update(runner_facts(callbacks))
+    del trainer, model
+    gc.collect()
+    return result
+
+
+def run_longest(row: Row, ns: argparse.Namespace, config, device, quant_dir, report=None) -> dict:
+    """--longest: the longest single row `row` trains at batch 1 (train.longest); `report(partial)`
+    is called after every try."""
+    from datasets import Dataset
+
+    from train.longest import LengthSearch, max_tries, search_longest
+    from train.speed import count_compilations
+
+    fresh_row_state(device)
+    search = LengthSearch(ns.longest_start, precision=ns.longest_precision, ceiling=ns.longest_max,
+                          budget_s=ns.longest_budget_s)
+    steps = max_tries(search, ns.longest_steps)
+    model = build_model(config, row, ns.seed, device, quant_dir)
+    placeholder = Dataset.from_dict({"input_ids": [[3, 4, 5, 6]] * steps})  # every batch is replaced
+    callbacks: list = []
+    trainer = build_trainer(row, ns, model, placeholder, device, steps, callbacks)
+    collate, cache = trainer.data_collator, {}
+
+    def make_batch(length: int) -> dict:
+        if length not in cache:
+            cache.clear()
+            cache[length] = synthetic_rows(1, length, length, config.vocab_size, ns.seed)[0]
+        return collate([{"input_ids": cache[length]}])
+
+    result: dict[str, Any] = {"row": row.name, "note": row.note, "config": dataclasses.asdict(row), "error": None}
+    on_try = (lambda: report({**result, **search.summary()})) if report else None
+    try:
+        result.update(search_longest(trainer, search, make_batch, steps_per_try=ns.longest_steps, on_try=on_try))
+    except Exception as exc:  # noqa: BLE001 -- one broken configuration must not lose the other rows
+        log.exception("row %s failed", row.name)
+        result.update(search.summary())
+        result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    result["compilations"] = count_compilations()
+    result.update(runner_facts(callbacks))
     del trainer, model
     gc.collect()
     return result
@@ -353,22 +416,6 @@ def summarize(row, ns, recorder, counter, model, rate, steps) -> dict:
         attn = 6 * cfg.num_hidden_layers * heads_dim * sum(L * L for x in per_step[w:len(times)] for L in x)
         out["model_tflops_per_s"] = (per_token * tokens + attn) / secs / 1e12
         out["mfu"] = (per_token * tokens + attn) / secs / rate if rate else None
-    return out
-
-
-def longest_row(trained: list[list[int]], peaks: list[float], device) -> dict:
-    """--lengths: the longest row that trained, and the longest a straight line through the last
-    two (length, peak memory) points puts at 97% of the device's memory. With every layer
-    checkpointed and a varlen / flash attention kernel, memory grows linearly with the length."""
-    lengths = [sum(x) for x in trained]
-    out: dict[str, Any] = {"longest_trained": max(lengths, default=0), "lengths_trained": lengths}
-    if len(peaks) >= 2 and device.type == "cuda" and lengths[-1] != lengths[-2]:
-        import torch
-
-        slope = (peaks[-1] - peaks[-2]) / (lengths[-1] - lengths[-2])  # GiB per token
-        total = torch.cuda.get_device_properties(device).total_memory / 2**30
-        out["bytes_per_token"] = slope * 2**30
-        out["longest_fit"] = int(lengths[-1] + (0.97 * total - peaks[-1]) / slope) if slope > 0 else None
     return out
 
 
@@ -405,6 +452,25 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def longest_table(results: list[dict]) -> str:
+    """--longest: per row the longest row that trained, against the first row's."""
+    base = results[0].get("longest_trained") or 0
+    head = (f"{'row':30} {'longest':>9} {'x base':>6} {'failed at':>9} {'tries':>5} {'peak GiB':>8} "
+            f"{'KiB/token':>9} {'fit (device)':>12} {'search s':>8}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        longest = r.get("longest_trained") or 0
+        peak = max((t["peak_gib"] or 0 for t in r.get("tries", []) if t["ok"] and t["length"] == longest), default=0)
+        per_token = r.get("bytes_per_token")
+        lines.append(
+            f"{r['row']:30} {longest:9d} {longest / base if base else 0:6.2f} {r.get('shortest_failed') or '-':>9} "
+            f"{len(r.get('tries', [])):5d} {peak:8.2f} {per_token / 1024 if per_token else 0:9.1f} "
+            f"{r.get('longest_fit') or '-':>12} {r.get('search_s', 0):8.0f}"
+            + (" (at --longest-max)" if r.get("at_ceiling") else "") + (f"  [{r['error']}]" if r.get("error") else "")
+        )
+    return "\n".join(lines)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m train bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llama-3.2-1b", help=f"architecture: {', '.join(ARCHITECTURES)}")
@@ -420,9 +486,23 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory-limit-gib", type=float, default=None,
                    help="limit for checkpoint='auto' rows (default: the first row's measured peak)")
-    p.add_argument("--lengths", default=None,
-                   help="comma list of row lengths for the longest-row test: batch 1, one row of each length in "
-                        "the order given, one step each; reports the longest that trained and a linear fit")
+    p.add_argument("--memory-cap-gib", type=float, default=None,
+                   help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. to keep "
+                        "--longest tries short; checkpoint='auto' rows then fit within it")
+    p.add_argument("--longest", action="store_true",
+                   help="instead of timing: find the longest single row each row configuration trains at batch 1 "
+                        "(double the length until a try runs out of memory, then bisect; train/longest.py)")
+    p.add_argument("--longest-start", type=int, default=4096, help="first length --longest tries")
+    p.add_argument("--longest-max", type=int, default=1 << 20, help="longest length --longest tries")
+    p.add_argument("--longest-precision", type=float, default=0.05,
+                   help="--longest stops when the lengths that trained and failed are this fraction apart")
+    p.add_argument("--longest-steps", type=int, default=2, help="optimizer steps per --longest try")
+    p.add_argument("--longest-budget-s", type=float, default=None,
+                   help="seconds of searching per row after its first try (model building and compiling excluded); "
+                        "then the bracket found so far is reported")
+    p.add_argument("--base-dir", default=None,
+                   help="where the random checkpoint that QLoRA rows quantize is written, and reused by later "
+                        "invocations (default: inside the temporary directory)")
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument("--workdir", default=None,
                    help="where the temporary directory for the trainer outputs and the QLoRA base goes "
@@ -456,14 +536,18 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
         raise SystemExit(f"unknown row(s) {unknown}; known: {', '.join(ROWS)}")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     config = model_config(ns.model)
-    if ns.lengths:
-        lengths = [int(x) for x in ns.lengths.split(",")]
-        rows = [synthetic_rows(1, n, n, config.vocab_size, ns.seed + i)[0] for i, n in enumerate(lengths)]
-        ns.batch_size, ns.steps, ns.max_len = 1, len(lengths), max(lengths)
-        config.max_position_embeddings = max(config.max_position_embeddings, max(lengths))
+    if ns.memory_cap_gib and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, ns.memory_cap_gib * 2**30 / total), device)
+        if ns.memory_limit_gib is None:
+            ns.memory_limit_gib = ns.memory_cap_gib
+    if ns.longest:
+        ns.batch_size, ns.max_len = 1, ns.longest_max
+        config.max_position_embeddings = max(config.max_position_embeddings, ns.longest_max)
+        dataset = None
     else:
         rows = synthetic_rows(ns.n_rows, ns.min_len, ns.max_len, config.vocab_size, ns.seed)
-    dataset = Dataset.from_dict({"input_ids": rows})
+        dataset = Dataset.from_dict({"input_ids": rows})
     rate = bf16_matmul_rate(device)
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "bf16_matmul_tflops": rate / 1e12, "argv": argv or sys.argv[1:]}
@@ -474,24 +558,33 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
     if any(ROWS[n].method == "qlora" for n in names):
         quant_dir = save_random_checkpoint(config, ns, device)
     results = []
+
+    def write(results):
+        if ns.json:
+            Path(ns.json).write_text(json.dumps({"env": env, "memory_limit_gib": ns.memory_limit_gib,
+                                                 "memory_cap_gib": ns.memory_cap_gib, "results": results},
+                                                indent=1))
+
     for name in names:
         row = ROWS[name]
         t0 = time.time()
-        res = run_row(row, ns, config, dataset, device, rate, quant_dir)
+        if ns.longest:  # a search cut short still leaves its tries in the JSON
+            res = run_longest(row, ns, config, device, quant_dir, report=lambda partial: write(results + [partial]))
+        else:
+            res = run_row(row, ns, config, dataset, device, rate, quant_dir)
         res["wall_s"] = time.time() - t0
-        if ns.memory_limit_gib is None and results == [] and res.get("peak_alloc_gib") and not ns.lengths:
+        if ns.memory_limit_gib is None and results == [] and res.get("peak_alloc_gib"):
             ns.memory_limit_gib = res["peak_alloc_gib"]  # the baseline's peak bounds the 'auto' rows
         results.append(res)
-        print(f"{name}: {res.get('tokens_per_s', 0):.0f} tok/s, peak {res.get('peak_alloc_gib', 0):.2f} GiB, "
-              f"{res['compilations']} compiles, {res['wall_s']:.0f}s {res.get('error') or ''}", flush=True)
-        if ns.lengths:
-            print(f"{name}: longest row trained {res['longest_trained']} tokens "
-                  f"(steps at {res['lengths_trained']}), peaks {[round(p, 2) for p in res['peak_gib_per_step']]} GiB, "
-                  f"linear fit: {res.get('longest_fit')} tokens at 97% of the device", flush=True)
-        if ns.json:
-            Path(ns.json).write_text(json.dumps({"env": env, "memory_limit_gib": ns.memory_limit_gib,
-                                                 "results": results}, indent=1))
-    print(table(results))
+        if ns.longest:
+            print(f"{name}: longest row trained {res['longest_trained']} tokens, first out of memory at "
+                  f"{res['shortest_failed']}, {len(res['tries'])} tries, {res['wall_s']:.0f}s "
+                  f"{res.get('error') or ''}", flush=True)
+        else:
+            print(f"{name}: {res.get('tokens_per_s', 0):.0f} tok/s, peak {res.get('peak_alloc_gib', 0):.2f} GiB, "
+                  f"{res['compilations']} compiles, {res['wall_s']:.0f}s {res.get('error') or ''}", flush=True)
+        write(results)
+    print(longest_table(results) if ns.longest else table(results))
     return 0
 
 
@@ -501,9 +594,12 @@ def save_random_checkpoint(config, ns, device) -> Path:
 
     from infer.random_model import save_random_model
 
-    out = Path(ns.workdir) / f"random-{ns.model}"
-    if not (out / "config.json").exists():
-        save_random_model(out, config, dtype=torch.bfloat16, device=device, seed=ns.seed)
+    out = Path(ns.base_dir or ns.workdir) / f"random-{ns.model}"
+    if not out.is_dir():
+        partial = out.with_name(out.name + ".partial")  # renamed once complete: a killed save is not reused
+        shutil.rmtree(partial, ignore_errors=True)
+        save_random_model(partial, config, dtype=torch.bfloat16, device=device, seed=ns.seed)
+        partial.rename(out)
         gc.collect()
         torch.cuda.empty_cache()
     return out

@@ -7,7 +7,10 @@ projects only the positions with a label through the LM head, in tiles of 4096 t
 on CPU); its backward recomputes each tile and accumulates the gradients of the hidden
 states and of the head weight in fp32. No [tokens, vocab] logits tensor exists in either
 pass, padding-free rows and LoRA / QLoRA included. tunewright keeps that head as the default
-rather than adding a second implementation of the same idea.
+rather than adding a second implementation of the same idea. Liger-Kernel's fused linear
+cross-entropy and cut-cross-entropy compute the same thing; TRL refuses the former (it replaces
+the forward TRL patches), and the latter would be a CUDA dependency for what TRL already does
+in tiles with an fp32 accumulation, so neither is one.
 
 `training.chunked_loss: false` swaps the fused head for the textbook computation: full
 logits, fp32 log-softmax, cross-entropy. It is the reference the fused head is tested

@@ -138,6 +138,14 @@ class TrainingConfig(Section):
     gradient_checkpointing: Union[Literal["auto"], bool] = "auto"
     # What gradient_checkpointing: auto may fill; default: the GPU's memory.
     memory_limit_gib: Optional[float] = Field(None, gt=0)
+    # Checkpointed layers keep their input in pinned CPU memory until the backward instead of on the
+    # GPU: for rows too long to fit otherwise; the host copies cost a little on every step
+    # (train/recompute.py).
+    offload_activations: bool = False
+    # Rows longer than this run each decoder layer's MLP over this many tokens at a time, in the forward
+    # and again in the backward: the MLP's activations never exceed one chunk (long rows; the MLP then
+    # runs outside the compiled layer). null: whole rows.
+    mlp_chunk_tokens: Optional[int] = Field(None, gt=0)
     # Concatenate each batch's sequences with restarting position_ids: no pad tokens.
     padding_free: bool = True
     # Pack several rows into one max_length sequence (changes what a "row" is per step).
@@ -174,6 +182,13 @@ class TrainingConfig(Section):
     def _packing_needs_padding_free(self):
         if self.packing and not self.padding_free:
             raise ValueError("packing: true needs padding_free: true (packed rows are never padded)")
+        return self
+
+    @model_validator(mode="after")
+    def _offload_needs_checkpointing(self):
+        if self.offload_activations and self.gradient_checkpointing is False:
+            raise ValueError("offload_activations: true moves the inputs of checkpointed layers to the CPU; with "
+                             "gradient_checkpointing: false no layer is checkpointed (use auto or true)")
         return self
 
 

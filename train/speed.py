@@ -13,11 +13,16 @@ Two mechanisms, both per decoder layer, installed on a model that SFTTrainer is 
   memory limit otherwise: short batches run with none, long ones with as few layers
   checkpointed as needed (spread evenly). `"all"`, `"none"` or a fraction fix the choice.
 
-With compile on, peft's LoRA dropout is swapped for one without random ops (train.dropout),
-which a checkpointed compiled layer can recompute. Checkpointing wraps the compiled call
-(not the other way round): when the recompute runs under a different compiled graph than
-the forward did, the saved tensors do not line up (pytorch/pytorch#166926). Neither
-mechanism changes the math: tests compare losses and gradients against the plain eager model.
+A checkpointed layer is compiled with the checkpoint inside it, `torch.compile(checkpoint(layer))`:
+Inductor fuses the recomputation into the backward. The other nesting with torch's
+non-reentrant checkpoint breaks when the recompute runs under a different compiled graph
+than the forward did: the saved tensors do not line up (pytorch/pytorch#166926). With
+compile on, peft's LoRA dropout is swapped for one without random ops (train.dropout),
+which a checkpointed compiled layer can recompute. Where Inductor still cannot compile the
+checkpointed layer, and when activations are offloaded to the CPU, the layer is instead
+recomputed from outside the compiled plain layer (train.recompute), which matches no saved
+tensors. None of it changes the math: tests compare losses and gradients against the plain
+eager model.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ log = logging.getLogger(__name__)
 
 CheckpointPolicy = Union[str, float]  # "auto" | "all" | "none" | fraction of layers in [0, 1]
 
-# TRL's fused LM head works on tiles of this many tokens x vocabulary entries in fp32
+# TRL's fused LM head projects into one buffer of this many tokens x vocabulary entries
 # (trl.kernels.chunked_logprob: TOKEN_CHUNK_SIZE, _CHUNKED_LOGPROB_CHUNK_SIZE).
 _HEAD_TILE_TOKENS = 4096
 _HEAD_TILE_VOCAB = 32768
@@ -97,7 +102,9 @@ class LayerRunner:
     `static_training_bytes`; `chunked_loss` says whether the loss head is TRL's fused one or
     full logits (train.loss), which decides how much the head needs per token.
     `warmup_batches` micro-batches (two optimizer steps' worth: the optimizer state appears
-    at the first step) run fully checkpointed to calibrate.
+    at the first step) run fully checkpointed to calibrate. `offload` keeps the input of
+    every checkpointed layer in pinned CPU memory until its backward; `mlp_chunk_tokens` runs
+    the MLPs of longer rows in chunks of that many tokens (both in train.recompute).
     """
 
     def __init__(
@@ -110,8 +117,12 @@ class LayerRunner:
         static_bytes: int = 0,
         warmup_batches: int = 2,
         chunked_loss: bool = True,
+        offload: bool = False,
+        mlp_chunk_tokens: Optional[int] = None,
     ):
         self.backbone, self.layers = decoder_layers(model)
+        self.offload = offload
+        self.mlp_chunk_tokens = mlp_chunk_tokens
         self.chunked_loss = chunked_loss
         head = unwrap(model).get_output_embeddings()
         self.head_trainable = head is not None and head.weight.requires_grad
@@ -138,6 +149,13 @@ class LayerRunner:
             self.dropout = RecomputableDropout(model)
         self.compile_failures: list[str] = []
         self._hook = None
+        self._anchor: Optional[torch.Tensor] = None
+        self.chunked_mlp = None
+        if mlp_chunk_tokens:
+            from train.recompute import ChunkedMLP
+
+            self.chunked_mlp = ChunkedMLP(self.layers, mlp_chunk_tokens,
+                                          seed=self.dropout.seed if self.dropout is not None else None)
 
     def install(self) -> "LayerRunner":
         for index, layer in enumerate(self.layers):
@@ -145,6 +163,8 @@ class LayerRunner:
             if hasattr(layer, "gradient_checkpointing"):
                 layer.gradient_checkpointing = False
             layer.forward = self._layer_forward(index, layer)
+        if self.chunked_mlp is not None:
+            self.chunked_mlp.install()
         self._hook = self.backbone.register_forward_pre_hook(self._before_batch, with_kwargs=True)
         if not isinstance(self.checkpoint, str) or self.checkpoint != "auto":
             self.checkpointed = evenly_spaced(len(self.layers), self._fixed_count())
@@ -153,6 +173,8 @@ class LayerRunner:
     def remove(self) -> None:
         for layer in self.layers:
             layer.__dict__.pop("forward", None)
+        if self.chunked_mlp is not None:
+            self.chunked_mlp.remove()
         if self.dropout is not None:
             self.dropout.restore()
         if self._hook is not None:
@@ -161,16 +183,33 @@ class LayerRunner:
     def _layer_forward(self, index: int, layer: nn.Module) -> Callable:
         def forward(*args, **kwargs):
             if layer.training and torch.is_grad_enabled() and index in self.checkpointed:
+                # the chunked MLP runs outside the compiled graph, which a compiled checkpoint cannot span
+                if self.offload or self.chunked_mlp is not None:
+                    return self._recompute(layer, *args, **kwargs)
                 return self._run("_ckpt", _run_layer_checkpointed, layer, args, kwargs)
             return self._run("_plain", _run_layer, layer, args, kwargs)
 
         return forward
 
+    def _recompute(self, layer: nn.Module, *args, **kwargs):
+        """The layer run like a plain one (compiled if the plain layer is) and recomputed in the backward."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if self._anchor is None or self._anchor.device != hidden.device:
+            self._anchor = torch.empty(0, device=hidden.device, requires_grad=True)
+        from train.recompute import recompute_layer
+
+        return recompute_layer(self._run_plain, layer, args, kwargs, anchor=self._anchor, offload=self.offload)
+
+    def _run_plain(self, layer: nn.Module, *args, **kwargs):
+        return self._run("_plain", _run_layer, layer, args, kwargs)
+
     def _run(self, slot: str, eager: Callable, layer: nn.Module, args, kwargs):
-        """Call the compiled variant; if Inductor cannot compile it, run that variant eager from now on.
+        """Call the compiled variant; if Inductor cannot compile it, fall back from now on.
 
         A compile failure is raised before the compiled code runs, so nothing has been
-        computed twice; training goes on at eager speed for that variant, and says so.
+        computed twice. The plain layer falls back to eager. The checkpointed layer falls
+        back to the compiled plain layer recomputed from outside (train.recompute), so it
+        stays compiled as long as the plain layer compiles. Training goes on, and says so.
         """
         fn = getattr(self, slot)
         if fn is eager:
@@ -179,10 +218,12 @@ class LayerRunner:
             return fn(layer, *args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as exc:
             reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
-            log.warning("compiling the %s decoder layer failed (%s); it runs eager", slot.strip("_"), reason)
+            fallback = self._recompute if slot == "_ckpt" else eager
+            how = "is recomputed around the plain layer" if slot == "_ckpt" else "runs eager"
+            log.warning("compiling the %s decoder layer failed (%s); it %s", slot.strip("_"), reason, how)
             self.compile_failures.append(f"{slot.strip('_')}: {reason}")
-            setattr(self, slot, eager)
-            return eager(layer, *args, **kwargs)
+            setattr(self, slot, fallback)
+            return fallback(layer, *args, **kwargs)
 
     def _fixed_count(self) -> int:
         n = len(self.layers)
@@ -207,13 +248,13 @@ class LayerRunner:
     def predicted_peak(self, tokens: int, n_checkpointed: int) -> int:
         """Memory a micro-batch of `tokens` tokens should peak at with `n_checkpointed` layers recomputed."""
         n = len(self.layers)
-        kept = self._kept_bytes_per_token() * tokens
+        kept = 0 if self.offload else self._kept_bytes_per_token() * tokens  # offloaded: on the CPU
         full = self.layer_bytes_per_token * tokens
         return int(
             self.static_bytes
             + head_reserve_bytes(self.backbone.config, tokens, chunked=self.chunked_loss,
-                                 head_trainable=self.head_trainable)
-            + n * kept + (n - n_checkpointed) * max(full - kept, 0)
+                                 head_trainable=self.head_trainable, act_bytes=self._act_bytes())
+            + n_checkpointed * kept + (n - n_checkpointed) * max(full, kept)
         )
 
     def auto_count(self, tokens: int) -> int:
@@ -246,9 +287,13 @@ class LayerRunner:
         self._max_predicted = max(self._max_predicted, self.predicted_peak(tokens, choice))
         return choice
 
+    def _act_bytes(self) -> int:
+        """Bytes of one activation element: the embedding's dtype (a layer's first weight may be 4-bit)."""
+        return self.backbone.get_input_embeddings().weight.element_size()
+
     def _kept_bytes_per_token(self) -> int:
         """What a checkpointed layer still saves per token: its input hidden state."""
-        return self.backbone.config.hidden_size * next(self.layers[0].parameters()).element_size()
+        return self.backbone.config.hidden_size * self._act_bytes()
 
 
 def compile_options() -> dict:
@@ -298,24 +343,29 @@ def _device_memory(module: nn.Module) -> Optional[int]:
 # ---------------------------------------------------------------- memory accounting
 
 
-def head_reserve_bytes(config, tokens: int, *, chunked: bool = True, head_trainable: bool = False) -> int:
-    """Transient memory of the loss head.
+def head_reserve_bytes(config, tokens: int, *, chunked: bool = True, head_trainable: bool = False,
+                       act_bytes: int = 2) -> int:
+    """Transient memory of the loss head for `tokens` tokens whose activations are `act_bytes` wide.
 
-    TRL's fused head (chunked) holds one logits tile (and its exp) at a time, the fp32
-    gradient of the final hidden states and, when the head weight trains, an fp32 gradient
-    accumulator for it plus its cast back to the weight's dtype: nothing grows with
-    tokens x vocabulary. Full logits grow with both (train.loss.head_bytes_per_token).
+    TRL's fused head (chunked, trl.kernels.chunked_logprob) projects into one
+    [4096 tokens, 32768 vocabulary] buffer in the compute dtype, which the Triton kernel
+    folds in place, in the forward and again in the backward. Per labelled token it keeps
+    the gathered final hidden state for the backward, and the backward accumulates that
+    state's gradient in fp32 before casting it back; when the head weight trains, an fp32
+    accumulator for it plus the cast back. Nothing grows with tokens x vocabulary. Full
+    logits grow with both (train.loss.head_bytes_per_token).
     """
     from train.loss import head_bytes_per_token
 
     vocab = getattr(config, "vocab_size", _HEAD_TILE_VOCAB)
-    hidden_grad = tokens * config.hidden_size * 4
+    hidden = config.hidden_size
     if not chunked:
-        weight_grad = vocab * config.hidden_size * 2 if head_trainable else 0
-        return tokens * head_bytes_per_token(vocab, chunked=False) + hidden_grad + weight_grad
-    tile = min(tokens, _HEAD_TILE_TOKENS) * min(vocab, _HEAD_TILE_VOCAB) * 4
-    weight_grad = vocab * config.hidden_size * (4 + 2) if head_trainable else 0
-    return 2 * tile + hidden_grad + weight_grad
+        weight_grad = vocab * hidden * act_bytes if head_trainable else 0
+        return tokens * (head_bytes_per_token(vocab, chunked=False) + hidden * 4) + weight_grad
+    tile = min(tokens, _HEAD_TILE_TOKENS) * min(vocab, _HEAD_TILE_VOCAB) * act_bytes
+    per_token = hidden * (act_bytes + 4 + act_bytes)  # gathered state, fp32 gradient, its cast
+    weight_grad = vocab * hidden * (4 + act_bytes) if head_trainable else 0
+    return tile + tokens * per_token + weight_grad
 
 
 def optimizer_state_bytes_per_param(optim: str, param_bytes: int) -> float:
@@ -386,7 +436,7 @@ def count_compilations() -> int:
 
 
 def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit: Optional[int] = None,
-                   chunked_loss: bool = True):
+                   chunked_loss: bool = True, offload: bool = False, mlp_chunk_tokens: Optional[int] = None):
     """A TrainerCallback that installs a LayerRunner when training begins.
 
     It has to wait for `on_train_begin`: by then the Trainer has wrapped the model (PEFT,
@@ -409,12 +459,16 @@ def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit:
                     static_bytes=static_training_bytes(model, args.optim),
                     warmup_batches=2 * args.gradient_accumulation_steps,
                     chunked_loss=chunked_loss,
+                    offload=offload,
+                    mlp_chunk_tokens=mlp_chunk_tokens,
                 ).install()
                 log.info(
-                    "decoder layers: compile=%s, checkpointing=%s%s",
+                    "decoder layers: compile=%s, checkpointing=%s%s%s%s",
                     compile,
                     checkpoint,
                     f" within {memory_limit / 2**30:.1f} GiB" if memory_limit else "",
+                    ", checkpointed inputs offloaded to the CPU" if offload else "",
+                    f", MLPs in chunks of {mlp_chunk_tokens} tokens" if mlp_chunk_tokens else "",
                 )
 
     return SpeedCallback()
@@ -424,7 +478,8 @@ def recipe_speed_settings(training, *, cuda: bool) -> dict:
     """speed_callback arguments for a recipe's `training` section on this machine.
 
     compile auto -> on with CUDA (on CPU the compile time outweighs a short run);
-    gradient_checkpointing auto -> the per-micro-batch memory policy on CUDA, none on CPU.
+    gradient_checkpointing auto -> the per-micro-batch memory policy on CUDA, none on CPU;
+    offload_activations applies to whichever layers are checkpointed.
     """
     compile = cuda if training.compile == "auto" else bool(training.compile)
     setting = training.gradient_checkpointing
@@ -434,4 +489,5 @@ def recipe_speed_settings(training, *, cuda: bool) -> dict:
         checkpoint = "all" if setting else "none"
     limit = int(training.memory_limit_gib * 2**30) if training.memory_limit_gib else None
     return {"compile": compile, "checkpoint": checkpoint, "memory_limit": limit,
-            "chunked_loss": training.chunked_loss}
+            "chunked_loss": training.chunked_loss, "offload": training.offload_activations,
+            "mlp_chunk_tokens": training.mlp_chunk_tokens}

@@ -403,6 +403,8 @@ def _manifest(recipe: Recipe, setup: ModelSetup, summary: dict, checkpoint) -> M
                             if setup.method == "full" or recipe.output.merge else None),  # model/'s weights
             "device": setup.device,
             "gradient_checkpointing": speed["checkpoint"],  # none | all | auto (per micro-batch)
+            "offload_activations": speed["offload"],
+            "mlp_chunk_tokens": speed["mlp_chunk_tokens"],
             "padding_free": t.padding_free,
             "packing": t.packing,
             "compile": speed["compile"],

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from train.recipe import RecipeError, validate_recipe
 
@@ -169,15 +170,17 @@ def test_full_logits_reserve_grows_with_tokens_times_vocabulary():
     cfg = LlamaConfig(hidden_size=2048, vocab_size=128256)
     fused = head_reserve_bytes(cfg, 8192, chunked=True)
     full = head_reserve_bytes(cfg, 8192, chunked=False)
-    assert fused < 1.2 * 2**30 and full > 15 * 2**30  # two tiles vs 8k x 128k logits and their fp32 copies
-    assert head_reserve_bytes(cfg, 16384, chunked=True) - fused == 8192 * 2048 * 4  # only the hidden-state grad grows
+    assert fused < 0.4 * 2**30 and full > 15 * 2**30  # one bf16 tile vs 8k x 128k logits and their fp32 copies
+    assert fused - 8192 * 2048 * 8 == 4096 * 32768 * 2  # the tile stops growing at 4096 tokens
+    # per token only the hidden state: its gathered copy, fp32 gradient and cast back
+    assert head_reserve_bytes(cfg, 16384, chunked=True) - fused == 8192 * 2048 * (2 + 4 + 2)
     trained_head = head_reserve_bytes(cfg, 8192, chunked=True, head_trainable=True) - fused
     assert trained_head == 128256 * 2048 * 6  # fp32 accumulator + cast back
+    assert head_reserve_bytes(cfg, 100, chunked=True, act_bytes=4) == 100 * 32768 * 4 + 100 * 2048 * 12
 
-    class Training:
-        compile, gradient_checkpointing, memory_limit_gib, chunked_loss = "auto", "auto", None, False
-
-    assert recipe_speed_settings(Training, cuda=True)["chunked_loss"] is False
+    training = validate_recipe({"name": "x", "data": {"train": "d.jsonl"},
+                                "training": {"chunked_loss": False}}).training
+    assert recipe_speed_settings(training, cuda=True)["chunked_loss"] is False
 
 
 # ---------------------------------------------------------------- through the real trainer
@@ -186,13 +189,26 @@ def test_full_logits_reserve_grows_with_tokens_times_vocabulary():
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "echo.jsonl"
-    words = ["apple", "river", "candle", "mountain", "blue", "orange juice", "seven", "quiet library"]
+    # One completion far longer than the others: however the 8 rows are split into two micro-batches
+    # of 4, their completion token counts differ, so averaging each micro-batch on its own would show.
+    words = ["apple", "river", "candle", "mountain", "blue", "seven", "quiet library",
+             "the old lighthouse keeper counted forty ships passing the northern cape before dawn"]
     path.write_text("".join(json.dumps({"prompt": f"Repeat after me: {w}", "completion": w}) + "\n" for w in words))
     return path
 
 
+class GradientsBeforeTheStep(TrainerCallback):
+    """Keeps every trainable parameter's accumulated gradient as the optimizer is about to use it."""
+
+    def __init__(self):
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def one_step(tmp_path, model_dir, data_file, *, batch_size, grad_accum, chunked):
-    """One SGD step of a full fine-tune on all 8 rows: (logged loss, weight change, logged accuracy)."""
+    """One SGD step of a full fine-tune on all 8 rows: (logged loss, gradients, weight change, logged accuracy)."""
     from transformers import AutoModelForCausalLM
 
     from train.trainer import train_recipe
@@ -206,25 +222,32 @@ def one_step(tmp_path, model_dir, data_file, *, batch_size, grad_accum, chunked)
                      "max_length": 64, "save_steps": 100, "report_to": "none"},
         "output": {"dir": str(tmp_path / "runs"), "merge": False},
     })
-    result = train_recipe(recipe)
+    keep = GradientsBeforeTheStep()
+    result = train_recipe(recipe, callbacks=[keep])
     before = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
     after = result.model.state_dict()
     delta = torch.cat([(after[k].float() - before[k].float()).flatten() for k in before if k in after])
     row = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x][0]
-    return row["loss"], delta, row.get("mean_token_accuracy")
+    return row["loss"], keep.grads, delta, row.get("mean_token_accuracy")
 
 
 def test_gradient_accumulation_2x4_equals_1x8_through_the_trainer(tmp_path, spread_model_dir, data_file):
     """The loss of a step split into 2 micro-batches of 4 rows is normalised by the token count of
-    all 8 rows (transformers' num_items_in_batch), so loss and update equal one batch of 8 --
-    through TRL's fused head and through full logits alike (training.chunked_loss false)."""
+    all 8 rows (transformers' num_items_in_batch), so the logged loss, every parameter's gradient
+    before the optimizer step and the update equal one batch of 8 -- through TRL's fused head and
+    through full logits alike (training.chunked_loss false)."""
     runs = {(b, ga, c): one_step(tmp_path, spread_model_dir, data_file, batch_size=b, grad_accum=ga, chunked=c)
             for b, ga in ((8, 1), (4, 2)) for c in (True, False)}
-    ref_loss, ref_delta, _ = runs[(8, 1, True)]
+    ref_loss, ref_grads, ref_delta, _ = runs[(8, 1, True)]
     assert ref_delta.norm() > 0
-    for key, (loss, delta, accuracy) in runs.items():
+    assert "model.embed_tokens.weight" in ref_grads and len(ref_grads) == 2 * 9 + 2  # 9 tensors a layer, tied head
+    for key, (loss, grads, delta, accuracy) in runs.items():
         assert loss == pytest.approx(ref_loss, rel=1e-4), key
+        assert grads.keys() == ref_grads.keys(), key
+        for name, ref in ref_grads.items():
+            assert ref.norm() > 0 and rel(grads[name], ref) < 1e-4, (key, name)
+        # SGD at lr 1 without momentum or decay: the update is minus the gradient
         assert rel(delta, ref_delta) < 1e-3, key
         assert accuracy is not None
     for split in ((8, 1), (4, 2)):  # TRL logs accuracy per micro-batch: compare like with like
-        assert runs[(*split, True)][2] == pytest.approx(runs[(*split, False)][2], abs=1e-6)
+        assert runs[(*split, True)][3] == pytest.approx(runs[(*split, False)][3], abs=1e-6)

@@ -101,6 +101,24 @@ def test_eval_normalize_compares_numbers_with_a_whole_answer_metric(tmp_path):
         load_recipe(path, ["eval.normalize=numbers"])
 
 
+def test_long_row_keys_offload_activations_and_mlp_chunk_tokens(tmp_path):
+    path = _write(tmp_path, "name: t\ndata:\n  train: a.jsonl\n")
+    assert load_recipe(path).training.offload_activations is False
+    assert load_recipe(path, ["training.offload_activations=true"]).training.offload_activations is True
+    assert load_recipe(path, ["training.offload_activations=true",
+                              "training.gradient_checkpointing=true"]).training.offload_activations is True
+    with pytest.raises(RecipeError, match=r"training.offload_activations.*'later'"):
+        load_recipe(path, ["training.offload_activations=later"])
+    with pytest.raises(RecipeError, match=r"no layer is checkpointed"):
+        load_recipe(path, ["training.offload_activations=true", "training.gradient_checkpointing=false"])
+    with pytest.raises(RecipeError, match=r"did you mean 'training.offload_activations'"):
+        load_recipe(path, ["training.offload_activation=true"])
+    assert load_recipe(path).training.mlp_chunk_tokens is None
+    assert load_recipe(path, ["training.mlp_chunk_tokens=8192"]).training.mlp_chunk_tokens == 8192
+    with pytest.raises(RecipeError, match=r"training.mlp_chunk_tokens: .*greater than 0"):
+        load_recipe(path, ["training.mlp_chunk_tokens=0"])
+
+
 def test_all_problems_are_reported_at_once(tmp_path):
     path = _write(tmp_path, "name: t\ndata:\n  train: a.jsonl\ntraining:\n  batch_size: many\n  epohcs: 2\n")
     with pytest.raises(RecipeError, match=r"2 problems") as err:

@@ -111,6 +111,18 @@ def test_auto_policy_checkpoints_only_what_the_limit_needs():
     assert runner.auto_count(100) == 4  # still calibrating
 
 
+def test_kept_activations_use_the_activation_width_not_a_4bit_weight():
+    """A checkpointed layer keeps its bf16 input however its weights are stored: under QLoRA a
+    layer's first parameter is a uint8 block of 4-bit values, which must not halve the estimate."""
+    model = tiny_llama().to(torch.bfloat16)
+    _, layers = speed.decoder_layers(model)
+    attn = layers[0].self_attn.q_proj
+    attn.weight = torch.nn.Parameter(torch.zeros(attn.weight.numel() // 2, 1, dtype=torch.uint8), requires_grad=False)
+    assert next(layers[0].parameters()).element_size() == 1
+    runner = LayerRunner(model, checkpoint="all")
+    assert runner._kept_bytes_per_token() == 64 * 2
+
+
 def test_layer_activation_probe_counts_saved_tensors_per_token():
     model = tiny_llama()
     backbone, layers = speed.decoder_layers(model)
@@ -233,26 +245,28 @@ def test_bench_rows_see_the_same_tokens_and_losses(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]  # its temporary directory is gone
 
 
-def test_a_layer_that_fails_to_compile_runs_eager_and_says_so(monkeypatch):
+def broken_compile(*args, **kwargs):
+    """What Inductor raised on H200 for the checkpointed LoRA layer."""
+    cause = AssertionError("Node convert_element_type_164 was invalid, but is output")
+    try:  # the constructor gained an argument across torch releases
+        raise torch._dynamo.exc.BackendCompilerFailed(lambda: None, cause, None)
+    except TypeError:
+        raise torch._dynamo.exc.BackendCompilerFailed(lambda: None, cause) from None
+
+
+def test_a_layer_that_fails_to_compile_falls_back_and_says_so(monkeypatch):
     """Inductor failed on H200 for the checkpointed layer of 8B LoRA models: training must go on."""
     model = tiny_llama()
     _, packed = batches([9, 14])
     ref_loss, ref_grads = loss_and_grads(model, packed)
     runner = LayerRunner(model, checkpoint="all").install()
-
-    def broken(*args, **kwargs):
-        cause = AssertionError("Node mm_42 was invalid, but is output")
-        try:  # the constructor gained an argument across torch releases
-            raise torch._dynamo.exc.BackendCompilerFailed(lambda: None, cause, None)
-        except TypeError:
-            raise torch._dynamo.exc.BackendCompilerFailed(lambda: None, cause) from None
-
-    runner._ckpt = broken  # as if compile=True had produced this
+    runner._ckpt = broken_compile  # as if compile=True had produced this
     loss, grads = loss_and_grads(model, packed)
     runner.remove()
     assert torch.allclose(loss, ref_loss, rtol=1e-6)
     assert max(rel(g, r) for g, r in zip(grads, ref_grads)) < 1e-5
-    assert runner._ckpt is speed._run_layer_checkpointed and len(runner.compile_failures) == 1
+    # the checkpointed variant falls back to the plain layer recomputed from outside
+    assert runner._ckpt == runner._recompute and len(runner.compile_failures) == 1
     assert "ckpt" in runner.compile_failures[0]
 
 
@@ -360,3 +374,204 @@ def test_peft_dropout_in_a_compiled_checkpointed_layer_is_a_recomputed_random_op
     lora_loss_and_grads(model, batches([9, 14])[1], seed=0)
     runner.remove()
     assert seen, "peft's dropout should be a random op recomputed in the backward"
+
+
+# ---------------------------------------------------------------- recomputed outside the compiled layer, offloaded
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_eager_lora_recomputed_outside_replays_peft_dropout(offload):
+    """peft's own nn.Dropout draws from torch's generator: the recomputation restores the state the
+    forward saw, so loss and every LoRA gradient equal the model run without checkpointing; the
+    layer inputs kept on the CPU (offload) change nothing either."""
+    _, packed = batches([9, 14, 6])
+    ref_loss, ref_grads = lora_loss_and_grads(tiny_lora(layers=3), packed, seed=7)
+
+    model = tiny_lora(layers=3)
+    runner = LayerRunner(model, checkpoint="all", offload=offload).install()
+    if not offload:
+        runner._ckpt = runner._recompute
+    loss, grads = lora_loss_and_grads(model, packed, seed=7)
+    runner.remove()
+    assert torch.allclose(loss, ref_loss, rtol=1e-6), (loss, ref_loss)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 3 * 7 * 2
+    # the first layer sees the frozen embeddings' output, which requires no grad: its adapters train all the same
+    assert all(grads[n].norm() > 0 for n in grads if "layers.0." in n and "lora_B" in n)
+    assert max(rel(grads[n], ref_grads[n]) for n in ref_grads) < 1e-5
+
+
+def eager_with_seeded_dropout(batch, seed):
+    """Loss and LoRA gradients of the 3-layer LoRA model run eager with the seeded dropout that
+    compile installs: the reference a compiled run with the same seed must equal."""
+    from train.dropout import RecomputableDropout
+
+    torch._dynamo.reset()
+    eager = tiny_lora(layers=3)
+    masks = RecomputableDropout(eager)
+    torch.manual_seed(seed)
+    masks.reseed()
+    return lora_loss_and_grads(eager, batch, seed=seed)
+
+
+def test_checkpointed_lora_layer_that_fails_in_inductor_stays_compiled():
+    """The 8B LoRA / QLoRA failure: Inductor cannot compile the checkpointed layer. It is then the
+    compiled plain layer recomputed in the backward, never eager; loss and gradients equal eager
+    with the same dropout masks, and only the plain layer's graphs are compiled."""
+    _, packed = batches([9, 14, 6])
+    ref_loss, ref_grads = eager_with_seeded_dropout(packed, seed=5)
+
+    model = tiny_lora(layers=3)
+    runner = LayerRunner(model, compile=True, checkpoint="all").install()
+    runner._ckpt = broken_compile
+    before = count_compilations()
+    loss, grads = lora_loss_and_grads(model, packed, seed=5)
+    again = lora_loss_and_grads(model, packed, seed=5)
+    runner.remove()
+    assert len(runner.compile_failures) == 1 and "was invalid, but is output" in runner.compile_failures[0]
+    assert runner._plain is not speed._run_layer, "the plain layer stays compiled"
+    # first layer (input without grad) and the others: two graphs, reused by the second step and the recompute
+    assert count_compilations() - before == 2
+    assert torch.allclose(loss, ref_loss, rtol=1e-5), (loss, ref_loss)
+    assert max(rel(grads[n], ref_grads[n]) for n in ref_grads) < 1e-4
+    assert torch.equal(again[0], loss)
+
+
+def kept_for_backward(model, batch, seed):
+    """(loss, gradients, how many activations of at least tokens x hidden elements autograd still
+    holds between the forward and the backward, weights excluded)."""
+    import gc
+    import weakref
+
+    weights = {id(p) for p in model.parameters()}
+    refs = []
+
+    def pack(t):
+        if id(t) not in weights:
+            refs.append(weakref.ref(t))
+        return t
+
+    torch.manual_seed(seed)
+    model.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch).loss
+    gc.collect()
+    size = batch["input_ids"].shape[1] * model.config.hidden_size
+    storages = {t.untyped_storage().data_ptr() for r in refs if (t := r()) is not None and t.numel() >= size}
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, len(storages)
+
+
+def test_offloaded_compiled_layers_match_eager_and_keep_no_layer_input_for_the_backward():
+    """compile + offload: the same loss and gradients as eager. Between forward and backward
+    autograd holds one activation per checkpointed layer (its input) without offload, none with
+    it -- the input waits in CPU memory -- and a layer run without checkpointing holds many."""
+    _, packed = batches([9, 14, 6])
+    ref_loss, ref_grads = eager_with_seeded_dropout(packed, seed=5)
+    kept = {}
+    for name, policy, offload in (("plain", "none", False), ("recomputed", "all", False), ("offloaded", "all", True)):
+        model = tiny_lora(layers=3)
+        runner = LayerRunner(model, compile=True, checkpoint=policy, offload=offload).install()
+        if policy == "all" and not offload:
+            runner._ckpt = runner._recompute
+        loss, grads, kept[name] = kept_for_backward(model, packed, seed=5)
+        runner.remove()
+        assert runner.compile_failures == []
+        assert torch.allclose(loss, ref_loss, rtol=1e-5), (name, loss, ref_loss)
+        assert max(rel(grads[n], ref_grads[n]) for n in ref_grads) < 1e-4, name
+    assert kept["recomputed"] - kept["offloaded"] == 3, kept  # the three layer inputs
+    assert kept["plain"] > kept["recomputed"] + 3 * 4, kept
+
+
+# ---------------------------------------------------------------- MLPs in chunks of tokens
+
+
+def mlp_in_chunks_with_full_autograd(model, chunk):
+    """The reference for ChunkedMLP: the same chunks (so the same dropout draws, in the same
+    order), each run with ordinary autograd keeping all of its activations."""
+    _, layers = speed.decoder_layers(model)
+    for layer in layers:
+        mlp = layer.mlp
+
+        def forward(x, mlp=mlp):
+            flat = x.reshape(-1, x.shape[-1])
+            parts = [type(mlp).forward(mlp, flat[i:i + chunk]) for i in range(0, flat.shape[0], chunk)]
+            return torch.cat(parts).view(*x.shape[:-1], -1)
+
+        mlp.forward = forward
+
+
+@pytest.mark.parametrize("checkpoint,offload", [("none", False), ("all", False), ("all", True)])
+def test_chunked_mlp_equals_the_same_chunks_under_full_autograd(checkpoint, offload):
+    """Eager LoRA with peft's dropout (0.05): MLPs in chunks of 8 tokens (29 tokens: 4 chunks),
+    alone, under checkpointing and with offload, give the loss and LoRA gradients of the same
+    chunks run with all their activations kept -- the backward replays each chunk's masks."""
+    _, packed = batches([9, 14, 6])
+    reference = tiny_lora(layers=3)
+    mlp_in_chunks_with_full_autograd(reference, 8)
+    ref_loss, ref_grads = lora_loss_and_grads(reference, packed, seed=3)
+
+    model = tiny_lora(layers=3)
+    runner = LayerRunner(model, checkpoint=checkpoint, offload=offload, mlp_chunk_tokens=8).install()
+    loss, grads = lora_loss_and_grads(model, packed, seed=3)
+    runner.remove()
+    assert torch.allclose(loss, ref_loss, rtol=1e-6), (loss, ref_loss)
+    assert max(rel(grads[n], ref_grads[n]) for n in ref_grads) < 1e-5
+    assert all(grads[n].norm() > 0 for n in grads if "mlp" in n and "lora_B" in n)
+    assert not any("forward" in layer.mlp.__dict__ for layer in runner.layers)  # removed again
+
+
+def test_chunked_mlp_keeps_only_its_input_and_short_rows_run_whole():
+    """Between forward and backward a chunked MLP holds its input and nothing else of the MLP;
+    rows no longer than a chunk are not chunked at all."""
+    _, packed = batches([9, 14, 6])
+    kept = {}
+    for chunk in (None, 8, 29):
+        model = tiny_llama(layers=3)
+        runner = LayerRunner(model, checkpoint="none", mlp_chunk_tokens=chunk).install()
+        _, _, kept[chunk] = kept_for_backward(model, packed, seed=0)
+        runner.remove()
+    assert kept[29] == kept[None]
+    # gate, up, their product under SiLU... of 2x the hidden size, replaced by the MLP input alone
+    assert kept[None] - kept[8] >= 3 * 3, kept
+
+
+def test_compiled_chunked_lora_mlp_equals_eager_and_draws_new_masks_per_chunk():
+    """Under compile the LoRA dropout is the seeded hash: each chunk draws with its own seed
+    (identical tokens in two chunks are masked differently), the recomputation draws the same,
+    and the compiled layers around the eager chunks equal the eager model."""
+    from train.dropout import RecomputableDropout
+    from train.recompute import ChunkedMLP
+
+    _, packed = batches([9, 14, 6])
+    torch._dynamo.reset()
+    eager = tiny_lora(layers=3)
+    masks = RecomputableDropout(eager)
+    chunks = ChunkedMLP(speed.decoder_layers(eager)[1], 8, seed=masks.seed).install()
+    torch.manual_seed(5)
+    masks.reseed()
+    ref_loss, ref_grads = lora_loss_and_grads(eager, packed, seed=5)
+
+    mlp = speed.decoder_layers(eager)[1][0].mlp
+    for name, p in mlp.named_parameters():  # lora_B starts at zero: make the adapters (and their dropout) show
+        if "lora_B" in name:
+            torch.nn.init.normal_(p.data, std=0.1)
+    same = torch.ones(1, 16, 64, requires_grad=True)  # two chunks of identical tokens
+    drop = mlp.up_proj.lora_dropout["default"]
+    chunks.seed = None  # without the per-chunk offset every chunk hashes the same indices
+    with torch.enable_grad():
+        unseeded = mlp(same)
+    chunks.seed = masks.seed
+    with torch.enable_grad():
+        per_chunk = mlp(same)
+    assert torch.equal(unseeded[0, :8], unseeded[0, 8:])
+    assert not torch.equal(per_chunk[0, :8], per_chunk[0, 8:]), "every chunk drew the same dropout mask"
+    assert drop.seed is masks.seed  # the shared seed is back after the chunks
+    chunks.remove()
+
+    model = tiny_lora(layers=3)
+    runner = LayerRunner(model, compile=True, checkpoint="all", offload=True, mlp_chunk_tokens=8).install()
+    loss, grads = lora_loss_and_grads(model, packed, seed=5)
+    runner.remove()
+    assert runner.compile_failures == []
+    assert torch.allclose(loss, ref_loss, rtol=1e-5), (loss, ref_loss)
+    assert max(rel(grads[n], ref_grads[n]) for n in ref_grads) < 1e-4

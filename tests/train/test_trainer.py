@@ -131,6 +131,35 @@ def test_padding_free_loss_equals_padded_loss(tmp_path, tiny_model_dir, data_fil
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_offloaded_activations_and_mlp_chunks_train_to_the_same_losses(method, tmp_path, model_dir, data_file):
+    """training.offload_activations: every layer checkpointed with its input kept on the CPU trains
+    to the same per-step losses as no checkpointing and as checkpointing on the device (LoRA with
+    dropout: the recomputation replays the forward's masks); so do MLPs in chunks of 16 tokens
+    (full fine-tuning: with dropout, chunks draw other masks than whole rows)."""
+    from train.trainer import train_recipe
+
+    configs = [(False, False, None), (True, False, None), (True, True, None)]
+    if method == "full":
+        configs.append((True, True, 16))
+    losses = {}
+    for checkpointing, offload, chunk in configs:
+        raw = tiny_recipe(tmp_path, model_dir, data_file, name=f"{method}-{checkpointing}-{offload}-{chunk}",
+                          method={"type": method, "lora": {"r": 8, "alpha": 16, "dropout": 0.1}},
+                          training={"max_steps": 4, "batch_size": 4, "learning_rate": 1e-2,
+                                    "gradient_checkpointing": checkpointing, "offload_activations": offload,
+                                    "mlp_chunk_tokens": chunk})
+        result = train_recipe(validate_recipe(raw))
+        losses[checkpointing, offload, chunk] = [r["loss"] for r in metric_rows(result.run_dir) if "loss" in r]
+        t = json.loads((result.run_dir / "manifest.json").read_text())["training"]
+        assert (t["offload_activations"], t["mlp_chunk_tokens"]) == (offload, chunk)
+        assert t["gradient_checkpointing"] == ("all" if checkpointing else "none")
+    reference = losses[False, False, None]
+    assert len(reference) == 4 and reference[-1] < reference[0]
+    for key, values in losses.items():
+        assert values == pytest.approx(reference, rel=1e-5), key
+
+
 # ---------------------------------------------------------------- a whole run
 
 

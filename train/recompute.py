@@ -1,0 +1,211 @@
+"""Recomputation for long rows: a decoder layer recomputed in the backward from outside its compiled
+code, its input optionally in CPU memory (`recompute_layer`), and MLPs run chunk by chunk (`ChunkedMLP`).
+
+`torch.utils.checkpoint` inside a compiled layer hands the whole recomputation to
+Inductor, which fuses it into the backward kernels (train.speed's default for a
+checkpointed layer). `recompute_layer` is the other arrangement: the layer runs as it would
+without checkpointing (the compiled plain layer, or eager), its activations are dropped
+after the forward, and the backward runs the same call again and backpropagates through
+it. Nothing about checkpointing reaches the compiler, so it needs only the graph every
+non-checkpointed layer already uses -- the way through for a layer whose checkpointed graph
+Inductor cannot partition -- and the recomputation is the forward's exact computation (the
+same graph, the same random state, the same autocast state).
+
+With `offload=True` the one tensor kept between forward and backward, the layer's input
+hidden state, waits in pinned CPU memory instead of on the GPU: a fully checkpointed model
+then holds no per-layer activations on the GPU between its forward and its backward, which
+is what bounds the longest row. The copies run on the compute stream, about 2 x hidden x 2
+bytes per token per layer over PCIe -- small next to a long row's attention, a few percent
+of a short row's step.
+
+Only tensors reach autograd through `hidden`; the layer's other arguments (rotary
+embeddings, sequence boundaries) are kept by reference and must not need gradients. A
+zero-size `anchor` that requires grad makes the output require grad even when `hidden`
+does not (the first layer of a LoRA model sees frozen embeddings), so the adapters of that
+layer still get their gradients; transformers' own checkpointing asks peft to make the
+embeddings' output require grad for the same reason.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+
+def recompute_layer(run: Callable, layer: nn.Module, args: tuple, kwargs: dict, *, anchor: torch.Tensor,
+                    offload: bool = False):
+    """`run(layer, *args, **kwargs)` (the layer's hidden state first) with its activations recomputed in the backward."""
+    if args:
+        hidden, rest = args[0], args[1:]
+    else:
+        kwargs = dict(kwargs)
+        hidden, rest = kwargs.pop("hidden_states"), ()
+    return _Recomputed.apply(run, layer, rest, kwargs, offload, anchor, hidden)
+
+
+class _Recomputed(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run, layer, rest, kwargs, offload, anchor, hidden):
+        ctx.run, ctx.layer, ctx.rest, ctx.kwargs = run, layer, rest, kwargs
+        ctx.hidden_requires_grad = hidden.requires_grad
+        ctx.device = hidden.device
+        ctx.autocast = _autocast_state(hidden.device.type)
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.device_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+        # The forward of the graph the recomputation will use (same grad mode, same requires_grad
+        # on the input: a compiled layer is guarded on both), its saved activations dropped as soon
+        # as the output exists: the same code runs twice, so the two agree bit for bit.
+        with torch.enable_grad():
+            out = run(layer, hidden.detach().requires_grad_(hidden.requires_grad), *rest, **kwargs)
+        if offload:
+            ctx.offloaded = torch.empty(hidden.shape, dtype=hidden.dtype, device="cpu", pin_memory=hidden.is_cuda)
+            ctx.offloaded.copy_(hidden, non_blocking=True)
+        else:
+            ctx.offloaded = None
+            ctx.save_for_backward(hidden)
+        if isinstance(out, tuple):  # layers that also return attention weights or a cache
+            return (out[0].detach(), *(o.detach() if isinstance(o, torch.Tensor) else o for o in out[1:]))
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad_out, *_):
+        if ctx.offloaded is not None:
+            hidden = ctx.offloaded.to(ctx.device, non_blocking=True)
+            ctx.offloaded = None
+        else:
+            (hidden,) = ctx.saved_tensors
+        hidden = hidden.detach().requires_grad_(ctx.hidden_requires_grad)
+        devices = [ctx.device] if ctx.device_rng is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.device_rng is not None:
+                torch.cuda.set_rng_state(ctx.device_rng, ctx.device)
+            with torch.enable_grad(), _autocast(ctx.device.type, ctx.autocast):
+                out = ctx.run(ctx.layer, hidden, *ctx.rest, **ctx.kwargs)
+        if isinstance(out, tuple):
+            out = out[0]
+        if out.requires_grad:
+            torch.autograd.backward(out, grad_out)
+        grad_hidden = hidden.grad if ctx.hidden_requires_grad else None
+        return None, None, None, None, None, None, grad_hidden
+
+
+def _autocast_state(device_type: str) -> tuple[bool, torch.dtype, bool]:
+    return (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type),
+            torch.is_autocast_cache_enabled())
+
+
+def _autocast(device_type: str, state: tuple[bool, torch.dtype, bool]):
+    enabled, dtype, cache = state
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache)
+
+
+class ChunkedMLP:
+    """Each decoder layer's MLP over at most `chunk_tokens` tokens at a time, in the forward and again in the backward.
+
+    An MLP acts on every token alone, so a long row's MLP can run chunk by chunk: the forward
+    keeps only the MLP's input, and the backward recomputes and backpropagates one chunk at a
+    time. Its activations (gate, up and their product, 3.5 x the hidden size each on Llama,
+    plus what LoRA saves) then never exceed one chunk's, where they would otherwise be the
+    largest part of a recomputed layer's working set. Rows of at most `chunk_tokens` tokens,
+    and evaluation, run the MLP as it is.
+
+    The chunks run outside any compiled graph (the layer around them compiles in two parts).
+    Random ops replay the forward's generator state; `seed`, the one tensor of
+    train.dropout's seeded LoRA dropout, is offset per chunk, so that chunks draw different
+    masks, the same in the forward and the recomputation.
+    """
+
+    def __init__(self, layers, chunk_tokens: int, seed: Optional[torch.Tensor] = None):
+        if chunk_tokens < 1:
+            raise ValueError(f"MLP chunks need at least one token, got {chunk_tokens}")
+        self.layers, self.chunk_tokens, self.seed = layers, chunk_tokens, seed
+        self._anchor: Optional[torch.Tensor] = None
+
+    def install(self) -> "ChunkedMLP":
+        for layer in self.layers:
+            layer.mlp.forward = self._forward(layer.mlp)
+        return self
+
+    def remove(self) -> None:
+        for layer in self.layers:
+            layer.mlp.__dict__.pop("forward", None)
+
+    def _forward(self, mlp: nn.Module) -> Callable:
+        @torch.compiler.disable
+        def forward(x):
+            if not (mlp.training and torch.is_grad_enabled()) or x.numel() // x.shape[-1] <= self.chunk_tokens:
+                return type(mlp).forward(mlp, x)
+            if self._anchor is None or self._anchor.device != x.device:
+                self._anchor = torch.empty(0, device=x.device, requires_grad=True)
+            return _ChunkedMLP.apply(mlp, self.chunk_tokens, self.seed, self._anchor, x)
+
+        return forward
+
+
+_CHUNK_SEED_STEP = 0x9E3779B1  # any odd step: chunk k draws with seed + k * step
+
+
+class _ChunkedMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mlp, chunk, seed, anchor, x):
+        ctx.mlp, ctx.chunk, ctx.seed = mlp, chunk, seed
+        ctx.autocast = _autocast_state(x.device.type)
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.device_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.save_for_backward(x)
+        flat = x.reshape(-1, x.shape[-1])
+        out = None
+        for k, start in enumerate(range(0, flat.shape[0], chunk)):
+            with _chunk_seed(mlp, seed, k):
+                y = type(mlp).forward(mlp, flat[start:start + chunk])
+            if out is None:
+                out = y.new_empty(flat.shape[0], y.shape[-1])
+            out[start:start + chunk] = y
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        flat = x.reshape(-1, x.shape[-1]).detach()
+        grad_flat = grad_out.reshape(-1, grad_out.shape[-1])
+        need_x = ctx.needs_input_grad[4]
+        grad_x = torch.empty_like(flat) if need_x else None
+        devices = [x.device] if ctx.device_rng is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.device_rng is not None:
+                torch.cuda.set_rng_state(ctx.device_rng, x.device)
+            for k, start in enumerate(range(0, flat.shape[0], ctx.chunk)):
+                xc = flat[start:start + ctx.chunk].detach().requires_grad_(need_x)
+                with torch.enable_grad(), _autocast(x.device.type, ctx.autocast), _chunk_seed(ctx.mlp, ctx.seed, k):
+                    y = type(ctx.mlp).forward(ctx.mlp, xc)
+                if y.requires_grad:
+                    torch.autograd.backward(y, grad_flat[start:start + ctx.chunk])
+                if need_x:
+                    grad_x[start:start + ctx.chunk] = xc.grad
+        return None, None, None, None, None if grad_x is None else grad_x.view_as(x)
+
+
+class _chunk_seed:
+    """The seeded LoRA dropouts inside `mlp` draw with `seed + k * step` while chunk k runs.
+
+    Each module's buffer is swapped for the offset tensor and put back, never written in
+    place: compiled graphs may hold the shared seed for their backward, and an in-place write
+    would invalidate it."""
+
+    def __init__(self, mlp: nn.Module, seed: Optional[torch.Tensor], k: int):
+        self.seed = seed
+        self.modules = [] if seed is None or k == 0 else [
+            m for m in mlp.modules() if getattr(m, "seed", None) is seed]
+        self.value = seed + k * _CHUNK_SEED_STEP if self.modules else None
+
+    def __enter__(self):
+        for m in self.modules:
+            m.seed = self.value
+
+    def __exit__(self, *exc):
+        for m in self.modules:
+            m.seed = self.seed
