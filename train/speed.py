@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 CheckpointPolicy = Union[str, float]  # "auto" | "all" | "none" | fraction of layers in [0, 1]
 
-# TRL's fused LM head projects into one buffer of this many tokens x vocabulary entries
+# TRL's fused LM head works on tiles of this many tokens x vocabulary entries
 # (trl.kernels.chunked_logprob: TOKEN_CHUNK_SIZE, _CHUNKED_LOGPROB_CHUNK_SIZE).
 _HEAD_TILE_TOKENS = 4096
 _HEAD_TILE_VOCAB = 32768
@@ -88,6 +88,11 @@ def evenly_spaced(n_layers: int, n_pick: int) -> frozenset[int]:
 def _run_layer(layer: nn.Module, *args, **kwargs):
     # The class's forward, not the instance's: the instance attribute is our wrapper.
     return type(layer).forward(layer, *args, **kwargs)
+
+
+def _has_packed_weights(layer: nn.Module) -> bool:
+    """Whether the layer holds quantized (integer-packed) weights, e.g. bitsandbytes' 4-bit blocks."""
+    return any(not p.dtype.is_floating_point for p in layer.parameters())
 
 
 def _run_layer_checkpointed(layer: nn.Module, *args, **kwargs):
@@ -142,6 +147,11 @@ class LayerRunner:
             plain = torch.compile(_run_layer, dynamic=True, options=options)
             ckpt = torch.compile(_run_layer_checkpointed, dynamic=True, options=options)
         self._plain, self._ckpt = plain, ckpt
+        # A 4-bit base under a compiled checkpoint: Inductor's partitioner keeps the layer's
+        # dequantized weights for the backward instead of recomputing them (8B QLoRA on an
+        # H200: 35 GiB peak against TRL+peft's 9.8, and slower). Recomputing the compiled plain
+        # layer from outside (train.recompute) keeps only the layer's input.
+        self.recompute_outside = bool(compile) and _has_packed_weights(self.layers[0])
         self.dropout = None
         if compile:
             from train.dropout import RecomputableDropout
@@ -184,7 +194,7 @@ class LayerRunner:
         def forward(*args, **kwargs):
             if layer.training and torch.is_grad_enabled() and index in self.checkpointed:
                 # the chunked MLP runs outside the compiled graph, which a compiled checkpoint cannot span
-                if self.offload or self.chunked_mlp is not None:
+                if self.offload or self.chunked_mlp is not None or self.recompute_outside:
                     return self._recompute(layer, *args, **kwargs)
                 return self._run("_ckpt", _run_layer_checkpointed, layer, args, kwargs)
             return self._run("_plain", _run_layer, layer, args, kwargs)
@@ -253,7 +263,7 @@ class LayerRunner:
         return int(
             self.static_bytes
             + head_reserve_bytes(self.backbone.config, tokens, chunked=self.chunked_loss,
-                                 head_trainable=self.head_trainable, act_bytes=self._act_bytes())
+                                 head_trainable=self.head_trainable)
             + n_checkpointed * kept + (n - n_checkpointed) * max(full, kept)
         )
 
@@ -343,29 +353,27 @@ def _device_memory(module: nn.Module) -> Optional[int]:
 # ---------------------------------------------------------------- memory accounting
 
 
-def head_reserve_bytes(config, tokens: int, *, chunked: bool = True, head_trainable: bool = False,
-                       act_bytes: int = 2) -> int:
-    """Transient memory of the loss head for `tokens` tokens whose activations are `act_bytes` wide.
+def head_reserve_bytes(config, tokens: int, *, chunked: bool = True, head_trainable: bool = False) -> int:
+    """Transient memory of the loss head.
 
-    TRL's fused head (chunked, trl.kernels.chunked_logprob) projects into one
-    [4096 tokens, 32768 vocabulary] buffer in the compute dtype, which the Triton kernel
-    folds in place, in the forward and again in the backward. Per labelled token it keeps
-    the gathered final hidden state for the backward, and the backward accumulates that
-    state's gradient in fp32 before casting it back; when the head weight trains, an fp32
-    accumulator for it plus the cast back. Nothing grows with tokens x vocabulary. Full
-    logits grow with both (train.loss.head_bytes_per_token).
+    TRL's fused head (chunked) holds one logits tile (and its exp) at a time, the fp32
+    gradient of the final hidden states and, when the head weight trains, an fp32 gradient
+    accumulator for it plus its cast back to the weight's dtype: nothing grows with
+    tokens x vocabulary. Full logits grow with both (train.loss.head_bytes_per_token).
+    Two fp32 tiles is more than TRL's kernel allocates by its source; it is the reserve the
+    policy's peak was measured against on an H200 (within 1% of TRL's peak), and a smaller
+    one let the 1B default overshoot its limit.
     """
     from train.loss import head_bytes_per_token
 
     vocab = getattr(config, "vocab_size", _HEAD_TILE_VOCAB)
-    hidden = config.hidden_size
+    hidden_grad = tokens * config.hidden_size * 4
     if not chunked:
-        weight_grad = vocab * hidden * act_bytes if head_trainable else 0
-        return tokens * (head_bytes_per_token(vocab, chunked=False) + hidden * 4) + weight_grad
-    tile = min(tokens, _HEAD_TILE_TOKENS) * min(vocab, _HEAD_TILE_VOCAB) * act_bytes
-    per_token = hidden * (act_bytes + 4 + act_bytes)  # gathered state, fp32 gradient, its cast
-    weight_grad = vocab * hidden * (4 + act_bytes) if head_trainable else 0
-    return tile + tokens * per_token + weight_grad
+        weight_grad = vocab * config.hidden_size * 2 if head_trainable else 0
+        return tokens * head_bytes_per_token(vocab, chunked=False) + hidden_grad + weight_grad
+    tile = min(tokens, _HEAD_TILE_TOKENS) * min(vocab, _HEAD_TILE_VOCAB) * 4
+    weight_grad = vocab * config.hidden_size * (4 + 2) if head_trainable else 0
+    return 2 * tile + hidden_grad + weight_grad
 
 
 def optimizer_state_bytes_per_param(optim: str, param_bytes: int) -> float:

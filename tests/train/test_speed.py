@@ -436,6 +436,29 @@ def test_checkpointed_lora_layer_that_fails_in_inductor_stays_compiled():
     assert torch.equal(again[0], loss)
 
 
+def test_a_4bit_base_recomputes_its_checkpointed_layers_around_the_compiled_plain_layer():
+    """Layers holding packed integer weights (bitsandbytes' 4-bit blocks) never run the compiled
+    checkpoint, whose partitioner would keep the dequantized weights for the backward: they are
+    the compiled plain layer recomputed from outside, with eager's loss and gradients."""
+    _, packed = batches([9, 14, 6])
+    ref_loss, ref_grads = eager_with_seeded_dropout(packed, seed=5)
+
+    model = tiny_lora(layers=3)
+    for layer in speed.decoder_layers(model)[1]:
+        layer.register_parameter("packed", torch.nn.Parameter(torch.zeros(8, dtype=torch.uint8), requires_grad=False))
+    runner = LayerRunner(model, compile=True, checkpoint="all").install()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the compiled checkpointed variant ran on a 4-bit layer")
+
+    runner._ckpt = must_not_run
+    loss, grads = lora_loss_and_grads(model, packed, seed=5)
+    runner.remove()
+    assert runner.recompute_outside and not runner.compile_failures
+    assert torch.allclose(loss, ref_loss, rtol=1e-5), (loss, ref_loss)
+    assert max(rel(grads[n], ref_grads[n]) for n in ref_grads) < 1e-4
+
+
 def kept_for_backward(model, batch, seed):
     """(loss, gradients, how many activations of at least tokens x hidden elements autograd still
     holds between the forward and the backward, weights excluded)."""
