@@ -6,7 +6,7 @@ Rows: `baseline` (transformers `generate`, dynamic cache, no compile), `static` 
 cache, eager), `compile` (static cache + compiled decode step with CUDA graphs), `batch`
 (compile at each --batch-sizes > 1), `int8` / `nf4` (bitsandbytes weights run through the
 compiled dequantizing layers), `nf4-bnb` (bitsandbytes' own kernels, static cache, eager),
-`assistant` (speculative decoding; assistant = the target's first layers, sharing its
+`w8` / `w4` (weight-only layers on PyTorch's CPU kernels, for `--device cpu`), `assistant` (speculative decoding; assistant = the target's first layers, sharing its
 embeddings), `lookup` (prompt-lookup decoding). Greedy, end-of-sequence ignored so every
 row decodes exactly --new-tokens tokens. Warm-up (compilation, CUDA-graph recording) is
 never timed; each timed figure is the median of --repeats runs.
@@ -39,7 +39,8 @@ from infer.errors import ArgumentParser
 from infer.load import DTYPE_CHOICES
 from infer.quiet import add_verbose_option
 from infer.random_model import ARCHITECTURES
-ROWS = ("baseline", "static", "compile", "inductor", "batch", "int8", "nf4", "nf4-inductor", "nf4-bnb", "assistant", "lookup")
+ROWS = ("baseline", "static", "compile", "inductor", "batch", "int8", "nf4", "nf4-inductor", "nf4-bnb", "w8", "w4",
+        "assistant", "lookup")
 # Row names the targets are read from (exact: "static + compile, inductor only" is another row).
 BASELINE, COMPILED = "baseline (HF dynamic cache)", "static + compile"
 # bench row -> (quantization, row name, Generator options)
@@ -48,6 +49,9 @@ QUANT_ROWS = {
     "nf4": ("nf4", "nf4 + compile", dict(quant_kernels="compiled")),
     "nf4-inductor": ("nf4", "nf4 + compile, inductor only", dict(quant_kernels="compiled", kernels="none")),
     "nf4-bnb": ("nf4", "nf4 (bitsandbytes kernels, eager)", dict(quant_kernels="bitsandbytes", compile=False)),
+    # weight-only layers on PyTorch's CPU kernels (infer.cpu_quant): the CPU's quantized rows
+    "w8": ("w8", "w8 (CPU int8 kernels)", {}),
+    "w4": ("w4", "w4 (CPU int4 kernels)", {}),
 }
 
 
@@ -106,8 +110,8 @@ def bytes_per_token(model, weights: int, context: float) -> float:
     config = model.config
     read = weights
     embed = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    if head is None or head.weight.data_ptr() != embed.data_ptr():
+    head = getattr(model.get_output_embeddings(), "weight", None)  # None: no head, or a quantized one
+    if head is None or head.data_ptr() != embed.data_ptr():
         read -= embed.numel() * embed.element_size()
     from infer.cache import attention_shape
 
@@ -255,7 +259,7 @@ def run_bench(
     if model in ARCHITECTURES:
         target, tokenizer = build_random_model(model, torch_dtype, dev)
         source = Path(workdir.name) / "model"
-        if {"int8", "nf4", "nf4-bnb"} & set(rows):  # quantized rows reload through infer.load
+        if set(QUANT_ROWS) & set(rows):  # quantized rows reload through infer.load
             target.save_pretrained(source)
             tokenizer.save_pretrained(source)
     else:

@@ -53,6 +53,15 @@ def test_truncated_assistant_shares_the_target_weights():
         assert torch.isfinite(assistant(torch.tensor([[1, 2, 3]])).logits).all()
 
 
+def test_cpu_weight_only_rows_read_fewer_bytes_and_start_like_the_static_cache():
+    report = run_bench("tiny", prompt_len=8, new_tokens=8, batch_sizes=(1,), repeats=1, device="cpu",
+                       rows=("static", "w8", "w4"), log=lambda *_: None)
+    static, w8, w4 = report["rows"]
+    assert (w8["name"], w4["name"]) == ("w8 (CPU int8 kernels)", "w4 (CPU int4 kernels)")
+    assert w4["gb_per_token"] < w8["gb_per_token"] < static["gb_per_token"]
+    assert all(r["decode_tok_s"] > 0 for r in (static, w8, w4))
+
+
 def test_copy_bandwidth_and_targets():
     assert measure_copy_bandwidth(torch.device("cpu"), nbytes=1 << 22, repeats=3) > 1e8
     rows = [dict(name="baseline (HF dynamic cache)", batch=1, decode_tok_s=100.0, aggregate_tok_s=100.0),
