@@ -1,5 +1,4 @@
 import json
-import time
 
 import pytest
 
@@ -14,13 +13,11 @@ def test_cache_dir_precedence(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "tw"
 
 
-def test_unreachable_hub_id_fails_fast_with_advice(monkeypatch, tmp_path):
+def test_unreachable_hub_id_fails_with_advice(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # CI may or may not have a network; force "unreachable"
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    start = time.monotonic()
     with pytest.raises(ModelSourceError, match="could not fetch 'someorg/some-model'.*local directory"):
         resolve_model("someorg/some-model")
-    assert time.monotonic() - start < 20
 
 
 def test_missing_path_and_non_checkpoint_dir(tmp_path):
