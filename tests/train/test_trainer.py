@@ -132,7 +132,7 @@ def test_padding_free_loss_equals_padded_loss(tmp_path, tiny_model_dir, data_fil
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_offloaded_activations_and_mlp_chunks_train_to_the_same_losses(method, tmp_path, model_dir, data_file):
+def test_offloaded_activations_and_mlp_chunks_train_to_the_same_losses(method, tmp_path, spread_model_dir, data_file):
     """training.offload_activations: every layer checkpointed with its input kept on the CPU trains
     to the same per-step losses as no checkpointing and as checkpointing on the device (LoRA with
     dropout: the recomputation replays the forward's masks); so do MLPs in chunks of 16 tokens
@@ -144,7 +144,7 @@ def test_offloaded_activations_and_mlp_chunks_train_to_the_same_losses(method, t
         configs.append((True, True, 16))
     losses = {}
     for checkpointing, offload, chunk in configs:
-        raw = tiny_recipe(tmp_path, model_dir, data_file, name=f"{method}-{checkpointing}-{offload}-{chunk}",
+        raw = tiny_recipe(tmp_path, spread_model_dir, data_file, name=f"{method}-{checkpointing}-{offload}-{chunk}",
                           method={"type": method, "lora": {"r": 8, "alpha": 16, "dropout": 0.1}},
                           training={"max_steps": 4, "batch_size": 4, "learning_rate": 1e-2,
                                     "gradient_checkpointing": checkpointing, "offload_activations": offload,
