@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-# infer.load imports torch only inside its functions: --help stays instant.
-from infer.load import QUANT_CHOICES as QUANTS, add_load_options, load_kwargs
+# infer.loading imports torch only inside its functions: --help stays instant.
+from infer.loading import QUANT_CHOICES as QUANTS, add_load_options, load_kwargs
 from infer.quiet import add_verbose_option
 
 
@@ -174,7 +174,7 @@ def _params(args):
 
 def _generator(args, model, tokenizer, batch: int):
     from infer.generate import Generator
-    from infer.load import load
+    from infer.loading import load
 
     assistant = None
     if args.assistant:
@@ -187,7 +187,7 @@ def _generator(args, model, tokenizer, batch: int):
 
 
 def cmd_generate(args) -> int:
-    from infer.load import load
+    from infer.loading import load
 
     params = _params(args)  # validate before the (slow) load
     prompts = [sys.stdin.read() if p == "-" else p for p in args.prompts]
@@ -210,7 +210,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from infer.load import load
+    from infer.loading import load
 
     params = _params(args)
     model, tokenizer = load(args.run, **load_kwargs(args))
@@ -269,7 +269,7 @@ def cmd_eval(args) -> int:
     from pathlib import Path
 
     from infer.eval import check_normalize, evaluate_model, format_table, load_examples, write_jsonl
-    from infer.load import find_adapter, load, resolve_checkpoint
+    from infer.loading import find_adapter, load, resolve_checkpoint
     from infer.outputs import check_regex, check_writable, free_name, write_atomically
     from infer.records import parse_field_mapping
 

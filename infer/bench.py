@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from infer.errors import ArgumentParser
-from infer.load import DTYPE_CHOICES
+from infer.loading import DTYPE_CHOICES
 from infer.quiet import add_verbose_option
 from infer.random_model import ARCHITECTURES
 ROWS = ("baseline", "static", "compile", "inductor", "batch", "int8", "nf4", "nf4-inductor", "nf4-bnb", "w8", "w4",
@@ -245,7 +245,7 @@ def run_bench(
     import transformers
 
     from infer.generate import Generator
-    from infer.load import load, resolve_device, resolve_dtype, weight_bytes
+    from infer.loading import load, resolve_device, resolve_dtype, weight_bytes
 
     unknown = set(rows) - set(ROWS)
     if unknown:

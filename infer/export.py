@@ -51,7 +51,7 @@ class ExportResult:
 
 def describe_source(source) -> dict:
     """What RUN is: {'kind': run | checkpoint | builtin, 'path', 'name', 'manifest', 'recipe', 'checkpoint'}."""
-    from infer.load import LoadError, find_adapter, resolve_checkpoint
+    from infer.loading import LoadError, find_adapter, resolve_checkpoint
     from infer.models import BUILTIN_MODELS
 
     name = str(source)
@@ -89,7 +89,7 @@ def load_tuned(source: dict):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from infer.load import TOKENIZER_FILES
+    from infer.loading import TOKENIZER_FILES
 
     adapter = source.get("adapter")
     model = AutoModelForCausalLM.from_pretrained(source["checkpoint"], dtype=torch.float32).eval()

@@ -43,7 +43,7 @@ def check_replaceable(out: Path, source, *, overwrite: bool) -> None:
     """Refuse an `out` that exists unless --overwrite, and, even then, anything but a quantized
     copy this command wrote: never the source, a directory holding it, a run directory or an
     unrelated folder."""
-    from infer.load import LoadError, resolve_checkpoint
+    from infer.loading import LoadError, resolve_checkpoint
 
     if not out.exists():
         return
@@ -87,7 +87,7 @@ def save_quantized(
     import bitsandbytes
     import transformers
 
-    from infer.load import LoadError, load, weight_bytes
+    from infer.loading import LoadError, load, weight_bytes
 
     if quant not in ("int8", "nf4", "fp4"):
         raise LoadError(f"quantize needs --quant int8, nf4 or fp4, not {quant} (none would only copy the checkpoint; "
@@ -151,7 +151,7 @@ def calibrate(model, tokenizer, rows: dict, *, dtype: str, device: str) -> dict:
     import gc
 
     from infer.calibrate import calibrate_4bit_
-    from infer.load import load
+    from infer.loading import load
 
     source = model.tunewright["checkpoint"]
     fp_model, _ = load(source, dtype=dtype, device=device)

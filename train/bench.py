@@ -155,7 +155,7 @@ def build_model(config, row: Row, seed: int, device, quant_dir: Optional[Path]):
     attn = resolve_attn_implementation(row.attn)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if row.method == "qlora":
-        from infer.load import bnb_config
+        from infer.loading import bnb_config
 
         bnb = bnb_config("nf4", True, torch.bfloat16)
         return AutoModelForCausalLM.from_pretrained(quant_dir, quantization_config=bnb, dtype=dtype,

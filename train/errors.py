@@ -43,7 +43,7 @@ _FOREIGN_USER_ERRORS = {
     "train.rundir.RunDirError",
     "infer.records.RecordsError",
     "infer.models.ModelSourceError",
-    "infer.load.LoadError",
+    "infer.loading.LoadError",
     "train.chat_templates.ChatTemplateError",
 }
 

@@ -30,7 +30,7 @@ def evaluate_after_training(recipe: Recipe, tuned_model, setup: ModelSetup, exam
     Returns the numbers for metrics.json: scores in percent, n, and `samples` example rows.
     """
     from infer.eval import evaluate_model
-    from infer.load import resolve_dtype
+    from infer.loading import resolve_dtype
 
     ev = recipe.eval
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from infer.attention import resolve_attn_implementation
-from infer.load import resolve_dtype
+from infer.loading import resolve_dtype
 from infer.models import BUILTIN_MODELS, resolve_model
 from train.recipe import Recipe, RecipeError
 
@@ -123,7 +123,7 @@ def load_model(recipe: Recipe) -> ModelSetup:
         dtype=dtype, attn_implementation=attn, trust_remote_code=recipe.model.trust_remote_code
     )
     if method == "qlora":
-        from infer.load import bnb_config
+        from infer.loading import bnb_config
 
         q = recipe.method.qlora
         kwargs["quantization_config"] = bnb_config(q.quant_type, q.double_quant, getattr(torch, q.compute_dtype))

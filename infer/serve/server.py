@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from infer.errors import ArgumentParser
-from infer.load import add_load_options, load_kwargs
+from infer.loading import add_load_options, load_kwargs
 
 log = logging.getLogger("infer.serve")
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 def load_for_serving(args):
     """(model, tokenizer) through infer.load, the loader every infer command shares
     (run directories, builtin names, bitsandbytes quantization, dtype and device)."""
-    from infer.load import load
+    from infer.loading import load
 
     return load(args.run, **load_kwargs(args))
 

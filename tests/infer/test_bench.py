@@ -8,7 +8,7 @@ import torch
 
 from infer.bench import (build_random_model, bytes_per_token, check_targets, format_markdown,
                          measure_copy_bandwidth, run_bench, truncated_assistant)
-from infer.load import weight_bytes
+from infer.loading import weight_bytes
 
 
 def test_bench_rows_and_report():

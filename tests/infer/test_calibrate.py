@@ -16,7 +16,7 @@ from infer.__main__ import main
 from infer.calibrate import (calibrate_4bit_, calibration_sequences, code_table, collect_input_hessians,
                              hessian_groups, read_calibration_rows, round_4bit, shared_inputs, stored_scales)
 from infer.generate import Generator
-from infer.load import load
+from infer.loading import load
 from infer.sampling import SamplingParams
 
 

@@ -69,7 +69,7 @@ def _prompt(tokenizer):
 @pytest.mark.parametrize("quant", ["w8", "w4"])
 def test_engine_greedy_equals_dequantized_reference(tiny_model_dir, quant):
     from infer.generate import Generator
-    from infer.load import load
+    from infer.loading import load
     from infer.sampling import SamplingParams
 
     model, tokenizer = load(tiny_model_dir, quant=quant, device="cpu")
@@ -88,7 +88,7 @@ def test_engine_greedy_equals_dequantized_reference(tiny_model_dir, quant):
 
 def test_compiled_cpu_step_equals_eager(tiny_model_dir):
     from infer.generate import Generator
-    from infer.load import load
+    from infer.loading import load
     from infer.sampling import SamplingParams
 
     model, tokenizer = load(tiny_model_dir, quant="w4", device="cpu")
@@ -102,7 +102,7 @@ def test_compiled_cpu_step_equals_eager(tiny_model_dir):
 
 
 def test_cpu_quant_refuses_what_it_cannot_do(tiny_model_dir):
-    from infer.load import CPU_DEFAULT_QUANT, LoadError, load, resolve_quant
+    from infer.loading import CPU_DEFAULT_QUANT, LoadError, load, resolve_quant
 
     with pytest.raises(LoadError, match="keep-modules applies to bitsandbytes"):
         load(tiny_model_dir, quant="w8", device="cpu", keep_modules="down_proj")

@@ -128,7 +128,7 @@ def test_load_examples_formats_and_errors(tmp_path):
 
 
 def test_cli_compares_models_side_by_side(tiny_model_dir, tmp_path, capsys):
-    from infer.load import CPU_DEFAULT_QUANT
+    from infer.loading import CPU_DEFAULT_QUANT
 
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"prompt": q, "completion": "x"}) + "\n" for q in QUESTIONS))

@@ -110,7 +110,7 @@ def test_nf4_matvec_equals_dequantized_linear_on_gpu():
 
 def test_compiled_nf4_layers_on_gpu(random_model, tmp_path):
     from infer.generate import Generator
-    from infer.load import load, weight_bytes
+    from infer.loading import load, weight_bytes
     from infer.quantized_layers import NF4Linear
     from infer.sampling import SamplingParams
 

@@ -11,7 +11,7 @@ import torch
 
 import infer
 from infer.generate import Generator
-from infer.load import LoadError, load, weight_bytes
+from infer.loading import LoadError, load, weight_bytes
 from infer.quantize import save_quantized
 from infer.quantized_layers import Int8Linear, NF4Linear, use_compiled_kernels
 from infer.sampling import SamplingParams
@@ -88,10 +88,10 @@ def test_saved_quantized_copy_reloads_without_requantizing(tiny_model_dir, tmp_p
         save_quantized(tiny_model_dir, out, quant="nf4")
 
 
-def test_run_directory_and_callable_module(tiny_model_dir, tmp_path):
+def test_infer_load_reads_a_run_directory(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_model_dir, run / "model")
-    model, tok = infer.load(run, dtype="bf16")  # `infer.load` is both the module and the function
+    model, tok = infer.load(run, dtype="bf16")  # `infer.load` is infer.loading.load
     assert model.tunewright["checkpoint"] == str(run / "model")
     assert model.dtype == torch.bfloat16 and tok.pad_token_id is not None
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from infer.calibrate import calibrate_4bit_, read_calibration_rows
-from infer.load import load
+from infer.loading import load
 from infer.quantized_layers import NF4Linear, canonical_4bit_, use_compiled_kernels
 
 TOKENS = torch.tensor([[5, 17, 300, 2, 999, 41, 8], [7, 7, 1, 600, 3, 12, 90]])

@@ -86,7 +86,7 @@ def test_unknown_template_names_and_missing_files_are_recipe_errors(tmp_path):
 def test_run_with_a_template_file_exports_it_and_stops_at_its_end_of_turn(tmp_path, tiny_model_dir, capsys):
     """Through the command line: the template is used, saved with model/ and adapter/, infer loads it,
     and generation stops at its end-of-turn token; llama3 on a tokenizer without <|eot_id|> is refused."""
-    from infer.load import load
+    from infer.loading import load
     from train.cli import train_main
 
     template = tmp_path / "tagged.jinja"

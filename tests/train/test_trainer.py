@@ -262,7 +262,7 @@ def test_outputs_travel_16_bit_model_and_an_adapter_that_names_its_base(tmp_path
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from infer.load import load
+    from infer.loading import load
     from train.cli import train_main
 
     base = tmp_path / "bf16-base"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 from infer.quiet import add_verbose_option
@@ -346,13 +345,3 @@ def _quant_state_bytes(state) -> int:
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise LoadError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-
-
-class _CallableModule(type(sys.modules[__name__])):
-    """Makes `infer.load(...)` call load() even though `infer.load` is this module."""
-
-    def __call__(self, *args, **kwargs):
-        return load(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
