@@ -361,8 +361,7 @@ def head_reserve_bytes(config, tokens: int, *, chunked: bool = True, head_traina
     accumulator for it plus its cast back to the weight's dtype: nothing grows with
     tokens x vocabulary. Full logits grow with both (train.loss.head_bytes_per_token).
     Two fp32 tiles is more than TRL's kernel allocates by its source; it is the reserve the
-    policy's peak was measured against on an H200 (within 1% of TRL's peak), and a smaller
-    one let the 1B default overshoot its limit.
+    policy's 1B peak was measured against on an H200 (within 1% of TRL's peak).
     """
     from train.loss import head_bytes_per_token
 
