@@ -28,21 +28,51 @@ embeddings' output require grad for the same reason.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 
-def recompute_layer(run: Callable, layer: nn.Module, args: tuple, kwargs: dict, *, anchor: torch.Tensor,
-                    offload: bool = False):
+def recompute_layer(run: Callable, layer: nn.Module, args: tuple, kwargs: dict, *, offload: bool = False):
     """`run(layer, *args, **kwargs)` (the layer's hidden state first) with its activations recomputed in the backward."""
     if args:
         hidden, rest = args[0], args[1:]
     else:
         kwargs = dict(kwargs)
         hidden, rest = kwargs.pop("hidden_states"), ()
-    return _Recomputed.apply(run, layer, rest, kwargs, offload, anchor, hidden)
+    return _Recomputed.apply(run, layer, rest, kwargs, offload, _grad_anchor(hidden.device), hidden)
+
+
+_ANCHORS: dict[torch.device, torch.Tensor] = {}
+
+
+def _grad_anchor(device: torch.device) -> torch.Tensor:
+    """The zero-size tensor that requires grad (see the module's docstring), one per device."""
+    if device not in _ANCHORS:
+        _ANCHORS[device] = torch.empty(0, device=device, requires_grad=True)
+    return _ANCHORS[device]
+
+
+class _Replay:
+    """The random and autocast state of a forward, to run its recomputation in the same state."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.autocast = _autocast_state(device.type)
+        self.cpu_rng = torch.get_rng_state()
+        self.device_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def __call__(self):
+        """Within: the forward's random state (the caller's own state restored after) and autocast."""
+        with torch.random.fork_rng(devices=[self.device] if self.device_rng is not None else []):
+            torch.set_rng_state(self.cpu_rng)
+            if self.device_rng is not None:
+                torch.cuda.set_rng_state(self.device_rng, self.device)
+            with torch.enable_grad(), _autocast(self.device.type, self.autocast):
+                yield
 
 
 class _Recomputed(torch.autograd.Function):
@@ -51,9 +81,7 @@ class _Recomputed(torch.autograd.Function):
         ctx.run, ctx.layer, ctx.rest, ctx.kwargs = run, layer, rest, kwargs
         ctx.hidden_requires_grad = hidden.requires_grad
         ctx.device = hidden.device
-        ctx.autocast = _autocast_state(hidden.device.type)
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.device_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+        ctx.replay = _Replay(hidden.device)
         # The forward of the graph the recomputation will use (same grad mode, same requires_grad
         # on the input: a compiled layer is guarded on both), its saved activations dropped as soon
         # as the output exists: the same code runs twice, so the two agree bit for bit.
@@ -77,13 +105,8 @@ class _Recomputed(torch.autograd.Function):
         else:
             (hidden,) = ctx.saved_tensors
         hidden = hidden.detach().requires_grad_(ctx.hidden_requires_grad)
-        devices = [ctx.device] if ctx.device_rng is not None else []
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.device_rng is not None:
-                torch.cuda.set_rng_state(ctx.device_rng, ctx.device)
-            with torch.enable_grad(), _autocast(ctx.device.type, ctx.autocast):
-                out = ctx.run(ctx.layer, hidden, *ctx.rest, **ctx.kwargs)
+        with ctx.replay():
+            out = ctx.run(ctx.layer, hidden, *ctx.rest, **ctx.kwargs)
         if isinstance(out, tuple):
             out = out[0]
         if out.requires_grad:
@@ -122,7 +145,6 @@ class ChunkedMLP:
         if chunk_tokens < 1:
             raise ValueError(f"MLP chunks need at least one token, got {chunk_tokens}")
         self.layers, self.chunk_tokens, self.seed = layers, chunk_tokens, seed
-        self._anchor: Optional[torch.Tensor] = None
 
     def install(self) -> "ChunkedMLP":
         for layer in self.layers:
@@ -138,9 +160,7 @@ class ChunkedMLP:
         def forward(x):
             if not (mlp.training and torch.is_grad_enabled()) or x.numel() // x.shape[-1] <= self.chunk_tokens:
                 return type(mlp).forward(mlp, x)
-            if self._anchor is None or self._anchor.device != x.device:
-                self._anchor = torch.empty(0, device=x.device, requires_grad=True)
-            return _ChunkedMLP.apply(mlp, self.chunk_tokens, self.seed, self._anchor, x)
+            return _ChunkedMLP.apply(mlp, self.chunk_tokens, self.seed, _grad_anchor(x.device), x)
 
         return forward
 
@@ -152,9 +172,7 @@ class _ChunkedMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mlp, chunk, seed, anchor, x):
         ctx.mlp, ctx.chunk, ctx.seed = mlp, chunk, seed
-        ctx.autocast = _autocast_state(x.device.type)
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.device_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.replay = _Replay(x.device)
         ctx.save_for_backward(x)
         flat = x.reshape(-1, x.shape[-1])
         out = None
@@ -173,14 +191,10 @@ class _ChunkedMLP(torch.autograd.Function):
         grad_flat = grad_out.reshape(-1, grad_out.shape[-1])
         need_x = ctx.needs_input_grad[4]
         grad_x = torch.empty_like(flat) if need_x else None
-        devices = [x.device] if ctx.device_rng is not None else []
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.device_rng is not None:
-                torch.cuda.set_rng_state(ctx.device_rng, x.device)
+        with ctx.replay():
             for k, start in enumerate(range(0, flat.shape[0], ctx.chunk)):
                 xc = flat[start:start + ctx.chunk].detach().requires_grad_(need_x)
-                with torch.enable_grad(), _autocast(x.device.type, ctx.autocast), _chunk_seed(ctx.mlp, ctx.seed, k):
+                with _chunk_seed(ctx.mlp, ctx.seed, k):
                     y = type(ctx.mlp).forward(ctx.mlp, xc)
                 if y.requires_grad:
                     torch.autograd.backward(y, grad_flat[start:start + ctx.chunk])

@@ -159,7 +159,6 @@ class LayerRunner:
             self.dropout = RecomputableDropout(model)
         self.compile_failures: list[str] = []
         self._hook = None
-        self._anchor: Optional[torch.Tensor] = None
         self.chunked_mlp = None
         if mlp_chunk_tokens:
             from train.recompute import ChunkedMLP
@@ -203,12 +202,9 @@ class LayerRunner:
 
     def _recompute(self, layer: nn.Module, *args, **kwargs):
         """The layer run like a plain one (compiled if the plain layer is) and recomputed in the backward."""
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if self._anchor is None or self._anchor.device != hidden.device:
-            self._anchor = torch.empty(0, device=hidden.device, requires_grad=True)
         from train.recompute import recompute_layer
 
-        return recompute_layer(self._run_plain, layer, args, kwargs, anchor=self._anchor, offload=self.offload)
+        return recompute_layer(self._run_plain, layer, args, kwargs, offload=self.offload)
 
     def _run_plain(self, layer: nn.Module, *args, **kwargs):
         return self._run("_plain", _run_layer, layer, args, kwargs)

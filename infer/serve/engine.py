@@ -110,8 +110,7 @@ class ServingEngine:
             for event in events:
                 seq = event.sequence
                 if self.metrics is not None:
-                    queued = seq.admitted_at - seq.arrival if seq.admitted_at is not None else None
-                    observe(self.metrics, seq, event, now, queued)
+                    observe(self.metrics, seq, event, now, queue_time(seq, event))
                 if seq.emit is not None and not seq.cancelled:
                     seq.emit(event)
 
@@ -179,6 +178,13 @@ def step_or_fail(engine: Engine) -> list[StreamEvent]:
         lost = engine.reset()
         log.exception("generation step failed; failing the %d sequences in flight", len(lost))
         return [seq.fail(f"{type(exc).__name__}: {exc}") for seq in lost if not seq.cancelled]
+
+
+def queue_time(seq: Sequence, event: StreamEvent) -> float | None:
+    """Seconds the sequence waited for a KV-cache row, with its first event; None with the others."""
+    if event.completion_tokens != len(event.token_ids) or seq.admitted_at is None:
+        return None
+    return seq.admitted_at - seq.arrival
 
 
 def observe(m, seq, event: StreamEvent, now: float, queued: float | None) -> None:

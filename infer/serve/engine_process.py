@@ -15,7 +15,7 @@ non-zero for its supervisor to restart it.
 
 Messages to the engine: ("add", [(sid, prompt, params, index, arrival)]), ("cancel", [sid]),
 ("warmed_up",), ("stop",). From it: ("ready", info, tokenizer), ("failed", message),
-("events", [event tuple], running, waiting, decode_rows, stats or None), ("stopped",).
+("events", [event tuple], running, decode_rows, stats or None), ("stopped",).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import time
 from infer.engine import StreamEvent, check_request
 
 from .engine import (EngineStoppedError, build_engine, check_admission, compiled_graphs, freeze_startup_objects,
-                     gpu_memory, observe, step_or_fail)
+                     gpu_memory, observe, queue_time, step_or_fail)
 
 log = logging.getLogger("infer.serve")
 
@@ -73,7 +73,6 @@ class EngineClient:
         self._dead: str | None = None
         self._proc = self._receiver = None
         self.running = 0
-        self._waiting = 0
         self._stats = {"graphs": 0, "compiled": 0, "gpu": (0, 0), "rss": 0}
 
     # ---- start-up ------------------------------------------------------------------
@@ -194,9 +193,9 @@ class EngineClient:
             if not stopped:
                 self._engine_died()
 
-    def _dispatch(self, events, running, waiting, decode_rows, stats) -> None:
+    def _dispatch(self, events, running, decode_rows, stats) -> None:
         now = time.perf_counter()
-        self.running, self._waiting = running, waiting
+        self.running = running
         if stats is not None:
             self._stats = stats
         m = self.metrics
@@ -270,7 +269,7 @@ def _run(engine, inbox, outbox) -> None:
             if stopping:
                 outbox.send(("stopped",))
                 return
-            outbox.send(("events", [], 0, len(engine.waiting), 0, _stats(engine)))  # the idle picture
+            outbox.send(("events", [], 0, 0, _stats(engine)))  # the idle picture
             messages.append(inbox.recv())  # nothing to do until a request comes
         while inbox.poll():
             messages.append(inbox.recv())
@@ -302,16 +301,14 @@ def _run(engine, inbox, outbox) -> None:
                 continue
             if event.finished:
                 seqs.pop(seq.sid, None)
-            first = event.completion_tokens == len(event.token_ids)
-            queued = seq.admitted_at - seq.arrival if first and seq.admitted_at is not None else None
             out.append((seq.sid, event.token_ids, event.text, event.finished, event.finish_reason, event.logprobs,
-                        event.completion_tokens, event.error, queued))
+                        event.completion_tokens, event.error, queue_time(seq, event)))
         now = time.monotonic()
         stats = None
         if now - stats_at >= STATS_INTERVAL:
             stats, stats_at = _stats(engine), now
         if out or stats is not None or engine.last_decode_rows:
-            outbox.send(("events", out, engine.running, len(engine.waiting), engine.last_decode_rows, stats))
+            outbox.send(("events", out, engine.running, engine.last_decode_rows, stats))
 
 
 def _stats(engine) -> dict:
