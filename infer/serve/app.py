@@ -246,12 +246,15 @@ async def _collect(state, request: Request, job: _Job, body, rid: str, chat: boo
     logprobs: list[list] = [[] for _ in range(total)]
     remaining = total
     checked = time.monotonic()
+    # One pending get at a time, awaited through asyncio.wait: asyncio.wait_for (before
+    # Python 3.12) can swallow a cancellation that lands as its inner get completes, and a
+    # drain's cancellation must always end the request.
+    getter = None
     try:
         while remaining:
-            try:
-                event = await asyncio.wait_for(job.events.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                event = None
+            getter = getter or asyncio.ensure_future(job.events.get())
+            done, _ = await asyncio.wait((getter,), timeout=0.5)
+            event, getter = (getter.result(), None) if done else (None, getter)
             # Asked at least twice a second, also while tokens keep arriving: a client that
             # hung up frees its rows within a second.
             if time.monotonic() - checked >= 0.5:
@@ -269,6 +272,8 @@ async def _collect(state, request: Request, job: _Job, body, rid: str, chat: boo
                 reasons[event.index] = event.finish_reason
                 remaining -= 1
     finally:
+        if getter is not None:
+            getter.cancel()
         state.engine.cancel([s for s in job.seqs if s.finish_reason is None])
         info.completion_tokens = sum(tokens)
     usage = _usage(info)
