@@ -232,7 +232,8 @@ class FusedDecoder(nn.Module):
         group = self.heads // self.kv_heads
         # Query heads that share a KV head are stacked along the query axis, so attention
         # reads each cached K/V once instead of copying it `group` times.
-        grouped_mask = mask.repeat(1, 1, group, 1) if group > 1 else mask
+        fresh = cache.mode == "fresh"
+        grouped_mask = None if fresh else mask.repeat(1, 1, group, 1) if group > 1 else mask
         for i, layer in enumerate(inner.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
@@ -243,8 +244,14 @@ class FusedDecoder(nn.Module):
             qs = qs * cos + _rotate_half(qs) * sin
             ks = ks * cos + _rotate_half(ks) * sin
             keys, values = cache.update(ks, vs, i)
-            qs = qs.reshape(b, self.kv_heads, group * q, self.head_dim)
-            out = self._attend(qs, keys, values, grouped_mask, attn.scaling)
+            if fresh:  # a prompt's first chunk attends causally to itself alone: no mask to build or read
+                if group > 1:  # each KV head beside its query heads (the chunk's K/V only: small)
+                    keys = keys[:, :, None].expand(b, self.kv_heads, group, q, self.head_dim).reshape(qs.shape)
+                    values = values[:, :, None].expand(b, self.kv_heads, group, q, self.head_dim).reshape(qs.shape)
+                out = F.scaled_dot_product_attention(qs, keys, values, is_causal=True, scale=attn.scaling)
+            else:
+                out = self._attend(qs.reshape(b, self.kv_heads, group * q, self.head_dim), keys, values, grouped_mask,
+                                   attn.scaling)
             out = out.reshape(b, self.heads, q, self.head_dim).transpose(1, 2).reshape(b, q, -1)
             x = x + attn.o_proj(out)
             gate, up = self.gate_up[i](layer.post_attention_layernorm(x))

@@ -151,13 +151,14 @@ class _Fetch:
 class Engine:
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_seq_len: int = 2048, compile="auto",
                  quant_kernels: str = "auto", fused="auto", kernels: str = "auto", sync_interval: int = 8,
-                 prefill_chunk: int = 2048, max_logprobs: int = 0):
+                 prefill_chunk: int = 2048, max_logprobs: int = 0, compile_prefill="auto"):
         self.tokenizer = tokenizer
         self.eos_ids = eos_token_ids(model, tokenizer)
         pad = next((v for v in (tokenizer.pad_token_id, tokenizer.eos_token_id) if v is not None), 0)
         self.runner = ModelRunner(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len, compile=compile,
                                   quant_kernels=quant_kernels, fused=fused, kernels=kernels,
-                                  max_logprobs=max_logprobs, group_steps=sync_interval, pad_id=pad)
+                                  max_logprobs=max_logprobs, group_steps=sync_interval, pad_id=pad,
+                                  compile_prefill=compile_prefill)
         self.device = self.runner.device
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.prefill_chunk = max(1, prefill_chunk)

@@ -22,6 +22,8 @@
 * Not thread-safe: one call at a time (the server gives the engine a thread of its own).
 * `compile`: "auto" (CUDA: inductor + CUDA graphs; CPU: eager), False, True, an inductor
   mode name, or a dynamo backend (name or callable, e.g. tests' compile counters).
+* `compile_prefill`: compile the first chunk of prompts too (symbolic batch and length:
+  two graphs); "auto" = on CUDA whenever the decode step compiles.
 * `quant_kernels`: for bitsandbytes-quantized models, "compiled" swaps their layers (in
   place) for ones whose dequantization inductor fuses into the matmul (infer.quantized_layers);
   "bitsandbytes" keeps bitsandbytes' kernels; "auto" = compiled when inductor runs on CUDA.
@@ -76,7 +78,7 @@ class Generator:
                  compile: bool | str | Callable = "auto", assistant_model=None, num_assistant_tokens: int = 5,
                  prompt_lookup: int = 0, sync_interval: int = 8, quant_kernels: str = "auto",
                  fused: bool | str = "auto", kernels: str = "auto", prefill_chunk: int = 8192,
-                 max_logprobs: int = 0):
+                 max_logprobs: int = 0, compile_prefill="auto"):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.sync_interval = max(1, sync_interval)
@@ -85,7 +87,8 @@ class Generator:
         self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, compile=compile,
                              quant_kernels=quant_kernels, fused=fused, kernels=kernels,
                              sync_interval=max(self.sync_interval, num_assistant_tokens if assistant_model is not None else 1),
-                             prefill_chunk=prefill_chunk, max_logprobs=max_logprobs)
+                             prefill_chunk=prefill_chunk, max_logprobs=max_logprobs,
+                             compile_prefill=compile_prefill)
         self.runner = self.engine.runner
         self.device, self.decoder, self.compile_mode = self.runner.device, self.runner.decoder, self.runner.compile_mode
         self.last_stats = GenerationStats()

@@ -36,7 +36,7 @@ INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no
 class ModelRunner:
     def __init__(self, model, *, max_batch_size: int = 8, max_seq_len: int = 2048, compile="auto",
                  quant_kernels: str = "auto", fused="auto", kernels: str = "auto", max_logprobs: int = 0,
-                 group_steps: int = 8, pad_id: int = 0):
+                 group_steps: int = 8, pad_id: int = 0, compile_prefill="auto"):
         self.model = model
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         # A multiple of 64 slots: SDPA's fused kernels want aligned masks.
@@ -102,15 +102,27 @@ class ModelRunner:
         self._decode_one = self._compiled(self._decode_impl, tuned=True)  # the single-row step
         self._decode = self._compiled(self._decode_impl)
         self._verify = self._compiled(self._verify_impl, tuned=True)
+        # The first chunk of joining prompts, compiled with symbolic batch and length (two
+        # graphs: one row, several rows). Eager, its host time on an H200 (1B model) was
+        # ~20 ms per prefill, launch by launch: a long stall for the streams decoding beside
+        # it. "auto": compiled on CUDA when the decode step is; on the CPU eager launches
+        # cost little next to the work.
+        if compile_prefill not in ("auto", True, False):
+            raise ValueError(f"compile_prefill must be auto, True or False, got {compile_prefill!r}")
+        if compile_prefill == "auto":
+            compile_prefill = self.compile_mode is not None and dev.type == "cuda"
+        self.compiled_prefill = bool(compile_prefill and self.compile_mode is not None)
+        self._fresh = self._compiled(self._fresh_impl, prefill=True) if self.compiled_prefill else self._fresh_impl
 
     # ---- compiled pieces -------------------------------------------------------------
 
-    def _compiled(self, fn, *, tuned: bool = False):
+    def _compiled(self, fn, *, tuned: bool = False, prefill: bool = False):
         """fn compiled in this runner's mode. `tuned`: let inductor tune its reductions by
         coordinate descent (for the batch-1 and verify steps, where they are the step's
         weight reads: it fuses dequantization into them and reaches peak bandwidth, as
         gpt-fast does). The batched step's matmuls go to cuBLAS, where the tuning buys
-        nothing measurable and costs most of a minute of start-up per compile."""
+        nothing measurable and costs most of a minute of start-up per compile. `prefill`:
+        symbolic shapes, no autotuning (a tuned choice would hold for one length only)."""
         mode = self.compile_mode
         if mode is None:
             return fn
@@ -122,7 +134,7 @@ class ModelRunner:
             return torch.compile(fn, mode=mode, fullgraph=True)
         # Options per compiled function (torch.compile takes options or a mode, not both),
         # not inductor's global config: two runners in one process do not change each other.
-        options = {"coordinate_descent_tuning": tuned, "max_autotune": mode.startswith("max-autotune")}
+        options = {"coordinate_descent_tuning": tuned, "max_autotune": mode.startswith("max-autotune") and not prefill}
         return torch.compile(fn, fullgraph=True, options=options)
 
     def _rows_view(self, n: int) -> torch.Tensor:
@@ -199,6 +211,14 @@ class ModelRunner:
         top = lp.topk(self.out_top.shape[-1], dim=-1)
         self.out_top.index_put_(index, top.values)
         self.out_top_ids.index_put_(index, top.indices)
+
+    def _fresh_impl(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Logits after the last token of each row of `ids` (right-padded first chunks of
+        prompts, written to the cache rows `cache.fresh` named)."""
+        k, width = ids.shape
+        positions = torch.arange(width, device=ids.device)
+        mask = (positions[None, :] <= positions[:, None])[None, None].expand(k, 1, width, width)
+        return self._forward(ids, positions[None].expand(k, width), mask, last=lengths - 1)[:, -1]
 
     def _verify_impl(self, k: int, sampling) -> torch.Tensor:
         """Target-model choices after each of [newest token, k drafts] of row 0."""
@@ -281,19 +301,23 @@ class ModelRunner:
                       logprobs: bool) -> None:
         """The first chunk of each row's prompt, as one right-padded batch. Rows whose chunk
         ends the prompt get their first token at seq[row, len(chunk)]."""
-        k, width = len(rows), max(len(c) for c in chunks)
+        # A compiled prefill pads to two tokens at least: a length of 1 would be a graph of
+        # its own (dynamo specializes sizes 0 and 1). The pad's slot is written over by the
+        # row's first decode step before anything reads it.
+        k, width = len(rows), max(max(len(c) for c in chunks), 2 if self.compiled_prefill else 1)
         ids = torch.zeros((k, width), dtype=torch.long)
         for i, chunk in enumerate(chunks):
             ids[i, : len(chunk)] = torch.tensor(chunk)
         ids = self._to_device(ids)
-        positions = torch.arange(width, device=self.device)
-        causal = positions[None, :] <= positions[:, None]
-        mask = causal[None, None].expand(k, 1, width, width)
         row_index = self._index(rows)
         lengths = self._index([len(c) for c in chunks])
+        if self.compiled_prefill:
+            for t in (ids, row_index, lengths):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+            torch._dynamo.maybe_mark_dynamic(ids, 1)
         self.cache.fresh(row_index)
         with self._prefill_attention():
-            logits = self._forward(ids, positions[None].expand(k, width), mask, last=lengths - 1)[:, -1]
+            logits = self._fresh(ids, lengths)
         self.lens[row_index] = lengths
         self._first_tokens(logits, [r for r, f in zip(rows, final) if f], [i for i, f in enumerate(final) if f],
                            sampling, logprobs)

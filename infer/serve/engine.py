@@ -158,7 +158,7 @@ def build_engine(model, tokenizer, args) -> Engine:
     max_len = args.max_model_len or min(context, 4096 if gpu else 2048)
     batch = args.max_batch_size or (64 if gpu else 8)
     return Engine(model, tokenizer, max_batch_size=batch, max_seq_len=max_len, prefill_chunk=args.prefill_chunk,
-                  max_logprobs=MAX_LOGPROBS)
+                  sync_interval=args.sync_interval, max_logprobs=MAX_LOGPROBS)
 
 
 def freeze_startup_objects() -> None:

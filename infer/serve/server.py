@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=2048,
                    help="prompt tokens prefilled per scheduler step, so a long prompt never stalls running "
                    "streams for long (default 2048)")
+    p.add_argument("--sync-interval", type=int, default=8,
+                   help="decode steps queued per scheduler step: fewer let joining requests in sooner and "
+                   "show a finished one sooner, more cost the host less per token (default 8)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="sequences allowed to wait for a slot; beyond it requests get 429 (default 256)")
     p.add_argument("--max-model-len", type=int,
@@ -81,7 +84,7 @@ def _port(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("max_batch_size", "max_queue", "default_max_tokens", "max_body_bytes", "prefill_chunk",
+    for name in ("max_batch_size", "sync_interval", "max_queue", "default_max_tokens", "max_body_bytes", "prefill_chunk",
                  "max_model_len", "max_connections"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")

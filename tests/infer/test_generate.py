@@ -98,6 +98,23 @@ def test_decode_step_compiles_once_for_every_prompt_length_and_batch(model, tok)
     assert second[0].token_ids == eager.generate([list(range(3, 23))], params)[0].token_ids == both[1].token_ids
 
 
+def test_compiled_prefill_is_two_graphs_for_every_prompt_shape_and_matches_eager(model, tok):
+    counter = CompileCounter()
+    gen = Generator(model, tok, max_batch_size=4, max_seq_len=64, compile=counter, compile_prefill=True)
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    prompts = [[7], list(range(3, 8)), list(range(3, 23)), [9, 10], [11, 12, 13]]
+    compiled = [gen.generate([p], params)[0].token_ids for p in prompts]  # one row at a time
+    compiled.append(gen.generate(prompts[1:], params))  # several rows, mixed lengths
+    compiled.append(gen.generate(prompts[:3], params))
+    # decode: the batch-1 step and the batched step; prefill: one row, several rows
+    assert counter.frame_count == 4
+    eager = Generator(model, tok, max_batch_size=4, max_seq_len=64)
+    expected = [eager.generate([p], params)[0].token_ids for p in prompts]
+    assert compiled[:5] == expected
+    assert [r.token_ids for r in compiled[5]] == expected[1:]
+    assert [r.token_ids for r in compiled[6]] == expected[:3]
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy(model, tok):
     gen = Generator(model, tok, max_batch_size=2, max_seq_len=64)
     sampled = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.95, seed=3, ignore_eos=True)
