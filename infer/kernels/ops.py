@@ -69,11 +69,47 @@ def _grid(n: int, cfg) -> tuple[int]:
     return (blocks,)
 
 
+def replay_ms(fn, launches: int = 20, repeats: int = 5) -> float:
+    """Milliseconds per `fn()` call, timed from replays of a CUDA graph of `launches` calls
+    (as the decode step runs them: eager timing would measure Python launch cost).
+
+    Captured in thread-local mode with the garbage collector paused, unlike
+    triton.testing.do_bench_cudagraph: in its global mode a collection that frees pinned host
+    memory, or another thread's CUDA call, during the capture invalidates it."""
+    import gc
+    import statistics
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # warm-up on a side stream, as capture requires
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            for _ in range(launches):
+                fn()
+    finally:
+        gc.enable()
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / launches)
+    del graph
+    return statistics.median(times)
+
+
 def _fastest(candidates, run):
-    """The candidate configuration whose `run(config)` is fastest, timed from CUDA-graph
-    replays as the decode step runs it (eager timing would measure Python launch cost)."""
+    """The candidate configuration whose `run(config)` is fastest, timed from CUDA-graph replays."""
     from triton.runtime.errors import OutOfResources
-    from triton.testing import do_bench_cudagraph
 
     best, best_ms = None, float("inf")
     for cfg in candidates:
@@ -81,7 +117,7 @@ def _fastest(candidates, run):
             run(cfg)  # compile outside the graph
         except OutOfResources:  # too many registers / too much shared memory on this GPU
             continue
-        ms = do_bench_cudagraph(lambda: run(cfg), rep=10, return_mode="median")
+        ms = replay_ms(lambda: run(cfg))
         if ms < best_ms:
             best, best_ms = cfg, ms
     if best is None:
@@ -167,8 +203,6 @@ def norm_matvec_beats_linear(layer, norm_weight, eps: float) -> bool:
     """Whether RMSNorm + matvec as one kernel is at least as fast as cuBLAS's matvec alone
     for this layer's shape (asked of the output head, the largest single read); measured
     once per shape, from CUDA-graph replays."""
-    from triton.testing import do_bench_cudagraph
-
     key = (layer.out_features, layer.in_features, layer.weight.dtype)
     if key not in _beats_linear:
         x = torch.randn(layer.in_features, device=layer.weight.device, dtype=layer.weight.dtype)
@@ -176,7 +210,7 @@ def norm_matvec_beats_linear(layer, norm_weight, eps: float) -> bool:
         ms = {}
         for name, run in runs.items():
             run()  # compile / pick the algorithm outside the graph
-            ms[name] = do_bench_cudagraph(run, rep=20, return_mode="median")
+            ms[name] = replay_ms(run)
         _beats_linear[key] = ms["kernel"] <= ms["cuBLAS"]
         log.info("output projection: kernel %.1f us, cuBLAS %.1f us (without the norm)", ms["kernel"] * 1e3, ms["cuBLAS"] * 1e3)
     return _beats_linear[key]
