@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 
 EXIT_BAD_INPUT = 2
@@ -46,10 +48,19 @@ def run_guarded(job: Callable[[], int], describe: Callable[[BaseException], str 
 
 
 @contextlib.contextmanager
-def terminate_as_interrupt():
-    """SIGTERM (a job scheduler, `kill`) unwinds like Ctrl-C while inside: `finally` blocks and
-    context managers run, so temporary files are removed."""
+def terminate_as_interrupt(grace_s: float = 30.0):
+    """SIGTERM (a job scheduler, `kill`, `timeout`) unwinds like Ctrl-C while inside: `finally`
+    blocks and context managers run, so temporary files are removed.
+
+    The KeyboardInterrupt can be lost: raised while Python runs a weakref callback or a
+    `__del__`, it is printed as "Exception ignored" and the program goes on. So the first
+    SIGTERM also gives the unwinding `grace_s` seconds, after which the process exits with
+    143 (128 + SIGTERM) wherever it is, and a second SIGTERM ends it at once."""
     def interrupt(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        deadline = threading.Timer(grace_s, os._exit, args=(128 + signal.SIGTERM,))
+        deadline.daemon = True
+        deadline.start()
         raise KeyboardInterrupt
 
     try:

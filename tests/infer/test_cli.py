@@ -155,6 +155,32 @@ def test_bench_removes_its_temporary_models_when_terminated(tmp_path, signal_whe
     assert list(temp.iterdir()) == []
 
 
+def test_a_terminate_whose_interrupt_is_swallowed_still_ends_the_process():
+    """The KeyboardInterrupt a SIGTERM raises can land where Python discards it (a weakref
+    callback, `__del__`); here a loop discards it on purpose. The process still ends, with
+    143, once the grace period is over, and does not outlive `timeout`-style supervisors."""
+    code = (
+        "import sys, time\n"
+        "from infer.errors import terminate_as_interrupt\n"
+        "with terminate_as_interrupt(grace_s=1.0):\n"
+        "    while True:\n"
+        "        try:\n"
+        "            print('ready', flush=True)\n"
+        "            time.sleep(0.05)\n"
+        "        except KeyboardInterrupt:\n"
+        "            print('swallowed', flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert "swallowed" in out, out
+    assert proc.returncode == 128 + signal.SIGTERM
+
+
 def test_the_console_shows_the_products_lines(tiny_model_dir):
     """Progress bars and known-harmless library warnings only with --verbose."""
     def stderr(*extra):
