@@ -229,15 +229,19 @@ def step_recorder():
 
         def on_train_begin(self, args, state, control, **kw):
             self.start = self._now()
+            if torch.cuda.is_available():
+                from train.peak_memory import PeakReader
+
+                self.reader = PeakReader(torch.cuda.current_device())
 
         def on_step_begin(self, args, state, control, **kw):
             if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
+                self.reader.restart()  # not torch.cuda.reset_peak_memory_stats: the policy reads peaks too
 
         def on_step_end(self, args, state, control, **kw):
             self.ends.append(self._now())
             if torch.cuda.is_available():
-                self.peaks.append(torch.cuda.max_memory_allocated() / 2**30)
+                self.peaks.append(self.reader.peak() / 2**30)
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -308,7 +312,6 @@ def fresh_row_state(device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 def runner_facts(callbacks: list) -> dict:
@@ -330,6 +333,11 @@ def run_row(row: Row, ns: argparse.Namespace, config, dataset, device, rate: flo
     from train.speed import count_compilations
 
     fresh_row_state(device)
+    whole_row = None
+    if device.type == "cuda":
+        from train.peak_memory import PeakReader
+
+        whole_row = PeakReader(device)
     steps = ns.steps or row.steps or 50
     model = build_model(config, row, ns.seed, device, quant_dir)
     recorder = step_recorder()
@@ -348,8 +356,8 @@ def run_row(row: Row, ns: argparse.Namespace, config, dataset, device, rate: flo
     result["error"] = error
     result["compilations"] = count_compilations()
     if device.type == "cuda":
-        result["peak_alloc_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+        result["peak_alloc_gib"] = whole_row.peak() / 2**30
+        result["peak_reserved_gib"] = whole_row.peak_reserved() / 2**30
     result.update(runner_facts(callbacks))
     del trainer, model
     gc.collect()

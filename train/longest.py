@@ -110,6 +110,10 @@ def search_longest(trainer, search: LengthSearch, make_batch: Callable[[int], di
 
     device = trainer.args.device
     cuda = device.type == "cuda"
+    if cuda:
+        from train.peak_memory import PeakReader
+
+        reader = PeakReader(device)
     real_step = trainer.training_step
     state = {"failed": None, "steps": 0, "t0": None}
 
@@ -126,7 +130,7 @@ def search_longest(trainer, search: LengthSearch, make_batch: Callable[[int], di
         state.update(failed=None, steps=0, t0=time.perf_counter())
         release()
         if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
+            reader.restart()
 
     def training_step(model, inputs, num_items_in_batch=None):
         if state["failed"] is not None or search.current is None:
@@ -153,7 +157,7 @@ def search_longest(trainer, search: LengthSearch, make_batch: Callable[[int], di
             if cuda:
                 torch.cuda.synchronize(device)
             ok = state["failed"] is None
-            peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda and ok else None
+            peak = reader.peak() / 2**30 if cuda and ok else None
             search.record(ok, seconds=time.perf_counter() - state["t0"], steps=state["steps"], peak_gib=peak,
                           error=state["failed"])
             log.info("longest row: %s tokens %s (%.1f s)", search.tries[-1]["length"],

@@ -140,7 +140,10 @@ class LayerRunner:
         self.history: list[int] = []  # layers checkpointed, per training micro-batch
         self.warmup_batches = warmup_batches
         self.margin = 0  # measured peak minus predicted peak (bytes), see auto_count
-        self._max_predicted = 0
+        self.peaks: list[int] = []  # CUDA: measured peak of each training micro-batch (bytes)
+        self.predictions: list[int | None] = []  # the peak predicted for each ("auto"), else None
+        self._prediction = None
+        self._peak = None  # a train.peak_memory.PeakReader, from the first micro-batch on
         plain, ckpt = _run_layer, _run_layer_checkpointed
         if compile:
             options = compile_options()
@@ -244,12 +247,33 @@ class LayerRunner:
             return None
         if self.dropout is not None:
             self.dropout.reseed()
+        self._record_peak()
+        prediction = None
         if self.checkpoint == "auto":
             tokens = _batch_tokens(args, kwargs)
             if tokens:
                 self.checkpointed = evenly_spaced(len(self.layers), self.auto_count(tokens))
+                prediction = self._prediction
         self.history.append(len(self.checkpointed))
+        self.predictions.append(prediction)
         return None
+
+    def _record_peak(self) -> None:
+        """The previous micro-batch's peak (its forward, backward and any optimizer step
+        after it), measured up to now; then a new interval starts for this one."""
+        device = _device(self.backbone)
+        if device.type != "cuda":
+            return
+        if self._peak is None:
+            from train.peak_memory import PeakReader
+
+            self._peak = PeakReader(device)
+            return
+        self.peaks.append(self._peak.peak())
+        predicted = self.predictions[len(self.peaks) - 1]
+        if predicted is not None:
+            self.margin = max(self.margin, self.peaks[-1] - predicted)
+        self._peak.restart()
 
     def predicted_peak(self, tokens: int, n_checkpointed: int) -> int:
         """Memory a micro-batch of `tokens` tokens should peak at with `n_checkpointed` layers recomputed."""
@@ -269,7 +293,8 @@ class LayerRunner:
         The first `warmup_batches` micro-batches checkpoint every layer while the model of
         memory is calibrated: each later decision adds the largest amount by which the
         device's measured peak has exceeded a prediction (the optimizer's and the loss
-        head's temporaries, allocator rounding -- whatever the estimate missed).
+        head's temporaries, allocator rounding -- whatever the estimate missed), micro-batch
+        by micro-batch (`peaks` against `predictions`).
         """
         limit = self.memory_limit if self.memory_limit is not None else _device_memory(self.backbone)
         n = len(self.layers)
@@ -277,9 +302,6 @@ class LayerRunner:
             return 0
         if self.layer_bytes_per_token is None:
             self.layer_bytes_per_token = measure_layer_bytes_per_token(self.backbone, self.layers[0])
-        device = next(self.backbone.parameters()).device
-        if self._max_predicted and device.type == "cuda":
-            self.margin = torch.cuda.max_memory_allocated(device) - self._max_predicted
         if len(self.history) < self.warmup_batches:
             choice = n
         else:
@@ -290,7 +312,7 @@ class LayerRunner:
                 if self.predicted_peak(tokens, k) + self.margin <= 0.99 * limit:
                     choice = k
                     break
-        self._max_predicted = max(self._max_predicted, self.predicted_peak(tokens, choice))
+        self._prediction = self.predicted_peak(tokens, choice)
         return choice
 
     def _act_bytes(self) -> int:
@@ -337,6 +359,10 @@ def _batch_tokens(args, kwargs) -> int:
     if args and isinstance(args[0], torch.Tensor):
         return int(args[0].shape[0] * args[0].shape[1])
     return 0
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def _device_memory(module: nn.Module) -> Optional[int]:

@@ -111,6 +111,54 @@ def test_auto_policy_checkpoints_only_what_the_limit_needs():
     assert runner.auto_count(100) == 4  # still calibrating
 
 
+class FakeCudaMemory:
+    """torch.cuda's allocated-bytes counter and its one resettable peak, on the CPU."""
+
+    def __init__(self, monkeypatch):
+        self.now = self.top = 0
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: self.top)
+        monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: self.top)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: setattr(self, "top", self.now))
+
+    def spike(self, nbytes: int) -> None:  # allocated and freed again
+        self.top = max(self.top, self.now + nbytes)
+
+
+def test_peak_readers_keep_their_peaks_when_another_restarts(monkeypatch):
+    from train.peak_memory import PeakReader
+
+    memory = FakeCudaMemory(monkeypatch)
+    whole, step = PeakReader("cuda:0"), PeakReader("cuda:0")
+    memory.spike(100)
+    step.restart()  # resets the device counter
+    memory.spike(40)
+    assert step.peak() == 40 and whole.peak() == 100
+    whole.restart()
+    memory.spike(10)
+    assert whole.peak() == 10 and step.peak() == 40
+
+
+def test_auto_policy_learns_its_margin_though_a_bench_restarts_the_peak_each_step(monkeypatch):
+    """A per-step peak recorder resets the device's peak counter at every step's start; the
+    policy still sees what each micro-batch really peaked at beyond its prediction."""
+    from train.peak_memory import PeakReader
+
+    memory = FakeCudaMemory(monkeypatch)
+    model = tiny_llama(layers=4)
+    runner = LayerRunner(model, checkpoint="auto", static_bytes=1_000_000, warmup_batches=0, memory_limit=10**9)
+    runner.layer_bytes_per_token = 1000.0
+    monkeypatch.setattr(speed, "_device", lambda module: torch.device("cuda"))
+    bench = PeakReader("cuda:0")
+    ids = torch.zeros(1, 500, dtype=torch.long)
+    for _ in range(3):
+        bench.restart()  # the bench's on_step_begin
+        runner._before_batch(model, (), {"input_ids": ids})
+        memory.spike(runner.predictions[-1] + 5_000_000)  # 5 MB beyond what was predicted
+    runner._before_batch(model, (), {"input_ids": ids})
+    assert len(runner.peaks) == 3
+    assert runner.margin == 5_000_000
+
+
 def test_kept_activations_use_the_activation_width_not_a_4bit_weight():
     """A checkpointed layer keeps its bf16 input however its weights are stored: under QLoRA a
     layer's first parameter is a uint8 block of 4-bit values, which must not halve the estimate."""
