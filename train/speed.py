@@ -150,10 +150,10 @@ class LayerRunner:
             plain = torch.compile(_run_layer, dynamic=True, options=options)
             ckpt = torch.compile(_run_layer_checkpointed, dynamic=True, options=options)
         self._plain, self._ckpt = plain, ckpt
-        # A 4-bit base under a compiled checkpoint: Inductor's partitioner keeps the layer's
-        # dequantized weights for the backward instead of recomputing them (8B QLoRA on an
-        # H200: 35 GiB peak against TRL+peft's 9.8, and slower). Recomputing the compiled plain
-        # layer from outside (train.recompute) keeps only the layer's input.
+        # A 4-bit base under a compiled checkpoint: Inductor's partitioner may keep the
+        # layer's dequantized weights for the backward instead of recomputing them.
+        # Recomputing the compiled plain layer from outside (train.recompute) keeps only the
+        # layer's input, whatever the partitioner decides.
         self.recompute_outside = bool(compile) and _has_packed_weights(self.layers[0])
         self.dropout = None
         if compile:
