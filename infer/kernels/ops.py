@@ -1,7 +1,8 @@
 """The Triton kernels of infer.kernels as torch ops (`torch.library.triton_op`, so
 torch.compile keeps them inside the compiled, CUDA-graph-recorded decode step), with their
 launch configurations: a default per shape, or the fastest one `tune_layer` /
-`tune_attention` measured on this GPU.
+`tune_attention` measured on this GPU model (kept on disk by infer.tuning_cache, so a restart
+does not time every candidate again).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
+from infer import tuning_cache
 from infer.kernels.attention import decode_attention_kernel
 from infer.kernels.matvec import NONE, RMSNORM, matvec_kernel, nf4_matvec_kernel
 
@@ -133,7 +135,11 @@ def tune(shape: tuple, run) -> tuple[int, int, int, int]:
         limit //= 2
     candidates = dict.fromkeys((bn, _block_k(k, bk, max(16, blocksize)), warps, per_sm)
                                for bn, bk, warps, per_sm in configs)
-    best = _fastest([c for c in candidates if c[0] * c[1] <= limit], run)
+    candidates = [c for c in candidates if c[0] * c[1] <= limit]
+    best = tuning_cache.lookup("matvec", shape)
+    if best not in candidates:  # none saved for this GPU, or from another set of candidates
+        best = _fastest(candidates, run)
+        tuning_cache.remember("matvec", shape, best)
     _chosen[shape] = best
     return best
 
@@ -204,6 +210,8 @@ def norm_matvec_beats_linear(layer, norm_weight, eps: float) -> bool:
     for this layer's shape (asked of the output head, the largest single read); measured
     once per shape, from CUDA-graph replays."""
     key = (layer.out_features, layer.in_features, layer.weight.dtype)
+    if key not in _beats_linear and tuning_cache.lookup("head", key) is not None:
+        _beats_linear[key] = bool(tuning_cache.lookup("head", key))
     if key not in _beats_linear:
         x = torch.randn(layer.in_features, device=layer.weight.device, dtype=layer.weight.dtype)
         runs = {"kernel": lambda: matvec(x, layer, norm=norm_weight, eps=eps), "cuBLAS": lambda: layer(x)}
@@ -212,6 +220,7 @@ def norm_matvec_beats_linear(layer, norm_weight, eps: float) -> bool:
             run()  # compile / pick the algorithm outside the graph
             ms[name] = replay_ms(run)
         _beats_linear[key] = ms["kernel"] <= ms["cuBLAS"]
+        tuning_cache.remember("head", key, _beats_linear[key])
         log.info("output projection: kernel %.1f us, cuBLAS %.1f us (without the norm)", ms["kernel"] * 1e3, ms["cuBLAS"] * 1e3)
     return _beats_linear[key]
 
@@ -285,6 +294,11 @@ def tune_attention(heads: int, kv_heads: int, head_dim: int, slots: int, dtype, 
     key = (heads, kv_heads, head_dim, slots)
     if key in _attention_chosen:
         return _attention_chosen[key]
+    fits = [cfg for cfg in ATTENTION_CONFIGS if cfg[0] <= max(64, triton.next_power_of_2(slots))]
+    saved = tuning_cache.lookup("attention", key)
+    if saved in fits:
+        _attention_chosen[key] = saved
+        return saved
     keys = torch.randn(1, kv_heads, slots, head_dim, device=device, dtype=dtype)
     values = torch.randn_like(keys)
     qkv = torch.randn(1, (heads + 2 * kv_heads) * head_dim, device=device, dtype=dtype)
@@ -295,8 +309,8 @@ def tune_attention(heads: int, kv_heads: int, head_dim: int, slots: int, dtype, 
     def run(cfg):
         _launch_attention(qkv, cos, sin, keys, values, out, lens, rows, heads, kv_heads, head_dim ** -0.5, cfg)
 
-    fits = [cfg for cfg in ATTENTION_CONFIGS if cfg[0] <= max(64, triton.next_power_of_2(slots))]
     _attention_chosen[key] = _fastest(fits, run)
+    tuning_cache.remember("attention", key, _attention_chosen[key])
     return _attention_chosen[key]
 
 
