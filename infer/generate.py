@@ -23,7 +23,7 @@
 * `compile`: "auto" (CUDA: inductor + CUDA graphs; CPU: eager), False, True, an inductor
   mode name, or a dynamo backend (name or callable, e.g. tests' compile counters).
 * `compile_prefill`: compile the first chunk of prompts too (symbolic batch and length:
-  two graphs); "auto" = on CUDA whenever the decode step compiles.
+  two graphs); "auto" = on CUDA when the decode step compiles and runs infer.decoder's forward.
 * `quant_kernels`: for bitsandbytes-quantized models, "compiled" swaps their layers (in
   place) for ones whose dequantization inductor fuses into the matmul (infer.quantized_layers);
   "bitsandbytes" keeps bitsandbytes' kernels; "auto" = compiled when inductor runs on CUDA.

@@ -105,12 +105,13 @@ class ModelRunner:
         # The first chunk of joining prompts, compiled with symbolic batch and length (two
         # graphs: one row, several rows). Eager, its host time on an H200 (1B model) was
         # ~20 ms per prefill, launch by launch: a long stall for the streams decoding beside
-        # it. "auto": compiled on CUDA when the decode step is; on the CPU eager launches
-        # cost little next to the work.
+        # it. "auto": compiled on CUDA when the decode step is and the forward is
+        # infer.decoder's (the transformers forward of other models is not known to trace
+        # whole with symbolic shapes); on the CPU eager launches cost little next to the work.
         if compile_prefill not in ("auto", True, False):
             raise ValueError(f"compile_prefill must be auto, True or False, got {compile_prefill!r}")
         if compile_prefill == "auto":
-            compile_prefill = self.compile_mode is not None and dev.type == "cuda"
+            compile_prefill = self.compile_mode is not None and dev.type == "cuda" and self.decoder is not None
         self.compiled_prefill = bool(compile_prefill and self.compile_mode is not None)
         self._fresh = self._compiled(self._fresh_impl, prefill=True) if self.compiled_prefill else self._fresh_impl
 

@@ -113,6 +113,10 @@ def test_compiled_prefill_is_two_graphs_for_every_prompt_shape_and_matches_eager
     assert compiled[:5] == expected
     assert [r.token_ids for r in compiled[5]] == expected[1:]
     assert [r.token_ids for r in compiled[6]] == expected[:3]
+    # the transformers forward (fused=False) traces whole too, when asked for
+    hf = Generator(model, tok, max_batch_size=4, max_seq_len=64, compile=CompileCounter(), compile_prefill=True,
+                   fused=False)
+    assert [r.token_ids for r in hf.generate(prompts[1:], params)] == expected[1:]
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(model, tok):
