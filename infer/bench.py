@@ -39,7 +39,7 @@ from infer.errors import ArgumentParser
 from infer.loading import DTYPE_CHOICES
 from infer.quiet import add_verbose_option
 from infer.random_model import ARCHITECTURES
-ROWS = ("baseline", "static", "compile", "inductor", "batch", "int8", "nf4", "nf4-inductor", "nf4-bnb", "w8", "w4",
+ROWS = ("baseline", "static", "compile", "prefill-eager", "inductor", "batch", "int8", "nf4", "nf4-inductor", "nf4-bnb", "w8", "w4",
         "assistant", "lookup")
 # Row names the targets are read from (exact: "static + compile, inductor only" is another row).
 BASELINE, COMPILED = "baseline (HF dynamic cache)", "static + compile"
@@ -316,6 +316,16 @@ def run_bench(
         if profile and dev.type == "cuda":
             results[sizes.index(1) - len(sizes)]["profile"] = prof = profile_decode(gen, one[0])
             log(f"    profile: {prof}")
+        del gen
+    if "prefill-eager" in rows:  # the compiled decode step with prefill op by op: what compiling it buys (TTFT)
+        sizes = sorted({1, *batch_sizes}) if "batch" in rows else [1]
+        gen = Generator(target, tokenizer, max_batch_size=max(sizes), compile=compile, compile_prefill=False, **common)
+        if gen.compile_mode is None or dev.type != "cuda":
+            log("  prefill-eager: skipped, prefill compiles only with the compiled step on CUDA (it is eager here already)")
+        else:
+            for b in sizes:
+                record("static + compile, prefill eager", b, time_generator(gen, all_prompts[:b], new_tokens, repeats, dev),
+                       target, weights)
         del gen
     if "inductor" in rows:  # the same compiled step without infer.kernels, for comparison
         gen = Generator(target, tokenizer, max_batch_size=1, compile=compile, kernels="none", **common)
