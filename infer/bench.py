@@ -40,7 +40,7 @@ from infer.loading import DTYPE_CHOICES
 from infer.quiet import add_verbose_option
 from infer.random_model import ARCHITECTURES
 ROWS = ("baseline", "static", "compile", "inductor", "batch", "int8", "nf4", "nf4-inductor", "nf4-bnb", "w8", "w4",
-        "assistant", "lookup")
+        "q8", "q4", "assistant", "lookup")
 # Row names the targets are read from (exact: "static + compile, inductor only" is another row).
 BASELINE, COMPILED = "baseline (HF dynamic cache)", "static + compile"
 # bench row -> (quantization, row name, Generator options)
@@ -52,6 +52,9 @@ QUANT_ROWS = {
     # weight-only layers on PyTorch's CPU kernels (infer.cpu_quant): the CPU's quantized rows
     "w8": ("w8", "w8 (CPU int8 kernels)", {}),
     "w4": ("w4", "w4 (CPU int4 kernels)", {}),
+    # block-quantized layers on infer.cpu_kernel's AVX2 ops
+    "q8": ("q8", "q8 (AVX2 block kernels)", {}),
+    "q4": ("q4", "q4 (AVX2 block kernels)", {}),
 }
 
 

@@ -17,9 +17,9 @@ from infer.run_directory import RunDirectory
 
 log = logging.getLogger(__name__)
 
-QUANT_CHOICES = ("none", "int8", "nf4", "fp4", "w8", "w4")
+QUANT_CHOICES = ("none", "int8", "nf4", "fp4", "w8", "w4", "q8", "q4")
 BNB_QUANTS = ("int8", "nf4", "fp4")
-CPU_QUANTS = ("w8", "w4")  # infer.cpu_quant
+CPU_QUANTS = ("w8", "w4", "q8", "q4")  # infer.cpu_quant
 # What `auto` picks on the CPU. w8 decodes faster at batch 1 but slower batched (the demo's
 # 200-row eval: 108 s against fp32's 88 s, the same 97.5% exact match), so fp32 stays the default.
 CPU_DEFAULT_QUANT = "none"
@@ -48,7 +48,8 @@ def load(
     """Return (model, tokenizer) ready for generation.
 
     quant: none | int8 | nf4 | fp4 (bitsandbytes) | w8 | w4 (weight-only layers on PyTorch's
-    CPU kernels, infer.cpu_quant; CPU only) | auto (the CPU default, CPU_DEFAULT_QUANT, on
+    CPU kernels) | q8 | q4 (block-quantized layers on infer.cpu_kernel's AVX2 ops; both
+    infer.cpu_quant, CPU only) | auto (the CPU default, CPU_DEFAULT_QUANT, on
     the CPU; none elsewhere). dtype: auto (CUDA: bf16 where supported, else fp16;
     CPU: fp32) | bf16 | fp16 | fp32 — the precision of everything not quantized.
     compute_dtype (4-bit only): the dtype 4-bit matmuls run in; auto = dtype.
@@ -134,8 +135,9 @@ def load(
         model = PeftModel.from_pretrained(model, run_adapter["adapter"], is_trainable=False).get_base_model()
     model.eval()
     if cpu_quant:
-        from infer.cpu_quant import quantize_for_cpu
+        from infer.cpu_quant import block_kernels_fallback, quantize_for_cpu
 
+        cpu_quant = block_kernels_fallback(cpu_quant)  # q4 / q8 without AVX2: w4 / w8
         quantize_for_cpu(model, cpu_quant)
         effective_quant = cpu_quant
     if tokenizer.pad_token_id is None:
