@@ -6,7 +6,9 @@ Rows: `baseline` (transformers `generate`, dynamic cache, no compile), `static` 
 cache, eager), `compile` (static cache + compiled decode step with CUDA graphs), `batch`
 (compile at each --batch-sizes > 1), `int8` / `nf4` (bitsandbytes weights run through the
 compiled dequantizing layers), `nf4-bnb` (bitsandbytes' own kernels, static cache, eager),
-`w8` / `w4` (weight-only layers on PyTorch's CPU kernels, for `--device cpu`), `assistant` (speculative decoding; assistant = the target's first layers, sharing its
+`w8` / `w4` (weight-only layers on PyTorch's CPU kernels, for `--device cpu`), `q8` / `q4`
+(block-quantized layers on infer.cpu_kernel's AVX2 ops, `--device cpu`; these four rows
+compile the step on the CPU unless --compile off), `assistant` (speculative decoding; assistant = the target's first layers, sharing its
 embeddings), `lookup` (prompt-lookup decoding). Greedy, end-of-sequence ignored so every
 row decodes exactly --new-tokens tokens. Warm-up (compilation, CUDA-graph recording) is
 never timed; each timed figure is the median of --repeats runs.
@@ -248,7 +250,7 @@ def run_bench(
     import transformers
 
     from infer.generate import Generator
-    from infer.loading import load, resolve_device, resolve_dtype, weight_bytes
+    from infer.loading import CPU_QUANTS, load, resolve_device, resolve_dtype, weight_bytes
 
     unknown = set(rows) - set(ROWS)
     if unknown:
@@ -329,7 +331,10 @@ def run_bench(
             continue
         qmodel, qtok = load(source, quant=quant, dtype=dtype, device=device)
         stored = weight_bytes(qmodel)
-        gen = Generator(qmodel, qtok, max_batch_size=1, **{"compile": compile, **options}, **common)
+        row_compile = compile
+        if compile == "auto" and dev.type == "cpu" and quant in CPU_QUANTS:
+            row_compile = True  # the CPU rows measure the compiled step (its warm-up is not timed)
+        gen = Generator(qmodel, qtok, max_batch_size=1, **{"compile": row_compile, **options}, **common)
         runtime = weight_bytes(qmodel)  # compiled layers keep block scales expanded (no double quant)
         record(label, 1, time_generator(gen, one, new_tokens, repeats, dev), qmodel, runtime,
                note=f"stored {stored / 1e9:.2f} GB ({stored / weights:.0%} of {str(torch_dtype).removeprefix('torch.')})")

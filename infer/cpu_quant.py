@@ -171,8 +171,9 @@ class Q4BlockLinear(nn.Module):
 
     def forward(self, x):
         y = torch.ops.tunewright.q4_linear(x.reshape(-1, self.in_features).float(), self.codes, self.scale, self.minimum)
-        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        return y + self.bias if self.bias is not None else y
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     fused_dims = {"codes": 0, "scale": 0, "minimum": 0}
 
@@ -207,8 +208,9 @@ class Q8BlockLinear(nn.Module):
 
     def forward(self, x):
         y = torch.ops.tunewright.q8_linear(x.reshape(-1, self.in_features).float(), self.codes, self.scale)
-        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        return y + self.bias if self.bias is not None else y
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     fused_dims = {"codes": 0, "scale": 0}
 

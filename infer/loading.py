@@ -22,7 +22,7 @@ BNB_QUANTS = ("int8", "nf4", "fp4")
 CPU_QUANTS = ("w8", "w4", "q8", "q4")  # infer.cpu_quant
 # What `auto` picks on the CPU. w8 decodes faster at batch 1 but slower batched (the demo's
 # 200-row eval: 108 s against fp32's 88 s, the same 97.5% exact match), so fp32 stays the default.
-CPU_DEFAULT_QUANT = "none"
+CPU_DEFAULT_QUANT = "q8"
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")

@@ -86,12 +86,14 @@ def test_engine_greedy_equals_dequantized_reference(tiny_model_dir, quant):
     assert out.token_ids == expected
 
 
-def test_compiled_cpu_step_equals_eager(tiny_model_dir):
+@pytest.mark.parametrize("quant", ["w4", "q8", "q4"])
+def test_compiled_cpu_step_equals_eager(tiny_model_dir, quant):
     from infer.generate import Generator
     from infer.loading import load
     from infer.sampling import SamplingParams
 
-    model, tokenizer = load(tiny_model_dir, quant="w4", device="cpu")
+    model, tokenizer = load(tiny_model_dir, quant=quant, device="cpu")
+    assert model.tunewright["quant"] == quant
     prompt = _prompt(tokenizer)
     params = SamplingParams(max_new_tokens=10, ignore_eos=True)
     eager = Generator(model, tokenizer, max_batch_size=1, max_seq_len=64, compile=False).generate([prompt], params)[0]
