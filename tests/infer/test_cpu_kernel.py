@@ -56,6 +56,21 @@ def test_block_layer_computes_dequantize_then_linear(quant, rows):
 
 
 @pytest.mark.parametrize("quant", ["q4", "q8"])
+def test_many_rows_dequantize_then_multiply(quant):
+    from infer.cpu_quant import DEQUANTIZE_ROWS
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 40)
+    layer = LAYERS[quant].from_linear(linear)
+    x = torch.randn(DEQUANTIZE_ROWS, 64)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.dequantize(), linear.bias))
+    # One row fewer runs the int8 kernel: not the same numbers, the same within its rounding bound.
+    below = layer(x[1:])
+    assert not torch.equal(below, layer(x)[1:])
+    assert ((below - layer(x)[1:]).abs() <= _rounding_bound(x[1:], layer.dequantize()) * 1.001 + 1e-5).all()
+
+
+@pytest.mark.parametrize("quant", ["q4", "q8"])
 def test_block_weights_are_close_to_the_float_weights(quant):
     torch.manual_seed(0)
     linear = nn.Linear(64, 32, bias=False)
