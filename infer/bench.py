@@ -9,7 +9,9 @@ compiled dequantizing layers), `nf4-bnb` (bitsandbytes' own kernels, static cach
 `w8` / `w4` (weight-only layers on PyTorch's CPU kernels, for `--device cpu`), `q8` / `q4`
 (block-quantized layers on infer.cpu_kernel's AVX2 ops, `--device cpu`; these four rows
 compile the step on the CPU unless --compile off), `assistant` (speculative decoding; assistant = the target's first layers, sharing its
-embeddings), `lookup` (prompt-lookup decoding). Greedy, end-of-sequence ignored so every
+embeddings), `lookup` (prompt-lookup decoding), `llama.cpp` (`--device cpu`, when a
+`llama-completion` or `llama-cli` binary is on PATH: the model exported to a q8_0 GGUF
+by infer.gguf_file, the same prompt as text, threads = cores; its own timing). Greedy, end-of-sequence ignored so every
 row decodes exactly --new-tokens tokens. Warm-up (compilation, CUDA-graph recording) is
 never timed; each timed figure is the median of --repeats runs.
 
@@ -31,6 +33,7 @@ import argparse
 import gc
 import json
 import logging
+import re
 import statistics
 import sys
 import tempfile
@@ -42,7 +45,9 @@ from infer.loading import DTYPE_CHOICES
 from infer.quiet import add_verbose_option
 from infer.random_model import ARCHITECTURES
 ROWS = ("baseline", "static", "compile", "inductor", "batch", "int8", "nf4", "nf4-inductor", "nf4-bnb", "w8", "w4",
-        "q8", "q4", "assistant", "lookup")
+        "q8", "q4", "assistant", "lookup", "llama.cpp")
+LLAMA_CPP_BINARIES = ("llama-completion", "llama-cli")
+LLAMA_CPP_QUANT = "q8_0"  # the GGUF layout of the q8 row
 # Row names the targets are read from (exact: "static + compile, inductor only" is another row).
 BASELINE, COMPILED = "baseline (HF dynamic cache)", "static + compile"
 # bench row -> (quantization, row name, Generator options)
@@ -193,6 +198,48 @@ def time_generator(gen, prompts, new_tokens: int, repeats: int, device) -> dict:
         row["acceptance"] = accepted / drafted
         row["tokens_per_call"] = decoded / steps
     return row
+
+
+_LLAMA_EVAL_TIME = re.compile(r"(?<!prompt )eval time\s*=\s*([\d.]+) ms\s*/\s*(\d+) (?:runs|tokens)")
+_LLAMA_PROMPT_TIME = re.compile(r"prompt eval time\s*=\s*([\d.]+) ms")
+
+
+def time_llama_cpp(model, tokenizer, prompt: list[int], new_tokens: int, repeats: int, workdir: Path,
+                   binary: str | None = None) -> dict | None:
+    """llama.cpp on the same model (exported to a q8_0 GGUF) and prompt (as text), greedy,
+    end-of-sequence ignored, one thread per core; decode tokens/s from its own timing lines
+    (median of `repeats`). None when no llama.cpp binary is on PATH."""
+    import os
+    import shutil
+    import subprocess
+
+    from infer.gguf_file import write_gguf
+
+    binary = binary or next((b for b in map(shutil.which, LLAMA_CPP_BINARIES) if b), None)
+    if binary is None:
+        return None
+    gguf = workdir / f"model-{LLAMA_CPP_QUANT}.gguf"
+    if not gguf.exists():
+        write_gguf(model, tokenizer, gguf, quant=LLAMA_CPP_QUANT)
+    command = [binary, "-m", str(gguf), "-p", tokenizer.decode(prompt), "-n", str(new_tokens), "--temp", "0",
+               "--ignore-eos", "-t", str(os.cpu_count() or 1), "--no-warmup"]
+    if Path(binary).name == "llama-cli":
+        command.append("-no-cnv")  # newer llama-cli starts a conversation; this runs the prompt once
+    runs = []
+    subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)  # warm-up
+    for _ in range(repeats):
+        out = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+        text = out.stdout + out.stderr
+        decode, prompt_time = _LLAMA_EVAL_TIME.search(text), _LLAMA_PROMPT_TIME.search(text)
+        if out.returncode != 0 or decode is None:
+            raise RuntimeError(f"{' '.join(command[:3])} ... exited with {out.returncode} and no timing line: "
+                               f"{text.strip()[-500:]}")
+        runs.append((float(decode.group(2)) / (float(decode.group(1)) / 1e3),
+                     float(prompt_time.group(1)) if prompt_time else float("nan")))
+    runs.sort()
+    tok_s, ttft_ms = runs[len(runs) // 2]
+    return dict(ttft_ms=ttft_ms, decode_tok_s=tok_s, aggregate_tok_s=tok_s, peak_gb=None, binary=Path(binary).name,
+                note="llama.cpp's own eval timing; prompt re-tokenized from text")
 
 
 def profile_decode(gen, prompt, steps: int = 32) -> dict:
@@ -355,6 +402,17 @@ def run_bench(
         gen = Generator(target, tokenizer, max_batch_size=1, compile=compile, prompt_lookup=num_draft, **common)
         record(f"prompt lookup, k={num_draft}", 1, time_generator(gen, one, new_tokens, repeats, dev), None, weights)
         del gen
+    if "llama.cpp" in rows and dev.type == "cpu":
+        from infer.gguf_file import ExportError
+
+        try:
+            row = time_llama_cpp(target, tokenizer, one[0], new_tokens, repeats, Path(workdir.name))
+        except ExportError as e:  # e.g. the random architectures' word-level tokenizer
+            row = None
+            log(f"llama.cpp row skipped: {e}")
+        if row is not None:
+            binary, note = row.pop("binary"), row.pop("note")
+            record(f"llama.cpp {LLAMA_CPP_QUANT} ({binary})", 1, row, note=note)
     del target
     _reset_peak(dev)
     workdir.cleanup()
