@@ -103,6 +103,27 @@ def test_compiled_cpu_step_equals_eager(tiny_model_dir, quant):
     assert compiled.token_ids == eager.token_ids
 
 
+def test_compiled_cpu_step_variants_after_warm_up_equal_eager(tiny_model_dir):
+    """Once a step variant has run, the CPU step skips dynamo's guards but the ones that tell
+    variants apart: a sampled request after greedy ones (and greedy after sampled, batch 1
+    after batch 2) must still run its own compiled variant."""
+    from infer.generate import Generator
+    from infer.loading import load
+    from infer.sampling import SamplingParams
+
+    model, tokenizer = load(tiny_model_dir, quant="q8", device="cpu")
+    prompts = [_prompt(tokenizer), _prompt(tokenizer)[:-3]]
+    greedy = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    sampled = SamplingParams(max_new_tokens=10, ignore_eos=True, temperature=1.0, seed=7)
+    eager = Generator(model, tokenizer, max_batch_size=2, max_seq_len=64, compile=False)
+    compiled = Generator(model, tokenizer, max_batch_size=2, max_seq_len=64, compile=True)
+    for params, batch in [(greedy, prompts[:1]), (greedy, prompts[:1]), (sampled, prompts[:1]), (greedy, prompts),
+                          (greedy, prompts[:1]), (sampled, prompts[:1]), (sampled, prompts), (greedy, prompts)]:
+        expected = [r.token_ids for r in eager.generate(batch, params)]
+        assert [r.token_ids for r in compiled.generate(batch, params)] == expected, (params.temperature, len(batch))
+    assert len(compiled.runner._warm_variants) >= 4
+
+
 def test_cpu_quant_refuses_what_it_cannot_do(tiny_model_dir):
     from infer.loading import CPU_DEFAULT_QUANT, LoadError, load, resolve_quant
 
