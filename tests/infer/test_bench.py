@@ -99,3 +99,7 @@ def test_copy_bandwidth_and_targets():
     assert targets["static+compile >= 5x dynamic baseline"]["value"] == 7.0
     assert targets["nf4 stored weights <= 45% of 16-bit"]["met"]
     assert not targets["batch 32 aggregate >= 10x batch 1"]["met"]  # 6400 / 700 = 9.1
+    q8 = dict(name="q8 (AVX2 block kernels)", batch=1, decode_tok_s=99.0, aggregate_tok_s=99.0)
+    cpu = check_targets(dict(rows=[q8], device="cpu", model="smollm2-135m-instruct"))
+    assert [(t["target"], t["met"]) for t in cpu] == [("q8 (the CPU default) batch-1 decode tokens/s, smollm2-135m-instruct", False)]
+    assert check_targets(dict(rows=[q8], device="cpu", model="tiny")) == []  # the floor is for the default model
