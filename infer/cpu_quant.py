@@ -1,8 +1,9 @@
-"""Weight-only int8 / int4 linear layers that run PyTorch's own CPU kernels.
+"""Weight-only int8 / int4 linear layers for the CPU: on PyTorch's own kernels (w8, w4) or
+on infer.cpu_kernel's AVX2 block kernels (q8, q4).
 
-`quantize_for_cpu(model, "w8" | "w4")` replaces the decoder's linear layers (and the
-output head) in place; `infer.load(..., quant="w8")` calls it. No bitsandbytes, nothing
-saved: quantizing the 135M default model at load takes a few seconds.
+`quantize_for_cpu(model, "w8" | "w4" | "q8" | "q4")` replaces the decoder's linear layers
+(and the output head) in place; `infer.load(..., quant="q8")` calls it. No bitsandbytes,
+nothing saved: quantizing the 135M default model at load takes a few seconds.
 
 * w8: `Int8WeightLinear`, one int8 per weight and one scale per output row (symmetric),
   through `aten._weight_int8pack_mm`.
@@ -251,8 +252,9 @@ def quantize_for_cpu(model, quant: str, *, group_size: int = 32, compute_dtype=t
     """Replace the decoder layers' nn.Linear (and the output head) in place; returns how many.
 
     Layers the layout cannot hold (w4: output size not a multiple of 32 or input size not a
-    multiple of group_size; q4 / q8: input size not a multiple of 32) stay as they are. A tied output head is untied: the input
-    embedding keeps full precision (a step reads one row of it), the head is quantized.
+    multiple of group_size; q4 / q8: input size not a multiple of 32) stay as they are. A
+    tied output head is untied: the input embedding keeps full precision (a step reads one
+    row of it), the head is quantized. q4 / q8 become w4 / w8 where the AVX2 ops cannot load.
     """
     if quant not in CPU_QUANTS:
         raise ValueError(f"quant must be one of {', '.join(CPU_QUANTS)}, got {quant!r}")

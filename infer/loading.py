@@ -75,7 +75,7 @@ def load(
         keep_modules = keep_modules.split(",")
     keep_modules = tuple(m.strip() for m in keep_modules if m.strip())
     dev = resolve_device(device)
-    quant = resolve_quant(quant, dev)
+    quant = resolve_quant(quant, dev, adapter=adapter)
     cpu_quant = quant if quant in CPU_QUANTS else None
     if cpu_quant:
         check_cpu_quant(cpu_quant, dev, keep_modules, adapter)
@@ -164,7 +164,8 @@ def add_load_options(p) -> None:
     g = p.add_argument_group("loading")
     g.add_argument("--quant", choices=("auto",) + QUANT_CHOICES, default="auto",
                    help="int8 / nf4 / fp4: bitsandbytes; w8 / w4: weight-only layers on PyTorch's CPU kernels; "
-                        f"auto (default): {CPU_DEFAULT_QUANT} on the CPU, none on a GPU")
+                        "q8 / q4: block-quantized layers on tunewright's AVX2 CPU kernel; "
+                        f"auto (default): {CPU_DEFAULT_QUANT} on the CPU (none with --adapter), none on a GPU")
     g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="precision of unquantized weights; auto = bf16 on CUDA, fp32 on CPU")
     g.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
@@ -246,12 +247,13 @@ def saved_quantization(checkpoint: Path) -> str | None:
     return qc.get("bnb_4bit_quant_type", "nf4")
 
 
-def resolve_quant(quant: str, device) -> str:
+def resolve_quant(quant: str, device, adapter: bool = False) -> str:
     """`auto`: CPU_DEFAULT_QUANT on the CPU (the fastest setting that keeps accuracy there),
-    no quantization elsewhere; other values as given."""
+    no quantization elsewhere, nor with `adapter` (an unmerged LoRA adapter runs on
+    bitsandbytes or unquantized layers, not on the CPU layouts); other values as given."""
     if quant != "auto":
         return quant
-    return CPU_DEFAULT_QUANT if device.type == "cpu" else "none"
+    return CPU_DEFAULT_QUANT if device.type == "cpu" and not adapter else "none"
 
 
 def check_cpu_quant(quant: str, device, keep_modules, adapter: bool) -> None:

@@ -132,5 +132,6 @@ def test_cpu_quant_refuses_what_it_cannot_do(tiny_model_dir):
     assert resolve_quant("auto", torch.device("cpu")) == CPU_DEFAULT_QUANT
     assert resolve_quant("w8", torch.device("cpu")) == "w8"
     assert resolve_quant("auto", torch.device("cuda")) == "none"
+    assert resolve_quant("auto", torch.device("cpu"), adapter=True) == "none"  # the adapter runs unquantized layers
     with pytest.raises(ValueError, match="quant must be one of"):
         quantize_for_cpu(nn.Linear(4, 4), "int3")
