@@ -8,8 +8,9 @@
 // Each row of x is quantized on the fly to int8 per block of 32 (a = round(x / ax),
 // ax = max|x| / 127), so a block's dot product is integer arithmetic: unsigned x signed
 // byte products summed in pairs (maddubs), then in fours (madd), one float multiply-add
-// per block. Output rows are split across threads; each thread reads every weight block
-// once and applies it to up to 4 rows of x.
+// per block. Output rows are split across threads; a thread passes over its weight rows once
+// per 4 rows of x (a layer's share, up to about 1 MB for SmolLM2-135M, stays in L2/L3 between
+// passes: going column by column through all rows of x measured 10% slower at 16 rows).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
