@@ -6,8 +6,12 @@ Rows: `baseline` (transformers `generate`, dynamic cache, no compile), `static` 
 cache, eager), `compile` (static cache + compiled decode step with CUDA graphs), `batch`
 (compile at each --batch-sizes > 1), `int8` / `nf4` (bitsandbytes weights run through the
 compiled dequantizing layers), `nf4-bnb` (bitsandbytes' own kernels, static cache, eager),
-`w8` / `w4` (weight-only layers on PyTorch's CPU kernels, for `--device cpu`), `assistant` (speculative decoding; assistant = the target's first layers, sharing its
-embeddings), `lookup` (prompt-lookup decoding). Greedy, end-of-sequence ignored so every
+`w8` / `w4` (weight-only layers on PyTorch's CPU kernels, for `--device cpu`), `q8` / `q4`
+(block-quantized layers on infer.cpu_kernel's AVX2 ops, `--device cpu`; these four rows
+compile the step on the CPU unless --compile off), `assistant` (speculative decoding; assistant = the target's first layers, sharing its
+embeddings), `lookup` (prompt-lookup decoding), `llama.cpp` (`--device cpu`, when a
+`llama-completion` or `llama-cli` binary is on PATH: the model exported to a q8_0 GGUF
+by infer.gguf_file, the same prompt as text, threads = cores; its own timing). Greedy, end-of-sequence ignored so every
 row decodes exactly --new-tokens tokens. Warm-up (compilation, CUDA-graph recording) is
 never timed; each timed figure is the median of --repeats runs.
 
@@ -29,6 +33,7 @@ import argparse
 import gc
 import json
 import logging
+import re
 import statistics
 import sys
 import tempfile
@@ -39,8 +44,12 @@ from infer.errors import ArgumentParser
 from infer.loading import DTYPE_CHOICES
 from infer.quiet import add_verbose_option
 from infer.random_model import ARCHITECTURES
-ROWS = ("baseline", "static", "compile", "prefill-eager", "inductor", "batch", "int8", "nf4", "nf4-inductor", "nf4-bnb", "w8", "w4",
-        "assistant", "lookup")
+ROWS = ("baseline", "static", "compile", "prefill-eager", "inductor", "batch", "int8", "nf4", "nf4-inductor",
+        "nf4-bnb", "w8", "w4", "q8", "q4", "assistant", "lookup", "llama.cpp")
+LLAMA_CPP_BINARIES = ("llama-completion", "llama-cli")
+# The CPU floor: the embedded default model at batch 1 on a 2-core AVX2 machine.
+CPU_TARGET_MODEL, CPU_TARGET_TOK_S = "smollm2-135m-instruct", 100
+LLAMA_CPP_QUANT = "q8_0"  # the GGUF layout of the q8 row
 # Row names the targets are read from (exact: "static + compile, inductor only" is another row).
 BASELINE, COMPILED = "baseline (HF dynamic cache)", "static + compile"
 # bench row -> (quantization, row name, Generator options)
@@ -52,6 +61,9 @@ QUANT_ROWS = {
     # weight-only layers on PyTorch's CPU kernels (infer.cpu_quant): the CPU's quantized rows
     "w8": ("w8", "w8 (CPU int8 kernels)", {}),
     "w4": ("w4", "w4 (CPU int4 kernels)", {}),
+    # block-quantized layers on infer.cpu_kernel's AVX2 ops
+    "q8": ("q8", "q8 (AVX2 block kernels)", {}),
+    "q4": ("q4", "q4 (AVX2 block kernels)", {}),
 }
 
 
@@ -190,6 +202,48 @@ def time_generator(gen, prompts, new_tokens: int, repeats: int, device) -> dict:
     return row
 
 
+_LLAMA_EVAL_TIME = re.compile(r"(?<!prompt )eval time\s*=\s*([\d.]+) ms\s*/\s*(\d+) (?:runs|tokens)")
+_LLAMA_PROMPT_TIME = re.compile(r"prompt eval time\s*=\s*([\d.]+) ms")
+
+
+def time_llama_cpp(model, tokenizer, prompt: list[int], new_tokens: int, repeats: int, workdir: Path,
+                   binary: str | None = None) -> dict | None:
+    """llama.cpp on the same model (exported to a q8_0 GGUF) and prompt (as text), greedy,
+    end-of-sequence ignored, one thread per core; decode tokens/s from its own timing lines
+    (median of `repeats`). None when no llama.cpp binary is on PATH."""
+    import os
+    import shutil
+    import subprocess
+
+    from infer.gguf_file import write_gguf
+
+    binary = binary or next((b for b in map(shutil.which, LLAMA_CPP_BINARIES) if b), None)
+    if binary is None:
+        return None
+    gguf = workdir / f"model-{LLAMA_CPP_QUANT}.gguf"
+    if not gguf.exists():
+        write_gguf(model, tokenizer, gguf, quant=LLAMA_CPP_QUANT)
+    command = [binary, "-m", str(gguf), "-p", tokenizer.decode(prompt), "-n", str(new_tokens), "--temp", "0",
+               "--ignore-eos", "-t", str(os.cpu_count() or 1), "--no-warmup"]
+    if Path(binary).name == "llama-cli":
+        command.append("-no-cnv")  # newer llama-cli starts a conversation; this runs the prompt once
+    runs = []
+    subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)  # warm-up
+    for _ in range(repeats):
+        out = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+        text = out.stdout + out.stderr
+        decode, prompt_time = _LLAMA_EVAL_TIME.search(text), _LLAMA_PROMPT_TIME.search(text)
+        if out.returncode != 0 or decode is None:
+            raise RuntimeError(f"{' '.join(command[:3])} ... exited with {out.returncode} and no timing line: "
+                               f"{text.strip()[-500:]}")
+        runs.append((float(decode.group(2)) / (float(decode.group(1)) / 1e3),
+                     float(prompt_time.group(1)) if prompt_time else float("nan")))
+    runs.sort()
+    tok_s, ttft_ms = runs[len(runs) // 2]
+    return dict(ttft_ms=ttft_ms, decode_tok_s=tok_s, aggregate_tok_s=tok_s, peak_gb=None, binary=Path(binary).name,
+                note="llama.cpp's own eval timing; prompt re-tokenized from text")
+
+
 def profile_decode(gen, prompt, steps: int = 32) -> dict:
     """Where a batch-1 decode step's time goes: wall time per step against the GPU's busy
     time per step (kernels summed, from torch.profiler) and the largest kernels."""
@@ -245,7 +299,7 @@ def run_bench(
     import transformers
 
     from infer.generate import Generator
-    from infer.loading import load, resolve_device, resolve_dtype, weight_bytes
+    from infer.loading import CPU_QUANTS, load, resolve_device, resolve_dtype, weight_bytes
 
     unknown = set(rows) - set(ROWS)
     if unknown:
@@ -336,7 +390,10 @@ def run_bench(
             continue
         qmodel, qtok = load(source, quant=quant, dtype=dtype, device=device)
         stored = weight_bytes(qmodel)
-        gen = Generator(qmodel, qtok, max_batch_size=1, **{"compile": compile, **options}, **common)
+        row_compile = compile
+        if compile == "auto" and dev.type == "cpu" and quant in CPU_QUANTS:
+            row_compile = True  # the CPU rows measure the compiled step (its warm-up is not timed)
+        gen = Generator(qmodel, qtok, max_batch_size=1, **{"compile": row_compile, **options}, **common)
         runtime = weight_bytes(qmodel)  # compiled layers keep block scales expanded (no double quant)
         record(label, 1, time_generator(gen, one, new_tokens, repeats, dev), qmodel, runtime,
                note=f"stored {stored / 1e9:.2f} GB ({stored / weights:.0%} of {str(torch_dtype).removeprefix('torch.')})")
@@ -357,6 +414,17 @@ def run_bench(
         gen = Generator(target, tokenizer, max_batch_size=1, compile=compile, prompt_lookup=num_draft, **common)
         record(f"prompt lookup, k={num_draft}", 1, time_generator(gen, one, new_tokens, repeats, dev), None, weights)
         del gen
+    if "llama.cpp" in rows and dev.type == "cpu":
+        from infer.gguf_file import ExportError
+
+        try:
+            row = time_llama_cpp(target, tokenizer, one[0], new_tokens, repeats, Path(workdir.name))
+        except ExportError as e:  # e.g. the random architectures' word-level tokenizer
+            row = None
+            log(f"llama.cpp row skipped: {e}")
+        if row is not None:
+            binary, note = row.pop("binary"), row.pop("note")
+            record(f"llama.cpp {LLAMA_CPP_QUANT} ({binary})", 1, row, note=note)
     del target
     _reset_peak(dev)
     workdir.cleanup()
@@ -397,6 +465,10 @@ def check_targets(report: dict) -> list[dict]:
         out.append(dict(target="nf4 stored weights <= 45% of 16-bit", value=100 * nf4["stored_weight_gb"] / report["weight_gb"], ceiling=45))
         if comp:
             out.append(dict(target="nf4 batch-1 decode >= bf16 static+compile", value=nf4["decode_tok_s"] / comp["decode_tok_s"], floor=1.0))
+    q8 = _find(rows, QUANT_ROWS["q8"][1])
+    if q8 and report.get("device") == "cpu" and report.get("model") == CPU_TARGET_MODEL:
+        out.append(dict(target=f"q8 (the CPU default) batch-1 decode tokens/s, {CPU_TARGET_MODEL}", value=q8["decode_tok_s"],
+                        floor=CPU_TARGET_TOK_S))
     b32 = max((r for r in rows if r["name"] == COMPILED), key=lambda r: r["batch"], default=None)
     if comp and b32 and b32["batch"] > 1:
         out.append(dict(target=f"batch {b32['batch']} aggregate >= 10x batch 1", value=b32["aggregate_tok_s"] / comp["aggregate_tok_s"], floor=10))

@@ -33,10 +33,10 @@ def unsupported_reason(model) -> str | None:
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
         return "unexpected module layout"
-    from infer.cpu_quant import Int4WeightLinear, Int8WeightLinear
+    from infer.cpu_quant import Int4WeightLinear, Int8WeightLinear, Q4BlockLinear, Q8BlockLinear
     from infer.quantized_layers import Int8Linear, NF4Linear
 
-    kinds = (nn.Linear, NF4Linear, Int8Linear, Int8WeightLinear, Int4WeightLinear)
+    kinds = (nn.Linear, NF4Linear, Int8Linear, Int8WeightLinear, Int4WeightLinear, Q4BlockLinear, Q8BlockLinear)
     for layer in inner.layers:
         for proj in _projections(layer):
             if type(proj) not in kinds:  # exact: bitsandbytes layers subclass nn.Linear

@@ -30,10 +30,13 @@ def evaluate_after_training(recipe: Recipe, tuned_model, setup: ModelSetup, exam
     Returns the numbers for metrics.json: scores in percent, n, and `samples` example rows.
     """
     from infer.eval import evaluate_model
-    from infer.loading import resolve_dtype
+    from infer.loading import resolve_dtype, resolve_quant
 
     ev = recipe.eval
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # As `python -m infer eval` scores model/ by default: q8 layers on the CPU (the same exact
+    # match as fp32 on the demo, in less time), unquantized on a GPU.
+    quant = resolve_quant("auto", torch.device(device))
     tokenizer = setup.tokenizer
     # No reference-loss pass: validation loss is already measured, and on CPU it would cost
     # as much again as the generations.
@@ -44,20 +47,34 @@ def evaluate_after_training(recipe: Recipe, tuned_model, setup: ModelSetup, exam
     # In the dtype `python -m infer` loads model/ in (fp32 on CPU, where 16-bit matmuls are slow):
     # the weights are model/'s, the arithmetic is infer's.
     tuned_model.to(device=device, dtype=resolve_dtype("auto", torch.device(device))).eval()
-    tuned = evaluate_model(tuned_model, tokenizer, examples, name="tuned", **kwargs)
+    tuned = evaluate_model(_quantized(tuned_model, quant, copy=True), tokenizer, examples, name="tuned", **kwargs)
     out: dict[str, Any] = {"data": ev.data, "metric": ev.metric, "n": tuned.n, "tuned": round(tuned.score, 2)}
     base = None
     if ev.compare_base:
-        base_model = _load_base(setup, device)
+        base_model = _quantized(_load_base(setup, device), quant, copy=False)
         base = evaluate_model(base_model, tokenizer, examples, name="base", **kwargs)
         del base_model
         _free_memory()
         out["base"] = round(base.score, 2)
         out["gain_points"] = round(tuned.score - base.score, 2)
     out["seconds"] = round(time.perf_counter() - started, 1)
+    out["quant"] = quant
     out["samples"] = _samples(tuned.rows, base.rows if base else None, ev.samples)
     _print_report(out)
     return out
+
+
+def _quantized(model, quant: str, *, copy: bool):
+    """`model` with infer.cpu_quant's `quant` layers (on a copy when the caller keeps using the original)."""
+    if quant == "none":
+        return model
+    import copy as copying
+
+    from infer.cpu_quant import block_kernels_fallback, quantize_for_cpu
+
+    model = copying.deepcopy(model) if copy else model
+    quantize_for_cpu(model, block_kernels_fallback(quant))
+    return model
 
 
 def _load_base(setup: ModelSetup, device: str):
@@ -93,7 +110,8 @@ def _samples(tuned_rows: list[dict], base_rows: list[dict] | None, k: int) -> li
 
 
 def _print_report(out: dict[str, Any]) -> None:
-    lines = [f"\nEval: {out['metric']} on {out['data']} ({out['n']} examples)"]
+    weights = "" if out.get("quant", "none") == "none" else f", {out['quant']} weights"
+    lines = [f"\nEval: {out['metric']} on {out['data']} ({out['n']} examples{weights})"]
     if "base" in out:
         lines.append(f"  base   {out['base']:6.1f}%")
     lines.append(f"  tuned  {out['tuned']:6.1f}%" + (f"   ({out['gain_points']:+.1f} points)" if "base" in out else ""))

@@ -54,12 +54,38 @@ def test_truncated_assistant_shares_the_target_weights():
 
 
 def test_cpu_weight_only_rows_read_fewer_bytes_and_start_like_the_static_cache():
+    # compile off: the compiled CPU step is tested in test_cpu_quant; here only the rows.
     report = run_bench("tiny", prompt_len=8, new_tokens=8, batch_sizes=(1,), repeats=1, device="cpu",
-                       rows=("static", "w8", "w4"), log=lambda *_: None)
-    static, w8, w4 = report["rows"]
+                       rows=("static", "w8", "w4", "q8", "q4"), compile=False, log=lambda *_: None)
+    static, w8, w4, q8, q4 = report["rows"]
     assert (w8["name"], w4["name"]) == ("w8 (CPU int8 kernels)", "w4 (CPU int4 kernels)")
     assert w4["gb_per_token"] < w8["gb_per_token"] < static["gb_per_token"]
-    assert all(r["decode_tok_s"] > 0 for r in (static, w8, w4))
+    assert q4["gb_per_token"] < q8["gb_per_token"] < static["gb_per_token"]
+    assert all(r["decode_tok_s"] > 0 for r in (static, w8, w4, q8, q4))
+
+
+def test_llama_cpp_row_reads_the_binary_timing(tmp_path, tiny_model_dir):
+    """A stand-in `llama-completion` that records its arguments and prints llama.cpp's timing lines."""
+    from infer.bench import time_llama_cpp
+    from infer.loading import load
+
+    binary = tmp_path / "llama-completion"
+    binary.write_text("#!/bin/sh\n"
+                      f"echo \"$@\" > {tmp_path}/args\n"
+                      "echo 'llama_perf_context_print: prompt eval time =      20.00 ms /     8 tokens' >&2\n"
+                      "echo 'llama_perf_context_print:        eval time =     50.00 ms /     7 runs   "
+                      "(    7.14 ms per token,   140.00 tokens per second)' >&2\n")
+    binary.chmod(0o755)
+    model, tokenizer = load(tiny_model_dir, device="cpu")  # a BPE tokenizer: GGUF export writes only those
+    row = time_llama_cpp(model, tokenizer, [5, 6, 7, 8], 8, 3, tmp_path, binary=str(binary))
+    assert row["decode_tok_s"] == pytest.approx(7 / 0.05) and row["ttft_ms"] == 20.0
+    args = (tmp_path / "args").read_text().split()
+    assert args[args.index("-n") + 1] == "8" and args[args.index("--temp") + 1] == "0"
+    assert (tmp_path / "model-q8_0.gguf").stat().st_size > 0 and "--ignore-eos" in args
+
+    binary.write_text("#!/bin/sh\necho 'error: unknown argument: --no-warmup' >&2\nexit 1\n")
+    with pytest.raises(RuntimeError, match="exited with 1 and no timing line: error: unknown argument"):
+        time_llama_cpp(model, tokenizer, [5, 6, 7, 8], 8, 1, tmp_path, binary=str(binary))
 
 
 def test_copy_bandwidth_and_targets():
@@ -73,3 +99,7 @@ def test_copy_bandwidth_and_targets():
     assert targets["static+compile >= 5x dynamic baseline"]["value"] == 7.0
     assert targets["nf4 stored weights <= 45% of 16-bit"]["met"]
     assert not targets["batch 32 aggregate >= 10x batch 1"]["met"]  # 6400 / 700 = 9.1
+    q8 = dict(name="q8 (AVX2 block kernels)", batch=1, decode_tok_s=99.0, aggregate_tok_s=99.0)
+    cpu = check_targets(dict(rows=[q8], device="cpu", model="smollm2-135m-instruct"))
+    assert [(t["target"], t["met"]) for t in cpu] == [("q8 (the CPU default) batch-1 decode tokens/s, smollm2-135m-instruct", False)]
+    assert check_targets(dict(rows=[q8], device="cpu", model="tiny")) == []  # the floor is for the default model

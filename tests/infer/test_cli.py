@@ -114,7 +114,8 @@ def test_eval_checks_every_model_and_its_output_before_scoring(tiny_model_dir, d
     assert main([*run, "--output", str(existing)]) == 2
     assert "already exists" in capsys.readouterr().err and existing.read_text() == "earlier results\n"
     assert main([*run, "--output", str(existing), "--overwrite"]) == 0
-    assert json.loads(existing.read_text().splitlines()[0])["model"] == str(tiny_model_dir)
+    # --quant auto on the CPU is q8, and the label names what auto resolved to.
+    assert json.loads(existing.read_text().splitlines()[0])["model"] == f"{tiny_model_dir}:q8"
     # Without --output: eval-results.jsonl, then a fresh name rather than over the first.
     assert main(run) == 0 and main(run) == 0
     assert sorted(p.name for p in tmp_path.glob("eval-results*")) == ["eval-results-2.jsonl", "eval-results.jsonl"]

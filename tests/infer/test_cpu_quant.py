@@ -86,12 +86,14 @@ def test_engine_greedy_equals_dequantized_reference(tiny_model_dir, quant):
     assert out.token_ids == expected
 
 
-def test_compiled_cpu_step_equals_eager(tiny_model_dir):
+@pytest.mark.parametrize("quant", ["w4", "q8", "q4"])
+def test_compiled_cpu_step_equals_eager(tiny_model_dir, quant):
     from infer.generate import Generator
     from infer.loading import load
     from infer.sampling import SamplingParams
 
-    model, tokenizer = load(tiny_model_dir, quant="w4", device="cpu")
+    model, tokenizer = load(tiny_model_dir, quant=quant, device="cpu")
+    assert model.tunewright["quant"] == quant
     prompt = _prompt(tokenizer)
     params = SamplingParams(max_new_tokens=10, ignore_eos=True)
     eager = Generator(model, tokenizer, max_batch_size=1, max_seq_len=64, compile=False).generate([prompt], params)[0]
@@ -99,6 +101,27 @@ def test_compiled_cpu_step_equals_eager(tiny_model_dir):
     assert compiled_gen.compile_mode is not None
     compiled = compiled_gen.generate([prompt], params)[0]
     assert compiled.token_ids == eager.token_ids
+
+
+def test_compiled_cpu_step_variants_after_warm_up_equal_eager(tiny_model_dir):
+    """Once a step variant has run, the CPU step skips dynamo's guards but the ones that tell
+    variants apart: a sampled request after greedy ones (and greedy after sampled, batch 1
+    after batch 2) must still run its own compiled variant."""
+    from infer.generate import Generator
+    from infer.loading import load
+    from infer.sampling import SamplingParams
+
+    model, tokenizer = load(tiny_model_dir, quant="q8", device="cpu")
+    prompts = [_prompt(tokenizer), _prompt(tokenizer)[:-3]]
+    greedy = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    sampled = SamplingParams(max_new_tokens=10, ignore_eos=True, temperature=1.0, seed=7)
+    eager = Generator(model, tokenizer, max_batch_size=2, max_seq_len=64, compile=False)
+    compiled = Generator(model, tokenizer, max_batch_size=2, max_seq_len=64, compile=True)
+    for params, batch in [(greedy, prompts[:1]), (greedy, prompts[:1]), (sampled, prompts[:1]), (greedy, prompts),
+                          (greedy, prompts[:1]), (sampled, prompts[:1]), (sampled, prompts), (greedy, prompts)]:
+        expected = [r.token_ids for r in eager.generate(batch, params)]
+        assert [r.token_ids for r in compiled.generate(batch, params)] == expected, (params.temperature, len(batch))
+    assert len(compiled.runner._warm_variants) >= 4
 
 
 def test_cpu_quant_refuses_what_it_cannot_do(tiny_model_dir):
@@ -109,5 +132,6 @@ def test_cpu_quant_refuses_what_it_cannot_do(tiny_model_dir):
     assert resolve_quant("auto", torch.device("cpu")) == CPU_DEFAULT_QUANT
     assert resolve_quant("w8", torch.device("cpu")) == "w8"
     assert resolve_quant("auto", torch.device("cuda")) == "none"
+    assert resolve_quant("auto", torch.device("cpu"), adapter=True) == "none"  # the adapter runs unquantized layers
     with pytest.raises(ValueError, match="quant must be one of"):
         quantize_for_cpu(nn.Linear(4, 4), "int3")

@@ -240,4 +240,5 @@ def test_cli_eval_shows_one_bar_per_phase_only_when_wanted(tiny_model_dir, tmp_p
     monkeypatch.setenv("TUNEWRIGHT_PROGRESS", "1")
     assert main([*run, "--output", str(tmp_path / "bars.jsonl")]) == 0
     err = capsys.readouterr().err
-    assert f"{tiny_model_dir}: generating" in err and f"{tiny_model_dir}: loss" in err and "4/4" in err
+    # The label names what --quant auto resolved to: q8 on the CPU.
+    assert f"{tiny_model_dir}:q8: generating" in err and f"{tiny_model_dir}:q8: loss" in err and "4/4" in err
