@@ -127,8 +127,9 @@ def _configure_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if verbose:
         return
-    # transformers / datasets info logs drown the progress bar; their warnings still show.
-    for noisy in ("transformers", "datasets", "trl", "accelerate", "peft", "httpx"):
+    # transformers / datasets info logs drown the progress bar, and the inference engine's
+    # (layers swapped, decoder chosen) are detail next to the eval's own summary; warnings still show.
+    for noisy in ("transformers", "datasets", "trl", "accelerate", "peft", "httpx", "infer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         import datasets
