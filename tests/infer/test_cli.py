@@ -85,8 +85,11 @@ def test_serve_with_a_port_out_of_range_is_one_line_and_exit_2(tiny_model_dir):
 def test_ctrl_c_exits_130_without_traceback(tiny_model_dir):
     """Ctrl-C at the chat prompt, as a user at a terminal sends it: stdin stays open (closing
     it would let the prompt end at end-of-file, exit 0, whichever came first)."""
+    # SIGINT at its default in the child: a test run started in the background by a shell
+    # without job control inherits SIGINT ignored, and so would the chat.
     proc = subprocess.Popen([sys.executable, "-m", "infer", "chat", str(tiny_model_dir)], stdin=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO, env=ENV)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         # "Chat: ..." on stderr: the model is loaded and the prompt waits for the user.
         while not proc.stderr.readline().startswith("Chat:"):
