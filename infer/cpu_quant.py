@@ -139,7 +139,20 @@ class Int4WeightLinear(nn.Module):
                                 self.group_size, self.compute_dtype)
 
 
-class Q4BlockLinear(nn.Module):
+class _BlockLinear(nn.Module):
+    """What q4 and q8 layers share: many input rows (prefill) dequantize and run one float
+    matmul; fewer go through the layer's AVX2 block op (`_block_op`, fp32 rows in)."""
+
+    def forward(self, x):
+        if x.numel() >= DEQUANTIZE_ROWS * self.in_features:
+            return nn.functional.linear(x, self.dequantize().to(x.dtype), self.bias)
+        y = self._block_op(x.reshape(-1, self.in_features).float())
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+class Q4BlockLinear(_BlockLinear):
     """y = x @ W.T (+ bias), W[n, 32 b + j] = code * scale[n, b] + minimum[n, b] (codes 0..15).
 
     codes: (out, in / 2) uint8; byte j of a block's 16 holds column j in its low nibble and
@@ -174,13 +187,8 @@ class Q4BlockLinear(nn.Module):
         codes = torch.cat([packed & 15, packed >> 4], dim=-1).float()
         return (codes * self.scale.float()[..., None] + self.minimum.float()[..., None]).view(n, k)
 
-    def forward(self, x):
-        if x.numel() >= DEQUANTIZE_ROWS * self.in_features:
-            return nn.functional.linear(x, self.dequantize().to(x.dtype), self.bias)
-        y = torch.ops.tunewright.q4_linear(x.reshape(-1, self.in_features).float(), self.codes, self.scale, self.minimum)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+    def _block_op(self, x):
+        return torch.ops.tunewright.q4_linear(x, self.codes, self.scale, self.minimum)
 
     fused_dims = {"codes": 0, "scale": 0, "minimum": 0}
 
@@ -188,7 +196,7 @@ class Q4BlockLinear(nn.Module):
         return Q4BlockLinear(tensors["codes"], tensors["scale"], tensors["minimum"], bias)
 
 
-class Q8BlockLinear(nn.Module):
+class Q8BlockLinear(_BlockLinear):
     """y = x @ W.T (+ bias), W[n, 32 b + j] = code * scale[n, b] (codes -127..127, int8)."""
 
     def __init__(self, codes, scale, bias):
@@ -213,13 +221,8 @@ class Q8BlockLinear(nn.Module):
         n, k = self.out_features, self.in_features
         return (self.codes.view(n, k // BLOCK, BLOCK).float() * self.scale.float()[..., None]).view(n, k)
 
-    def forward(self, x):
-        if x.numel() >= DEQUANTIZE_ROWS * self.in_features:
-            return nn.functional.linear(x, self.dequantize().to(x.dtype), self.bias)
-        y = torch.ops.tunewright.q8_linear(x.reshape(-1, self.in_features).float(), self.codes, self.scale)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+    def _block_op(self, x):
+        return torch.ops.tunewright.q8_linear(x, self.codes, self.scale)
 
     fused_dims = {"codes": 0, "scale": 0}
 

@@ -210,8 +210,8 @@ def norm_matvec_beats_linear(layer, norm_weight, eps: float) -> bool:
     for this layer's shape (asked of the output head, the largest single read); measured
     once per shape, from CUDA-graph replays."""
     key = (layer.out_features, layer.in_features, layer.weight.dtype)
-    if key not in _beats_linear and tuning_cache.lookup("head", key) is not None:
-        _beats_linear[key] = bool(tuning_cache.lookup("head", key))
+    if key not in _beats_linear and (saved := tuning_cache.lookup("head", key)) is not None:
+        _beats_linear[key] = bool(saved)
     if key not in _beats_linear:
         x = torch.randn(layer.in_features, device=layer.weight.device, dtype=layer.weight.dtype)
         runs = {"kernel": lambda: matvec(x, layer, norm=norm_weight, eps=eps), "cuBLAS": lambda: layer(x)}
