@@ -165,6 +165,7 @@ class Engine:
         self.max_logprobs = max_logprobs
         # CUDA: keep two groups of steps queued; CPU steps run as they are called.
         self.groups_in_flight = 2 if self.device.type == "cuda" else 1
+        self._decoded_last_step = True
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.rows: list[Sequence | None] = [None] * max_batch_size
         self.pending: collections.deque[_Fetch] = collections.deque()
@@ -218,7 +219,14 @@ class Engine:
         if self.groups_in_flight == 1:  # steps run as they are called: hand out first tokens first
             while self.pending:
                 events += self._read(self.pending.popleft())
-        queued = self._decode() or queued
+            # ... before the decode group runs (it would hold them back by `sync_interval`
+            # steps), but at most every other step, so a stream of joining prompts never
+            # keeps the running rows from decoding.
+            if events and self._decoded_last_step:
+                self._decoded_last_step = False
+                return events
+        self._decoded_last_step = self._decode()
+        queued = self._decoded_last_step or queued
         while self.pending and (len(self.pending) >= self.groups_in_flight or not queued):
             events += self._read(self.pending.popleft())
         return events

@@ -326,7 +326,10 @@ async def _sse(state, job: _Job, body, rid: str, chat: bool, info):
             break
         tokens[event.index] = event.completion_tokens
         info.completion_tokens = sum(tokens)
-        if event.text or event.logprobs:
+        # A chunk for every event that carries tokens, also when they render as no text yet
+        # (half a character, a special token): a streaming client sees each token arrive, as
+        # vLLM streams them.
+        if event.text or event.logprobs or event.token_ids:
             yield chunk([choice(event.index, event.text, None, event.logprobs)])
         if event.finished:
             remaining -= 1

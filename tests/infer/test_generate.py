@@ -304,3 +304,30 @@ def test_logprobs_are_the_log_softmax_of_the_model_logits(model, tok):
         assert all(abs(lp - v) < 1e-4 for (_, lp), v in zip(top, values.tolist()))
     with pytest.raises(ValueError, match="logprobs: at most 3"):
         gen.generate([PROMPTS[0]], SamplingParams(max_new_tokens=2, logprobs=5))
+
+
+def test_first_tokens_go_out_before_the_decode_group_and_running_rows_keep_decoding(model, tok):
+    """CPU steps run as they are called: the step that prefills a prompt hands out its first
+    token before running a group of `sync_interval` decode steps (which would delay it by
+    that many steps), yet prompts joining at every step never stop the running rows for
+    more than one step in two."""
+    gen = Generator(model, tok, max_batch_size=8, max_seq_len=64, sync_interval=4)
+    engine = gen.engine
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    prompts = [PROMPTS[0], *PROMPTS[1:], *PROMPTS[:2], PROMPTS[2]]
+    seqs = [engine.new_sequence(p, params) for p in prompts]
+    engine.submit(seqs[0])
+    events = engine.step()
+    assert [len(e.token_ids) for e in events] == [1] and engine.decode_steps == 0
+    decoded = []
+    for seq in seqs[1:]:  # one prompt joins at every step
+        engine.submit(seq)
+        before = engine.decode_steps
+        engine.step()
+        assert len(seq.token_ids) >= 1  # its first token came out of the step that prefilled it
+        decoded.append(engine.decode_steps > before)
+    assert decoded == [i % 2 == 0 for i in range(len(decoded))]
+    while engine.has_work:
+        engine.step()
+    for seq, prompt in zip(seqs, prompts):
+        assert seq.token_ids == hf_greedy(model, prompt, 20)

@@ -587,3 +587,32 @@ def test_serve_loads_with_the_same_quantization_options(tiny_model_dir):
     args = build_parser().parse_args([str(tiny_model_dir), "--adapter"])
     with pytest.raises(ValueError, match="adapter/adapter_config.json"):
         load_for_serving(args)
+
+
+def test_a_stream_carries_a_chunk_for_tokens_that_render_no_text_yet():
+    """A token that renders as nothing yet (half a character, a special token) still gets a
+    chunk, as vLLM streams one: the client sees the first token when it is made, not one
+    read-back group later, and the text adds up all the same."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from infer.engine import StreamEvent
+    from infer.serve.app import _sse
+
+    events = [StreamEvent(0, [7], "", completion_tokens=1), StreamEvent(0, [8, 9], "é!", completion_tokens=3),
+              StreamEvent(0, [10], "", True, "length", completion_tokens=4)]
+    job = SimpleNamespace(seqs=[None], events=asyncio.Queue())
+    for e in events:
+        job.events.put_nowait(e)
+    body = SimpleNamespace(include_usage=True, alternatives=None)
+    info = SimpleNamespace(prompt_tokens=3, completion_tokens=0)
+    state = SimpleNamespace(model_name="m")
+
+    async def collect():
+        return [line async for line in _sse(state, job, body, "cmpl-1", False, info)]
+
+    chunks = [json.loads(line[6:]) for line in asyncio.run(collect()) if line != "data: [DONE]\n\n"]
+    token_chunks = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"] is None]
+    assert [c["choices"][0]["text"] for c in token_chunks] == ["", "é!", ""]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 4 and chunks[-1]["choices"] == []
