@@ -220,10 +220,13 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def warm_up(serving, tokenizer, *, with_sampling: bool = True, timeout: float = 900) -> None:
+def warm_up(serving, tokenizer, *, with_sampling: bool = True, timeout: float = 900, prefill_chunk: int = 0) -> None:
     """Requests through the real engine before the port answers 200: every batch-size bucket
     compiles and records its CUDA graph here (not on a user's request), and a model whose
-    cache the engine cannot run fails at start-up. `with_sampling=False`: greedy steps only."""
+    cache the engine cannot run fails at start-up. `with_sampling=False`: greedy steps only.
+    On CUDA, one prompt longer than `prefill_chunk` then runs a full-width first chunk and a
+    later chunk once, so the first long prompt a user sends does not pay for their one-time
+    costs (allocator growth, kernel plans for the large shapes) while streams are running."""
     from infer.sampling import SamplingParams
 
     ids = tokenizer("Hello, world. This is a warm-up.")["input_ids"] or [0]
@@ -233,25 +236,28 @@ def warm_up(serving, tokenizer, *, with_sampling: bool = True, timeout: float = 
     if serving.device_type != "cuda":
         sizes = [1, min(2, serving.max_batch_size)]  # nothing to record on the CPU: check that it runs
     steps = 2 * serving.group_steps + 2
-    for size in sizes:
-        for sampled in (False, True) if with_sampling else (False,):
-            start = time.perf_counter()
-            done = threading.Event()
-            events: list[StreamEvent] = []
+    runs = [(size, sampled, ids) for size in sizes for sampled in ((False, True) if with_sampling else (False,))]
+    long_len = min(prefill_chunk + 64, serving.max_model_len - steps)
+    if serving.device_type == "cuda" and 0 < prefill_chunk < long_len:
+        runs.append((1, False, (ids * (long_len // len(ids) + 1))[:long_len]))
+    for size, sampled, prompt in runs:
+        start = time.perf_counter()
+        done = threading.Event()
+        events: list[StreamEvent] = []
 
-            def emit(event, size=size):
-                events.append(event)
-                if sum(1 for e in events if e.finished) == size:
-                    done.set()
+        def emit(event, size=size):
+            events.append(event)
+            if sum(1 for e in events if e.finished) == size:
+                done.set()
 
-            params = SamplingParams(max_new_tokens=steps, temperature=1.0 if sampled else 0.0, seed=0, ignore_eos=True)
-            seqs = [serving.new_sequence(ids, params, emit, index=i) for i in range(size)]
-            serving.submit(seqs, bounded=False)
-            if not done.wait(timeout=timeout):
-                raise RuntimeError(f"warm-up generation did not finish within {timeout:.0f} s")
-            errors = [e.error for e in events if e.error]
-            if errors:
-                raise RuntimeError(f"warm-up generation failed: {errors[0]}")
-            log.info("warm-up: %d %s sequence(s) in %.1f s", size, "sampled" if sampled else "greedy",
-                     time.perf_counter() - start)
+        params = SamplingParams(max_new_tokens=steps, temperature=1.0 if sampled else 0.0, seed=0, ignore_eos=True)
+        seqs = [serving.new_sequence(prompt, params, emit, index=i) for i in range(size)]
+        serving.submit(seqs, bounded=False)
+        if not done.wait(timeout=timeout):
+            raise RuntimeError(f"warm-up generation did not finish within {timeout:.0f} s")
+        errors = [e.error for e in events if e.error]
+        if errors:
+            raise RuntimeError(f"warm-up generation failed: {errors[0]}")
+        log.info("warm-up: %d %s sequence(s) of %d prompt tokens in %.1f s", size, "sampled" if sampled else "greedy",
+                 len(prompt), time.perf_counter() - start)
     log.info("warm-up: %d decode graphs recorded", serving.graph_count)

@@ -135,7 +135,8 @@ class ServerState:
             started = time.perf_counter()
             serving, tokenizer = self._start_engine()
             if self.args.warm_up != "none":
-                warm_up(serving, tokenizer, with_sampling=self.args.warm_up == "all")
+                warm_up(serving, tokenizer, with_sampling=self.args.warm_up == "all",
+                        prefill_chunk=self.args.prefill_chunk)
             serving.warmed_up()
             freeze_startup_objects()
             # Metrics start after the warm-up so that they count user requests only.
