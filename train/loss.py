@@ -64,6 +64,48 @@ def use_full_logits_loss(model: nn.Module) -> None:
     base.forward = types.MethodType(forward, base)
 
 
+def use_labeled_positions_loss(model: nn.Module, *, max_logits: int = 1 << 26) -> None:
+    """On devices without Triton (the CPU), score only the positions that have a label.
+
+    TRL's fused head projects only the labeled positions where it runs its Triton kernel; elsewhere
+    it scores every position (to keep tile shapes fixed for compilers that would recompile), which
+    on the CPU spends a fifth of a completion-only run's time on prompt positions whose loss is
+    masked out. Here the backbone runs as in TRL's head, then the LM head projects the labeled
+    positions only, as full logits (few: completion tokens), and the fields TRL's `compute_loss`
+    reads come back scattered to every position. Calls with more than `max_logits` labeled
+    logits (long completions) and models with logit scaling or soft-capping go to TRL's head.
+    """
+    base = lm_base(model)
+    trl_forward = base.forward
+    if getattr(trl_forward, "_tunewright_labeled_positions", False):
+        return
+    config = base.config.get_text_config()
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return
+    vocab = base.get_output_embeddings().weight.shape[0]
+
+    @functools.wraps(type(base).forward)
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        targets = shift_labels if shift_labels is not None else (labels[:, 1:] if labels is not None else None)
+        mask = targets != -100 if targets is not None else None
+        if not fused_lm_head or mask is None or int(mask.sum()) * vocab > max_logits:
+            return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                               num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.get_decoder()(*args, **kwargs).last_hidden_state
+        if shift_labels is None:
+            hidden = hidden[:, :-1]
+        logits = self.get_output_embeddings()(hidden[mask.to(hidden.device)])[None]
+        out = per_token_outputs(logits, None, targets[mask][None], num_items_in_batch)
+        mask = mask.to(logits.device)
+        spread = {name: out[name].new_zeros(mask.shape).masked_scatter(mask, out[name][0])
+                  for name in ("log_probs", "entropy", "is_top1")}
+        return type(out)(loss=out.loss, label_mask=mask, **spread)
+
+    forward._tunewright_labeled_positions = True
+    base.forward = types.MethodType(forward, base)
+
+
 def per_token_outputs(logits: torch.Tensor, labels, shift_labels, num_items_in_batch):
     """TRL's `FusedCausalLMOutput` fields (log_probs, entropy, is_top1, label_mask, loss) from full logits."""
     from trl.trainer.utils import FusedCausalLMOutput

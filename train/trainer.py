@@ -127,6 +127,10 @@ def build_trainer(recipe: Recipe, setup: ModelSetup, datasets: dict, run: RunDir
         from train.loss import use_full_logits_loss
 
         use_full_logits_loss(trainer.model)
+    elif not setup.device.startswith("cuda"):
+        from train.loss import use_labeled_positions_loss
+
+        use_labeled_positions_loss(trainer.model)
     return trainer, recorder, stopper
 
 

@@ -77,7 +77,7 @@ def test_fused_head_equals_full_logits_and_the_model_loss(method):
     batch, with the loss divided by a num_items_in_batch from a larger accumulated batch."""
     from trl.trainer.utils import add_fused_lm_head
 
-    from train.loss import lm_base, use_full_logits_loss
+    from train.loss import lm_base, use_full_logits_loss, use_labeled_positions_loss
 
     batch = completion_only_padding_free_batch()
     assert batch["input_ids"].shape[0] == 1 and (batch["position_ids"][0] == 0).sum() == 3
@@ -89,6 +89,8 @@ def test_fused_head_equals_full_logits_and_the_model_loss(method):
     reference = loss_and_grads(model, batch, num_items_in_batch=n_items)  # the model's own loss function
     add_fused_lm_head(lm_base(model), outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer does
     fused = loss_and_grads(model, batch, fused_lm_head=True, num_items_in_batch=n_items)
+    use_labeled_positions_loss(model)  # the CPU path: only labeled positions reach the head
+    labeled = loss_and_grads(model, batch, fused_lm_head=True, num_items_in_batch=n_items)
     use_full_logits_loss(model)
     full = loss_and_grads(model, batch, fused_lm_head=True, num_items_in_batch=n_items)
 
@@ -97,7 +99,7 @@ def test_fused_head_equals_full_logits_and_the_model_loss(method):
         assert "lm_head.weight" in trainable
     else:
         assert trainable and all("lora_" in n for n in trainable)
-    for loss, grads in (fused, full):
+    for loss, grads in (fused, labeled, full):
         assert torch.allclose(loss, reference[0], rtol=1e-5), (loss, reference[0])
         for name, ref in reference[1].items():
             assert rel(grads[name], ref) < 1e-4, name
@@ -136,22 +138,25 @@ def test_full_logits_fields_match_the_fused_head():
     """Accuracy and entropy (what TRL logs) agree; ignored positions are zero in both."""
     from trl.trainer.utils import add_fused_lm_head
 
-    from train.loss import lm_base, use_full_logits_loss
+    from train.loss import lm_base, use_full_logits_loss, use_labeled_positions_loss
 
     batch = completion_only_padding_free_batch(seed=3)
     model = tiny_llama("full").eval()
     add_fused_lm_head(lm_base(model), outputs=("log_probs", "entropy", "is_top1"))
     with torch.no_grad():
         fused = model(**batch, fused_lm_head=True)
+        use_labeled_positions_loss(model)
+        labeled = model(**batch, fused_lm_head=True)
         use_full_logits_loss(model)
         full = model(**batch, fused_lm_head=True)
         plain = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])  # generation path kept
     assert plain.logits.shape[-1] == 300
-    assert torch.equal(fused.label_mask, full.label_mask)
-    assert torch.equal(fused.is_top1, full.is_top1)
-    assert torch.allclose(fused.entropy, full.entropy, atol=1e-4)
-    assert torch.allclose(fused.log_probs, full.log_probs, atol=1e-4)
-    assert (full.log_probs[~full.label_mask] == 0).all() and (full.entropy[~full.label_mask] == 0).all()
+    for other in (labeled, full):
+        assert torch.equal(fused.label_mask, other.label_mask)
+        assert torch.equal(fused.is_top1, other.is_top1)
+        assert torch.allclose(fused.entropy, other.entropy, atol=1e-4)
+        assert torch.allclose(fused.log_probs, other.log_probs, atol=1e-4)
+        assert (other.log_probs[~other.label_mask] == 0).all() and (other.entropy[~other.label_mask] == 0).all()
 
 
 def test_chunked_loss_key_is_a_boolean(tmp_path):
