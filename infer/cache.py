@@ -41,6 +41,9 @@ class StaticKVCache:
     * extend: a later chunk of one row's prompt (or speculative drafts), at slots
       [start, start + q) (start None: the row's cached length); attention reads that
       row whole.
+    * shared: the rest of the prompts of `rows` (a right-padded batch) after a prefix of
+      `start` tokens whose KV each row already holds (`write_prefix`), at slots
+      [start, start + q); attention reads these rows' slots [0, window).
 
     `single_row` ((1,) on the device) names the one row a batch-1 Triton step decodes
     (infer.decoder), so a lone sequence decodes at batch 1 whichever row it occupies.
@@ -77,6 +80,19 @@ class StaticKVCache:
     def extend(self, row: int, start, window: int | None = None) -> None:
         self.mode, self._target = "extend", (row, start, window)
 
+    def shared(self, rows: torch.Tensor, start: int, window: int) -> None:
+        self.mode, self._target = "shared", (rows, start, window)
+
+    def read_prefix(self, row: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A copy of the keys and values of a row's first `length` slots, per layer."""
+        return [(k[row, :, :length].clone(), v[row, :, :length].clone()) for k, v in zip(self.keys, self.values)]
+
+    def write_prefix(self, row: int, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put what `read_prefix` returned into a row's first slots."""
+        for (k, v), keys, values in zip(prefix, self.keys, self.values):
+            keys[row, :, : k.shape[1]] = k
+            values[row, :, : v.shape[1]] = v
+
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         b, q = key_states.shape[0], key_states.shape[-2]
         keys, values = self.keys[layer_idx], self.values[layer_idx]
@@ -102,6 +118,12 @@ class StaticKVCache:
             keys.index_put_(index, key_states)
             values.index_put_(index, value_states)
             return key_states, value_states
+        if self.mode == "shared":
+            rows, start, window = self._target
+            index = (rows[:, None, None], heads, (start + torch.arange(q, device=keys.device))[None, None, :])
+            keys.index_put_(index, key_states)
+            values.index_put_(index, value_states)
+            return keys[rows, :, :window], values[rows, :, :window]
         row, start, window = self._target  # start None: the row's length, read on the device
         if start is None:
             start = self.lens[row]

@@ -166,6 +166,7 @@ class Engine:
         # CUDA: keep two groups of steps queued; CPU steps run as they are called.
         self.groups_in_flight = 2 if self.device.type == "cuda" else 1
         self._decoded_last_step = True
+        self._prefix: tuple[list[int], list] | None = None  # share_prefix: (tokens, their KV per layer)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.rows: list[Sequence | None] = [None] * max_batch_size
         self.pending: collections.deque[_Fetch] = collections.deque()
@@ -185,6 +186,26 @@ class Engine:
 
     def submit(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+
+    def share_prefix(self, tokens: list[int]) -> bool:
+        """Prefill `tokens` once and keep their KV: every later prompt that starts with them
+        (and goes on) gets a copy in its cache row and is prefilled from there, in batches of
+        rows that share the same start. For a set of prompts with one long common beginning
+        (a chat template, an instruction: `infer eval`), most prefill work is then done once.
+        The engine must be idle (it uses row 0); returns whether the prefix is in place.
+
+        This is the place a general prefix cache grows from: several prefixes found by
+        hashing prompt blocks as requests arrive, instead of one the caller names."""
+        tokens = list(tokens)
+        if self._prefix is not None and self._prefix[0] == tokens:
+            return True
+        self._prefix = None
+        if not tokens or len(tokens) > min(self.prefill_chunk, self.max_seq_len - 1) or self.has_work:
+            return False
+        self.runner.load(0, tokens, SamplingParams(max_new_tokens=1), 0)
+        self.runner.prefill_fresh([0], [tokens], [False], None, False)
+        self._prefix = (tokens, self.runner.cache.read_prefix(0, len(tokens)))
+        return True
 
     @property
     def has_work(self) -> bool:
@@ -254,6 +275,12 @@ class Engine:
             self.runner.load(r, seq.prompt, seq.params, seq.seed)  # also marks the row inactive
             self._active.discard(r)
             seq.row, seq.cached, seq.admitted_at = r, 0, time.perf_counter()
+            if self._prefix is not None:
+                prefix, kv = self._prefix
+                if len(seq.prompt) > len(prefix) and seq.prompt[: len(prefix)] == prefix:
+                    self.runner.cache.write_prefix(r, kv)
+                    self.runner.set_length(r, len(prefix))
+                    seq.cached = len(prefix)
             self.rows[r] = seq
 
     def _prefill(self) -> bool:
@@ -275,6 +302,23 @@ class Engine:
             for seq, take in fresh:
                 seq.cached = take
             finished += done
+        shared = collections.defaultdict(list)  # rows that continue after the same prefix: one batch
+        if self._prefix is not None:
+            for seq, take in extend:
+                if seq.cached == len(self._prefix[0]):
+                    shared[seq.cached].append((seq, take))
+        for start, group in shared.items():
+            if len(group) < 2:
+                continue
+            final = [seq.cached + take == len(seq.prompt) for seq, take in group]
+            done = [seq for (seq, _), f in zip(group, final) if f]
+            self.runner.prefill_shared([s.row for s, _ in group], start,
+                                       [s.prompt[start : start + take] for s, take in group], final,
+                                       combined_sampling(s.params.sampling for s in done), self._wants_logprobs(done))
+            for seq, take in group:
+                seq.cached += take
+            finished += done
+            extend = [e for e in extend if e not in group]
         for seq, take in extend:
             final = seq.cached + take == len(seq.prompt)
             self.runner.prefill_extend(seq.row, seq.cached, seq.prompt[seq.cached : seq.cached + take], final,

@@ -130,7 +130,7 @@ def evaluate_model(
     regex: str | None = None,
     normalize: str = "none",
     max_new_tokens: int = 64,
-    batch_size: int = 16,
+    batch_size: int = 32,
     compute_loss: bool = True,
     compile=False,  # compiling pays off only for long evaluations; the CLI has --compile
     name: str = "model",

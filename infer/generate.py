@@ -71,6 +71,18 @@ class GenerationStats:
     extra: dict = field(default_factory=dict)
 
 
+MIN_SHARED_PREFIX = 16  # tokens; a shorter common beginning is not worth a second prefill call
+
+
+def common_prefix(prompts: list[list[int]]) -> list[int]:
+    """The longest beginning every prompt shares, leaving each prompt at least one token."""
+    first, limit = prompts[0], min(len(p) for p in prompts) - 1
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return first[:n]
+
+
 class Generator:
     """Batched, streaming generation over infer.engine; see the module docstring."""
 
@@ -78,7 +90,7 @@ class Generator:
                  compile: bool | str | Callable = "auto", assistant_model=None, num_assistant_tokens: int = 5,
                  prompt_lookup: int = 0, sync_interval: int = 8, quant_kernels: str = "auto",
                  fused: bool | str = "auto", kernels: str = "auto", prefill_chunk: int = 8192,
-                 max_logprobs: int = 0, compile_prefill="auto"):
+                 max_logprobs: int = 0, compile_prefill="auto", share_prefix="auto"):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.sync_interval = max(1, sync_interval)
@@ -91,6 +103,10 @@ class Generator:
                              compile_prefill=compile_prefill)
         self.runner = self.engine.runner
         self.device, self.decoder, self.compile_mode = self.runner.device, self.runner.decoder, self.runner.compile_mode
+        # A call's prompts that begin alike (a chat template, an instruction) prefill their
+        # common beginning once (Engine.share_prefix). auto: on the CPU, where prefill is
+        # most of an evaluation's time; on CUDA it is not measured yet.
+        self.share_prefix = self.device.type == "cpu" if share_prefix == "auto" else bool(share_prefix)
         self.last_stats = GenerationStats()
         self.drafter = None
         if assistant_model is not None or prompt_lookup:
@@ -175,6 +191,10 @@ class Generator:
                 yield from speculative_events(self.runner, self.drafter, seq, stats, max_seq_len=self.max_seq_len,
                                               sync_interval=self.sync_interval)
         else:
+            if self.share_prefix and len(seqs) > 1:
+                common = common_prefix([s.prompt for s in seqs])
+                if len(common) >= MIN_SHARED_PREFIX:
+                    engine.share_prefix(common)
             for seq in seqs:
                 engine.submit(seq)
             try:

@@ -281,10 +281,8 @@ class ModelRunner:
         return self.run(self._verify, k, sampling).tolist()
 
     def load(self, row: int, tokens: list[int], params: SamplingParams, seed: int) -> None:
-        """Put a new sequence's prompt and sampling parameters into `row` (nothing cached).
-
-        A prefix cache would go here: copy (or share) the KV of the longest cached prefix
-        of `tokens` into the row and start its prefill after it."""
+        """Put a new sequence's prompt and sampling parameters into `row` (nothing cached;
+        the engine may then copy a shared prefix's KV in, see `Engine.share_prefix`)."""
         lo, hi = seed_halves(seed)
         self._put(self.seq[row, : len(tokens)], tokens)
         # fill_ with a Python number is a kernel argument; `buf[row] = value` would copy it
@@ -342,6 +340,27 @@ class ModelRunner:
         with self._prefill_attention():
             logits = self._fresh(ids, lengths)
         self.lens[row_index] = lengths
+        self._first_tokens(logits, [r for r, f in zip(rows, final) if f], [i for i, f in enumerate(final) if f],
+                           sampling, logprobs)
+
+    @torch.inference_mode()
+    def prefill_shared(self, rows: list[int], start: int, chunks: list[list[int]], final: list[bool], sampling,
+                       logprobs: bool) -> None:
+        """The rest of several rows' prompts after a shared prefix of `start` tokens that
+        each row already holds in its cache, as one right-padded batch (eager)."""
+        k, width = len(rows), max(len(c) for c in chunks)
+        ids = torch.zeros((k, width), dtype=torch.long)
+        for i, chunk in enumerate(chunks):
+            ids[i, : len(chunk)] = torch.tensor(chunk)
+        ids, row_index = self._to_device(ids), self._index(rows)
+        lengths = self._index([len(c) for c in chunks])
+        positions = torch.arange(start, start + width, device=self.device)
+        window = min(self.slots, -(-(start + width) // 64) * 64)
+        mask = (self.key_slots[None, :window] <= positions[:, None])[None, None].expand(k, 1, width, window)
+        self.cache.shared(row_index, start, window)
+        with self._prefill_attention():
+            logits = self._forward(ids, positions[None].expand(k, width), mask, last=lengths - 1)[:, -1]
+        self.lens[row_index] = start + lengths
         self._first_tokens(logits, [r for r, f in zip(rows, final) if f], [i for i, f in enumerate(final) if f],
                            sampling, logprobs)
 

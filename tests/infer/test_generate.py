@@ -331,3 +331,21 @@ def test_first_tokens_go_out_before_the_decode_group_and_running_rows_keep_decod
         engine.step()
     for seq, prompt in zip(seqs, prompts):
         assert seq.token_ids == hf_greedy(model, prompt, 20)
+
+
+def test_prompts_with_a_common_beginning_prefill_it_once_and_match_alone(model, tok):
+    """Prompts sharing a long beginning (a template, an instruction): the engine prefills it
+    once, copies its KV into each row and prefills the rest of the prompts as one batch; the
+    tokens are transformers' greedy tokens of each whole prompt."""
+    head = [(i * 53) % 400 + 5 for i in range(20)]
+    prompts = [head + tail for tail in ([7, 8, 9], [300], [11, 12, 13, 14, 15, 16], [42, 43])]
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    gen = Generator(model, tok, max_batch_size=3, max_seq_len=64, share_prefix=True)
+    calls = []
+    real = gen.runner.prefill_shared
+    gen.runner.prefill_shared = lambda rows, start, *a: (calls.append((len(rows), start)), real(rows, start, *a))
+    results = gen.generate(prompts, params)
+    assert calls[0] == (3, len(head))  # the three that took a row first, in one batch
+    for prompt, result in zip(prompts, results):
+        assert result.token_ids == hf_greedy(model, prompt, 8)
+    assert gen.engine.share_prefix(head)  # kept for the next call with the same beginning
