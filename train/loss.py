@@ -2,9 +2,10 @@
 
 TRL's `SFTTrainer` already computes the loss chunk by chunk: it patches the model's forward
 (`trl.trainer.utils.add_fused_lm_head`) so that `fused_lm_head=True` runs the backbone and
-projects only the positions with a label through the LM head, in tiles of 4096 tokens x
-32768 vocabulary entries (an online log-sum-exp in Triton on CUDA, the same tiles in torch
-on CPU); its backward recomputes each tile and accumulates the gradients of the hidden
+projects the hidden states through the LM head in tiles of 4096 tokens x 32768 vocabulary
+entries (an online log-sum-exp in Triton on CUDA, where only the positions with a label are
+projected; the same tiles in torch elsewhere, over every position, which is why the CPU uses
+`use_labeled_positions_loss` below); its backward recomputes each tile and accumulates the gradients of the hidden
 states and of the head weight in fp32. No [tokens, vocab] logits tensor exists in either
 pass, padding-free rows and LoRA / QLoRA included. tunewright keeps that head as the default
 rather than adding a second implementation of the same idea. Liger-Kernel's fused linear
@@ -73,14 +74,16 @@ def use_labeled_positions_loss(model: nn.Module, *, max_logits: int = 1 << 26) -
     masked out. Here the backbone runs as in TRL's head, then the LM head projects the labeled
     positions only, as full logits (few: completion tokens), and the fields TRL's `compute_loss`
     reads come back scattered to every position. Calls with more than `max_logits` labeled
-    logits (long completions) and models with logit scaling or soft-capping go to TRL's head.
+    logits (long completions), and models with logit scaling, soft-capping or MoE router
+    losses, go to TRL's head.
     """
     base = lm_base(model)
     trl_forward = base.forward
     if getattr(trl_forward, "_tunewright_labeled_positions", False):
         return
     config = base.config.get_text_config()
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+    # TRL's head also scales / soft-caps logits and adds MoE routers' balancing loss: leave those models to it.
+    if any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "output_router_logits")):
         return
     vocab = base.get_output_embeddings().weight.shape[0]
 
