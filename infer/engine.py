@@ -165,7 +165,7 @@ class Engine:
         self.max_logprobs = max_logprobs
         # CUDA: keep two groups of steps queued; CPU steps run as they are called.
         self.groups_in_flight = 2 if self.device.type == "cuda" else 1
-        self._decoded_last_step = True
+        self._held_decode = False  # the last step handed out first tokens and left its decode group for this one
         self._prefix: tuple[list[int], list] | None = None  # share_prefix: (tokens, their KV per layer)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.rows: list[Sequence | None] = [None] * max_batch_size
@@ -243,11 +243,11 @@ class Engine:
             # ... before the decode group runs (it would hold them back by `sync_interval`
             # steps), but at most every other step, so a stream of joining prompts never
             # keeps the running rows from decoding.
-            if events and self._decoded_last_step:
-                self._decoded_last_step = False
+            if events and not self._held_decode:
+                self._held_decode = True
                 return events
-        self._decoded_last_step = self._decode()
-        queued = self._decoded_last_step or queued
+        self._held_decode = False
+        queued = self._decode() or queued
         while self.pending and (len(self.pending) >= self.groups_in_flight or not queued):
             events += self._read(self.pending.popleft())
         return events

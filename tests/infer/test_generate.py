@@ -331,6 +331,11 @@ def test_first_tokens_go_out_before_the_decode_group_and_running_rows_keep_decod
         engine.step()
     for seq, prompt in zip(seqs, prompts):
         assert seq.token_ids == hf_greedy(model, prompt, 20)
+    engine.step()  # idle, as a server's engine is between requests
+    late = engine.new_sequence(PROMPTS[1], params)
+    engine.submit(late)
+    before = engine.decode_steps
+    assert [len(e.token_ids) for e in engine.step()] == [1] and engine.decode_steps == before
 
 
 def test_prompts_with_a_common_beginning_prefill_it_once_and_match_alone(model, tok):
