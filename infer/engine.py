@@ -293,32 +293,18 @@ class Engine:
             take = min(len(seq.prompt) - seq.cached, budget)
             (fresh if seq.cached == 0 else extend).append((seq, take))
             budget -= take
+        # Rows that continue after the shared prefix (share_prefix) prefill as one batch.
+        start = len(self._prefix[0]) if self._prefix is not None else None
+        shared = [(seq, take) for seq, take in extend if seq.cached == start]
+        if len(shared) > 1:
+            extend = [(seq, take) for seq, take in extend if seq.cached != start]
+        else:
+            shared = []
         finished: list[Sequence] = []
         if fresh:
-            final = [seq.cached + take == len(seq.prompt) for seq, take in fresh]
-            done = [seq for (seq, _), f in zip(fresh, final) if f]
-            self.runner.prefill_fresh([s.row for s, _ in fresh], [s.prompt[:take] for s, take in fresh], final,
-                                      combined_sampling(s.params.sampling for s in done), self._wants_logprobs(done))
-            for seq, take in fresh:
-                seq.cached = take
-            finished += done
-        shared = collections.defaultdict(list)  # rows that continue after the same prefix: one batch
-        if self._prefix is not None:
-            for seq, take in extend:
-                if seq.cached == len(self._prefix[0]):
-                    shared[seq.cached].append((seq, take))
-        for start, group in shared.items():
-            if len(group) < 2:
-                continue
-            final = [seq.cached + take == len(seq.prompt) for seq, take in group]
-            done = [seq for (seq, _), f in zip(group, final) if f]
-            self.runner.prefill_shared([s.row for s, _ in group], start,
-                                       [s.prompt[start : start + take] for s, take in group], final,
-                                       combined_sampling(s.params.sampling for s in done), self._wants_logprobs(done))
-            for seq, take in group:
-                seq.cached += take
-            finished += done
-            extend = [e for e in extend if e not in group]
+            finished += self._prefill_batch(fresh, 0)
+        if shared:
+            finished += self._prefill_batch(shared, start)
         for seq, take in extend:
             final = seq.cached + take == len(seq.prompt)
             self.runner.prefill_extend(seq.row, seq.cached, seq.prompt[seq.cached : seq.cached + take], final,
@@ -327,13 +313,28 @@ class Engine:
             if final:
                 finished.append(seq)
         if not finished:
-            return bool(fresh or extend)
+            return bool(fresh or shared or extend)
         logprobs = self._wants_logprobs(finished)
         columns = [(s.row, s) for s in finished]
         for seq in finished:
             seq.queued = 1  # its first token, chosen by the prefill
         self.pending.append(_Fetch(self.runner.fetch(1, max(s.row for s in finished) + 1, logprobs), columns, 1, logprobs))
         return True
+
+    def _prefill_batch(self, group: list[tuple[Sequence, int]], start: int) -> list[Sequence]:
+        """Prefill `take` tokens of each sequence's prompt from `start` (0: first chunks; else
+        after the shared prefix) as one right-padded batch; returns those whose prompt ended."""
+        final = [start + take == len(seq.prompt) for seq, take in group]
+        done = [seq for (seq, _), f in zip(group, final) if f]
+        rows, chunks = [s.row for s, _ in group], [s.prompt[start : start + take] for s, take in group]
+        args = (final, combined_sampling(s.params.sampling for s in done), self._wants_logprobs(done))
+        if start == 0:
+            self.runner.prefill_fresh(rows, chunks, *args)
+        else:
+            self.runner.prefill_shared(rows, start, chunks, *args)
+        for seq, take in group:
+            seq.cached = start + take
+        return done
 
     def _decode(self) -> bool:
         decoding = [s for s in self.rows if s is not None and not s.done and s.decoding]

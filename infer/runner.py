@@ -325,13 +325,8 @@ class ModelRunner:
         # A compiled prefill pads to two tokens at least: a length of 1 would be a graph of
         # its own (dynamo specializes sizes 0 and 1). The pad's slot is written over by the
         # row's first decode step before anything reads it.
-        k, width = len(rows), max(max(len(c) for c in chunks), 2 if self.compiled_prefill else 1)
-        ids = torch.zeros((k, width), dtype=torch.long)
-        for i, chunk in enumerate(chunks):
-            ids[i, : len(chunk)] = torch.tensor(chunk)
-        ids = self._to_device(ids)
+        ids, lengths = self._right_padded(chunks, 2 if self.compiled_prefill else 1)
         row_index = self._index(rows)
-        lengths = self._index([len(c) for c in chunks])
         if self.compiled_prefill:
             for t in (ids, row_index, lengths):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
@@ -340,20 +335,15 @@ class ModelRunner:
         with self._prefill_attention():
             logits = self._fresh(ids, lengths)
         self.lens[row_index] = lengths
-        self._first_tokens(logits, [r for r, f in zip(rows, final) if f], [i for i, f in enumerate(final) if f],
-                           sampling, logprobs)
+        self._first_tokens_of_final(logits, rows, final, sampling, logprobs)
 
     @torch.inference_mode()
     def prefill_shared(self, rows: list[int], start: int, chunks: list[list[int]], final: list[bool], sampling,
                        logprobs: bool) -> None:
         """The rest of several rows' prompts after a shared prefix of `start` tokens that
         each row already holds in its cache, as one right-padded batch (eager)."""
-        k, width = len(rows), max(len(c) for c in chunks)
-        ids = torch.zeros((k, width), dtype=torch.long)
-        for i, chunk in enumerate(chunks):
-            ids[i, : len(chunk)] = torch.tensor(chunk)
-        ids, row_index = self._to_device(ids), self._index(rows)
-        lengths = self._index([len(c) for c in chunks])
+        ids, lengths = self._right_padded(chunks)
+        (k, width), row_index = ids.shape, self._index(rows)
         positions = torch.arange(start, start + width, device=self.device)
         window = min(self.slots, -(-(start + width) // 64) * 64)
         mask = (self.key_slots[None, :window] <= positions[:, None])[None, None].expand(k, 1, width, window)
@@ -361,6 +351,17 @@ class ModelRunner:
         with self._prefill_attention():
             logits = self._forward(ids, positions[None].expand(k, width), mask, last=lengths - 1)[:, -1]
         self.lens[row_index] = start + lengths
+        self._first_tokens_of_final(logits, rows, final, sampling, logprobs)
+
+    def _right_padded(self, chunks: list[list[int]], min_width: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chunks as one (rows, width) batch padded on the right, and their lengths, on the device."""
+        ids = torch.zeros((len(chunks), max(min_width, *(len(c) for c in chunks))), dtype=torch.long)
+        for i, chunk in enumerate(chunks):
+            ids[i, : len(chunk)] = torch.tensor(chunk)
+        return self._to_device(ids), self._index([len(c) for c in chunks])
+
+    def _first_tokens_of_final(self, logits, rows: list[int], final: list[bool], sampling, logprobs: bool) -> None:
+        """First tokens for the rows of a prefill batch whose chunk ended their prompt."""
         self._first_tokens(logits, [r for r, f in zip(rows, final) if f], [i for i, f in enumerate(final) if f],
                            sampling, logprobs)
 

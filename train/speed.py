@@ -366,7 +366,7 @@ def _device(module: nn.Module) -> torch.device:
 
 
 def _device_memory(module: nn.Module) -> Optional[int]:
-    device = next(module.parameters()).device
+    device = _device(module)
     if device.type != "cuda":
         return None
     return torch.cuda.get_device_properties(device).total_memory
