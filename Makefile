@@ -5,21 +5,25 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
+UV     := uv==0.13.9
 LOCK   ?= constraints.txt
 
 .PHONY: demo test setup lock clean
 
 setup: $(STAMP)
 
-# torch is installed first and pinned: on the CPU machines the pin resolves to the local CPU wheel,
-# and an unpinned torch pulled in by another package would be the multi-GB CUDA build. Everything
-# else comes at the exact versions in constraints.txt; torch stays out of that file because its
-# build (+cpu or CUDA) differs by machine.
+# torch is installed first, by pip, and pinned: pip's configuration on the CPU machines points the
+# pin at the local CPU wheel, and an unpinned torch pulled in by another package would be the
+# multi-GB CUDA build. Everything else comes at the exact versions in constraints.txt (torch stays
+# out of that file because its build, +cpu or CUDA, differs by machine), installed by uv, which
+# resolves, downloads and byte-compiles in parallel (`make setup` on 2 cores with empty download
+# caches: 64 s against 98 s with pip for both). The
+# .pyc files are written at install time because the environment may set PYTHONDONTWRITEBYTECODE,
+# and then every process would compile transformers from source.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt $(TORCH)
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]' $(TORCH)
+	$(PY) -m pip install -q -c constraints.txt $(TORCH) $(UV)
+	$(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode -c constraints.txt -e '.[dev]' $(TORCH)
 	touch $(STAMP)
 
 demo: $(STAMP)
