@@ -1,4 +1,4 @@
-"""Compiled decode steps captured as CUDA graphs by hand, one graph per step shape.
+"""Compiled decode steps (and short prefills) captured as CUDA graphs by hand, one graph per step shape.
 
 Why not `torch.compile(mode="reduce-overhead")` (CUDA-graph trees)? It records the same
 graphs, but every call still evaluates dynamo's guards and walks the tree's bookkeeping
@@ -33,10 +33,12 @@ class CUDAGraphs:
     overwritten by the next replay of any graph: read it before the next call.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, *, share_pool_with: "CUDAGraphs | None" = None):
         self.device = device
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, object]] = {}
         self.pool = None
+        # Graphs of two sets that never run concurrently (decode steps, prefills) share one pool.
+        self._pool_owner = share_pool_with if share_pool_with is not None else self
 
     def __len__(self) -> int:
         return len(self.graphs)
@@ -55,12 +57,13 @@ class CUDAGraphs:
             with torch.cuda.stream(side):
                 result = fn(*args)  # the real step (compiles on first use)
             torch.cuda.current_stream().wait_stream(side)
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
+            owner = self._pool_owner
+            if owner.pool is None:
+                owner.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             # Intermediates of all graphs share one pool: steps never run concurrently, and
             # callers read a step's returned tensor before the next step (see class docstring).
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=owner.pool):
                 out = fn(*args)
         self.graphs[key] = (graph, out)
         log.info("CUDA graph %d recorded in %.1f s (compile included) for %s%s", len(self.graphs),
@@ -69,8 +72,9 @@ class CUDAGraphs:
 
 
 def _describe(args) -> tuple:
-    # A tensor argument is a rows view: its length is the batch bucket.
-    return tuple(f"rows[{a.shape[0]}]" if isinstance(a, torch.Tensor) else a for a in args)
+    # A 1-d tensor argument is a rows view (its length is the batch bucket); others show their shape.
+    return tuple((f"rows[{a.shape[0]}]" if a.dim() == 1 else f"tensor{tuple(a.shape)}") if isinstance(a, torch.Tensor)
+                 else a for a in args)
 
 
 def compile_mode(compile, device) -> Any:

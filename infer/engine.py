@@ -207,6 +207,20 @@ class Engine:
         self._prefix = (tokens, self.runner.cache.read_prefix(0, len(tokens)))
         return True
 
+    def record_prefill_graphs(self) -> int:
+        """Record every short-prefill CUDA graph now (the engine must be idle; it writes
+        throw-away keys and values into the first rows, which `_admit` resets), so that no
+        request pays for a recording. Returns how many graphs exist; 0 where there are none."""
+        from infer.runner import PREFILL_GRAPH_ROWS, PREFILL_GRAPH_STEP, PREFILL_GRAPH_TOKENS
+
+        if self.runner.prefill_graphs is None or self.has_work:
+            return self.prefill_graph_count
+        widest = min(PREFILL_GRAPH_TOKENS, self.runner.slots)
+        for k in range(1, min(PREFILL_GRAPH_ROWS, self.max_batch_size) + 1):
+            for width in range(PREFILL_GRAPH_STEP, widest + 1, PREFILL_GRAPH_STEP):
+                self.runner.prefill_fresh(list(range(k)), [[0] * width] * k, [False] * k, False, False)
+        return self.prefill_graph_count
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.pending or any(s is not None for s in self.rows))
@@ -217,7 +231,13 @@ class Engine:
 
     @property
     def graph_count(self) -> int:
+        """CUDA graphs recorded for the decode step (one per batch bucket and variant)."""
         return len(self.runner.graphs) if self.runner.graphs is not None else 0
+
+    @property
+    def prefill_graph_count(self) -> int:
+        """CUDA graphs recorded for short prefills (one per row count and width bucket)."""
+        return len(self.runner.prefill_graphs) if self.runner.prefill_graphs is not None else 0
 
     def reset(self) -> list[Sequence]:
         """Forget every sequence (after a failed step); returns those that were unfinished."""

@@ -31,6 +31,9 @@ from infer.sampling import SamplingParams, choose_tokens, seed_halves, seeded_un
 log = logging.getLogger(__name__)
 
 INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# First-chunk prefills of at most this many rows and tokens replay recorded CUDA graphs (see
+# ModelRunner._static_prefill_inputs), their width rounded up to a multiple of the step.
+PREFILL_GRAPH_ROWS, PREFILL_GRAPH_TOKENS, PREFILL_GRAPH_STEP = 8, 512, 64
 
 
 class ModelRunner:
@@ -98,6 +101,8 @@ class ModelRunner:
             from infer.cuda_graphs import CUDAGraphs
 
             self.graphs = CUDAGraphs(dev)
+        self.prefill_graphs = None  # set below when the prefill is compiled
+        self._prefill_inputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._row_views: dict[int, torch.Tensor] = {}
         self._warm_variants: set[tuple] = set()  # decode-step variants compiled (see _guards_checked)
         self._decode_one = self._compiled(self._decode_impl, tuned=True)  # the single-row step
@@ -115,6 +120,14 @@ class ModelRunner:
             compile_prefill = self.compile_mode is not None and dev.type == "cuda" and self.decoder is not None
         self.compiled_prefill = bool(compile_prefill and self.compile_mode is not None)
         self._fresh = self._compiled(self._fresh_impl, prefill=True) if self.compiled_prefill else self._fresh_impl
+        # Compiled, a prefill's host time is still one Python launch per kernel: ~6 ms for a
+        # 46-token prompt of the 1B model on an H200, nearly all of that prompt's time to first
+        # token, while the GPU work is ~1 ms. Short first chunks (see _static_prefill_inputs)
+        # replay a CUDA graph recorded per (rows, bucketed width) instead.
+        if self.compiled_prefill and self.graphs is not None:
+            from infer.cuda_graphs import CUDAGraphs
+
+            self.prefill_graphs = CUDAGraphs(dev, share_pool_with=self.graphs)
 
     # ---- compiled pieces -------------------------------------------------------------
 
@@ -325,15 +338,20 @@ class ModelRunner:
         # A compiled prefill pads to two tokens at least: a length of 1 would be a graph of
         # its own (dynamo specializes sizes 0 and 1). The pad's slot is written over by the
         # row's first decode step before anything reads it.
-        ids, lengths = self._right_padded(chunks, 2 if self.compiled_prefill else 1)
-        row_index = self._index(rows)
-        if self.compiled_prefill:
-            for t in (ids, row_index, lengths):
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-            torch._dynamo.maybe_mark_dynamic(ids, 1)
-        self.cache.fresh(row_index)
-        with self._prefill_attention():
-            logits = self._fresh(ids, lengths)
+        static = self._static_prefill_inputs(rows, chunks)
+        if static is not None:
+            ids, lengths, row_index = static
+            self.cache.fresh(row_index)
+            with self._prefill_attention():
+                logits = self.prefill_graphs(self._fresh, ids, lengths)
+        else:
+            ids, lengths = self._right_padded(chunks, 2 if self.compiled_prefill else 1)
+            row_index = self._index(rows)
+            if self.compiled_prefill:
+                _mark_prefill_dynamic(ids, lengths, row_index)
+            self.cache.fresh(row_index)
+            with self._prefill_attention():
+                logits = self._fresh(ids, lengths)
         self.lens[row_index] = lengths
         self._first_tokens_of_final(logits, rows, final, sampling, logprobs)
 
@@ -352,6 +370,35 @@ class ModelRunner:
             logits = self._forward(ids, positions[None].expand(k, width), mask, last=lengths - 1)[:, -1]
         self.lens[row_index] = start + lengths
         self._first_tokens_of_final(logits, rows, final, sampling, logprobs)
+
+    def _static_prefill_inputs(self, rows: list[int], chunks: list[list[int]]):
+        """(ids, lengths, rows) in persistent device buffers for a first-chunk batch that can
+        replay a recorded prefill graph, else None. The batch is padded on the right to a
+        width bucket (a multiple of PREFILL_GRAPH_STEP tokens): the pad's keys and values land
+        in slots past each row's length, which the row's decode steps write over before any
+        query reaches them, as with the padding of the shorter rows of any batch. One graph
+        per (rows, width) up to PREFILL_GRAPH_ROWS x PREFILL_GRAPH_TOKENS, recorded on first
+        use from the compiled prefill's symbolic graphs (no recompilation)."""
+        if self.prefill_graphs is None or len(rows) > PREFILL_GRAPH_ROWS:
+            return None
+        longest = max(len(c) for c in chunks)
+        width = -(-longest // PREFILL_GRAPH_STEP) * PREFILL_GRAPH_STEP
+        if width > min(PREFILL_GRAPH_TOKENS, self.slots):
+            return None
+        buffers = self._prefill_inputs.get((len(rows), width))
+        if buffers is None:
+            buffers = (torch.zeros((len(rows), width), dtype=torch.long, device=self.device),
+                       torch.zeros(len(rows), dtype=torch.long, device=self.device),
+                       torch.zeros(len(rows), dtype=torch.long, device=self.device))
+            _mark_prefill_dynamic(*buffers)  # the same two compiled graphs as unpadded prefills
+            self._prefill_inputs[(len(rows), width)] = buffers
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, chunk in enumerate(chunks):
+            ids[i, : len(chunk)] = torch.tensor(chunk)
+        host = (ids, torch.tensor([len(c) for c in chunks]), torch.tensor(rows))
+        for dst, src in zip(buffers, host):
+            dst.copy_(src.pin_memory(), non_blocking=True)  # behind the queued steps, never waiting for them
+        return buffers
 
     def _right_padded(self, chunks: list[list[int]], min_width: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Chunks as one (rows, width) batch padded on the right, and their lengths, on the device."""
@@ -427,6 +474,12 @@ class ModelRunner:
 
     def _put(self, dst: torch.Tensor, values: list[int]) -> None:
         dst.copy_(self._to_device(torch.tensor(values, dtype=dst.dtype)))
+
+
+def _mark_prefill_dynamic(ids: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor) -> None:
+    for t in (ids, lengths, rows):
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+    torch._dynamo.maybe_mark_dynamic(ids, 1)
 
 
 def _decoder(model, fused, kernels: str, slots: int):

@@ -127,6 +127,10 @@ class ServingEngine:
     def graph_count(self) -> int:
         return self.engine.graph_count
 
+    @property
+    def prefill_graph_count(self) -> int:
+        return self.engine.prefill_graph_count
+
     def gpu_memory(self) -> tuple[int, int]:
         """(allocated, reserved) bytes on the engine's GPU; zeros on the CPU."""
         return gpu_memory(self.device)
@@ -157,8 +161,13 @@ def build_engine(model, tokenizer, args) -> Engine:
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 2048
     max_len = args.max_model_len or min(context, 4096 if gpu else 2048)
     batch = args.max_batch_size or (64 if gpu else 8)
-    return Engine(model, tokenizer, max_batch_size=batch, max_seq_len=max_len, prefill_chunk=args.prefill_chunk,
-                  sync_interval=args.sync_interval, max_logprobs=MAX_LOGPROBS)
+    engine = Engine(model, tokenizer, max_batch_size=batch, max_seq_len=max_len, prefill_chunk=args.prefill_chunk,
+                    sync_interval=args.sync_interval, max_logprobs=MAX_LOGPROBS)
+    if getattr(args, "warm_up", "all") != "none" and engine.runner.prefill_graphs is not None:
+        start = time.perf_counter()
+        count = engine.record_prefill_graphs()
+        log.info("warm-up: %d prefill graphs recorded in %.1f s", count, time.perf_counter() - start)
+    return engine
 
 
 def freeze_startup_objects() -> None:

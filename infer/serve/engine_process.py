@@ -73,7 +73,7 @@ class EngineClient:
         self._dead: str | None = None
         self._proc = self._receiver = None
         self.running = 0
-        self._stats = {"graphs": 0, "compiled": 0, "gpu": (0, 0), "rss": 0}
+        self._stats = {"graphs": 0, "prefill_graphs": 0, "compiled": 0, "gpu": (0, 0), "rss": 0}
 
     # ---- start-up ------------------------------------------------------------------
     def start(self):
@@ -160,6 +160,10 @@ class EngineClient:
     @property
     def graph_count(self) -> int:
         return self._stats["graphs"]
+
+    @property
+    def prefill_graph_count(self) -> int:
+        return self._stats["prefill_graphs"]
 
     def compiled_graphs(self) -> int:
         return self._stats["compiled"]
@@ -312,7 +316,7 @@ def _run(engine, inbox, outbox) -> None:
 
 
 def _stats(engine) -> dict:
-    return {"graphs": engine.graph_count, "compiled": compiled_graphs(), "gpu": gpu_memory(engine.device),
+    return {"graphs": engine.graph_count, "prefill_graphs": engine.prefill_graph_count, "compiled": compiled_graphs(), "gpu": gpu_memory(engine.device),
             "rss": _rss()}
 
 

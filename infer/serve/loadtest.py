@@ -94,7 +94,7 @@ async def scrape(client, url: str) -> dict:
     wanted = ("tunewright_gpu_memory_allocated_bytes", "tunewright_gpu_memory_reserved_bytes",
               "process_resident_memory_bytes", "tunewright_engine_process_resident_memory_bytes",
               "tunewright_sequences_running", "tunewright_sequences_waiting",
-              "tunewright_decode_cuda_graphs", "tunewright_compiled_graphs",
+              "tunewright_decode_cuda_graphs", "tunewright_prefill_cuda_graphs", "tunewright_compiled_graphs",
               "tunewright_time_to_first_token_seconds_sum", "tunewright_time_to_first_token_seconds_count")
     out = {}
     for line in text.splitlines():
@@ -348,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"join: {join}", flush=True)
         counts = asyncio.run(_final_counts(args.url))
         print(f"compiled graphs {counts.get('tunewright_compiled_graphs')}, decode CUDA graphs "
-              f"{counts.get('tunewright_decode_cuda_graphs')} (whole run, warm-up included)", flush=True)
+              f"{counts.get('tunewright_decode_cuda_graphs')}, prefill CUDA graphs "
+              f"{counts.get('tunewright_prefill_cuda_graphs')} (whole run, warm-up included)", flush=True)
     finally:
         if proc is not None:
             proc.terminate()

@@ -66,6 +66,9 @@ class ServerMetrics:
                              registry=r)
         self.kv_usage = Gauge("tunewright_kv_cache_usage_ratio", "Fraction of KV-cache rows in use", registry=r)
         self.graphs = Gauge("tunewright_decode_cuda_graphs", "CUDA graphs recorded for the decode step", registry=r)
+        self.prefill_graphs = Gauge("tunewright_prefill_cuda_graphs",
+                                    "CUDA graphs recorded for short prefills (per row count and width bucket)",
+                                    registry=r)
         self.compiles = Gauge("tunewright_compiled_graphs",
                               "Graphs torch.compile has compiled in this process (dynamo's unique graphs)", registry=r)
         self.gpu_memory = Gauge(
@@ -90,6 +93,7 @@ class ServerMetrics:
         self.running.set_function(lambda: serving.running)
         self.kv_usage.set_function(lambda: serving.running / rows)
         self.graphs.set_function(lambda: serving.graph_count)
+        self.prefill_graphs.set_function(lambda: serving.prefill_graph_count)
         self.compiles.set_function(serving.compiled_graphs)
         self.gpu_memory.set_function(lambda: serving.gpu_memory()[0])
         self.gpu_memory_reserved.set_function(lambda: serving.gpu_memory()[1])

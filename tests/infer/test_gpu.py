@@ -50,6 +50,37 @@ def test_cuda_graph_decode_matches_eager_and_does_not_recompile(random_model):
     assert gen.graph_count == recorded == 1  # one CUDA graph (rows [0, 2), greedy), replayed
 
 
+def test_short_prefills_replay_a_graph_per_rows_and_width_and_match_eager(random_model):
+    """First chunks of up to 8 rows and 512 tokens run from CUDA graphs recorded per (rows,
+    width rounded up to 64): padded to the bucket, they give eager's tokens; a second batch of
+    the same shape replays (no new graph, no recompilation); a longer prompt takes the
+    compiled path with symbolic shapes and records nothing."""
+    from torch._dynamo.utils import counters
+
+    from infer.generate import Generator
+    from infer.sampling import SamplingParams
+
+    model, tok = random_model
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    eager = Generator(model, tok, max_batch_size=4, max_seq_len=1024, compile=False)
+    gen = Generator(model, tok, max_batch_size=4, max_seq_len=1024, compile="reduce-overhead")
+
+    def same(batch):
+        want = [r.token_ids for r in eager.generate(batch, params)]
+        assert [r.token_ids for r in gen.generate(batch, params)] == want
+
+    shapes = [[[5, 6, 7]], [list(range(10, 80))], [[1, 2, 3, 4], list(range(300, 340)), [7, 7, 7]]]
+    for batch in shapes:  # buckets (1 row, 64), (1, 128), (3, 64)
+        same(batch)
+    assert gen.engine.prefill_graph_count == 3
+    graphs = counters["stats"]["unique_graphs"]
+    for batch in ([[9] * 60], [list(range(20, 85))], [[4] * 10, [5] * 64, list(range(400, 402))]):
+        same(batch)
+    assert gen.engine.prefill_graph_count == 3 and counters["stats"]["unique_graphs"] == graphs
+    same([list(range(1000, 1600))])  # 600 tokens: past the largest bucket
+    assert gen.engine.prefill_graph_count == 3
+
+
 def test_steps_queued_ahead_of_the_host_stop_where_a_row_ends(random_model):
     """On CUDA the host reads a group of steps while the next group runs. A row that ends
     inside a group (here at an end-of-sequence token) gets exactly the tokens up to it; the
