@@ -17,9 +17,9 @@ setup: $(STAMP)
 # multi-GB CUDA build. Everything else comes at the exact versions in constraints.txt (torch stays
 # out of that file because its build, +cpu or CUDA, differs by machine), installed by uv, which
 # resolves, downloads and byte-compiles in parallel (`make setup` on 2 cores with empty download
-# caches: 64 s against 98 s with pip for both). The
-# .pyc files are written at install time because the environment may set PYTHONDONTWRITEBYTECODE,
-# and then every process would compile transformers from source.
+# caches: 64 s, against 98 s with pip for both). The .pyc files are written at install time
+# because the environment may set PYTHONDONTWRITEBYTECODE, and then every process would compile
+# transformers from source.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt $(TORCH) $(UV)
