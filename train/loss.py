@@ -29,11 +29,14 @@ to -100, and transformers' Trainer counts `labels[..., 1:] != -100` for `num_ite
 from __future__ import annotations
 
 import functools
+import logging
 import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 def lm_base(model: nn.Module) -> nn.Module:
@@ -65,7 +68,7 @@ def use_full_logits_loss(model: nn.Module) -> None:
     base.forward = types.MethodType(forward, base)
 
 
-def use_labeled_positions_loss(model: nn.Module, *, max_logits: int = 1 << 26) -> None:
+def use_labeled_positions_loss(model: nn.Module, *, max_logits: int = 1 << 26, shared_prefix: bool = False) -> None:
     """On devices without Triton (the CPU), score only the positions that have a label.
 
     TRL's fused head projects only the labeled positions where it runs its Triton kernel; elsewhere
@@ -76,6 +79,11 @@ def use_labeled_positions_loss(model: nn.Module, *, max_logits: int = 1 << 26) -
     reads come back scattered to every position. Calls with more than `max_logits` labeled
     logits (long completions), and models with logit scaling, soft-capping or MoE router
     losses, go to TRL's head.
+
+    `shared_prefix`: a packed row whose sequences begin with the same unlabeled tokens runs that
+    beginning through the decoder once (train.shared_prefix); the caller turns it off where
+    decoder layers are recomputed in the backward or compiled (train.speed), which a cache
+    passed through the layers would break.
     """
     base = lm_base(model)
     trl_forward = base.forward
@@ -86,6 +94,14 @@ def use_labeled_positions_loss(model: nn.Module, *, max_logits: int = 1 << 26) -
     if any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "output_router_logits")):
         return
     vocab = base.get_output_embeddings().weight.shape[0]
+    sharing = None
+    if shared_prefix:
+        from train.shared_prefix import SharedPrefixDecoder
+
+        sharing = SharedPrefixDecoder(base)
+        if sharing.unsupported is not None:
+            log.info("training.shared_prefix has no effect on this model: %s", sharing.unsupported)
+            sharing = None
 
     @functools.wraps(type(base).forward)
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
@@ -95,7 +111,9 @@ def use_labeled_positions_loss(model: nn.Module, *, max_logits: int = 1 << 26) -
             return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
                                num_items_in_batch=num_items_in_batch, **kwargs)
         kwargs["use_cache"] = False
-        hidden = self.get_decoder()(*args, **kwargs).last_hidden_state
+        hidden = sharing.hidden(args, kwargs, mask) if sharing is not None else None
+        if hidden is None:
+            hidden = self.get_decoder()(*args, **kwargs).last_hidden_state
         if shift_labels is None:
             hidden = hidden[:, :-1]
         logits = self.get_output_embeddings()(hidden[mask.to(hidden.device)])[None]

@@ -156,6 +156,10 @@ class TrainingConfig(Section):
     # The loss through TRL's fused LM head: logits in tiles, never [tokens, vocabulary] at once
     # (train/loss.py). false: full logits (the reference; ~16 bytes x vocabulary per token).
     chunked_loss: bool = True
+    # On the CPU, the beginning that all sequences of a padding-free batch share (a chat template's
+    # system prompt and instruction) runs through the model once, not once per sequence; same
+    # loss and gradients (train/shared_prefix.py). Off with gradient checkpointing or compiled layers.
+    shared_prefix: bool = True
     attn_implementation: Literal["auto", "flash_attention_2", "varlen_fa2", "sdpa", "eager"] = "auto"
     # auto: bf16 on a GPU that supports it, fp32 on CPU.
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"

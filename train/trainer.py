@@ -130,8 +130,17 @@ def build_trainer(recipe: Recipe, setup: ModelSetup, datasets: dict, run: RunDir
     elif not setup.device.startswith("cuda"):
         from train.loss import use_labeled_positions_loss
 
-        use_labeled_positions_loss(trainer.model)
+        use_labeled_positions_loss(trainer.model, shared_prefix=shares_prefix(recipe, setup))
     return trainer, recorder, stopper
+
+
+def shares_prefix(recipe: Recipe, setup: ModelSetup) -> bool:
+    """Whether the CPU loss runs the beginning a batch's sequences share once (train.shared_prefix).
+
+    Not with checkpointed layers (the recompute would update the cache a second time) or
+    compiled ones (the cache and each layer's index would be guarded, a recompile per layer)."""
+    speed = speed_settings(recipe, setup)
+    return recipe.training.shared_prefix and speed["checkpoint"] == "none" and not speed["compile"]
 
 
 def speed_settings(recipe: Recipe, setup: ModelSetup) -> dict[str, Any]:

@@ -209,23 +209,23 @@ class GradientsBeforeTheStep(TrainerCallback):
         self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def one_step(tmp_path, model_dir, data_file, *, batch_size, grad_accum, chunked):
+def one_step(tmp_path, model_dir, data_file, *, batch_size, grad_accum, chunked, shared_prefix=True, callbacks=()):
     """One SGD step of a full fine-tune on all 8 rows: (logged loss, gradients, weight change, logged accuracy)."""
     from transformers import AutoModelForCausalLM
 
     from train.trainer import train_recipe
 
-    name = f"b{batch_size}x{grad_accum}-{chunked}"
+    name = f"b{batch_size}x{grad_accum}-{chunked}-{shared_prefix}"
     recipe = validate_recipe({
         "name": name, "model": {"name": str(model_dir)}, "data": {"train": str(data_file)},
         "method": {"type": "full"},
         "training": {"max_steps": 1, "batch_size": batch_size, "grad_accum": grad_accum, "optimizer": "sgd",
                      "learning_rate": 1.0, "lr_scheduler": "constant", "max_grad_norm": 1e9, "chunked_loss": chunked,
-                     "max_length": 64, "save_steps": 100, "report_to": "none"},
+                     "shared_prefix": shared_prefix, "max_length": 64, "save_steps": 100, "report_to": "none"},
         "output": {"dir": str(tmp_path / "runs"), "merge": False},
     })
     keep = GradientsBeforeTheStep()
-    result = train_recipe(recipe, callbacks=[keep])
+    result = train_recipe(recipe, callbacks=[keep, *callbacks])
     before = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
     after = result.model.state_dict()
     delta = torch.cat([(after[k].float() - before[k].float()).flatten() for k in before if k in after])
@@ -253,3 +253,35 @@ def test_gradient_accumulation_2x4_equals_1x8_through_the_trainer(tmp_path, spre
         assert accuracy is not None
     for split in ((8, 1), (4, 2)):  # TRL logs accuracy per micro-batch: compare like with like
         assert runs[(*split, True)][3] == pytest.approx(runs[(*split, False)][3], abs=1e-6)
+
+
+class DecoderInputs(TrainerCallback):
+    """The input_ids shape of every decoder call in training."""
+
+    def __init__(self):
+        self.shapes: list[tuple[int, ...]] = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from train.loss import lm_base
+
+        lm_base(model).get_decoder().register_forward_pre_hook(
+            lambda m, a, kw: self.shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+
+
+def test_shared_prefix_step_equals_the_packed_step(tmp_path, spread_model_dir, data_file):
+    """On the CPU the 8 rows' common beginning (the chat template's system prompt and "Repeat after
+    me: ") runs once per micro-batch, and the step logs the same loss and accuracy and makes the same
+    gradients and update as with training.shared_prefix false, which runs the packed row."""
+    calls = {flag: DecoderInputs() for flag in (True, False)}
+    runs = {flag: one_step(tmp_path, spread_model_dir, data_file, batch_size=4, grad_accum=2, chunked=True,
+                           shared_prefix=flag, callbacks=[calls[flag]]) for flag in (True, False)}
+    assert [len(s) for s in calls[False].shapes] == [2, 2] and all(s[0] == 1 for s in calls[False].shapes)
+    shared = calls[True].shapes
+    assert len(shared) == 4 and shared[0][0] == shared[2][0] == 1 and shared[0][1] >= 16  # prefix, then 4 rests
+    assert shared[1][0] == shared[3][0] == 4
+    (loss, grads, delta, accuracy), (ref_loss, ref_grads, ref_delta, ref_accuracy) = runs[True], runs[False]
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert accuracy == pytest.approx(ref_accuracy, abs=1e-6)
+    for name, ref in ref_grads.items():
+        assert ref.norm() > 0 and rel(grads[name], ref) < 1e-5, name
+    assert rel(delta, ref_delta) < 1e-4
