@@ -23,7 +23,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt $(TORCH) $(UV)
-	$(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode -c constraints.txt -e '.[dev]' $(TORCH)
+	$(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode -c constraints.txt -e '.[dev]' $(TORCH) \
+	  || $(PY) -m pip install -q -c constraints.txt -e '.[dev]' $(TORCH)  # pip if uv cannot (e.g. its network)
 	touch $(STAMP)
 
 demo: $(STAMP)
