@@ -18,6 +18,7 @@ so the host can queue the next group before it reads this one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 from typing import Callable
@@ -25,7 +26,7 @@ from typing import Callable
 import torch
 
 from infer.cache import StaticKVCache, check_supported, use_masked_attention
-from infer.cuda_graphs import compile_mode, raise_dynamo_limits
+from infer.cuda_graphs import CUDAGraphs, compile_mode, raise_dynamo_limits
 from infer.sampling import SamplingParams, choose_tokens, seed_halves, seeded_uniform, vocabulary_keys
 
 log = logging.getLogger(__name__)
@@ -98,10 +99,7 @@ class ModelRunner:
         # per-call host work was 12% of a batch-1 step); inductor compiles without them.
         self.graphs = None
         if dev.type == "cuda" and self.compile_mode in ("reduce-overhead", "max-autotune"):
-            from infer.cuda_graphs import CUDAGraphs
-
             self.graphs = CUDAGraphs(dev)
-        self.prefill_graphs = None  # set below when the prefill is compiled
         self._prefill_inputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._row_views: dict[int, torch.Tensor] = {}
         self._warm_variants: set[tuple] = set()  # decode-step variants compiled (see _guards_checked)
@@ -124,10 +122,8 @@ class ModelRunner:
         # 46-token prompt of the 1B model on an H200, nearly all of that prompt's time to first
         # token, while the GPU work is ~1 ms. Short first chunks (see _static_prefill_inputs)
         # replay a CUDA graph recorded per (rows, bucketed width) instead.
-        if self.compiled_prefill and self.graphs is not None:
-            from infer.cuda_graphs import CUDAGraphs
-
-            self.prefill_graphs = CUDAGraphs(dev, share_pool_with=self.graphs)
+        self.prefill_graphs = (CUDAGraphs(dev, share_pool_with=self.graphs)
+                               if self.compiled_prefill and self.graphs is not None else None)
 
     # ---- compiled pieces -------------------------------------------------------------
 
@@ -264,7 +260,7 @@ class ModelRunner:
         self.out_step.zero_()
         window = None
         if self.compile_mode is None and longest is not None:
-            window = min(self.slots, -(-longest // 64) * 64)
+            window = self._window(longest)
         self.cache.decode(window)
         rows = self.single if single else self._rows_view(n)
         args = (rows, single, sampling, logprobs) + ((window,) if window is not None else ())
@@ -340,18 +336,15 @@ class ModelRunner:
         # row's first decode step before anything reads it.
         static = self._static_prefill_inputs(rows, chunks)
         if static is not None:
-            ids, lengths, row_index = static
-            self.cache.fresh(row_index)
-            with self._prefill_attention():
-                logits = self.prefill_graphs(self._fresh, ids, lengths)
+            (ids, lengths, row_index), prefill = static, functools.partial(self.prefill_graphs, self._fresh)
         else:
             ids, lengths = self._right_padded(chunks, 2 if self.compiled_prefill else 1)
-            row_index = self._index(rows)
+            row_index, prefill = self._index(rows), self._fresh
             if self.compiled_prefill:
                 _mark_prefill_dynamic(ids, lengths, row_index)
-            self.cache.fresh(row_index)
-            with self._prefill_attention():
-                logits = self._fresh(ids, lengths)
+        self.cache.fresh(row_index)
+        with self._prefill_attention():
+            logits = prefill(ids, lengths)
         self.lens[row_index] = lengths
         self._first_tokens_of_final(logits, rows, final, sampling, logprobs)
 
@@ -363,7 +356,7 @@ class ModelRunner:
         ids, lengths = self._right_padded(chunks)
         (k, width), row_index = ids.shape, self._index(rows)
         positions = torch.arange(start, start + width, device=self.device)
-        window = min(self.slots, -(-(start + width) // 64) * 64)
+        window = self._window(start + width)
         mask = (self.key_slots[None, :window] <= positions[:, None])[None, None].expand(k, 1, width, window)
         self.cache.shared(row_index, start, window)
         with self._prefill_attention():
@@ -392,19 +385,19 @@ class ModelRunner:
                        torch.zeros(len(rows), dtype=torch.long, device=self.device))
             _mark_prefill_dynamic(*buffers)  # the same two compiled graphs as unpadded prefills
             self._prefill_inputs[(len(rows), width)] = buffers
-        ids = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, chunk in enumerate(chunks):
-            ids[i, : len(chunk)] = torch.tensor(chunk)
-        host = (ids, torch.tensor([len(c) for c in chunks]), torch.tensor(rows))
+        host = (_padded(chunks, width), torch.tensor([len(c) for c in chunks]), torch.tensor(rows))
         for dst, src in zip(buffers, host):
             dst.copy_(src.pin_memory(), non_blocking=True)  # behind the queued steps, never waiting for them
         return buffers
 
+    def _window(self, length: int) -> int:
+        """Slots an eager attention reads for rows of at most `length` tokens: a multiple of
+        64 (aligned masks for SDPA's fused kernels), at most the whole cache."""
+        return min(self.slots, -(-length // 64) * 64)
+
     def _right_padded(self, chunks: list[list[int]], min_width: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Chunks as one (rows, width) batch padded on the right, and their lengths, on the device."""
-        ids = torch.zeros((len(chunks), max(min_width, *(len(c) for c in chunks))), dtype=torch.long)
-        for i, chunk in enumerate(chunks):
-            ids[i, : len(chunk)] = torch.tensor(chunk)
+        ids = _padded(chunks, max(min_width, *(len(c) for c in chunks)))
         return self._to_device(ids), self._index([len(c) for c in chunks])
 
     def _first_tokens_of_final(self, logits, rows: list[int], final: list[bool], sampling, logprobs: bool) -> None:
@@ -419,7 +412,7 @@ class ModelRunner:
         q = len(chunk)
         ids = self._to_device(torch.tensor([chunk]))
         positions = torch.arange(start, start + q, device=self.device)
-        window = min(self.slots, -(-(start + q) // 64) * 64)
+        window = self._window(start + q)
         mask = (self.key_slots[None, :window] <= positions[:, None])[None, None]
         self.cache.extend(row, start, window)
         with self._prefill_attention():
@@ -474,6 +467,14 @@ class ModelRunner:
 
     def _put(self, dst: torch.Tensor, values: list[int]) -> None:
         dst.copy_(self._to_device(torch.tensor(values, dtype=dst.dtype)))
+
+
+def _padded(chunks: list[list[int]], width: int) -> torch.Tensor:
+    """Chunks as one (rows, width) host tensor, zeros on the right."""
+    ids = torch.zeros((len(chunks), width), dtype=torch.long)
+    for i, chunk in enumerate(chunks):
+        ids[i, : len(chunk)] = torch.tensor(chunk)
+    return ids
 
 
 def _mark_prefill_dynamic(ids: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor) -> None:

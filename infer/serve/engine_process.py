@@ -316,8 +316,8 @@ def _run(engine, inbox, outbox) -> None:
 
 
 def _stats(engine) -> dict:
-    return {"graphs": engine.graph_count, "prefill_graphs": engine.prefill_graph_count, "compiled": compiled_graphs(), "gpu": gpu_memory(engine.device),
-            "rss": _rss()}
+    return {"graphs": engine.graph_count, "prefill_graphs": engine.prefill_graph_count, "compiled": compiled_graphs(),
+            "gpu": gpu_memory(engine.device), "rss": _rss()}
 
 
 def _rss() -> int:
