@@ -8,6 +8,8 @@ template) so every later load is an ordinary `from_pretrained` of a directory.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -163,8 +165,9 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, filename = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    with _gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
     config = gguf_model.config
     # transformers marks a GGUF-loaded model as quantized and refuses to save it; the
     # tensors are already dequantized, so rebuild a plain model and copy them over.
@@ -175,3 +178,49 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     model.generation_config = gguf_model.generation_config
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """Let transformers' GGUF loader reuse one parse of the file and one tensor-name table.
+
+    The loader is used as it is (it knows the layout, the dequantization and the tokenizer), but
+    it parses the whole file again for the config, for the tokenizer and for the weights, and
+    builds gguf's tensor-name table anew for each of the model's ~400 modules: most of a 38 s
+    first fetch on 2 CPU cores. All of it is read-only, so within the conversion the same reader
+    (per path), the same table (per architecture and layer count) and copies of the same parsed
+    metadata are handed out again. transformers imports these names from their modules when it
+    calls them, which is where they are swapped; a version that binds them elsewhere just loses
+    the shortcut.
+    """
+    import copy
+
+    import gguf
+    from transformers import modeling_gguf_pytorch_utils as loader
+
+    reader_class, name_map, load_checkpoint = gguf.GGUFReader, gguf.get_tensor_name_map, loader.load_gguf_checkpoint
+    readers: dict = {}
+    metadata: dict = {}
+
+    def reader(path, *args, **kwargs):
+        key = (os.fspath(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = reader_class(path, *args, **kwargs)
+        return readers[key]
+
+    def checkpoint(path, return_tensors=False, *args, **kwargs):
+        # The config and the tokenizer each ask for the metadata alone (every field parsed,
+        # the 49k-entry vocabulary included); they get copies of one parse.
+        if return_tensors or args or kwargs:
+            return load_checkpoint(path, return_tensors, *args, **kwargs)
+        if os.fspath(path) not in metadata:
+            metadata[os.fspath(path)] = load_checkpoint(path, return_tensors=False)
+        return copy.deepcopy(metadata[os.fspath(path)])
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    loader.load_gguf_checkpoint = checkpoint
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
+        loader.load_gguf_checkpoint = load_checkpoint

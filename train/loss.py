@@ -33,7 +33,6 @@ import logging
 import types
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -138,13 +137,15 @@ def per_token_outputs(logits: torch.Tensor, labels, shift_labels, num_items_in_b
     targets = targets.to(logits.device)
     mask = targets != -100
     logits = logits.float()
-    # cross_entropy is 0 where the target is ignored, like the fused head's per-token fields
-    log_probs = -F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    # One log-softmax over the contiguous vocabulary dimension feeds the loss (its gradient) and,
+    # detached, the entropy; F.cross_entropy on the [batch, vocab, tokens] view would compute it
+    # a second time, strided. Zero where the target is ignored, like the fused head's fields.
+    log_p = torch.log_softmax(logits, dim=-1)
+    log_probs = log_p.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1).masked_fill(~mask, 0.0)
     with torch.no_grad():
-        log_p = torch.log_softmax(logits, dim=-1)
         entropy = -(log_p.exp() * log_p).sum(-1).masked_fill(~mask, 0.0)
-        del log_p
         is_top1 = (logits.argmax(-1) == targets) & mask
+    del log_p
     count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     return FusedCausalLMOutput(loss=-log_probs.sum() / count, log_probs=log_probs, entropy=entropy,
                                is_top1=is_top1, label_mask=mask)

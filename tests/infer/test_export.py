@@ -8,6 +8,7 @@ costs seconds per read. One test exports the real default model (135M) once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -315,3 +316,32 @@ def test_default_model_exports_to_q8_0(default_model_dir, tmp_path):
     assert result.proof["tokenizer"]["identical_ids"] and result.proof["tokenizer"]["chat_template_identical"]
     assert result.proof["logits"]["greedy_continuation_identical"]
     assert result.written["bytes"] < 0.3 * 4 * 135e6  # ~8.5 bits per weight, not 32
+
+
+def test_builtin_conversion_parses_the_gguf_once_and_writes_what_a_plain_load_writes(tiny_llama, tmp_path,
+                                                                                    monkeypatch):
+    """infer.models converts the builtin GGUF with transformers' loader but one parse of the
+    file; the checkpoint it writes is file for file what transformers alone would write."""
+    import gguf
+
+    from infer import models
+
+    result = export_gguf(tiny_llama, quant="q8_0", out=tmp_path / "gguf", ppl_rows=0)
+    reader_class, parses = gguf.GGUFReader, []
+
+    def counting_reader(*args, **kwargs):
+        parses.append(args[0])
+        return reader_class(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting_reader)
+    models._convert_gguf(result.gguf, tmp_path / "once")
+    assert len(parses) == 1
+    with monkeypatch.context() as m:  # the loader as transformers ships it
+        m.setattr(models, "_gguf_parsed_once", contextlib.nullcontext)
+        models._convert_gguf(result.gguf, tmp_path / "plain")
+    assert len(parses) > 2
+    written = sorted(p.name for p in (tmp_path / "plain").iterdir())
+    assert written == sorted(p.name for p in (tmp_path / "once").iterdir()) and "model.safetensors" in written
+    for name in written:
+        assert (tmp_path / "once" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
+    assert gguf.GGUFReader is counting_reader  # the loader's names are put back

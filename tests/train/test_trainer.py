@@ -131,6 +131,31 @@ def test_padding_free_loss_equals_padded_loss(tmp_path, tiny_model_dir, data_fil
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 
+def test_validation_projects_each_batch_through_the_lm_head_once(tmp_path, tiny_model_dir, data_file):
+    """The validation loss is all evaluation reports: no second forward for logits nobody reads."""
+    from train.data import build_datasets
+    from train.loss import lm_base
+    from train.model import load_model
+    from train.rundir import RunDir
+    from train.trainer import build_trainer
+
+    recipe = validate_recipe(tiny_recipe(tmp_path, tiny_model_dir, data_file, name="val",
+                                         data={"validation": str(data_file)}, training={"batch_size": 4}))
+    setup = load_model(recipe)
+    datasets = build_datasets(recipe, setup.tokenizer)
+    trainer, _, _ = build_trainer(recipe, setup, datasets, RunDir(tmp_path / "x"))
+    calls = []
+    lm_base(trainer.model).get_output_embeddings().register_forward_hook(lambda *args: calls.append(1))
+    metrics = trainer.evaluate()
+    assert len(calls) == 2  # 8 validation rows in batches of 4
+    batch = trainer.data_collator(list(datasets["validation"]))  # all 8 rows in one batch
+    trainer.model.eval()
+    with torch.no_grad():
+        whole = trainer.compute_loss(trainer.model, dict(batch)).item()
+    # Trainer averages the two batches' losses; the halves hold different token counts, so only close.
+    assert metrics["eval_loss"] == pytest.approx(whole, rel=0.2)
+
+
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_offloaded_activations_and_mlp_chunks_train_to_the_same_losses(method, tmp_path, spread_model_dir, data_file):
     """training.offload_activations: every layer checkpointed with its input kept on the CPU trains
