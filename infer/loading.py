@@ -75,6 +75,10 @@ def load(
         keep_modules = keep_modules.split(",")
     keep_modules = tuple(m.strip() for m in keep_modules if m.strip())
     dev = resolve_device(device)
+    if dev.type == "cpu":
+        from infer.host_memory import keep_freed_blocks
+
+        keep_freed_blocks()
     quant = resolve_quant(quant, dev, adapter=adapter)
     cpu_quant = quant if quant in CPU_QUANTS else None
     if cpu_quant:

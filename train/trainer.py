@@ -193,6 +193,10 @@ def _train_planned(recipe: Recipe, plan, recipe_path: str, overrides: Sequence[s
 
         eval_examples = load_eval_examples(recipe)
     setup = load_model_checked(recipe)
+    if setup.device == "cpu":
+        from infer.host_memory import keep_freed_blocks
+
+        keep_freed_blocks()  # steps re-allocate the same activations: keep them off fresh pages
     speed = speed_settings(recipe, setup)
     log.info("model %s from %s: method %s, attention %s, precision %s, device %s, compiled layers %s, "
              "checkpointing %s", recipe.model.name, setup.base_path, setup.method, setup.attn_implementation,
