@@ -63,7 +63,7 @@ def _build(compiler: str) -> Path:
     torch_lib = Path(torch.__file__).parent / "lib"
     command = [compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                *(f"-I{p}" for p in include_paths()), str(SOURCE), f"-L{torch_lib}", "-lc10", "-ltorch_cpu"]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), torch.__version__, *command[1:]]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join(_key_parts(compiler)).encode()).hexdigest()[:16]
     folder = cache_dir() / "kernels"
     library = folder / f"block_linear-{key}.so"
     if library.is_file():
@@ -83,6 +83,20 @@ def _build(compiler: str) -> Path:
         if os.path.exists(partial):
             os.unlink(partial)
     return library
+
+
+def _key_parts(compiler: str) -> list[str]:
+    """What the library depends on: the source, the torch build, the compiler and the flags. Not the
+    include and library paths, which name the environment torch sits in: a fresh clone's new
+    .venv holds the same torch build and reuses the cached library instead of compiling again."""
+    import torch
+
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    return [SOURCE.read_text(), torch.__version__, str(torch.version.git_version), compiler, version, *FLAGS,
+            str(int(torch._C._GLIBCXX_USE_CXX11_ABI))]
 
 
 def _register_fakes() -> None:

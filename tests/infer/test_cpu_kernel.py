@@ -136,3 +136,17 @@ def test_without_the_kernels_q4_loads_as_w4(tiny_model_dir, monkeypatch, caplog)
         model, _ = load(tiny_model_dir, quant="q4", device="cpu")
     assert model.tunewright["quant"] == "w4"
     assert "q4: this CPU reports DEFAULT, the block kernels need AVX2; using w4" in caplog.text
+
+
+def test_the_cached_library_is_keyed_by_build_not_by_environment_path(monkeypatch):
+    """A fresh clone (a new .venv, the same torch build) reuses the library; a changed source does not."""
+    import torch
+    from torch.utils.cpp_extension import include_paths
+
+    import infer.cpu_kernel as kernel
+
+    parts = kernel._key_parts("c++")
+    assert torch.__version__ in parts and kernel.SOURCE.read_text() in parts
+    assert not any(path in part for path in include_paths() for part in parts)
+    monkeypatch.setattr(kernel, "SOURCE", type(kernel.SOURCE)(__file__))  # another source file
+    assert kernel._key_parts("c++") != parts
