@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default none: as text")
     p.add_argument("--limit", type=int)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=32, help="rows generated together (default 32)")
+    p.add_argument("--batch-size", type=int, help="rows generated together (default 64 on the CPU, 32 on a GPU)")
     p.add_argument("--no-loss", action="store_true", help="skip loss/perplexity on the references")
     p.add_argument("--compile", action="store_true", help="compile the decode step (pays off on long evals)")
     p.add_argument("--output", help="per-example outputs (JSONL; default: eval-results.jsonl, or eval-results-N.jsonl "
