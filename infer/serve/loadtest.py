@@ -53,33 +53,33 @@ def prompt_text(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
-async def one_request(client, url: str, model: str, prompt, max_tokens: int, temperature: float = 0.0,
+async def one_request(conn, model: str, prompt, max_tokens: int, temperature: float = 0.0,
                       arrivals: list | None = None) -> dict:
-    """One streamed completion; `arrivals` (if given) collects the arrival time of every
-    chunk that carries tokens, as it arrives (the server streams one for each group of
-    tokens, also when they render as no text yet, e.g. a special token)."""
+    """One streamed completion over `conn` (a stream_client.Connection); `arrivals` (if given)
+    collects the arrival time of every chunk that carries tokens, as it arrives (the server
+    streams one for each group of tokens, also when they render as no text yet, e.g. a special
+    token)."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     ttft, usage, error = None, None, None
     times = arrivals if arrivals is not None else []
     try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
-            if resp.status_code != 200:
-                return {"error": f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"}
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    error = chunk["error"].get("message")
-                elif chunk.get("usage"):
-                    usage = chunk["usage"]
-                elif chunk["choices"] and chunk["choices"][0]["finish_reason"] is None:  # a chunk of tokens
-                    now = time.perf_counter()
-                    times.append(now)
-                    if ttft is None:
-                        ttft = now - start
+        async for status, line in conn.post_lines("/v1/completions", body):
+            now = time.perf_counter()
+            if status != 200:
+                return {"error": f"HTTP {status}: {line[:200]!r}"}
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                error = chunk["error"].get("message")
+            elif chunk.get("usage"):
+                usage = chunk["usage"]
+            elif chunk["choices"] and chunk["choices"][0]["finish_reason"] is None:  # a chunk of tokens
+                times.append(now)
+                if ttft is None:
+                    ttft = now - start
     except Exception as exc:  # a load test counts failures instead of stopping at the first
         return {"error": f"{type(exc).__name__}: {exc}"}
     if error or usage is None:
@@ -108,20 +108,20 @@ async def _clients(url: str, model: str, seeds: range, deadline: float, max_toke
                    api_key: str | None, temperature: float) -> list[dict]:
     """One client per seed, each sending one request after another until `deadline`
     (time.time(), so processes agree on it)."""
-    import httpx
+    from infer.serve.stream_client import Connection
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    n = len(seeds)
-    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
     results: list[dict] = []
-    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=httpx.Timeout(600)) as client:
-        async def worker(seed: int):
-            rng = random.Random(seed)
-            while time.time() < deadline:
-                results.append(await one_request(client, url, model, prompt_text(rng, prompt_words), max_tokens,
-                                                 temperature))
 
-        await asyncio.gather(*(worker(seed) for seed in seeds))
+    async def worker(seed: int):
+        rng, conn = random.Random(seed), Connection(url, headers)
+        try:
+            while time.time() < deadline:
+                results.append(await one_request(conn, model, prompt_text(rng, prompt_words), max_tokens, temperature))
+        finally:
+            await conn.close()
+
+    await asyncio.gather(*(worker(seed) for seed in seeds))
     return results
 
 
@@ -200,23 +200,26 @@ async def run_join(url: str, model: str, api_key: str | None, streams: int = 16,
     """`streams` running streamed requests; a prompt of `prompt_tokens` tokens joins them.
     Reported: the longest gap between two chunks of any running stream while the long
     prompt is prefilled (from its submission to its first token, plus 0.2 s)."""
-    import httpx
+    from infer.serve.stream_client import Connection
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=streams + 4, max_keepalive_connections=streams + 4)
-    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=httpx.Timeout(600)) as client:
+    conns = [Connection(url, headers) for _ in range(streams + 1)]
+    try:
         arrivals = [[] for _ in range(streams)]
         rng = random.Random(7)
-        running = [asyncio.create_task(one_request(client, url, model, prompt_text(rng, 48), stream_tokens, 0.0,
+        running = [asyncio.create_task(one_request(conns[i], model, prompt_text(rng, 48), stream_tokens, 0.0,
                                                    arrivals[i]))
                    for i in range(streams)]
         while not all(arrivals) and not any(t.done() for t in running):  # every stream is decoding
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.2)
         joined = time.perf_counter()
-        long = await one_request(client, url, model, [rng.randrange(10, vocab) for _ in range(prompt_tokens)], 8)
+        long = await one_request(conns[-1], model, [rng.randrange(10, vocab) for _ in range(prompt_tokens)], 8)
         window_end = joined + (long.get("ttft") or 0.0) + 0.2
         await asyncio.gather(*running)
+    finally:
+        for conn in conns:
+            await conn.close()
     # A stream that ended inside the window says nothing about the gaps there.
     early = sum(1 for times in arrivals if not times or times[-1] < window_end)
     gaps = []
