@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -27,13 +28,24 @@ SOURCE = Path(__file__).parent / "csrc" / "block_linear.cpp"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++20")
 SUPPORTED_CAPABILITIES = ("AVX2", "AVX512")  # torch.backends.cpu.get_cpu_capability(); AVX-512 CPUs run AVX2
 _state: dict = {}
+_lock = threading.Lock()  # one build per process, whichever thread asks first
 
 
 def load_block_kernels() -> str | None:
     """None once the ops are registered in this process; else why they cannot be (cached)."""
-    if "reason" not in _state:
-        _state["reason"] = _load()
-    return _state["reason"]
+    with _lock:
+        if "reason" not in _state:
+            _state["reason"] = _load()
+        return _state["reason"]
+
+
+def load_block_kernels_in_background() -> threading.Thread:
+    """Start `load_block_kernels()` on a thread, for a caller that knows it will need the kernels
+    later: the first build (~10 s of g++ on one core) then overlaps work that leaves a core idle,
+    such as imports and model loading, and the later call waits only for what is left."""
+    thread = threading.Thread(target=load_block_kernels, name="tunewright-block-kernels", daemon=True)
+    thread.start()
+    return thread
 
 
 def _load() -> str | None:

@@ -192,6 +192,12 @@ def _train_planned(recipe: Recipe, plan, recipe_path: str, overrides: Sequence[s
         from train.evaluation import load_eval_examples
 
         eval_examples = load_eval_examples(recipe)
+        import torch
+
+        if not torch.cuda.is_available():  # the after-training eval scores q8 layers on the CPU
+            from infer.cpu_kernel import load_block_kernels_in_background
+
+            load_block_kernels_in_background()  # their first build overlaps loading and training
     setup = load_model_checked(recipe)
     if setup.device == "cpu":
         from infer.host_memory import keep_freed_blocks

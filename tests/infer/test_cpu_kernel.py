@@ -150,3 +150,26 @@ def test_the_cached_library_is_keyed_by_build_not_by_environment_path(monkeypatc
     assert not any(path in part for path in include_paths() for part in parts)
     monkeypatch.setattr(kernel, "SOURCE", type(kernel.SOURCE)(__file__))  # another source file
     assert kernel._key_parts("c++") != parts
+
+
+def test_a_build_started_in_the_background_is_the_one_a_later_call_waits_for(monkeypatch):
+    import threading
+    import time
+
+    import infer.cpu_kernel as kernel
+
+    calls, started = [], threading.Event()
+
+    def slow_load():
+        calls.append(threading.current_thread().name)
+        started.set()
+        time.sleep(0.3)
+        return "built once"
+
+    monkeypatch.setattr(kernel, "_state", {})
+    monkeypatch.setattr(kernel, "_load", slow_load)
+    thread = kernel.load_block_kernels_in_background()
+    assert started.wait(5)
+    assert kernel.load_block_kernels() == "built once"  # waits for the background build, builds nothing
+    thread.join(5)
+    assert calls == ["tunewright-block-kernels"]
