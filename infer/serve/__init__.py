@@ -8,6 +8,7 @@
     connections.py     header timeout and connection bound on uvicorn's protocol
     metrics.py         Prometheus metrics
     loadtest.py        `python -m infer.serve.loadtest`: the server under N streaming clients
+    stream_client.py   the load test's HTTP/1.1 client (one keep-alive connection per client)
 """
 
 from .server import ServerState, build_parser, load_for_serving, main, serve
