@@ -30,13 +30,10 @@ def evaluate_after_training(recipe: Recipe, tuned_model, setup: ModelSetup, exam
     Returns the numbers for metrics.json: scores in percent, n, and `samples` example rows.
     """
     from infer.eval import evaluate_model
-    from infer.loading import resolve_dtype, resolve_quant
+    from infer.loading import resolve_dtype
 
     ev = recipe.eval
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    # As `python -m infer eval` scores model/ by default: q8 layers on the CPU (the same exact
-    # match as fp32 on the demo, in less time), unquantized on a GPU.
-    quant = resolve_quant("auto", torch.device(device))
+    device, quant = _eval_device_and_quant()
     tokenizer = setup.tokenizer
     # No reference-loss pass: validation loss is already measured, and on CPU it would cost
     # as much again as the generations.
@@ -62,6 +59,24 @@ def evaluate_after_training(recipe: Recipe, tuned_model, setup: ModelSetup, exam
     out["samples"] = _samples(tuned.rows, base.rows if base else None, ev.samples)
     _print_report(out)
     return out
+
+
+def prepare_eval_kernels() -> None:
+    """Start building the CPU kernels the after-training eval will score with, on a thread, so
+    that their first build (~10 s of g++ on one core) overlaps loading and training."""
+    if _eval_device_and_quant()[1] in ("q4", "q8"):
+        from infer.cpu_kernel import load_block_kernels_in_background
+
+        load_block_kernels_in_background()
+
+
+def _eval_device_and_quant() -> tuple[str, str]:
+    from infer.loading import resolve_quant
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # As `python -m infer eval` scores model/ by default: q8 layers on the CPU (the same exact
+    # match as fp32 on the demo, in less time), unquantized on a GPU.
+    return device, resolve_quant("auto", torch.device(device))
 
 
 def _quantized(model, quant: str, *, copy: bool):

@@ -189,15 +189,10 @@ def _train_planned(recipe: Recipe, plan, recipe_path: str, overrides: Sequence[s
     trackers = resolve_trackers(recipe.training.report_to)  # a tracker that is not installed fails here
     eval_examples = None
     if recipe.eval.data:
-        from train.evaluation import load_eval_examples
+        from train.evaluation import load_eval_examples, prepare_eval_kernels
 
         eval_examples = load_eval_examples(recipe)
-        import torch
-
-        if not torch.cuda.is_available():  # the after-training eval scores q8 layers on the CPU
-            from infer.cpu_kernel import load_block_kernels_in_background
-
-            load_block_kernels_in_background()  # their first build overlaps loading and training
+        prepare_eval_kernels()
     setup = load_model_checked(recipe)
     if setup.device == "cpu":
         from infer.host_memory import keep_freed_blocks

@@ -20,20 +20,13 @@ import httptools
 
 
 class Response:
-    """What the parser has read of one response: status, headers, body bytes not yet consumed."""
+    """httptools' callbacks for one response: whether its headers and its whole body have
+    arrived, and the body bytes not yet consumed."""
 
     def __init__(self):
-        self.status: int | None = None
-        self.headers: dict[str, str] = {}
         self.body = bytearray()
         self.headers_done = False
         self.complete = False
-        self.keep_alive = True
-        self._name = b""
-
-    # httptools' callbacks
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         self.headers_done = True
@@ -84,14 +77,13 @@ class Connection:
                 if not data:
                     raise ConnectionError("the server closed the connection mid-response")
                 parser.feed_data(data)
-                if response.status is None and response.headers_done:
-                    response.status = parser.get_status_code()
+                status = parser.get_status_code() if response.headers_done else None
                 while (end := response.body.find(b"\n")) >= 0:
                     line = bytes(response.body[:end]).rstrip(b"\r")
                     del response.body[: end + 1]
-                    yield response.status, line
+                    yield status, line
             if response.body:
-                yield response.status or parser.get_status_code(), bytes(response.body)
+                yield parser.get_status_code(), bytes(response.body)
             done = parser.should_keep_alive()
         finally:
             if not done:  # an error, a cancelled consumer or `Connection: close`: start afresh next time
