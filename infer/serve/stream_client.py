@@ -21,12 +21,14 @@ import httptools
 
 class Response:
     """httptools' callbacks for one response: whether its headers and its whole body have
-    arrived, and the body bytes not yet consumed."""
+    arrived, the body bytes not yet consumed, and whether the connection stays open."""
 
     def __init__(self):
         self.body = bytearray()
         self.headers_done = False
         self.complete = False
+        self.keep_alive = False
+        self.parser: httptools.HttpResponseParser | None = None
 
     def on_headers_complete(self) -> None:
         self.headers_done = True
@@ -36,6 +38,9 @@ class Response:
 
     def on_message_complete(self) -> None:
         self.complete = True
+        # Asked here: once this callback returns, the parser resets for the next message
+        # and answers False.
+        self.keep_alive = self.parser.should_keep_alive()
 
 
 class Connection:
@@ -69,7 +74,7 @@ class Connection:
         body = json.dumps(payload).encode()
         self._writer.write(f"POST {path} HTTP/1.1\r\n{self._head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
         response = Response()
-        parser = httptools.HttpResponseParser(response)
+        parser = response.parser = httptools.HttpResponseParser(response)
         done = False
         try:
             while not response.complete:
@@ -84,7 +89,7 @@ class Connection:
                     yield status, line
             if response.body:
                 yield parser.get_status_code(), bytes(response.body)
-            done = parser.should_keep_alive()
+            done = response.keep_alive
         finally:
             if not done:  # an error, a cancelled consumer or `Connection: close`: start afresh next time
                 await self.close()

@@ -40,7 +40,7 @@ def test_a_level_counts_every_request_whether_clients_share_a_process_or_not(tin
 
 async def _stream_twice(url: str, model: str):
     conn = Connection(url)
-    texts = []
+    texts, sockets = [], []
     for _ in range(2):
         text = ""
         async for status, line in conn.post_lines("/v1/completions", {
@@ -49,10 +49,9 @@ async def _stream_twice(url: str, model: str):
             assert status == 200
             if line.startswith(b"data: {"):
                 text += json.loads(line[6:])["choices"][0]["text"]
-        if not texts:
-            first_socket = conn._writer
         texts.append(text)
-    same_socket = conn._writer is first_socket
+        sockets.append(conn._writer)  # still open after a complete keep-alive response
+    same_socket = sockets[0] is not None and sockets[1] is sockets[0]
     refusal = [(status, line) async for status, line in conn.post_lines("/v1/completions", {
         "model": "nope", "prompt": "x", "max_tokens": 1})]
     result = await one_request(conn, model, "river stone", 6)
