@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 from infer.engine import Engine, StreamEvent
-from infer.prompts import chat_ids
+from infer.prompts import chat_ids, text_ids
 from infer.sampling import SamplingParams
 
 __all__ = ["Generator", "GenerationResult", "GenerationStats", "StreamEvent", "SamplingParams"]
@@ -137,7 +137,7 @@ class Generator:
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             return list(prompt)
         if isinstance(prompt, str) and not chat:
-            return list(self.tokenizer(prompt).input_ids)
+            return text_ids(self.tokenizer, prompt)
         conversation = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this tokenizer has no chat template: pass plain strings with chat=False")

@@ -1,6 +1,7 @@
 """Prompt layout: how a conversation becomes token ids, the same way in training
 (prompt/answer masks), evaluation, calibration, generation and the server.
 
+* `text_ids` tokenizes plain text, as `tokenizer(text).input_ids` does, for less time;
 * `chat_ids` renders messages with the tokenizer's chat template;
 * `plain_prompt` lays out a conversation for a model without one;
 * `prompt_ids` / `answer_ids` split an example into what inference sends and the reference
@@ -28,13 +29,29 @@ def plain_prompt(messages: list[dict[str, str]], eos_token: str = "") -> str:
     return text
 
 
+def text_ids(tokenizer, text: str, *, add_special_tokens: bool = True) -> list[int]:
+    """`tokenizer(text, add_special_tokens=...).input_ids` as a list.
+
+    A fast tokenizer's Rust backend is called directly: transformers' `__call__` wraps one
+    text in a batch of one and a `BatchEncoding`, which costs a third of the encoding itself
+    on a short prompt (~60 us of ~220 us on the CPU machine), on every server request. The
+    backend is used only while it is configured as `__call__` would configure it (no
+    truncation, no padding, the same special-token splitting); otherwise `__call__` runs.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (backend is not None and backend.truncation is None and backend.padding is None
+            and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))):
+        return backend.encode(text, add_special_tokens=add_special_tokens).ids
+    return list(tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+
+
 def chat_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> list[int]:
     """Token ids of `messages` rendered by the tokenizer's chat template: the one renderer
     training (prompt/answer masks), evaluation, generation and the server share, so a prompt
     is tokenized the same way everywhere. The template writes any BOS itself, so the
     tokenizer adds no special tokens."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    return list(tokenizer(text, add_special_tokens=False).input_ids)
+    return text_ids(tokenizer, text, add_special_tokens=False)
 
 
 def through_end_of_turn(tokenizer, answer: list[int]) -> list[int]:
@@ -56,7 +73,7 @@ def prompt_ids(tokenizer, conversation: list[dict]) -> list[int]:
     context = conversation[:-1]
     if getattr(tokenizer, "chat_template", None):
         return chat_ids(tokenizer, context, add_generation_prompt=True)
-    return list(tokenizer(plain_prompt(context)).input_ids)
+    return text_ids(tokenizer, plain_prompt(context))
 
 
 def answer_ids(tokenizer, conversation: list[dict], prompt: list[int]) -> list[int]:
@@ -66,4 +83,4 @@ def answer_ids(tokenizer, conversation: list[dict], prompt: list[int]) -> list[i
         if full[: len(prompt)] == prompt:
             return through_end_of_turn(tokenizer, full[len(prompt):])
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return list(tokenizer(conversation[-1]["content"], add_special_tokens=False).input_ids) + eos
+    return text_ids(tokenizer, conversation[-1]["content"], add_special_tokens=False) + eos

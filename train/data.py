@@ -36,7 +36,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from infer.prompts import chat_ids, plain_prompt, through_end_of_turn
+from infer.prompts import chat_ids, plain_prompt, text_ids, through_end_of_turn
 from infer.records import RecordsError, normalize_rows, problem_report, read_rows
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def uses_chat_template(setting, tokenizer) -> bool:
 
 def encode_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
     """A plain document: every token is a target, with eos appended so documents end."""
-    ids = list(tokenizer(text).input_ids)
+    ids = text_ids(tokenizer, text)
     eos = _eos_id(tokenizer)
     if not ids or ids[-1] != eos:
         ids.append(eos)
@@ -232,11 +232,11 @@ def _encode_plain(tokenizer, conversation):
         if pending:
             # Same text as plain_prompt; only the first piece gets the tokenizer's bos, as a
             # prompt tokenized on its own at inference would.
-            prompt = tokenizer(plain_prompt(pending), add_special_tokens=not ids).input_ids
+            prompt = text_ids(tokenizer, plain_prompt(pending), add_special_tokens=not ids)
             ids += prompt
             mask += [0] * len(prompt)
             pending = []
-        answer = tokenizer(message["content"], add_special_tokens=False).input_ids + [eos]
+        answer = text_ids(tokenizer, message["content"], add_special_tokens=False) + [eos]
         ids += answer
         mask += [1] * len(answer)
     return ids, mask

@@ -14,12 +14,13 @@ import time
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from infer.prompts import chat_ids
+from infer.prompts import chat_ids, text_ids
 
 from infer.engine import StreamEvent
 from infer.sampling import SamplingParams
@@ -75,35 +76,61 @@ def create_app(state) -> FastAPI:
     async def metrics():
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_require_api_key), Depends(_require_ready)])
+    v1 = APIRouter(prefix="/v1")
 
     @v1.get("/models")
-    async def list_models():
+    async def list_models(request: Request):
+        await _admit(request)
         return {"object": "list", "data": [_model_card(state)]}
 
     @v1.get("/models/{model_id:path}")
-    async def get_model(model_id: str):
+    async def get_model(model_id: str, request: Request):
+        await _admit(request)
         _check_model(state, model_id)
         return _model_card(state)
 
-    @v1.post("/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    # The generation routes are Starlette routes that validate their bodies with the schemas'
+    # pydantic models themselves. As FastAPI routes, dependency solving and body handling took
+    # ~160 Python calls per request, ~0.3 ms on the CPU machine, all of it before the prompt
+    # reaches the engine, i.e. on the time to first token. Errors go through the same
+    # exception handlers either way.
+    async def completions(request: Request):
+        await _admit(request)
+        body = await _body(request, CompletionRequest)
         _check_model(state, body.model)
         prompts = [_completion_ids(state, p) for p in body.prompts()]
         return await _generate(state, request, body, prompts, chat=False)
 
-    @v1.post("/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    async def chat_completions(request: Request):
+        await _admit(request)
+        body = await _body(request, ChatCompletionRequest)
         _check_model(state, body.model)
         return await _generate(state, request, body, [_chat_ids(state, body)], chat=True)
 
     app.include_router(v1)
+    app.add_route("/v1/completions", completions, methods=["POST"])
+    app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_middleware(BodyLimits, max_bytes=state.args.max_body_bytes, timeout=state.args.body_timeout)
     app.add_middleware(RequestLog, state=state)
     return app
 
 
-# ---- dependencies ---------------------------------------------------------------------
+# ---- admission ------------------------------------------------------------------------
+async def _admit(request: Request) -> None:
+    """Every /v1 route first: the API key, then whether the engine takes requests."""
+    await _require_api_key(request)
+    await _require_ready(request)
+
+
+async def _body(request: Request, model: type[BaseModel]):
+    """The JSON body validated by `model`; a body that is not JSON or does not fit gets a 400,
+    as FastAPI's own body handling would answer."""
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
 async def _require_api_key(request: Request) -> None:
     key = request.app.state.server.api_key
     if not key:
@@ -141,7 +168,7 @@ def _check_model(state, name: str) -> None:
 # ---- prompts --------------------------------------------------------------------------
 def _completion_ids(state, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
-        return state.tokenizer(prompt)["input_ids"]
+        return text_ids(state.tokenizer, prompt)
     vocab = len(state.tokenizer)
     bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:
@@ -282,12 +309,12 @@ async def _collect(state, request: Request, job: _Job, body, rid: str, chat: boo
         choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
                     "logprobs": _chat_logprobs(state, logprobs[i]) if wants else None,
                     "finish_reason": reasons[i]} for i in range(total)]
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()),
-                "model": state.model_name, "choices": choices, "usage": usage}
+        return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()),
+                             "model": state.model_name, "choices": choices, "usage": usage})
     choices = [{"index": i, "text": texts[i], "logprobs": _completion_logprobs(state, logprobs[i]) if wants else None,
                 "finish_reason": reasons[i]} for i in range(total)]
-    return {"id": rid, "object": "text_completion", "created": int(time.time()),
-            "model": state.model_name, "choices": choices, "usage": usage}
+    return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()),
+                         "model": state.model_name, "choices": choices, "usage": usage})
 
 
 async def _sse(state, job: _Job, body, rid: str, chat: bool, info):
@@ -397,6 +424,8 @@ def _describe_validation(errors) -> tuple[str, str | None]:
         msg = err.get("msg", "invalid").removeprefix("Value error, ")
         field = loc.split(".")[0] if loc else (msg.split(":", 1)[0] if ":" in msg and " " not in msg.split(":", 1)[0] else None)
         param = param or field
+        if not field:  # about the body as a whole, e.g. a JSON list instead of an object
+            msg = f"request body: {msg}"
         parts.append(f"{loc}: {msg}" if loc and not msg.startswith(f"{loc}:") else msg)
     return "; ".join(parts) or "invalid request", param
 

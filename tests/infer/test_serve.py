@@ -286,6 +286,19 @@ def test_bad_input_gets_openai_error_and_server_survives(server, case):
     assert ok.usage.completion_tokens == 2
 
 
+def test_body_errors_say_what_is_wrong(server):
+    cases = {b'{"model": "tiny", "prompt": ': ("request body is not valid JSON", None),
+             b"": ("request body is not valid JSON", None),
+             _json([1, 2]): ("request body: ", None),
+             _json({"model": MODEL}): ("prompt: Field required", "prompt"),
+             _json({"model": MODEL, "prompt": "hi", "max_tokenz": 3}): ("max_tokenz: Extra inputs", "max_tokenz")}
+    for content, (message, param) in cases.items():
+        resp = server.post("/v1/completions", content=content, headers={"content-type": "application/json"})
+        assert resp.status_code == 400, (content, resp.text)
+        error = resp.json()["error"]
+        assert error["message"].startswith(message) and error["param"] == param, (content, error)
+
+
 def test_bad_chat_inputs(server):
     cases = [
         ({"model": MODEL, "messages": []}, 400),
