@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import threading
 import json
 import logging
 import time
@@ -217,10 +218,15 @@ class _Job:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
+        self.thread = threading.get_ident()  # the event loop's
         self.events: asyncio.Queue[StreamEvent] = asyncio.Queue()
         self.seqs: list = []
 
-    def emit(self, event: StreamEvent) -> None:  # called on the engine's (or its receiver's) thread
+    def emit(self, event: StreamEvent) -> None:
+        """Called on the event loop (events read from the engine process) or on the engine's thread."""
+        if threading.get_ident() == self.thread:
+            self.events.put_nowait(event)
+            return
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the event loop is gone (server shutting down): nobody to tell

@@ -2,7 +2,7 @@
 engine core: the HTTP event loop (JSON, SSE, tokenization) and the scheduler's Python work
 no longer take turns on one GIL.
 
-    server process                                  engine process
+    server process (event loop)                     engine process
     HTTP routes ─ EngineClient ──── requests ────▶  infer.engine.Engine.step() loop
                   (one handle per   ◀── events ────  (model, KV cache, sampler,
                    sequence)          + counts       detokenizer, stop rules)
@@ -26,7 +26,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import sys
 import threading
 import time
 
@@ -63,15 +62,22 @@ class EngineClient:
     the methods of the in-process `ServingEngine`."""
 
     def __init__(self, loader, args, *, max_queue: int = 256, metrics=None, log_level: str = "info",
-                 on_exit=None):
+                 on_exit=None, loop):
         self.loader, self.args, self.max_queue, self.metrics = loader, args, max_queue, metrics
         self.log_level, self.on_exit = log_level, on_exit
+        # The server's event loop reads the engine's messages itself (`loop.add_reader`), as
+        # vLLM's API process reads its engine core's socket: an event reaches its request's
+        # queue on the thread that serves it, with no wake-up of a second thread and no
+        # hand-over between threads.
+        self.loop = loop
+        self._stopped = threading.Event()
         self._lock = threading.Lock()  # the live handles and the send side of the pipe
         self._live: dict[int, _Handle] = {}
         self._ids = itertools.count()
         self._stopping = False
         self._dead: str | None = None
-        self._proc = self._receiver = None
+        self._proc = None
+        self._reading = False  # the event loop reads the engine's messages
         self.running = 0
         self._stats = {"graphs": 0, "prefill_graphs": 0, "compiled": 0, "gpu": (0, 0), "rss": 0}
 
@@ -104,11 +110,8 @@ class EngineClient:
         self.vocab_size, self.max_logprobs = info["vocab_size"], info["max_logprobs"]
         self.device_type, self.device_name = info["device_type"], info["device"]
         self.group_steps, self.kv_cache_bytes = info["group_steps"], info["kv_cache_bytes"]
-        # The receiver thread wakes on each message; a switch interval of 1 ms (default 5)
-        # keeps it from waiting behind the event loop's JSON work for long.
-        sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
-        self._receiver = threading.Thread(target=self._receive, name="tunewright-engine-events", daemon=True)
-        self._receiver.start()
+        self._reading = True
+        self.loop.call_soon_threadsafe(self.loop.add_reader, self._from_engine.fileno(), self._on_readable)
         return tokenizer
 
     # ---- called from the HTTP side -------------------------------------------------
@@ -140,8 +143,8 @@ class EngineClient:
             self._stopping = True
             if self._dead is None:
                 self._send(("stop",))
-        if self._receiver is not None:
-            self._receiver.join(timeout)
+        if self._reading:
+            self._stopped.wait(timeout)
         if self._proc is not None:
             self._proc.join(5)
             self._kill()
@@ -174,28 +177,27 @@ class EngineClient:
     def engine_rss(self) -> int:
         return self._stats["rss"]
 
-    # ---- the receiver thread -------------------------------------------------------
+    # ---- messages from the engine (on the event loop) -------------------------------
     def _send(self, msg) -> None:
         try:
             self._to_engine.send(msg)
-        except OSError:  # the engine is gone; the receiver thread reports it
+        except OSError:  # the engine is gone; `_on_readable` reports it
             pass
 
-    def _receive(self) -> None:
-        stopped = False
+    def _on_readable(self) -> None:
+        """On the event loop: every message the engine has sent so far."""
         try:
-            while True:
+            while self._from_engine.poll():
                 msg = self._from_engine.recv()
                 if msg[0] == "events":
                     self._dispatch(*msg[1:])
                 elif msg[0] == "stopped":
-                    stopped = True
+                    self.loop.remove_reader(self._from_engine.fileno())
+                    self._stopped.set()
                     return
         except (EOFError, OSError):
-            pass
-        finally:
-            if not stopped:
-                self._engine_died()
+            self.loop.remove_reader(self._from_engine.fileno())
+            self._engine_died()
 
     def _dispatch(self, events, running, decode_rows, stats) -> None:
         now = time.perf_counter()
@@ -219,6 +221,7 @@ class EngineClient:
                 h.emit(event)
 
     def _engine_died(self) -> None:
+        self._stopped.set()
         self._proc.join(5)
         reason = f"the engine process exited unexpectedly (exit code {self._proc.exitcode})"
         with self._lock:

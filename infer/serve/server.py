@@ -124,6 +124,7 @@ class ServerState:
         self.engine_client = None  # the engine process, once started
         self.engine_failed: str | None = None  # why the engine process died, if it did
         self.server = None  # the uvicorn.Server, told to exit if loading fails
+        self.loop = None  # the server's event loop, once it runs
 
     def load(self) -> None:
         import functools
@@ -167,7 +168,8 @@ class ServerState:
 
         if self.args.engine == "process":
             self.engine_client = EngineClient(self.loader, self.args, max_queue=self.args.max_queue,
-                                              log_level=self.args.log_level, on_exit=self._engine_exited)
+                                              log_level=self.args.log_level, on_exit=self._engine_exited,
+                                              loop=self.loop)
             return self.engine_client, self.engine_client.start()
         model, tokenizer = self.loader(self.args)
         serving = ServingEngine(build_engine(model, tokenizer, self.args), max_queue=self.args.max_queue)
@@ -182,6 +184,7 @@ class ServerState:
 
     @asynccontextmanager
     async def lifespan(self, app):
+        self.loop = asyncio.get_running_loop()
         threading.Thread(target=self.load, name="tunewright-load", daemon=True).start()
         yield
         # uvicorn has already waited for open connections; this drains whatever is left.
