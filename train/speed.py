@@ -276,21 +276,15 @@ class LayerRunner:
         self._peak.restart()
 
     def predicted_peak(self, tokens: int, n_checkpointed: int) -> int:
-        """Memory a micro-batch of `tokens` tokens should peak at with `n_checkpointed` layers recomputed.
-
-        A recomputed layer holds all of its activations again while its backward runs, on top
-        of what the layers below it still keep: one layer's worth more whenever any layer is
-        recomputed. Leaving that to the learnt margin (a constant) would size it by the
-        largest micro-batch seen and overstate the peak of every shorter one."""
+        """Memory a micro-batch of `tokens` tokens should peak at with `n_checkpointed` layers recomputed."""
         n = len(self.layers)
         kept = 0 if self.offload else self._kept_bytes_per_token() * tokens  # offloaded: on the CPU
-        full = max(self.layer_bytes_per_token * tokens, kept)
-        recomputing = full if n_checkpointed else 0
+        full = self.layer_bytes_per_token * tokens
         return int(
             self.static_bytes
             + head_reserve_bytes(self.backbone.config, tokens, chunked=self.chunked_loss,
                                  head_trainable=self.head_trainable)
-            + n_checkpointed * kept + (n - n_checkpointed) * full + recomputing
+            + n_checkpointed * kept + (n - n_checkpointed) * max(full, kept)
         )
 
     def auto_count(self, tokens: int) -> int:

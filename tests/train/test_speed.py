@@ -159,29 +159,6 @@ def test_auto_policy_learns_its_margin_though_a_bench_restarts_the_peak_each_ste
     assert runner.margin == 5_000_000
 
 
-def test_auto_policy_gives_a_shorter_batch_the_memory_it_leaves(monkeypatch):
-    """A recomputed layer's activations, live again during its backward, grow with the batch:
-    calibrated on long micro-batches, the policy must not size a short one's peak by a long
-    one's, which would recompute layers that fit."""
-    memory = FakeCudaMemory(monkeypatch)
-    model = tiny_llama(layers=8)
-    monkeypatch.setattr(speed, "_device", lambda module: torch.device("cuda"))
-    runner = LayerRunner(model, checkpoint="auto", static_bytes=1_000_000, warmup_batches=2)
-    runner.layer_bytes_per_token = full = 10_000.0
-    kept, n = runner._kept_bytes_per_token(), 8
-
-    def device_peak(tokens, k):  # what the device reaches: held activations, one recomputed layer, 3 MB of slack
-        head = speed.head_reserve_bytes(model.config, tokens, chunked=True)
-        return 1_000_000 + head + (k * kept + (n - k) * full + (full if k else 0)) * tokens + 3_000_000
-
-    runner.memory_limit = math.ceil(device_peak(1000, 4) / 0.99)
-    for tokens in (4000, 4000, 4000, 1000, 1000):
-        runner._before_batch(model, (), {"input_ids": torch.zeros(1, tokens, dtype=torch.long)})
-        memory.spike(device_peak(tokens, len(runner.checkpointed)))
-    assert runner.history == [8, 8, 8, 4, 4]  # calibrating; everything at 4000 tokens; half at 1000
-    assert runner.peaks[3] <= runner.memory_limit  # the first 1000-token batch fits
-
-
 def test_kept_activations_use_the_activation_width_not_a_4bit_weight():
     """A checkpointed layer keeps its bf16 input however its weights are stored: under QLoRA a
     layer's first parameter is a uint8 block of 4-bit values, which must not halve the estimate."""
