@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import threading
 import json
 import logging
+import threading
 import time
 import uuid
 from typing import Any
