@@ -276,15 +276,23 @@ class LayerRunner:
         self._peak.restart()
 
     def predicted_peak(self, tokens: int, n_checkpointed: int) -> int:
-        """Memory a micro-batch of `tokens` tokens should peak at with `n_checkpointed` layers recomputed."""
+        """Memory a micro-batch of `tokens` tokens should peak at with `n_checkpointed` layers recomputed.
+
+        The backward starts with every plain layer's activations held. A recomputed layer
+        holds all of its activations again while its backward runs, but the layers above it
+        have freed theirs by then, and `evenly_spaced` leaves the top layer plain unless it
+        picks every layer: the recomputation adds to the peak only when every layer is
+        recomputed. (Left to the learnt margin, that term, which grows with the batch, would be
+        sized by the longest fully recomputed batch and overstate every shorter one.)"""
         n = len(self.layers)
         kept = 0 if self.offload else self._kept_bytes_per_token() * tokens  # offloaded: on the CPU
-        full = self.layer_bytes_per_token * tokens
+        full = max(self.layer_bytes_per_token * tokens, kept)
+        recomputing = full - kept if n_checkpointed == n > 0 else 0
         return int(
             self.static_bytes
             + head_reserve_bytes(self.backbone.config, tokens, chunked=self.chunked_loss,
                                  head_trainable=self.head_trainable)
-            + n_checkpointed * kept + (n - n_checkpointed) * max(full, kept)
+            + n_checkpointed * kept + (n - n_checkpointed) * full + recomputing
         )
 
     def auto_count(self, tokens: int) -> int:

@@ -88,6 +88,8 @@ def test_checkpointing_policy_keeps_the_gradients(policy):
 def test_evenly_spaced_spreads_the_checkpointed_layers():
     assert evenly_spaced(16, 4) == {0, 4, 8, 12}
     assert evenly_spaced(16, 0) == frozenset() and evenly_spaced(3, 9) == {0, 1, 2}
+    # The top layer stays plain unless every layer is picked (LayerRunner.predicted_peak relies on it).
+    assert all(n - 1 not in evenly_spaced(n, k) for n in (2, 16, 32, 80) for k in range(n))
 
 
 def test_bad_policy_is_refused_with_its_value():
@@ -101,9 +103,8 @@ def test_auto_policy_checkpoints_only_what_the_limit_needs():
     model = tiny_llama(layers=4)
     runner = LayerRunner(model, checkpoint="auto", static_bytes=1_000_000, warmup_batches=0)
     runner.layer_bytes_per_token = 10_000.0
-    # The limit fits 2 layers' activations of 1000 tokens on top of everything else.
-    base = runner.predicted_peak(1000, 4)
-    runner.memory_limit = math.ceil((base + 2 * (10_000 - runner._kept_bytes_per_token()) * 1000) / 0.99) + 1  # headroom
+    # The limit fits 2 plain layers' activations of 1000 tokens on top of everything else.
+    runner.memory_limit = math.ceil(runner.predicted_peak(1000, 2) / 0.99) + 1  # headroom
     assert runner.auto_count(1000) == 2
     assert runner.auto_count(100) == 0  # a short batch needs no recomputation
     assert runner.auto_count(100_000) == 4  # nothing fits: checkpoint everything
@@ -157,6 +158,34 @@ def test_auto_policy_learns_its_margin_though_a_bench_restarts_the_peak_each_ste
     runner._before_batch(model, (), {"input_ids": ids})
     assert len(runner.peaks) == 3
     assert runner.margin == 5_000_000
+
+
+def test_auto_policy_sizes_a_shorter_batch_by_its_own_length(monkeypatch):
+    """Calibrated on long, fully recomputed micro-batches, the policy must not size a short
+    one's peak by a long one's: the recomputed layer's activations, live again during its
+    backward, grow with the batch, and a margin that absorbed them at 4000 tokens would
+    recompute layers that fit at 1000."""
+    memory = FakeCudaMemory(monkeypatch)
+    model = tiny_llama(layers=8)
+    monkeypatch.setattr(speed, "_device", lambda module: torch.device("cuda"))
+    runner = LayerRunner(model, checkpoint="auto", static_bytes=1_000_000, warmup_batches=2)
+    runner.layer_bytes_per_token = full = 10_000.0
+    kept, n = runner._kept_bytes_per_token(), 8
+
+    def device_peak(tokens, k):  # the backward's start, or a recomputed layer's backward when all are
+        head = speed.head_reserve_bytes(model.config, tokens, chunked=True, head_trainable=runner.head_trainable)
+        live = k * kept + (n - k) * full + ((full - kept) if k == n else 0)
+        return 1_000_000 + head + live * tokens + 300_000  # 0.3 MB the estimate misses
+
+    runner.memory_limit = math.ceil(device_peak(1000, 4) / 0.99)
+    for tokens in (4000, 4000, 4000, 1000, 1000):
+        runner._before_batch(model, (), {"input_ids": torch.zeros(1, tokens, dtype=torch.long)})
+        memory.spike(device_peak(tokens, len(runner.checkpointed)))
+    runner._before_batch(model, (), {"input_ids": torch.zeros(1, 1000, dtype=torch.long)})
+    # calibrating; nothing fits at 4000 tokens; at 1000 exactly the layers the limit needs
+    assert runner.history == [8, 8, 8, 4, 4, 4]
+    assert runner.margin == 300_000
+    assert max(runner.peaks[3:]) <= runner.memory_limit
 
 
 def test_kept_activations_use_the_activation_width_not_a_4bit_weight():
