@@ -70,14 +70,16 @@ class EngineClient:
         # queue on the thread that serves it, with no wake-up of a second thread and no
         # hand-over between threads.
         self.loop = loop
+        # Set once the engine has said it stopped or has died; set too while nothing is read
+        # (before start), so that `stop` has nothing to wait for then.
         self._stopped = threading.Event()
+        self._stopped.set()
         self._lock = threading.Lock()  # the live handles and the send side of the pipe
         self._live: dict[int, _Handle] = {}
         self._ids = itertools.count()
         self._stopping = False
         self._dead: str | None = None
         self._proc = None
-        self._reading = False  # the event loop reads the engine's messages
         self.running = 0
         self._stats = {"graphs": 0, "prefill_graphs": 0, "compiled": 0, "gpu": (0, 0), "rss": 0}
 
@@ -110,7 +112,7 @@ class EngineClient:
         self.vocab_size, self.max_logprobs = info["vocab_size"], info["max_logprobs"]
         self.device_type, self.device_name = info["device_type"], info["device"]
         self.group_steps, self.kv_cache_bytes = info["group_steps"], info["kv_cache_bytes"]
-        self._reading = True
+        self._stopped.clear()
         self.loop.call_soon_threadsafe(self.loop.add_reader, self._from_engine.fileno(), self._on_readable)
         return tokenizer
 
@@ -143,8 +145,7 @@ class EngineClient:
             self._stopping = True
             if self._dead is None:
                 self._send(("stop",))
-        if self._reading:
-            self._stopped.wait(timeout)
+        self._stopped.wait(timeout)
         if self._proc is not None:
             self._proc.join(5)
             self._kill()
@@ -192,12 +193,15 @@ class EngineClient:
                 if msg[0] == "events":
                     self._dispatch(*msg[1:])
                 elif msg[0] == "stopped":
-                    self.loop.remove_reader(self._from_engine.fileno())
-                    self._stopped.set()
+                    self._stop_reading()
                     return
         except (EOFError, OSError):
-            self.loop.remove_reader(self._from_engine.fileno())
+            self._stop_reading()
             self._engine_died()
+
+    def _stop_reading(self) -> None:
+        self.loop.remove_reader(self._from_engine.fileno())
+        self._stopped.set()
 
     def _dispatch(self, events, running, decode_rows, stats) -> None:
         now = time.perf_counter()
@@ -221,7 +225,6 @@ class EngineClient:
                 h.emit(event)
 
     def _engine_died(self) -> None:
-        self._stopped.set()
         self._proc.join(5)
         reason = f"the engine process exited unexpectedly (exit code {self._proc.exitcode})"
         with self._lock:
