@@ -139,7 +139,7 @@ class LayerRunner:
         self.checkpointed: frozenset[int] = frozenset()
         self.history: list[int] = []  # layers checkpointed, per training micro-batch
         self.warmup_batches = warmup_batches
-        self.margin = 0  # measured peak minus predicted peak (bytes), see auto_count
+        self.margin: Optional[int] = None  # measured peak minus predicted peak (bytes), see auto_count
         self.peaks: list[int] = []  # CUDA: measured peak of each training micro-batch (bytes)
         self.predictions: list[int | None] = []  # the peak predicted for each ("auto"), else None
         self._prediction = None
@@ -272,7 +272,8 @@ class LayerRunner:
         self.peaks.append(self._peak.peak())
         predicted = self.predictions[len(self.peaks) - 1]
         if predicted is not None:
-            self.margin = max(self.margin, self.peaks[-1] - predicted)
+            error = self.peaks[-1] - predicted
+            self.margin = error if self.margin is None else max(self.margin, error)
         self._peak.restart()
 
     def predicted_peak(self, tokens: int, n_checkpointed: int) -> int:
@@ -299,10 +300,13 @@ class LayerRunner:
         """Fewest layers to checkpoint so that `tokens` tokens of activations fit the memory limit.
 
         The first `warmup_batches` micro-batches checkpoint every layer while the model of
-        memory is calibrated: each later decision adds the largest amount by which the
-        device's measured peak has exceeded a prediction (the optimizer's and the loss
-        head's temporaries, allocator rounding -- whatever the estimate missed), micro-batch
-        by micro-batch (`peaks` against `predictions`).
+        memory is calibrated: each later decision adds the margin, the largest amount by which
+        the device's measured peak has differed from a prediction (the optimizer's and the
+        loss head's temporaries, allocator rounding, whatever the estimate missed or
+        overstates), micro-batch by micro-batch (`peaks` against `predictions`). The margin
+        keeps its sign: the estimate adds weights, gradients, optimizer state and activations
+        as if all were live at once, which for a full fine-tune overstates the peak by
+        gigabytes; held at zero or above, it would leave no room to keep any layer plain.
         """
         limit = self.memory_limit if self.memory_limit is not None else _device_memory(self.backbone)
         n = len(self.layers)
@@ -317,7 +321,7 @@ class LayerRunner:
             for k in range(n + 1):  # n+1 predictions: cheap next to a training step
                 # 1% headroom: the margin is learnt from peaks already seen, so a batch
                 # slightly unlike them can overshoot by a few MiB (seen on H200: 4 MiB).
-                if self.predicted_peak(tokens, k) + self.margin <= 0.99 * limit:
+                if self.predicted_peak(tokens, k) + (self.margin or 0) <= 0.99 * limit:
                     choice = k
                     break
         self._prediction = self.predicted_peak(tokens, choice)

@@ -188,6 +188,33 @@ def test_auto_policy_sizes_a_shorter_batch_by_its_own_length(monkeypatch):
     assert max(runner.peaks[3:]) <= runner.memory_limit
 
 
+def test_auto_policy_learns_a_negative_margin_where_the_estimate_overstates(monkeypatch):
+    """A full fine-tune: the estimate adds gradients, optimizer state and activations as if
+    all were live at once, while the device peaks at the optimizer step until enough layers
+    stay plain for the backward's start to matter. A margin held at zero or above would
+    recompute every layer for good; learnt with its sign, it leaves layers plain and the
+    peaks stay within the limit."""
+    memory = FakeCudaMemory(monkeypatch)
+    model = tiny_llama(layers=8)
+    monkeypatch.setattr(speed, "_device", lambda module: torch.device("cuda"))
+    runner = LayerRunner(model, checkpoint="auto", static_bytes=50_000_000, warmup_batches=2)
+    runner.layer_bytes_per_token = full = 2_000.0
+    kept, n = runner._kept_bytes_per_token(), 8
+
+    def device_peak(tokens, k):  # optimizer step 40 MB; backward start 20 MB + 80% of the estimated activations
+        return int(max(40_000_000, 20_000_000 + 0.8 * (k * kept + (n - k) * full) * tokens))
+
+    runner.memory_limit = 45_000_000  # less than the estimate's static bytes alone
+    for tokens in [3000, 3000] + [2000, 3000, 2500] * 4:
+        runner._before_batch(model, (), {"input_ids": torch.zeros(1, tokens, dtype=torch.long)})
+        memory.spike(device_peak(tokens, len(runner.checkpointed)))
+    runner._before_batch(model, (), {"input_ids": torch.zeros(1, 2000, dtype=torch.long)})
+    assert runner.history[:2] == [n, n]  # calibrating
+    assert runner.margin < 0
+    assert max(runner.history[2:]) < n  # every later micro-batch leaves layers plain
+    assert max(runner.peaks) <= runner.memory_limit
+
+
 def test_kept_activations_use_the_activation_width_not_a_4bit_weight():
     """A checkpointed layer keeps its bf16 input however its weights are stored: under QLoRA a
     layer's first parameter is a uint8 block of 4-bit values, which must not halve the estimate."""
