@@ -317,8 +317,14 @@ class LayerRunner:
         if len(self.history) < self.warmup_batches:
             choice = n
         else:
+            # One layer at a time: at most one plain layer more than any micro-batch whose peak
+            # has been measured, so the margin has seen a batch like this one before it is
+            # trusted with less recomputation (a signed margin learnt on fully recomputed
+            # batches alone could otherwise leave many layers plain at once).
+            measured = self.history[: len(self.peaks)]
+            fewest = max(0, min(measured) - 1) if measured else 0
             choice = n
-            for k in range(n + 1):  # n+1 predictions: cheap next to a training step
+            for k in range(fewest, n + 1):  # a few predictions: cheap next to a training step
                 # 1% headroom: the margin is learnt from peaks already seen, so a batch
                 # slightly unlike them can overshoot by a few MiB (seen on H200: 4 MiB).
                 if self.predicted_peak(tokens, k) + (self.margin or 0) <= 0.99 * limit:

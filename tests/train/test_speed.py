@@ -178,12 +178,13 @@ def test_auto_policy_sizes_a_shorter_batch_by_its_own_length(monkeypatch):
         return 1_000_000 + head + live * tokens + 300_000  # 0.3 MB the estimate misses
 
     runner.memory_limit = math.ceil(device_peak(1000, 4) / 0.99)
-    for tokens in (4000, 4000, 4000, 1000, 1000):
+    for tokens in (4000, 4000, 4000, 1000, 1000, 1000, 1000, 1000):
         runner._before_batch(model, (), {"input_ids": torch.zeros(1, tokens, dtype=torch.long)})
         memory.spike(device_peak(tokens, len(runner.checkpointed)))
     runner._before_batch(model, (), {"input_ids": torch.zeros(1, 1000, dtype=torch.long)})
-    # calibrating; nothing fits at 4000 tokens; at 1000 exactly the layers the limit needs
-    assert runner.history == [8, 8, 8, 4, 4, 4]
+    # calibrating; nothing fits at 4000 tokens; at 1000 one layer more plain per measured
+    # micro-batch, down to exactly the layers the limit needs
+    assert runner.history == [8, 8, 8, 7, 6, 5, 4, 4, 4]
     assert runner.margin == 300_000
     assert max(runner.peaks[3:]) <= runner.memory_limit
 
@@ -211,7 +212,7 @@ def test_auto_policy_learns_a_negative_margin_where_the_estimate_overstates(monk
     runner._before_batch(model, (), {"input_ids": torch.zeros(1, 2000, dtype=torch.long)})
     assert runner.history[:2] == [n, n]  # calibrating
     assert runner.margin < 0
-    assert max(runner.history[2:]) < n  # every later micro-batch leaves layers plain
+    assert min(runner.history[2:]) <= n - 2  # layers left plain (none with the margin held at zero)
     assert max(runner.peaks) <= runner.memory_limit
 
 
