@@ -455,7 +455,7 @@ class BodyLimits:
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                message = await _within(receive(), deadline)
             except asyncio.TimeoutError:
                 log.info("closed a connection whose request body was not complete within %g s", self.timeout)
                 return await self._refuse(send, 408, f"the request body was not complete within {self.timeout:g} s")
@@ -536,3 +536,14 @@ class RequestLog:
             log.log(level, "request id=%s %s %s status=%d prompt_tokens=%s completion_tokens=%s latency_ms=%.1f",
                     info.get("request_id", "-"), scope["method"], path, status,
                     info.get("prompt_tokens", 0), info.get("completion_tokens", 0), elapsed * 1000)
+
+
+async def _within(awaitable, deadline: float):
+    """`await awaitable`, raising asyncio.TimeoutError at `deadline` (time.monotonic()).
+    Before Python 3.12 asyncio.wait_for ran the awaitable as a task of its own, one more
+    trip through the event loop before every request body; asyncio.timeout (3.11) does not."""
+    delay = max(0.0, deadline - time.monotonic())
+    if not hasattr(asyncio, "timeout"):  # Python 3.10
+        return await asyncio.wait_for(awaitable, delay)
+    async with asyncio.timeout(delay):
+        return await awaitable
