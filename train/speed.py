@@ -139,7 +139,7 @@ class LayerRunner:
         self.checkpointed: frozenset[int] = frozenset()
         self.history: list[int] = []  # layers checkpointed, per training micro-batch
         self.warmup_batches = warmup_batches
-        self.margin: Optional[int] = None  # measured peak minus predicted peak (bytes), see auto_count
+        self.margin = 0  # measured peak minus predicted peak (bytes), see auto_count
         self.peaks: list[int] = []  # CUDA: measured peak of each training micro-batch (bytes)
         self.predictions: list[int | None] = []  # the peak predicted for each ("auto"), else None
         self._prediction = None
@@ -272,8 +272,7 @@ class LayerRunner:
         self.peaks.append(self._peak.peak())
         predicted = self.predictions[len(self.peaks) - 1]
         if predicted is not None:
-            error = self.peaks[-1] - predicted
-            self.margin = error if self.margin is None else max(self.margin, error)
+            self.margin = max(self.margin, self.peaks[-1] - predicted)
         self._peak.restart()
 
     def predicted_peak(self, tokens: int, n_checkpointed: int) -> int:
@@ -300,13 +299,10 @@ class LayerRunner:
         """Fewest layers to checkpoint so that `tokens` tokens of activations fit the memory limit.
 
         The first `warmup_batches` micro-batches checkpoint every layer while the model of
-        memory is calibrated: each later decision adds the margin, the largest amount by which
-        the device's measured peak has differed from a prediction (the optimizer's and the
-        loss head's temporaries, allocator rounding, whatever the estimate missed or
-        overstates), micro-batch by micro-batch (`peaks` against `predictions`). The margin
-        keeps its sign: the estimate adds weights, gradients, optimizer state and activations
-        as if all were live at once, which for a full fine-tune overstates the peak by
-        gigabytes; held at zero or above, it would leave no room to keep any layer plain.
+        memory is calibrated: each later decision adds the largest amount by which the
+        device's measured peak has exceeded a prediction (the optimizer's and the loss
+        head's temporaries, allocator rounding -- whatever the estimate missed), micro-batch
+        by micro-batch (`peaks` against `predictions`).
         """
         limit = self.memory_limit if self.memory_limit is not None else _device_memory(self.backbone)
         n = len(self.layers)
@@ -317,17 +313,11 @@ class LayerRunner:
         if len(self.history) < self.warmup_batches:
             choice = n
         else:
-            # One layer at a time: at most one plain layer more than any micro-batch whose peak
-            # has been measured, so the margin has seen a batch like this one before it is
-            # trusted with less recomputation (a signed margin learnt on fully recomputed
-            # batches alone could otherwise leave many layers plain at once).
-            measured = self.history[: len(self.peaks)]
-            fewest = max(0, min(measured) - 1) if measured else 0
             choice = n
-            for k in range(fewest, n + 1):  # a few predictions: cheap next to a training step
+            for k in range(n + 1):  # n+1 predictions: cheap next to a training step
                 # 1% headroom: the margin is learnt from peaks already seen, so a batch
                 # slightly unlike them can overshoot by a few MiB (seen on H200: 4 MiB).
-                if self.predicted_peak(tokens, k) + (self.margin or 0) <= 0.99 * limit:
+                if self.predicted_peak(tokens, k) + self.margin <= 0.99 * limit:
                     choice = k
                     break
         self._prediction = self.predicted_peak(tokens, choice)
