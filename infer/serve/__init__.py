@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server (`python -m infer serve RUN`).
 
     server.py          CLI options, server state, start-up, drain and exit
-    app.py             routes, OpenAI error bodies, auth, body limits, request log
+    app.py             routes, OpenAI error bodies, auth
+    middleware.py      body limits (413 / 408) and the request log
     schemas.py         request models and their validation
     engine_process.py  the engine in a process of its own (the default) and its client
     engine.py          the engine on a thread of the server process; what both share

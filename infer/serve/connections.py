@@ -8,7 +8,7 @@ descriptor before any route, auth included, sees it; enough of them exhaust the 
 descriptors and `/health` stops answering. `guarded_protocol` steps around that in uvicorn's
 own (httptools) HTTP protocol: it closes a connection whose headers are not complete within the header
 timeout, and closes at once a connection accepted beyond the bound, so descriptors stay
-bounded. Slow bodies are timed out where the body is read (`BodyLimits` in app.py), so the
+bounded. Slow bodies are timed out where the body is read (`BodyLimits` in middleware.py), so the
 client gets a 408.
 """
 
