@@ -324,6 +324,16 @@ def runner_facts(callbacks: list) -> dict:
                                       "bytes_per_token_layer": runner.layer_bytes_per_token}
     if runner is not None and runner.compile_failures:
         out["compile_failures"] = runner.compile_failures  # those layer variants fell back
+    if runner is not None and any(p is not None for p in runner.predictions):
+        # What `checkpoint: auto` predicted for each micro-batch against the peak the device measured
+        # (the last micro-batch's peak is read at the next one's start, so it has none).
+        gib = 2**30
+        out["checkpoint_policy"] = {
+            "layers": runner.history,
+            "predicted_gib": [None if p is None else round(p / gib, 3) for p in runner.predictions],
+            "measured_gib": [round(p / gib, 3) for p in runner.peaks],
+            "margin_gib": round(runner.margin / gib, 3),
+        }
     return out
 
 

@@ -148,7 +148,7 @@ def test_auto_policy_learns_its_margin_though_a_bench_restarts_the_peak_each_ste
     model = tiny_llama(layers=4)
     runner = LayerRunner(model, checkpoint="auto", static_bytes=1_000_000, warmup_batches=0, memory_limit=10**9)
     runner.layer_bytes_per_token = 1000.0
-    monkeypatch.setattr(speed, "_device", lambda module: torch.device("cuda"))
+    monkeypatch.setattr(speed, "_device", lambda module: torch.device("cuda:0"))  # as parameters report it
     bench = PeakReader("cuda:0")
     ids = torch.zeros(1, 500, dtype=torch.long)
     for _ in range(3):
@@ -156,8 +156,17 @@ def test_auto_policy_learns_its_margin_though_a_bench_restarts_the_peak_each_ste
         runner._before_batch(model, (), {"input_ids": ids})
         memory.spike(runner.predictions[-1] + 5_000_000)  # 5 MB beyond what was predicted
     runner._before_batch(model, (), {"input_ids": ids})
-    assert len(runner.peaks) == 3
+    assert [m - p for m, p in zip(runner.peaks, runner.predictions)] == [5_000_000] * 3
     assert runner.margin == 5_000_000
+
+    # the bench reports the same per micro-batch: layers, prediction, measured peak, margin
+    from train.bench import runner_facts
+
+    policy = runner_facts([type("Callback", (), {"runner": runner})()])["checkpoint_policy"]
+    assert policy["layers"] == runner.history and len(policy["predicted_gib"]) == 4
+    assert policy["measured_gib"] == [round(p / 2**30, 3) for p in runner.peaks]
+    assert policy["predicted_gib"] == [round(p / 2**30, 3) for p in runner.predictions]
+    assert policy["margin_gib"] == round(5e6 / 2**30, 3)
 
 
 def test_auto_policy_sizes_a_shorter_batch_by_its_own_length(monkeypatch):
