@@ -318,13 +318,15 @@ def runner_facts(callbacks: list) -> dict:
     """What the layer runner did (layers checkpointed per micro-batch, variants that fell back)."""
     runner = next((getattr(c, "runner", None) for c in callbacks if getattr(c, "runner", None)), None)
     out: dict[str, Any] = {}
-    if runner is not None and runner.history:
+    if runner is None:
+        return out
+    if runner.history:
         out["checkpointed_layers"] = {"min": min(runner.history), "max": max(runner.history),
                                       "mean": statistics.fmean(runner.history), "of": len(runner.layers),
                                       "bytes_per_token_layer": runner.layer_bytes_per_token}
-    if runner is not None and runner.compile_failures:
+    if runner.compile_failures:
         out["compile_failures"] = runner.compile_failures  # those layer variants fell back
-    if runner is not None and any(p is not None for p in runner.predictions):
+    if any(p is not None for p in runner.predictions):
         # What `checkpoint: auto` predicted for each micro-batch against the peak the device measured
         # (the last micro-batch's peak is read at the next one's start, so it has none).
         gib = 2**30

@@ -20,8 +20,17 @@ import torch
 _readers: "weakref.WeakSet[PeakReader]" = weakref.WeakSet()
 
 
+def cuda_device(device) -> torch.device:
+    """`device` with its index: "cuda" and "cuda:0" name one counter and must match when folding."""
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device(device.type, torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return device
+
+
 def fold(device) -> None:
-    """Every reader absorbs the device's peaks so far, then the counters restart."""
+    """Every reader absorbs the device's peaks so far, then the counters restart
+    (`device` as `cuda_device` gives it)."""
     allocated, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
     for reader in list(_readers):
         if reader.device == device:
@@ -32,7 +41,7 @@ def fold(device) -> None:
 
 class PeakReader:
     def __init__(self, device):
-        self.device = torch.device(device)
+        self.device = cuda_device(device)
         self._folded = self._folded_reserved = 0
         _readers.add(self)
         self.restart()

@@ -148,7 +148,7 @@ def test_auto_policy_learns_its_margin_though_a_bench_restarts_the_peak_each_ste
     model = tiny_llama(layers=4)
     runner = LayerRunner(model, checkpoint="auto", static_bytes=1_000_000, warmup_batches=0, memory_limit=10**9)
     runner.layer_bytes_per_token = 1000.0
-    monkeypatch.setattr(speed, "_device", lambda module: torch.device("cuda:0"))  # as parameters report it
+    monkeypatch.setattr(speed, "_device", lambda module: torch.device("cuda"))  # the bench reads "cuda:0"
     bench = PeakReader("cuda:0")
     ids = torch.zeros(1, 500, dtype=torch.long)
     for _ in range(3):
