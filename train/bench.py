@@ -53,7 +53,7 @@ class Row:
     steps: Optional[int] = None  # when --steps is not given (else 50)
     chunked_loss: bool = True  # TRL's fused LM head; False: full logits (train.loss)
     offload: bool = False  # checkpointed layers' inputs wait in CPU memory (train.recompute)
-    mlp_chunk_tokens: Optional[int] = None  # MLPs of longer rows run in chunks of this many tokens
+    chunk_tokens: Optional[int] = None  # longer rows run in chunks of this many tokens (train.chunked_layer)
     note: str = ""
 
 
@@ -82,9 +82,9 @@ ROWS: dict[str, Row] = {r.name: r for r in [
     Row("tw_qlora", attn="auto", compile=True, checkpoint="auto", method="qlora"),
     Row("tw_qlora_eager", attn="auto", checkpoint="auto", method="qlora", note="tw_qlora without compile"),
     Row("tw_lora_long", attn="auto", compile=True, checkpoint="all", method="lora", offload=True,
-        mlp_chunk_tokens=4096, note="for --longest: every layer checkpointed, its input on the CPU, MLPs in chunks"),
+        chunk_tokens=2048, note="for --longest: every layer checkpointed, its input on the CPU, all but attention in chunks"),
     Row("tw_qlora_long", attn="auto", compile=True, checkpoint="all", method="qlora", offload=True,
-        mlp_chunk_tokens=4096, note="tw_lora_long on the nf4 base"),
+        chunk_tokens=2048, note="tw_lora_long on the nf4 base"),
 ]}
 FULL_ROWS = ["trl_default", "padding_free_sdpa", "varlen_fa2", "tw_default", "tw_adamw_torch", "tw_8bit",
              "fastest_eager", "fastest"]
@@ -289,7 +289,7 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
         limit = int(ns.memory_limit_gib * 2**30) if ns.memory_limit_gib else None
         callbacks.append(speed_callback(compile=row.compile, checkpoint=row.checkpoint, memory_limit=limit,
                                         chunked_loss=row.chunked_loss, offload=row.offload,
-                                        mlp_chunk_tokens=row.mlp_chunk_tokens))
+                                        chunk_tokens=row.chunk_tokens))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=minimal_tokenizer(),
                          peft_config=peft_config, callbacks=callbacks)
     from transformers.trainer_callback import PrinterCallback

@@ -108,8 +108,10 @@ class LayerRunner:
     full logits (train.loss), which decides how much the head needs per token.
     `warmup_batches` micro-batches (two optimizer steps' worth: the optimizer state appears
     at the first step) run fully checkpointed to calibrate. `offload` keeps the input of
-    every checkpointed layer in pinned CPU memory until its backward; `mlp_chunk_tokens` runs
-    the MLPs of longer rows in chunks of that many tokens (both in train.recompute).
+    every checkpointed layer in pinned CPU memory until its backward (train.recompute).
+    `chunk_tokens`: rows longer than this run every MLP in chunks of that many tokens
+    (train.recompute), and each checkpointed Llama layer runs all its parts but attention in
+    such chunks (train.chunked_layer).
     """
 
     def __init__(
@@ -123,11 +125,11 @@ class LayerRunner:
         warmup_batches: int = 2,
         chunked_loss: bool = True,
         offload: bool = False,
-        mlp_chunk_tokens: Optional[int] = None,
+        chunk_tokens: Optional[int] = None,
     ):
         self.backbone, self.layers = decoder_layers(model)
         self.offload = offload
-        self.mlp_chunk_tokens = mlp_chunk_tokens
+        self.chunk_tokens = chunk_tokens
         self.chunked_loss = chunked_loss
         head = unwrap(model).get_output_embeddings()
         self.head_trainable = head is not None and head.weight.requires_grad
@@ -162,12 +164,18 @@ class LayerRunner:
             self.dropout = RecomputableDropout(model)
         self.compile_failures: list[str] = []
         self._hook = None
-        self.chunked_mlp = None
-        if mlp_chunk_tokens:
+        self.chunked_mlp = self.chunked_layers = None
+        if chunk_tokens:
+            from train.chunked_layer import ChunkedLayer, unsupported_reason
             from train.recompute import ChunkedMLP
 
-            self.chunked_mlp = ChunkedMLP(self.layers, mlp_chunk_tokens,
-                                          seed=self.dropout.seed if self.dropout is not None else None)
+            seed = self.dropout.seed if self.dropout is not None else None
+            self.chunked_mlp = ChunkedMLP(self.layers, chunk_tokens, seed=seed)
+            reason = unsupported_reason(self.layers[0])
+            if reason is None:
+                self.chunked_layers = [ChunkedLayer(layer, chunk_tokens, seed=seed) for layer in self.layers]
+            else:
+                log.info("training.chunk_tokens chunks only the MLPs of this model: %s", reason)
 
     def install(self) -> "LayerRunner":
         for index, layer in enumerate(self.layers):
@@ -195,6 +203,8 @@ class LayerRunner:
     def _layer_forward(self, index: int, layer: nn.Module) -> Callable:
         def forward(*args, **kwargs):
             if layer.training and torch.is_grad_enabled() and index in self.checkpointed:
+                if self.chunked_layers is not None and len(args) <= 1 and _hidden(args, kwargs).shape[1] > self.chunk_tokens:
+                    return self._run_chunked(index, args, kwargs)
                 # the chunked MLP runs outside the compiled graph, which a compiled checkpoint cannot span
                 if self.offload or self.chunked_mlp is not None or self.recompute_outside:
                     return self._recompute(layer, *args, **kwargs)
@@ -208,6 +218,12 @@ class LayerRunner:
         from train.recompute import recompute_layer
 
         return recompute_layer(self._run_plain, layer, args, kwargs, offload=self.offload)
+
+    def _run_chunked(self, index: int, args: tuple, kwargs: dict):
+        """A checkpointed layer of a long row, all but its attention in chunks (train.chunked_layer)."""
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        return self.chunked_layers[index](hidden, offload=self.offload, **kwargs)
 
     def _run_plain(self, layer: nn.Module, *args, **kwargs):
         return self._run("_plain", _run_layer, layer, args, kwargs)
@@ -369,6 +385,11 @@ def _batch_tokens(args, kwargs) -> int:
     return 0
 
 
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A decoder layer call's hidden states (batch, tokens, hidden)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def _device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
@@ -473,7 +494,7 @@ def count_compilations() -> int:
 
 
 def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit: Optional[int] = None,
-                   chunked_loss: bool = True, offload: bool = False, mlp_chunk_tokens: Optional[int] = None):
+                   chunked_loss: bool = True, offload: bool = False, chunk_tokens: Optional[int] = None):
     """A TrainerCallback that installs a LayerRunner when training begins.
 
     It has to wait for `on_train_begin`: by then the Trainer has wrapped the model (PEFT,
@@ -497,7 +518,7 @@ def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit:
                     warmup_batches=2 * args.gradient_accumulation_steps,
                     chunked_loss=chunked_loss,
                     offload=offload,
-                    mlp_chunk_tokens=mlp_chunk_tokens,
+                    chunk_tokens=chunk_tokens,
                 ).install()
                 log.info(
                     "decoder layers: compile=%s, checkpointing=%s%s%s%s",
@@ -505,7 +526,7 @@ def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit:
                     checkpoint,
                     f" within {memory_limit / 2**30:.1f} GiB" if memory_limit else "",
                     ", checkpointed inputs offloaded to the CPU" if offload else "",
-                    f", MLPs in chunks of {mlp_chunk_tokens} tokens" if mlp_chunk_tokens else "",
+                    f", rows over {chunk_tokens} tokens in chunks" if chunk_tokens else "",
                 )
 
     return SpeedCallback()
@@ -527,4 +548,4 @@ def recipe_speed_settings(training, *, cuda: bool) -> dict:
     limit = int(training.memory_limit_gib * 2**30) if training.memory_limit_gib else None
     return {"compile": compile, "checkpoint": checkpoint, "memory_limit": limit,
             "chunked_loss": training.chunked_loss, "offload": training.offload_activations,
-            "mlp_chunk_tokens": training.mlp_chunk_tokens}
+            "chunk_tokens": training.chunk_tokens}

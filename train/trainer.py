@@ -422,7 +422,7 @@ def _manifest(recipe: Recipe, setup: ModelSetup, summary: dict, checkpoint) -> M
             "device": setup.device,
             "gradient_checkpointing": speed["checkpoint"],  # none | all | auto (per micro-batch)
             "offload_activations": speed["offload"],
-            "mlp_chunk_tokens": speed["mlp_chunk_tokens"],
+            "chunk_tokens": speed["chunk_tokens"],
             "padding_free": t.padding_free,
             "packing": t.packing,
             "compile": speed["compile"],

@@ -101,7 +101,7 @@ def test_eval_normalize_compares_numbers_with_a_whole_answer_metric(tmp_path):
         load_recipe(path, ["eval.normalize=numbers"])
 
 
-def test_long_row_keys_offload_activations_and_mlp_chunk_tokens(tmp_path):
+def test_long_row_keys_offload_activations_and_chunk_tokens(tmp_path):
     path = _write(tmp_path, "name: t\ndata:\n  train: a.jsonl\n")
     assert load_recipe(path).training.offload_activations is False
     assert load_recipe(path, ["training.offload_activations=true"]).training.offload_activations is True
@@ -113,10 +113,10 @@ def test_long_row_keys_offload_activations_and_mlp_chunk_tokens(tmp_path):
         load_recipe(path, ["training.offload_activations=true", "training.gradient_checkpointing=false"])
     with pytest.raises(RecipeError, match=r"did you mean 'training.offload_activations'"):
         load_recipe(path, ["training.offload_activation=true"])
-    assert load_recipe(path).training.mlp_chunk_tokens is None
-    assert load_recipe(path, ["training.mlp_chunk_tokens=8192"]).training.mlp_chunk_tokens == 8192
-    with pytest.raises(RecipeError, match=r"training.mlp_chunk_tokens: .*greater than 0"):
-        load_recipe(path, ["training.mlp_chunk_tokens=0"])
+    assert load_recipe(path).training.chunk_tokens is None
+    assert load_recipe(path, ["training.chunk_tokens=8192"]).training.chunk_tokens == 8192
+    with pytest.raises(RecipeError, match=r"training.chunk_tokens: .*greater than 0"):
+        load_recipe(path, ["training.chunk_tokens=0"])
 
 
 def test_all_problems_are_reported_at_once(tmp_path):

@@ -609,24 +609,143 @@ def mlp_in_chunks_with_full_autograd(model, chunk):
         mlp.forward = forward
 
 
+def layers_in_chunks_with_full_autograd(model, chunk, seed=None):
+    """The reference for ChunkedLayer: each layer as the same parts over the same chunks (so the
+    same dropout draws, in the same order), run with ordinary autograd keeping everything."""
+    from train.chunked_layer import ChunkedLayer
+
+    for layer in speed.decoder_layers(model)[1]:
+        parts = ChunkedLayer(layer, chunk, seed=seed)
+
+        def forward(hidden_states, parts=parts, **kwargs):
+            o = parts.core(*parts.qkv(hidden_states, kwargs), kwargs)
+            return torch.cat([parts.post(hidden_states[:, a:b], o[:, a:b], k)
+                              for k, a, b in parts.chunks(hidden_states.shape[1])], dim=1)
+
+        layer.forward = forward
+
+
 @pytest.mark.parametrize("checkpoint,offload", [("none", False), ("all", False), ("all", True)])
-def test_chunked_mlp_equals_the_same_chunks_under_full_autograd(checkpoint, offload):
-    """Eager LoRA with peft's dropout (0.05): MLPs in chunks of 8 tokens (29 tokens: 4 chunks),
-    alone, under checkpointing and with offload, give the loss and LoRA gradients of the same
-    chunks run with all their activations kept -- the backward replays each chunk's masks."""
+def test_chunked_rows_equal_the_same_chunks_under_full_autograd(checkpoint, offload):
+    """Eager LoRA with peft's dropout (0.05), rows in chunks of 8 tokens (29 tokens: 4 chunks):
+    plain layers run their MLPs in chunks, checkpointed layers (also offloaded) every part but
+    attention. Loss and LoRA gradients equal the same chunks run with all their activations
+    kept -- the backward replays each chunk's masks."""
     _, packed = batches([9, 14, 6])
     reference = tiny_lora(layers=3)
-    mlp_in_chunks_with_full_autograd(reference, 8)
+    if checkpoint == "none":
+        mlp_in_chunks_with_full_autograd(reference, 8)
+    else:
+        layers_in_chunks_with_full_autograd(reference, 8)
     ref_loss, ref_grads = lora_loss_and_grads(reference, packed, seed=3)
 
     model = tiny_lora(layers=3)
-    runner = LayerRunner(model, checkpoint=checkpoint, offload=offload, mlp_chunk_tokens=8).install()
+    runner = LayerRunner(model, checkpoint=checkpoint, offload=offload, chunk_tokens=8).install()
+    calls = count_calls(runner.chunked_layers[0], "__call__")
     loss, grads = lora_loss_and_grads(model, packed, seed=3)
     runner.remove()
+    assert calls == ([] if checkpoint == "none" else [1])
     assert torch.allclose(loss, ref_loss, rtol=1e-6), (loss, ref_loss)
     assert max(rel(grads[n], ref_grads[n]) for n in ref_grads) < 1e-5
-    assert all(grads[n].norm() > 0 for n in grads if "mlp" in n and "lora_B" in n)
+    assert all(grads[n].norm() > 0 for n in grads if "lora_B" in n)
     assert not any("forward" in layer.mlp.__dict__ for layer in runner.layers)  # removed again
+
+
+def count_calls(obj, name):
+    """A list that grows by one entry per call of obj.name (an instance method patched in place)."""
+    calls, method = [], getattr(type(obj), name)
+
+    class Counted(type(obj)):
+        def __call__(self, *args, **kwargs):
+            calls.append(1)
+            return method(self, *args, **kwargs)
+
+    obj.__class__ = Counted
+    return calls
+
+
+def test_chunked_layer_is_the_layers_forward_and_keeps_only_its_input():
+    """ChunkedLayer's parts compose the Llama layer's own forward (padding-free rows, any chunk
+    size, dropout off): same output, input gradient and weight gradients. Between the forward
+    and the backward it holds the layer's input and nothing else; rows no longer than a chunk
+    are recomputed whole."""
+    from train.chunked_layer import ChunkedLayer, unsupported_reason
+
+    model = tiny_llama(layers=2)
+    _, packed = batches([9, 14, 6])
+    layer = speed.decoder_layers(model)[1][0]
+    assert unsupported_reason(layer) is None
+    seen = {}
+    hook = layer.register_forward_pre_hook(lambda m, a, kw: seen.setdefault("call", (a, kw)), with_kwargs=True)
+    model(**packed)
+    hook.remove()
+    args, kwargs = seen["call"]
+    x = args[0].detach().clone().requires_grad_()
+
+    def run(fn):  # output, input gradient, weight gradients (.backward: the chunks backpropagate inside)
+        x.grad = None
+        layer.zero_grad()
+        out = fn(x, **kwargs)
+        out.backward(grad)
+        return out.detach(), x.grad.clone(), [p.grad.clone() for p in layer.parameters()]
+
+    grad = torch.randn(x.shape)
+    ref, ref_x, ref_w = run(layer)
+    for chunk in (4, 8, 29):
+        out, got_x, got_w = run(ChunkedLayer(layer, chunk))
+        assert torch.allclose(out, ref, atol=1e-6), chunk
+        assert rel(got_x, ref_x) < 1e-5 and max(rel(g, r) for g, r in zip(got_w, ref_w)) < 1e-5, chunk
+
+    kept = {}
+    for chunk in (None, 8):
+        model = tiny_llama(layers=3)
+        runner = LayerRunner(model, checkpoint="all", chunk_tokens=chunk).install()
+        _, _, kept[chunk] = kept_for_backward(model, packed, seed=0)
+        runner.remove()
+    assert kept[8] == kept[None]  # each layer's input, as the layer recomputed whole keeps
+
+
+def test_chunked_layer_backward_peak_grows_a_fraction_as_fast_with_the_row():
+    """Measured by the CPU profiler: the memory a recomputed layer's backward allocates grows with
+    the row's length; in chunks, only the whole-row q, k, v, attention output and their
+    gradients grow, at under half the rate of the layer recomputed whole with its MLP chunked (bf16,
+    LoRA with dropout: a quarter in this shape; 8B's proportions, hidden size scaled down)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from train.chunked_layer import ChunkedLayer
+    from train.recompute import ChunkedMLP, recompute_layer
+
+    from peft import LoraConfig, get_peft_model
+
+    from infer.random_model import architecture_config, random_model
+
+    # Llama-3-8B's proportions: 4 query heads per key-value head, an MLP 3.5x the hidden size
+    config = architecture_config("tiny", hidden_size=256, num_attention_heads=4, num_key_value_heads=1,
+                                 head_dim=64, intermediate_size=896, num_hidden_layers=1)
+    model = get_peft_model(random_model(config, dtype=torch.bfloat16),
+                           LoraConfig(r=4, lora_dropout=0.05, target_modules="all-linear")).train()
+    backbone, layers = speed.decoder_layers(model)
+    layer, hidden = layers[0], model.config.hidden_size
+
+    def backward_peak(chunked: bool, tokens: int) -> int:
+        x = torch.randn(1, tokens, hidden, dtype=torch.bfloat16, requires_grad=True)
+        positions = torch.arange(tokens)[None]
+        kwargs = {"position_ids": positions, "position_embeddings": backbone.rotary_emb(x, positions)}
+        y = ChunkedLayer(layer, 128)(x, **kwargs) if chunked else recompute_layer(speed._run_layer, layer, (x,), kwargs)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            y.backward(torch.ones_like(y))
+        live = peak = 0
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        for e in sorted(events, key=lambda e: e.start_ns()):
+            live += e.nbytes()
+            peak = max(peak, live)
+        return peak
+
+    mlp = ChunkedMLP([layer], 128).install()
+    whole = backward_peak(False, 1024) - backward_peak(False, 512)
+    chunked = backward_peak(True, 1024) - backward_peak(True, 512)
+    mlp.remove()
+    assert 0 < chunked < 0.5 * whole, (chunked, whole)
 
 
 def test_chunked_mlp_keeps_only_its_input_and_short_rows_run_whole():
@@ -636,7 +755,7 @@ def test_chunked_mlp_keeps_only_its_input_and_short_rows_run_whole():
     kept = {}
     for chunk in (None, 8, 29):
         model = tiny_llama(layers=3)
-        runner = LayerRunner(model, checkpoint="none", mlp_chunk_tokens=chunk).install()
+        runner = LayerRunner(model, checkpoint="none", chunk_tokens=chunk).install()
         _, _, kept[chunk] = kept_for_backward(model, packed, seed=0)
         runner.remove()
     assert kept[29] == kept[None]
@@ -644,10 +763,11 @@ def test_chunked_mlp_keeps_only_its_input_and_short_rows_run_whole():
     assert kept[None] - kept[8] >= 3 * 3, kept
 
 
-def test_compiled_chunked_lora_mlp_equals_eager_and_draws_new_masks_per_chunk():
+def test_compiled_chunked_lora_layers_equal_eager_and_draw_new_masks_per_chunk():
     """Under compile the LoRA dropout is the seeded hash: each chunk draws with its own seed
     (identical tokens in two chunks are masked differently), the recomputation draws the same,
-    and the compiled layers around the eager chunks equal the eager model."""
+    and compiled, checkpointed, offloaded layers run in chunks equal the eager model's same
+    chunks (its layers as ChunkedLayer's parts, with all activations kept)."""
     from train.dropout import RecomputableDropout
     from train.recompute import ChunkedMLP
 
@@ -656,10 +776,6 @@ def test_compiled_chunked_lora_mlp_equals_eager_and_draws_new_masks_per_chunk():
     eager = tiny_lora(layers=3)
     masks = RecomputableDropout(eager)
     chunks = ChunkedMLP(speed.decoder_layers(eager)[1], 8, seed=masks.seed).install()
-    torch.manual_seed(5)
-    masks.reseed()
-    ref_loss, ref_grads = lora_loss_and_grads(eager, packed, seed=5)
-
     mlp = speed.decoder_layers(eager)[1][0].mlp
     for name, p in mlp.named_parameters():  # lora_B starts at zero: make the adapters (and their dropout) show
         if "lora_B" in name:
@@ -677,8 +793,15 @@ def test_compiled_chunked_lora_mlp_equals_eager_and_draws_new_masks_per_chunk():
     assert drop.seed is masks.seed  # the shared seed is back after the chunks
     chunks.remove()
 
+    reference = tiny_lora(layers=3)
+    masks = RecomputableDropout(reference)
+    layers_in_chunks_with_full_autograd(reference, 8, seed=masks.seed)
+    torch.manual_seed(5)
+    masks.reseed()
+    ref_loss, ref_grads = lora_loss_and_grads(reference, packed, seed=5)
+
     model = tiny_lora(layers=3)
-    runner = LayerRunner(model, compile=True, checkpoint="all", offload=True, mlp_chunk_tokens=8).install()
+    runner = LayerRunner(model, compile=True, checkpoint="all", offload=True, chunk_tokens=8).install()
     loss, grads = lora_loss_and_grads(model, packed, seed=5)
     runner.remove()
     assert runner.compile_failures == []

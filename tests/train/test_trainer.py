@@ -173,11 +173,11 @@ def test_offloaded_activations_and_mlp_chunks_train_to_the_same_losses(method, t
                           method={"type": method, "lora": {"r": 8, "alpha": 16, "dropout": 0.1}},
                           training={"max_steps": 4, "batch_size": 4, "learning_rate": 1e-2,
                                     "gradient_checkpointing": checkpointing, "offload_activations": offload,
-                                    "mlp_chunk_tokens": chunk})
+                                    "chunk_tokens": chunk})
         result = train_recipe(validate_recipe(raw))
         losses[checkpointing, offload, chunk] = [r["loss"] for r in metric_rows(result.run_dir) if "loss" in r]
         t = json.loads((result.run_dir / "manifest.json").read_text())["training"]
-        assert (t["offload_activations"], t["mlp_chunk_tokens"]) == (offload, chunk)
+        assert (t["offload_activations"], t["chunk_tokens"]) == (offload, chunk)
         assert t["gradient_checkpointing"] == ("all" if checkpointing else "none")
     reference = losses[False, False, None]
     assert len(reference) == 4 and reference[-1] < reference[0]
