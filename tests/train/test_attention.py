@@ -221,6 +221,27 @@ def test_gpu_varlen_fa2_compiled_layers_match_eager():
 
 
 @pytest.mark.gpu
+def test_gpu_chunked_layers_through_varlen_fa2_match_plain_layers():
+    """Checkpointed, offloaded layers whose parts other than attention run in 64-token chunks
+    (train.chunked_layer) through the FA2 varlen kernel, bf16, padding-free rows of 37-300
+    tokens: the loss and gradients of the plain layers."""
+    from train.speed import LayerRunner
+
+    A.register_varlen_fa2()
+    model, _ = _tiny_llama("varlen_fa2", dtype=torch.bfloat16, device="cuda")
+    model.config._attn_implementation = "varlen_fa2"
+    model.train()
+    batch = _batches([37, 100, 64, 300], device="cuda")[2]
+    ref_loss, ref_grads = _loss_and_grads(model, batch)
+    runner = LayerRunner(model, checkpoint="all", offload=True, chunk_tokens=64).install()
+    loss, grads = _loss_and_grads(model, batch)
+    runner.remove()
+    assert runner.chunked_layers is not None
+    assert torch.allclose(loss, ref_loss, rtol=1e-2), (loss, ref_loss)
+    assert max(_rel(g, r) for g, r in zip(grads, ref_grads)) < 3e-2
+
+
+@pytest.mark.gpu
 def test_gpu_default_recipe_trains_padding_free_through_varlen_and_matches_sdpa_padded(tmp_path):
     """The GPU check of the default recipe: recipes/demo.yaml with attn_implementation auto runs padding-free through
     varlen_fa2 (compiled, auto checkpointing), and its per-step losses match an SDPA padded eager run.
