@@ -175,7 +175,11 @@ class _Chunked(torch.autograd.Function):
         with ctx.pre():
             for k, a, b in chunks:
                 x_c = hidden[:, a:b].detach().requires_grad_(needs_x)
-                torch.autograd.backward(run.pre(x_c, k, cos[:, a:b], sin[:, a:b]), [g[:, :, a:b] for g in grads])
+                outs = run.pre(x_c, k, cos[:, a:b], sin[:, a:b])
+                # with a frozen input, a projection without an adapter (LoRA on q and v only) has no graph
+                pairs = [(t, g[:, :, a:b]) for t, g in zip(outs, grads) if t.requires_grad]
+                if pairs:
+                    torch.autograd.backward(*zip(*pairs))
                 if needs_x:
                     grad_x[:, a:b] += x_c.grad
         return None, None, None, None, grad_x
