@@ -77,15 +77,17 @@ class ChunkedLayer:
                 for k, start in enumerate(range(0, tokens, self.chunk_tokens))]
 
     def qkv(self, hidden: torch.Tensor, kwargs: dict):
-        """q, k, v of every token of `hidden`, computed a chunk at a time into whole-row tensors."""
+        """q, k, v of every token of `hidden`, computed a chunk at a time into whole-row tensors
+        laid out (batch, tokens, heads, head_dim), as the projections write them: attention
+        functions that want tokens before heads then read them without a copy."""
         cos, sin = kwargs["position_embeddings"]
         whole = None
         for k, a, b in self.chunks(hidden.shape[1]):
             parts = self.pre(hidden[:, a:b], k, cos[:, a:b], sin[:, a:b])
             if whole is None:
-                whole = [p.new_empty(*p.shape[:2], hidden.shape[1], p.shape[3]) for p in parts]
+                whole = [p.new_empty(p.shape[0], hidden.shape[1], p.shape[1], p.shape[3]) for p in parts]
             for w, p in zip(whole, parts):
-                w[:, :, a:b] = p
+                w[:, a:b] = p.transpose(1, 2)
         return whole
 
     def pre(self, x: torch.Tensor, k: int, cos: torch.Tensor, sin: torch.Tensor):
@@ -101,16 +103,16 @@ class ChunkedLayer:
         return q, key, v
 
     def core(self, q, k, v, kwargs: dict) -> torch.Tensor:
-        """Attention over the whole row: (batch, tokens, heads * head_dim)."""
+        """Attention over the whole row of q, k, v from `qkv`: (batch, tokens, heads * head_dim)."""
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         from transformers.models.llama.modeling_llama import eager_attention_forward
 
         attn = self.layer.self_attn
         fn = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
-        rest = {n: v for n, v in kwargs.items() if n not in ("position_embeddings", "attention_mask")}
-        out, _ = fn(attn, q, k, v, kwargs.get("attention_mask"),
+        rest = {name: value for name, value in kwargs.items() if name not in ("position_embeddings", "attention_mask")}
+        out, _ = fn(attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), kwargs.get("attention_mask"),
                     dropout=0.0 if not attn.training else attn.attention_dropout, scaling=attn.scaling, **rest)
-        return out.reshape(*q.shape[:1], q.shape[2], -1)
+        return out.reshape(*q.shape[:2], -1)
 
     def post(self, x: torch.Tensor, o: torch.Tensor, k: int) -> torch.Tensor:
         """The layer's output for chunk `k`: its input tokens `x`, their attention output `o`."""
@@ -177,7 +179,7 @@ class _Chunked(torch.autograd.Function):
                 x_c = hidden[:, a:b].detach().requires_grad_(needs_x)
                 outs = run.pre(x_c, k, cos[:, a:b], sin[:, a:b])
                 # with a frozen input, a projection without an adapter (LoRA on q and v only) has no graph
-                pairs = [(t, g[:, :, a:b]) for t, g in zip(outs, grads) if t.requires_grad]
+                pairs = [(t, g[:, a:b].transpose(1, 2)) for t, g in zip(outs, grads) if t.requires_grad]
                 if pairs:
                     torch.autograd.backward(*zip(*pairs))
                 if needs_x:
