@@ -28,7 +28,7 @@ forward's generator state per part (pre runs twice in the backward), and train.d
 seeded LoRA dropout draws with a per-chunk seed (train.recompute's `_chunk_seed`), so the
 backward sees the forward's masks. The parts call the layer's own modules and the model's
 configured attention function; `unsupported_reason` admits only layers whose forward is
-that composition (a test compares the two), others keep ChunkedMLP.
+that composition (a test compares the two); others chunk only their MLPs (train.recompute).
 """
 
 from __future__ import annotations

@@ -142,10 +142,10 @@ class TrainingConfig(Section):
     # GPU: for rows too long to fit otherwise; the host copies cost a little on every step
     # (train/recompute.py).
     offload_activations: bool = False
-    # Rows longer than this run each decoder layer's MLP over this many tokens at a time, in the forward
-    # and again in the backward, and each checkpointed Llama layer all its parts but attention
-    # (train/chunked_layer.py): activations other than attention's never exceed one chunk (long rows;
-    # the chunks run outside the compiled layer). null: whole rows.
+    # Rows longer than this run each decoder layer's MLP and the final norm over this many tokens at a
+    # time, in the forward and again in the backward, and each checkpointed Llama layer all its parts
+    # but attention (train/chunked_layer.py): activations other than attention's never exceed one chunk
+    # (long rows; the chunks run outside the compiled layer). null: whole rows.
     chunk_tokens: Optional[int] = Field(None, gt=0)
     # Concatenate each batch's sequences with restarting position_ids: no pad tokens.
     padding_free: bool = True

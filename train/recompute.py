@@ -1,5 +1,6 @@
 """Recomputation for long rows: a decoder layer recomputed in the backward from outside its compiled
-code, its input optionally in CPU memory (`recompute_layer`), and MLPs run chunk by chunk (`ChunkedMLP`).
+code, its input optionally in CPU memory (`recompute_layer`), and token-wise modules (MLPs, the
+final norm) run chunk by chunk (`TokenChunks`).
 
 `torch.utils.checkpoint` inside a compiled layer hands the whole recomputation to
 Inductor, which fuses it into the backward kernels (train.speed's default for a
@@ -125,15 +126,16 @@ def _autocast(device_type: str, state: tuple[bool, torch.dtype, bool]):
     return torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache)
 
 
-class ChunkedMLP:
-    """Each decoder layer's MLP over at most `chunk_tokens` tokens at a time, in the forward and again in the backward.
+class TokenChunks:
+    """Modules that act on every token alone (each decoder layer's MLP, the final norm) run over
+    at most `chunk_tokens` tokens at a time, in the forward and again in the backward.
 
-    An MLP acts on every token alone, so a long row's MLP can run chunk by chunk: the forward
-    keeps only the MLP's input, and the backward recomputes and backpropagates one chunk at a
-    time. Its activations (gate, up and their product, 3.5 x the hidden size each on Llama,
-    plus what LoRA saves) then never exceed one chunk's, where they would otherwise be the
-    largest part of a recomputed layer's working set. Rows of at most `chunk_tokens` tokens,
-    and evaluation, run the MLP as it is.
+    The forward keeps only the module's input, and the backward recomputes and backpropagates
+    one chunk at a time. An MLP's activations (gate, up and their product, 3.5 x the hidden
+    size each on Llama, plus what LoRA saves) then never exceed one chunk's, where they would
+    otherwise be the largest part of a recomputed layer's working set; the final RMSNorm keeps
+    its bf16 input instead of an fp32 copy, and its backward's fp32 temporaries are one
+    chunk's. Rows of at most `chunk_tokens` tokens, and evaluation, run the modules as they are.
 
     The chunks run outside any compiled graph (the layer around them compiles in two parts).
     Random ops replay the forward's generator state; `seed`, the one tensor of
@@ -141,26 +143,26 @@ class ChunkedMLP:
     masks, the same in the forward and the recomputation.
     """
 
-    def __init__(self, layers, chunk_tokens: int, seed: Optional[torch.Tensor] = None):
+    def __init__(self, modules, chunk_tokens: int, seed: Optional[torch.Tensor] = None):
         if chunk_tokens < 1:
-            raise ValueError(f"MLP chunks need at least one token, got {chunk_tokens}")
-        self.layers, self.chunk_tokens, self.seed = layers, chunk_tokens, seed
+            raise ValueError(f"token chunks need at least one token, got {chunk_tokens}")
+        self.modules, self.chunk_tokens, self.seed = list(modules), chunk_tokens, seed
 
-    def install(self) -> "ChunkedMLP":
-        for layer in self.layers:
-            layer.mlp.forward = self._forward(layer.mlp)
+    def install(self) -> "TokenChunks":
+        for module in self.modules:
+            module.forward = self._forward(module)
         return self
 
     def remove(self) -> None:
-        for layer in self.layers:
-            layer.mlp.__dict__.pop("forward", None)
+        for module in self.modules:
+            module.__dict__.pop("forward", None)
 
-    def _forward(self, mlp: nn.Module) -> Callable:
+    def _forward(self, module: nn.Module) -> Callable:
         @torch.compiler.disable
         def forward(x):
-            if not (mlp.training and torch.is_grad_enabled()) or x.numel() // x.shape[-1] <= self.chunk_tokens:
-                return type(mlp).forward(mlp, x)
-            return _ChunkedMLP.apply(mlp, self.chunk_tokens, self.seed, _grad_anchor(x.device), x)
+            if not (module.training and torch.is_grad_enabled()) or x.numel() // x.shape[-1] <= self.chunk_tokens:
+                return type(module).forward(module, x)
+            return _Chunks.apply(module, self.chunk_tokens, self.seed, _grad_anchor(x.device), x)
 
         return forward
 
@@ -168,17 +170,17 @@ class ChunkedMLP:
 _CHUNK_SEED_STEP = 0x9E3779B1  # any odd step: chunk k draws with seed + k * step
 
 
-class _ChunkedMLP(torch.autograd.Function):
+class _Chunks(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, mlp, chunk, seed, anchor, x):
-        ctx.mlp, ctx.chunk, ctx.seed = mlp, chunk, seed
+    def forward(ctx, module, chunk, seed, anchor, x):
+        ctx.module, ctx.chunk, ctx.seed = module, chunk, seed
         ctx.replay = _Replay(x.device)
         ctx.save_for_backward(x)
         flat = x.reshape(-1, x.shape[-1])
         out = None
         for k, start in enumerate(range(0, flat.shape[0], chunk)):
-            with _chunk_seed(mlp, seed, k):
-                y = type(mlp).forward(mlp, flat[start:start + chunk])
+            with _chunk_seed(module, seed, k):
+                y = type(module).forward(module, flat[start:start + chunk])
             if out is None:
                 out = y.new_empty(flat.shape[0], y.shape[-1])
             out[start:start + chunk] = y
@@ -194,8 +196,8 @@ class _ChunkedMLP(torch.autograd.Function):
         with ctx.replay():
             for k, start in enumerate(range(0, flat.shape[0], ctx.chunk)):
                 xc = flat[start:start + ctx.chunk].detach().requires_grad_(need_x)
-                with _chunk_seed(ctx.mlp, ctx.seed, k):
-                    y = type(ctx.mlp).forward(ctx.mlp, xc)
+                with _chunk_seed(ctx.module, ctx.seed, k):
+                    y = type(ctx.module).forward(ctx.module, xc)
                 if y.requires_grad:
                     torch.autograd.backward(y, grad_flat[start:start + ctx.chunk])
                 if need_x:
@@ -204,16 +206,16 @@ class _ChunkedMLP(torch.autograd.Function):
 
 
 class _chunk_seed:
-    """The seeded LoRA dropouts inside `mlp` draw with `seed + k * step` while chunk k runs.
+    """The seeded LoRA dropouts inside `module` draw with `seed + k * step` while chunk k runs.
 
     Each module's buffer is swapped for the offset tensor and put back, never written in
     place: compiled graphs may hold the shared seed for their backward, and an in-place write
     would invalidate it."""
 
-    def __init__(self, mlp: nn.Module, seed: Optional[torch.Tensor], k: int):
+    def __init__(self, module: nn.Module, seed: Optional[torch.Tensor], k: int):
         self.seed = seed
         self.modules = [] if seed is None or k == 0 else [
-            m for m in mlp.modules() if getattr(m, "seed", None) is seed]
+            m for m in module.modules() if getattr(m, "seed", None) is seed]
         self.value = seed + k * _CHUNK_SEED_STEP if self.modules else None
 
     def __enter__(self):

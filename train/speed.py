@@ -109,9 +109,9 @@ class LayerRunner:
     `warmup_batches` micro-batches (two optimizer steps' worth: the optimizer state appears
     at the first step) run fully checkpointed to calibrate. `offload` keeps the input of
     every checkpointed layer in pinned CPU memory until its backward (train.recompute).
-    `chunk_tokens`: rows longer than this run every MLP in chunks of that many tokens
-    (train.recompute), and each checkpointed Llama layer runs all its parts but attention in
-    such chunks (train.chunked_layer).
+    `chunk_tokens`: rows longer than this run every MLP and the final norm in chunks of that
+    many tokens (train.recompute), and each checkpointed Llama layer runs all its parts but
+    attention in such chunks (train.chunked_layer).
     """
 
     def __init__(
@@ -164,13 +164,16 @@ class LayerRunner:
             self.dropout = RecomputableDropout(model)
         self.compile_failures: list[str] = []
         self._hook = None
-        self.chunked_mlp = self.chunked_layers = None
+        self.token_chunks = self.chunked_layers = None
         if chunk_tokens:
             from train.chunked_layer import ChunkedLayer, unsupported_reason
-            from train.recompute import ChunkedMLP
+            from train.recompute import TokenChunks
 
             seed = self.dropout.seed if self.dropout is not None else None
-            self.chunked_mlp = ChunkedMLP(self.layers, chunk_tokens, seed=seed)
+            final_norm = getattr(self.backbone, "norm", None)
+            self.token_chunks = TokenChunks([layer.mlp for layer in self.layers]
+                                            + ([final_norm] if isinstance(final_norm, nn.Module) else []),
+                                            chunk_tokens, seed=seed)
             reason = unsupported_reason(self.layers[0])
             if reason is None:
                 self.chunked_layers = [ChunkedLayer(layer, chunk_tokens, seed=seed) for layer in self.layers]
@@ -183,8 +186,8 @@ class LayerRunner:
             if hasattr(layer, "gradient_checkpointing"):
                 layer.gradient_checkpointing = False
             layer.forward = self._layer_forward(index, layer)
-        if self.chunked_mlp is not None:
-            self.chunked_mlp.install()
+        if self.token_chunks is not None:
+            self.token_chunks.install()
         self._hook = self.backbone.register_forward_pre_hook(self._before_batch, with_kwargs=True)
         if not isinstance(self.checkpoint, str) or self.checkpoint != "auto":
             self.checkpointed = evenly_spaced(len(self.layers), self._fixed_count())
@@ -193,8 +196,8 @@ class LayerRunner:
     def remove(self) -> None:
         for layer in self.layers:
             layer.__dict__.pop("forward", None)
-        if self.chunked_mlp is not None:
-            self.chunked_mlp.remove()
+        if self.token_chunks is not None:
+            self.token_chunks.remove()
         if self.dropout is not None:
             self.dropout.restore()
         if self._hook is not None:
@@ -206,7 +209,7 @@ class LayerRunner:
                 if self.chunked_layers is not None and len(args) <= 1 and _hidden(args, kwargs).shape[1] > self.chunk_tokens:
                     return self._run_chunked(index, args, kwargs)
                 # the chunked MLP runs outside the compiled graph, which a compiled checkpoint cannot span
-                if self.offload or self.chunked_mlp is not None or self.recompute_outside:
+                if self.offload or self.token_chunks is not None or self.recompute_outside:
                     return self._recompute(layer, *args, **kwargs)
                 return self._run("_ckpt", _run_layer_checkpointed, layer, args, kwargs)
             return self._run("_plain", _run_layer, layer, args, kwargs)
