@@ -14,8 +14,9 @@ their adapters, rotary embedding, residual adds and the MLP) acts on each token 
     core: q, k, v -> o        (the model's attention function)     over the whole row
     post: x, o -> y           (o projection, residual, norm, MLP)  token by token
 
-and its backward holds q, k, v, o and their gradients for the whole row (~30 KB per
-token at 8B) plus one chunk's worth of everything else:
+and its backward holds for the whole row only q, k, v, o, do, dx and attention's own
+backward buffers (about 10 hidden-size vectors per token, against some 14 for the layer
+recomputed whole with its MLP chunked), plus one chunk's worth of everything else:
 
     1. pre over the chunks, without autograd: q, k, v;
     2. core with autograd, keeping its output o;
@@ -23,7 +24,10 @@ token at 8B) plus one chunk's worth of everything else:
     4. core's backward from do: dq, dk, dv;
     5. pre chunk by chunk with autograd, backpropagated: the rest of dx.
 
-The forward keeps only the layer's input (on the CPU with offload). Random ops replay the
+The forward keeps only the layer's input; offloaded, it waits in CPU memory and comes back
+a chunk at a time. Like `torch.utils.checkpoint`'s reentrant variant, the backward
+accumulates the layer's weight gradients itself, so it serves `.backward()`, not
+`torch.autograd.grad` with respect to weights. Random ops replay the
 forward's generator state per part (pre runs twice in the backward), and train.dropout's
 seeded LoRA dropout draws with a per-chunk seed (train.recompute's `_chunk_seed`), so the
 backward sees the forward's masks. The parts call the layer's own modules and the model's
@@ -77,13 +81,14 @@ class ChunkedLayer:
                 for k, start in enumerate(range(0, tokens, self.chunk_tokens))]
 
     def qkv(self, hidden: torch.Tensor, kwargs: dict):
-        """q, k, v of every token of `hidden`, computed a chunk at a time into whole-row tensors
-        laid out (batch, tokens, heads, head_dim), as the projections write them: attention
-        functions that want tokens before heads then read them without a copy."""
+        """q, k, v of every token of `hidden` (on the device, or offloaded to the CPU), computed a
+        chunk at a time into whole-row tensors laid out (batch, tokens, heads, head_dim), as the
+        projections write them: attention functions that want tokens before heads then read
+        them without a copy."""
         cos, sin = kwargs["position_embeddings"]
         whole = None
         for k, a, b in self.chunks(hidden.shape[1]):
-            parts = self.pre(hidden[:, a:b], k, cos[:, a:b], sin[:, a:b])
+            parts = self.pre(hidden[:, a:b].to(cos.device, non_blocking=True), k, cos[:, a:b], sin[:, a:b])
             if whole is None:
                 whole = [p.new_empty(p.shape[0], hidden.shape[1], p.shape[1], p.shape[3]) for p in parts]
             for w, p in zip(whole, parts):
@@ -143,26 +148,26 @@ class _Chunked(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        run, kwargs = ctx.run, ctx.kwargs
-        if ctx.offloaded is not None:
-            hidden = ctx.offloaded.to(ctx.device, non_blocking=True)
-            ctx.offloaded = None
-        else:
-            (hidden,) = ctx.saved_tensors
-        hidden, needs_x = hidden.detach(), ctx.needs_x
+        run, kwargs, needs_x = ctx.run, ctx.kwargs, ctx.needs_x
+        # Offloaded, the input comes back a chunk at a time (three times: one copy never spans the row).
+        hidden = ctx.offloaded if ctx.offloaded is not None else ctx.saved_tensors[0].detach()
         chunks = run.chunks(hidden.shape[1])
         cos, sin = kwargs["position_embeddings"]
+
+        def x_chunk(a, b):
+            return hidden[:, a:b].to(ctx.device, non_blocking=True).requires_grad_(needs_x)
+
         # 1-2: q, k, v of every token, then attention with autograd (in the forward's random state)
         with ctx.pre():
             with torch.no_grad():
                 q, key, v = (t.requires_grad_() for t in run.qkv(hidden, kwargs))
             o = run.core(q, key, v, kwargs)
         # 3: post, chunk by chunk: do, and dx through the residual and the MLP
-        grad_x = torch.zeros_like(hidden) if needs_x else None
+        grad_x = torch.empty(hidden.shape, dtype=hidden.dtype, device=ctx.device) if needs_x else None
         grad_o = torch.empty_like(o)
         with ctx.post():
             for k, a, b in chunks:
-                x_c = hidden[:, a:b].detach().requires_grad_(needs_x)
+                x_c = x_chunk(a, b)
                 o_c = o[:, a:b].detach().requires_grad_()
                 torch.autograd.backward(run.post(x_c, o_c, k), grad_out[:, a:b])
                 grad_o[:, a:b] = o_c.grad
@@ -176,7 +181,7 @@ class _Chunked(torch.autograd.Function):
         # 5: pre again, chunk by chunk, backpropagated from dq, dk, dv
         with ctx.pre():
             for k, a, b in chunks:
-                x_c = hidden[:, a:b].detach().requires_grad_(needs_x)
+                x_c = x_chunk(a, b)
                 outs = run.pre(x_c, k, cos[:, a:b], sin[:, a:b])
                 # with a frozen input, a projection without an adapter (LoRA on q and v only) has no graph
                 pairs = [(t, g[:, a:b].transpose(1, 2)) for t, g in zip(outs, grads) if t.requires_grad]
@@ -184,4 +189,5 @@ class _Chunked(torch.autograd.Function):
                     torch.autograd.backward(*zip(*pairs))
                 if needs_x:
                     grad_x[:, a:b] += x_c.grad
+        ctx.offloaded = None
         return None, None, None, None, grad_x
