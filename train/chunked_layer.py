@@ -15,8 +15,7 @@ their adapters, rotary embedding, residual adds and the MLP) acts on each token 
     post: x, o -> y           (o projection, residual, norm, MLP)  token by token
 
 and its backward holds for the whole row only q, k, v, o, do, dx and attention's own
-backward buffers (about 10 hidden-size vectors per token, against some 14 for the layer
-recomputed whole with its MLP chunked), plus one chunk's worth of everything else:
+backward buffers, plus one chunk's worth of everything else:
 
     1. pre over the chunks, without autograd: q, k, v;
     2. core with autograd, keeping its output o;
