@@ -416,6 +416,29 @@ def test_seeded_dropout_drops_p_and_rescales_like_nn_dropout():
     assert torch.equal(drop.eval()(x), x)
 
 
+def test_seeded_dropout_outside_compile_hashes_block_by_block_to_the_same_mask(monkeypatch):
+    """Eager (the token chunks of long rows), a large input's mask is hashed a block at a time:
+    the same bits as in one piece, and the forward's allocations stay within a few bytes per
+    element (in one piece, int64 temporaries take ~32), measured by the CPU profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import train.dropout as D
+
+    drop = D.SeededDropout(0.05, torch.tensor(77), salt=5).train()
+    x = torch.randn(96, 1000, dtype=torch.bfloat16, requires_grad=True)
+    monkeypatch.setattr(D, "_EAGER_BLOCK", x.numel())
+    whole = drop(x)
+    monkeypatch.setattr(D, "_EAGER_BLOCK", 4096 + 7)  # blocks that do not divide the input
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        blocks = drop(x)
+    assert torch.equal(blocks, whole) and (blocks == 0).any()
+    live = peak = 0
+    for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    assert peak <= 8 * x.numel(), peak / x.numel()
+
+
 def test_compiled_checkpointed_lora_layer_has_no_random_op_and_equals_eager(replayed_random_ops):
     """The checkpointed LoRA layer (dropout 0.05) compiles through Inductor on CPU, its graph asks
     the partitioner for no recomputed random op (the generator-state path that fails on CUDA), and
