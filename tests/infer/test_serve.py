@@ -434,7 +434,9 @@ def test_repeated_log_lines_are_held_back():
 def test_queue_bound_gives_429_and_sigterm_drains(tiny_model_dir, tmp_path):
     srv = launch(tiny_model_dir, tmp_path / "server.log", "--max-batch-size", "1", "--max-queue", "1")
     try:
-        body = {"model": tiny_model_dir.name, "prompt": PROMPTS[2], "max_tokens": 200, "temperature": 0}
+        # Long enough (no end of sequence) that the first request still runs when the third arrives.
+        body = {"model": tiny_model_dir.name, "prompt": PROMPTS[2], "max_tokens": 600, "ignore_eos": True,
+                "temperature": 0}
         results = {}
 
         def run(name):
@@ -461,7 +463,7 @@ def test_queue_bound_gives_429_and_sigterm_drains(tiny_model_dir, tmp_path):
         assert srv.proc.wait(timeout=240) == 0
         for name in ("running", "waiting"):  # both in-flight requests finished in full
             assert results[name].status_code == 200, results[name].text
-            assert results[name].json()["usage"]["completion_tokens"] == 200
+            assert results[name].json()["usage"]["completion_tokens"] == body["max_tokens"]
     finally:
         srv.stop()
 
