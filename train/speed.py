@@ -178,7 +178,7 @@ class LayerRunner:
             if reason is None:
                 self.chunked_layers = [ChunkedLayer(layer, chunk_tokens, seed=seed) for layer in self.layers]
             else:
-                log.info("training.chunk_tokens chunks only the MLPs of this model: %s", reason)
+                log.info("training.chunk_tokens chunks only the MLPs and the final norm of this model: %s", reason)
 
     def install(self) -> "LayerRunner":
         for index, layer in enumerate(self.layers):

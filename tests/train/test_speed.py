@@ -420,8 +420,6 @@ def test_seeded_dropout_outside_compile_hashes_block_by_block_to_the_same_mask(m
     """Eager (the token chunks of long rows), a large input's mask is hashed a block at a time:
     the same bits as in one piece, and the forward's allocations stay within a few bytes per
     element (in one piece, int64 temporaries take ~32), measured by the CPU profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
     import train.dropout as D
 
     drop = D.SeededDropout(0.05, torch.tensor(77), salt=5).train()
@@ -429,13 +427,9 @@ def test_seeded_dropout_outside_compile_hashes_block_by_block_to_the_same_mask(m
     monkeypatch.setattr(D, "_EAGER_BLOCK", x.numel())
     whole = drop(x)
     monkeypatch.setattr(D, "_EAGER_BLOCK", 4096 + 7)  # blocks that do not divide the input
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        blocks = drop(x)
-    assert torch.equal(blocks, whole) and (blocks == 0).any()
-    live = peak = 0
-    for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
+    out = {}
+    peak = allocated_at_most(lambda: out.setdefault("blocks", drop(x)))
+    assert torch.equal(out["blocks"], whole) and (whole == 0).any()
     assert peak <= 8 * x.numel(), peak / x.numel()
 
 
@@ -667,7 +661,7 @@ def test_chunked_rows_equal_the_same_chunks_under_full_autograd(checkpoint, offl
 
     model = tiny_lora(layers=3, targets=targets)
     runner = LayerRunner(model, checkpoint=checkpoint, offload=offload, chunk_tokens=8).install()
-    calls = count_calls(runner.chunked_layers[0], "__call__")
+    calls = count_calls(runner.chunked_layers[0])
     loss, grads = lora_loss_and_grads(model, packed, seed=3)
     runner.remove()
     assert calls == ([] if checkpoint == "none" else [1])
@@ -677,9 +671,9 @@ def test_chunked_rows_equal_the_same_chunks_under_full_autograd(checkpoint, offl
     assert not any("forward" in layer.mlp.__dict__ for layer in runner.layers)  # removed again
 
 
-def count_calls(obj, name):
-    """A list that grows by one entry per call of obj.name (an instance method patched in place)."""
-    calls, method = [], getattr(type(obj), name)
+def count_calls(obj):
+    """A list that grows by one entry per call `obj(...)` from now on."""
+    calls, method = [], type(obj).__call__
 
     class Counted(type(obj)):
         def __call__(self, *args, **kwargs):
@@ -688,6 +682,19 @@ def count_calls(obj, name):
 
     obj.__class__ = Counted
     return calls
+
+
+def allocated_at_most(fn) -> int:
+    """The most bytes allocated at once while fn() runs, above what existed before (CPU profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 def test_chunked_layer_is_the_layers_forward_and_keeps_only_its_input():
@@ -737,8 +744,6 @@ def test_chunked_layer_backward_peak_grows_a_fraction_as_fast_with_the_row():
     the row's length; in chunks, only the whole-row q, k, v, attention output and their
     gradients grow, at under half the rate of the layer recomputed whole with its MLP chunked (bf16,
     LoRA with dropout: a quarter in this shape; 8B's proportions, hidden size scaled down)."""
-    from torch.profiler import ProfilerActivity, profile
-
     from train.chunked_layer import ChunkedLayer
     from train.recompute import TokenChunks, recompute_layer
 
@@ -759,14 +764,7 @@ def test_chunked_layer_backward_peak_grows_a_fraction_as_fast_with_the_row():
         positions = torch.arange(tokens)[None]
         kwargs = {"position_ids": positions, "position_embeddings": backbone.rotary_emb(x, positions)}
         y = ChunkedLayer(layer, 128)(x, **kwargs) if chunked else recompute_layer(speed._run_layer, layer, (x,), kwargs)
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            y.backward(torch.ones_like(y))
-        live = peak = 0
-        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-        for e in sorted(events, key=lambda e: e.start_ns()):
-            live += e.nbytes()
-            peak = max(peak, live)
-        return peak
+        return allocated_at_most(lambda: y.backward(torch.ones_like(y)))
 
     mlp = TokenChunks([layer.mlp], 128).install()
     whole = backward_peak(False, 1024) - backward_peak(False, 512)
