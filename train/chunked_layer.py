@@ -109,10 +109,14 @@ class ChunkedLayer:
     def core(self, q, k, v, kwargs: dict) -> torch.Tensor:
         """Attention over the whole row of q, k, v from `qkv`: (batch, tokens, heads * head_dim)."""
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        from transformers.models.llama.modeling_llama import eager_attention_forward
 
         attn = self.layer.self_attn
-        fn = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+        impl, eager = attn.config._attn_implementation, sys.modules[type(attn).__module__].eager_attention_forward
+        # as the attention module looks its function up (get_interface is newer than some transformers 5.x)
+        if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+            fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
+        else:
+            fn = eager if impl in (None, "eager") else ALL_ATTENTION_FUNCTIONS[impl]
         rest = {name: value for name, value in kwargs.items() if name not in ("position_embeddings", "attention_mask")}
         out, _ = fn(attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), kwargs.get("attention_mask"),
                     dropout=0.0 if not attn.training else attn.attention_dropout, scaling=attn.scaling, **rest)
