@@ -42,9 +42,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from train.recompute import _chunk_seed, _grad_anchor, _Replay
+from train.recompute import _chunk_seed, _grad_anchor, _Replay, keep_input, kept_input
 
 _LAYERS = ("LlamaDecoderLayer",)  # forward = residual + attention(norm) ; residual + mlp(norm)
+# the layer's keyword arguments that its attention module consumes itself (a training step has no cache)
+_NOT_FOR_ATTENTION = ("position_embeddings", "attention_mask", "use_cache", "cache", "past_key_values")
 
 
 def unsupported_reason(layer: nn.Module) -> Optional[str]:
@@ -69,9 +71,6 @@ class ChunkedLayer:
 
     def __call__(self, hidden: torch.Tensor, *, offload: bool = False, **kwargs) -> torch.Tensor:
         """The layer's output for `hidden` (batch, tokens, hidden) and the layer's keyword arguments."""
-        kwargs.pop("use_cache", None)
-        kwargs.pop("cache", None)
-        kwargs.pop("past_key_values", None)
         return _Chunked.apply(self, kwargs, offload, _grad_anchor(hidden.device), hidden)
 
     # ---- the three parts -----------------------------------------------------------------
@@ -117,7 +116,7 @@ class ChunkedLayer:
             fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
         else:
             fn = eager if impl in (None, "eager") else ALL_ATTENTION_FUNCTIONS[impl]
-        rest = {name: value for name, value in kwargs.items() if name not in ("position_embeddings", "attention_mask")}
+        rest = {name: value for name, value in kwargs.items() if name not in _NOT_FOR_ATTENTION}
         out, _ = fn(attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), kwargs.get("attention_mask"),
                     dropout=0.0 if not attn.training else attn.attention_dropout, scaling=attn.scaling, **rest)
         return out.reshape(*q.shape[:2], -1)
@@ -133,7 +132,6 @@ class _Chunked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run: ChunkedLayer, kwargs, offload, anchor, hidden):
         ctx.run, ctx.kwargs, ctx.needs_x = run, kwargs, hidden.requires_grad
-        ctx.device = hidden.device
         ctx.pre = _Replay(hidden.device)
         with torch.no_grad():
             o = run.core(*run.qkv(hidden, kwargs), kwargs)
@@ -141,19 +139,14 @@ class _Chunked(torch.autograd.Function):
             out = torch.empty_like(hidden)
             for k, a, b in run.chunks(hidden.shape[1]):
                 out[:, a:b] = run.post(hidden[:, a:b], o[:, a:b], k)
-        if offload:
-            ctx.offloaded = torch.empty(hidden.shape, dtype=hidden.dtype, device="cpu", pin_memory=hidden.is_cuda)
-            ctx.offloaded.copy_(hidden, non_blocking=True)
-        else:
-            ctx.offloaded = None
-            ctx.save_for_backward(hidden)
+        keep_input(ctx, hidden, offload)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         run, kwargs, needs_x = ctx.run, ctx.kwargs, ctx.needs_x
         # Offloaded, the input comes back a chunk at a time (three times: one copy never spans the row).
-        hidden = ctx.offloaded if ctx.offloaded is not None else ctx.saved_tensors[0].detach()
+        hidden = kept_input(ctx)
         chunks = run.chunks(hidden.shape[1])
         cos, sin = kwargs["position_embeddings"]
 
@@ -192,5 +185,4 @@ class _Chunked(torch.autograd.Function):
                     torch.autograd.backward(*zip(*pairs))
                 if needs_x:
                     grad_x[:, a:b] += x_c.grad
-        ctx.offloaded = None
         return None, None, None, None, grad_x

@@ -81,31 +81,20 @@ class _Recomputed(torch.autograd.Function):
     def forward(ctx, run, layer, rest, kwargs, offload, anchor, hidden):
         ctx.run, ctx.layer, ctx.rest, ctx.kwargs = run, layer, rest, kwargs
         ctx.hidden_requires_grad = hidden.requires_grad
-        ctx.device = hidden.device
         ctx.replay = _Replay(hidden.device)
         # The forward of the graph the recomputation will use (same grad mode, same requires_grad
         # on the input: a compiled layer is guarded on both), its saved activations dropped as soon
         # as the output exists: the same code runs twice, so the two agree bit for bit.
         with torch.enable_grad():
             out = run(layer, hidden.detach().requires_grad_(hidden.requires_grad), *rest, **kwargs)
-        if offload:
-            ctx.offloaded = torch.empty(hidden.shape, dtype=hidden.dtype, device="cpu", pin_memory=hidden.is_cuda)
-            ctx.offloaded.copy_(hidden, non_blocking=True)
-        else:
-            ctx.offloaded = None
-            ctx.save_for_backward(hidden)
+        keep_input(ctx, hidden, offload)
         if isinstance(out, tuple):  # layers that also return attention weights or a cache
             return (out[0].detach(), *(o.detach() if isinstance(o, torch.Tensor) else o for o in out[1:]))
         return out.detach()
 
     @staticmethod
     def backward(ctx, grad_out, *_):
-        if ctx.offloaded is not None:
-            hidden = ctx.offloaded.to(ctx.device, non_blocking=True)
-            ctx.offloaded = None
-        else:
-            (hidden,) = ctx.saved_tensors
-        hidden = hidden.detach().requires_grad_(ctx.hidden_requires_grad)
+        hidden = kept_input(ctx).to(ctx.device, non_blocking=True).requires_grad_(ctx.hidden_requires_grad)
         with ctx.replay():
             out = ctx.run(ctx.layer, hidden, *ctx.rest, **ctx.kwargs)
         if isinstance(out, tuple):
@@ -114,6 +103,25 @@ class _Recomputed(torch.autograd.Function):
             torch.autograd.backward(out, grad_out)
         grad_hidden = hidden.grad if ctx.hidden_requires_grad else None
         return None, None, None, None, None, None, grad_hidden
+
+
+def keep_input(ctx, hidden: torch.Tensor, offload: bool) -> None:
+    """Keep a recomputed layer's input for its backward: saved on its device, or with `offload`
+    copied to pinned CPU memory (behind the queued work, without waiting for it)."""
+    ctx.device = hidden.device
+    if offload:
+        ctx.offloaded = torch.empty(hidden.shape, dtype=hidden.dtype, device="cpu", pin_memory=hidden.is_cuda)
+        ctx.offloaded.copy_(hidden, non_blocking=True)
+    else:
+        ctx.offloaded = None
+        ctx.save_for_backward(hidden)
+
+
+def kept_input(ctx) -> torch.Tensor:
+    """What `keep_input` kept, where it waits (the CPU copy when offloaded), detached; once per backward."""
+    hidden = ctx.offloaded if ctx.offloaded is not None else ctx.saved_tensors[0]
+    ctx.offloaded = None
+    return hidden.detach()
 
 
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype, bool]:

@@ -224,9 +224,8 @@ class LayerRunner:
 
     def _run_chunked(self, index: int, args: tuple, kwargs: dict):
         """A checkpointed layer of a long row, all but its attention in chunks (train.chunked_layer)."""
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        return self.chunked_layers[index](hidden, offload=self.offload, **kwargs)
+        rest = {name: value for name, value in kwargs.items() if name != "hidden_states"}
+        return self.chunked_layers[index](_hidden(args, kwargs), offload=self.offload, **rest)
 
     def _run_plain(self, layer: nn.Module, *args, **kwargs):
         return self._run("_plain", _run_layer, layer, args, kwargs)
