@@ -89,9 +89,10 @@ class EngineClient:
         Raises EngineLoadError with the engine's reason if it cannot load."""
         ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or threads
         to_engine_r, self._to_engine = ctx.Pipe(duplex=False)
+        self._sent = ctx.RawValue("Q", 0)  # messages sent so far: what an idle engine spins on
         self._from_engine, from_engine_w = ctx.Pipe(duplex=False)
         self._proc = ctx.Process(target=_engine_main, name="tunewright-engine",
-                                 args=(to_engine_r, from_engine_w, self.loader, self.args, self.log_level))
+                                 args=(to_engine_r, from_engine_w, self._sent, self.loader, self.args, self.log_level))
         self._proc.start()
         atexit.register(self._kill)  # runs before multiprocessing's own exit hook, which would wait for it
         to_engine_r.close()
@@ -183,7 +184,8 @@ class EngineClient:
         try:
             self._to_engine.send(msg)
         except OSError:  # the engine is gone; `_on_readable` reports it
-            pass
+            return
+        self._sent.value += 1  # after the message is in the pipe: a spinning engine then finds it
 
     def _on_readable(self) -> None:
         """On the event loop: every message the engine has sent so far."""
@@ -246,7 +248,7 @@ class EngineClient:
 
 
 # ---- the engine process -------------------------------------------------------------
-def _engine_main(inbox, outbox, loader, args, log_level: str) -> None:
+def _engine_main(inbox, outbox, sent, loader, args, log_level: str) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The server process decides when the engine stops (after its drain); a Ctrl-C that
     # reaches the whole process group must not cut the engine off mid-drain.
@@ -264,12 +266,12 @@ def _engine_main(inbox, outbox, loader, args, log_level: str) -> None:
             "group_steps": engine.runner.group_steps, "kv_cache_bytes": engine.runner.cache.nbytes}
     outbox.send(("ready", info, tokenizer))
     try:
-        _run(engine, inbox, outbox)
+        _run(engine, inbox, outbox, sent, getattr(args, "idle_spin", 0.0) / 1000)
     except (EOFError, BrokenPipeError):  # the server process is gone: nothing left to serve
         pass
 
 
-def _run(engine, inbox, outbox) -> None:
+def _run(engine, inbox, outbox, sent=None, idle_spin: float = 0.0) -> None:
     seqs: dict = {}
     stopping = False
     stats_at = 0.0
@@ -280,6 +282,8 @@ def _run(engine, inbox, outbox) -> None:
                 outbox.send(("stopped",))
                 return
             outbox.send(("events", [], 0, 0, _stats(engine)))  # the idle picture
+            if idle_spin > 0:
+                _spin(inbox, sent, idle_spin)
             messages.append(inbox.recv())  # nothing to do until a request comes
         while inbox.poll():
             messages.append(inbox.recv())
@@ -319,6 +323,21 @@ def _run(engine, inbox, outbox) -> None:
             stats, stats_at = _stats(engine), now
         if out or stats is not None or engine.last_decode_rows:
             outbox.send(("events", out, engine.running, engine.last_decode_rows, stats))
+
+
+def _spin(inbox, sent, seconds: float) -> None:
+    """Wait up to `seconds` for the server to send something, watching the shared counter
+    `sent` in user space (`--idle-spin`): no system call, so the CPU stays awake with the
+    engine's code and data in its caches, and a request that comes within that time starts
+    as fast as one that finds the engine busy (a blocking read after an idle spell starts
+    on a core that slept). The server bumps the counter after each message is in the pipe,
+    so one sent before the count is read is found by the poll."""
+    seen = sent.value
+    if inbox.poll():
+        return
+    deadline = time.perf_counter() + seconds
+    while sent.value == seen and time.perf_counter() < deadline:
+        pass
 
 
 def _stats(engine) -> dict:

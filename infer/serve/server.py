@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("process", "thread"), default="process",
                    help="where the engine runs: a process of its own, so that HTTP work and the scheduler do "
                    "not share one GIL (default), or a thread of the server process")
+    p.add_argument("--idle-spin", type=float, default=0.0, metavar="MS",
+                   help="milliseconds the engine process keeps checking for a new request after it runs out "
+                   "of work, before it sleeps: a request within that time starts on a CPU that has not gone "
+                   "idle, at the cost of one busy core while it lasts (default 0: sleep at once)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_load_options(p)
     return p

@@ -631,3 +631,35 @@ def test_a_stream_carries_a_chunk_for_tokens_that_render_no_text_yet():
     assert [c["choices"][0]["text"] for c in token_chunks] == ["", "é!", ""]
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["usage"]["completion_tokens"] == 4 and chunks[-1]["choices"] == []
+
+
+def test_an_idle_spin_ends_when_a_message_comes_and_never_misses_one():
+    """`--idle-spin`: the engine process waits for the server's next message by watching a
+    shared counter. A message already in the pipe, or one sent during the spin, ends it at
+    once; with none it ends after its time, and the blocking read takes over."""
+    import multiprocessing
+
+    from infer.serve.engine_process import _spin
+
+    ctx = multiprocessing.get_context("spawn")
+    inbox, outbox = ctx.Pipe(duplex=False)
+    sent = ctx.RawValue("Q", 0)
+
+    def send(msg):  # as EngineClient._send: the message first, then the count
+        outbox.send(msg)
+        sent.value += 1
+
+    send(("add", []))  # already waiting: found by the poll, not by the count
+    start = time.perf_counter()
+    _spin(inbox, sent, 30.0)
+    assert time.perf_counter() - start < 5 and inbox.recv() == ("add", [])
+
+    timer = threading.Timer(0.2, send, args=(("cancel", [1]),))
+    start = time.perf_counter()
+    timer.start()
+    _spin(inbox, sent, 30.0)
+    assert 0.15 < time.perf_counter() - start < 5 and inbox.recv() == ("cancel", [1])
+
+    start = time.perf_counter()
+    _spin(inbox, sent, 0.1)
+    assert 0.09 < time.perf_counter() - start < 5 and not inbox.poll()
