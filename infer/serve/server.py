@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("drain_timeout", "header_timeout", "body_timeout"):
         if not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be a positive number of seconds")
+    if not 0 <= args.idle_spin < float("inf"):
+        parser.error("--idle-spin must be 0 or a positive number of milliseconds")
+    if args.idle_spin and args.engine != "process":
+        parser.error("--idle-spin applies to the engine process; drop it or use --engine process")
     return serve(args)
 
 

@@ -73,13 +73,17 @@ def test_a_user_mistake_is_one_line_and_exit_2(case, tiny_model_dir, broken_mode
     assert expected in err[-1] and "error" in err[-1]
 
 
-def test_serve_with_a_port_out_of_range_is_one_line_and_exit_2(tiny_model_dir):
-    proc = subprocess.run([sys.executable, "-m", "infer", "serve", str(tiny_model_dir), "--port", "70000"],
+@pytest.mark.parametrize("options, message", [
+    (["--port", "70000"], "argument --port: '70000' is not a TCP port (0 to 65535; 0 picks a free one)"),
+    (["--idle-spin", "-1"], "--idle-spin must be 0 or a positive number of milliseconds"),
+    (["--idle-spin", "20", "--engine", "thread"], "--idle-spin applies to the engine process; drop it or use "
+                                                  "--engine process"),
+])
+def test_serve_with_a_bad_option_is_one_line_and_exit_2(tiny_model_dir, options, message):
+    proc = subprocess.run([sys.executable, "-m", "infer", "serve", str(tiny_model_dir), *options],
                           capture_output=True, text=True, cwd=REPO, env=ENV, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        "python -m infer serve: error: argument --port: '70000' is not a TCP port (0 to 65535; 0 picks a free one) "
-        "(see --help)"]
+    assert proc.stderr.strip().splitlines() == [f"python -m infer serve: error: {message} (see --help)"]
 
 
 def test_ctrl_c_exits_130_without_traceback(tiny_model_dir):
