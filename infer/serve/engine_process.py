@@ -16,6 +16,8 @@ non-zero for its supervisor to restart it.
 Messages to the engine: ("add", [(sid, prompt, params, index, arrival)]), ("cancel", [sid]),
 ("warmed_up",), ("stop",). From it: ("ready", info, tokenizer), ("failed", message),
 ("events", [event tuple], running, decode_rows, stats or None), ("stopped",).
+A counter of the messages sent, in memory both processes share, lets an idle engine watch
+for the next one without a system call (`--idle-spin`).
 """
 
 from __future__ import annotations
