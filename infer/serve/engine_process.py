@@ -268,12 +268,12 @@ def _engine_main(inbox, outbox, sent, loader, args, log_level: str) -> None:
             "group_steps": engine.runner.group_steps, "kv_cache_bytes": engine.runner.cache.nbytes}
     outbox.send(("ready", info, tokenizer))
     try:
-        _run(engine, inbox, outbox, sent, getattr(args, "idle_spin", 0.0) / 1000)
+        _run(engine, inbox, outbox, sent, args.idle_spin / 1000)
     except (EOFError, BrokenPipeError):  # the server process is gone: nothing left to serve
         pass
 
 
-def _run(engine, inbox, outbox, sent=None, idle_spin: float = 0.0) -> None:
+def _run(engine, inbox, outbox, sent, idle_spin: float) -> None:
     seqs: dict = {}
     stopping = False
     stats_at = 0.0
