@@ -70,10 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("process", "thread"), default="process",
                    help="where the engine runs: a process of its own, so that HTTP work and the scheduler do "
                    "not share one GIL (default), or a thread of the server process")
-    p.add_argument("--idle-spin", type=float, default=0.0, metavar="MS",
+    p.add_argument("--idle-spin", type=float, default=None, metavar="MS",
                    help="milliseconds the engine process keeps checking for a new request after it runs out "
                    "of work, before it sleeps: a request within that time starts on a CPU that has not gone "
-                   "idle, at the cost of one busy core while it lasts (default 0: sleep at once)")
+                   "idle, at the cost of one busy core while it lasts (default: 50 with a GPU, where the "
+                   "host's cores are not the model's compute; 0, sleep at once, on the CPU)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_load_options(p)
     return p
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("drain_timeout", "header_timeout", "body_timeout"):
         if not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be a positive number of seconds")
-    if not 0 <= args.idle_spin < float("inf"):
+    if args.idle_spin is not None and not 0 <= args.idle_spin < float("inf"):
         parser.error("--idle-spin must be 0 or a positive number of milliseconds")
     if args.idle_spin and args.engine != "process":
         parser.error("--idle-spin applies to the engine process; drop it or use --engine process")

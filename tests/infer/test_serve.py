@@ -663,3 +663,14 @@ def test_an_idle_spin_ends_when_a_message_comes_and_never_misses_one():
     start = time.perf_counter()
     _spin(inbox, sent, 0.1)
     assert 0.09 < time.perf_counter() - start < 5 and not inbox.poll()
+
+
+def test_the_idle_spin_defaults_to_50_ms_with_a_gpu_and_to_none_on_the_cpu():
+    from infer.serve.engine_process import idle_spin_seconds
+    from infer.serve.server import build_parser
+
+    default = build_parser().parse_args(["run"]).idle_spin
+    assert idle_spin_seconds(default, "cuda") == 0.05 and idle_spin_seconds(default, "cpu") == 0
+    given = build_parser().parse_args(["run", "--idle-spin", "5"]).idle_spin
+    assert idle_spin_seconds(given, "cpu") == idle_spin_seconds(given, "cuda") == 0.005
+    assert idle_spin_seconds(build_parser().parse_args(["run", "--idle-spin", "0"]).idle_spin, "cuda") == 0
