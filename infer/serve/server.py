@@ -158,9 +158,9 @@ class ServerState:
             self.tokenizer, self.engine = tokenizer, serving
             self.ready = True
             log.info("model %s ready on %s in %.1fs (context %d tokens, batch %d, KV cache %.2f GiB, queue %d, "
-                     "engine on a %s)", self.model_name, serving.device_name, time.perf_counter() - started,
+                     "engine on a %s%s)", self.model_name, serving.device_name, time.perf_counter() - started,
                      serving.max_model_len, serving.max_batch_size, serving.kv_cache_bytes / 2**30,
-                     self.args.max_queue, self.args.engine)
+                     self.args.max_queue, self.args.engine, self._idle_spin_text(serving))
         except BaseException as exc:  # noqa: BLE001 - any failure must end the server, not hang it
             message = str(exc) if isinstance(exc, EngineLoadError) else f"{type(exc).__name__}: {exc}"
             log.error("could not load %s: %s", self.args.run, message)
@@ -169,6 +169,14 @@ class ServerState:
                 self.engine_client.stop(5)
             if self.server is not None:
                 self.server.should_exit = True
+
+    def _idle_spin_text(self, serving) -> str:
+        if self.args.engine != "process":
+            return ""
+        from .engine_process import idle_spin_seconds
+
+        spin_ms = idle_spin_seconds(self.args.idle_spin, serving.device_type) * 1000
+        return f", idle spin {spin_ms:g} ms" if spin_ms else ", no idle spin"
 
     def _start_engine(self):
         """(engine, tokenizer): the engine in a process of its own, or on a thread of this one."""
