@@ -335,8 +335,8 @@ GPU_IDLE_SPIN_MS = 50.0
 
 def idle_spin_seconds(setting_ms: float | None, device_type: str) -> float:
     """Seconds the engine process spins when it runs out of work: `--idle-spin` when given, else
-    GPU_IDLE_SPIN_MS with a GPU and none on the CPU, whose cores are the model's compute (a core
-    spinning beside the server's own work would slow the next prefill it waits for)."""
+    GPU_IDLE_SPIN_MS with a GPU, and none on the CPU: there the cores are the model's compute and
+    the server's, and a spinning core is one less for them."""
     if setting_ms is None:
         setting_ms = GPU_IDLE_SPIN_MS if device_type == "cuda" else 0.0
     return setting_ms / 1000
