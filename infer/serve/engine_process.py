@@ -115,6 +115,7 @@ class EngineClient:
         self.vocab_size, self.max_logprobs = info["vocab_size"], info["max_logprobs"]
         self.device_type, self.device_name = info["device_type"], info["device"]
         self.group_steps, self.kv_cache_bytes = info["group_steps"], info["kv_cache_bytes"]
+        self.idle_spin_s = info["idle_spin_s"]  # as the engine process resolved it for its device
         self._stopped.clear()
         self.loop.call_soon_threadsafe(self.loop.add_reader, self._from_engine.fileno(), self._on_readable)
         return tokenizer
@@ -262,13 +263,15 @@ def _engine_main(inbox, outbox, sent, loader, args, log_level: str) -> None:
     except BaseException as exc:  # noqa: BLE001 - every reason goes back to the server
         outbox.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
+    idle_spin = idle_spin_seconds(args.idle_spin, engine.device.type)
     info = {"max_batch_size": engine.max_batch_size, "max_model_len": engine.max_seq_len,
             "vocab_size": engine.runner.vocab_size, "max_logprobs": engine.max_logprobs,
             "device_type": engine.device.type, "device": str(engine.device),
-            "group_steps": engine.runner.group_steps, "kv_cache_bytes": engine.runner.cache.nbytes}
+            "group_steps": engine.runner.group_steps, "kv_cache_bytes": engine.runner.cache.nbytes,
+            "idle_spin_s": idle_spin}
     outbox.send(("ready", info, tokenizer))
     try:
-        _run(engine, inbox, outbox, sent, idle_spin_seconds(args.idle_spin, engine.device.type))
+        _run(engine, inbox, outbox, sent, idle_spin)
     except (EOFError, BrokenPipeError):  # the server process is gone: nothing left to serve
         pass
 

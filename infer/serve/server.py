@@ -173,10 +173,7 @@ class ServerState:
     def _idle_spin_text(self, serving) -> str:
         if self.args.engine != "process":
             return ""
-        from .engine_process import idle_spin_seconds
-
-        spin_ms = idle_spin_seconds(self.args.idle_spin, serving.device_type) * 1000
-        return f", idle spin {spin_ms:g} ms" if spin_ms else ", no idle spin"
+        return f", idle spin {serving.idle_spin_s * 1000:g} ms" if serving.idle_spin_s else ", no idle spin"
 
     def _start_engine(self):
         """(engine, tokenizer): the engine in a process of its own, or on a thread of this one."""
