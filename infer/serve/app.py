@@ -44,29 +44,16 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
 
-def create_app(state) -> FastAPI:
+def create_app(state) -> "_Front":
     """`state` is the `ServerState` of infer.serve: engine, tokenizer, limits, metrics."""
     app = FastAPI(title="tunewright", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=state.lifespan)
     app.state.server = state
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError):
-        return JSONResponse(error_body(exc.message, exc.type, param=exc.param, code=exc.code), exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        message, param = _describe_validation(exc.errors())
-        return JSONResponse(error_body(message, param=param), 400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException):
-        return JSONResponse(error_body(str(exc.detail)), exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.exception("unhandled error in %s", request.url.path)
-        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), 500)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
 
     @app.get("/health")
     async def health():
@@ -92,13 +79,15 @@ def create_app(state) -> FastAPI:
         _check_model(state, model_id)
         return _model_card(state)
 
-    # The generation routes are plain ASGI endpoints at the front of the router that validate
-    # their bodies with the schemas' pydantic models themselves. As FastAPI routes, dependency
-    # solving and body handling took ~160 Python calls per request, ~0.3 ms on the CPU machine,
-    # all of it before the prompt reaches the engine, i.e. on the time to first token; matched
-    # first and without Starlette's request/response wrapper (a second exception-handling
-    # layer), another ~20 us goes. Their errors reach the handlers above all the same, through
-    # the app's exception middleware.
+    # The generation routes are plain ASGI endpoints that validate their bodies with the
+    # schemas' pydantic models themselves, and a POST to either never enters FastAPI: `_Front`
+    # hands it to the server's own middleware and the endpoint directly. As FastAPI routes,
+    # dependency solving and body handling took ~160 Python calls per request (~0.3 ms on the
+    # CPU machine), and FastAPI's stack (its error, telemetry and body-limit middleware, the
+    # exception middleware, the router) a few more layers, each also wrapping every send: all
+    # of it before the prompt reaches the engine, on the time to first token, or between a
+    # token and its client. Their errors become the same bodies through `_error_response`.
+    # FastAPI keeps the routes for the other methods (405).
     async def completions(request: Request):
         await _admit(request)
         body = await _body(request, CompletionRequest)
@@ -112,24 +101,75 @@ def create_app(state) -> FastAPI:
         _check_model(state, body.model)
         return await _generate(state, request, body, [_chat_ids(state, body)], chat=True)
 
+    generation = {"/v1/completions": _Endpoint(completions), "/v1/chat/completions": _Endpoint(chat_completions)}
     app.include_router(v1)
-    app.router.routes[0:0] = [Route("/v1/completions", _Endpoint(completions), methods=["POST"]),
-                              Route("/v1/chat/completions", _Endpoint(chat_completions), methods=["POST"])]
-    app.add_middleware(BodyLimits, max_bytes=state.args.max_body_bytes, timeout=state.args.body_timeout)
+    app.router.routes[0:0] = [Route(path, endpoint, methods=["POST"]) for path, endpoint in generation.items()]
+    limits = dict(max_bytes=state.args.max_body_bytes, timeout=state.args.body_timeout)
+    app.add_middleware(BodyLimits, **limits)
     app.add_middleware(RequestLog, state=state)
-    return app
+    return _Front(app, {path: RequestLog(BodyLimits(endpoint, **limits), state=state)
+                        for path, endpoint in generation.items()})
+
+
+class _Front:
+    """The ASGI app the server runs: a POST to a generation route goes to `direct[path]`
+    (the server's middleware around its endpoint), everything else, the lifespan included,
+    to the FastAPI `app`."""
+
+    def __init__(self, app: FastAPI, direct: dict):
+        self.app, self.direct = app, direct
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and (route := self.direct.get(scope["path"])):
+            scope["app"] = self.app  # what request.app reads, as Starlette sets it
+            return await route(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 class _Endpoint:
     """An ASGI app of `handler(request) -> response`. An instance, not a function: Starlette's
-    Route wraps functions in its request/response layer and takes anything else as ASGI."""
+    Route wraps functions in its request/response layer and takes anything else as ASGI.
+    An exception raised before the response starts becomes its error response here, the one
+    the app's exception handlers give."""
 
     def __init__(self, handler):
         self.handler = handler
 
     async def __call__(self, scope, receive, send):
-        response = await self.handler(Request(scope, receive, send))
+        request = Request(scope, receive, send)
+        try:
+            response = await self.handler(request)
+        except Exception as exc:  # noqa: BLE001 - each kind gets its status and body below
+            response = await _error_response(request, exc)
         await response(scope, receive, send)
+
+
+# ---- errors ---------------------------------------------------------------------------
+async def _api_error(request: Request, exc: ApiError):
+    return JSONResponse(error_body(exc.message, exc.type, param=exc.param, code=exc.code), exc.status)
+
+
+async def _invalid(request: Request, exc: RequestValidationError):
+    message, param = _describe_validation(exc.errors())
+    return JSONResponse(error_body(message, param=param), 400)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    return JSONResponse(error_body(str(exc.detail)), exc.status_code, headers=exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception):
+    log.exception("unhandled error in %s", request.url.path)
+    return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), 500)
+
+
+async def _error_response(request: Request, exc: Exception):
+    """The response the app's exception handlers give for `exc`."""
+    for kind, handler in ((ApiError, _api_error), (RequestValidationError, _invalid),
+                          (StarletteHTTPException, _http_error)):
+        if isinstance(exc, kind):
+            return await handler(request, exc)
+    return await _unexpected(request, exc)
 
 
 # ---- admission ------------------------------------------------------------------------

@@ -259,7 +259,9 @@ def serve(args) -> int:
             await super().shutdown(sockets)
 
     max_connections = connection_limit(args.max_connections)
-    config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="on",
+    # proxy_headers off: uvicorn's proxy-header middleware rewrites the client address from
+    # X-Forwarded-For, which nothing here reads (no access log), on every request.
+    config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="on", proxy_headers=False,
                             timeout_graceful_shutdown=args.drain_timeout, limit_concurrency=max_connections,
                             http=guarded_protocol(args.header_timeout, max_connections))
     limit_repeated_log_lines()  # after uvicorn.Config, which installs uvicorn's handlers

@@ -324,6 +324,43 @@ def test_api_key_required_on_v1_only(server):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0).models.list()
     assert [m.id for m in server.client().models.list()] == [MODEL]
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+    # The generation routes answer POST directly; any other method still gets FastAPI's 405.
+    wrong_method = httpx.get(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["message"] == "Method Not Allowed"
+
+
+def test_an_unexpected_error_in_a_generation_route_is_a_500_error_body(caplog):
+    """The generation endpoints run outside FastAPI's exception handling; theirs gives the
+    same answers: an unexpected exception is a 500 with OpenAI's error body, logged once."""
+    import asyncio
+
+    from infer.serve.app import ApiError, _Endpoint
+
+    async def call(handler) -> tuple[int, dict]:
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [], "query_string": b""}
+        await _Endpoint(handler)(scope, receive, send)
+        return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+    async def broken(request):
+        raise RuntimeError("boom")
+
+    async def refused(request):
+        raise ApiError(400, "max_tokens: too many", param="max_tokens")
+
+    status, body = asyncio.run(call(broken))
+    assert status == 500 and body["error"] == {"message": "internal error: RuntimeError", "type": "server_error",
+                                               "param": None, "code": None}
+    assert "unhandled error in /v1/completions" in caplog.text and "boom" in caplog.text
+    status, body = asyncio.run(call(refused))
+    assert status == 400 and body["error"]["param"] == "max_tokens"
 
 
 def test_metrics_count_what_was_served(server):
