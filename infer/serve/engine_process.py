@@ -17,7 +17,8 @@ Messages to the engine: ("add", [(sid, prompt, params, index, arrival)]), ("canc
 ("warmed_up",), ("stop",). From it: ("ready", info, tokenizer), ("failed", message),
 ("events", [event tuple], running, decode_rows, stats or None), ("stopped",).
 A counter of the messages sent, in memory both processes share, lets an idle engine watch
-for the next one without a system call (`--idle-spin`).
+for the next one without a system call (`--idle-spin`); for the same time the server's event
+loop polls instead of sleeping (`EngineClient.keep_awake`).
 """
 
 from __future__ import annotations
@@ -83,6 +84,10 @@ class EngineClient:
         self._dead: str | None = None
         self._proc = None
         self.running = 0
+        self.idle_spin_s = 0.0
+        self._awake_until = 0.0  # the event loop polls without sleeping until then (`keep_awake`)
+        self._spinning = False
+        self._loop_thread = None
         self._stats = {"graphs": 0, "prefill_graphs": 0, "compiled": 0, "gpu": (0, 0), "rss": 0}
 
     # ---- start-up ------------------------------------------------------------------
@@ -117,7 +122,7 @@ class EngineClient:
         self.group_steps, self.kv_cache_bytes = info["group_steps"], info["kv_cache_bytes"]
         self.idle_spin_s = info["idle_spin_s"]  # as the engine process resolved it for its device
         self._stopped.clear()
-        self.loop.call_soon_threadsafe(self.loop.add_reader, self._from_engine.fileno(), self._on_readable)
+        self.loop.call_soon_threadsafe(self._start_reading)
         return tokenizer
 
     # ---- called from the HTTP side -------------------------------------------------
@@ -134,6 +139,7 @@ class EngineClient:
             for h in seqs:
                 self._live[h.sid] = h
             self._send(("add", [(h.sid, h.prompt, h.params, h.index, h.arrival) for h in seqs]))
+        self.keep_awake()
 
     def cancel(self, seqs: list[_Handle]) -> None:
         with self._lock:
@@ -204,12 +210,38 @@ class EngineClient:
             self._stop_reading()
             self._engine_died()
 
+    def _start_reading(self) -> None:
+        self._loop_thread = threading.get_ident()
+        self.loop.add_reader(self._from_engine.fileno(), self._on_readable)
+
     def _stop_reading(self) -> None:
         self.loop.remove_reader(self._from_engine.fileno())
         self._stopped.set()
 
+    def keep_awake(self) -> None:
+        """Keep the event loop from sleeping for the next `idle_spin_s` (`--idle-spin`, on the
+        event loop's thread): the engine's next message and the client's next request are
+        then read by a CPU that is awake, with the server's code in its caches, instead of one
+        woken from a sleep. Under load the loop is never idle and this costs nothing more; a
+        server with nothing to do stops spinning after `idle_spin_s`."""
+        if self.idle_spin_s <= 0 or threading.get_ident() != self._loop_thread:  # the warm-up's thread: no need
+            return
+        self._awake_until = time.perf_counter() + self.idle_spin_s
+        if not self._spinning:
+            self._spinning = True
+            self.loop.call_soon(self._spin)
+
+    def _spin(self) -> None:
+        # A callback that is always ready makes the loop poll its sockets and pipes with a
+        # zero timeout (asyncio and uvloop both do), so it turns without blocking.
+        if time.perf_counter() < self._awake_until:
+            self.loop.call_soon(self._spin)
+        else:
+            self._spinning = False
+
     def _dispatch(self, events, running, decode_rows, stats) -> None:
         now = time.perf_counter()
+        self.keep_awake()
         self.running = running
         if stats is not None:
             self._stats = stats

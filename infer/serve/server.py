@@ -72,9 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "not share one GIL (default), or a thread of the server process")
     p.add_argument("--idle-spin", type=float, default=None, metavar="MS",
                    help="milliseconds the engine process keeps checking for a new request after it runs out "
-                   "of work, before it sleeps: a request within that time starts on a CPU that has not gone "
-                   "idle, at the cost of one busy core while it lasts (default: 50 with a GPU, where the "
-                   "host's cores are not the model's compute; 0, sleep at once, on the CPU)")
+                   "of work, and the server's event loop keeps polling after the engine's last message or "
+                   "the last request it was sent, before they sleep: a request or a token within that time "
+                   "is handled by a CPU that has not gone idle, at the cost of up to two busy cores while it "
+                   "lasts (default: 50 with a GPU, where the host's cores are not the model's compute; 0, "
+                   "sleep at once, on the CPU)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_load_options(p)
     return p

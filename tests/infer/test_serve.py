@@ -702,6 +702,48 @@ def test_an_idle_spin_ends_when_a_message_comes_and_never_misses_one():
     assert 0.09 < time.perf_counter() - start < 5 and not inbox.poll()
 
 
+def test_the_event_loop_keeps_awake_for_the_idle_spin_after_engine_messages_and_requests():
+    """With `--idle-spin`, the server's event loop polls without blocking for that long after
+    the engine's last message or the last request sent to it, then sleeps in its selector
+    again; with no spin it never stops to poll."""
+    import asyncio
+    import selectors
+
+    from infer.serve.engine_process import EngineClient
+
+    timeouts = []
+
+    class Recording(selectors.DefaultSelector):
+        def select(self, timeout=None):
+            timeouts.append(timeout)
+            return super().select(timeout)
+
+    loop = asyncio.SelectorEventLoop(Recording())
+    try:
+        client = EngineClient(None, None, loop=loop)
+        client._loop_thread = threading.get_ident()
+        client.idle_spin_s = 0.1
+
+        async def run():
+            client._dispatch([], 0, 0, None)  # a message from the engine
+            await asyncio.sleep(0.06)
+            awake = list(timeouts)
+            await asyncio.sleep(0.1)
+            return awake
+
+        awake = loop.run_until_complete(run())
+        # The first sleep only ends on a timer; the spin keeps every poll in it from blocking.
+        assert len(awake) > 50 and all(t == 0 for t in awake[1:]), awake[:20]
+        assert not client._spinning and any(t is None or t > 0 for t in timeouts[len(awake):])
+        timeouts.clear()
+        client.idle_spin_s = 0.0
+        client._dispatch([], 0, 0, None)
+        loop.run_until_complete(asyncio.sleep(0.05))
+        assert not client._spinning and len(timeouts) < 10
+    finally:
+        loop.close()
+
+
 def test_the_idle_spin_defaults_to_50_ms_with_a_gpu_and_to_none_on_the_cpu():
     from infer.serve.engine_process import idle_spin_seconds
     from infer.serve.server import build_parser
