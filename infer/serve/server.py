@@ -160,9 +160,10 @@ class ServerState:
             self.tokenizer, self.engine = tokenizer, serving
             self.ready = True
             log.info("model %s ready on %s in %.1fs (context %d tokens, batch %d, KV cache %.2f GiB, queue %d, "
-                     "engine on a %s%s)", self.model_name, serving.device_name, time.perf_counter() - started,
-                     serving.max_model_len, serving.max_batch_size, serving.kv_cache_bytes / 2**30,
-                     self.args.max_queue, self.args.engine, self._idle_spin_text(serving))
+                     "engine on a %s%s, %s event loop)", self.model_name, serving.device_name,
+                     time.perf_counter() - started, serving.max_model_len, serving.max_batch_size,
+                     serving.kv_cache_bytes / 2**30, self.args.max_queue, self.args.engine,
+                     self._idle_spin_text(serving), type(self.loop).__module__.split(".")[0])
         except BaseException as exc:  # noqa: BLE001 - any failure must end the server, not hang it
             message = str(exc) if isinstance(exc, EngineLoadError) else f"{type(exc).__name__}: {exc}"
             log.error("could not load %s: %s", self.args.run, message)
@@ -221,7 +222,11 @@ def _default_model_name(run: str) -> str:
 def _bind(host: str, port: int) -> socket.socket:
     """Bind before uvicorn starts so that `--port 0` can report the port it got."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not the default 0: asyncio's transports set TCP_NODELAY only on sockets
+    # that name TCP as their protocol (accepted ones inherit it). Without it, the event loop
+    # that runs when uvloop is absent leaves Nagle's algorithm on, and a streamed chunk written
+    # right after the response headers waits for their delayed ACK (~40 ms on Linux).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -753,3 +753,40 @@ def test_the_idle_spin_defaults_to_50_ms_with_a_gpu_and_to_none_on_the_cpu():
     given = build_parser().parse_args(["run", "--idle-spin", "5"]).idle_spin
     assert idle_spin_seconds(given, "cpu") == idle_spin_seconds(given, "cuda") == 0.005
     assert idle_spin_seconds(build_parser().parse_args(["run", "--idle-spin", "0"]).idle_spin, "cuda") == 0
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_accepted_connections_have_tcp_nodelay_on_the_asyncio_event_loop(host):
+    # Without uvloop, uvicorn runs asyncio's loop, whose transports set TCP_NODELAY only on
+    # sockets created for IPPROTO_TCP: with Nagle on, a stream's first chunk, written right
+    # after the response headers, waits ~40 ms for their delayed ACK.
+    import asyncio
+
+    from infer.serve.server import _bind
+
+    if host == "::1" and not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        listener = _bind(host, 0)
+    except SystemExit as exc:
+        pytest.skip(f"cannot listen on {host}: {exc}")
+    seen = []
+
+    class Record(asyncio.Protocol):
+        def connection_made(self, transport):
+            seen.append(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            transport.close()
+
+    async def accept_one():
+        server = await asyncio.get_running_loop().create_server(Record, sock=listener)
+        _, writer = await asyncio.open_connection(host, listener.getsockname()[1])
+        for _ in range(200):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        writer.close()
+        server.close()
+
+    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+        runner.run(accept_one())
+    assert seen and seen[0] != 0
