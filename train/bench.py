@@ -556,11 +556,8 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
         raise SystemExit(f"unknown row(s) {unknown}; known: {', '.join(ROWS)}")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     config = model_config(ns.model)
-    if ns.memory_cap_gib and device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, ns.memory_cap_gib * 2**30 / total), device)
-        if ns.memory_limit_gib is None:
-            ns.memory_limit_gib = ns.memory_cap_gib
+    if ns.memory_cap_gib and ns.memory_limit_gib is None:
+        ns.memory_limit_gib = ns.memory_cap_gib
     if ns.longest:
         ns.batch_size, ns.max_len = 1, ns.longest_max
         config.max_position_embeddings = max(config.max_position_embeddings, ns.longest_max)
@@ -577,6 +574,10 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
     quant_dir = None
     if any(ROWS[n].method == "qlora" for n in names):
         quant_dir = save_random_checkpoint(config, ns, device)
+    if ns.memory_cap_gib and device.type == "cuda":
+        # After the random base is written: building it in bf16 takes more than a small cap.
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, ns.memory_cap_gib * 2**30 / total), device)
     results = []
 
     def write(results):
