@@ -177,8 +177,8 @@ async def run_level(url: str, model: str, concurrency: int, seconds: float, max_
         "max_gap_p99_ms": round(1000 * _quantile(sorted(r["max_gap"] for r in ok), 0.99), 1) if ok else None,
         "concurrency": concurrency, "seconds": round(elapsed, 1), "requests": len(ok), "errors": len(errors),
         "error_examples": errors[:3], "generated_tokens": tokens, "tokens_per_s": round(tokens / elapsed, 1),
-        "ttft_p50_ms": round(1000 * _quantile(ttfts, 0.50), 1) if ttfts else None,
-        "ttft_p99_ms": round(1000 * _quantile(ttfts, 0.99), 1) if ttfts else None,
+        "ttft_p50_ms": round(1000 * _quantile(ttfts, 0.50), 2) if ttfts else None,
+        "ttft_p99_ms": round(1000 * _quantile(ttfts, 0.99), 2) if ttfts else None,
         "latency_p50_s": round(statistics.median(r["latency"] for r in ok), 2) if ok else None,
         # As the server sees it (arrival to the first token's event), from /metrics: the rest
         # of the client's TTFT is HTTP and the client itself.
