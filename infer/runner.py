@@ -416,7 +416,7 @@ class ModelRunner:
         mask = (self.key_slots[None, :window] <= positions[:, None])[None, None]
         self.cache.extend(row, start, window)
         with self._prefill_attention():
-            logits = self._forward(ids, positions[None], mask, last=torch.tensor([q - 1], device=self.device))[:, -1]
+            logits = self._forward(ids, positions[None], mask, last=self._index([q - 1]))[:, -1]
         self.lens[row] = start + q
         if final:
             self._first_tokens(logits, [row], [0], sampling, logprobs)
