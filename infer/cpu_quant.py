@@ -17,9 +17,10 @@ dtype: the rest of an fp32 model (norms, attention, residuals) stays fp32.
 
 * q4: `Q4BlockLinear`, 4-bit codes with an fp16 scale and minimum per block of 32 input
   columns; q8: `Q8BlockLinear`, int8 codes with an fp16 scale per block of 32. Both run
-  infer.cpu_kernel's AVX2 ops, which quantize each input row to int8 per block of 32 and
-  multiply in integers: about half the time of the stock kernels above at batch 1. Without
-  AVX2 or a C++ compiler, q4 / q8 load as w4 / w8 (one log line says why).
+  infer.cpu_kernel's AVX2 ops, which round each input row per block of 32 (q4 to int8, q8
+  to int16, so that q8 is as close to fp32 as its weights allow) and multiply in integers:
+  about half the time of the stock kernels above at batch 1. Without AVX2 or a C++
+  compiler, q4 / q8 load as w4 / w8 (one log line says why).
 """
 
 from __future__ import annotations
