@@ -556,8 +556,6 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
         raise SystemExit(f"unknown row(s) {unknown}; known: {', '.join(ROWS)}")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     config = model_config(ns.model)
-    if ns.memory_cap_gib and device.type == "cuda" and ns.memory_limit_gib is None:
-        ns.memory_limit_gib = ns.memory_cap_gib  # the cap itself is set below, once the random base is written
     if ns.longest:
         ns.batch_size, ns.max_len = 1, ns.longest_max
         config.max_position_embeddings = max(config.max_position_embeddings, ns.longest_max)
@@ -578,6 +576,8 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
         # After the random base is written: building it in bf16 takes more than a small cap.
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, ns.memory_cap_gib * 2**30 / total), device)
+        if ns.memory_limit_gib is None:
+            ns.memory_limit_gib = ns.memory_cap_gib
     results = []
 
     def write(results):

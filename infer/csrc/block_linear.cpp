@@ -12,8 +12,8 @@
 // the codes widened to 16 bits: the same instruction count per block, and its rounding of x
 // becomes negligible next to the weights' own (with int8 x, on SmolLM2-135M the mean KL
 // divergence of q8's next-token distribution from fp32's was 0.011, of which 0.003 is the
-// weights' rounding; with int16 x, 0.003). q4's 4-bit weights dominate its error either way. Output rows are split across threads; a thread passes over its weight rows once
-// per 4 rows of x (a layer's share, up to about 1 MB for SmolLM2-135M, stays in L2/L3 between
+// weights' rounding; with int16 x, 0.003). q4's 4-bit weights dominate its error either way.
+// Output rows are split across threads; a thread passes over its weight rows once per 4 rows of x (a layer's share, up to about 1 MB for SmolLM2-135M, stays in L2/L3 between
 // passes: going column by column through all rows of x measured 10% slower at 16 rows).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -57,26 +57,31 @@ float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Rounds the 32 floats at src to integers in [-levels, levels] (q[j]: columns 8 j .. 8 j + 7,
+// as int32) and returns the block's scale, max|x| / levels.
+inline float round_block(const float* src, float levels, __m256i q[4]) {
+  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+  __m256 v[4];
+  __m256 amax = _mm256_setzero_ps();
+  for (int j = 0; j < 4; ++j) {
+    v[j] = _mm256_loadu_ps(src + 8 * j);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, v[j]));
+  }
+  const float top = horizontal_max(amax);
+  const __m256 inverse = _mm256_set1_ps(top > 0.0f ? levels / top : 0.0f);
+  for (int j = 0; j < 4; ++j)
+    q[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], inverse), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return top / levels;
+}
+
 void quantize_rows(const float* x, int64_t m, int64_t k, QuantizedInput& out) {
   const int64_t nb = k / BLOCK;
   out.codes.resize(m * k);
   out.scale.resize(m * nb);
   out.sum.resize(m * nb);
-  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
   for (int64_t i = 0; i < m * nb; ++i) {
-    const float* src = x + i * BLOCK;
-    __m256 v[4];
-    __m256 amax = _mm256_setzero_ps();
-    for (int j = 0; j < 4; ++j) {
-      v[j] = _mm256_loadu_ps(src + 8 * j);
-      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, v[j]));
-    }
-    const float top = horizontal_max(amax);
-    const float scale = top / 127.0f;
-    const __m256 inverse = _mm256_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
     __m256i q[4];
-    for (int j = 0; j < 4; ++j)
-      q[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], inverse), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const float scale = round_block(x + i * BLOCK, 127.0f, q);
     const __m256i total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
     // int32 -> int16 -> int8 packs work per 128-bit lane; the permute restores column order.
     const __m256i q01 = _mm256_packs_epi32(q[0], q[1]);
@@ -93,27 +98,15 @@ void quantize_rows16(const float* x, int64_t m, int64_t k, QuantizedInput16& out
   const int64_t nb = k / BLOCK;
   out.codes.resize(m * k);
   out.scale.resize(m * nb);
-  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
   for (int64_t i = 0; i < m * nb; ++i) {
-    const float* src = x + i * BLOCK;
-    __m256 v[4];
-    __m256 amax = _mm256_setzero_ps();
-    for (int j = 0; j < 4; ++j) {
-      v[j] = _mm256_loadu_ps(src + 8 * j);
-      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, v[j]));
-    }
-    const float top = horizontal_max(amax);
-    const __m256 inverse = _mm256_set1_ps(top > 0.0f ? 32767.0f / top : 0.0f);
     __m256i q[4];
-    for (int j = 0; j < 4; ++j)
-      q[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], inverse), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    out.scale[i] = round_block(x + i * BLOCK, 32767.0f, q);
     // Stored in the order q8_rows widens the weight codes in (unpack within 128-bit lanes):
     // columns 0-7 and 16-23, then 8-15 and 24-31. packs works per lane; the permute joins them.
     for (int h = 0; h < 2; ++h) {
       const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[h], q[h + 2]), 0xD8);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.codes.data() + i * BLOCK + 16 * h), packed);
     }
-    out.scale[i] = top / 32767.0f;
   }
 }
 
