@@ -40,7 +40,7 @@ class StaticKVCache:
       [0, q); attention reads only these new keys (nothing earlier exists).
     * extend: a later chunk of one row's prompt (or speculative drafts), at slots
       [start, start + q) (start None: the row's cached length); attention reads that
-      row whole.
+      row's slots [0, window).
     * shared: the rest of the prompts of `rows` (a right-padded batch) after a prefix of
       `start` tokens whose KV each row already holds (`write_prefix`), at slots
       [start, start + q); attention reads these rows' slots [0, window).

@@ -17,6 +17,7 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from infer.cache import attention_shape
 
@@ -233,7 +234,13 @@ class FusedDecoder(nn.Module):
         # Query heads that share a KV head are stacked along the query axis, so attention
         # reads each cached K/V once instead of copying it `group` times.
         fresh = cache.mode == "fresh"
-        grouped_mask = None if fresh else mask.repeat(1, 1, group, 1) if group > 1 else mask
+        # A later chunk of one prompt with no mask (ModelRunner.prefill_extend) attends
+        # causally, its last query aligned with the last key: the bottom-right causal bias,
+        # which SDPA runs in the flash kernel without building a mask. A (chunk, cache
+        # window) mask, repeated per query head of a group, sent it to the memory-efficient
+        # kernel with a mask read per layer.
+        causal_extend = cache.mode == "extend" and mask is None
+        grouped_mask = None if fresh or causal_extend else mask.repeat(1, 1, group, 1) if group > 1 else mask
         for i, layer in enumerate(inner.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
@@ -244,11 +251,17 @@ class FusedDecoder(nn.Module):
             qs = qs * cos + _rotate_half(qs) * sin
             ks = ks * cos + _rotate_half(ks) * sin
             keys, values = cache.update(ks, vs, i)
-            if fresh:  # a prompt's first chunk attends causally to itself alone: no mask to build or read
-                if group > 1:  # each KV head beside its query heads (the chunk's K/V only: small)
-                    keys = keys[:, :, None].expand(b, self.kv_heads, group, q, self.head_dim).reshape(qs.shape)
-                    values = values[:, :, None].expand(b, self.kv_heads, group, q, self.head_dim).reshape(qs.shape)
-                out = F.scaled_dot_product_attention(qs, keys, values, is_causal=True, scale=attn.scaling)
+            if fresh or causal_extend:
+                # fresh: a prompt's first chunk attends causally to itself alone
+                if group > 1:  # each KV head beside its query heads (a copy of one row's keys: small)
+                    k = keys.shape[-2]
+                    keys = keys[:, :, None].expand(b, self.kv_heads, group, k, self.head_dim).flatten(1, 2)
+                    values = values[:, :, None].expand(b, self.kv_heads, group, k, self.head_dim).flatten(1, 2)
+                if fresh:
+                    out = F.scaled_dot_product_attention(qs, keys, values, is_causal=True, scale=attn.scaling)
+                else:
+                    bias = causal_lower_right(q, keys.shape[-2])
+                    out = F.scaled_dot_product_attention(qs, keys, values, attn_mask=bias, scale=attn.scaling)
             else:
                 out = self._attend(qs.reshape(b, self.kv_heads, group * q, self.head_dim), keys, values, grouped_mask,
                                    attn.scaling)

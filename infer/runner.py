@@ -306,7 +306,7 @@ class ModelRunner:
         self._put(self.seq[row, start : start + len(tokens)], tokens)
 
     def set_length(self, row: int, cached: int) -> None:
-        self.lens[row] = cached
+        self.lens[row].fill_(cached)  # see `load`: no copy from pageable memory
 
     def set_active(self, rows: list[int], active: bool) -> None:
         if rows:
@@ -412,12 +412,19 @@ class ModelRunner:
         q = len(chunk)
         ids = self._to_device(torch.tensor([chunk]))
         positions = torch.arange(start, start + q, device=self.device)
-        window = self._window(start + q)
-        mask = (self.key_slots[None, :window] <= positions[:, None])[None, None]
+        if self.decoder is not None:  # attends over exactly the row's start + q slots, causal without a mask
+            window, mask = start + q, None
+        else:
+            window = self._window(start + q)
+            mask = (self.key_slots[None, :window] <= positions[:, None])[None, None]
         self.cache.extend(row, start, window)
         with self._prefill_attention():
             logits = self._forward(ids, positions[None], mask, last=self._index([q - 1]))[:, -1]
-        self.lens[row] = start + q
+        # fill_, not `self.lens[row] = start + q`: that copies from pageable host memory, which
+        # waited for the whole queue, this chunk included (on an H100, 1B model, a 2048-token
+        # chunk's host time was 34 ms for 17 ms of GPU work, and the streams decoding beside
+        # it got no tokens meanwhile).
+        self.lens[row].fill_(start + q)
         if final:
             self._first_tokens(logits, [row], [0], sampling, logprobs)
 

@@ -81,6 +81,40 @@ def test_short_prefills_replay_a_graph_per_rows_and_width_and_match_eager(random
     assert gen.engine.prefill_graph_count == 3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_later_prompt_chunks_attend_causally_without_a_mask_and_match_one_chunk(random_model, dtype):
+    """A prompt longer than the prefill chunk: its later chunks attend through SDPA's
+    bottom-right causal bias (the flash kernel in bf16, the memory-efficient one in fp32),
+    give the tokens one whole-prompt prefill gives (beside two short prompts), and never
+    make the host wait for the GPU (the running streams' tokens would wait with it)."""
+    import copy
+
+    from infer.generate import Generator
+    from infer.sampling import SamplingParams
+
+    model = copy.deepcopy(random_model[0]).to(dtype)
+    tok = random_model[1]
+    prompts = [[(i * 37) % 4000 + 3 for i in range(700)], [5, 6, 7], list(range(100, 140))]
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    whole = Generator(model, tok, max_batch_size=4, max_seq_len=1024, compile=False)
+    chunked = Generator(model, tok, max_batch_size=4, max_seq_len=1024, compile=False, prefill_chunk=160)
+    runner = chunked.engine.runner
+    extend, calls = runner.prefill_extend, []
+
+    def without_sync(*args, **kwargs):
+        calls.append(args[1])
+        torch.cuda.set_sync_debug_mode("error")  # a synchronizing call raises
+        try:
+            return extend(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    runner.prefill_extend = without_sync
+    want = [r.token_ids for r in whole.generate(prompts, params)]
+    assert [r.token_ids for r in chunked.generate(prompts, params)] == want
+    assert calls == [160, 320, 480, 640]  # the later chunks' starts
+
+
 def test_steps_queued_ahead_of_the_host_stop_where_a_row_ends(random_model):
     """On CUDA the host reads a group of steps while the next group runs. A row that ends
     inside a group (here at an end-of-sequence token) gets exactly the tokens up to it; the
