@@ -57,3 +57,31 @@ async def _stream_twice(url: str, model: str):
     result = await one_request(conn, model, "river stone", 6)
     await conn.close()
     return texts, refusal[0], same_socket, result
+
+
+def test_join_profile_times_every_chunk_of_the_joining_prompt(tiny_model_dir, tmp_path):
+    """`python -m infer.serve.join_profile`: the joining prompt's chunks (the first fresh, the
+    rest extending its row) and the decode groups between them, timed over the join's window."""
+    from infer.serve.join_profile import main, profile_join, table
+    from infer.serve.engine import build_engine
+    from infer.serve.server import build_parser, load_for_serving
+
+    args = build_parser().parse_args([str(tiny_model_dir), "--prefill-chunk", "32", "--max-batch-size", "4"])
+    model, tok = load_for_serving(args)
+    engine = build_engine(model, tok, args)
+    profile = profile_join(engine, tok, streams=2, prompt_tokens=100, stream_tokens=200)
+    prefills = [(c["name"], c["detail"]) for c in profile.calls if c["name"] != "decode_group"]
+    assert prefills == [("prefill_fresh", "rows=1 tokens=32"), ("prefill_extend", "start=32 tokens=32"),
+                        ("prefill_extend", "start=64 tokens=32"), ("prefill_extend", "start=96 tokens=4")]
+    # the streams decode a group of steps between any two chunks: the prompt never holds them for two
+    names = [c["name"] for c in profile.calls]
+    assert names[-1] == "decode_group"
+    assert not any(a != "decode_group" and b != "decode_group" for a, b in zip(names, names[1:])), names
+    assert all(c["host_ms"] > 0 and c["gpu_ms"] is None for c in profile.calls)  # no CUDA events on the CPU
+    assert profile.long_ttft_ms > 0 and profile.max_gap_ms >= profile.median_gap_ms > 0
+    assert not engine.has_work and "| prefill_extend | start=96 tokens=4 |" in table(profile)
+    out = tmp_path / "join.json"
+    assert main([str(tiny_model_dir), "--prefill-chunk", "64", "--streams", "2", "--prompt-tokens", "100",
+                 "--stream-tokens", "200", "--runs", "1", "--json", str(out)]) == 0
+    assert [c["detail"] for c in json.loads(out.read_text())[0]["calls"] if c["name"] == "prefill_extend"] == \
+        ["start=64 tokens=36"]
