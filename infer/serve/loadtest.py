@@ -2,12 +2,16 @@
 
     python -m infer.serve.loadtest --url http://127.0.0.1:8000 --model NAME --levels 1:20,32:120
     python -m infer.serve.loadtest --serve runs/demo --levels 1:20,32:120 --out serve-bench.json
+    python -m infer bench --model runs/demo --rows compile,batch --batch-sizes 1,32 --json bench.json
+    python -m infer.serve.loadtest --serve runs/demo --levels 1:20,32:120 --bench bench.json
 
 Each level runs N clients, each sending one streaming /v1/completions request after
 another for the given seconds (requests in flight at the end are allowed to finish).
 Reported per level: aggregate generated tokens/s (from the server's `usage` counts),
 per-request p50/p99 time to first token, errors, and the server's memory (GPU allocated
 and reserved, process RSS from /metrics) sampled through the run, so growth shows.
+`--bench` puts the levels beside `python -m infer bench --json` figures of the same model
+(per-stream decode and TTFT at 1 client against batch 1, N clients against batch N).
 
 `--random-model DIR --tokenizer TOKDIR` first writes a randomly initialised model of a
 public architecture's shape (speed does not depend on weight values; there is no hub on
@@ -291,6 +295,36 @@ def summarize(levels: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def against_bench(levels: list[dict], join: dict | None, bench: dict) -> str:
+    """The levels beside `python -m infer bench --json` figures of the same model: per-stream
+    decode and TTFT at 1 client against bench's batch 1, aggregate tokens/s at N clients against
+    bench's batch N (where bench measured that batch), and the join's longest gap. Bench's
+    compiled static-cache rows are used, else its first row of each batch size."""
+    by_batch: dict[int, dict] = {}
+    for row in bench["rows"]:
+        if row["batch"] not in by_batch or row["name"] == "static + compile":
+            by_batch[row["batch"]] = row
+    lines = ["| | server | `infer bench` | server / bench |", "|---|---|---|---|"]
+    one = by_batch.get(1)
+    for lv in levels:
+        n = lv["concurrency"]
+        if n == 1 and one is not None:
+            if lv["stream_tok_s_median"]:
+                lines.append(f"| 1 client: per-stream decode tok/s | {lv['stream_tok_s_median']:.1f} | "
+                             f"{one['decode_tok_s']:.1f} (batch 1) | {lv['stream_tok_s_median'] / one['decode_tok_s']:.1%} |")
+            if lv["ttft_p50_ms"]:
+                lines.append(f"| 1 client: TTFT p50 | {lv['ttft_p50_ms']:.2f} ms | {one['ttft_ms']:.3f} ms (batch 1) | "
+                             f"{lv['ttft_p50_ms'] / one['ttft_ms']:.2f}x |")
+        elif n in by_batch:
+            ref = by_batch[n]["aggregate_tok_s"]
+            lines.append(f"| {n} clients: generated tok/s | {lv['tokens_per_s']:.1f} | {ref:.1f} (batch {n}) | "
+                         f"{lv['tokens_per_s'] / ref:.1%} |")
+    if join:
+        lines.append(f"| {join['streams']} streams, a {join['prompt_tokens']}-token prompt joins: longest gap | "
+                     f"{join['max_gap_during_join_ms']} ms | | |")
+    return "\n".join(lines)
+
+
 _ENGINE_RSS = "tunewright_engine_process_resident_memory_bytes"
 
 
@@ -319,7 +353,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--procs", type=int, default=1,
                    help="client processes the clients of a level are spread over (default 1)")
     p.add_argument("--out", type=Path, help="write all numbers as JSON here")
+    p.add_argument("--bench", type=Path, metavar="JSON",
+                   help="`python -m infer bench --json` output of the same model: print the levels beside it")
     args = p.parse_args(argv)
+    bench = None
+    if args.bench:
+        try:
+            bench = json.loads(args.bench.read_text())
+            bench["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            p.error(f"--bench {args.bench}: not a `python -m infer bench --json` file ({exc})")
 
     import httpx
 
@@ -361,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps({"model": model, "max_tokens": args.max_tokens, "levels": levels,
                                         "join": join if args.join else None, "counts": counts}, indent=1))
     print(summarize(levels))
+    if bench is not None:
+        print()
+        print(against_bench(levels, join, bench))
     return 1 if any(lv["errors"] for lv in levels) else 0
 
 

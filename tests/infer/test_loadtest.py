@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import httpx
+import pytest
 
 from infer.serve.loadtest import one_request, run_level, start_server, summarize
 from infer.serve.stream_client import Connection
@@ -85,3 +86,23 @@ def test_join_profile_times_every_chunk_of_the_joining_prompt(tiny_model_dir, tm
                  "--stream-tokens", "200", "--runs", "1", "--json", str(out)]) == 0
     assert [c["detail"] for c in json.loads(out.read_text())[0]["calls"] if c["name"] == "prefill_extend"] == \
         ["start=64 tokens=36"]
+
+
+def test_levels_are_put_beside_bench_figures_of_the_same_batch():
+    from infer.serve.loadtest import against_bench, main
+
+    bench = {"rows": [{"name": "static", "batch": 1, "ttft_ms": 9.0, "decode_tok_s": 100.0, "aggregate_tok_s": 100.0},
+                      {"name": "static + compile", "batch": 1, "ttft_ms": 2.0, "decode_tok_s": 900.0, "aggregate_tok_s": 900.0},
+                      {"name": "static + compile", "batch": 32, "ttft_ms": 20.0, "decode_tok_s": 600.0,
+                       "aggregate_tok_s": 19200.0}]}
+    level = {"stream_tok_s_median": 945.0, "ttft_p50_ms": 3.0, "tokens_per_s": 880.0}
+    levels = [dict(level, concurrency=1), dict(level, concurrency=32, tokens_per_s=14400.0),
+              dict(level, concurrency=64, tokens_per_s=30000.0)]
+    text = against_bench(levels, {"streams": 16, "prompt_tokens": 4000, "max_gap_during_join_ms": 34.3}, bench)
+    assert "| 1 client: per-stream decode tok/s | 945.0 | 900.0 (batch 1) | 105.0% |" in text
+    assert "| 1 client: TTFT p50 | 3.00 ms | 2.000 ms (batch 1) | 1.50x |" in text  # the compiled row, not the first
+    assert "| 32 clients: generated tok/s | 14400.0 | 19200.0 (batch 32) | 75.0% |" in text
+    assert "64 clients" not in text  # bench has no batch 64
+    assert "a 4000-token prompt joins: longest gap | 34.3 ms" in text
+    with pytest.raises(SystemExit):  # a file that is not bench's JSON is refused before anything runs
+        main(["--url", "http://127.0.0.1:9", "--bench", __file__])
