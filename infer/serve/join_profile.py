@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-STREAM_WORDS = "alpha beta gamma delta river stone".split()
 PROFILED = ("prefill_fresh", "prefill_extend", "decode_group")
 
 
@@ -95,18 +94,19 @@ def profile_join(engine, tokenizer, *, streams: int = 16, prompt_tokens: int = 4
     events, a prompt of `prompt_tokens` random token ids joins. Returns its time to first
     token, the streams' longest and median gap between events from 50 ms before the join to
     200 ms after its first token, and every timed call in that window."""
+    from infer.prompts import text_ids
     from infer.sampling import SamplingParams
+
+    from .loadtest import prompt_text
 
     if engine.has_work:
         raise RuntimeError("the engine must be idle")
     rng = random.Random(seed)
     vocab = engine.runner.vocab_size
 
-    def words(n: int) -> list[int]:
-        return tokenizer(" ".join(rng.choice(STREAM_WORDS) for _ in range(n)))["input_ids"]
-
-    running = [engine.new_sequence(words(48), SamplingParams(max_new_tokens=stream_tokens, ignore_eos=True), index=i)
-               for i in range(streams)]
+    params = SamplingParams(max_new_tokens=stream_tokens, ignore_eos=True)
+    # the streams' prompts are the load test's (`loadtest --join` measures the same over HTTP)
+    running = [engine.new_sequence(text_ids(tokenizer, prompt_text(rng, 48)), params, index=i) for i in range(streams)]
     for seq in running:
         engine.submit(seq)
     seen: dict[int, list[float]] = {id(s): [] for s in running}
@@ -128,7 +128,7 @@ def profile_join(engine, tokenizer, *, streams: int = 16, prompt_tokens: int = 4
             if long is not None and long.done:
                 for seq in running:
                     seq.cancelled = True
-            if long is None and not any(not s.done for s in running):
+            if long is None and all(s.done for s in running):
                 raise RuntimeError(f"the streams ended before the join: give them more than {stream_tokens} tokens")
     finally:
         recorder.remove()

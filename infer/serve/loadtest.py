@@ -360,9 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.bench:
         try:
             bench = json.loads(args.bench.read_text())
-            bench["rows"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError) as exc:
             p.error(f"--bench {args.bench}: not a `python -m infer bench --json` file ({exc})")
+        if not isinstance(bench, dict) or not isinstance(bench.get("rows"), list):
+            p.error(f"--bench {args.bench}: not a `python -m infer bench --json` file (no list of rows)")
 
     import httpx
 
