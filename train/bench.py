@@ -356,6 +356,12 @@ def run_row(row: Row, ns: argparse.Namespace, config, dataset, device, rate: flo
     callbacks = [recorder]
     trainer = build_trainer(row, ns, model, dataset, device, steps, callbacks)
     trainer.data_collator = counter = CountingCollator(trainer.data_collator)
+    profiler = None
+    if ns.profile:  # the last warm-up steps before the timed ones; stopping it costs the last one
+        from train.step_profile import StepProfile
+
+        profiler = StepProfile(first=ns.warmup - 1 - ns.profile, steps=ns.profile)
+        profiler.install(trainer)
     error = None
     try:
         trainer.train()
@@ -371,7 +377,9 @@ def run_row(row: Row, ns: argparse.Namespace, config, dataset, device, rate: flo
         result["peak_alloc_gib"] = whole_row.peak() / 2**30
         result["peak_reserved_gib"] = whole_row.peak_reserved() / 2**30
     result.update(runner_facts(callbacks))
-    del trainer, model
+    if profiler is not None:
+        result["profile"] = profiler.summary()
+    del trainer, model, profiler
     gc.collect()
     return result
 
@@ -523,6 +531,10 @@ def parse_args(argv):
     p.add_argument("--base-dir", default=None,
                    help="where the random checkpoint that QLoRA rows quantize is written, and reused by later "
                         "invocations (default: inside the temporary directory)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="torch.profiler over the N optimizer steps that end each row's warm-up: per step, the "
+                   "time of each phase (batch, forward, backward, clip, optimizer) on the host and on the GPU by "
+                   "kind of kernel, and the GPU's idle time (train.step_profile); needs --warmup >= N + 1")
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument("--workdir", default=None,
                    help="where the temporary directory for the trainer outputs and the QLoRA base goes "
@@ -550,6 +562,9 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("transformers", "trl", "accelerate", "httpx", "torch._dynamo", "torch._inductor"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if ns.profile and (ns.longest or ns.profile < 0 or ns.warmup < ns.profile + 1):
+        raise SystemExit(f"--profile {ns.profile}: profiles the last steps of each row's warm-up, so it needs "
+                         f"--warmup of at least {ns.profile + 1} (got {ns.warmup}) and no --longest")
     names = ns.rows.split(",") if ns.rows else FULL_ROWS
     unknown = [n for n in names if n not in ROWS]
     if unknown:
@@ -604,6 +619,10 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
         else:
             print(f"{name}: {res.get('tokens_per_s', 0):.0f} tok/s, peak {res.get('peak_alloc_gib', 0):.2f} GiB, "
                   f"{res['compilations']} compiles, {res['wall_s']:.0f}s {res.get('error') or ''}", flush=True)
+            if res.get("profile"):
+                from train.step_profile import format_profile
+
+                print(format_profile(name, res["profile"]), flush=True)
         write(results)
     print(longest_table(results) if ns.longest else table(results))
     return 0

@@ -1,0 +1,85 @@
+"""`python -m train bench --profile N`: each phase of a training step gets the work its own code
+started, the profiled steps are warm-up steps, and a profile that cannot fit is refused."""
+
+import json
+
+import pytest
+import torch
+
+from train import bench
+from train.step_profile import StepProfile, category
+
+
+class _Owner:
+    """Stands in for the trainer: methods the profile marks as phases."""
+
+    def __init__(self, a):
+        self.a = a
+
+    def compute_loss(self):
+        return self.a @ self.a  # one matmul
+
+    def backward(self):
+        self.a @ self.a
+        self.a @ self.a  # two matmuls
+        return torch.relu(self.a)
+
+
+def test_each_phase_gets_the_work_its_own_code_started():
+    owner = _Owner(torch.randn(64, 64))
+    profile = StepProfile(first=1, steps=2)
+    profile._wrap(owner, "compute_loss", "forward")
+    profile._wrap(owner, "backward", "backward")
+    for step in range(4):
+        profile.step_begins(step)  # profiles steps 1 and 2, stops as step 3 begins
+        owner.compute_loss()
+        owner.backward()
+        profile.optimizer_begins()
+        owner.a.add_(1e-3)
+        profile.optimizer_ends()
+        torch.zeros(8).sum()  # outside every phase: "other"
+    summary = profile.summary()
+    assert summary["steps"] == 2 and summary["on"] == "cpu"
+    ops = {name: [k for k in summary["top"] if k["name"] == name] for name in ("aten::mm", "aten::relu")}
+    assert ops["aten::mm"][0]["per_step"] == 3  # 1 forward + 2 backward, for each of the 2 steps
+    phases = summary["phases"]
+    assert phases["forward"]["by_category_ms"]["matmul"] > 0
+    assert phases["backward"]["by_category_ms"]["matmul"] > 0
+    assert "matmul" not in phases["optimizer"]["by_category_ms"] and phases["optimizer"]["work_ms"] > 0
+    assert "matmul" not in phases["other"]["by_category_ms"] and phases["other"]["work_ms"] > 0
+    assert phases["batch"]["host_ms"] == 0  # not marked here
+
+
+def test_kernel_names_fall_into_categories():
+    assert category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert category("nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_NTN") == "matmul"
+    assert category("triton_tem_fused_mm_0") == "matmul"
+    assert category("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>") == "attention"
+    assert category("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "triton"
+    assert category("Memcpy HtoD (Pinned -> Device)") == "copy"
+    assert category("void at::native::(anonymous namespace)::fused_adam_kernel") == "other"
+
+
+def test_bench_profiles_the_last_warm_up_steps_of_each_row(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = bench.main(["--model", "tiny", "--rows", "fastest_eager", "--steps", "6", "--warmup", "4", "--profile", "2",
+                     "--n-rows", "64", "--min-len", "16", "--max-len", "48", "--json", str(out),
+                     "--workdir", str(tmp_path)])
+    assert rc == 0
+    result = json.loads(out.read_text())["results"][0]
+    profile = result["profile"]
+    assert profile["first_step"] == 1 and profile["steps"] == 2  # steps 1, 2; stopped as step 3 (warm-up) begins
+    phases = profile["phases"]
+    for phase in ("batch", "forward", "backward", "clip", "optimizer"):
+        assert phases[phase]["host_ms"] > 0, phase  # the trainer's own methods were marked
+    for phase in ("forward", "backward"):
+        assert phases[phase]["by_category_ms"].get("matmul", 0) > 0, phase
+        assert phases[phase]["by_category_ms"].get("attention", 0) > 0, phase
+    assert phases["optimizer"]["work_ms"] > 0
+    assert "profile of fastest_eager: steps 1-2" in capsys.readouterr().out
+
+
+def test_a_profile_longer_than_the_warm_up_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--warmup of at least 4"):
+        bench.main(["--model", "tiny", "--rows", "fastest_eager", "--warmup", "3", "--profile", "3",
+                    "--workdir", str(tmp_path)])

@@ -1,0 +1,227 @@
+"""Where a training step's time goes: `python -m train bench --profile N`.
+
+torch.profiler records N optimizer steps at the end of a row's warm-up (the timed steps run
+unprofiled). Each step is cut into the phases the Trainer runs in order, marked with
+`record_function` ranges around the trainer's own methods:
+
+    batch      get_batch_samples: the next step's micro-batches from the data loader (collation)
+    forward    compute_loss: the forward and the loss head (TRL's metrics included)
+    backward   accelerator.backward (recomputation of checkpointed layers included)
+    clip       the gradient norm and its clipping
+    optimizer  optimizer.step
+    other      everything else: zero_grad, the scheduler, logging, callbacks, the NaN check
+
+A kernel counts toward the phase whose host code launched it (the op that launched it, on
+whichever thread, started inside that phase's range), so a phase's device time is the GPU work
+it queued, whenever that ran. Busy is the union of the kernels' intervals; idle is the rest of
+the wall time, what host-side waits and launches cost the GPU. On the CPU there are no kernels:
+an op's own (self) time stands for its work.
+
+The profiler's own per-op cost lengthens the host side of the profiled steps: idle time here is
+an upper bound of the unprofiled steps' idle time.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+import time
+from contextlib import contextmanager
+
+from transformers import TrainerCallback
+
+PHASES = ("batch", "forward", "backward", "clip", "optimizer", "other")
+_PREFIX = "tw::step::"
+
+# Kernel (or CPU op) name -> what it is. First match wins; names are cuBLAS / CUTLASS / cuDNN,
+# PyTorch's flash and varlen attention, Inductor's Triton kernels, and ATen's own.
+CATEGORIES = (
+    ("attention", re.compile(r"flash|fmha|attention|attn|varlen", re.I)),
+    ("matmul", re.compile(r"gemm|gemv|cutlass|xmma|nvjet|cublas|wgmma|triton_tem_|\baten::(mm|addmm|bmm|linear|_int_mm)\b", re.I)),
+    ("copy", re.compile(r"memcpy|memset|aten::(copy_|to|_to_copy)\b", re.I)),
+    ("triton", re.compile(r"^triton_|cpp_fused", re.I)),
+)
+
+
+def category(name: str) -> str:
+    return next((cat for cat, pattern in CATEGORIES if pattern.search(name)), "other")
+
+
+class StepProfile:
+    """Profile `steps` optimizer steps starting at global step `first`: `install(trainer)`
+    before `trainer.train()`, then `summary()`."""
+
+    def __init__(self, first: int, steps: int):
+        if first < 0 or steps < 1:
+            raise ValueError(f"profile: needs at least one step from step 0 on (first={first}, steps={steps})")
+        self.first, self.steps = first, steps
+        self.prof = None
+        self.wall_s = None
+        self._t0 = 0.0
+        self._optimizer_range = None
+
+    @property
+    def active(self) -> bool:
+        return self.prof is not None and self.wall_s is None
+
+    def install(self, trainer) -> None:
+        """Mark the phases on `trainer` (instance attributes over its methods) and add the
+        callback that starts and stops the profiler at step boundaries."""
+        self._wrap(trainer, "get_batch_samples", "batch")
+        self._wrap(trainer, "compute_loss", "forward")
+        self._wrap(trainer.accelerator, "backward", "backward")
+        self._wrap(trainer, "_clip_grad_norm", "clip")
+        trainer.add_callback(_Boundaries(self))
+
+    def _wrap(self, owner, method: str, phase: str) -> None:
+        inner = getattr(owner, method, None)
+        if inner is None:  # a Trainer without this method: its time stays under "other"
+            return
+
+        def marked(*args, **kwargs):
+            if not self.active:
+                return inner(*args, **kwargs)
+            with _range(phase):
+                return inner(*args, **kwargs)
+
+        setattr(owner, method, marked)
+
+    # ---- called by the callback ---------------------------------------------------------
+    def step_begins(self, step: int) -> None:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        if step == self.first and self.prof is None:
+            activities = [ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(ProfilerActivity.CUDA)
+                torch.cuda.synchronize()
+            self.prof = profile(activities=activities)
+            self.prof.__enter__()
+            self._t0 = time.perf_counter()
+        elif step == self.first + self.steps and self.active:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.wall_s = time.perf_counter() - self._t0
+            self.prof.__exit__(None, None, None)
+
+    def optimizer_begins(self) -> None:
+        if self.active:
+            self._optimizer_range = _range("optimizer")
+            self._optimizer_range.__enter__()
+
+    def optimizer_ends(self) -> None:
+        if self._optimizer_range is not None:
+            self._optimizer_range.__exit__(None, None, None)
+            self._optimizer_range = None
+
+    # ---- the result ---------------------------------------------------------------------
+    def summary(self, top: int = 12) -> dict | None:
+        """Per step: wall, device busy and idle time, each phase's host and device time by
+        category, and the largest kernels. None when the profiled steps did not all run."""
+        if self.wall_s is None:
+            return None
+        from torch.autograd import DeviceType
+
+        events = list(self.prof.events())
+        windows = sorted((e.time_range.start, e.time_range.end, e.name[len(_PREFIX):])
+                         for e in events if e.name.startswith(_PREFIX))
+        starts = [w[0] for w in windows]
+
+        def phase_at(t: float) -> str:
+            i = bisect.bisect_right(starts, t) - 1
+            return windows[i][2] if i >= 0 and t <= windows[i][1] else "other"
+
+        device = [e for e in events if e.device_type != DeviceType.CPU]
+        ops = {e.id: e for e in events if e.device_type == DeviceType.CPU and not e.linked_correlation_id}
+        if device:  # kernels: their own duration, in the phase of the op that launched them
+            work = []
+            for k in device:
+                op = ops.get(k.linked_correlation_id)
+                start = op.time_range.start if op is not None else k.time_range.start
+                work.append((k.name, k.time_range.elapsed_us(), phase_at(start)))
+            busy_us = _union(sorted((k.time_range.start, k.time_range.end) for k in device))
+        else:  # CPU ops: their own time
+            work = [(e.name, e.self_cpu_time_total, phase_at(e.time_range.start))
+                    for e in events if e.device_type == DeviceType.CPU and not e.name.startswith(_PREFIX)]
+            busy_us = sum(us for _, us, _ in work)
+
+        n = self.steps
+        phases = {p: {"host_ms": 0.0, "work_ms": 0.0, "by_category_ms": {}} for p in PHASES}
+        for start, end, phase in windows:
+            phases[phase]["host_ms"] += (end - start) / 1e3 / n
+        kernels: dict[str, list] = {}
+        for name, us, phase in work:
+            cats = phases[phase]["by_category_ms"]
+            cat = category(name)
+            cats[cat] = cats.get(cat, 0.0) + us / 1e3 / n
+            phases[phase]["work_ms"] += us / 1e3 / n
+            entry = kernels.setdefault(name, [0.0, 0, cat])
+            entry[0] += us / 1e3 / n
+            entry[1] += 1
+        wall_ms = self.wall_s * 1e3 / n
+        phases["other"]["host_ms"] = max(0.0, wall_ms - sum(p["host_ms"] for p in phases.values()))
+        busy_ms = busy_us / 1e3 / n
+        largest = sorted(kernels.items(), key=lambda kv: kv[1][0], reverse=True)[:top]
+        return {
+            "steps": n, "first_step": self.first, "on": "cuda" if device else "cpu",
+            "wall_ms": wall_ms, "busy_ms": busy_ms, "idle_ms": max(0.0, wall_ms - busy_ms) if device else None,
+            "kernels_per_step": len(work) / n,
+            "phases": {p: _rounded(v) for p, v in phases.items()},
+            "top": [{"name": name[:90], "ms": round(ms, 4), "per_step": count / n, "category": cat}
+                    for name, (ms, count, cat) in largest],
+        }
+
+
+@contextmanager
+def _range(phase: str):
+    from torch.profiler import record_function
+
+    with record_function(_PREFIX + phase):
+        yield
+
+
+def _union(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in intervals:
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def _rounded(phase: dict) -> dict:
+    return {"host_ms": round(phase["host_ms"], 3), "work_ms": round(phase["work_ms"], 3),
+            "by_category_ms": {k: round(v, 3) for k, v in sorted(phase["by_category_ms"].items(), key=lambda kv: -kv[1])}}
+
+
+class _Boundaries(TrainerCallback):
+    def __init__(self, profile: StepProfile):
+        self.profile = profile
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.profile.step_begins(state.global_step)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.profile.optimizer_begins()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.profile.optimizer_ends()
+
+
+def format_profile(row: str, p: dict) -> str:
+    """The profile as a few lines of text: per phase host and device ms per step, by category."""
+    unit = "GPU" if p["on"] == "cuda" else "CPU op"
+    head = (f"profile of {row}: steps {p['first_step']}-{p['first_step'] + p['steps'] - 1}, "
+            f"{p['wall_ms']:.1f} ms per step, {unit} work {p['busy_ms']:.1f} ms")
+    if p["idle_ms"] is not None:
+        head += f", GPU idle {p['idle_ms']:.1f} ms ({100 * p['idle_ms'] / p['wall_ms']:.1f}%)"
+    cats = ["matmul", "attention", "triton", "copy", "other"]
+    lines = [head, f"  {'phase':10} {'host ms':>8} {unit + ' ms':>9} " + " ".join(f"{c:>9}" for c in cats)]
+    for name, ph in p["phases"].items():
+        by = ph["by_category_ms"]
+        lines.append(f"  {name:10} {ph['host_ms']:8.2f} {ph['work_ms']:9.2f} "
+                     + " ".join(f"{by.get(c, 0.0):9.2f}" for c in cats))
+    lines.append("  largest: " + "; ".join(f"{k['name'][:48]} {k['ms']:.2f} ms x{k['per_step']:g}" for k in p["top"][:5]))
+    return "\n".join(lines)
