@@ -35,12 +35,17 @@ def text_ids(tokenizer, text: str, *, add_special_tokens: bool = True) -> list[i
     A fast tokenizer's Rust backend is called directly: transformers' `__call__` wraps one
     text in a batch of one and a `BatchEncoding`, which costs a third of the encoding itself
     on a short prompt (~60 us of ~220 us on the CPU machine), on every server request. The
-    backend is used only while it is configured as `__call__` would configure it (no
-    truncation, no padding, the same special-token splitting); otherwise `__call__` runs.
+    backend's `encode_batch_fast` skips the character offsets `encode` tracks, a quarter of
+    what is left (48 words: 62 against 81 us, 98 against 122 us when the CPU comes back from
+    idle, as a server's does between requests). The backend is used only while it is
+    configured as `__call__` would configure it (no truncation, no padding, the same
+    special-token splitting); otherwise `__call__` runs.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if (backend is not None and backend.truncation is None and backend.padding is None
             and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))):
+        if hasattr(backend, "encode_batch_fast"):  # tokenizers >= 0.21
+            return backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
         return backend.encode(text, add_special_tokens=add_special_tokens).ids
     return list(tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
 
