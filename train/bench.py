@@ -278,6 +278,9 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
         dataset_kwargs={"skip_prepare_dataset": True},
         dataloader_num_workers=0,
         disable_tqdm=True,
+        # tunewright's trainer turns the Trainer's NaN filter off (train/trainer.py); it reads each
+        # micro-batch's loss on the host, a wait for the GPU before the optimizer step is queued.
+        logging_nan_inf_filter=not ours,
     )
     peft_config = None
     if row.method in ("lora", "qlora"):
