@@ -134,10 +134,13 @@ class StepProfile:
 
         device = [e for e in events if e.device_type != DeviceType.CPU]
         ops = {e.id: e for e in events if e.device_type == DeviceType.CPU and not e.linked_correlation_id}
+        unlinked_us = 0.0
         if device:  # kernels: their own duration, in the phase of the op that launched them
             work = []
             for k in device:
                 op = ops.get(k.linked_correlation_id)
+                if op is None:  # no launching op recorded: the kernel's own start decides, a phase late at worst
+                    unlinked_us += k.time_range.elapsed_us()
                 start = op.time_range.start if op is not None else k.time_range.start
                 work.append((k.name, k.time_range.elapsed_us(), phase_at(start)))
             busy_us = _union(sorted((k.time_range.start, k.time_range.end) for k in device))
@@ -166,7 +169,7 @@ class StepProfile:
         return {
             "steps": n, "first_step": self.first, "on": "cuda" if device else "cpu",
             "wall_ms": wall_ms, "busy_ms": busy_ms, "idle_ms": max(0.0, wall_ms - busy_ms) if device else None,
-            "kernels_per_step": len(work) / n,
+            "kernels_per_step": len(work) / n, "unlinked_ms": unlinked_us / 1e3 / n,
             "phases": {p: _rounded(v) for p, v in phases.items()},
             "top": [{"name": name[:90], "ms": round(ms, 4), "per_step": count / n, "category": cat}
                     for name, (ms, count, cat) in largest],
@@ -217,6 +220,8 @@ def format_profile(row: str, p: dict) -> str:
             f"{p['wall_ms']:.1f} ms per step, {unit} work {p['busy_ms']:.1f} ms")
     if p["idle_ms"] is not None:
         head += f", GPU idle {p['idle_ms']:.1f} ms ({100 * p['idle_ms'] / p['wall_ms']:.1f}%)"
+    if p.get("unlinked_ms"):
+        head += f" ({p['unlinked_ms']:.2f} ms of kernels placed by their own start: no launching op recorded)"
     cats = ["matmul", "attention", "triton", "copy", "other"]
     lines = [head, f"  {'phase':10} {'host ms':>8} {unit + ' ms':>9} " + " ".join(f"{c:>9}" for c in cats)]
     for name, ph in p["phases"].items():
