@@ -93,7 +93,12 @@ class ModelRunner:
             # a compile-time constant. Only the batch (see _rows_view) is dynamic.
             torch._dynamo.mark_static(t)
         self.cache = StaticKVCache(self.config, B, T, embed.dtype, dev, self.lens, self.single)
-        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        params = inspect.signature(model.forward).parameters
+        self._keeps_logits = "logits_to_keep" in params
+        # transformers renamed `past_key_values` to `cache` (5.2x) and drops the old name later;
+        # the oldest supported release knows only the old one. A peft wrapper passes either on.
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
         # CUDA graphs are recorded by infer.cuda_graphs (not by inductor's cudagraph trees, whose
         # per-call host work was 12% of a batch-1 step); inductor compiles without them.
@@ -171,8 +176,8 @@ class ModelRunner:
             # Only the listed positions reach the output layer: (rows, len(last), vocab),
             # of which row i needs column i.
             kwargs["logits_to_keep"] = last
-        out = self.model(input_ids=tokens, position_ids=positions, attention_mask=mask,
-                         past_key_values=self.cache, use_cache=True, **kwargs)
+        kwargs[self._cache_arg] = self.cache
+        out = self.model(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True, **kwargs)
         if last is None:
             return out.logits
         rows = torch.arange(tokens.shape[0], device=tokens.device)

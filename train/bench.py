@@ -255,6 +255,7 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
     from trl import SFTConfig, SFTTrainer
 
     from train.speed import speed_callback
+    from train.trainer import checkpointing_option
 
     ours = row.checkpoint != "trl"
     args = SFTConfig(
@@ -267,7 +268,7 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
         optim="adamw_bnb_8bit" if row.optim == "adamw_8bit" else row.optim,
         padding_free=row.padding_free,
         max_length=None if row.padding_free else ns.max_len,
-        gradient_checkpointing=not ours,
+        **checkpointing_option(not ours),
         bf16=device.type == "cuda",
         use_cpu=device.type != "cuda",
         logging_steps=1,

@@ -44,10 +44,6 @@ def build_sft_config(recipe: Recipe, setup: ModelSetup, run: RunDir, *, has_vali
 
     t = recipe.training
     evaluate_every = has_validation and t.eval_steps is not None
-    # transformers renamed gradient_checkpointing to activation_checkpointing; the oldest supported
-    # version knows only the old name.
-    checkpointing_arg = ("activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__
-                         else "gradient_checkpointing")
     return SFTConfig(
         output_dir=str(run.checkpoints_dir),
         seed=t.seed,
@@ -68,7 +64,7 @@ def build_sft_config(recipe: Recipe, setup: ModelSetup, run: RunDir, *, has_vali
         # Both are decided per decoder layer by train.speed (see build_trainer): checkpointing per
         # micro-batch against the memory limit, and a compile that survives varying lengths
         # (TRL's whole-model compile recompiles on each new batch length).
-        **{checkpointing_arg: False},
+        **checkpointing_option(False),
         torch_compile=False,
         logging_strategy="steps",
         logging_steps=t.logging_steps,
@@ -96,6 +92,16 @@ def build_sft_config(recipe: Recipe, setup: ModelSetup, run: RunDir, *, has_vali
         # enforce (padding-free without packing), while packing needs it as the block size.
         max_length=t.max_length if (t.packing or not t.padding_free) else None,
     )
+
+
+def checkpointing_option(on: bool) -> dict[str, bool]:
+    """The Trainer's own (whole-model) activation checkpointing, as an SFTConfig keyword:
+    transformers renamed gradient_checkpointing to activation_checkpointing; the oldest
+    supported version knows only the old name."""
+    from trl import SFTConfig
+
+    fields = SFTConfig.__dataclass_fields__
+    return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": on}
 
 
 def build_trainer(recipe: Recipe, setup: ModelSetup, datasets: dict, run: RunDir, trackers: Sequence[str] = (), *,
