@@ -383,6 +383,11 @@ def run_row(row: Row, ns: argparse.Namespace, config, dataset, device, rate: flo
     result.update(runner_facts(callbacks))
     if profiler is not None:
         result["profile"] = profiler.summary()
+        if ns.profile_trace:
+            trace = Path(ns.profile_trace) / f"{row.name}.trace.json.gz"
+            trace.parent.mkdir(parents=True, exist_ok=True)
+            if profiler.export_trace(str(trace)):
+                result["profile_trace"] = str(trace)
     del trainer, model, profiler
     gc.collect()
     return result
@@ -539,6 +544,9 @@ def parse_args(argv):
                    help="torch.profiler over the N optimizer steps that end each row's warm-up: per step, the "
                    "time of each phase (batch, forward, backward, clip, optimizer) on the host and on the GPU by "
                    "kind of kernel, and the GPU's idle time (train.step_profile); needs --warmup >= N + 1")
+    p.add_argument("--profile-trace", default=None, metavar="DIR",
+                   help="with --profile: also write each row's profiled steps as a Chrome / Perfetto trace, "
+                   "DIR/ROW.trace.json.gz")
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument("--workdir", default=None,
                    help="where the temporary directory for the trainer outputs and the QLoRA base goes "
@@ -566,6 +574,8 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("transformers", "trl", "accelerate", "httpx", "torch._dynamo", "torch._inductor"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if ns.profile_trace and not ns.profile:
+        raise SystemExit("--profile-trace writes what --profile records: give --profile N too")
     if ns.profile and (ns.longest or ns.profile < 0 or ns.warmup < ns.profile + 1):
         raise SystemExit(f"--profile {ns.profile}: profiles the last steps of each row's warm-up, so it needs "
                          f"--warmup of at least {ns.profile + 1} (got {ns.warmup}) and no --longest")

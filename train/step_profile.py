@@ -116,6 +116,14 @@ class StepProfile:
             self._optimizer_range = None
 
     # ---- the result ---------------------------------------------------------------------
+    def export_trace(self, path: str) -> bool:
+        """The profiled steps as a Chrome / Perfetto trace (gzip-compressed when `path` ends in
+        .gz), phases included as ranges; False when the profiled steps did not all run."""
+        if self.wall_s is None:
+            return False
+        self.prof.export_chrome_trace(path)
+        return True
+
     def summary(self, top: int = 12) -> dict | None:
         """Per step: wall, device busy and idle time, each phase's host and device time by
         category, and the largest kernels. None when the profiled steps did not all run."""

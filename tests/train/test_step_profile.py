@@ -1,6 +1,7 @@
 """`python -m train bench --profile N`: each phase of a training step gets the work its own code
 started, the profiled steps are warm-up steps, and a profile that cannot fit is refused."""
 
+import gzip
 import json
 
 import pytest
@@ -64,7 +65,7 @@ def test_bench_profiles_the_last_warm_up_steps_of_each_row(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = bench.main(["--model", "tiny", "--rows", "fastest_eager", "--steps", "6", "--warmup", "4", "--profile", "2",
                      "--n-rows", "64", "--min-len", "16", "--max-len", "48", "--json", str(out),
-                     "--workdir", str(tmp_path)])
+                     "--profile-trace", str(tmp_path / "traces"), "--workdir", str(tmp_path)])
     assert rc == 0
     result = json.loads(out.read_text())["results"][0]
     profile = result["profile"]
@@ -77,6 +78,9 @@ def test_bench_profiles_the_last_warm_up_steps_of_each_row(tmp_path, capsys):
         assert phases[phase]["by_category_ms"].get("attention", 0) > 0, phase
     assert phases["optimizer"]["work_ms"] > 0
     assert "profile of fastest_eager: steps 1-2" in capsys.readouterr().out
+    with gzip.open(result["profile_trace"], "rt") as f:
+        names = {e.get("name") for e in json.load(f)["traceEvents"]}
+    assert {"tw::step::forward", "tw::step::backward", "tw::step::optimizer"} <= names
 
 
 def test_a_profile_longer_than_the_warm_up_is_refused(tmp_path):
