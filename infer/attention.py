@@ -2,7 +2,8 @@
 
 `auto` resolves, in order: `flash_attention_2` when the flash_attn package imports and a
 CUDA GPU is present; else PyTorch's own FlashAttention-2 variable-length kernel registered
-as the transformers attention function `varlen_fa2`; else `sdpa`.
+as the transformers attention function `varlen_fa2`; else, for padding-free rows,
+`varlen_sdpa`; else `sdpa`.
 
 `varlen_fa2` runs `torch.nn.attention.varlen.varlen_attn` (FlashAttention-2 inside PyTorch,
 no extra package) on every kind of batch transformers hands an attention function:
@@ -18,6 +19,13 @@ no extra package) on every kind of batch transformers hands an attention functio
 Causal masking is the kernel's own (bottom-right aligned when queries are fewer than keys,
 as during cached decoding); grouped-query attention is handled by the kernel (no
 `repeat_kv` copies); the model's `scaling` is honoured.
+
+`varlen_sdpa` reads the same layouts on any device (the CPU's training default for
+padding-free rows): a packed row is attended one sequence at a time through
+`scaled_dot_product_attention`, which costs the sum of the sequences' squared lengths. The
+`sdpa` implementation instead attends the whole row under a block-diagonal mask, the square
+of the row's length: for 8 sequences of 500 tokens, 8x the attention work, and the mask
+itself. Padded batches (and a cache with a 2D mask) run as one SDPA call, as `sdpa` runs them.
 """
 
 from __future__ import annotations
@@ -29,15 +37,18 @@ import math
 from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-CHOICES = ("auto", "flash_attention_2", "varlen_fa2", "sdpa", "eager")
+CHOICES = ("auto", "flash_attention_2", "varlen_fa2", "varlen_sdpa", "sdpa", "eager")
 VARLEN_NAME = "varlen_fa2"
+VARLEN_SDPA_NAME = "varlen_sdpa"
 
 
-def resolve_attn_implementation(requested: str = "auto") -> str:
-    """Return a name to pass as `attn_implementation=`; registers `varlen_fa2` when chosen."""
+def resolve_attn_implementation(requested: str = "auto", *, packed: bool = False) -> str:
+    """Return a name to pass as `attn_implementation=`; registers `varlen_fa2` / `varlen_sdpa`
+    when chosen. `packed`: the model will see padding-free rows (training)."""
     if requested not in CHOICES:
         raise ValueError(f"attn_implementation must be one of {', '.join(CHOICES)}, got {requested!r}")
     if requested == "auto":
@@ -45,10 +56,14 @@ def resolve_attn_implementation(requested: str = "auto") -> str:
             chosen = "flash_attention_2"
         elif torch.cuda.is_available() and varlen_available():
             chosen = VARLEN_NAME
+        elif packed:
+            chosen = VARLEN_SDPA_NAME
         else:
             chosen = "sdpa"
     else:
         chosen = requested
+    if chosen == VARLEN_SDPA_NAME:
+        register_varlen_sdpa()
     if chosen == VARLEN_NAME:
         if not torch.cuda.is_available():
             raise ValueError(
@@ -87,6 +102,16 @@ def register_varlen_fa2() -> None:
     _kernel()  # resolved now, so a compiled layer never traces the lookup
     AttentionInterface.register(VARLEN_NAME, varlen_fa2_attention)
     AttentionMaskInterface.register(VARLEN_NAME, varlen_padding_mask)
+
+
+def register_varlen_sdpa() -> None:
+    """Make `attn_implementation="varlen_sdpa"` loadable by any transformers model (attention
+    function and mask function, as for varlen_fa2)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN_SDPA_NAME, varlen_sdpa_attention)
+    AttentionMaskInterface.register(VARLEN_SDPA_NAME, varlen_padding_mask)
 
 
 # ---------------------------------------------------------------- sequence boundaries
@@ -286,3 +311,89 @@ def _packed_boundaries(batch: int, q_len: int, kv_len: int, device: torch.device
         return cu.to(device), max_len
     cu = torch.arange(0, (batch + 1) * q_len, q_len, dtype=torch.int32, device=device)
     return cu, q_len
+
+
+# ---------------------------------------------------------------- varlen_sdpa: any device
+
+
+def varlen_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: (batch, heads, seq, dim) in, (batch, seq, heads, dim) out.
+
+    A padding-free row attends one sequence at a time; any other batch runs as one SDPA call
+    (causal, bottom-right aligned when queries are fewer than keys, pad keys masked)."""
+    if dropout:
+        raise NotImplementedError("varlen_sdpa has no attention dropout; set the model's attention_dropout to 0")
+    if softcap:
+        raise NotImplementedError("varlen_sdpa has no logit soft-capping; use eager for this model")
+    batch, _, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    window_left = sliding_window - 1 if sliding_window else -1
+    gqa = query.shape[1] != key.shape[1]
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError(
+                "varlen_sdpa takes a 2D padding mask or none, got a "
+                f"{attention_mask.dim()}D mask (was the model loaded with another attn_implementation's mask?)"
+            )
+        allowed = _causal_allowed(q_len, kv_len, window_left, query.device)[None] & attention_mask[:, None, -kv_len:].bool()
+        # A query that may see no key at all (a left pad) would come out NaN, and its NaN would reach
+        # the gradients of everything else; let it see every key: its output is never read.
+        allowed = allowed | ~allowed.any(-1, keepdim=True)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed[:, None], scale=scaling,
+                                             enable_gqa=gqa)
+        return out.transpose(1, 2), None
+    cu_q, _ = _packed_boundaries(batch, q_len, kv_len, query.device, kwargs)
+    if cu_q.numel() - 1 == batch or q_len != kv_len:  # one sequence per row (or cached decoding)
+        out = _sdpa_causal(query, key, value, scaling, window_left, gqa)
+        return out.transpose(1, 2), None
+    q = query.transpose(1, 2).reshape(batch * q_len, query.shape[1], query.shape[3])
+    k = key.transpose(1, 2).reshape(batch * kv_len, key.shape[1], key.shape[3])
+    v = value.transpose(1, 2).reshape(batch * kv_len, value.shape[1], value.shape[3])
+    out = sdpa_segments(q, k, v, cu_q, scale=scaling, window_left=window_left)
+    return out.view(batch, q_len, out.shape[1], out.shape[2]), None
+
+
+@torch.compiler.disable  # a loop over data-dependent boundaries: traced, it would recompile per batch
+def sdpa_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, *,
+                  scale: Optional[float] = None, window_left: int = -1) -> torch.Tensor:
+    """Causal attention within each sequence of a packed (tokens, heads, dim) layout; `cu` holds
+    the sequences' cumulative starts, the same for queries and keys."""
+    bounds = cu.tolist()
+    gqa = q.shape[1] != k.shape[1]
+    out = torch.empty_like(q)
+    for start, end in zip(bounds, bounds[1:]):
+        if end == start:
+            continue
+        seg = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))  # (1, heads, length, dim)
+        out[start:end] = _sdpa_causal(*seg, scale, window_left, gqa)[0].transpose(0, 1)
+    return out
+
+
+def _sdpa_causal(q, k, v, scale, window_left: int, gqa: bool) -> torch.Tensor:
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    if window_left < 0 and q_len == kv_len:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    mask = _causal_allowed(q_len, kv_len, window_left, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def _causal_allowed(q_len: int, kv_len: int, window_left: int, device) -> torch.Tensor:
+    """(q_len, kv_len) bool: query i (the last q_len of kv_len positions) sees key j <= its position,
+    and within `window_left` positions before it when that is not negative."""
+    pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    keys = torch.arange(kv_len, device=device)[None, :]
+    allowed = keys <= pos
+    if window_left >= 0:
+        allowed &= keys >= pos - window_left
+    return allowed

@@ -152,7 +152,7 @@ def build_model(config, row: Row, seed: int, device, quant_dir: Optional[Path]):
     from infer.attention import resolve_attn_implementation
     from infer.random_model import random_model
 
-    attn = resolve_attn_implementation(row.attn)
+    attn = resolve_attn_implementation(row.attn, packed=row.padding_free)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if row.method == "qlora":
         from infer.loading import bnb_config

@@ -115,7 +115,7 @@ def load_model(recipe: Recipe) -> ModelSetup:
             f"training.attn_implementation: {requested_attn} needs a CUDA GPU; use auto or sdpa on CPU."
         )
     precision = resolve_precision(recipe.training.precision, cuda=cuda)
-    attn = resolve_attn_implementation(requested_attn)
+    attn = resolve_attn_implementation(requested_attn, packed=recipe.training.padding_free or recipe.training.packing)
     base_path = resolve_model(recipe.model.name, revision=recipe.model.revision)
     dtype = weights_dtype(precision)
 

@@ -161,7 +161,9 @@ class TrainingConfig(Section):
     # system prompt and instruction) runs through the model once, not once per sequence; same
     # loss and gradients (train/shared_prefix.py). Off with gradient checkpointing or compiled layers.
     shared_prefix: bool = True
-    attn_implementation: Literal["auto", "flash_attention_2", "varlen_fa2", "sdpa", "eager"] = "auto"
+    # auto: FlashAttention-2 (flash_attn, else PyTorch's varlen kernel) on a GPU; on the CPU,
+    # varlen_sdpa for padding-free rows (each packed sequence attended alone), else sdpa.
+    attn_implementation: Literal["auto", "flash_attention_2", "varlen_fa2", "varlen_sdpa", "sdpa", "eager"] = "auto"
     # auto: bf16 on a GPU that supports it, fp32 on CPU.
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     # Experiment trackers by transformers' names (tensorboard, wandb, mlflow, ...), none, or all

@@ -114,8 +114,8 @@ class SharedPrefixDecoder:
         if getattr(self.base.config, "is_encoder_decoder", False):
             return "an encoder-decoder model"
         # These build their mask from a 2D attention_mask plus the cache length (transformers'
-        # create_causal_mask); varlen kernels read the packed layout instead.
-        if config._attn_implementation not in ("sdpa", "eager"):
+        # create_causal_mask, or varlen_sdpa's own); the varlen kernels read the packed layout instead.
+        if config._attn_implementation not in ("sdpa", "eager", "varlen_sdpa"):
             return f"attention {config._attn_implementation}"
         params = inspect.signature(type(self.base.get_decoder()).forward).parameters
         self.cache_arg = next((name for name in ("cache", "past_key_values") if name in params), None)

@@ -278,3 +278,73 @@ def test_gpu_default_recipe_trains_padding_free_through_varlen_and_matches_sdpa_
     print(f"mean relative loss difference over 30 steps: {drift:.4%}; first {a[0]:.4f} vs {b[0]:.4f}, "
           f"last {a[-1]:.4f} vs {b[-1]:.4f}")
     assert drift < 0.01, (a, b)
+
+
+# ---------------------------------------------------------------- varlen_sdpa: the CPU's packed rows
+
+
+def test_varlen_sdpa_equals_sdpa_on_every_batch_layout():
+    """Packed (with / without cu_seq_lens) and padded batches through varlen_sdpa == padded SDPA."""
+    A.register_varlen_sdpa()
+    model, _ = _tiny_llama("sdpa")
+    padded, packed, packed_cu = _batches([7, 19, 12, 1])
+    model.config._attn_implementation = "sdpa"
+    ref_loss, ref_grads = _loss_and_grads(model, padded)
+    model.config._attn_implementation = "varlen_sdpa"
+    for batch in (packed_cu, packed, padded):
+        loss, grads = _loss_and_grads(model, batch)
+        assert torch.allclose(loss, ref_loss, rtol=1e-5), (loss, ref_loss)
+        assert max(_rel(g, r) for g, r in zip(grads, ref_grads)) < 1e-4
+
+
+def test_varlen_sdpa_attends_within_each_sequence_and_window():
+    """The function itself against the per-sequence reference: packed boundaries, GQA, scale, and a
+    sliding window (which the packed row's block-diagonal SDPA mask would also need)."""
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 11, 3, 9]
+    cu = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
+    q, k, v = (torch.randn(1, h, sum(lengths), 8, generator=g) for h in (4, 2, 2))
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    for window, scale in ((None, None), (4, 0.3)):
+        out, _ = A.varlen_sdpa_attention(None, q, k, v, None, scaling=scale, sliding_window=window, position_ids=pos)
+        tokens = lambda t: t[0].transpose(0, 1)  # noqa: E731 -- (1, heads, T, dim) -> (T, heads, dim)
+        expect = _reference_windowed(tokens(q), tokens(k), tokens(v), cu, scale, window)
+        assert torch.allclose(out[0], expect, atol=1e-5), window
+
+
+def _reference_windowed(q, k, v, cu, scale, window):
+    out = torch.empty_like(q)
+    groups = q.shape[1] // k.shape[1]
+    for i in range(len(cu) - 1):
+        a, b = int(cu[i]), int(cu[i + 1])
+        qi, ki, vi = q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1)
+        ki, vi = ki.repeat_interleave(groups, 0), vi.repeat_interleave(groups, 0)
+        idx = torch.arange(b - a)
+        allowed = idx[None, :] <= idx[:, None]
+        if window:
+            allowed &= idx[None, :] > idx[:, None] - window
+        s = (qi @ ki.transpose(-1, -2)) * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
+        out[a:b] = (s.masked_fill(~allowed, float("-inf")).softmax(-1) @ vi).transpose(0, 1)
+    return out
+
+
+def test_varlen_sdpa_generates_what_sdpa_generates_with_a_cache_and_left_padding():
+    """Cached decoding: queries fewer than keys, a left-padded batch's 2D mask."""
+    A.register_varlen_sdpa()
+    model, _ = _tiny_llama("sdpa")
+    ids = torch.tensor([[0, 0, 0, 5, 6, 7], [8, 9, 10, 11, 12, 13]])
+    mask = (ids != 0).long()
+    runs = {}
+    for impl in ("sdpa", "varlen_sdpa"):
+        model.config._attn_implementation = impl
+        with torch.no_grad():
+            runs[impl] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                        pad_token_id=0)
+    assert torch.equal(runs["sdpa"], runs["varlen_sdpa"])
+
+
+def test_cpu_auto_resolves_to_varlen_sdpa_for_packed_rows():
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    assert A.resolve_attn_implementation("auto", packed=True) == "varlen_sdpa"
+    assert A.resolve_attn_implementation("auto") == "sdpa"

@@ -9,13 +9,14 @@ import torch
 SHARED = 20  # tokens every sequence of `shared_beginning_batch` begins with
 
 
-def tiny_llama(method: str, lora_dropout: float = 0.0):
+def tiny_llama(method: str, lora_dropout: float = 0.0, attn: str = "sdpa"):
     """A 2-layer random Llama in training mode (as tests/train/test_loss.py builds it), full or with LoRA."""
+    from infer.attention import resolve_attn_implementation
     from infer.random_model import architecture_config, random_model
 
     model = random_model(architecture_config("tiny", vocab_size=300, max_position_embeddings=512,
                                              tie_word_embeddings=False))
-    model.config._attn_implementation = "sdpa"
+    model.config._attn_implementation = resolve_attn_implementation(attn)
     model.config.use_cache = False  # as train.model sets it
     if method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -107,14 +108,16 @@ def packed_and_shared(model, batch, **call):
     return packed, shared, calls.shapes
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_shared_prefix_equals_the_packed_row(method):
+@pytest.mark.parametrize("method,attn", [("full", "sdpa"), ("lora", "sdpa"), ("full", "varlen_sdpa")])
+def test_shared_prefix_equals_the_packed_row(method, attn):
     """Sequences of different lengths after a 20-token common beginning: the prefix runs once and the
     loss and every gradient (all weights of a full fine-tune, or the adapters; the hidden states at the
-    head) equal the packed row's, with a num_items_in_batch from a larger accumulated batch."""
+    head) equal the packed row's, with a num_items_in_batch from a larger accumulated batch. With
+    varlen_sdpa (the CPU's default for packed rows) the packed row attends sequence by sequence and the
+    shared prefix's second call through a 2D mask over the cache."""
     batch = shared_beginning_batch()
     n_items = torch.tensor(int((batch["labels"][:, 1:] != -100).sum()) + 9)
-    model = tiny_llama(method)
+    model = tiny_llama(method, attn=attn)
     (ref_loss, ref_grads), (loss, grads), calls = packed_and_shared(model, batch, num_items_in_batch=n_items)
     assert calls == [(1, SHARED), (4, 1 + 11)]  # the prefix, then the rests padded to the longest
     assert torch.allclose(loss, ref_loss, rtol=1e-6), (loss, ref_loss)

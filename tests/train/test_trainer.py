@@ -242,7 +242,7 @@ def test_run_learns_and_exports_a_plain_checkpoint(method, lr, tmp_path, spread_
     assert manifest["base_model"]["resolved_path"] == str(spread_model_dir)
     t = manifest["training"]
     assert (t["method"], t["attn_implementation"], t["precision"], t["device"], t["steps"]) == (
-        method, "sdpa", "fp32", "cpu", 8)
+        method, "varlen_sdpa", "fp32", "cpu", 8)  # the CPU default for padding-free rows
     assert manifest["versions"]["torch"] == version("torch") and manifest["versions"]["trl"] == version("trl")
     assert "model" in manifest["contents"] and manifest["eval"]["tuned"] == summary["eval"]["tuned"]
 
