@@ -382,6 +382,7 @@ def run_row(row: Row, ns: argparse.Namespace, config, dataset, device, rate: flo
         result["peak_reserved_gib"] = whole_row.peak_reserved() / 2**30
     result.update(runner_facts(callbacks))
     if profiler is not None:
+        profiler.close()
         result["profile"] = profiler.summary()
         if ns.profile_trace:
             trace = Path(ns.profile_trace) / f"{row.name}.trace.json.gz"

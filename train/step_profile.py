@@ -105,6 +105,13 @@ class StepProfile:
             self.wall_s = time.perf_counter() - self._t0
             self.prof.__exit__(None, None, None)
 
+    def close(self) -> None:
+        """Stop the profiler if training ended before the last profiled step (an error, a short
+        run), so that the next row can profile; its partial record is dropped."""
+        if self.active:
+            self.prof.__exit__(None, None, None)
+            self.prof = None
+
     def optimizer_begins(self) -> None:
         if self.active:
             self._optimizer_range = _range("optimizer")

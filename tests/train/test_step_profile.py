@@ -87,3 +87,16 @@ def test_a_profile_longer_than_the_warm_up_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="--warmup of at least 4"):
         bench.main(["--model", "tiny", "--rows", "fastest_eager", "--warmup", "3", "--profile", "3",
                     "--workdir", str(tmp_path)])
+
+
+
+def test_a_row_that_ends_inside_its_profile_leaves_the_profiler_off():
+    """Left on, it would record (and slow down) every later row."""
+    from torch.autograd import profiler
+
+    profile = StepProfile(first=0, steps=5)
+    profile.step_begins(0)
+    assert profiler._is_profiler_enabled
+    profile.close()  # training stopped at step 2 of 5
+    assert not profiler._is_profiler_enabled
+    assert profile.summary() is None
