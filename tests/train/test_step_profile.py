@@ -100,3 +100,23 @@ def test_a_row_that_ends_inside_its_profile_leaves_the_profiler_off():
     profile.close()  # training stopped at step 2 of 5
     assert not profiler._is_profiler_enabled
     assert profile.summary() is None
+
+
+@pytest.mark.gpu
+def test_gpu_profile_places_kernels_by_their_launching_op(tmp_path):
+    """On CUDA the phases hold kernels: matmuls in the forward and the backward, the optimizer's
+    own, Inductor's Triton kernels of the compiled layers, and (almost) every kernel is placed
+    through the op that launched it rather than by its own start."""
+    out = tmp_path / "bench.json"
+    rc = bench.main(["--model", "tiny", "--rows", "fastest", "--steps", "8", "--warmup", "5", "--profile", "3",
+                     "--n-rows", "64", "--min-len", "16", "--max-len", "128", "--json", str(out),
+                     "--workdir", str(tmp_path)])
+    assert rc == 0
+    profile = json.loads(out.read_text())["results"][0]["profile"]
+    assert profile["on"] == "cuda" and 0 < profile["busy_ms"] <= profile["wall_ms"]
+    phases = profile["phases"]
+    for phase in ("forward", "backward"):
+        assert phases[phase]["by_category_ms"].get("matmul", 0) > 0, phase
+        assert phases[phase]["by_category_ms"].get("triton", 0) > 0, phase
+    assert phases["optimizer"]["work_ms"] > 0 and "matmul" not in phases["optimizer"]["by_category_ms"]
+    assert profile["unlinked_ms"] <= 0.05 * profile["busy_ms"]
