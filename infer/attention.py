@@ -258,10 +258,7 @@ def varlen_fa2_attention(
         raise NotImplementedError("varlen_fa2 has no logit soft-capping; use sdpa or eager for this model")
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
-    # (B, H, S, D) -> (B*S, H, D): the kernel's token-major layout.
-    q = query.transpose(1, 2).reshape(batch * q_len, query.shape[1], query.shape[3])
-    k = key.transpose(1, 2).reshape(batch * kv_len, key.shape[1], key.shape[3])
-    v = value.transpose(1, 2).reshape(batch * kv_len, value.shape[1], value.shape[3])
+    q, k, v = (_token_major(t) for t in (query, key, value))
     out_dtype = q.dtype
     if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
         # FlashAttention computes in half precision only; fp32 models run it in bf16.
@@ -294,6 +291,11 @@ def varlen_fa2_attention(
         out = call_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling, window_left=window_left)
     out = out.to(out_dtype).view(batch, q_len, out.shape[1], out.shape[2])
     return out, None
+
+
+def _token_major(t: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, seq, dim) -> (batch * seq, heads, dim): the varlen layout."""
+    return t.transpose(1, 2).reshape(t.shape[0] * t.shape[2], t.shape[1], t.shape[3])
 
 
 def _packed_boundaries(batch: int, q_len: int, kv_len: int, device: torch.device, kwargs: dict) -> tuple[torch.Tensor, int]:
@@ -354,12 +356,10 @@ def varlen_sdpa_attention(
                                              enable_gqa=gqa)
         return out.transpose(1, 2), None
     cu_q, _ = _packed_boundaries(batch, q_len, kv_len, query.device, kwargs)
-    if cu_q.numel() - 1 == batch or q_len != kv_len:  # one sequence per row (or cached decoding)
+    if cu_q.numel() - 1 == batch:  # one sequence per row (cached decoding too: no packing with a cache)
         out = _sdpa_causal(query, key, value, scaling, window_left, gqa)
         return out.transpose(1, 2), None
-    q = query.transpose(1, 2).reshape(batch * q_len, query.shape[1], query.shape[3])
-    k = key.transpose(1, 2).reshape(batch * kv_len, key.shape[1], key.shape[3])
-    v = value.transpose(1, 2).reshape(batch * kv_len, value.shape[1], value.shape[3])
+    q, k, v = (_token_major(t) for t in (query, key, value))
     out = sdpa_segments(q, k, v, cu_q, scale=scaling, window_left=window_left)
     return out.view(batch, q_len, out.shape[1], out.shape[2]), None
 

@@ -44,9 +44,7 @@ def text_ids(tokenizer, text: str, *, add_special_tokens: bool = True) -> list[i
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if (backend is not None and backend.truncation is None and backend.padding is None
             and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))):
-        if hasattr(backend, "encode_batch_fast"):  # tokenizers >= 0.21
-            return backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
-        return backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
     return list(tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
 
 

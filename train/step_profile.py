@@ -26,7 +26,6 @@ from __future__ import annotations
 import bisect
 import re
 import time
-from contextlib import contextmanager
 
 from transformers import TrainerCallback
 
@@ -107,7 +106,7 @@ class StepProfile:
 
     def close(self) -> None:
         """Stop the profiler if training ended before the last profiled step (an error, a short
-        run), so that the next row can profile; its partial record is dropped."""
+        run): left on, it would record every later row. Its partial record is dropped."""
         if self.active:
             self.prof.__exit__(None, None, None)
             self.prof = None
@@ -191,12 +190,10 @@ class StepProfile:
         }
 
 
-@contextmanager
 def _range(phase: str):
     from torch.profiler import record_function
 
-    with record_function(_PREFIX + phase):
-        yield
+    return record_function(_PREFIX + phase)
 
 
 def _union(intervals: list[tuple[float, float]]) -> float:
