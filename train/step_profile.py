@@ -146,17 +146,19 @@ class StepProfile:
             i = bisect.bisect_right(starts, t) - 1
             return windows[i][2] if i >= 0 and t <= windows[i][1] else "other"
 
-        device = [e for e in events if e.device_type != DeviceType.CPU]
-        ops = {e.id: e for e in events if e.device_type == DeviceType.CPU and not e.linked_correlation_id}
+        cpu = [e for e in events if e.device_type == DeviceType.CPU]
+        ranges = {e.name for e in cpu}
+        # Device-side copies of host ranges (record_function, Optimizer.step#...) are not work.
+        device = [e for e in events if e.device_type != DeviceType.CPU and e.name not in ranges
+                  and not getattr(e, "is_user_annotation", False)]
         unlinked_us = 0.0
         if device:  # kernels: their own duration, in the phase of the op that launched them
-            work = []
-            for k in device:
-                op = ops.get(k.linked_correlation_id)
-                if op is None:  # no launching op recorded: the kernel's own start decides, a phase late at worst
-                    unlinked_us += k.time_range.elapsed_us()
-                start = op.time_range.start if op is not None else k.time_range.start
-                work.append((k.name, k.time_range.elapsed_us(), phase_at(start)))
+            # The profiler lists each op's kernels (through the launch's correlation id) on the op
+            # itself, in every torch version; an entry named like the op is its own CUDA time.
+            work = [(k.name, k.duration, phase_at(op.time_range.start))
+                    for op in cpu for k in op.kernels if k.name != op.name]
+            total_us = sum(k.time_range.elapsed_us() for k in device)
+            unlinked_us = max(0.0, total_us - sum(us for _, us, _ in work))
             busy_us = _union(sorted((k.time_range.start, k.time_range.end) for k in device))
         else:  # CPU ops: their own time
             work = [(e.name, e.self_cpu_time_total, phase_at(e.time_range.start))
@@ -233,7 +235,7 @@ def format_profile(row: str, p: dict) -> str:
     if p["idle_ms"] is not None:
         head += f", GPU idle {p['idle_ms']:.1f} ms ({100 * p['idle_ms'] / p['wall_ms']:.1f}%)"
     if p.get("unlinked_ms"):
-        head += f" ({p['unlinked_ms']:.2f} ms of kernels placed by their own start: no launching op recorded)"
+        head += f" ({p['unlinked_ms']:.2f} ms of kernels in no phase: no launching op recorded)"
     cats = ["matmul", "attention", "triton", "copy", "other"]
     lines = [head, f"  {'phase':10} {'host ms':>8} {unit + ' ms':>9} " + " ".join(f"{c:>9}" for c in cats)]
     for name, ph in p["phases"].items():
