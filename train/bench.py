@@ -278,6 +278,8 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
         data_seed=ns.seed,
         dataset_kwargs={"skip_prepare_dataset": True},
         dataloader_num_workers=0,
+        # tunewright's trainer queues the copies to the GPU without waiting (train/trainer.py).
+        accelerator_config={"non_blocking": ours and device.type == "cuda"},
         disable_tqdm=True,
         # tunewright's trainer turns the Trainer's NaN filter off (train/trainer.py); it reads each
         # micro-batch's loss on the host, a wait for the GPU before the optimizer step is queued.
@@ -299,6 +301,10 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # per-step log dicts would bury the table
+    if ours:  # as tunewright's trainer does (train/trainer.py)
+        from train.fused_clip import fold_clip_into_fused_adamw
+
+        fold_clip_into_fused_adamw(trainer)
     if not row.chunked_loss:
         from train.loss import use_full_logits_loss
 

@@ -80,6 +80,8 @@ def build_sft_config(recipe: Recipe, setup: ModelSetup, run: RunDir, *, has_vali
         disable_tqdm=True,  # our own bar shows loss and tokens/s
         dataloader_num_workers=0,
         dataloader_pin_memory=setup.device.startswith("cuda"),  # pinned pages only speed up copies to a GPU
+        # From pinned pages the copy to the GPU is queued without the host waiting for it.
+        accelerator_config={"non_blocking": setup.device.startswith("cuda")},
         # A non-finite loss must reach NonFiniteGuard, not be replaced by the average of the previous ones.
         logging_nan_inf_filter=False,
         # Data: rows arrive as input_ids + completion_mask (train.data). TRL's preparation turns the
@@ -115,6 +117,7 @@ def build_trainer(recipe: Recipe, setup: ModelSetup, datasets: dict, run: RunDir
     args = build_sft_config(recipe, setup, run, has_validation="validation" in datasets)
     recorder = MetricsRecorder(run.metrics_jsonl, tokens_offset=tokens_offset)
     stopper = StopOnSignal()
+    from train.fused_clip import fold_clip_into_fused_adamw
     from train.speed import speed_callback
 
     extra = [recorder, ProgressBar(recorder), stopper, speed_callback(**speed_settings(recipe, setup))]
@@ -129,6 +132,7 @@ def build_trainer(recipe: Recipe, setup: ModelSetup, datasets: dict, run: RunDir
         callbacks=extra + list(callbacks),
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the bar replaces it
+    fold_clip_into_fused_adamw(trainer)
     if not recipe.training.chunked_loss:
         from train.loss import use_full_logits_loss
 
