@@ -10,7 +10,7 @@ from transformers import Trainer, TrainingArguments
 from train.fused_clip import fold_clip_into_fused_adamw, folding_optimizer
 
 
-def tiny_trainer(tmp_path, optim: str, max_grad_norm: float, steps: int = 4):
+def tiny_trainer(tmp_path, optim: str, max_grad_norm: float, steps: int = 4, cuda: bool = False):
     from infer.random_model import architecture_config, random_model
 
     cfg = architecture_config("tiny", vocab_size=300, max_position_embeddings=128)
@@ -19,14 +19,14 @@ def tiny_trainer(tmp_path, optim: str, max_grad_norm: float, steps: int = 4):
     ids = torch.randint(3, 300, (16, 24), generator=g)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
-                             learning_rate=1e-2, optim=optim, max_grad_norm=max_grad_norm, use_cpu=True,
+                             learning_rate=1e-2, optim=optim, max_grad_norm=max_grad_norm, use_cpu=not cuda, bf16=cuda,
                              logging_steps=1, save_strategy="no", report_to=[], seed=0, data_seed=0,
                              disable_tqdm=True)
     return Trainer(model=model, args=args, train_dataset=data)
 
 
-def trained(tmp_path, optim, max_grad_norm, fold: bool):
-    trainer = tiny_trainer(tmp_path, optim, max_grad_norm)
+def trained(tmp_path, optim, max_grad_norm, fold: bool, cuda: bool = False):
+    trainer = tiny_trainer(tmp_path, optim, max_grad_norm, cuda=cuda)
     calls = []
     own = trainer.accelerator.clip_grad_norm_
 
@@ -60,3 +60,14 @@ def test_other_optimizers_keep_the_trainers_clip(tmp_path):
     _, _, calls, trainer = trained(tmp_path, "adamw_torch", 0.05, fold=True)  # foreach AdamW: no grad_scale input
     assert calls == 4
     assert folding_optimizer(trainer) is None and not hasattr(trainer.optimizer.optimizer, "grad_scale")
+
+
+@pytest.mark.gpu
+def test_gpu_folded_clip_gives_the_clipped_update(tmp_path):
+    """On CUDA with bf16 autocast: fused AdamW's grad_scale input takes the clip's factor."""
+    plain, plain_norms, _, _ = trained(tmp_path / "a", "adamw_torch_fused", 0.05, fold=False, cuda=True)
+    folded, folded_norms, calls, _ = trained(tmp_path / "b", "adamw_torch_fused", 0.05, fold=True, cuda=True)
+    assert calls == 0 and min(plain_norms) > 0.05
+    assert folded_norms == pytest.approx(plain_norms, rel=1e-4)
+    for a, b in zip(plain, folded):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
