@@ -200,15 +200,35 @@ def bf16_matmul_rate(device) -> float:
 
 
 class CountingCollator:
-    """Wraps the trainer's collator to record each micro-batch's sequence lengths, in order."""
+    """Wraps the trainer's collator to record each micro-batch's sequence lengths, in order.
+
+    The lengths travel inside the batch (a plain list: the pinning and the copy to the device
+    leave it alone) and are taken out where the trainer consumes the batch, so they are counted
+    in the training process also when the collator runs in data-loader worker processes."""
+
+    KEY = "tw_bench_lengths"
 
     def __init__(self, inner):
         self.inner = inner
         self.lengths: list[list[int]] = []
 
     def __call__(self, examples):
-        self.lengths.append([len(e["input_ids"]) for e in examples])
-        return self.inner(examples)
+        batch = self.inner(examples)
+        batch[self.KEY] = [len(e["input_ids"]) for e in examples]
+        return batch
+
+    def install(self, trainer) -> "CountingCollator":
+        trainer.data_collator = self
+        compute_loss = trainer.compute_loss
+
+        def counted(model, inputs, *args, **kwargs):
+            lengths = inputs.pop(self.KEY, None)
+            if lengths is not None:
+                self.lengths.append(list(lengths))
+            return compute_loss(model, inputs, *args, **kwargs)
+
+        trainer.compute_loss = counted
+        return self
 
 
 def step_recorder():
@@ -277,7 +297,8 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
         seed=ns.seed,
         data_seed=ns.seed,
         dataset_kwargs={"skip_prepare_dataset": True},
-        dataloader_num_workers=0,
+        dataloader_num_workers=ns.dataloader_workers if ours else 0,
+        dataloader_persistent_workers=ours and ns.dataloader_workers > 0,
         # tunewright's trainer queues the copies to the GPU without waiting (train/trainer.py).
         accelerator_config={"non_blocking": ours and device.type == "cuda"},
         disable_tqdm=True,
@@ -365,7 +386,7 @@ def run_row(row: Row, ns: argparse.Namespace, config, dataset, device, rate: flo
     recorder = step_recorder()
     callbacks = [recorder]
     trainer = build_trainer(row, ns, model, dataset, device, steps, callbacks)
-    trainer.data_collator = counter = CountingCollator(trainer.data_collator)
+    counter = CountingCollator(trainer.data_collator).install(trainer)
     profiler = None
     if ns.profile:  # the last warm-up steps before the timed ones; stopping it costs the last one
         from train.step_profile import StepProfile
@@ -528,6 +549,8 @@ def parse_args(argv):
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dataloader-workers", type=int, default=0, metavar="N",
+                   help="tunewright's rows collate in N data-loader worker processes (training.dataloader_workers)")
     p.add_argument("--memory-limit-gib", type=float, default=None,
                    help="limit for checkpoint='auto' rows (default: the first row's measured peak)")
     p.add_argument("--memory-cap-gib", type=float, default=None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -110,6 +111,7 @@ class StopOnSignal(TrainerCallback):
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
+        self._pid = os.getpid()
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handle)
 
@@ -119,6 +121,11 @@ class StopOnSignal(TrainerCallback):
         self._previous.clear()
 
     def _handle(self, signum, frame):
+        if os.getpid() != self._pid:
+            # A data-loader worker forked during training inherits this handler; Ctrl-C reaches the
+            # whole process group, and the training process decides. The worker keeps serving
+            # batches until it is shut down.
+            return
         self.received = signum
         print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint "
               "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)

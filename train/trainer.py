@@ -78,7 +78,8 @@ def build_sft_config(recipe: Recipe, setup: ModelSetup, run: RunDir, *, has_vali
         report_to="none",
         run_name=recipe.name,
         disable_tqdm=True,  # our own bar shows loss and tokens/s
-        dataloader_num_workers=0,
+        dataloader_num_workers=t.dataloader_workers,
+        dataloader_persistent_workers=t.dataloader_workers > 0,  # forked once, not at every epoch
         dataloader_pin_memory=setup.device.startswith("cuda"),  # pinned pages only speed up copies to a GPU
         # From pinned pages the copy to the GPU is queued without the host waiting for it.
         accelerator_config={"non_blocking": setup.device.startswith("cuda")},

@@ -331,6 +331,37 @@ def test_bench_rows_see_the_same_tokens_and_losses(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]  # its temporary directory is gone
 
 
+def test_bench_counts_tokens_collated_in_dataloader_workers(tmp_path, monkeypatch):
+    """--dataloader-workers: tunewright's row collates in worker processes; the bench still counts
+    every micro-batch's tokens (they travel with the batch) and the losses are the in-process ones."""
+    import os
+
+    from train import bench
+
+    pids = tmp_path / "collating_pids"
+    collate = bench.CountingCollator.__call__
+
+    def noting_pid(self, examples):
+        with open(pids, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return collate(self, examples)
+
+    monkeypatch.setattr(bench.CountingCollator, "__call__", noting_pid)
+    res = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}.json"
+        rc = bench.main(["--model", "tiny", "--rows", "fastest_eager", "--steps", "3", "--warmup", "1",
+                         "--n-rows", "24", "--min-len", "16", "--max-len", "48", "--dataloader-workers", str(workers),
+                         "--json", str(out), "--workdir", str(tmp_path / f"w{workers}")])
+        assert rc == 0
+        res[workers] = json.loads(out.read_text())["results"][0]
+        seen = set(pids.read_text().split())
+        pids.unlink()
+        assert (seen == {str(os.getpid())}) == (workers == 0), seen
+    assert len(res[0]["tokens_per_step"]) == 3 and min(res[0]["tokens_per_step"]) > 0
+    assert res[2]["tokens_per_step"] == res[0]["tokens_per_step"] and res[2]["losses"] == res[0]["losses"]
+
+
 def broken_compile(*args, **kwargs):
     """What Inductor raised on H200 for the checkpointed LoRA layer."""
     cause = AssertionError("Node convert_element_type_164 was invalid, but is output")

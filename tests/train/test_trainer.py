@@ -390,6 +390,50 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_model_d
     assert "training.max_steps (100000 -> %d)" % (saved + 1) in caplog.text
 
 
+def test_dataloader_workers_collate_the_same_batches(tmp_path, tiny_model_dir, data_file):
+    """training.dataloader_workers: the same rows in the same order, so the same losses."""
+    from train.trainer import train_recipe
+
+    losses = {}
+    for workers in (0, 2):
+        raw = tiny_recipe(tmp_path, tiny_model_dir, data_file, name=f"workers-{workers}",
+                          training={"max_steps": 4, "batch_size": 2, "dataloader_workers": workers})
+        result = train_recipe(validate_recipe(raw))
+        assert result.status == "completed"
+        losses[workers] = [row["loss"] for row in metric_rows(result.run_dir) if "loss" in row]
+    assert len(losses[0]) == 4 and losses[2] == pytest.approx(losses[0], rel=1e-6)
+
+
+def test_ctrl_c_to_the_process_group_with_dataloader_workers(tmp_path, tiny_model_dir, data_file):
+    """A terminal's Ctrl-C reaches the data-loader workers too: the training process alone answers
+    (one message), saves a checkpoint and exits 130."""
+    import os
+
+    raw = tiny_recipe(tmp_path, tiny_model_dir, data_file, name="group",
+                      training={"max_steps": 100000, "save_steps": 100000, "batch_size": 2, "dataloader_workers": 2})
+    recipe_path = tmp_path / "group.yaml"
+    recipe_path.write_text(yaml.safe_dump(raw))
+    run = tmp_path / "runs" / "group"
+    proc = subprocess.Popen([sys.executable, "-m", "train", str(recipe_path)], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "worker" not in err.lower(), err
+    assert err.count("SIGINT received") == 1, err
+    checkpoints = list((run / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").is_file()
+
+
 @pytest.mark.slow
 def test_default_model_short_lora_run_reloads_and_scores(tmp_path, default_model_dir):
     """The demo's path on the real SmolLM2-135M: 2 LoRA steps of 2 rows, export, reload, score."""
