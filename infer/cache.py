@@ -16,6 +16,16 @@ def text_config_of(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def cache_keyword(forward) -> str | None:
+    """The keyword a model's `forward` takes its KV cache by: transformers renamed
+    `past_key_values` to `cache` (5.2x) and drops the old name later; the oldest supported
+    release knows only the old one. None: it takes no cache."""
+    import inspect
+
+    params = inspect.signature(forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
 def attention_shape(config) -> tuple[int, int, int]:
     """(query heads, key/value heads, head_dim) of a transformers config (text part)."""
     text_config = text_config_of(config)

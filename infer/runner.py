@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from infer.cache import StaticKVCache, check_supported, use_masked_attention
+from infer.cache import StaticKVCache, cache_keyword, check_supported, use_masked_attention
 from infer.cuda_graphs import CUDAGraphs, compile_mode, raise_dynamo_limits
 from infer.sampling import SamplingParams, choose_tokens, seed_halves, seeded_uniform, vocabulary_keys
 
@@ -95,10 +95,9 @@ class ModelRunner:
         self.cache = StaticKVCache(self.config, B, T, embed.dtype, dev, self.lens, self.single)
         params = inspect.signature(model.forward).parameters
         self._keeps_logits = "logits_to_keep" in params
-        # transformers renamed `past_key_values` to `cache` (5.2x) and drops the old name later;
-        # the oldest supported release knows only the old one. A peft wrapper passes either on.
+        # A peft wrapper passes either name on; its base model's signature says which.
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        self._cache_arg = cache_keyword(base.forward) or "past_key_values"
 
         # CUDA graphs are recorded by infer.cuda_graphs (not by inductor's cudagraph trees, whose
         # per-call host work was 12% of a batch-1 step); inductor compiles without them.

@@ -275,7 +275,7 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
     from trl import SFTConfig, SFTTrainer
 
     from train.speed import speed_callback
-    from train.trainer import checkpointing_option
+    from train.trainer import checkpointing_option, loop_options
 
     ours = row.checkpoint != "trl"
     args = SFTConfig(
@@ -297,14 +297,9 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
         seed=ns.seed,
         data_seed=ns.seed,
         dataset_kwargs={"skip_prepare_dataset": True},
-        dataloader_num_workers=ns.dataloader_workers if ours else 0,
-        dataloader_persistent_workers=ours and ns.dataloader_workers > 0,
-        # tunewright's trainer queues the copies to the GPU without waiting (train/trainer.py).
-        accelerator_config={"non_blocking": ours and device.type == "cuda"},
         disable_tqdm=True,
-        # tunewright's trainer turns the Trainer's NaN filter off (train/trainer.py); it reads each
-        # micro-batch's loss on the host, a wait for the GPU before the optimizer step is queued.
-        logging_nan_inf_filter=not ours,
+        # tunewright's rows are fed and watched as its trainer does; TRL's keep TRL's defaults.
+        **(loop_options(ns.dataloader_workers, cuda=device.type == "cuda") if ours else {"dataloader_num_workers": 0}),
     )
     peft_config = None
     if row.method in ("lora", "qlora"):

@@ -18,12 +18,13 @@ differ, so results agree to float rounding.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
+
+from infer.cache import cache_keyword
 
 MIN_SHARED_TOKENS = 16  # below this, the second decoder call and the padding can cost more than sharing saves
 
@@ -117,8 +118,7 @@ class SharedPrefixDecoder:
         # create_causal_mask, or varlen_sdpa's own); the varlen kernels read the packed layout instead.
         if config._attn_implementation not in ("sdpa", "eager", "varlen_sdpa"):
             return f"attention {config._attn_implementation}"
-        params = inspect.signature(type(self.base.get_decoder()).forward).parameters
-        self.cache_arg = next((name for name in ("cache", "past_key_values") if name in params), None)
+        self.cache_arg = cache_keyword(type(self.base.get_decoder()).forward)
         if self.cache_arg is None:
             return "its decoder takes no cache"
         # Sliding-window, chunked, linear-attention or KV-sharing layers keep other cache layers,

@@ -78,13 +78,7 @@ def build_sft_config(recipe: Recipe, setup: ModelSetup, run: RunDir, *, has_vali
         report_to="none",
         run_name=recipe.name,
         disable_tqdm=True,  # our own bar shows loss and tokens/s
-        dataloader_num_workers=t.dataloader_workers,
-        dataloader_persistent_workers=t.dataloader_workers > 0,  # forked once, not at every epoch
-        dataloader_pin_memory=setup.device.startswith("cuda"),  # pinned pages only speed up copies to a GPU
-        # From pinned pages the copy to the GPU is queued without the host waiting for it.
-        accelerator_config={"non_blocking": setup.device.startswith("cuda")},
-        # A non-finite loss must reach NonFiniteGuard, not be replaced by the average of the previous ones.
-        logging_nan_inf_filter=False,
+        **loop_options(t.dataloader_workers, cuda=setup.device.startswith("cuda")),
         # Data: rows arrive as input_ids + completion_mask (train.data). TRL's preparation turns the
         # mask into labels only with completion_only_loss on (its default is off for such rows).
         completion_only_loss=True,
@@ -94,6 +88,22 @@ def build_sft_config(recipe: Recipe, setup: ModelSetup, run: RunDir, *, has_vali
         # train.data already fitted each row to max_length; TRL refuses a max_length it would not
         # enforce (padding-free without packing), while packing needs it as the block size.
         max_length=t.max_length if (t.packing or not t.padding_free) else None,
+    )
+
+
+def loop_options(dataloader_workers: int, *, cuda: bool) -> dict:
+    """How tunewright's Trainer feeds and watches its steps, as SFTConfig keywords (the bench's
+    tunewright rows take the same)."""
+    return dict(
+        dataloader_num_workers=dataloader_workers,
+        dataloader_persistent_workers=dataloader_workers > 0,  # forked once, not at every epoch
+        dataloader_pin_memory=cuda,  # pinned pages only speed up copies to a GPU
+        # From pinned pages the copy to the GPU is queued without the host waiting for it.
+        accelerator_config={"non_blocking": cuda},
+        # A non-finite loss must reach NonFiniteGuard, not be replaced by the average of the previous
+        # ones; the filter would also read each micro-batch's loss on the host, a wait for the GPU
+        # before the optimizer step is queued.
+        logging_nan_inf_filter=False,
     )
 
 
