@@ -325,6 +325,10 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
         from train.loss import use_full_logits_loss
 
         use_full_logits_loss(trainer.model)
+    elif ours and device.type == "cuda":
+        from train import sync_free
+
+        sync_free.defer_metric_reads(trainer)
     return trainer
 
 

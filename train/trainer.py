@@ -152,6 +152,10 @@ def build_trainer(recipe: Recipe, setup: ModelSetup, datasets: dict, run: RunDir
         from train.loss import use_labeled_positions_loss
 
         use_labeled_positions_loss(trainer.model, shared_prefix=shares_prefix(recipe, setup))
+    else:
+        from train.sync_free import defer_metric_reads
+
+        defer_metric_reads(trainer)
     return trainer, recorder, stopper
 
 

@@ -1,0 +1,248 @@
+"""The sync-free training step (train.sync_free) against TRL's own: the same loss, fields,
+gradients and logged metrics, with no value read on the host between the forward and the log."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from tests.train.test_loss import completion_only_padding_free_batch, loss_and_grads, rel, tiny_llama
+
+FIELDS = ("log_probs", "entropy", "is_top1", "label_mask")
+
+
+def padded_batch():
+    """Two rows of different lengths, right-padded, completion-only (SFTTrainer's padded collation)."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for p, c in ((4, 9), (6, 3)):
+        ids = torch.randint(3, 300, (p + c,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * p + ids[p:]})
+    batch = DataCollatorForLanguageModeling(pad_token_id=0)(rows)
+    assert batch["input_ids"].shape == (2, 13) and "attention_mask" in batch
+    return batch
+
+
+def head_outputs(model, batch, **call):
+    out = model(**batch, fused_lm_head=True, **call)
+    return {k: getattr(out, k).detach() for k in FIELDS}
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("layout", ["padding_free", "padded"])
+def test_indexed_head_equals_trls_head(method, layout):
+    """Positions found on the host and gathered by index: TRL's loss, per-token fields (zero where
+    there is no label, in TRL's [batch, length - 1] layout) and gradients."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from train.loss import lm_base
+    from train.sync_free import labeled_positions, use_indexed_fused_head
+
+    batch = completion_only_padding_free_batch() if layout == "padding_free" else padded_batch()
+    labeled = labeled_positions(batch)
+    assert labeled.shape[1] == int((batch["labels"][:, 1:] != -100).sum())
+    n_items = torch.tensor(labeled.shape[1] + 5)
+    model = tiny_llama(method)
+    add_fused_lm_head(lm_base(model), outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer does
+    trl_fields = head_outputs(model, batch, num_items_in_batch=n_items)
+    trl_loss, trl_grads = loss_and_grads(model, batch, fused_lm_head=True, num_items_in_batch=n_items)
+    use_indexed_fused_head(model)
+    ours_fields = head_outputs(model, batch, num_items_in_batch=n_items, tw_labeled=labeled)
+    ours_loss, ours_grads = loss_and_grads(model, batch, fused_lm_head=True, num_items_in_batch=n_items,
+                                           tw_labeled=labeled)
+    assert torch.allclose(ours_loss, trl_loss, rtol=1e-5), (ours_loss, trl_loss)
+    for name in FIELDS:
+        assert ours_fields[name].shape == trl_fields[name].shape, name
+        assert torch.allclose(ours_fields[name].float(), trl_fields[name].float(), atol=1e-5), name
+    assert ours_fields["is_top1"].any() or not trl_fields["is_top1"].any()
+    for name, ref in trl_grads.items():
+        assert rel(ours_grads[name], ref) < 1e-5, name
+    # without the positions (generation, evaluation) TRL's forward runs
+    again = head_outputs(model, batch, num_items_in_batch=n_items)
+    assert torch.equal(again["log_probs"], trl_fields["log_probs"])
+
+
+def test_labeled_positions_shifted_and_preshifted():
+    from train.sync_free import labeled_positions
+
+    labels = torch.tensor([[-100, 5, 6, -100], [-100, -100, 7, -100]])
+    got = labeled_positions({"labels": labels})
+    # position t is scored against labels[t + 1], flat over [2, 4]
+    assert got.tolist() == [[0, 1, 5], [5, 6, 7]]
+    assert labeled_positions({"labels": labels, "shift_labels": labels}).tolist() == [[1, 2, 6], [5, 6, 7]]
+
+
+class Logs(TrainerCallback):
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs:
+            self.logs.append(dict(logs))
+
+
+def sft_run(tmp_path, *, deferred: bool, padding_free: bool, empty_row: bool = False):
+    """A few optimizer steps of SFTTrainer (2 micro-batches each) on the tiny model; the log dicts."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from train.bench import minimal_tokenizer
+    from train.sync_free import defer_metric_reads
+    from train.trainer import checkpointing_option
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(7)
+    rows = []
+    for i in range(8):
+        p, c = 3 + i % 4, 4 + (i * 3) % 7
+        # runs of a few tokens: learnt within the run, so the token accuracy is not stuck at 0
+        ids = torch.randint(3, 8, (p + c,), generator=g).repeat_interleave(3).tolist()
+        labels = [-100] * (3 * p) + ids[3 * p:]
+        if empty_row and i == 2:
+            labels = [-100] * len(ids)  # a micro-batch with nothing to learn: TRL logs 0.0 for it
+        rows.append({"input_ids": ids, "labels": labels})
+    args = SFTConfig(output_dir=str(tmp_path / ("d" if deferred else "t")), max_steps=4, per_device_train_batch_size=1,
+                     gradient_accumulation_steps=2, learning_rate=1e-2, logging_steps=1, save_strategy="no",
+                     report_to=[], use_cpu=True, padding_free=padding_free, dataset_kwargs={"skip_prepare_dataset": True},
+                     disable_tqdm=True, seed=0, data_seed=0, max_length=None if padding_free else 64,
+                     **checkpointing_option(False))
+    logs = Logs()
+    trainer = SFTTrainer(model=tiny_llama("full"), args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=minimal_tokenizer(), callbacks=[logs])
+    if deferred:
+        defer_metric_reads(trainer)
+    trainer.train()
+    return logs.logs
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_deferred_metrics_log_what_trl_logs(tmp_path, padding_free):
+    """Loss, grad norm, entropy, token accuracy and token count of every step, as TRL logs them,
+    gradient accumulation included (each micro-batch's loss divided by the step's token count)."""
+    trl_logs = sft_run(tmp_path, deferred=False, padding_free=padding_free, empty_row=True)
+    ours = sft_run(tmp_path, deferred=True, padding_free=padding_free, empty_row=True)
+    assert len(ours) == len(trl_logs) == 4
+    for a, b in zip(ours, trl_logs):
+        for key in ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens"):
+            assert isinstance(a[key], (int, float)), key
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a[key], b[key])
+    assert trl_logs[-1]["num_tokens"] > trl_logs[0]["num_tokens"] > 0
+    assert len({round(log["loss"], 4) for log in trl_logs}) > 1
+    assert max(log["mean_token_accuracy"] for log in trl_logs) > 0.2
+
+
+class HostReads:
+    """Counts the Tensor methods that read a value on the host."""
+
+    NAMES = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        self.paused = False
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counting(original))
+
+    def _counting(self, original):
+        def read(t, *args, **kwargs):
+            if not self.paused:
+                self.count += 1
+            return original(t, *args, **kwargs)
+
+        return read
+
+
+def one_compute_loss(tmp_path, deferred: bool, monkeypatch):
+    """Host reads during one micro-batch's compute_loss and backward, the backbone's own excluded."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from train.bench import minimal_tokenizer
+    from train.loss import lm_base
+    from train.sync_free import LabeledPositionsCollator, defer_metric_reads
+    from train.trainer import checkpointing_option
+
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                     use_cpu=True, padding_free=True, max_length=None, dataset_kwargs={"skip_prepare_dataset": True},
+                     **checkpointing_option(False))
+    rows = [{"input_ids": list(range(3, 13)), "labels": [-100] * 4 + list(range(7, 13))}] * 2
+    trainer = SFTTrainer(model=tiny_llama("full"), args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=minimal_tokenizer())
+    if deferred:
+        defer_metric_reads(trainer)
+    collate = trainer.data_collator if deferred else LabeledPositionsCollator(trainer.data_collator)
+    batch = collate(rows)
+    model = trainer.model
+    decoder = lm_base(model).get_decoder()
+    reads = HostReads(monkeypatch)
+
+    def pause(module, args, kwargs):
+        reads.paused = True
+
+    def resume(module, args, output):
+        reads.paused = False
+
+    hooks = [decoder.register_forward_pre_hook(pause, with_kwargs=True), decoder.register_forward_hook(resume)]
+    loss = trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(12))
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    return reads.count, trainer
+
+
+def test_compute_loss_reads_nothing_on_the_host(tmp_path, monkeypatch):
+    """TRL's metrics read three values per micro-batch; the deferred path none, until the log."""
+    trl_reads, _ = one_compute_loss(tmp_path / "t", False, monkeypatch)
+    ours_reads, trainer = one_compute_loss(tmp_path / "d", True, monkeypatch)
+    assert trl_reads >= 3
+    assert ours_reads == 0
+    pending = trainer._metrics["train"]
+    assert all(isinstance(v, torch.Tensor) for v in pending["entropy"] + pending["mean_token_accuracy"])
+    from train.sync_free import read_on_host
+
+    read_on_host(pending)
+    assert all(isinstance(v, float) for v in pending["entropy"] + pending["mean_token_accuracy"])
+    assert 0 <= pending["mean_token_accuracy"][0] <= 1 and pending["entropy"][0] > 0
+
+
+@pytest.mark.gpu
+def test_gpu_compute_loss_and_backward_do_not_synchronize(tmp_path):
+    """On CUDA, torch's sync debug mode raises at any host-device synchronization: none in the
+    loss head, the deferred metrics or the backward (the backbone runs with the varlen kernel,
+    which takes the boundaries the collator computed)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from infer.attention import resolve_attn_implementation
+    from train.bench import minimal_tokenizer
+    from train.sync_free import defer_metric_reads
+    from train.trainer import checkpointing_option
+
+    model = tiny_llama("full").cuda()
+    model.config._attn_implementation = resolve_attn_implementation("auto", packed=True)
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                     bf16=True, padding_free=True, max_length=None, dataset_kwargs={"skip_prepare_dataset": True},
+                     **checkpointing_option(False))
+    rows = [{"input_ids": list(range(3, 13)), "labels": [-100] * 4 + list(range(7, 13))},
+            {"input_ids": list(range(20, 27)), "labels": [-100] * 2 + list(range(22, 27))}]
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=minimal_tokenizer())
+    defer_metric_reads(trainer)
+    batch = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in trainer.data_collator(rows).items()}
+    n_items = torch.tensor(11, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        trainer.compute_loss(model, dict(batch), num_items_in_batch=n_items)  # warm-up: lazy inits may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=n_items)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()
