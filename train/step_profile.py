@@ -147,16 +147,11 @@ class StepProfile:
             return windows[i][2] if i >= 0 and t <= windows[i][1] else "other"
 
         cpu = [e for e in events if e.device_type == DeviceType.CPU]
-        ranges = {e.name for e in cpu}
         # Device-side copies of host ranges (record_function, Optimizer.step#...) are not work.
-        device = [e for e in events if e.device_type != DeviceType.CPU and e.name not in ranges
-                  and not getattr(e, "is_user_annotation", False)]
+        device = [e for e in events if e.device_type != DeviceType.CPU and not e.is_user_annotation]
         unlinked_us = 0.0
         if device:  # kernels: their own duration, in the phase of the op that launched them
-            # The profiler lists each op's kernels (through the launch's correlation id) on the op
-            # itself, in every torch version; an entry named like the op is its own CUDA time.
-            work = [(k.name, k.duration, phase_at(op.time_range.start))
-                    for op in cpu for k in op.kernels if k.name != op.name]
+            work = [(k.name, k.duration, phase_at(op.time_range.start)) for op, k in launched_kernels(cpu, device)]
             total_us = sum(k.time_range.elapsed_us() for k in device)
             unlinked_us = max(0.0, total_us - sum(us for _, us, _ in work))
             busy_us = _union(sorted((k.time_range.start, k.time_range.end) for k in device))
@@ -190,6 +185,17 @@ class StepProfile:
             "top": [{"name": name[:90], "ms": round(ms, 4), "per_step": count / n, "category": cat}
                     for name, (ms, count, cat) in largest],
         }
+
+
+def launched_kernels(cpu_ops: list, kernels: list) -> list[tuple]:
+    """(op, kernel) for every kernel the profiler lists on the host op that launched it.
+
+    The profiler fills each op's `kernels` through the launch's correlation id, in every torch
+    version. An entry named like the op is the op's own CUDA time or its range's device-side
+    copy, unless a kernel (of `kernels`, the device's events) has that name: Inductor launches
+    each Triton kernel inside a host range named after it."""
+    kernel_names = {k.name for k in kernels}
+    return [(op, k) for op in cpu_ops for k in op.kernels if k.name != op.name or k.name in kernel_names]
 
 
 def _range(phase: str):

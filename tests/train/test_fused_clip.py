@@ -64,10 +64,17 @@ def test_other_optimizers_keep_the_trainers_clip(tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_folded_clip_gives_the_clipped_update(tmp_path):
-    """On CUDA with bf16 autocast: fused AdamW's grad_scale input takes the clip's factor."""
+    """On CUDA with bf16 autocast: fused AdamW's grad_scale input takes the clip's factor.
+
+    Multiplying the gradient by the factor and dividing by its inverse round differently in the
+    last bit; under bf16 autocast later steps' forwards can round such a weight differently, so
+    the comparison is of each tensor's whole update over the run, not of single elements."""
+    initial = [p.detach().clone() for p in tiny_trainer(tmp_path / "0", "adamw_torch_fused", 0.05).model.parameters()]
     plain, plain_norms, _, _ = trained(tmp_path / "a", "adamw_torch_fused", 0.05, fold=False, cuda=True)
     folded, folded_norms, calls, _ = trained(tmp_path / "b", "adamw_torch_fused", 0.05, fold=True, cuda=True)
     assert calls == 0 and min(plain_norms) > 0.05
     assert folded_norms == pytest.approx(plain_norms, rel=1e-4)
-    for a, b in zip(plain, folded):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    for p0, a, b in zip(initial, plain, folded):
+        update = a.cpu() - p0
+        assert update.norm() > 0
+        assert (b.cpu() - a.cpu()).norm() <= 1e-3 * update.norm()

@@ -61,6 +61,23 @@ def test_kernel_names_fall_into_categories():
     assert category("void at::native::(anonymous namespace)::fused_adam_kernel") == "other"
 
 
+def test_kernels_are_taken_from_their_launching_op():
+    """A kernel under a host range of its own name (Inductor's Triton launches) is work; an entry
+    named like its op that no kernel has (the op's own CUDA time, a range's device-side copy) is not."""
+    from types import SimpleNamespace as NS
+
+    from train.step_profile import launched_kernels
+
+    triton = NS(name="triton_poi_fused_mul_0", duration=5.0)
+    mm = NS(name="nvjet_sm90_tst_128x256", duration=9.0)
+    ops = [NS(name="triton_poi_fused_mul_0", kernels=[triton]),
+           NS(name="aten::mm", kernels=[mm, NS(name="aten::mm", duration=9.5)]),
+           NS(name="tw::step::forward", kernels=[NS(name="tw::step::forward", duration=40.0)])]
+    device = [NS(name=triton.name), NS(name=mm.name)]
+    got = [(op.name, k.name) for op, k in launched_kernels(ops, device)]
+    assert got == [("triton_poi_fused_mul_0", "triton_poi_fused_mul_0"), ("aten::mm", "nvjet_sm90_tst_128x256")]
+
+
 def test_bench_profiles_the_last_warm_up_steps_of_each_row(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = bench.main(["--model", "tiny", "--rows", "fastest_eager", "--steps", "6", "--warmup", "4", "--profile", "2",
