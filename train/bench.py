@@ -275,9 +275,10 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
     from trl import SFTConfig, SFTTrainer
 
     from train.speed import speed_callback
-    from train.trainer import checkpointing_option, loop_options
+    from train.trainer import checkpointing_option, dataloader_workers, defers_host_reads, loop_options
 
     ours = row.checkpoint != "trl"
+    workers = dataloader_workers(ns.dataloader_workers, cuda=device.type == "cuda")
     args = SFTConfig(
         output_dir=str(Path(ns.workdir) / row.name),
         max_steps=steps,
@@ -299,7 +300,7 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
         dataset_kwargs={"skip_prepare_dataset": True},
         disable_tqdm=True,
         # tunewright's rows are fed and watched as its trainer does; TRL's keep TRL's defaults.
-        **(loop_options(ns.dataloader_workers, cuda=device.type == "cuda") if ours else {"dataloader_num_workers": 0}),
+        **(loop_options(workers, cuda=device.type == "cuda") if ours else {"dataloader_num_workers": 0}),
     )
     peft_config = None
     if row.method in ("lora", "qlora"):
@@ -325,7 +326,7 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
         from train.loss import use_full_logits_loss
 
         use_full_logits_loss(trainer.model)
-    elif ours and device.type == "cuda":
+    elif ours and defers_host_reads(workers, cuda=device.type == "cuda", chunked_loss=True):
         from train import sync_free
 
         sync_free.defer_metric_reads(trainer)
@@ -548,8 +549,9 @@ def parse_args(argv):
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dataloader-workers", type=int, default=0, metavar="N",
-                   help="tunewright's rows collate in N data-loader worker processes (training.dataloader_workers)")
+    p.add_argument("--dataloader-workers", type=int, default=None, metavar="N",
+                   help="tunewright's rows collate in N data-loader worker processes (training.dataloader_workers; "
+                        "default as in a recipe: 2 with a CUDA GPU, 0 on the CPU); TRL's rows collate in-process")
     p.add_argument("--memory-limit-gib", type=float, default=None,
                    help="limit for checkpoint='auto' rows (default: the first row's measured peak)")
     p.add_argument("--memory-cap-gib", type=float, default=None,

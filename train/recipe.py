@@ -148,8 +148,9 @@ class TrainingConfig(Section):
     # (long rows; the chunks run outside the compiled layer). null: whole rows.
     chunk_tokens: Optional[int] = Field(None, gt=0)
     # Worker processes that collate the next batches while a step runs (the DataLoader's own,
-    # kept for the whole run); 0 collates in the training process between steps.
-    dataloader_workers: int = Field(0, ge=0)
+    # kept for the whole run); 0 collates in the training process between steps. null: 2 with a
+    # CUDA GPU (train.trainer.dataloader_workers), 0 on the CPU, whose cores the step needs.
+    dataloader_workers: Optional[int] = Field(None, ge=0)
     # Concatenate each batch's sequences with restarting position_ids: no pad tokens.
     padding_free: bool = True
     # Pack several rows into one max_length sequence (changes what a "row" is per step).

@@ -78,7 +78,8 @@ def build_sft_config(recipe: Recipe, setup: ModelSetup, run: RunDir, *, has_vali
         report_to="none",
         run_name=recipe.name,
         disable_tqdm=True,  # our own bar shows loss and tokens/s
-        **loop_options(t.dataloader_workers, cuda=setup.device.startswith("cuda")),
+        **loop_options(dataloader_workers(t.dataloader_workers, cuda=setup.device.startswith("cuda")),
+                       cuda=setup.device.startswith("cuda")),
         # Data: rows arrive as input_ids + completion_mask (train.data). TRL's preparation turns the
         # mask into labels only with completion_only_loss on (its default is off for such rows).
         completion_only_loss=True,
@@ -91,9 +92,27 @@ def build_sft_config(recipe: Recipe, setup: ModelSetup, run: RunDir, *, has_vali
     )
 
 
+# Measured on one H100 (1B, `python -m train bench` rows fastest and tw_default; BENCHMARKS.md):
+# collating in 2 workers with train.sync_free is the fastest of the combinations tried, and
+# train.sync_free with in-process collation was slower than TRL's own reads, so it goes with workers.
+CUDA_DATALOADER_WORKERS = 2
+
+
+def dataloader_workers(requested: int | None, *, cuda: bool) -> int:
+    """training.dataloader_workers, with null resolved: 2 with a CUDA GPU, 0 on the CPU."""
+    if requested is not None:
+        return requested
+    return CUDA_DATALOADER_WORKERS if cuda else 0
+
+
+def defers_host_reads(workers: int, *, cuda: bool, chunked_loss: bool) -> bool:
+    """Whether the step runs train.sync_free (TRL's fused head, on CUDA, with collation in workers)."""
+    return cuda and chunked_loss and workers > 0
+
+
 def loop_options(dataloader_workers: int, *, cuda: bool) -> dict:
     """How tunewright's Trainer feeds and watches its steps, as SFTConfig keywords (the bench's
-    tunewright rows take the same)."""
+    tunewright rows take the same). `dataloader_workers` is the resolved count."""
     return dict(
         dataloader_num_workers=dataloader_workers,
         dataloader_persistent_workers=dataloader_workers > 0,  # forked once, not at every epoch
@@ -152,7 +171,7 @@ def build_trainer(recipe: Recipe, setup: ModelSetup, datasets: dict, run: RunDir
         from train.loss import use_labeled_positions_loss
 
         use_labeled_positions_loss(trainer.model, shared_prefix=shares_prefix(recipe, setup))
-    else:
+    elif defers_host_reads(args.dataloader_num_workers, cuda=True, chunked_loss=True):
         from train.sync_free import defer_metric_reads
 
         defer_metric_reads(trainer)

@@ -499,3 +499,18 @@ def test_bad_input_exits_2_with_the_message(problem, expected, tmp_path, tiny_mo
     err = capsys.readouterr().err
     assert "error: " in err and expected in err and "Traceback" not in err
     assert not (tmp_path / "runs" / "bad" / "recipe.yaml").exists()  # nothing trained
+
+
+def test_dataloader_workers_default_follows_the_device():
+    """null: 2 collating workers with a CUDA GPU (where train.sync_free goes with them), none on the
+    CPU; a number is taken as given."""
+    from train.recipe import validate_recipe
+    from train.trainer import dataloader_workers, defers_host_reads
+
+    assert dataloader_workers(None, cuda=True) == 2 and dataloader_workers(None, cuda=False) == 0
+    assert dataloader_workers(0, cuda=True) == 0 and dataloader_workers(3, cuda=False) == 3
+    assert defers_host_reads(2, cuda=True, chunked_loss=True)
+    assert not defers_host_reads(0, cuda=True, chunked_loss=True)  # in-process collation: TRL's reads
+    assert not defers_host_reads(2, cuda=False, chunked_loss=True)
+    assert not defers_host_reads(2, cuda=True, chunked_loss=False)  # full logits: train.loss's own head
+    assert validate_recipe({"name": "t", "data": {"train": "d.jsonl"}}).training.dataloader_workers is None
