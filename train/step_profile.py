@@ -138,8 +138,7 @@ class StepProfile:
         from torch.autograd import DeviceType
 
         events = list(self.prof.events())
-        windows = sorted((e.time_range.start, e.time_range.end, e.name[len(_PREFIX):])
-                         for e in events if e.name.startswith(_PREFIX))
+        windows = phase_windows(events)
         starts = [w[0] for w in windows]
 
         def phase_at(t: float) -> str:
@@ -185,6 +184,18 @@ class StepProfile:
             "top": [{"name": name[:90], "ms": round(ms, 4), "per_step": count / n, "category": cat}
                     for name, (ms, count, cat) in largest],
         }
+
+
+def phase_windows(events: list) -> list[tuple[float, float, str]]:
+    """(start, end, phase) of the host's phase ranges, in order of start.
+
+    Only the host's: the profiler also lists each range's copy on the device timeline, which
+    lags the host (by a whole phase when the host runs ahead), and would claim the host ops of a
+    later phase for an earlier one."""
+    from torch.autograd import DeviceType
+
+    return sorted((e.time_range.start, e.time_range.end, e.name[len(_PREFIX):])
+                  for e in events if e.name.startswith(_PREFIX) and e.device_type == DeviceType.CPU)
 
 
 def launched_kernels(cpu_ops: list, kernels: list) -> list[tuple]:

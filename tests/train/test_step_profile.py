@@ -78,6 +78,23 @@ def test_kernels_are_taken_from_their_launching_op():
     assert got == [("triton_poi_fused_mul_0", "triton_poi_fused_mul_0"), ("aten::mm", "nvjet_sm90_tst_128x256")]
 
 
+def test_phases_are_the_host_ranges_not_their_device_copies():
+    """The device's copy of a range lags the host: a forward copy that starts inside the host's
+    backward range must not make that backward's ops forward work."""
+    from types import SimpleNamespace as NS
+
+    from torch.autograd import DeviceType
+
+    from train.step_profile import phase_windows
+
+    def event(name, start, end, device):
+        return NS(name=name, time_range=NS(start=start, end=end), device_type=device)
+
+    events = [event("tw::step::forward", 0, 10, DeviceType.CPU), event("tw::step::backward", 10, 30, DeviceType.CPU),
+              event("tw::step::forward", 12, 25, DeviceType.CUDA), event("aten::mm", 14, 15, DeviceType.CPU)]
+    assert phase_windows(events) == [(0, 10, "forward"), (10, 30, "backward")]
+
+
 def test_bench_profiles_the_last_warm_up_steps_of_each_row(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = bench.main(["--model", "tiny", "--rows", "fastest_eager", "--steps", "6", "--warmup", "4", "--profile", "2",
