@@ -386,6 +386,10 @@ def run_row(row: Row, ns: argparse.Namespace, config, dataset, device, rate: flo
     recorder = step_recorder()
     callbacks = [recorder]
     trainer = build_trainer(row, ns, model, dataset, device, steps, callbacks)
+    from train.sync_free import LabeledPositionsCollator
+
+    feeding = {"dataloader_workers": trainer.args.dataloader_num_workers,
+               "sync_free": isinstance(trainer.data_collator, LabeledPositionsCollator)}
     counter = CountingCollator(trainer.data_collator).install(trainer)
     profiler = None
     if ns.profile:  # the last warm-up steps before the timed ones; stopping it costs the last one
@@ -403,6 +407,7 @@ def run_row(row: Row, ns: argparse.Namespace, config, dataset, device, rate: flo
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     result = summarize(row, ns, recorder, counter, model if error is None else None, rate, steps)
     result["error"] = error
+    result.update(feeding)
     result["compilations"] = count_compilations()
     if device.type == "cuda":
         result["peak_alloc_gib"] = whole_row.peak() / 2**30

@@ -360,6 +360,9 @@ def test_bench_counts_tokens_collated_in_dataloader_workers(tmp_path, monkeypatc
         assert (seen == {str(os.getpid())}) == (workers == 0), seen
     assert len(res[0]["tokens_per_step"]) == 3 and min(res[0]["tokens_per_step"]) > 0
     assert res[2]["tokens_per_step"] == res[0]["tokens_per_step"] and res[2]["losses"] == res[0]["losses"]
+    # what fed the row is in its result; the sync-free step is for CUDA only
+    assert (res[0]["dataloader_workers"], res[2]["dataloader_workers"]) == (0, 2)
+    assert res[0]["sync_free"] is False and res[2]["sync_free"] is False
 
 
 def broken_compile(*args, **kwargs):
