@@ -275,7 +275,7 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
     from trl import SFTConfig, SFTTrainer
 
     from train.speed import speed_callback
-    from train.trainer import checkpointing_option, dataloader_workers, defers_host_reads, loop_options
+    from train.trainer import checkpointing_option, dataloader_workers, loop_options, tune_step
 
     ours = row.checkpoint != "trl"
     workers = dataloader_workers(ns.dataloader_workers, cuda=device.type == "cuda")
@@ -318,18 +318,12 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # per-step log dicts would bury the table
-    if ours:  # as tunewright's trainer does (train/trainer.py)
-        from train.fused_clip import fold_clip_into_fused_adamw
-
-        fold_clip_into_fused_adamw(trainer)
-    if not row.chunked_loss:
+    if ours:  # as tunewright's trainer does
+        tune_step(trainer, chunked_loss=row.chunked_loss, cuda=device.type == "cuda")
+    elif not row.chunked_loss:
         from train.loss import use_full_logits_loss
 
         use_full_logits_loss(trainer.model)
-    elif ours and defers_host_reads(workers, cuda=device.type == "cuda", chunked_loss=True):
-        from train import sync_free
-
-        sync_free.defer_metric_reads(trainer)
     return trainer
 
 

@@ -49,16 +49,12 @@ def labeled_positions(batch: dict) -> torch.Tensor:
 
     With `shift_labels` (already aligned with the positions) they are read as they are; with
     `labels`, position t of a row is scored against the label at t + 1, as TRL's head does."""
-    if batch.get("shift_labels") is not None:
-        labels = batch["shift_labels"]
-        flat = labels.reshape(-1)
-        positions = (flat != -100).nonzero().flatten()
-        return torch.stack([positions, flat[positions]])
-    labels = batch["labels"]
-    rows, length = labels.shape
-    shifted = torch.full_like(labels, -100)
-    shifted[:, :-1] = labels[:, 1:]
-    flat = shifted.reshape(-1)
+    aligned = batch.get("shift_labels")
+    if aligned is None:
+        labels = batch["labels"]
+        aligned = torch.full_like(labels, -100)
+        aligned[:, :-1] = labels[:, 1:]
+    flat = aligned.reshape(-1)
     positions = (flat != -100).nonzero().flatten()
     return torch.stack([positions, flat[positions]])
 
@@ -147,18 +143,19 @@ def defer_metric_reads(trainer) -> None:
     trainer.data_collator = LabeledPositionsCollator(trainer.data_collator)
     use_indexed_fused_head(trainer.model)
     pending_tokens: list = []  # device counts of padded batches' real tokens, not yet added to the total
+    plain = default_loss_path(trainer)  # the trainer's settings, fixed once it is built
 
     def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
         labeled = inputs.pop(LABELED_KEY, None)
-        if return_outputs or not model.training or not default_loss_path(trainer):
+        if return_outputs or not model.training or not plain:
             return trl_compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
         inputs["use_cache"] = False
         outputs = model(**inputs, fused_lm_head=True, tw_labeled=labeled)
-        num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        valid = outputs.label_mask.sum()
+        num_tokens = valid if num_items_in_batch is None else num_items_in_batch
         loss = -outputs.log_probs.sum() / torch.as_tensor(num_tokens).clamp(min=1)
         with torch.no_grad():
-            valid = outputs.label_mask.sum()
             metrics = trainer._metrics["train"]
             # TRL logs 0.0 for a micro-batch without labels; clamp + where keep that without a read.
             safe = valid.clamp(min=1)

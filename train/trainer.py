@@ -44,6 +44,7 @@ def build_sft_config(recipe: Recipe, setup: ModelSetup, run: RunDir, *, has_vali
 
     t = recipe.training
     evaluate_every = has_validation and t.eval_steps is not None
+    cuda = setup.device.startswith("cuda")
     return SFTConfig(
         output_dir=str(run.checkpoints_dir),
         seed=t.seed,
@@ -78,8 +79,7 @@ def build_sft_config(recipe: Recipe, setup: ModelSetup, run: RunDir, *, has_vali
         report_to="none",
         run_name=recipe.name,
         disable_tqdm=True,  # our own bar shows loss and tokens/s
-        **loop_options(dataloader_workers(t.dataloader_workers, cuda=setup.device.startswith("cuda")),
-                       cuda=setup.device.startswith("cuda")),
+        **loop_options(dataloader_workers(t.dataloader_workers, cuda=cuda), cuda=cuda),
         # Data: rows arrive as input_ids + completion_mask (train.data). TRL's preparation turns the
         # mask into labels only with completion_only_loss on (its default is off for such rows).
         completion_only_loss=True,
@@ -147,7 +147,6 @@ def build_trainer(recipe: Recipe, setup: ModelSetup, datasets: dict, run: RunDir
     args = build_sft_config(recipe, setup, run, has_validation="validation" in datasets)
     recorder = MetricsRecorder(run.metrics_jsonl, tokens_offset=tokens_offset)
     stopper = StopOnSignal()
-    from train.fused_clip import fold_clip_into_fused_adamw
     from train.speed import speed_callback
 
     extra = [recorder, ProgressBar(recorder), stopper, speed_callback(**speed_settings(recipe, setup))]
@@ -162,20 +161,30 @@ def build_trainer(recipe: Recipe, setup: ModelSetup, datasets: dict, run: RunDir
         callbacks=extra + list(callbacks),
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the bar replaces it
-    fold_clip_into_fused_adamw(trainer)
-    if not recipe.training.chunked_loss:
-        from train.loss import use_full_logits_loss
-
-        use_full_logits_loss(trainer.model)
-    elif not setup.device.startswith("cuda"):
+    cuda = setup.device.startswith("cuda")
+    tune_step(trainer, chunked_loss=recipe.training.chunked_loss, cuda=cuda)
+    if recipe.training.chunked_loss and not cuda:
         from train.loss import use_labeled_positions_loss
 
         use_labeled_positions_loss(trainer.model, shared_prefix=shares_prefix(recipe, setup))
-    elif defers_host_reads(args.dataloader_num_workers, cuda=True, chunked_loss=True):
-        from train.sync_free import defer_metric_reads
-
-        defer_metric_reads(trainer)
     return trainer, recorder, stopper
+
+
+def tune_step(trainer, *, chunked_loss: bool, cuda: bool) -> None:
+    """What tunewright changes in a built SFTTrainer's step (the bench's tunewright rows too): the
+    clip folded into fused AdamW, the full-logits loss where `chunked_loss` is off, and on CUDA
+    with collating workers the step without host reads."""
+    from train.fused_clip import fold_clip_into_fused_adamw
+
+    fold_clip_into_fused_adamw(trainer)
+    if not chunked_loss:
+        from train.loss import use_full_logits_loss
+
+        use_full_logits_loss(trainer.model)
+    elif defers_host_reads(trainer.args.dataloader_num_workers, cuda=cuda, chunked_loss=True):
+        from train import sync_free
+
+        sync_free.defer_metric_reads(trainer)
 
 
 def shares_prefix(recipe: Recipe, setup: ModelSetup) -> bool:
