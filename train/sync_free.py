@@ -20,10 +20,9 @@ are TRL's (`tests/train/test_sync_free.py` compares them); only when the host re
 changes.
 
 It runs where the batches are collated in DataLoader workers (train.trainer.defers_host_reads,
-on by default with a CUDA GPU). On one H100 (1B, `fastest` row) it measured 51.9k tokens/s with 2
-workers against 47.0k-49.4k for TRL's reads with in-process collation, but 43.6k-44.3k with
-in-process collation, a loss not yet profiled (BENCHMARKS.md). TRL's reads with workers are not
-measured yet.
+on by default with a CUDA GPU). On one H100 (1B, `fastest` row, 2 workers) it measured 50.3k
+tokens/s against 48.7k for TRL's reads, and with in-process collation 43.6k-44.3k against
+47.0k-49.4k, a loss not yet profiled (BENCHMARKS.md).
 
 Everything outside that default path (evaluation, MoE auxiliary losses, label smoothing, a
 custom `compute_loss_func`, non-NLL losses, several processes, returned outputs, logit
