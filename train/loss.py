@@ -43,6 +43,18 @@ def lm_base(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+# Config fields with which TRL's fused head scales or soft-caps the logits, or adds a MoE
+# router's balancing loss (trl.trainer.utils.add_fused_lm_head reads them). A head that projects
+# hidden states itself leaves such models to TRL's.
+TRL_HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                   "logits_scaling", "output_router_logits")
+
+
+def head_has_extras(config) -> bool:
+    """Whether TRL's fused head does more for this model than project and take log-probabilities."""
+    return any(getattr(config, k, None) for k in TRL_HEAD_EXTRAS)
+
+
 def use_full_logits_loss(model: nn.Module) -> None:
     """Make `fused_lm_head=True` calls compute the per-token log-probabilities from the full logits.
 
@@ -88,9 +100,7 @@ def use_labeled_positions_loss(model: nn.Module, *, max_logits: int = 1 << 26, s
     trl_forward = base.forward
     if getattr(trl_forward, "_tunewright_labeled_positions", False):
         return
-    config = base.config.get_text_config()
-    # TRL's head also scales / soft-caps logits and adds MoE routers' balancing loss: leave those models to it.
-    if any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "output_router_logits")):
+    if head_has_extras(base.config.get_text_config()):
         return
     vocab = base.get_output_embeddings().weight.shape[0]
     sharing = None

@@ -37,7 +37,7 @@ import types
 import torch
 from torch import nn
 
-from train.loss import lm_base
+from train.loss import head_has_extras, lm_base
 
 LABELED_KEY = "tw_labeled"
 
@@ -84,10 +84,7 @@ def use_indexed_fused_head(model: nn.Module) -> None:
     trl_forward = base.forward
     if getattr(trl_forward, "_tunewright_indexed_head", False):
         return
-    config = base.config.get_text_config()
-    special = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-               "logits_scaling", "output_router_logits")
-    if any(getattr(config, k, None) for k in special):
+    if head_has_extras(base.config.get_text_config()):
         return
     # SFTTrainer's head: temperature 1, the projection under autocast, these three fields.
     fields = ("log_probs", "entropy", "is_top1")

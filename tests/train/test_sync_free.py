@@ -84,14 +84,24 @@ class Logs(TrainerCallback):
             self.logs.append(dict(logs))
 
 
-def sft_run(tmp_path, *, deferred: bool, padding_free: bool, empty_row: bool = False):
-    """A few optimizer steps of SFTTrainer (2 micro-batches each) on the tiny model; the log dicts."""
+def tiny_sft_trainer(model, rows, output_dir, callbacks=(), **config):
+    """SFTTrainer on `model` over `rows` (token ids already: no dataset preparation), without
+    checkpointing or reporting; `config` adds SFTConfig keywords."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     from train.bench import minimal_tokenizer
-    from train.sync_free import defer_metric_reads
     from train.trainer import checkpointing_option
+
+    args = SFTConfig(output_dir=str(output_dir), report_to=[], dataset_kwargs={"skip_prepare_dataset": True},
+                     **checkpointing_option(False), **config)
+    return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                      processing_class=minimal_tokenizer(), callbacks=list(callbacks))
+
+
+def sft_run(tmp_path, *, deferred: bool, padding_free: bool, empty_row: bool = False):
+    """A few optimizer steps of SFTTrainer (2 micro-batches each) on the tiny model; the log dicts."""
+    from train.sync_free import defer_metric_reads
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(7)
@@ -104,14 +114,12 @@ def sft_run(tmp_path, *, deferred: bool, padding_free: bool, empty_row: bool = F
         if empty_row and i == 2:
             labels = [-100] * len(ids)  # a micro-batch with nothing to learn: TRL logs 0.0 for it
         rows.append({"input_ids": ids, "labels": labels})
-    args = SFTConfig(output_dir=str(tmp_path / ("d" if deferred else "t")), max_steps=4, per_device_train_batch_size=1,
-                     gradient_accumulation_steps=2, learning_rate=1e-2, logging_steps=1, save_strategy="no",
-                     report_to=[], use_cpu=True, padding_free=padding_free, dataset_kwargs={"skip_prepare_dataset": True},
-                     disable_tqdm=True, seed=0, data_seed=0, max_length=None if padding_free else 64,
-                     **checkpointing_option(False))
     logs = Logs()
-    trainer = SFTTrainer(model=tiny_llama("full"), args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=minimal_tokenizer(), callbacks=[logs])
+    trainer = tiny_sft_trainer(tiny_llama("full"), rows, tmp_path / ("d" if deferred else "t"), callbacks=[logs],
+                               max_steps=4, per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                               learning_rate=1e-2, logging_steps=1, save_strategy="no", use_cpu=True,
+                               padding_free=padding_free, disable_tqdm=True, seed=0, data_seed=0,
+                               max_length=None if padding_free else 64)
     if deferred:
         defer_metric_reads(trainer)
     trainer.train()
@@ -157,20 +165,12 @@ class HostReads:
 
 def one_compute_loss(tmp_path, deferred: bool, monkeypatch):
     """Host reads during one micro-batch's compute_loss and backward, the backbone's own excluded."""
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    from train.bench import minimal_tokenizer
     from train.loss import lm_base
     from train.sync_free import LabeledPositionsCollator, defer_metric_reads
-    from train.trainer import checkpointing_option
 
-    args = SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[],
-                     use_cpu=True, padding_free=True, max_length=None, dataset_kwargs={"skip_prepare_dataset": True},
-                     **checkpointing_option(False))
     rows = [{"input_ids": list(range(3, 13)), "labels": [-100] * 4 + list(range(7, 13))}] * 2
-    trainer = SFTTrainer(model=tiny_llama("full"), args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=minimal_tokenizer())
+    trainer = tiny_sft_trainer(tiny_llama("full"), rows, tmp_path, max_steps=1, per_device_train_batch_size=2,
+                               use_cpu=True, padding_free=True, max_length=None)
     if deferred:
         defer_metric_reads(trainer)
     collate = trainer.data_collator if deferred else LabeledPositionsCollator(trainer.data_collator)
@@ -216,24 +216,16 @@ def test_gpu_loss_head_metrics_and_their_backward_do_not_synchronize(tmp_path):
     row's position ids on the host once per forward, before the first layer.)"""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
     from infer.attention import resolve_attn_implementation
-    from train.bench import minimal_tokenizer
     from train.loss import lm_base
     from train.sync_free import defer_metric_reads
-    from train.trainer import checkpointing_option
 
     model = tiny_llama("full").cuda()
     model.config._attn_implementation = resolve_attn_implementation("auto", packed=True)
-    args = SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[],
-                     bf16=True, padding_free=True, max_length=None, dataset_kwargs={"skip_prepare_dataset": True},
-                     **checkpointing_option(False))
     rows = [{"input_ids": list(range(3, 13)), "labels": [-100] * 4 + list(range(7, 13))},
             {"input_ids": list(range(20, 27)), "labels": [-100] * 2 + list(range(22, 27))}]
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=minimal_tokenizer())
+    trainer = tiny_sft_trainer(model, rows, tmp_path, max_steps=1, per_device_train_batch_size=2, bf16=True,
+                               padding_free=True, max_length=None)
     defer_metric_reads(trainer)
     batch = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in trainer.data_collator(rows).items()}
     n_items = torch.tensor(11, device="cuda")
