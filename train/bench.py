@@ -236,32 +236,48 @@ def step_recorder():
     from transformers import TrainerCallback
 
     class StepRecorder(TrainerCallback):
+        """When each step ends, its peak memory and the logged losses. On CUDA the step ends are
+        events on the GPU's queue, read once training ends: a synchronize at every step would
+        drain the queue, and the GPU would then idle while the host launches the next step."""
+
         def __init__(self):
             self.ends: list[float] = []
             self.losses: list[float] = []
             self.peaks: list[float] = []  # GiB allocated at most during each step (CUDA)
             self.start = 0.0
-
-        def _now(self):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            return time.perf_counter()
+            self.events: list = []
 
         def on_train_begin(self, args, state, control, **kw):
-            self.start = self._now()
             if torch.cuda.is_available():
                 from train.peak_memory import PeakReader
 
                 self.reader = PeakReader(torch.cuda.current_device())
+                torch.cuda.synchronize()
+                self.start_event = torch.cuda.Event(enable_timing=True)
+                self.start_event.record()
+            self.start = time.perf_counter()
 
         def on_step_begin(self, args, state, control, **kw):
             if torch.cuda.is_available():
                 self.reader.restart()  # not torch.cuda.reset_peak_memory_stats: the policy reads peaks too
 
         def on_step_end(self, args, state, control, **kw):
-            self.ends.append(self._now())
             if torch.cuda.is_available():
+                event = torch.cuda.Event(enable_timing=True)
+                event.record()
+                self.events.append(event)
                 self.peaks.append(self.reader.peak() / 2**30)
+            else:
+                self.ends.append(time.perf_counter())
+
+        def on_train_end(self, args, state, control, **kw):
+            self.finish()
+
+        def finish(self):
+            """Read the step ends the GPU has recorded (also after a row that failed part-way)."""
+            if len(self.ends) < len(self.events):
+                self.events[-1].synchronize()
+                self.ends = [self.start + self.start_event.elapsed_time(e) / 1e3 for e in self.events]
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -399,6 +415,7 @@ def run_row(row: Row, ns: argparse.Namespace, config, dataset, device, rate: flo
     except Exception as exc:  # noqa: BLE001 -- one broken configuration must not lose the other rows
         log.exception("row %s failed", row.name)
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    recorder.finish()
     result = summarize(row, ns, recorder, counter, model if error is None else None, rate, steps)
     result["error"] = error
     result.update(feeding)

@@ -24,6 +24,20 @@ on by default with a CUDA GPU). On one H100 (1B, `fastest` row, 2 workers) it me
 tokens/s against 48.7k for TRL's reads, and with in-process collation 43.6k-44.3k against
 47.0k-49.4k, a loss not yet profiled (BENCHMARKS.md).
 
+Two more reads wait for the GPU's whole queue once per step, and after each the GPU idles while
+the host launches the next forward (which takes the host longer than the GPU: ~27 ms against
+~21 ms for the 1B on an H100):
+
+- the Trainer's log reads the step's loss and grad norm (`logging_steps: 1`). Here each logged
+  step's values are copied to pinned host memory without waiting, and the step is logged at the
+  next step's log, under its own step number and epoch, with the same values
+  (`defer_log_reads`); the last step, and steps that evaluate, save or stop, log as the Trainer
+  does;
+- transformers' mask preparation checks the packed `position_ids` on the host
+  (`find_packed_sequence_indices`) to AND a packed mask into a mask function the varlen
+  attention implementations never call (they read the boundaries the collator computed):
+  skipped for them (`skip_packed_check`).
+
 Everything outside that default path (evaluation, MoE auxiliary losses, label smoothing, a
 custom `compute_loss_func`, non-NLL losses, several processes, returned outputs, logit
 soft-capping or scaling) runs TRL's own code.
@@ -31,6 +45,7 @@ soft-capping or scaling) runs TRL's own code.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 
@@ -147,7 +162,8 @@ def defer_metric_reads(trainer) -> None:
             return trl_compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
         inputs["use_cache"] = False
-        outputs = model(**inputs, fused_lm_head=True, tw_labeled=labeled)
+        with packed_check_skipped(model):
+            outputs = model(**inputs, fused_lm_head=True, tw_labeled=labeled)
         valid = outputs.label_mask.sum()
         num_tokens = valid if num_items_in_batch is None else num_items_in_batch
         loss = -outputs.log_probs.sum() / torch.as_tensor(num_tokens).clamp(min=1)
@@ -177,6 +193,139 @@ def defer_metric_reads(trainer) -> None:
 
     trainer.compute_loss = compute_loss
     trainer.log = log
+    defer_log_reads(trainer, pending_tokens, trl_log)
+
+
+def host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` on the host that does not wait for the GPU: pinned memory, non-blocking (valid
+    once an event recorded after it has passed). On the CPU, a plain copy."""
+    if not t.is_cuda:
+        return t.detach().clone()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t.detach(), non_blocking=True)
+    return host
+
+
+def defer_log_reads(trainer, pending_tokens: list, trl_log) -> None:
+    """Log each step at the next step's log, from host copies made without waiting.
+
+    Wraps `trainer._maybe_log_save_evaluate` (called after every optimizer step with the
+    accumulated loss tensor, the grad norm and the learning rate): where the step only logs, its
+    loss, grad norm, metrics and padded token count are copied to the host, the loss accumulator
+    is reset on the device, and the entry is emitted (through TRL's `log`, under the step's own
+    number and epoch) at the next call, when its copies have long arrived. Steps that evaluate,
+    save or stop training, and the last step, first emit what is waiting and then run the
+    Trainer's own method. A callback that stops training from `on_log` therefore stops it one
+    step later than with the Trainer's own logging (the log it reads arrives a step later)."""
+    import collections
+
+    plain = trainer._maybe_log_save_evaluate
+    waiting: list[dict] = []
+
+    def emit():
+        state = trainer.state
+        while waiting:
+            entry = waiting.pop(0)
+            if entry["event"] is not None:
+                entry["event"].synchronize()
+            loss = float(entry["loss"])
+            logs = {"loss": loss / entry["steps"]}
+            grad_norm = entry["grad_norm"]
+            if grad_norm is not None:
+                logs["grad_norm"] = float(grad_norm)
+            logs["learning_rate"] = entry["learning_rate"]
+            trainer._total_loss_scalar += loss
+            metrics = entry["metrics"]
+            if entry["values"] is not None:
+                for (key, i), value in zip(entry["slots"], entry["values"].tolist()):
+                    metrics[key][i] = value
+            if entry["tokens"] is not None:
+                trainer._total_train_tokens += int(entry["tokens"])
+                metrics["num_tokens"] = [trainer._total_train_tokens]
+            now = state.global_step, state.epoch, trainer._metrics["train"]
+            state.global_step, state.epoch, trainer._metrics["train"] = entry["step"], entry["epoch"], metrics
+            try:
+                trl_log(logs, entry["start_time"])
+            finally:
+                state.global_step, state.epoch, trainer._metrics["train"] = now
+
+    def maybe_log_save_evaluate(*args, **kwargs):
+        should_log = trainer.control.should_log
+        emit()  # first: its callbacks may ask to stop, which the test below must see
+        # emitting ran `on_log`, which clears `should_log`: this step's flag is the one set before
+        trainer.control.should_log = should_log
+        tr_loss, grad_norm = args[0], args[1]
+        state, control = trainer.state, trainer.control
+        if not (control.should_log and state.global_step > trainer._globalstep_last_logged
+                and not (control.should_evaluate or control.should_save or control.should_training_stop)
+                and 0 < state.global_step < state.max_steps and isinstance(tr_loss, torch.Tensor)):
+            return plain(*args, **kwargs)
+        start_time = kwargs["start_time"] if "start_time" in kwargs else args[6] if len(args) > 6 else None
+        learning_rate = kwargs.get("learning_rate", args[7] if len(args) > 7 else None)
+        metrics = collections.defaultdict(list, {key: list(values) for key, values in trainer._metrics["train"].items()})
+        trainer._metrics["train"] = collections.defaultdict(list)
+        slots = [(key, i) for key, values in metrics.items() for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
+        tokens = host_copy(torch.stack(pending_tokens).sum()) if pending_tokens else None
+        pending_tokens.clear()
+        entry = {
+            "loss": host_copy(tr_loss), "metrics": metrics, "slots": slots, "tokens": tokens,
+            "values": host_copy(torch.stack([metrics[k][i].float() for k, i in slots])) if slots else None,
+            "grad_norm": host_copy(grad_norm) if isinstance(grad_norm, torch.Tensor) else grad_norm,
+            "learning_rate": learning_rate if learning_rate is not None else trainer._get_learning_rate(),
+            "steps": state.global_step - trainer._globalstep_last_logged, "step": state.global_step,
+            "epoch": state.epoch, "start_time": start_time, "event": None,
+        }
+        tr_loss -= tr_loss  # queued after the copy, as the Trainer resets it after its read
+        if tr_loss.is_cuda:
+            entry["event"] = torch.cuda.Event()
+            entry["event"].record()
+        waiting.append(entry)
+        trainer._globalstep_last_logged = state.global_step
+        trainer.store_flos()
+
+    trainer._maybe_log_save_evaluate = maybe_log_save_evaluate
+
+
+_skipping_packed_check = False
+
+
+@contextlib.contextmanager
+def packed_check_skipped(model):
+    """Within: transformers finds no packed rows in `position_ids` (without reading them on the
+    host) for a model whose attention is one of the varlen implementations, which take the
+    sequence boundaries from the collator's `cu_seq_lens_*` (infer.attention) and whose mask
+    function returns the padding mask alone, whatever packed mask is ANDed into the mask
+    function it is handed. Other attention implementations keep the check (SDPA needs the
+    packed mask)."""
+    global _skipping_packed_check
+    from infer.attention import VARLEN_NAME, VARLEN_SDPA_NAME
+
+    config = lm_base(model).config
+    if getattr(config, "_attn_implementation", None) not in (VARLEN_NAME, VARLEN_SDPA_NAME):
+        yield
+        return
+    install_packed_check_switch()
+    before, _skipping_packed_check = _skipping_packed_check, True
+    try:
+        yield
+    finally:
+        _skipping_packed_check = before
+
+
+def install_packed_check_switch() -> None:
+    """Route transformers' `find_packed_sequence_indices` through `_skipping_packed_check`."""
+    from transformers import masking_utils
+
+    find = masking_utils.find_packed_sequence_indices
+    if getattr(find, "_tunewright_switch", False):
+        return
+
+    @functools.wraps(find)
+    def find_packed_sequence_indices(position_ids):
+        return None if _skipping_packed_check else find(position_ids)
+
+    find_packed_sequence_indices._tunewright_switch = True
+    masking_utils.find_packed_sequence_indices = find_packed_sequence_indices
 
 
 def read_on_host(metrics: dict) -> None:

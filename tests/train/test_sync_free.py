@@ -76,12 +76,17 @@ def test_labeled_positions_shifted_and_preshifted():
 
 
 class Logs(TrainerCallback):
-    def __init__(self):
+    """Each step's log with the step number and epoch the state carries when it is logged."""
+
+    def __init__(self, stop_at_log: int = 0):
         self.logs = []
+        self.stop_at_log = stop_at_log
 
     def on_log(self, args, state, control, logs=None, **kw):
         if logs and "loss" in logs:
-            self.logs.append(dict(logs))
+            self.logs.append(dict(logs, step=state.global_step, epoch=state.epoch))
+            if len(self.logs) == self.stop_at_log:
+                control.should_training_stop = True
 
 
 def tiny_sft_trainer(model, rows, output_dir, callbacks=(), **config):
@@ -99,8 +104,10 @@ def tiny_sft_trainer(model, rows, output_dir, callbacks=(), **config):
                       processing_class=minimal_tokenizer(), callbacks=list(callbacks))
 
 
-def sft_run(tmp_path, *, deferred: bool, padding_free: bool, empty_row: bool = False):
-    """A few optimizer steps of SFTTrainer (2 micro-batches each) on the tiny model; the log dicts."""
+def sft_run(tmp_path, *, deferred: bool, padding_free: bool, empty_row: bool = False, save_steps: int = 0,
+            stop_at_log: int = 0, max_steps: int = 4):
+    """A few optimizer steps of SFTTrainer (2 micro-batches each) on the tiny model; the log dicts
+    (and the trainer's summary metrics under the key "summary")."""
     from train.sync_free import defer_metric_reads
 
     torch.manual_seed(0)
@@ -114,32 +121,96 @@ def sft_run(tmp_path, *, deferred: bool, padding_free: bool, empty_row: bool = F
         if empty_row and i == 2:
             labels = [-100] * len(ids)  # a micro-batch with nothing to learn: TRL logs 0.0 for it
         rows.append({"input_ids": ids, "labels": labels})
-    logs = Logs()
+    logs = Logs(stop_at_log)
     trainer = tiny_sft_trainer(tiny_llama("full"), rows, tmp_path / ("d" if deferred else "t"), callbacks=[logs],
-                               max_steps=4, per_device_train_batch_size=1, gradient_accumulation_steps=2,
-                               learning_rate=1e-2, logging_steps=1, save_strategy="no", use_cpu=True,
-                               padding_free=padding_free, disable_tqdm=True, seed=0, data_seed=0,
-                               max_length=None if padding_free else 64)
+                               max_steps=max_steps, per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                               learning_rate=1e-2, logging_steps=1, save_strategy="steps" if save_steps else "no",
+                               save_steps=save_steps or 500, use_cpu=True, padding_free=padding_free,
+                               disable_tqdm=True, seed=0, data_seed=0, max_length=None if padding_free else 64)
     if deferred:
         defer_metric_reads(trainer)
-    trainer.train()
-    return logs.logs
+    summary = trainer.train().metrics
+    return logs.logs + [{"summary": summary}]
 
 
 @pytest.mark.parametrize("padding_free", [True, False])
 def test_deferred_metrics_log_what_trl_logs(tmp_path, padding_free):
     """Loss, grad norm, entropy, token accuracy and token count of every step, as TRL logs them,
     gradient accumulation included (each micro-batch's loss divided by the step's token count)."""
-    trl_logs = sft_run(tmp_path, deferred=False, padding_free=padding_free, empty_row=True)
-    ours = sft_run(tmp_path, deferred=True, padding_free=padding_free, empty_row=True)
+    *trl_logs, trl_summary = sft_run(tmp_path, deferred=False, padding_free=padding_free, empty_row=True)
+    *ours, summary = sft_run(tmp_path, deferred=True, padding_free=padding_free, empty_row=True)
     assert len(ours) == len(trl_logs) == 4
     for a, b in zip(ours, trl_logs):
+        # logged a step later, under the step's own number and epoch
+        assert (a["step"], a["epoch"], a["learning_rate"]) == (b["step"], b["epoch"], b["learning_rate"])
         for key in ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens"):
             assert isinstance(a[key], (int, float)), key
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a[key], b[key])
+    assert [log["step"] for log in ours] == [1, 2, 3, 4]
+    assert summary["summary"]["train_loss"] == pytest.approx(trl_summary["summary"]["train_loss"], rel=1e-5)
     assert trl_logs[-1]["num_tokens"] > trl_logs[0]["num_tokens"] > 0
     assert len({round(log["loss"], 4) for log in trl_logs}) > 1
     assert max(log["mean_token_accuracy"] for log in trl_logs) > 0.2
+
+
+@pytest.mark.parametrize("case", ["save", "stop"])
+def test_deferred_log_around_saves_and_stops(tmp_path, case):
+    """A step that saves logs before its checkpoint, as the Trainer's own; a callback that stops
+    training from a log stops it one step later (the log it reads arrives a step later), with
+    every step up to there logged once and the same train_loss."""
+    kw = {"save_steps": 2} if case == "save" else {"stop_at_log": 2, "max_steps": 6}
+    *trl_logs, trl_summary = sft_run(tmp_path / "a", deferred=False, padding_free=True, **kw)
+    *ours, summary = sft_run(tmp_path / "b", deferred=True, padding_free=True, **kw)
+    steps = [log["step"] for log in ours]
+    if case == "save":
+        assert steps == [log["step"] for log in trl_logs] == [1, 2, 3, 4]
+        assert (tmp_path / "b" / "d" / "checkpoint-2").is_dir()
+        assert summary["summary"]["train_loss"] == pytest.approx(trl_summary["summary"]["train_loss"], rel=1e-5)
+    else:
+        assert [log["step"] for log in trl_logs] == [1, 2] and steps == [1, 2, 3]
+    for a, b in zip(ours, trl_logs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_varlen_rows_skip_transformers_packed_check(monkeypatch, tmp_path):
+    """With a varlen attention the sync-free forward never runs transformers' host check for
+    packed rows, and computes the same loss as TRL's compute_loss, which runs it."""
+    from transformers import masking_utils
+
+    from infer.attention import register_varlen_sdpa
+    from train import sync_free
+
+    calls = []
+    original = masking_utils.find_packed_sequence_indices
+
+    def counting(position_ids):
+        calls.append(position_ids.shape)
+        return original(position_ids)
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", counting)
+    register_varlen_sdpa()
+    batch = completion_only_padding_free_batch()
+    labeled = sync_free.labeled_positions(batch)
+    n_items = torch.tensor(labeled.shape[1])
+    model = tiny_llama("full")
+    model.config._attn_implementation = "varlen_sdpa"
+    from trl.trainer.utils import add_fused_lm_head
+
+    from train.loss import lm_base
+
+    add_fused_lm_head(lm_base(model), outputs=("log_probs", "entropy", "is_top1"))
+    trl_loss = model(**batch, fused_lm_head=True, num_items_in_batch=n_items).loss
+    assert len(calls) == 1  # TRL's path: the check runs
+    sync_free.use_indexed_fused_head(model)
+    with sync_free.packed_check_skipped(model):
+        ours = model(**batch, fused_lm_head=True, num_items_in_batch=n_items, tw_labeled=labeled).loss
+    assert len(calls) == 1 and torch.allclose(ours, trl_loss, rtol=1e-5)
+    model(**batch, fused_lm_head=True, num_items_in_batch=n_items)  # outside: checked again
+    assert len(calls) == 2
+    model.config._attn_implementation = "sdpa"  # SDPA needs the packed mask: never skipped
+    with sync_free.packed_check_skipped(model):
+        model(**batch, fused_lm_head=True, num_items_in_batch=n_items, tw_labeled=labeled)
+    assert len(calls) == 3
 
 
 class HostReads:
