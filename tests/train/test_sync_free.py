@@ -172,6 +172,42 @@ def test_deferred_log_around_saves_and_stops(tmp_path, case):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 
 
+def test_deferred_log_still_stops_a_non_finite_run_before_it_saves(tmp_path):
+    """NonFiniteGuard reads the loss from the log: with the log a step later it stops at the next
+    step, names the step whose loss broke, and that next step (a save step here) saves nothing."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from train.bench import minimal_tokenizer
+    from train.sync_free import defer_metric_reads
+    from train.trainer import NonFiniteGuard, checkpointing_option
+
+    torch.manual_seed(0)
+    rows = [{"input_ids": list(range(3, 15)), "labels": [-100] * 4 + list(range(7, 15))}] * 12
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2, learning_rate=1e-3,
+                     logging_steps=1, save_strategy="steps", save_steps=3, report_to=[], use_cpu=True,
+                     logging_nan_inf_filter=False,  # as train.trainer.loop_options sets it
+                     padding_free=True, max_length=None, dataset_kwargs={"skip_prepare_dataset": True},
+                     disable_tqdm=True, **checkpointing_option(False))
+    guard, logs = NonFiniteGuard(), Logs()
+    trainer = SFTTrainer(model=tiny_llama("full"), args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=minimal_tokenizer(), callbacks=[guard, logs])
+    defer_metric_reads(trainer)
+    compute_loss = trainer.compute_loss
+
+    def breaking(model, inputs, **kw):
+        loss = compute_loss(model, inputs, **kw)
+        # the 2nd step's logged loss, not its gradient (the weights stay finite: the guard's weight
+        # check on the save step would otherwise catch it first)
+        return loss + torch.tensor(float("nan")) if trainer.state.global_step == 1 else loss
+
+    trainer.compute_loss = breaking
+    trainer.train()
+    assert guard.step == 2 and "loss became nan" in guard.problem
+    assert [log["step"] for log in logs.logs] == [1, 2, 3]
+    assert not list(tmp_path.glob("checkpoint-*"))
+
+
 def test_varlen_rows_skip_transformers_packed_check(monkeypatch, tmp_path):
     """With a varlen attention the sync-free forward never runs transformers' host check for
     packed rows, and computes the same loss as TRL's compute_loss, which runs it."""
