@@ -357,3 +357,43 @@ def test_gpu_loss_head_metrics_and_their_backward_do_not_synchronize(tmp_path):
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item()
     assert len(trainer._metrics["train"]["entropy"]) == 2
+
+
+@pytest.mark.gpu
+def test_gpu_whole_micro_batch_does_not_synchronize(tmp_path):
+    """With transformers' packed-row check skipped for the varlen attention, a whole micro-batch
+    (embedding, decoder layers, loss head, metrics and the backward) runs under torch's sync
+    debug mode "error" once warm."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from infer.attention import resolve_attn_implementation
+    from train.bench import minimal_tokenizer
+    from train.sync_free import defer_metric_reads
+    from train.trainer import checkpointing_option
+
+    model = tiny_llama("full").cuda()
+    model.config._attn_implementation = resolve_attn_implementation("auto", packed=True)
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                     bf16=True, padding_free=True, max_length=None, dataset_kwargs={"skip_prepare_dataset": True},
+                     **checkpointing_option(False))
+    rows = [{"input_ids": list(range(3, 13)), "labels": [-100] * 4 + list(range(7, 13))},
+            {"input_ids": list(range(20, 27)), "labels": [-100] * 2 + list(range(22, 27))}]
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=minimal_tokenizer())
+    defer_metric_reads(trainer)
+    batch = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in trainer.data_collator(rows).items()}
+    n_items = torch.tensor(11, device="cuda")
+    try:
+        for strict in (False, True):  # the first call warms up (lazy initialisation may synchronize)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error" if strict else "default")
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=n_items)
+            loss.backward()
+            torch.cuda.set_sync_debug_mode("default")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()
