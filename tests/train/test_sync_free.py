@@ -175,23 +175,17 @@ def test_deferred_log_around_saves_and_stops(tmp_path, case):
 def test_deferred_log_still_stops_a_non_finite_run_before_it_saves(tmp_path):
     """NonFiniteGuard reads the loss from the log: with the log a step later it stops at the next
     step, names the step whose loss broke, and that next step (a save step here) saves nothing."""
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    from train.bench import minimal_tokenizer
     from train.sync_free import defer_metric_reads
-    from train.trainer import NonFiniteGuard, checkpointing_option
+    from train.trainer import NonFiniteGuard
 
     torch.manual_seed(0)
     rows = [{"input_ids": list(range(3, 15)), "labels": [-100] * 4 + list(range(7, 15))}] * 12
-    args = SFTConfig(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2, learning_rate=1e-3,
-                     logging_steps=1, save_strategy="steps", save_steps=3, report_to=[], use_cpu=True,
-                     logging_nan_inf_filter=False,  # as train.trainer.loop_options sets it
-                     padding_free=True, max_length=None, dataset_kwargs={"skip_prepare_dataset": True},
-                     disable_tqdm=True, **checkpointing_option(False))
     guard, logs = NonFiniteGuard(), Logs()
-    trainer = SFTTrainer(model=tiny_llama("full"), args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=minimal_tokenizer(), callbacks=[guard, logs])
+    trainer = tiny_sft_trainer(tiny_llama("full"), rows, tmp_path, callbacks=[guard, logs], max_steps=6,
+                               per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1,
+                               save_strategy="steps", save_steps=3, use_cpu=True,
+                               logging_nan_inf_filter=False,  # as train.trainer.loop_options sets it
+                               padding_free=True, max_length=None, disable_tqdm=True)
     defer_metric_reads(trainer)
     compute_loss = trainer.compute_loss
 
@@ -366,23 +360,15 @@ def test_gpu_whole_micro_batch_does_not_synchronize(tmp_path):
     debug mode "error" once warm."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
     from infer.attention import resolve_attn_implementation
-    from train.bench import minimal_tokenizer
     from train.sync_free import defer_metric_reads
-    from train.trainer import checkpointing_option
 
     model = tiny_llama("full").cuda()
     model.config._attn_implementation = resolve_attn_implementation("auto", packed=True)
-    args = SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[],
-                     bf16=True, padding_free=True, max_length=None, dataset_kwargs={"skip_prepare_dataset": True},
-                     **checkpointing_option(False))
     rows = [{"input_ids": list(range(3, 13)), "labels": [-100] * 4 + list(range(7, 13))},
             {"input_ids": list(range(20, 27)), "labels": [-100] * 2 + list(range(22, 27))}]
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=minimal_tokenizer())
+    trainer = tiny_sft_trainer(model, rows, tmp_path, max_steps=1, per_device_train_batch_size=2, bf16=True,
+                               padding_free=True, max_length=None)
     defer_metric_reads(trainer)
     batch = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in trainer.data_collator(rows).items()}
     n_items = torch.tensor(11, device="cuda")
