@@ -148,11 +148,15 @@ class StepProfile:
         cpu = [e for e in events if e.device_type == DeviceType.CPU]
         # Device-side copies of host ranges (record_function, Optimizer.step#...) are not work.
         device = [e for e in events if e.device_type != DeviceType.CPU and not e.is_user_annotation]
-        unlinked_us = 0.0
+        unlinked_us = overlinked_us = 0.0
         if device:  # kernels: their own duration, in the phase of the op that launched them
             work = [(k.name, k.duration, phase_at(op.time_range.start)) for op, k in launched_kernels(cpu, device)]
             total_us = sum(k.time_range.elapsed_us() for k in device)
-            unlinked_us = max(0.0, total_us - sum(us for _, us, _ in work))
+            linked_us = sum(us for _, us, _ in work)
+            unlinked_us = max(0.0, total_us - linked_us)
+            # More linked than run: some kernels hang off several host ops (the profiler's
+            # correlation of ops and kernels went wrong), so the phase split overstates.
+            overlinked_us = max(0.0, linked_us - 1.01 * total_us)
             busy_us = _union(sorted((k.time_range.start, k.time_range.end) for k in device))
         else:  # CPU ops: their own time
             work = [(e.name, e.self_cpu_time_total, phase_at(e.time_range.start))
@@ -180,6 +184,7 @@ class StepProfile:
             "steps": n, "first_step": self.first, "on": "cuda" if device else "cpu",
             "wall_ms": wall_ms, "busy_ms": busy_ms, "idle_ms": max(0.0, wall_ms - busy_ms) if device else None,
             "kernels_per_step": len(work) / n, "unlinked_ms": unlinked_us / 1e3 / n,
+            "overlinked_ms": overlinked_us / 1e3 / n,
             "phases": {p: _rounded(v) for p, v in phases.items()},
             "top": [{"name": name[:90], "ms": round(ms, 4), "per_step": count / n, "category": cat}
                     for name, (ms, count, cat) in largest],
@@ -253,6 +258,9 @@ def format_profile(row: str, p: dict) -> str:
         head += f", GPU idle {p['idle_ms']:.1f} ms ({100 * p['idle_ms'] / p['wall_ms']:.1f}%)"
     if p.get("unlinked_ms"):
         head += f" ({p['unlinked_ms']:.2f} ms of kernels in no phase: no launching op recorded)"
+    if p.get("overlinked_ms"):
+        head += (f" (phases unreliable: {p['overlinked_ms']:.2f} ms more kernel time linked to host ops "
+                 "than the device ran)")
     cats = ["matmul", "attention", "triton", "copy", "other"]
     lines = [head, f"  {'phase':10} {'host ms':>8} {unit + ' ms':>9} " + " ".join(f"{c:>9}" for c in cats)]
     for name, ph in p["phases"].items():

@@ -78,6 +78,36 @@ def test_kernels_are_taken_from_their_launching_op():
     assert got == [("triton_poi_fused_mul_0", "triton_poi_fused_mul_0"), ("aten::mm", "nvjet_sm90_tst_128x256")]
 
 
+def test_a_kernel_linked_to_several_host_ops_is_reported_not_trusted():
+    """When the profiler hangs one kernel off several host ops, the phases would count it several
+    times: the summary says by how much the links exceed the device's work, and so does the text."""
+    from types import SimpleNamespace as NS
+
+    from torch.autograd import DeviceType
+
+    from train.step_profile import format_profile
+
+    def event(name, start, end, device, kernels=()):
+        return NS(name=name, time_range=NS(start=start, end=end, elapsed_us=lambda: end - start),
+                  device_type=device, is_user_annotation=False, kernels=list(kernels), self_cpu_time_total=0)
+
+    adam = NS(name="multi_tensor_apply_kernel", duration=9.0)
+    events = [event("tw::step::optimizer", 0, 10, DeviceType.CPU),
+              event("aten::_fused_adamw_", 1, 2, DeviceType.CPU, [adam]),
+              event("aten::copy_", 3, 4, DeviceType.CPU, [adam]),  # the same kernel, linked twice
+              event("multi_tensor_apply_kernel", 5, 14, DeviceType.CUDA)]
+    profile = StepProfile(first=0, steps=1)
+    profile.prof, profile.wall_s = NS(events=lambda: events), 20e-6
+    summary = profile.summary()
+    assert summary["phases"]["optimizer"]["work_ms"] == pytest.approx(0.018)
+    assert summary["overlinked_ms"] == pytest.approx(0.009 - 0.01 * 0.009)
+    assert "phases unreliable" in format_profile("fastest", summary)
+
+    events.pop(2)  # linked once: nothing to report
+    summary = profile.summary()
+    assert summary["overlinked_ms"] == 0 and "unreliable" not in format_profile("fastest", summary)
+
+
 def test_phases_are_the_host_ranges_not_their_device_copies():
     """The device's copy of a range lags the host: a forward copy that starts inside the host's
     backward range must not make that backward's ops forward work."""
