@@ -49,6 +49,7 @@ soft-capping or scaling) runs TRL's own code.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import types
@@ -221,8 +222,6 @@ def defer_log_reads(trainer, pending_tokens: list, trl_log) -> None:
     save or stop training, and the last step, first emit what is waiting and then run the
     Trainer's own method. A callback that stops training from `on_log` therefore stops it one
     step later than with the Trainer's own logging (the log it reads arrives a step later)."""
-    import collections
-
     plain = trainer._maybe_log_save_evaluate
     waiting: list[dict] = []
 
@@ -264,8 +263,8 @@ def defer_log_reads(trainer, pending_tokens: list, trl_log) -> None:
                 and not (control.should_evaluate or control.should_save or control.should_training_stop)
                 and 0 < state.global_step < state.max_steps and isinstance(tr_loss, torch.Tensor)):
             return plain(*args, **kwargs)
-        start_time = kwargs["start_time"] if "start_time" in kwargs else args[6] if len(args) > 6 else None
-        learning_rate = kwargs.get("learning_rate", args[7] if len(args) > 7 else None)
+        start_time, learning_rate = (kwargs.get(name, args[i] if len(args) > i else None)
+                                     for i, name in ((6, "start_time"), (7, "learning_rate")))
         metrics = collections.defaultdict(list, {key: list(values) for key, values in trainer._metrics["train"].items()})
         trainer._metrics["train"] = collections.defaultdict(list)
         slots = [(key, i) for key, values in metrics.items() for i, v in enumerate(values) if isinstance(v, torch.Tensor)]

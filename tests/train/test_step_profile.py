@@ -61,6 +61,14 @@ def test_kernel_names_fall_into_categories():
     assert category("void at::native::(anonymous namespace)::fused_adam_kernel") == "other"
 
 
+def event(name, start, end, device, kernels=()):
+    """A profiler event as StepProfile reads it (torch's FunctionEvent), from `start` to `end` us."""
+    from types import SimpleNamespace as NS
+
+    return NS(name=name, time_range=NS(start=start, end=end, elapsed_us=lambda: end - start),
+              device_type=device, is_user_annotation=False, kernels=list(kernels), self_cpu_time_total=0)
+
+
 def test_kernels_are_taken_from_their_launching_op():
     """A kernel under a host range of its own name (Inductor's Triton launches) is work; an entry
     named like its op that no kernel has (the op's own CUDA time, a range's device-side copy) is not."""
@@ -87,10 +95,6 @@ def test_a_kernel_linked_to_several_host_ops_is_reported_not_trusted():
 
     from train.step_profile import format_profile
 
-    def event(name, start, end, device, kernels=()):
-        return NS(name=name, time_range=NS(start=start, end=end, elapsed_us=lambda: end - start),
-                  device_type=device, is_user_annotation=False, kernels=list(kernels), self_cpu_time_total=0)
-
     adam = NS(name="multi_tensor_apply_kernel", duration=9.0)
     events = [event("tw::step::optimizer", 0, 10, DeviceType.CPU),
               event("aten::_fused_adamw_", 1, 2, DeviceType.CPU, [adam]),
@@ -111,14 +115,9 @@ def test_a_kernel_linked_to_several_host_ops_is_reported_not_trusted():
 def test_phases_are_the_host_ranges_not_their_device_copies():
     """The device's copy of a range lags the host: a forward copy that starts inside the host's
     backward range must not make that backward's ops forward work."""
-    from types import SimpleNamespace as NS
-
     from torch.autograd import DeviceType
 
     from train.step_profile import phase_windows
-
-    def event(name, start, end, device):
-        return NS(name=name, time_range=NS(start=start, end=end), device_type=device)
 
     events = [event("tw::step::forward", 0, 10, DeviceType.CPU), event("tw::step::backward", 10, 30, DeviceType.CPU),
               event("tw::step::forward", 12, 25, DeviceType.CUDA), event("aten::mm", 14, 15, DeviceType.CPU)]
