@@ -270,11 +270,9 @@ def step_recorder():
             else:
                 self.ends.append(time.perf_counter())
 
-        def on_train_end(self, args, state, control, **kw):
-            self.finish()
-
         def finish(self):
-            """Read the step ends the GPU has recorded (also after a row that failed part-way)."""
+            """Read the step ends the GPU has recorded; run_row calls it once the row has trained
+            or failed part-way."""
             if len(self.ends) < len(self.events):
                 self.events[-1].synchronize()
                 self.ends = [self.start + self.start_event.elapsed_time(e) / 1e3 for e in self.events]

@@ -309,16 +309,10 @@ def test_compute_loss_reads_nothing_on_the_host(tmp_path, monkeypatch):
     assert 0 <= pending["mean_token_accuracy"][0] <= 1 and pending["entropy"][0] > 0
 
 
-@pytest.mark.gpu
-def test_gpu_loss_head_metrics_and_their_backward_do_not_synchronize(tmp_path):
-    """On CUDA, torch's sync debug mode raises at any host-device synchronization: none from the
-    backbone's output on, through the loss head, the deferred metrics and the backward back to
-    the backbone's output. (The backbone is not covered: transformers checks a padding-free
-    row's position ids on the host once per forward, before the first layer.)"""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
+def cuda_sync_free_micro_batch(tmp_path):
+    """The tiny model on CUDA with the packed-row attention, its sync-free trainer, and one
+    collated two-row micro-batch on the device with its label count: (model, trainer, batch, n_items)."""
     from infer.attention import resolve_attn_implementation
-    from train.loss import lm_base
     from train.sync_free import defer_metric_reads
 
     model = tiny_llama("full").cuda()
@@ -329,7 +323,20 @@ def test_gpu_loss_head_metrics_and_their_backward_do_not_synchronize(tmp_path):
                                padding_free=True, max_length=None)
     defer_metric_reads(trainer)
     batch = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in trainer.data_collator(rows).items()}
-    n_items = torch.tensor(11, device="cuda")
+    return model, trainer, batch, torch.tensor(11, device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_loss_head_metrics_and_their_backward_do_not_synchronize(tmp_path):
+    """On CUDA, torch's sync debug mode raises at any host-device synchronization: none from the
+    backbone's output on, through the loss head, the deferred metrics and the backward back to
+    the backbone's output. (The backbone is not covered: transformers checks a padding-free
+    row's position ids on the host once per forward, before the first layer.)"""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from train.loss import lm_base
+
+    model, trainer, batch, n_items = cuda_sync_free_micro_batch(tmp_path)
     watched = []
 
     def strict_from_here(module, args, output):
@@ -360,18 +367,7 @@ def test_gpu_whole_micro_batch_does_not_synchronize(tmp_path):
     debug mode "error" once warm."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from infer.attention import resolve_attn_implementation
-    from train.sync_free import defer_metric_reads
-
-    model = tiny_llama("full").cuda()
-    model.config._attn_implementation = resolve_attn_implementation("auto", packed=True)
-    rows = [{"input_ids": list(range(3, 13)), "labels": [-100] * 4 + list(range(7, 13))},
-            {"input_ids": list(range(20, 27)), "labels": [-100] * 2 + list(range(22, 27))}]
-    trainer = tiny_sft_trainer(model, rows, tmp_path, max_steps=1, per_device_train_batch_size=2, bf16=True,
-                               padding_free=True, max_length=None)
-    defer_metric_reads(trainer)
-    batch = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in trainer.data_collator(rows).items()}
-    n_items = torch.tensor(11, device="cuda")
+    model, trainer, batch, n_items = cuda_sync_free_micro_batch(tmp_path)
     try:
         for strict in (False, True):  # the first call warms up (lazy initialisation may synchronize)
             torch.cuda.synchronize()
