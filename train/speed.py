@@ -103,8 +103,9 @@ class LayerRunner:
     """Installs the compile / checkpoint choice on every decoder layer of `model`.
 
     `memory_limit` (bytes) bounds what `checkpoint="auto"` may use; `static_bytes` is what
-    training holds besides activations (weights, gradients, optimizer state), normally from
-    `static_training_bytes`; `chunked_loss` says whether the loss head is TRL's fused one or
+    training holds all the time besides activations (weights, optimizer state) and
+    `grad_bytes` the gradients, which exist only from a backward until the optimizer step
+    clears them, both normally from `training_state_bytes`; `chunked_loss` says whether the loss head is TRL's fused one or
     full logits (train.loss), which decides how much the head needs per token.
     `warmup_batches` micro-batches (two optimizer steps' worth: the optimizer state appears
     at the first step) run fully checkpointed to calibrate. `offload` keeps the input of
@@ -122,6 +123,7 @@ class LayerRunner:
         checkpoint: CheckpointPolicy = "auto",
         memory_limit: Optional[int] = None,
         static_bytes: int = 0,
+        grad_bytes: int = 0,
         warmup_batches: int = 2,
         chunked_loss: bool = True,
         offload: bool = False,
@@ -136,7 +138,11 @@ class LayerRunner:
         self.compile = compile
         self.checkpoint = _check_policy(checkpoint)
         self.memory_limit = memory_limit
-        self.static_bytes = static_bytes
+        self.static_bytes, self.grad_bytes = static_bytes, grad_bytes
+        # Whether gradients are allocated when a micro-batch starts: the Trainer sets them to
+        # None after each optimizer step, so they are absent at a step's first micro-batch and
+        # present at the later ones of an accumulated step. One trainable parameter tells.
+        self._grad_probe = next((p for p in model.parameters() if p.requires_grad), None)
         self.layer_bytes_per_token: Optional[float] = None  # measured on first use by "auto"
         self.checkpointed: frozenset[int] = frozenset()
         self.history: list[int] = []  # layers checkpointed, per training micro-batch
@@ -293,25 +299,40 @@ class LayerRunner:
             self.margin = max(self.margin, self.peaks[-1] - predicted)
         self._peak.restart()
 
-    def predicted_peak(self, tokens: int, n_checkpointed: int) -> int:
-        """Memory a micro-batch of `tokens` tokens should peak at with `n_checkpointed` layers recomputed.
+    def predicted_peak(self, tokens: int, n_checkpointed: int, *, grads_live: bool = True) -> int:
+        """Memory a micro-batch of `tokens` tokens should peak at with `n_checkpointed` layers
+        recomputed: the larger of the two moments a training step peaks at.
 
-        The backward starts with every plain layer's activations held. A recomputed layer
-        holds all of its activations again while its backward runs, but the layers above it
-        have freed theirs by then, and `evenly_spaced` leaves the top layer plain unless it
-        picks every layer: the recomputation adds to the peak only when every layer is
-        recomputed. (Left to the learnt margin, that term, which grows with the batch, would be
-        sized by the longest fully recomputed batch and overstate every shorter one.)"""
+        * The loss head and the start of the backward: every layer's saved activations, the
+          head's temporaries, and the gradients only if they were already allocated when the
+          micro-batch began (`grads_live`: a later micro-batch of an accumulated step). A
+          recomputed layer holds all of its activations again while its backward runs, but
+          the layers above it have freed theirs by then, and `evenly_spaced` leaves the top
+          layer plain unless it picks every layer: the recomputation adds to this moment only
+          when every layer is recomputed. (Left to the learnt margin, that term, which grows
+          with the batch, would be sized by the longest fully recomputed batch and overstate
+          every shorter one.)
+        * The end of the backward: every gradient allocated, the layers' activations freed
+          but the bottom layer's, which its backward holds (recomputed or kept).
+
+        In between, gradients appear layer by layer as activations are freed, so the live
+        memory moves between the two. Counting gradients and activations as live at once
+        (a full fine-tune's gradients are the size of its weights) would recompute layers
+        that fit."""
         n = len(self.layers)
         kept = 0 if self.offload else self._kept_bytes_per_token() * tokens  # offloaded: on the CPU
         full = max(self.layer_bytes_per_token * tokens, kept)
         recomputing = full - kept if n_checkpointed == n > 0 else 0
-        return int(
-            self.static_bytes
-            + head_reserve_bytes(self.backbone.config, tokens, chunked=self.chunked_loss,
-                                 head_trainable=self.head_trainable)
-            + n_checkpointed * kept + (n - n_checkpointed) * full + recomputing
-        )
+        head = head_reserve_bytes(self.backbone.config, tokens, chunked=self.chunked_loss,
+                                  head_trainable=self.head_trainable)
+        backward_start = (self.static_bytes + (self.grad_bytes if grads_live else 0) + head
+                          + n_checkpointed * kept + (n - n_checkpointed) * full + recomputing)
+        backward_end = self.static_bytes + self.grad_bytes + full
+        return int(max(backward_start, backward_end))
+
+    def grads_live(self) -> bool:
+        """Whether the model's gradients are allocated now (see `_grad_probe`)."""
+        return self._grad_probe is not None and self._grad_probe.grad is not None
 
     def auto_count(self, tokens: int) -> int:
         """Fewest layers to checkpoint so that `tokens` tokens of activations fit the memory limit.
@@ -328,6 +349,7 @@ class LayerRunner:
             return 0
         if self.layer_bytes_per_token is None:
             self.layer_bytes_per_token = measure_layer_bytes_per_token(self.backbone, self.layers[0])
+        live = self.grads_live()
         if len(self.history) < self.warmup_batches:
             choice = n
         else:
@@ -335,10 +357,10 @@ class LayerRunner:
             for k in range(n + 1):  # n+1 predictions: cheap next to a training step
                 # 1% headroom: the margin is learnt from peaks already seen, so a batch
                 # slightly unlike them can overshoot by a few MiB (seen on H200: 4 MiB).
-                if self.predicted_peak(tokens, k) + self.margin <= 0.99 * limit:
+                if self.predicted_peak(tokens, k, grads_live=live) + self.margin <= 0.99 * limit:
                     choice = k
                     break
-        self._prediction = self.predicted_peak(tokens, choice)
+        self._prediction = self.predicted_peak(tokens, choice, grads_live=live)
         return choice
 
     def _act_bytes(self) -> int:
@@ -440,8 +462,8 @@ def optimizer_state_bytes_per_param(optim: str, param_bytes: int) -> float:
     return 2.0 * param_bytes  # AdamW: two moments in the parameter's dtype
 
 
-def static_training_bytes(model: nn.Module, optim: str) -> int:
-    """Weights (as allocated now) + gradients + optimizer state of `model` in training."""
+def training_state_bytes(model: nn.Module, optim: str) -> tuple[int, int]:
+    """(weights as allocated now + optimizer state, gradients) of `model` in training."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     grads = sum(p.numel() * p.element_size() for p in trainable)
     state = sum(p.numel() * optimizer_state_bytes_per_param(optim, p.element_size()) for p in trainable)
@@ -451,7 +473,7 @@ def static_training_bytes(model: nn.Module, optim: str) -> int:
         if device.type == "cuda"
         else sum(p.numel() * p.element_size() for p in model.parameters())
     )
-    return int(weights + grads + state)
+    return int(weights + state), int(grads)
 
 
 def measure_layer_bytes_per_token(backbone: nn.Module, layer: nn.Module, tokens: int = 256) -> float:
@@ -511,12 +533,14 @@ def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit:
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             if self.runner is None:
+                static, grads = training_state_bytes(model, args.optim)
                 self.runner = LayerRunner(
                     model,
                     compile=compile,
                     checkpoint=checkpoint,
                     memory_limit=memory_limit,
-                    static_bytes=static_training_bytes(model, args.optim),
+                    static_bytes=static,
+                    grad_bytes=grads,
                     warmup_batches=2 * args.gradient_accumulation_steps,
                     chunked_loss=chunked_loss,
                     offload=offload,

@@ -219,12 +219,33 @@ def test_layer_activation_probe_counts_saved_tensors_per_token():
     assert math.isclose(per_token, speed.measure_layer_bytes_per_token(backbone, layers[0], tokens=128), rel_tol=0.2)
 
 
-def test_static_bytes_count_the_optimizer_state():
+def test_static_bytes_count_the_optimizer_state_and_gradients_apart():
     model = tiny_llama()
     n = sum(p.numel() for p in model.parameters())
-    adam = speed.static_training_bytes(model, "adamw_torch_fused")
-    eight = speed.static_training_bytes(model, "adamw_bnb_8bit")
+    adam, grads = speed.training_state_bytes(model, "adamw_torch_fused")
+    eight, grads_too = speed.training_state_bytes(model, "adamw_bnb_8bit")
     assert adam - eight == n * (2 * 4 - 2)  # fp32 moments vs one byte each
+    assert grads == grads_too == n * 4 and eight == n * 4 + n * 2  # fp32 weights, two 1-byte moments
+
+
+def test_auto_policy_counts_gradients_only_where_they_are_live():
+    """Gradients exist from a backward until the optimizer step sets them to None: a step's
+    first micro-batch reaches its loss head without them (more layers stay plain), a later
+    micro-batch of an accumulated step carries them through its forward, and a batch too
+    short to matter peaks at the end of its backward, every gradient allocated."""
+    model = tiny_llama(layers=4)
+    runner = LayerRunner(model, checkpoint="auto", static_bytes=1_000_000, grad_bytes=15_000_000, warmup_batches=0)
+    runner.layer_bytes_per_token = full = 10_000.0
+    runner.memory_limit = math.ceil(runner.predicted_peak(1000, 1, grads_live=False) / 0.99) + 1
+    assert not runner.grads_live()
+    assert runner.auto_count(1000) == 1
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    assert runner.grads_live()
+    assert runner.auto_count(1000) == 3  # the same batch with the gradients of the previous one
+    assert runner.predicted_peak(10, 0, grads_live=False) == 1_000_000 + 15_000_000 + 10 * full
+    model.zero_grad()  # as the Trainer does after each optimizer step
+    assert not runner.grads_live() and runner.auto_count(1000) == 1
 
 
 # ---------------------------------------------------------------- the varlen path under compile, on CPU
