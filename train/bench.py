@@ -374,6 +374,11 @@ def runner_facts(callbacks: list) -> dict:
             "predicted_gib": [None if p is None else round(p / gib, 3) for p in runner.predictions],
             "measured_gib": [round(p / gib, 3) for p in runner.peaks],
             "margin_gib": round(runner.margin / gib, 3),
+            # per phase (see LayerRunner.phase_peaks_predicted): up to the backward reaching the
+            # decoder layers, and the rest; the start is None where the split was not seen
+            "phase_measured_gib": [[None if a is None else round(a / gib, 3), round(b / gib, 3)]
+                                   for a, b in runner.phase_peaks],
+            "phase_margins_gib": {k: round(v / gib, 3) for k, v in runner.margins.items()},
         }
     return out
 

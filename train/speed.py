@@ -135,6 +135,8 @@ class LayerRunner:
         self.chunked_loss = chunked_loss
         head = unwrap(model).get_output_embeddings()
         self.head_trainable = head is not None and head.weight.requires_grad
+        # the output layer's weight gradient, allocated by the loss head's backward
+        self.head_grad_bytes = head.weight.numel() * head.weight.element_size() if self.head_trainable else 0
         self.compile = compile
         self.checkpoint = _check_policy(checkpoint)
         self.memory_limit = memory_limit
@@ -147,10 +149,15 @@ class LayerRunner:
         self.checkpointed: frozenset[int] = frozenset()
         self.history: list[int] = []  # layers checkpointed, per training micro-batch
         self.warmup_batches = warmup_batches
-        self.margin = 0  # measured peak minus predicted peak (bytes), see auto_count
+        # Measured minus predicted peak (bytes) of each phase of a micro-batch, the largest seen
+        # (see auto_count): "start" up to the backward reaching the top decoder layer, "end" the rest.
+        self.margins = {"start": 0, "end": 0}
         self.peaks: list[int] = []  # CUDA: measured peak of each training micro-batch (bytes)
         self.predictions: list[int | None] = []  # the peak predicted for each ("auto"), else None
-        self._prediction = None
+        self.phase_peaks: list[tuple] = []  # CUDA: (start, end) measured per micro-batch; start None if unseen
+        self._prediction = None  # (start, end) predicted for the running micro-batch
+        self._phase_predictions: list[tuple | None] = []
+        self._start_peak = None
         self._peak = None  # a train.peak_memory.PeakReader, from the first micro-batch on
         plain, ckpt = _run_layer, _run_layer_checkpointed
         if compile:
@@ -210,17 +217,33 @@ class LayerRunner:
             self._hook.remove()
 
     def _layer_forward(self, index: int, layer: nn.Module) -> Callable:
+        top = index == len(self.layers) - 1
+
         def forward(*args, **kwargs):
-            if layer.training and torch.is_grad_enabled() and index in self.checkpointed:
-                if self.chunked_layers is not None and len(args) <= 1 and _hidden(args, kwargs).shape[1] > self.chunk_tokens:
-                    return self._run_chunked(index, args, kwargs)
-                # the chunked MLP runs outside the compiled graph, which a compiled checkpoint cannot span
-                if self.offload or self.token_chunks is not None or self.recompute_outside:
-                    return self._recompute(layer, *args, **kwargs)
-                return self._run("_ckpt", _run_layer_checkpointed, layer, args, kwargs)
-            return self._run("_plain", _run_layer, layer, args, kwargs)
+            out = self._forward_layer(index, layer, args, kwargs)
+            if top and self._peak is not None and layer.training and torch.is_grad_enabled():
+                hidden = out[0] if isinstance(out, tuple) else out
+                if hidden.requires_grad:  # its gradient arrives when the backward reaches the decoder layers
+                    hidden.register_hook(self._backward_reaches_layers)
+            return out
 
         return forward
+
+    def _backward_reaches_layers(self, grad):
+        """The split between a micro-batch's two phases (see predicted_peak): the loss head's
+        backward is done, the decoder layers' is about to start."""
+        self._start_peak = self._peak.peak()
+        self._peak.restart()
+
+    def _forward_layer(self, index: int, layer: nn.Module, args: tuple, kwargs: dict):
+        if layer.training and torch.is_grad_enabled() and index in self.checkpointed:
+            if self.chunked_layers is not None and len(args) <= 1 and _hidden(args, kwargs).shape[1] > self.chunk_tokens:
+                return self._run_chunked(index, args, kwargs)
+            # the chunked MLP runs outside the compiled graph, which a compiled checkpoint cannot span
+            if self.offload or self.token_chunks is not None or self.recompute_outside:
+                return self._recompute(layer, *args, **kwargs)
+            return self._run("_ckpt", _run_layer_checkpointed, layer, args, kwargs)
+        return self._run("_plain", _run_layer, layer, args, kwargs)
 
     def _recompute(self, layer: nn.Module, *args, **kwargs):
         """The layer run like a plain one (compiled if the plain layer is) and recomputed in the backward."""
@@ -279,12 +302,14 @@ class LayerRunner:
                 self.checkpointed = evenly_spaced(len(self.layers), self.auto_count(tokens))
                 prediction = self._prediction
         self.history.append(len(self.checkpointed))
-        self.predictions.append(prediction)
+        self.predictions.append(None if prediction is None else max(prediction))
+        self._phase_predictions.append(prediction)
         return None
 
     def _record_peak(self) -> None:
         """The previous micro-batch's peak (its forward, backward and any optimizer step
-        after it), measured up to now; then a new interval starts for this one."""
+        after it), measured up to now, per phase where the split was seen; then a new interval
+        starts for this one."""
         device = _device(self.backbone)
         if device.type != "cuda":
             return
@@ -293,42 +318,60 @@ class LayerRunner:
 
             self._peak = PeakReader(device)
             return
-        self.peaks.append(self._peak.peak())
-        predicted = self.predictions[len(self.peaks) - 1]
+        start, end = self._start_peak, self._peak.peak()
+        self._start_peak = None
+        self.phase_peaks.append((start, end))
+        self.peaks.append(end if start is None else max(start, end))
+        predicted = self._phase_predictions[len(self.peaks) - 1]
         if predicted is not None:
-            self.margin = max(self.margin, self.peaks[-1] - predicted)
+            if start is None:  # no split seen (no backward through the layers): one margin for both phases
+                for phase in self.margins:
+                    self.margins[phase] = max(self.margins[phase], self.peaks[-1] - max(predicted))
+            else:
+                self.margins["start"] = max(self.margins["start"], start - predicted[0])
+                self.margins["end"] = max(self.margins["end"], end - predicted[1])
         self._peak.restart()
 
-    def predicted_peak(self, tokens: int, n_checkpointed: int, *, grads_live: bool = True) -> int:
-        """Memory a micro-batch of `tokens` tokens should peak at with `n_checkpointed` layers
-        recomputed: the larger of the two moments a training step peaks at.
+    @property
+    def margin(self) -> int:
+        return max(self.margins.values())
 
-        * The loss head and the start of the backward: every layer's saved activations, the
-          head's temporaries, and the gradients only if they were already allocated when the
-          micro-batch began (`grads_live`: a later micro-batch of an accumulated step). A
-          recomputed layer holds all of its activations again while its backward runs, but
-          the layers above it have freed theirs by then, and `evenly_spaced` leaves the top
-          layer plain unless it picks every layer: the recomputation adds to this moment only
-          when every layer is recomputed. (Left to the learnt margin, that term, which grows
-          with the batch, would be sized by the longest fully recomputed batch and overstate
-          every shorter one.)
-        * The end of the backward: every gradient allocated, the layers' activations freed
-          but the bottom layer's, which its backward holds (recomputed or kept).
+    def phase_peaks_predicted(self, tokens: int, n_checkpointed: int, *, grads_live: bool = True) -> tuple[int, int]:
+        """(start, end): the peaks a micro-batch of `tokens` tokens should reach, with
+        `n_checkpointed` layers recomputed, in its two phases.
 
-        In between, gradients appear layer by layer as activations are freed, so the live
-        memory moves between the two. Counting gradients and activations as live at once
-        (a full fine-tune's gradients are the size of its weights) would recompute layers
-        that fit."""
+        * Start: the forward and the loss head, up to the backward reaching the top decoder
+          layer. Every layer's saved activations, the head's temporaries, and the gradients
+          only if they were allocated when the micro-batch began (`grads_live`: a later
+          micro-batch of an accumulated step; the Trainer sets them to None after each
+          optimizer step).
+        * End: the decoder layers' backward and any optimizer step. It starts with the
+          activations held and (a recomputed top layer) the top layer's again, the head
+          weight's gradient added, and ends with every gradient allocated and the bottom
+          layer's working set. In between, gradients appear layer by layer as activations
+          are freed, so the live memory moves between the two ends. A recomputed layer holds
+          all of its activations again while its backward runs, but the layers above it have
+          freed theirs by then, and `evenly_spaced` leaves the top layer plain unless it picks
+          every layer: the recomputation adds to the peak only when every layer is recomputed.
+
+        Counting gradients and activations as live at once (a full fine-tune's gradients are
+        the size of its weights) would recompute layers that fit."""
         n = len(self.layers)
         kept = 0 if self.offload else self._kept_bytes_per_token() * tokens  # offloaded: on the CPU
         full = max(self.layer_bytes_per_token * tokens, kept)
-        recomputing = full - kept if n_checkpointed == n > 0 else 0
+        acts = n_checkpointed * kept + (n - n_checkpointed) * full
+        grads_before = self.grad_bytes if grads_live else 0
         head = head_reserve_bytes(self.backbone.config, tokens, chunked=self.chunked_loss,
                                   head_trainable=self.head_trainable)
-        backward_start = (self.static_bytes + (self.grad_bytes if grads_live else 0) + head
-                          + n_checkpointed * kept + (n - n_checkpointed) * full + recomputing)
-        backward_end = self.static_bytes + self.grad_bytes + full
-        return int(max(backward_start, backward_end))
+        start = self.static_bytes + grads_before + head + acts
+        recomputing = full - kept if n_checkpointed == n > 0 else 0
+        end = self.static_bytes + max(max(grads_before, self.head_grad_bytes) + acts + recomputing,
+                                      self.grad_bytes + full)
+        return int(start), int(end)
+
+    def predicted_peak(self, tokens: int, n_checkpointed: int, *, grads_live: bool = True) -> int:
+        """The larger of `phase_peaks_predicted`, before any learnt margin."""
+        return max(self.phase_peaks_predicted(tokens, n_checkpointed, grads_live=grads_live))
 
     def grads_live(self) -> bool:
         """Whether the model's gradients are allocated now (see `_grad_probe`)."""
@@ -338,10 +381,12 @@ class LayerRunner:
         """Fewest layers to checkpoint so that `tokens` tokens of activations fit the memory limit.
 
         The first `warmup_batches` micro-batches checkpoint every layer while the model of
-        memory is calibrated: each later decision adds the largest amount by which the
-        device's measured peak has exceeded a prediction (the optimizer's and the loss
-        head's temporaries, allocator rounding -- whatever the estimate missed), micro-batch
-        by micro-batch (`peaks` against `predictions`).
+        memory is calibrated: each later decision adds, phase by phase, the largest amount by
+        which the device's measured peak has exceeded a prediction (the optimizer's and the
+        loss head's temporaries, allocator rounding -- whatever the estimate missed),
+        micro-batch by micro-batch (`phase_peaks` against the predictions). Each phase has
+        its own margin, so what the calibration learns about the loss head's moment applies to
+        that moment when later micro-batches keep layers plain.
         """
         limit = self.memory_limit if self.memory_limit is not None else _device_memory(self.backbone)
         n = len(self.layers)
@@ -350,17 +395,16 @@ class LayerRunner:
         if self.layer_bytes_per_token is None:
             self.layer_bytes_per_token = measure_layer_bytes_per_token(self.backbone, self.layers[0])
         live = self.grads_live()
-        if len(self.history) < self.warmup_batches:
-            choice = n
-        else:
-            choice = n
+        choice = n
+        if len(self.history) >= self.warmup_batches:
             for k in range(n + 1):  # n+1 predictions: cheap next to a training step
-                # 1% headroom: the margin is learnt from peaks already seen, so a batch
+                start, end = self.phase_peaks_predicted(tokens, k, grads_live=live)
+                # 1% headroom: the margins are learnt from peaks already seen, so a batch
                 # slightly unlike them can overshoot by a few MiB (seen on H200: 4 MiB).
-                if self.predicted_peak(tokens, k, grads_live=live) + self.margin <= 0.99 * limit:
+                if max(start + self.margins["start"], end + self.margins["end"]) <= 0.99 * limit:
                     choice = k
                     break
-        self._prediction = self.predicted_peak(tokens, choice, grads_live=live)
+        self._prediction = self.phase_peaks_predicted(tokens, choice, grads_live=live)
         return choice
 
     def _act_bytes(self) -> int:

@@ -173,28 +173,73 @@ def test_auto_policy_sizes_a_shorter_batch_by_its_own_length(monkeypatch):
     """Calibrated on long, fully recomputed micro-batches, the policy must not size a short
     one's peak by a long one's: the recomputed layer's activations, live again during its
     backward, grow with the batch, and a margin that absorbed them at 4000 tokens would
-    recompute layers that fit at 1000."""
+    recompute layers that fit at 1000. Each phase of a micro-batch (up to the backward
+    reaching the decoder layers, and the rest) learns its own margin."""
     memory = FakeCudaMemory(monkeypatch)
     model = tiny_llama(layers=8)
     monkeypatch.setattr(speed, "_device", lambda module: torch.device("cuda"))
     runner = LayerRunner(model, checkpoint="auto", static_bytes=1_000_000, warmup_batches=2)
     runner.layer_bytes_per_token = full = 10_000.0
     kept, n = runner._kept_bytes_per_token(), 8
+    assert runner.head_grad_bytes == model.lm_head.weight.numel() * 4
 
-    def device_peak(tokens, k):  # the backward's start, or a recomputed layer's backward when all are
+    def device_peaks(tokens, k):  # (the loss head's moment, the layers' backward) as the device measures them
         head = speed.head_reserve_bytes(model.config, tokens, chunked=True, head_trainable=runner.head_trainable)
-        live = k * kept + (n - k) * full + ((full - kept) if k == n else 0)
-        return 1_000_000 + head + live * tokens + 300_000  # 0.3 MB the estimate misses
+        acts = (k * kept + (n - k) * full) * tokens
+        recomputed_top = (full - kept) * tokens if k == n else 0
+        start = 1_000_000 + head + acts + 300_000  # 0.3 MB the estimate misses at the head
+        end = 1_000_000 + max(runner.head_grad_bytes + acts + recomputed_top, full * tokens) + 100_000
+        return start, end
 
-    runner.memory_limit = math.ceil(device_peak(1000, 4) / 0.99)
+    runner.memory_limit = math.ceil(max(device_peaks(1000, 4)) / 0.99)
     for tokens in (4000, 4000, 4000, 1000, 1000):
         runner._before_batch(model, (), {"input_ids": torch.zeros(1, tokens, dtype=torch.long)})
-        memory.spike(device_peak(tokens, len(runner.checkpointed)))
+        start, end = device_peaks(tokens, len(runner.checkpointed))
+        memory.spike(start)
+        runner._backward_reaches_layers(None)  # the top decoder layer's output gets its gradient
+        memory.spike(end)
     runner._before_batch(model, (), {"input_ids": torch.zeros(1, 1000, dtype=torch.long)})
     # calibrating; nothing fits at 4000 tokens; at 1000 exactly the layers the limit needs
     assert runner.history == [8, 8, 8, 4, 4, 4]
-    assert runner.margin == 300_000
+    assert runner.margins == {"start": 300_000, "end": 100_000} and runner.margin == 300_000
+    assert runner.phase_peaks[-1] == device_peaks(1000, 4)
     assert max(runner.peaks[3:]) <= runner.memory_limit
+
+
+def test_the_phase_split_is_the_backward_reaching_the_top_decoder_layer(monkeypatch):
+    """A real micro-batch on the CPU, the device's counters faked: the hook on the top layer's
+    output fires once per backward, after the loss head's and before any layer's."""
+    memory = FakeCudaMemory(monkeypatch)
+    model = tiny_llama(layers=4)
+    monkeypatch.setattr(speed, "_device", lambda module: torch.device("cuda"))
+    runner = LayerRunner(model, checkpoint="auto", static_bytes=0, warmup_batches=1, memory_limit=10**9)
+    runner.layer_bytes_per_token = 1000.0
+    runner.install()
+    order = []
+    top, below = runner.layers[-1], runner.layers[-2]
+    hook = below.register_full_backward_hook(lambda *a: order.append("layer below the top"))
+    split = runner._backward_reaches_layers
+
+    def recorded(grad):
+        order.append("split")
+        memory.spike(7_000_000)  # seen by the start phase only
+        return split(grad)
+
+    runner._backward_reaches_layers = recorded
+    ids = torch.randint(0, 256, (1, 32))
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        model.zero_grad()
+    runner._before_batch(model, (), {"input_ids": ids})
+    hook.remove()
+    runner.remove()
+    assert order == ["split", "layer below the top"] * 2
+    assert [start for start, _ in runner.phase_peaks] == [7_000_000, 7_000_000]
+    assert all(end < 7_000_000 for _, end in runner.phase_peaks)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)  # no training forward: no hook on a tensor without grad, nothing recorded
+    assert len(runner.phase_peaks) == 2
 
 
 def test_kept_activations_use_the_activation_width_not_a_4bit_weight():
