@@ -363,6 +363,9 @@ def runner_facts(callbacks: list) -> dict:
         out["checkpointed_layers"] = {"min": min(runner.history), "max": max(runner.history),
                                       "mean": statistics.fmean(runner.history), "of": len(runner.layers),
                                       "bytes_per_token_layer": runner.layer_bytes_per_token}
+        if any(runner.selective_history):  # of the recomputed layers, those recomputed selectively
+            sel = runner.selective_history
+            out["checkpointed_layers"]["selective"] = {"min": min(sel), "max": max(sel), "mean": statistics.fmean(sel)}
     if runner.compile_failures:
         out["compile_failures"] = runner.compile_failures  # those layer variants fell back
     if any(p is not None for p in runner.predictions):
@@ -371,6 +374,7 @@ def runner_facts(callbacks: list) -> dict:
         gib = 2**30
         out["checkpoint_policy"] = {
             "layers": runner.history,
+            "selective": runner.selective_history,
             "predicted_gib": [None if p is None else round(p / gib, 3) for p in runner.predictions],
             "measured_gib": [round(p / gib, 3) for p in runner.peaks],
             "margin_gib": round(runner.margin / gib, 3),
@@ -524,6 +528,8 @@ def table(results: list[dict]) -> str:
         speedup = tps / base["tokens_per_s"] if tps and base.get("tokens_per_s") else None
         ck = r.get("checkpointed_layers")
         ck_s = f"{ck['min']}-{ck['max']}/{ck['of']}" if ck else ("trl all" if r["config"]["checkpoint"] == "trl" else "-")
+        if ck and ck.get("selective"):
+            ck_s += f" ({ck['selective']['min']}-{ck['selective']['max']} sel)"
         drift = loss_drift(base["losses"], r["losses"])
         ls = r["losses"]
         pick = [ls[0], ls[min(9, len(ls) - 1)], ls[-1]] if ls else []

@@ -220,6 +220,44 @@ def test_gpu_varlen_fa2_compiled_layers_match_eager():
     assert count_compilations() - before <= 2
 
 
+
+@pytest.mark.gpu
+def test_gpu_selective_compiled_layers_through_varlen_fa2_match_eager(monkeypatch):
+    """Compiled layers recomputed selectively (train.speed.selective_policy) through the FA2 varlen
+    kernel, bf16: the eager plain layers' loss and gradients, with the kernel's outputs and the four
+    attention projections among what the policy keeps."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from train import speed
+    from train.speed import LayerRunner
+
+    kept = []
+    real = speed.selective_policy
+
+    def spy(hidden, intermediate, ctx, op, *args, **kwargs):
+        decision = real(hidden, intermediate, ctx, op, *args, **kwargs)
+        if decision == CheckpointPolicy.MUST_SAVE:
+            kept.append(op.name())
+        return decision
+
+    monkeypatch.setattr(speed, "selective_policy", spy)
+    A.register_varlen_fa2()
+    torch._dynamo.reset()
+    model, _ = _tiny_llama("varlen_fa2", dtype=torch.bfloat16, device="cuda")
+    model.config._attn_implementation = "varlen_fa2"
+    model.train()
+    batch = _batches([37, 100, 64, 300], device="cuda")[2]
+    ref_loss, ref_grads = _loss_and_grads(model, batch)
+    runner = LayerRunner(model, compile=True, checkpoint="all").install()
+    assert runner.selective_ok
+    runner.selective = frozenset(range(len(runner.layers)))
+    loss, grads = _loss_and_grads(model, batch)
+    runner.remove()
+    assert not runner.compile_failures
+    assert "torch_attn::_varlen_attn" in kept and kept.count("aten::mm") >= 4
+    assert torch.allclose(loss, ref_loss, rtol=1e-2), (loss, ref_loss)
+    assert max(_rel(g, r) for g, r in zip(grads, ref_grads)) < 3e-2
+
 @pytest.mark.gpu
 def test_gpu_chunked_layers_through_varlen_fa2_match_plain_layers():
     """Checkpointed, offloaded layers whose parts other than attention run in 64-token chunks

@@ -3,6 +3,7 @@ steps give the padded eager step's loss and gradients; compilation count stays b
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from train import speed
-from train.speed import LayerRunner, count_compilations, evenly_spaced
+from train.speed import SELECTIVE_COST, LayerRunner, count_compilations, evenly_spaced
 
 
 def tiny_llama(layers=2, seed=0):
@@ -110,6 +111,99 @@ def test_auto_policy_checkpoints_only_what_the_limit_needs():
     assert runner.auto_count(100_000) == 4  # nothing fits: checkpoint everything
     runner.warmup_batches = 10
     assert runner.auto_count(100) == 4  # still calibrating
+
+
+
+def test_auto_policy_picks_the_least_recomputation_among_plain_selective_and_checkpointed():
+    """Per micro-batch, the pair (layers recomputed, of them selectively) that fits the limit at the
+    least expected recomputation (a checkpointed layer costs 1, a selective one SELECTIVE_COST, a
+    plain one 0), checked against every pair at limits from nothing-fits to everything-plain."""
+    model = tiny_llama(layers=4)
+    runner = LayerRunner(model, checkpoint="auto", static_bytes=1_000_000, warmup_batches=0)
+    runner.layer_bytes_per_token = 10_000.0
+    kept, sel = runner._kept_bytes_per_token(), runner._selective_bytes_per_token()
+    assert kept < kept + sel < 10_000  # the tiers' memory per token: checkpointed < selective < plain
+    pairs = [(k, s) for k in range(5) for s in range(k + 1)]
+
+    def peak(k, s):
+        return runner.predicted_peak(1000, k, n_selective=s)
+
+    def cost(k, s):
+        return (k - s) + SELECTIVE_COST * s
+
+    seen = set()
+    for selective_ok in (True, False):
+        runner.selective_ok = selective_ok  # True: a compiled full fine-tune on a GPU
+        for limit in sorted({math.ceil(peak(k, s) / 0.99) + d for k, s in pairs for d in (-1, 1)}):
+            runner.memory_limit = limit
+            k = runner.auto_count(1000)
+            s = runner.selective_count
+            fitting = [(k2, s2) for k2, s2 in pairs if peak(k2, s2) <= 0.99 * limit and (selective_ok or s2 == 0)]
+            if not fitting:
+                assert (k, s) == (4, 0)  # nothing fits: checkpoint everything, whole
+                continue
+            assert (k, s) in fitting, (limit, k, s)
+            assert cost(k, s) <= min(cost(*p) for p in fitting) + 1e-9, (limit, k, s, fitting)
+            seen.add((k, s))
+    assert (0, 0) in seen and (4, 0) in seen  # everything plain; all checkpointed whole
+    assert any(0 < s < k for k, s in seen) and any(0 < s == k for k, s in seen)  # the tiers mix
+
+
+def test_selective_layers_keep_the_gradients_and_recompute_neither_attention_nor_its_projections():
+    """A selective layer saves the attention's outputs and the q, k, v and o projections and
+    recomputes the rest: the same loss and gradients, and in the backward no attention forward and
+    four fewer matmuls per layer than a checkpointed layer recomputes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.name()] += 1
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_llama(layers=4)
+    _, packed = batches([9, 14, 30])
+    ref_loss, ref_grads = loss_and_grads(model, packed)
+    counts = {}
+    for selective in (frozenset(), frozenset({0, 1, 2})):
+        runner = LayerRunner(model, checkpoint="all").install()
+        runner.selective = selective
+        model.zero_grad()
+        loss = model(**packed).loss
+        with Count() as count:
+            loss.backward()
+        grads = [p.grad.detach().clone() for p in model.parameters()]
+        runner.remove()
+        assert torch.allclose(loss, ref_loss, rtol=1e-6)
+        assert max(rel(g, r) for g, r in zip(grads, ref_grads)) < 1e-5
+        counts[len(selective)] = count.ops
+    attention = "aten::_scaled_dot_product_flash_attention_for_cpu"
+    assert counts[0][attention] == 4 and counts[3][attention] == 1
+    assert counts[0]["aten::mm"] - counts[3]["aten::mm"] == 3 * 4
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_auto_policy_runs_the_layers_it_picks_selective_with_the_same_gradients(compile):
+    model = tiny_llama(layers=4)
+    _, packed = batches([9, 14, 30])
+    ref_loss, ref_grads = loss_and_grads(model, packed)
+    torch._dynamo.reset()
+    runner = LayerRunner(model, compile=compile, checkpoint="auto", static_bytes=1_000_000,
+                         warmup_batches=0).install()
+    assert runner.selective_ok == compile  # compiled full fine-tune only
+    runner.selective_ok = True
+    runner.layer_bytes_per_token = 10_000.0
+    tokens = sum([9, 14, 30])
+    runner.memory_limit = math.ceil(runner.predicted_peak(tokens, 4, n_selective=2) / 0.99) + 1
+    loss, grads = loss_and_grads(model, packed)
+    runner.remove()
+    assert runner.history[-1] == 4 and runner.selective_history[-1] == 2 and len(runner.selective) == 2
+    assert runner.selective < runner.checkpointed
+    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert max(rel(g, r) for g, r in zip(grads, ref_grads)) < 1e-4
 
 
 class FakeCudaMemory:
