@@ -6,8 +6,8 @@ Two mechanisms, both per decoder layer, installed on a model that SFTTrainer is 
   same compiled code (the layer is an argument, its weights graph inputs), and a packed
   batch of any length, any number of sequences and any `max_length_q` reuses it, so a run
   compiles three times at most (the plain layer, the layer under checkpointing and the
-  selectively recomputed layer) however the lengths vary. Compiling the whole model instead (TRL's `torch_compile=True`) recompiles
-  on every new batch length.
+  selectively recomputed layer) however the lengths vary. Compiling the whole model instead
+  (TRL's `torch_compile=True`) recompiles on every new batch length.
 - gradient checkpointing chosen per micro-batch. With `checkpoint="auto"` a layer is
   recomputed only when the activations of the tokens in this micro-batch would not fit the
   memory limit otherwise: short batches run with none, long ones with as few layers
@@ -17,9 +17,9 @@ Two mechanisms, both per decoder layer, installed on a model that SFTTrainer is 
   the backward recomputes only the norms, RoPE and the MLP (`selective_policy`). On the 1B
   shape it holds ~4.5x a checkpointed layer's memory and ~1/5 of a plain one's, and costs ~65%
   of a checkpointed layer's recomputation (one H100: every layer selective instead of
-  checkpointed, +5.8% tok/s at +0.7 GiB). The policy picks, per micro-batch, how many layers stay plain,
-  run selective or are checkpointed so that the expected recomputation is least within the
-  memory limit.
+  checkpointed, +5.8% tok/s at +0.7 GiB). The policy picks, per micro-batch, how many layers
+  stay plain, run selective or are checkpointed so that the expected recomputation is least
+  within the memory limit.
 
 A checkpointed layer is compiled with the checkpoint inside it, `torch.compile(checkpoint(layer))`:
 Inductor fuses the recomputation into the backward. The other nesting with torch's
@@ -165,8 +165,9 @@ class LayerRunner:
     `memory_limit` (bytes) bounds what `checkpoint="auto"` may use; `static_bytes` is what
     training holds all the time besides activations (weights, optimizer state) and
     `grad_bytes` the gradients, which exist only from a backward until the optimizer step
-    clears them, both normally from `training_state_bytes`; `chunked_loss` says whether the loss head is TRL's fused one or
-    full logits (train.loss), which decides how much the head needs per token.
+    clears them, both normally from `training_state_bytes`; `chunked_loss` says whether the
+    loss head is TRL's fused one or full logits (train.loss), which decides how much the head
+    needs per token.
     `warmup_batches` micro-batches (two optimizer steps' worth: the optimizer state appears
     at the first step) run fully checkpointed to calibrate. `offload` keeps the input of
     every checkpointed layer in pinned CPU memory until its backward (train.recompute).
@@ -332,6 +333,9 @@ class LayerRunner:
     def _run_plain(self, layer: nn.Module, *args, **kwargs):
         return self._run("_plain", _run_layer, layer, args, kwargs)
 
+    def _run_checkpointed(self, layer: nn.Module, *args, **kwargs):
+        return self._run("_ckpt", _run_layer_checkpointed, layer, args, kwargs)
+
     def _run(self, slot: str, eager: Callable, layer: nn.Module, args, kwargs):
         """Call the compiled variant; if Inductor cannot compile it, fall back from now on.
 
@@ -350,8 +354,7 @@ class LayerRunner:
             reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
             if slot == "_sel":
                 self.selective_ok = False
-                fallback = lambda layer, *a, **k: self._run("_ckpt", _run_layer_checkpointed, layer, a, k)  # noqa: E731
-                how = "is checkpointed whole instead"
+                fallback, how = self._run_checkpointed, "is checkpointed whole instead"
             else:
                 fallback = self._recompute if slot == "_ckpt" else eager
                 how = "is recomputed around the plain layer" if slot == "_ckpt" else "runs eager"

@@ -550,6 +550,22 @@ def test_a_layer_that_fails_to_compile_falls_back_and_says_so(monkeypatch):
     assert "ckpt" in runner.compile_failures[0]
 
 
+
+def test_a_selective_layer_that_fails_to_compile_is_checkpointed_whole_and_the_tier_stops():
+    model = tiny_llama()
+    _, packed = batches([9, 14])
+    ref_loss, ref_grads = loss_and_grads(model, packed)
+    runner = LayerRunner(model, checkpoint="all").install()
+    runner.selective_ok = True
+    runner.selective = frozenset({0})
+    runner._sel = broken_compile  # as if compile=True had produced this
+    loss, grads = loss_and_grads(model, packed)
+    runner.remove()
+    assert torch.allclose(loss, ref_loss, rtol=1e-6)
+    assert max(rel(g, r) for g, r in zip(grads, ref_grads)) < 1e-5
+    assert runner._sel == runner._run_checkpointed and not runner.selective_ok
+    assert len(runner.compile_failures) == 1 and "sel" in runner.compile_failures[0]
+
 # ---------------------------------------------------------------- LoRA dropout under compile + checkpointing
 
 
