@@ -526,7 +526,7 @@ class LayerRunner:
             per_token = self._size_cache[1] if self._size_cache else (self._kept_bytes_per_token(),
                                                                      self._selective_bytes_per_token())
             head = head_reserve_bytes(self.backbone.config, tokens, chunked=self.chunked_loss,
-                                      head_trainable=self.head_trainable)
+                                      head_trainable=self.head_trainable, compute_bytes=self._act_bytes())
             self._size_cache = (tokens, per_token, head)
         return (*self._size_cache[1], self._size_cache[2])
 
@@ -605,26 +605,28 @@ def _device_memory(module: nn.Module) -> Optional[int]:
 # ---------------------------------------------------------------- memory accounting
 
 
-def head_reserve_bytes(config, tokens: int, *, chunked: bool = True, head_trainable: bool = False) -> int:
-    """Transient memory of the loss head.
+def head_reserve_bytes(config, tokens: int, *, chunked: bool = True, head_trainable: bool = False,
+                       compute_bytes: int = 2) -> int:
+    """Transient memory of the loss head's backward.
 
-    TRL's fused head (chunked) holds one logits tile (and its exp) at a time, the fp32
-    gradient of the final hidden states and, when the head weight trains, an fp32 gradient
-    accumulator for it plus its cast back to the weight's dtype: nothing grows with
-    tokens x vocabulary. Full logits grow with both (train.loss.head_bytes_per_token).
-    Two fp32 tiles is more than TRL's kernel allocates by its source; it is the reserve the
-    policy's 1B peak was measured against on an H200 (within 1% of TRL's peak).
+    TRL's fused head (chunked) allocates, by its source (trl.kernels.chunked_logprob), one
+    [4096, 32768] logits tile in the compute dtype (`compute_bytes` per element), the fp32
+    gradient of the final hidden states and its cast back, and, when the head weight trains, an
+    fp32 [vocab, hidden] gradient accumulator and its cast back: nothing grows with tokens x
+    vocabulary. Whatever else that moment holds (allocator rounding, the caller's temporaries)
+    the checkpoint policy learns as its start phase's margin. Full logits grow with tokens and
+    vocabulary (train.loss.head_bytes_per_token).
     """
     from train.loss import head_bytes_per_token
 
     vocab = getattr(config, "vocab_size", _HEAD_TILE_VOCAB)
-    hidden_grad = tokens * config.hidden_size * 4
     if not chunked:
         weight_grad = vocab * config.hidden_size * 2 if head_trainable else 0
-        return tokens * head_bytes_per_token(vocab, chunked=False) + hidden_grad + weight_grad
-    tile = min(tokens, _HEAD_TILE_TOKENS) * min(vocab, _HEAD_TILE_VOCAB) * 4
-    weight_grad = vocab * config.hidden_size * (4 + 2) if head_trainable else 0
-    return 2 * tile + hidden_grad + weight_grad
+        return tokens * head_bytes_per_token(vocab, chunked=False) + tokens * config.hidden_size * 4 + weight_grad
+    tile = min(tokens, _HEAD_TILE_TOKENS) * min(vocab, _HEAD_TILE_VOCAB) * compute_bytes
+    hidden_grad = tokens * config.hidden_size * (4 + compute_bytes)
+    weight_grad = vocab * config.hidden_size * (4 + compute_bytes) if head_trainable else 0
+    return tile + hidden_grad + weight_grad
 
 
 def optimizer_state_bytes_per_param(optim: str, param_bytes: int) -> float:

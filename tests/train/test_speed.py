@@ -278,7 +278,8 @@ def test_auto_policy_sizes_a_shorter_batch_by_its_own_length(monkeypatch):
     assert runner.head_grad_bytes == model.lm_head.weight.numel() * 4
 
     def device_peaks(tokens, k):  # (the loss head's moment, the layers' backward) as the device measures them
-        head = speed.head_reserve_bytes(model.config, tokens, chunked=True, head_trainable=runner.head_trainable)
+        head = speed.head_reserve_bytes(model.config, tokens, chunked=True, head_trainable=runner.head_trainable,
+                                        compute_bytes=runner._act_bytes())
         acts = (k * kept + (n - k) * full) * tokens
         recomputed_top = (full - kept) * tokens if k == n else 0
         start = 1_000_000 + head + acts + 300_000  # 0.3 MB the estimate misses at the head
