@@ -134,7 +134,8 @@ def selective_policy(hidden: int, intermediate: int, ctx, op, *args, **kwargs):
     recomputed."""
     from torch.utils.checkpoint import CheckpointPolicy
 
-    if op.name() in _SAVED_ATTENTION_OPS:
+    name = getattr(op, "name", None)  # OpOverload and HigherOrderOperator have one; be lenient with others
+    if (name() if callable(name) else str(op)) in _SAVED_ATTENTION_OPS:
         return CheckpointPolicy.MUST_SAVE
     if op is torch.ops.aten.mm.default:
         n_in, n_out = args[1].shape  # the weight, transposed
