@@ -151,7 +151,12 @@ def selective_layer_call(config) -> Callable:
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
     policy = partial(selective_policy, config.hidden_size, getattr(config, "intermediate_size", None))
-    context_fn = partial(create_selective_checkpoint_contexts, policy)
+
+    # A plain function, not a functools.partial: Dynamo guards a partial context_fn as a Python
+    # constant, and under dynamic shapes the sizes bound in `policy` fail that (a graph break, so
+    # the layer would run as an eager checkpoint around compiled pieces).
+    def context_fn():
+        return create_selective_checkpoint_contexts(policy)
 
     def run_layer_selective(layer: nn.Module, *args, **kwargs):
         return torch.utils.checkpoint.checkpoint(_run_layer, layer, *args, use_reentrant=False,
