@@ -144,6 +144,16 @@ def selective_policy(hidden: int, intermediate: int, ctx, op, *args, **kwargs):
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
+class _NoInplaceCaution(logging.Filter):
+    """Drops torch's once-per-process caution that a compiled checkpoint with a `context_fn` must
+    not contain in-place ops. A decoder layer has none: the selective layer's gradients equal the
+    plain layer's (tests/train/test_speed.py, and through varlen FA2 tests/train/test_attention.py),
+    so the message would only alarm whoever reads the training log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "context_fn is passed to torch.utils.checkpoint" not in record.getMessage()
+
+
 def selective_layer_call(config) -> Callable:
     """`_run_layer` under a checkpoint that follows `selective_policy` for `config`'s sizes."""
     from functools import partial
@@ -157,6 +167,10 @@ def selective_layer_call(config) -> Callable:
     # the layer would run as an eager checkpoint around compiled pieces).
     def context_fn():
         return create_selective_checkpoint_contexts(policy)
+
+    caution = logging.getLogger("torch._higher_order_ops.wrap")
+    if not any(isinstance(f, _NoInplaceCaution) for f in caution.filters):
+        caution.addFilter(_NoInplaceCaution())
 
     def run_layer_selective(layer: nn.Module, *args, **kwargs):
         return torch.utils.checkpoint.checkpoint(_run_layer, layer, *args, use_reentrant=False,
