@@ -232,16 +232,15 @@ class LayerRunner:
         self.selective: frozenset[int] = frozenset()  # the checkpointed layers that recompute selectively
         self.selective_history: list[int] = []  # how many, per training micro-batch
         self.selective_count = 0  # set by auto_count
-        self._size_cache = None  # see _sizes
+        self._per_token_sizes = None  # see _sizes
+        self._head_reserve = (None, 0)  # (tokens, bytes), see _sizes
         self.warmup_batches = warmup_batches
         # Measured minus predicted peak (bytes) of each phase of a micro-batch, the largest seen
         # (see auto_count): "start" up to the backward reaching the top decoder layer, "end" the rest.
         self.margins = {"start": 0, "end": 0}
-        self.peaks: list[int] = []  # CUDA: measured peak of each training micro-batch (bytes)
-        self.predictions: list[int | None] = []  # the peak predicted for each ("auto"), else None
         self.phase_peaks: list[tuple] = []  # CUDA: (start, end) measured per micro-batch; start None if unseen
         self._prediction = None  # (start, end) predicted for the running micro-batch
-        self._phase_predictions: list[tuple | None] = []
+        self.phase_predictions: list[tuple | None] = []  # (start, end) predicted per micro-batch ("auto"), else None
         self._start_peak = None
         self._peak = None  # a train.peak_memory.PeakReader, from the first micro-batch on
         self._run_layer_selective = selective_layer_call(self.backbone.config)
@@ -336,8 +335,8 @@ class LayerRunner:
                 return self._recompute(layer, *args, **kwargs)
             if index in self.selective:
                 return self._run("_sel", self._run_layer_selective, layer, args, kwargs)
-            return self._run("_ckpt", _run_layer_checkpointed, layer, args, kwargs)
-        return self._run("_plain", _run_layer, layer, args, kwargs)
+            return self._run_checkpointed(layer, *args, **kwargs)
+        return self._run_plain(layer, *args, **kwargs)
 
     def _recompute(self, layer: nn.Module, *args, **kwargs):
         """The layer run like a plain one (compiled if the plain layer is) and recomputed in the backward."""
@@ -407,8 +406,7 @@ class LayerRunner:
                 prediction = self._prediction
         self.history.append(len(self.checkpointed))
         self.selective_history.append(len(self.selective))
-        self.predictions.append(None if prediction is None else max(prediction))
-        self._phase_predictions.append(prediction)
+        self.phase_predictions.append(prediction)
         return None
 
     def _record_peak(self) -> None:
@@ -426,16 +424,25 @@ class LayerRunner:
         start, end = self._start_peak, self._peak.peak()
         self._start_peak = None
         self.phase_peaks.append((start, end))
-        self.peaks.append(end if start is None else max(start, end))
-        predicted = self._phase_predictions[len(self.peaks) - 1]
+        predicted = self.phase_predictions[len(self.phase_peaks) - 1]
         if predicted is not None:
             if start is None:  # no split seen (no backward through the layers): one margin for both phases
                 for phase in self.margins:
-                    self.margins[phase] = max(self.margins[phase], self.peaks[-1] - max(predicted))
+                    self.margins[phase] = max(self.margins[phase], end - max(predicted))
             else:
                 self.margins["start"] = max(self.margins["start"], start - predicted[0])
                 self.margins["end"] = max(self.margins["end"], end - predicted[1])
         self._peak.restart()
+
+    @property
+    def peaks(self) -> list[int]:
+        """CUDA: the measured peak of each training micro-batch (bytes), its larger phase."""
+        return [end if start is None else max(start, end) for start, end in self.phase_peaks]
+
+    @property
+    def predictions(self) -> list[int | None]:
+        """The peak predicted for each training micro-batch ("auto"), its larger phase, else None."""
+        return [None if p is None else max(p) for p in self.phase_predictions]
 
     @property
     def margin(self) -> int:
@@ -542,13 +549,13 @@ class LayerRunner:
         """(kept and selective bytes per token, the loss head's reserve for `tokens`), the first two
         worked out once (config lookups are slow next to the policy's arithmetic, which runs up to
         a hundred predictions per micro-batch), the reserve once per batch length."""
-        if self._size_cache is None or self._size_cache[0] != tokens:
-            per_token = self._size_cache[1] if self._size_cache else (self._kept_bytes_per_token(),
-                                                                     self._selective_bytes_per_token())
-            head = head_reserve_bytes(self.backbone.config, tokens, chunked=self.chunked_loss,
-                                      head_trainable=self.head_trainable, compute_bytes=self._act_bytes())
-            self._size_cache = (tokens, per_token, head)
-        return (*self._size_cache[1], self._size_cache[2])
+        if self._per_token_sizes is None:
+            self._per_token_sizes = (self._kept_bytes_per_token(), self._selective_bytes_per_token())
+        if self._head_reserve[0] != tokens:
+            self._head_reserve = (tokens, head_reserve_bytes(
+                self.backbone.config, tokens, chunked=self.chunked_loss, head_trainable=self.head_trainable,
+                compute_bytes=self._act_bytes()))
+        return (*self._per_token_sizes, self._head_reserve[1])
 
     def _act_bytes(self) -> int:
         """Bytes of one activation element: the embedding's dtype (a layer's first weight may be 4-bit)."""
