@@ -178,7 +178,7 @@ class FusedDecoder(nn.Module):
         if self.kernels:
             self._rotary_tables(cache_slots or config.max_position_embeddings)
             self._tune(cache_slots)
-        else:
+        elif kernels != "none":  # "none" is the caller's choice (every eager runner's): nothing to explain
             log.info("batch-1 decode without Triton kernels: %s", why_not)
 
     def _rotary_tables(self, length: int) -> None:

@@ -9,6 +9,7 @@ template) so every later load is an ordinary `from_pretrained` of a directory.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import logging
 import os
@@ -115,10 +116,23 @@ def _resolve_hub_id(repo_id: str, revision: str | None) -> str:
     except Exception as exc:  # network errors, 404s, auth: all mean "not usable from here"
         raise ModelSourceError(
             f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200]}). This machine may be offline: download the "
-            "model elsewhere and pass its local directory, or use the builtin "
+            f"{str(exc).splitlines()[0][:200]}). {_local_sibling_hint(repo_id)}This machine may be "
+            "offline: download the model elsewhere and pass its local directory, or use the builtin "
             f"'{DEFAULT_MODEL}'."
         ) from None
+
+
+def _local_sibling_hint(repo_id: str) -> str:
+    """`runs/dmeo` reads as a hub id (owner/name), but when `runs/` is a local directory the
+    user most likely meant a path in it: say that it is not there and what is."""
+    parent, name = Path(repo_id).parent, Path(repo_id).name
+    if not parent.is_dir():
+        return ""
+    entries = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+    close = difflib.get_close_matches(name, entries, n=3, cutoff=0.5)
+    held = ", ".join(close or entries[:10]) or "no directories"
+    return (f"No directory {repo_id!r} exists here either ({parent}/ holds "
+            f"{'close names: ' if close else ''}{held}). ")
 
 
 def fetch_builtin(name: str) -> Path:

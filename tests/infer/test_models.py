@@ -20,6 +20,20 @@ def test_unreachable_hub_id_fails_with_advice(monkeypatch, tmp_path):
         resolve_model("someorg/some-model")
 
 
+def test_a_missing_run_that_reads_as_a_hub_id_names_the_local_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.chdir(tmp_path)
+    for name in ("demo", "demo-zephyr", "other"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+    with pytest.raises(ModelSourceError, match=r"No directory 'runs/dmeo' exists here either "
+                       r"\(runs/ holds close names: demo\)"):
+        resolve_model("runs/dmeo")
+    with pytest.raises(ModelSourceError) as err:
+        resolve_model("someorg/some-model")  # no local someorg/: only the hub's failure
+    assert "No directory" not in str(err.value)
+
+
 def test_missing_path_and_non_checkpoint_dir(tmp_path):
     with pytest.raises(ModelSourceError, match="does not exist"):
         resolve_model(str(tmp_path / "nope"))
