@@ -216,8 +216,8 @@ def _model_card(state) -> dict:
             "owned_by": "tunewright", "max_model_len": state.max_model_len}
 
 
-def _check_model(state, name: str) -> None:
-    if name != state.model_name:
+def _check_model(state, name: str | None) -> None:
+    if name is not None and name != state.model_name:
         raise ApiError(404, f"model {name!r} is not served here; this server serves {state.model_name!r}",
                        param="model", code="model_not_found")
 

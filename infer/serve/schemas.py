@@ -31,7 +31,7 @@ class StreamOptions(BaseModel):
 class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: StrictStr
+    model: StrictStr | None = None  # optional, as in vLLM: the one model this server serves
     max_tokens: StrictInt | None = Field(None, ge=1)
     # OpenAI's clients may send null for any of these; null means the default.
     temperature: StrictFloat | None = Field(None, ge=0.0, le=2.0)

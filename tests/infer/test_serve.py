@@ -286,6 +286,20 @@ def test_bad_input_gets_openai_error_and_server_survives(server, case):
     assert ok.usage.completion_tokens == 2
 
 
+def test_the_model_field_may_be_left_out_but_not_misnamed(server):
+    body = {"prompt": "hi", "max_tokens": 2, "temperature": 0}
+    resp = server.post("/v1/completions", body)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["model"] == MODEL and resp.json()["usage"]["completion_tokens"] == 2
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert server.post("/v1/chat/completions", chat).status_code == 200
+    resp = server.post("/v1/chat/completions", {**chat, "model": "gpt-4"})
+    assert resp.status_code == 404
+    error = resp.json()["error"]
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert "'gpt-4' is not served here" in error["message"] and repr(MODEL) in error["message"]
+
+
 def test_body_errors_say_what_is_wrong(server):
     cases = {b'{"model": "tiny", "prompt": ': ("request body is not valid JSON", None),
              b"": ("request body is not valid JSON", None),
