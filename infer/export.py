@@ -32,7 +32,7 @@ from pathlib import Path
 
 from infer.checksums import sha256_file
 from infer.gguf_file import ExportError, check_exportable, ggml_type
-from infer.run_directory import RunDirectory, read_run
+from infer.run_directory import RunDirectory, read_run, recipe_sources
 
 log = logging.getLogger(__name__)
 
@@ -113,18 +113,21 @@ def check_data(source: dict, ppl_rows: int, eval_rows: int | None):
 
     recipe = source.get("recipe") or {}
     data, ev = recipe.get("data") or {}, recipe.get("eval") or {}
-    kwargs = dict(fields=data.get("fields") or None, system_prompt=data.get("system_prompt"))
-    validation = data.get("validation")
-    if isinstance(validation, list):
-        validation = validation[0] if validation else None
-    ppl = load_examples(validation, limit=ppl_rows, **kwargs) if validation and ppl_rows > 0 else None
+    system_prompt = data.get("system_prompt")
+    ppl, used = [], []  # the first ppl_rows rows of the validation sources, in the recipe's order
+    for src in recipe_sources(recipe, "validation") if ppl_rows > 0 else []:
+        if len(ppl) >= ppl_rows:
+            break
+        ppl += load_examples(src["path"], limit=ppl_rows - len(ppl), fmt=src["format"], fields=src["fields"],
+                             system_prompt=system_prompt)
+        used.append(src["path"])
     evals = None
     if ev.get("data") and eval_rows != 0:
         limit = eval_rows if eval_rows is not None else ev.get("limit")
-        evals = load_examples(ev["data"], limit=limit, **kwargs)
+        evals = load_examples(ev["data"], limit=limit, fields=data.get("fields") or None, system_prompt=system_prompt)
     options = dict(metric=ev.get("metric", "exact_match"), regex=ev.get("regex"), normalize=ev.get("normalize", "none"),
                    max_new_tokens=ev.get("max_new_tokens", 64))
-    return ppl, evals, options, validation, ev.get("data")
+    return ppl or None, evals, options, ", ".join(used) or None, ev.get("data")
 
 
 def export_gguf(source, *, quant: str = "q8_0", fmt: str = "gguf", out=None, overwrite: bool = False,

@@ -172,11 +172,8 @@ class RunDirectory:
             train = (self.read_recipe() or {}).get("data", {}).get("train")
         except (yaml.YAMLError, AttributeError):
             return None
-        if isinstance(train, list) and train:  # several sources: the first one
-            train = train[0]
-        if isinstance(train, dict):  # {path, format, ...}, as train writes each source
-            train = train.get("path")
-        return train if isinstance(train, str) else None
+        sources = recipe_sources({"data": {"train": train}}, "train")
+        return sources[0]["path"] if sources else None
 
     def adapter_base(self) -> str | None:
         """The base model adapter/ applies to: the manifest's local copy while it exists, else the
@@ -213,6 +210,26 @@ class RunDirectory:
         manifest = self.complete_manifest(fields)
         write_json_atomically(self.manifest_file, manifest)
         return manifest
+
+
+def recipe_sources(recipe: dict | None, split: str) -> list[dict]:
+    """The sources of `data.<split>` in a recipe as recipe.yaml holds it (a path, a list of paths,
+    `{path, format, fields, ...}` as train writes each source, or a list of those), each as
+    {path, format, fields} with the data-wide format and fields where the source sets none.
+    Entries that name no path are left out."""
+    data = (recipe or {}).get("data") or {}
+    entries = data.get(split)
+    entries = entries if isinstance(entries, list) else [entries] if entries else []
+    out = []
+    for entry in entries:
+        entry = {"path": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            continue
+        fmt = entry.get("format")
+        out.append({"path": entry["path"],
+                    "format": fmt if fmt and fmt != "auto" else data.get("format") or "auto",
+                    "fields": entry.get("fields") or data.get("fields") or None})
+    return out
 
 
 def read_run(path) -> dict:

@@ -256,6 +256,8 @@ def test_a_model_type_it_cannot_export_is_named(tmp_path, small_tokenizer):
 
 def test_lora_run_is_merged_checked_on_its_eval_set_and_carded(tmp_path, tiny_llama):
     import yaml
+
+    from train.recipe import validate_recipe
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -268,16 +270,25 @@ def test_lora_run_is_merged_checked_on_its_eval_set_and_carded(tmp_path, tiny_ll
     model.save_pretrained(run / "adapter")
     rows = [{"prompt": f"Convert: day {d}", "completion": f"2020-01-{d:02d}"} for d in range(1, 4)]
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (run / "recipe.yaml").write_text(yaml.safe_dump({
+    chats = [{"q": f"Convert: day {d}", "a": f"2020-02-{d:02d}"} for d in range(1, 3)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chats))
+    # recipe.yaml as training writes it: every source resolved to {path, format, fields, ...}
+    recipe = validate_recipe({
         "name": "dates", "model": {"name": str(tiny_llama)}, "method": {"type": "lora", "lora": {"r": 4}},
-        "data": {"train": str(tmp_path / "eval.jsonl"), "validation": str(tmp_path / "eval.jsonl")},
-        "eval": {"data": str(tmp_path / "eval.jsonl"), "metric": "exact_match", "max_new_tokens": 4}}))
+        "data": {"train": str(tmp_path / "eval.jsonl"),
+                 "validation": [str(tmp_path / "eval.jsonl"),
+                                {"path": str(tmp_path / "chat.jsonl"), "format": "prompt_completion",
+                                 "fields": {"prompt": "q", "completion": "a"}}]},
+        "eval": {"data": str(tmp_path / "eval.jsonl"), "metric": "exact_match", "max_new_tokens": 4}})
+    (run / "recipe.yaml").write_text(recipe.to_yaml())
+    assert isinstance(yaml.safe_load(recipe.to_yaml())["data"]["validation"][0], dict)
     (run / "manifest.json").write_text(json.dumps({"name": "dates", "base_model": {"name": str(tiny_llama),
                                                    "resolved_path": str(tiny_llama)}, "training": {"method": "lora"}}))
     result = export_gguf(run, quant="q8_0", eval_rows=3)
     assert result.out == run / "gguf-q8_0" and result.gguf.name == "dates-q8_0.gguf"
     proof = json.loads((result.out / "proof.json").read_text())["check"]
-    assert proof["eval"]["n"] == 3 and proof["perplexity"]["rows"] == 3 and result.passed
+    assert proof["eval"]["n"] == 3 and proof["perplexity"]["rows"] == 5 and result.passed
+    assert proof["perplexity"]["data"] == f"{tmp_path / 'eval.jsonl'}, {tmp_path / 'chat.jsonl'}"
     card = (result.out / "README.md").read_text()
     assert "| exact_match on `" in card and f"{proof['eval']['exported']:.1f}%" in card
     # Merged, not the base: the file's logits differ from the base model's.
