@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from infer.gguf_file import head_dim, rope_parameters
+from infer.quiet import gguf_reader_quiet
 
 # Per type: max_logit_diff (16/32-bit only: greedy tokens must then agree everywhere except
 # at ties, a top-two gap below `tie`), ppl_increase_pct (perplexity of the file over the
@@ -82,8 +83,9 @@ def check_gguf(tuned, tokenizer, gguf_path, *, quant: str, ppl_examples=None, ev
         notes.append(f"rope scaling ({rope['rope_type']}) is not read by transformers' GGUF loader: the reload "
                      "takes it from the model's config; the file carries it for llama.cpp "
                      + ("as the rope_freqs tensor" if rope["rope_type"] == "llama3" else "as rope.scaling metadata"))
-    reloaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config,
-                                                    dtype=torch.float32).eval()
+    with gguf_reader_quiet():
+        reloaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config,
+                                                        dtype=torch.float32).eval()
     reloaded_tokenizer = PreTrainedTokenizerFast.from_pretrained(path.parent, gguf_file=path.name)
     tuned = tuned.float().eval()
     failures: list[str] = []

@@ -179,7 +179,9 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, filename = str(gguf_path.parent), gguf_path.name
-    with _gguf_parsed_once():
+    from infer.quiet import gguf_reader_quiet
+
+    with _gguf_parsed_once(), gguf_reader_quiet():
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
         gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
     config = gguf_model.config

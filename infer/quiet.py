@@ -9,6 +9,8 @@ Used by both packages (train imports infer, never the other way round).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import sys
@@ -53,14 +55,37 @@ class _DropLines(logging.Filter):
 _LOG_FILTERS = {name: _DropLines(prefixes) for name, prefixes in KNOWN_LOG_LINES.items()}
 
 
+_quiet = False  # quiet_libraries() ran without verbose
+
+
+@contextlib.contextmanager
+def gguf_reader_quiet():
+    """transformers' GGUF reader draws a tqdm bar of its own ("Converting and de-quantizing GGUF
+    tensors..."), outside its progress-bar setting: after `quiet_libraries()` it is off while the
+    block runs. A GGUF of the models tunewright exports reads in a second or two."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if not _quiet or original is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def quiet_libraries(verbose: bool = False) -> None:
     """Install the filters above and turn off the weight loading / saving progress bars.
 
     With `verbose`, nothing is filtered. Calling it again re-installs what a
     `warnings.catch_warnings()` block has since reset; nothing is added twice.
     """
+    global _quiet
     if verbose:
         return
+    _quiet = True
     for category, pattern, _why in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern, category=category)  # replaces an identical entry
     for name, line_filter in _LOG_FILTERS.items():
