@@ -21,6 +21,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from infer.quiet import gguf_reader_quiet
 from infer.run_directory import RunDirectory
 
 log = logging.getLogger(__name__)
@@ -179,8 +180,6 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, filename = str(gguf_path.parent), gguf_path.name
-    from infer.quiet import gguf_reader_quiet
-
     with _gguf_parsed_once(), gguf_reader_quiet():
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
         gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)

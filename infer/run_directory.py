@@ -169,10 +169,9 @@ class RunDirectory:
         import yaml
 
         try:
-            train = (self.read_recipe() or {}).get("data", {}).get("train")
-        except (yaml.YAMLError, AttributeError):
+            sources = recipe_sources(self.read_recipe(), "train")
+        except (yaml.YAMLError, AttributeError):  # not YAML, or not a mapping where one belongs
             return None
-        sources = recipe_sources({"data": {"train": train}}, "train")
         return sources[0]["path"] if sources else None
 
     def adapter_base(self) -> str | None:

@@ -7,7 +7,7 @@ import json
 
 from infer.checksums import sha256_file, sha256_tree
 from infer.outputs import write_json_atomically
-from infer.run_directory import MANIFEST_FORMAT, RunDirectory, read_run
+from infer.run_directory import MANIFEST_FORMAT, RunDirectory, read_run, recipe_sources
 
 
 def test_manifest_is_completed_with_format_time_and_what_exists(tmp_path):
@@ -39,6 +39,21 @@ def test_train_data_is_the_first_source_the_recipe_names(tmp_path):
     assert run.train_data() == "a.jsonl"
     run.write_recipe("data: [unreadable\n")
     assert run.train_data() is None
+
+
+def test_recipe_sources_fill_in_the_data_wide_format_and_fields():
+    recipe = {"data": {"format": "alpaca", "fields": {"output": "answer"},
+                       "validation": [{"path": "a.jsonl", "format": "auto", "fields": {}},
+                                      {"path": "b.jsonl", "format": "sharegpt", "fields": {"conversations": "c"}},
+                                      "c.jsonl", {"format": "text"}]}}
+    assert recipe_sources(recipe, "validation") == [
+        {"path": "a.jsonl", "format": "alpaca", "fields": {"output": "answer"}},
+        {"path": "b.jsonl", "format": "sharegpt", "fields": {"conversations": "c"}},
+        {"path": "c.jsonl", "format": "alpaca", "fields": {"output": "answer"}},
+    ]  # an entry without a path is left out
+    assert recipe_sources({"data": {"train": "t.jsonl"}}, "train") == [{"path": "t.jsonl", "format": "auto", "fields": None}]
+    assert recipe_sources({"data": {"train": "t.jsonl"}}, "validation") == []
+    assert recipe_sources(None, "train") == []
 
 
 def test_adapter_base_prefers_the_local_copy_while_it_exists(tmp_path):
