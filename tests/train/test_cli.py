@@ -392,6 +392,24 @@ def test_dry_run_of_the_mixed_sources_recipe_prints_what_each_source_gives(capsy
     assert "# checked: eval 200 rows, train 1000 rows, validation 100 rows" in out
 
 
+def test_a_trained_run_exports_and_checks_on_its_validation_sources(tmp_path, tiny_model_dir, data_file, capsys):
+    """train's run directory as infer reads it: the export check takes its perplexity rows from
+    every validation source recipe.yaml names, in each source's own format and fields."""
+    from infer.__main__ import main as infer_main
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"q": r["prompt"], "a": r["completion"]}) + "\n" for r in ROWS[:2]))
+    recipe = write_recipe(tmp_path, tiny_model_dir, data_file, data={"validation": [
+        str(data_file), {"path": str(chat), "format": "prompt_completion", "fields": {"prompt": "q", "completion": "a"}}]})
+    code, _, err = run_main(capsys, recipe)
+    assert code == 0, err
+    run = tmp_path / "runs" / "run"
+    assert infer_main(["export", str(run), "--quant", "f16", "--ppl-rows", "5"]) == 0, capsys.readouterr().err
+    proof = json.loads((run / "gguf-f16" / "proof.json").read_text())["check"]
+    assert proof["passed"] and proof["perplexity"]["rows"] == 5
+    assert proof["perplexity"]["data"] == f"{data_file}, {chat}"
+
+
 def test_console_command_dispatches_train_and_infer(capsys):
     import tomllib
 
