@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -19,7 +20,7 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from infer.errors import ArgumentParser
+from infer.errors import ArgumentParser, UserError
 from infer.loading import add_load_options, load_kwargs
 
 log = logging.getLogger("infer.serve")
@@ -219,6 +220,13 @@ def _default_model_name(run: str) -> str:
     return run
 
 
+_BIND_HINTS = {
+    errno.EADDRINUSE: "another process listens there: stop it, or pass another --port (--port 0 takes a free one)",
+    errno.EACCES: "ports below 1024 need privileges: pass a --port above 1023",
+    errno.EADDRNOTAVAIL: "--host is not an address of this machine (127.0.0.1 or 0.0.0.0 are)",
+}
+
+
 def _bind(host: str, port: int) -> socket.socket:
     """Bind before uvicorn starts so that `--port 0` can report the port it got."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -232,7 +240,8 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise SystemExit(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        hint = _BIND_HINTS.get(exc.errno)
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}" + (f"; {hint}" if hint else "")) from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,19 @@ def test_serve_with_a_bad_option_is_one_line_and_exit_2(tiny_model_dir, options,
                           capture_output=True, text=True, cwd=REPO, env=ENV, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"python -m infer serve: error: {message} (see --help)"]
+
+
+def test_serve_on_a_port_in_use_is_one_line_and_exit_2(tiny_model_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "infer", "serve", str(tiny_model_dir), "--port", str(port)],
+                              capture_output=True, text=True, cwd=REPO, env=ENV, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use; another process listens there: stop it, "
+        "or pass another --port (--port 0 takes a free one)"]
 
 
 def test_ctrl_c_exits_130_without_traceback(tiny_model_dir):
