@@ -315,7 +315,8 @@ async def _generate(state, request: Request, body, prompts: list[list[int]], cha
 
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     info = request.state
-    info.request_id, info.prompt_tokens, info.completion_tokens = rid, sum(len(s.prompt) for s in job.seqs), 0
+    # A prompt counts once however many choices (n) it has, as OpenAI and vLLM count it.
+    info.request_id, info.prompt_tokens, info.completion_tokens = rid, sum(len(s.prompt) for s in job.seqs[::body.n]), 0
     if body.stream:
         stream = _sse(state, job, body, rid, chat, info)
         return _CancelOnClose(stream, lambda: state.engine.cancel(job.seqs), media_type="text/event-stream")

@@ -238,6 +238,10 @@ def test_seed_n_and_stop(server):
     assert sorted(c.index for c in first.choices) == [0, 1, 2]
     assert len({c.text for c in first.choices}) > 1  # n choices are distinct draws
     assert first.usage.completion_tokens == 48
+    one = client.completions.create(n=1, **kw).usage.prompt_tokens
+    assert first.usage.prompt_tokens == one  # the prompt counts once, not once per choice
+    two = client.completions.create(**{**kw, "prompt": [PROMPTS[3], PROMPTS[4]]}, n=2).usage.prompt_tokens
+    assert two == one + client.completions.create(**{**kw, "prompt": PROMPTS[4]}).usage.prompt_tokens
 
     full = client.completions.create(model=MODEL, prompt=PROMPTS[5], max_tokens=24, temperature=0).choices[0].text
     stop = full[len(full) // 2: len(full) // 2 + 3]
