@@ -30,7 +30,8 @@ from infer.sampling import SamplingParams
 from .engine import EngineStoppedError, QueueFullError
 from .metrics import CONTENT_TYPE
 from .middleware import BodyLimits, RequestLog
-from .schemas import ChatCompletionRequest, CompletionRequest, error_body
+from .schemas import (ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                      error_body)
 
 log = logging.getLogger("infer.serve")
 
@@ -79,6 +80,26 @@ def create_app(state) -> "_Front":
         _check_model(state, model_id)
         return _model_card(state)
 
+    # vLLM's token routes, beside /v1 as vLLM has them: count a prompt's tokens as generation
+    # will (the same tokenization and chat template), or read ids back as text.
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        await _admit(request)
+        body = await _body(request, TokenizeRequest)
+        _check_model(state, body.model)
+        if body.messages is not None:
+            ids = _chat_ids(state, body.messages, add_generation_prompt=body.add_generation_prompt)
+        else:
+            ids = text_ids(state.tokenizer, body.prompt)
+        return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        await _admit(request)
+        body = await _body(request, DetokenizeRequest)
+        _check_model(state, body.model)
+        return {"prompt": state.tokenizer.decode(_known_ids(state, body.tokens, "tokens"))}
+
     # The generation routes are plain ASGI endpoints that validate their bodies with the
     # schemas' pydantic models themselves, and a POST to either never enters FastAPI: `_Front`
     # hands it to the server's own middleware and the endpoint directly. As FastAPI routes,
@@ -99,7 +120,7 @@ def create_app(state) -> "_Front":
         await _admit(request)
         body = await _body(request, ChatCompletionRequest)
         _check_model(state, body.model)
-        return await _generate(state, request, body, [_chat_ids(state, body)], chat=True)
+        return await _generate(state, request, body, [_chat_ids(state, body.messages)], chat=True)
 
     generation = {"/v1/completions": _Endpoint(completions), "/v1/chat/completions": _Endpoint(chat_completions)}
     app.include_router(v1)
@@ -226,24 +247,27 @@ def _check_model(state, name: str | None) -> None:
 def _completion_ids(state, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
         return text_ids(state.tokenizer, prompt)
+    return _known_ids(state, prompt, "prompt")
+
+
+def _known_ids(state, ids: list[int], field: str) -> list[int]:
     vocab = len(state.tokenizer)
-    bad = [t for t in prompt if not 0 <= t < vocab]
+    bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
-        raise ApiError(400, f"prompt: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
-                       param="prompt")
-    return list(prompt)
+        raise ApiError(400, f"{field}: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
+                       param=field)
+    return list(ids)
 
 
-def _chat_ids(state, body: ChatCompletionRequest) -> list[int]:
+def _chat_ids(state, messages: list[ChatMessage], *, add_generation_prompt: bool = True) -> list[int]:
     tok = state.tokenizer
     if not getattr(tok, "chat_template", None):
         raise ApiError(400, "this model has no chat template; use /v1/completions instead",
                        param="messages")
     # Templates know system/user/assistant; OpenAI's newer "developer" role is a system prompt.
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in body.messages]
+    turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
     try:
-        return chat_ids(tok, messages, add_generation_prompt=True)
+        return chat_ids(tok, turns, add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # jinja raises for conversations its template refuses
         raise ApiError(400, f"messages: the chat template refused them ({exc})", param="messages") from None
 

@@ -175,3 +175,26 @@ class ChatCompletionRequest(_Common):
     def alternatives(self) -> int | None:
         """Log-probability alternatives per token, or None when logprobs are off."""
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: the token ids a completions request with this `prompt`, or a chat request
+    with these `messages`, would prefill."""
+    model_config = ConfigDict(extra="forbid")
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_generation_prompt: StrictBool = True  # messages only; a chat request always adds it
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send either prompt (text) or messages (a conversation), not both or neither")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's /detokenize: the text of token ids."""
+    model_config = ConfigDict(extra="forbid")
+    model: StrictStr | None = None
+    tokens: list[StrictInt]

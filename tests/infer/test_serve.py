@@ -304,6 +304,35 @@ def test_the_model_field_may_be_left_out_but_not_misnamed(server):
     assert "'gpt-4' is not served here" in error["message"] and repr(MODEL) in error["message"]
 
 
+def test_tokenize_counts_what_generation_prefills_and_detokenize_reads_it_back(server):
+    client = server.client()
+    text = PROMPTS[3]
+    tokens = server.post("/tokenize", {"prompt": text}).json()
+    completion = client.completions.create(model=MODEL, prompt=text, max_tokens=1, temperature=0)
+    assert tokens["count"] == len(tokens["tokens"]) == completion.usage.prompt_tokens
+    assert tokens["max_model_len"] == client.models.list().data[0].max_model_len
+    assert server.post("/detokenize", {"model": MODEL, "tokens": tokens["tokens"]}).json() == {"prompt": text}
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+    chat = server.post("/tokenize", {"messages": messages}).json()
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, temperature=0)
+    assert chat["count"] == reply.usage.prompt_tokens > tokens["count"]
+    bare = server.post("/tokenize", {"messages": messages, "add_generation_prompt": False}).json()
+    assert bare["tokens"] == chat["tokens"][:bare["count"]] and bare["count"] < chat["count"]
+
+    for path, body, status, param in [
+        ("/tokenize", {"prompt": text, "messages": messages}, 400, None),
+        ("/tokenize", {}, 400, None),
+        ("/tokenize", {"prompt": text, "model": "gpt-4"}, 404, "model"),
+        ("/detokenize", {"tokens": [0, 10**9]}, 400, "tokens"),
+        ("/detokenize", {"tokens": "12"}, 400, "tokens"),
+    ]:
+        resp = server.post(path, body)
+        assert resp.status_code == status, (body, resp.text)
+        assert resp.json()["error"]["param"] == param, (body, resp.text)
+    assert "either prompt" in server.post("/tokenize", {}).json()["error"]["message"]
+    assert server.post("/tokenize", {"prompt": text}, key=None).status_code == 401
+
+
 def test_body_errors_say_what_is_wrong(server):
     cases = {b'{"model": "tiny", "prompt": ': ("request body is not valid JSON", None),
              b"": ("request body is not valid JSON", None),
