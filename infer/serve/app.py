@@ -262,7 +262,7 @@ def _known_ids(state, ids: list[int], field: str) -> list[int]:
 def _chat_ids(state, messages: list[ChatMessage], *, add_generation_prompt: bool = True) -> list[int]:
     tok = state.tokenizer
     if not getattr(tok, "chat_template", None):
-        raise ApiError(400, "this model has no chat template; use /v1/completions instead",
+        raise ApiError(400, "this model has no chat template; send a plain prompt instead (/v1/completions)",
                        param="messages")
     # Templates know system/user/assistant; OpenAI's newer "developer" role is a system prompt.
     turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
