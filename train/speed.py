@@ -321,7 +321,7 @@ class LayerRunner:
         return forward
 
     def _backward_reaches_layers(self, grad):
-        """The split between a micro-batch's two phases (see predicted_peak): the loss head's
+        """The split between a micro-batch's two phases (see phase_peaks_predicted): the loss head's
         backward is done, the decoder layers' is about to start."""
         self._start_peak = self._peak.peak()
         self._peak.restart()

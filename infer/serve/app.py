@@ -90,7 +90,7 @@ def create_app(state) -> "_Front":
         if body.messages is not None:
             ids = _chat_ids(state, body.messages, add_generation_prompt=body.add_generation_prompt)
         else:
-            ids = text_ids(state.tokenizer, body.prompt)
+            ids = _completion_ids(state, body.prompt)
         return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
 
     @app.post("/detokenize")

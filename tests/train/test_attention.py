@@ -220,7 +220,6 @@ def test_gpu_varlen_fa2_compiled_layers_match_eager():
     assert count_compilations() - before <= 2
 
 
-
 @pytest.mark.gpu
 def test_gpu_selective_compiled_layers_through_varlen_fa2_match_eager(monkeypatch):
     """Compiled layers recomputed selectively (train.speed.selective_policy) through the FA2 varlen
@@ -260,6 +259,7 @@ def test_gpu_selective_compiled_layers_through_varlen_fa2_match_eager(monkeypatc
     assert "torch_attn::_varlen_attn" in kept and kept.count("aten::mm") >= 4
     assert torch.allclose(loss, ref_loss, rtol=1e-2), (loss, ref_loss)
     assert max(_rel(g, r) for g, r in zip(grads, ref_grads)) < 3e-2
+
 
 @pytest.mark.gpu
 def test_gpu_chunked_layers_through_varlen_fa2_match_plain_layers():
