@@ -68,6 +68,10 @@ ROWS: dict[str, Row] = {r.name: r for r in [
         note="default with the foreach AdamW instead of the fused one"),
     Row("tw_default_full_logits", attn="auto", compile=True, checkpoint="auto", chunked_loss=False,
         note="default with the loss from full logits instead of TRL's fused LM head"),
+    Row("tw_triton_adamw", attn="auto", compile=True, checkpoint="auto", optim="adamw_triton",
+        note="default with AdamW's update in one Triton launch per parameter group"),
+    Row("fastest_triton_adamw", attn="auto", compile=True, checkpoint="none", optim="adamw_triton", steps=60,
+        note="fastest with AdamW's update in one Triton launch per parameter group"),
     Row("tw_8bit", attn="auto", compile=True, checkpoint="auto", optim="adamw_8bit",
         note="default + 8-bit AdamW (frees memory, so fewer layers recomputed)"),
     Row("tw_ga2", attn="auto", compile=True, checkpoint="auto", grad_accum=2,
@@ -289,7 +293,7 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
     from trl import SFTConfig, SFTTrainer
 
     from train.speed import speed_callback
-    from train.trainer import checkpointing_option, dataloader_workers, loop_options, tune_step
+    from train.trainer import checkpointing_option, dataloader_workers, loop_options, transformers_optim, tune_step
 
     ours = row.checkpoint != "trl"
     workers = dataloader_workers(ns.dataloader_workers, cuda=device.type == "cuda")
@@ -300,7 +304,7 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
         gradient_accumulation_steps=row.grad_accum,
         learning_rate=ns.lr,
         lr_scheduler_type="constant",
-        optim="adamw_bnb_8bit" if row.optim == "adamw_8bit" else row.optim,
+        optim="adamw_bnb_8bit" if row.optim == "adamw_8bit" else transformers_optim(row.optim),
         padding_free=row.padding_free,
         max_length=None if row.padding_free else ns.max_len,
         **checkpointing_option(not ours),
@@ -333,7 +337,8 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
 
     trainer.remove_callback(PrinterCallback)  # per-step log dicts would bury the table
     if ours:  # as tunewright's trainer does
-        tune_step(trainer, chunked_loss=row.chunked_loss, cuda=device.type == "cuda")
+        tune_step(trainer, chunked_loss=row.chunked_loss, cuda=device.type == "cuda",
+                  triton_adamw=row.optim == "adamw_triton")
     elif not row.chunked_loss:
         from train.loss import use_full_logits_loss
 

@@ -8,8 +8,9 @@ factor there drops the second pass: one read and one write of the whole gradient
 traffic per optimizer step for a 1B model's bf16 gradients).
 
 The update is the same: clip_grad_norm_ multiplies by min(1, max_norm / (norm + 1e-6)); the
-kernel divides by its inverse, clamp((norm + 1e-6) / max_norm, min=1). The gradients left in
-`.grad` are the unclipped ones; nothing reads them before the next zero_grad.
+kernel divides by its inverse, clamp((norm + 1e-6) / max_norm, min=1). torch's kernel writes the
+clipped gradients back into `.grad` (as it would unscaled ones); train.triton_adamw's only reads
+them. Nothing reads `.grad` between the step and the next zero_grad.
 
 Folded only where that is all the clip would do: a torch Adam/AdamW with `fused=True`, one
 process (no DeepSpeed, FSDP or DDP to reduce the norm across ranks), and no GradScaler (fp16

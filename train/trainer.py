@@ -59,7 +59,7 @@ def build_sft_config(recipe: Recipe, setup: ModelSetup, run: RunDir, *, has_vali
         warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the total steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim=t.optimizer,
+        optim=transformers_optim(t.optimizer),
         bf16=setup.precision == "bf16",  # SFTConfig would default bf16 on, even on CPU
         fp16=setup.precision == "fp16",
         # Both are decided per decoder layer by train.speed (see build_trainer): checkpointing per
@@ -162,7 +162,8 @@ def build_trainer(recipe: Recipe, setup: ModelSetup, datasets: dict, run: RunDir
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the bar replaces it
     cuda = setup.device.startswith("cuda")
-    tune_step(trainer, chunked_loss=recipe.training.chunked_loss, cuda=cuda)
+    tune_step(trainer, chunked_loss=recipe.training.chunked_loss, cuda=cuda,
+              triton_adamw=recipe.training.optimizer == "adamw_triton")
     if recipe.training.chunked_loss and not cuda:
         from train.loss import use_labeled_positions_loss
 
@@ -170,12 +171,23 @@ def build_trainer(recipe: Recipe, setup: ModelSetup, datasets: dict, run: RunDir
     return trainer, recorder, stopper
 
 
-def tune_step(trainer, *, chunked_loss: bool, cuda: bool) -> None:
+def transformers_optim(optimizer: str) -> str:
+    """TrainingArguments' `optim` for a recipe's `training.optimizer`: adamw_triton is built as torch's
+    fused AdamW, whose class tune_step then swaps."""
+    return "adamw_torch_fused" if optimizer == "adamw_triton" else optimizer
+
+
+def tune_step(trainer, *, chunked_loss: bool, cuda: bool, triton_adamw: bool = False) -> None:
     """What tunewright changes in a built SFTTrainer's step (the bench's tunewright rows too): the
-    clip folded into fused AdamW, the full-logits loss where `chunked_loss` is off, and on CUDA
-    with collating workers the step without host reads."""
+    clip folded into fused AdamW, with `triton_adamw` that AdamW's update in one Triton launch per
+    parameter group (where the GPU has Triton), the full-logits loss where `chunked_loss` is off,
+    and on CUDA with collating workers the step without host reads."""
     from train.fused_clip import fold_clip_into_fused_adamw
 
+    if triton_adamw:
+        from train.triton_adamw import use_triton_adamw
+
+        use_triton_adamw(trainer)
     fold_clip_into_fused_adamw(trainer)
     if not chunked_loss:
         from train.loss import use_full_logits_loss

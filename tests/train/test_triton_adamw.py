@@ -1,0 +1,141 @@
+"""TritonAdamW: torch's AdamW, its update in one Triton launch per parameter group on a CUDA GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from train import triton_adamw
+from train.triton_adamw import TritonAdamW, step_scalars
+
+
+def groups(params, **kwargs):
+    """HF's Trainer's two groups: decay on matrices, none on vectors."""
+    return [{"params": [p for p in params if p.dim() > 1], "weight_decay": 0.1},
+            {"params": [p for p in params if p.dim() == 1], "weight_decay": 0.0}]
+
+
+def tensors(device, dtype, shapes, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return [(torch.randn(s, generator=g) * 0.02).to(device=device, dtype=dtype) for s in shapes]
+
+
+SHAPES = [(64, 48), (1000,), (33, 31), (4097,), (4096, 3), (48,)]  # sizes that are and are not multiples of 16
+
+
+def run(cls, device, dtype, steps, *, scale=None, lrs=None, state=None, params=None, grads_seed=1):
+    params = params if params is not None else [p.requires_grad_() for p in tensors(device, dtype, SHAPES)]
+    opt = cls(groups(params), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    if state is not None:
+        opt.load_state_dict(state)
+    grads_left = []
+    for i in range(steps):
+        for p, g in zip(params, tensors(device, dtype, [p.shape for p in params], seed=grads_seed + i)):
+            p.grad = g * 50
+        if lrs:
+            for group in opt.param_groups:
+                group["lr"] = lrs[i]
+        if scale is not None:
+            opt.grad_scale = torch.tensor(scale, device=device)
+        opt.step()
+        grads_left.append([p.grad.clone() for p in params])
+    return params, opt, grads_left
+
+
+def test_on_the_cpu_it_is_torchs_adamw_and_its_state_loads_into_torchs():
+    ref, ref_opt, _ = run(torch.optim.AdamW, "cpu", torch.float32, 3, scale=2.0, lrs=[1e-2, 5e-3, 2e-3])
+    ours, ours_opt, _ = run(TritonAdamW, "cpu", torch.float32, 3, scale=2.0, lrs=[1e-2, 5e-3, 2e-3])
+    for a, b in zip(ref, ours):
+        assert torch.equal(a, b)
+    moved, _, _ = run(torch.optim.AdamW, "cpu", torch.float32, 1, params=[p.detach().clone().requires_grad_() for p in ours],
+                      state=ours_opt.state_dict(), grads_seed=9)
+    again, _, _ = run(TritonAdamW, "cpu", torch.float32, 1, params=[p.detach().clone().requires_grad_() for p in ref],
+                      state=ref_opt.state_dict(), grads_seed=9)
+    for a, b in zip(moved, again):
+        assert torch.equal(a, b)
+
+
+def test_step_scalars_round_as_torchs_fused_kernel():
+    s = step_scalars(lr=3e-4, beta1=0.9, beta2=0.999, weight_decay=0.1, step=7)
+    f32 = lambda x: torch.tensor(x, dtype=torch.float64).float().item()  # noqa: E731
+    bias1, bias2 = f32(1 - 0.9**7), f32(1 - 0.999**7)
+    assert s["step_size"] == f32(3e-4 / bias1) and s["step_size"] != 3e-4 / (1 - 0.9**7)
+    assert s["bias2_sqrt"] == f32(bias2**0.5)
+    assert s["lr_decay"] == 3e-4 * 0.1
+
+
+def test_the_trainer_builds_it_only_for_fused_adamw_on_a_gpu_with_triton(tmp_path, monkeypatch):
+    from tests.train.test_fused_clip import tiny_trainer
+
+    cpu = tiny_trainer(tmp_path / "a", "adamw_torch_fused", 1.0)
+    assert not triton_adamw.use_triton_adamw(cpu) and cpu.optimizer_cls_and_kwargs is None
+    monkeypatch.setattr(triton_adamw, "triton", object())  # as if Triton were installed
+    assert not triton_adamw.use_triton_adamw(cpu)  # CPU parameters
+    cpu.model.to("meta")
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert triton_adamw.use_triton_adamw(cpu)
+    cls, kwargs = cpu.optimizer_cls_and_kwargs
+    assert cls is TritonAdamW and kwargs["fused"] and kwargs["lr"] == cpu.args.learning_rate
+    foreach = tiny_trainer(tmp_path / "b", "adamw_torch", 1.0)
+    foreach.model.to("meta")
+    assert not triton_adamw.use_triton_adamw(foreach) and foreach.optimizer_cls_and_kwargs is None
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available() or triton_adamw.triton is None, reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("scale", [None, 1.7])
+def test_gpu_update_equals_torchs_fused_adamw(dtype, scale):
+    """Moments bitwise equal, weights within one unit in the last place, over steps with a changing
+    learning rate; torch's kernel writes the divided gradients back, this one leaves them."""
+    lrs = [1e-2, 5e-3, 2e-3, 1e-3]
+    ref, ref_opt, _ = run(torch.optim.AdamW, "cuda", dtype, 4, scale=scale, lrs=lrs)
+    ours, opt, our_grads = run(TritonAdamW, "cuda", dtype, 4, scale=scale, lrs=lrs)
+    assert len(opt._launches) == 2
+    eps = torch.finfo(dtype).eps
+    for p_ref, p_ours in zip(ref, ours):
+        st_ref, st_ours = ref_opt.state[p_ref], opt.state[p_ours]
+        assert float(st_ours["step"]) == 4.0 and st_ours["step"].dtype == torch.float32
+        if dtype == torch.bfloat16:  # fp32 arithmetic rounded to bf16: torch's double scalars do not show
+            assert torch.equal(st_ref["exp_avg"], st_ours["exp_avg"])
+            assert torch.equal(st_ref["exp_avg_sq"], st_ours["exp_avg_sq"])
+            ulp = eps * torch.maximum(p_ref.abs(), p_ours.abs()).float()
+            assert ((p_ref.float() - p_ours.float()).abs() <= ulp).all()
+            assert (p_ref != p_ours).float().mean() < 1e-2
+        else:  # torch's kernel takes beta1, beta2, weight_decay and eps in double: last-bit differences
+            for a, b in ((st_ref["exp_avg"], st_ours["exp_avg"]), (st_ref["exp_avg_sq"], st_ours["exp_avg_sq"]),
+                         (p_ref, p_ours)):
+                torch.testing.assert_close(b, a, rtol=4 * eps, atol=4 * eps * float(a.abs().max()))
+    expected = tensors("cuda", dtype, [p.shape for p in ours], seed=4)
+    for left, g in zip(our_grads[-1], expected):
+        assert torch.equal(left, g * 50)  # read, not written
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_state_moves_between_it_and_torchs_fused_adamw():
+    """A checkpoint of one resumes with the other: the step count is read back from the state."""
+    full, _, _ = run(torch.optim.AdamW, "cuda", torch.bfloat16, 5)
+    first, opt, _ = run(TritonAdamW, "cuda", torch.bfloat16, 3)
+    moved, _, _ = run(torch.optim.AdamW, "cuda", torch.bfloat16, 2, params=first, state=opt.state_dict(), grads_seed=4)
+    torch_first, torch_opt, _ = run(torch.optim.AdamW, "cuda", torch.bfloat16, 3)
+    back, back_opt, _ = run(TritonAdamW, "cuda", torch.bfloat16, 2, params=torch_first, state=torch_opt.state_dict(),
+                            grads_seed=4)
+    assert back_opt._steps[0][1] == 5
+    for a, b, c in zip(full, moved, back):
+        ulp = 2 * torch.finfo(torch.bfloat16).eps * a.abs().float()
+        assert ((a.float() - b.float()).abs() <= ulp).all() and ((a.float() - c.float()).abs() <= ulp).all()
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_falls_back_to_torch_where_the_kernel_does_not_apply():
+    params = [p.requires_grad_() for p in tensors("cuda", torch.bfloat16, SHAPES)]
+    opt = TritonAdamW(groups(params), lr=1e-2, fused=True, amsgrad=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert not getattr(opt, "_launches", None) and "max_exp_avg_sq" in opt.state[params[0]]
