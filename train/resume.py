@@ -23,6 +23,11 @@ FIXED_ON_RESUME = ("model.name", "model.revision", "method.type", "method.lora.r
                    "method.lora.bias", "method.qlora.quant_type", "method.qlora.double_quant", "training.optimizer")
 
 
+# Optimizer names whose checkpoints have one state layout: adamw_triton is torch's fused AdamW with
+# another kernel for its update (train/triton_adamw.py).
+SAME_STATE = {"adamw_triton": "adamw_torch_fused"}
+
+
 def saved_recipe(run: RunDir) -> dict[str, Any]:
     return flatten(run.read_recipe() or {})
 
@@ -35,7 +40,8 @@ def check_recipe_changes(run: RunDir, recipe: Recipe, checkpoint: Path) -> None:
         return
     after = flatten(recipe.model_dump(mode="json"))
     changed = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
-    fixed = [k for k in changed if k in FIXED_ON_RESUME]
+    fixed = [k for k in changed if k in FIXED_ON_RESUME
+             and SAME_STATE.get(before.get(k), before.get(k)) != SAME_STATE.get(after.get(k), after.get(k))]
     if fixed:
         what = "; ".join(f"{k} ({before.get(k)!r} -> {after.get(k)!r})" for k in fixed)
         raise UserError(

@@ -7,10 +7,12 @@ parameters that is ~9.5 ms of an 80 ms step on an H100, about 60% of the HBM ban
 grid covers every tensor of a group -- each program updates one block of one tensor, found through
 a table built once -- and the gradients are only read: ~6 ms (BENCHMARKS.md, "Training").
 
-The math is torch's AdamW, in the order its fused kernel computes it (decoupled weight decay,
-bias corrections rounded as it rounds them, eps outside the square root), in fp32 per element,
-read from and written back to the tensors' own dtypes. The moments come out bitwise equal to torch's
-and the weights within one unit in the last place (tests/train/test_triton_adamw.py, on a GPU).
+The math is torch's AdamW, in the order and the precision its fused kernel computes it: decoupled
+weight decay, bias corrections rounded to fp32 as it rounds them, fp32 per element except where its
+double scalars (betas, eps, lr x weight decay) make the arithmetic double; read from and written back
+to the tensors' own dtypes. Weights and moments come out bitwise equal to torch's but for rare
+last-place differences where the two compilers fuse a multiply-add differently
+(tests/train/test_triton_adamw.py, on a GPU).
 The state keeps torch's layout (`step`, `exp_avg`, `exp_avg_sq`), so a checkpoint saved by either
 resumes with the other. Anything the kernel does not cover -- no CUDA or no Triton, AMSGrad,
 `maximize`, `capturable`, a tensor learning rate, sparse or mixed-dtype gradients, a GradScaler's
@@ -38,7 +40,7 @@ if triton is not None:
 
     @triton.jit
     def _adamw_group_kernel(p_addr, g_addr, m_addr, v_addr, numels, block_tensor, first_block, scale_ptr,
-                            beta1, beta2, eps, lr_decay, step_size, bias2_sqrt,
+                            doubles, step_size, bias2_sqrt,
                             P: tl.constexpr, G: tl.constexpr, S: tl.constexpr, HAS_SCALE: tl.constexpr,
                             ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
@@ -64,10 +66,18 @@ if triton is not None:
         v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
         if HAS_SCALE:
             g = g / tl.load(scale_ptr)
-        p = p - lr_decay * p
-        m = beta1 * m + (1.0 - beta1) * g
-        v = beta2 * v + (1.0 - beta2) * g * g
-        denom = tl.sqrt(v) / bias2_sqrt + eps
+        # Where torch's kernel mixes its double scalars into the fp32 values, the arithmetic is in
+        # double and rounded to fp32 after, as there.
+        beta1 = tl.load(doubles)
+        beta2 = tl.load(doubles + 1)
+        eps = tl.load(doubles + 2)
+        lr_decay = tl.load(doubles + 3)
+        p64 = p.to(tl.float64)
+        g64 = g.to(tl.float64)
+        p = (p64 - lr_decay * p64).to(tl.float32)
+        m = (beta1 * m.to(tl.float64) + (1.0 - beta1) * g64).to(tl.float32)
+        v = (beta2 * v.to(tl.float64) + (1.0 - beta2) * g64 * g64).to(tl.float32)
+        denom = ((tl.sqrt(v) / bias2_sqrt).to(tl.float64) + eps).to(tl.float32)
         p = p - step_size * m / denom
         tl.store(p_ptr + offs, p.to(P), mask=mask)
         tl.store(m_ptr + offs, m.to(S), mask=mask)
@@ -117,11 +127,12 @@ class GroupLaunch:
                  grad_scale: Optional[torch.Tensor]) -> None:
         """The group's update at optimizer step `step` (1 for the first)."""
         s = step_scalars(lr, beta1, beta2, weight_decay, step)
+        doubles = _to_device(torch.tensor([beta1, beta2, eps, s["lr_decay"]], dtype=torch.float64), self.numels.device)
         p_dtype, g_dtype, s_dtype = self.dtypes
         _adamw_group_kernel[(self.n_blocks,)](
             self.p, self.g, self.m, self.v, self.numels, self.block_tensor, self.first_block,
             grad_scale if grad_scale is not None else self.numels,  # any pointer: unread without a scale
-            beta1, beta2, eps, s["lr_decay"], s["step_size"], s["bias2_sqrt"],
+            doubles, s["step_size"], s["bias2_sqrt"],
             P=p_dtype, G=g_dtype, S=s_dtype, HAS_SCALE=grad_scale is not None, ALIGNED=self.aligned,
             BLOCK=BLOCK, num_warps=8)
 

@@ -81,6 +81,16 @@ def test_the_trainer_builds_it_only_for_fused_adamw_on_a_gpu_with_triton(tmp_pat
     assert not triton_adamw.use_triton_adamw(foreach) and foreach.optimizer_cls_and_kwargs is None
 
 
+def assert_same_but_rare_last_place(a, b, ulps: int = 1):
+    """Equal but for at most 0.1% of elements, each within `ulps` units in the last place (where torch's
+    kernel and this one fuse a multiply-add differently)."""
+    a, b = a.detach(), b.detach()
+    differ = a != b
+    assert differ.float().mean() <= 1e-3, f"{int(differ.sum())} of {a.numel()} elements differ"
+    ulp = torch.finfo(a.dtype).eps * torch.maximum(a.abs(), b.abs()).float()
+    assert ((a.float() - b.float()).abs() <= ulps * ulp).all()
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available() or triton_adamw.triton is None, reason="needs a CUDA GPU")
 
 
@@ -95,20 +105,12 @@ def test_gpu_update_equals_torchs_fused_adamw(dtype, scale):
     ref, ref_opt, _ = run(torch.optim.AdamW, "cuda", dtype, 4, scale=scale, lrs=lrs)
     ours, opt, our_grads = run(TritonAdamW, "cuda", dtype, 4, scale=scale, lrs=lrs)
     assert len(opt._launches) == 2
-    eps = torch.finfo(dtype).eps
     for p_ref, p_ours in zip(ref, ours):
         st_ref, st_ours = ref_opt.state[p_ref], opt.state[p_ours]
         assert float(st_ours["step"]) == 4.0 and st_ours["step"].dtype == torch.float32
-        if dtype == torch.bfloat16:  # fp32 arithmetic rounded to bf16: torch's double scalars do not show
-            assert torch.equal(st_ref["exp_avg"], st_ours["exp_avg"])
-            assert torch.equal(st_ref["exp_avg_sq"], st_ours["exp_avg_sq"])
-            ulp = eps * torch.maximum(p_ref.abs(), p_ours.abs()).float()
-            assert ((p_ref.float() - p_ours.float()).abs() <= ulp).all()
-            assert (p_ref != p_ours).float().mean() < 1e-2
-        else:  # torch's kernel takes beta1, beta2, weight_decay and eps in double: last-bit differences
-            for a, b in ((st_ref["exp_avg"], st_ours["exp_avg"]), (st_ref["exp_avg_sq"], st_ours["exp_avg_sq"]),
-                         (p_ref, p_ours)):
-                torch.testing.assert_close(b, a, rtol=4 * eps, atol=4 * eps * float(a.abs().max()))
+        for a, b in ((p_ref, p_ours), (st_ref["exp_avg"], st_ours["exp_avg"]),
+                     (st_ref["exp_avg_sq"], st_ours["exp_avg_sq"])):
+            assert_same_but_rare_last_place(a, b)
     expected = tensors("cuda", dtype, [p.shape for p in ours], seed=4)
     for left, g in zip(our_grads[-1], expected):
         assert torch.equal(left, g * 50)  # read, not written
@@ -126,8 +128,8 @@ def test_gpu_state_moves_between_it_and_torchs_fused_adamw():
                             grads_seed=4)
     assert back_opt._steps[0][1] == 5
     for a, b, c in zip(full, moved, back):
-        ulp = 2 * torch.finfo(torch.bfloat16).eps * a.abs().float()
-        assert ((a.float() - b.float()).abs() <= ulp).all() and ((a.float() - c.float()).abs() <= ulp).all()
+        assert_same_but_rare_last_place(a, b, ulps=2)
+        assert_same_but_rare_last_place(a, c, ulps=2)
 
 
 @pytest.mark.gpu
