@@ -81,14 +81,14 @@ def test_the_trainer_builds_it_only_for_fused_adamw_on_a_gpu_with_triton(tmp_pat
     assert not triton_adamw.use_triton_adamw(foreach) and foreach.optimizer_cls_and_kwargs is None
 
 
-def assert_same_but_rare_last_place(a, b, ulps: int = 1):
-    """Equal but for at most 0.1% of elements, each within `ulps` units in the last place (where torch's
-    kernel and this one fuse a multiply-add differently)."""
-    a, b = a.detach(), b.detach()
-    differ = a != b
-    assert differ.float().mean() <= 1e-3, f"{int(differ.sum())} of {a.numel()} elements differ"
-    ulp = torch.finfo(a.dtype).eps * torch.maximum(a.abs(), b.abs()).float()
-    assert ((a.float() - b.float()).abs() <= ulps * ulp).all()
+def assert_rounding_apart(ours, ref, start=None):
+    """Within two units in the last place of each element (or of the tensor's largest, for elements
+    near zero); with `start`, the weights' distance also under 1% of the update they took."""
+    ours, ref = ours.detach().float(), ref.detach().float()
+    eps = torch.finfo(torch.bfloat16 if start is not None and start.dtype == torch.bfloat16 else ours.dtype).eps
+    torch.testing.assert_close(ours, ref, rtol=2 * eps, atol=2 * eps * float(ref.abs().max()))
+    if start is not None:
+        assert (ours - ref).norm() <= 1e-2 * (ref - start.float()).norm()
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available() or triton_adamw.triton is None, reason="needs a CUDA GPU")
@@ -99,18 +99,19 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available() or triton_adamw.triton i
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("scale", [None, 1.7])
 def test_gpu_update_equals_torchs_fused_adamw(dtype, scale):
-    """Moments bitwise equal, weights within one unit in the last place, over steps with a changing
-    learning rate; torch's kernel writes the divided gradients back, this one leaves them."""
+    """Weights and moments a rounding apart, over steps with a changing learning rate; torch's kernel
+    writes the divided gradients back, this one leaves them."""
     lrs = [1e-2, 5e-3, 2e-3, 1e-3]
     ref, ref_opt, _ = run(torch.optim.AdamW, "cuda", dtype, 4, scale=scale, lrs=lrs)
     ours, opt, our_grads = run(TritonAdamW, "cuda", dtype, 4, scale=scale, lrs=lrs)
     assert len(opt._launches) == 2
-    for p_ref, p_ours in zip(ref, ours):
+    start = tensors("cuda", dtype, SHAPES)
+    for p0, p_ref, p_ours in zip(start, ref, ours):
         st_ref, st_ours = ref_opt.state[p_ref], opt.state[p_ours]
         assert float(st_ours["step"]) == 4.0 and st_ours["step"].dtype == torch.float32
-        for a, b in ((p_ref, p_ours), (st_ref["exp_avg"], st_ours["exp_avg"]),
-                     (st_ref["exp_avg_sq"], st_ours["exp_avg_sq"])):
-            assert_same_but_rare_last_place(a, b)
+        assert_rounding_apart(st_ours["exp_avg"], st_ref["exp_avg"])
+        assert_rounding_apart(st_ours["exp_avg_sq"], st_ref["exp_avg_sq"])
+        assert_rounding_apart(p_ours, p_ref, start=p0)
     expected = tensors("cuda", dtype, [p.shape for p in ours], seed=4)
     for left, g in zip(our_grads[-1], expected):
         assert torch.equal(left, g * 50)  # read, not written
@@ -127,9 +128,9 @@ def test_gpu_state_moves_between_it_and_torchs_fused_adamw():
     back, back_opt, _ = run(TritonAdamW, "cuda", torch.bfloat16, 2, params=torch_first, state=torch_opt.state_dict(),
                             grads_seed=4)
     assert back_opt._steps[0][1] == 5
-    for a, b, c in zip(full, moved, back):
-        assert_same_but_rare_last_place(a, b, ulps=2)
-        assert_same_but_rare_last_place(a, c, ulps=2)
+    for p0, a, b, c in zip(tensors("cuda", torch.bfloat16, SHAPES), full, moved, back):
+        assert_rounding_apart(b, a, start=p0)
+        assert_rounding_apart(c, a, start=p0)
 
 
 @pytest.mark.gpu
