@@ -66,7 +66,7 @@ if triton is not None:
         m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
         if HAS_SCALE:
-            g = tl.math.div_rn(g, tl.load(scale_ptr))
+            g = g / tl.load(scale_ptr)
         # Where torch's kernel mixes its double scalars into the fp32 values, the arithmetic is in
         # double and rounded to fp32 after, as there.
         beta1 = tl.load(doubles)
@@ -78,10 +78,8 @@ if triton is not None:
         p = (p64 - lr_decay * p64).to(tl.float32)
         m = (beta1 * m.to(tl.float64) + (1.0 - beta1) * g64).to(tl.float32)
         v = (beta2 * v.to(tl.float64) + (1.0 - beta2) * g64 * g64).to(tl.float32)
-        # IEEE-rounded division and square root, as CUDA C++ compiles `/` and std::sqrt (Triton's own
-        # `/` and tl.sqrt on fp32 are the faster approximations)
-        denom = (tl.math.div_rn(tl.math.sqrt_rn(v), bias2_sqrt).to(tl.float64) + eps).to(tl.float32)
-        p = p - tl.math.div_rn(step_size * m, denom)
+        denom = ((tl.sqrt(v) / bias2_sqrt).to(tl.float64) + eps).to(tl.float32)
+        p = p - step_size * m / denom
         tl.store(p_ptr + offs, p.to(P), mask=mask)
         tl.store(m_ptr + offs, m.to(S), mask=mask)
         tl.store(v_ptr + offs, v.to(S), mask=mask)
