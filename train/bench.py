@@ -47,7 +47,7 @@ class Row:
     attn: str = "auto"
     compile: bool = False
     checkpoint: Any = "trl"  # "trl" | "auto" | "all" | "none" | fraction
-    optim: str = "adamw_triton"  # the recipe's default; TRL's rows name TRL's
+    optim: str = "adamw_torch_fused"
     grad_accum: int = 1
     method: str = "full"  # full | lora | qlora
     steps: Optional[int] = None  # when --steps is not given (else 50)
@@ -59,20 +59,19 @@ class Row:
 
 # The TRL-default row comes first: every other row is compared with it.
 ROWS: dict[str, Row] = {r.name: r for r in [
-    Row("trl_default", padding_free=False, attn="sdpa", optim="adamw_torch_fused",
-        note="TRL SFTConfig defaults: padded, SDPA, checkpointing"),
-    Row("padding_free_sdpa", attn="sdpa", steps=30, optim="adamw_torch_fused", note="TRL padding_free=True"),
-    Row("varlen_fa2", attn="varlen_fa2", optim="adamw_torch_fused", note="+ FA2 varlen kernel (TRL's checkpointing)"),
+    Row("trl_default", padding_free=False, attn="sdpa", note="TRL SFTConfig defaults: padded, SDPA, checkpointing"),
+    Row("padding_free_sdpa", attn="sdpa", steps=30, note="TRL padding_free=True"),
+    Row("varlen_fa2", attn="varlen_fa2", note="+ FA2 varlen kernel (TRL's checkpointing)"),
     Row("tw_default", attn="auto", compile=True, checkpoint="auto", steps=200,
         note="tunewright default: varlen FA2, per-layer compile, checkpoint what the limit needs"),
     Row("tw_adamw_torch", attn="auto", compile=True, checkpoint="auto", optim="adamw_torch",
         note="default with the foreach AdamW instead of the fused one"),
     Row("tw_default_full_logits", attn="auto", compile=True, checkpoint="auto", chunked_loss=False,
         note="default with the loss from full logits instead of TRL's fused LM head"),
-    Row("tw_torch_fused", attn="auto", compile=True, checkpoint="auto", optim="adamw_torch_fused",
-        note="default with torch's fused AdamW kernel instead of the one Triton launch per group"),
-    Row("fastest_torch_fused", attn="auto", compile=True, checkpoint="none", optim="adamw_torch_fused", steps=60,
-        note="fastest with torch's fused AdamW kernel instead of the one Triton launch per group"),
+    Row("tw_triton_adamw", attn="auto", compile=True, checkpoint="auto", optim="adamw_triton",
+        note="default with AdamW's update in one Triton launch per parameter group"),
+    Row("fastest_triton_adamw", attn="auto", compile=True, checkpoint="none", optim="adamw_triton", steps=60,
+        note="fastest with AdamW's update in one Triton launch per parameter group"),
     Row("tw_8bit", attn="auto", compile=True, checkpoint="auto", optim="adamw_8bit",
         note="default + 8-bit AdamW (frees memory, so fewer layers recomputed)"),
     Row("tw_ga2", attn="auto", compile=True, checkpoint="auto", grad_accum=2,
@@ -80,12 +79,10 @@ ROWS: dict[str, Row] = {r.name: r for r in [
     Row("fastest_eager", attn="auto", checkpoint="none", steps=60, note="no checkpointing, eager"),
     Row("fastest", attn="auto", compile=True, checkpoint="none", steps=60, note="no checkpointing, compiled"),
     Row("sdpa_compile", attn="sdpa", compile=True, checkpoint="auto", note="padding-free SDPA, compiled (CPU too)"),
-    Row("trl_peft_lora", padding_free=False, attn="sdpa", method="lora", optim="adamw_torch_fused",
-        note="TRL + peft defaults, LoRA r16"),
+    Row("trl_peft_lora", padding_free=False, attn="sdpa", method="lora", note="TRL + peft defaults, LoRA r16"),
     Row("tw_lora", attn="auto", compile=True, checkpoint="auto", method="lora"),
     Row("tw_lora_eager", attn="auto", checkpoint="auto", method="lora", note="tw_lora without compile"),
-    Row("trl_peft_qlora", padding_free=False, attn="sdpa", method="qlora", optim="adamw_torch_fused",
-        note="TRL + peft defaults, nf4 base"),
+    Row("trl_peft_qlora", padding_free=False, attn="sdpa", method="qlora", note="TRL + peft defaults, nf4 base"),
     Row("tw_qlora", attn="auto", compile=True, checkpoint="auto", method="qlora"),
     Row("tw_qlora_eager", attn="auto", checkpoint="auto", method="qlora", note="tw_qlora without compile"),
     Row("tw_lora_long", attn="auto", compile=True, checkpoint="all", method="lora", offload=True,

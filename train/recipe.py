@@ -128,12 +128,12 @@ class TrainingConfig(Section):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    # adamw_triton: torch's fused AdamW with each parameter group's update in one Triton launch on a
-    # CUDA GPU, same math and state (train/triton_adamw.py), torch's fused kernel elsewhere.
-    # adamw_torch_fused: torch's fused kernel everywhere; adamw_torch: its foreach ops (BENCHMARKS.md
-    # "Training"). adamw_8bit frees ~1.5 bytes/parameter but drifts the loss.
-    optimizer: Literal["adamw_triton", "adamw_torch_fused", "adamw_torch", "adamw_8bit", "paged_adamw_8bit",
-                       "sgd"] = "adamw_triton"
+    # adamw_torch_fused: one kernel per step instead of a loop of foreach ops, same math
+    # (BENCHMARKS.md "Training"). adamw_triton: the same AdamW with each parameter group's update in
+    # one Triton launch on a CUDA GPU, same state (train/triton_adamw.py), torch's fused kernel
+    # elsewhere. adamw_8bit frees ~1.5 bytes/parameter but drifts the loss.
+    optimizer: Literal["adamw_torch_fused", "adamw_triton", "adamw_torch", "adamw_8bit", "paged_adamw_8bit",
+                       "sgd"] = "adamw_torch_fused"
     max_length: int = Field(1024, gt=0)
     seed: int = 42
     # auto: on a GPU, recompute only the decoder layers whose activations would not fit

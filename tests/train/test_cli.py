@@ -307,11 +307,11 @@ def test_resume_finished_run_changed_recipe_and_damaged_checkpoint(tmp_path, tin
     assert code == 2
     assert_one_error(err, "method.lora.r (4 -> 8) changed since checkpoint-2")
     # torch's fused AdamW and the Triton launch of its update keep one state layout; SGD does not.
-    code, out, _ = run_main(capsys, recipe, "--resume", "training.optimizer=adamw_torch_fused")
+    code, out, _ = run_main(capsys, recipe, "--resume", "training.optimizer=adamw_triton")
     assert code == 0 and "already complete" in out
     code, _, err = run_main(capsys, recipe, "--resume", "training.optimizer=sgd")
     assert code == 2
-    assert_one_error(err, "training.optimizer ('adamw_triton' -> 'sgd') changed since checkpoint-2")
+    assert_one_error(err, "training.optimizer ('adamw_torch_fused' -> 'sgd') changed since checkpoint-2")
 
     # checkpoint-2 damaged: resume from checkpoint-1, with the new learning rate applied.
     (run / "checkpoints" / "checkpoint-2" / "optimizer.pt").write_bytes(b"\0" * 64)

@@ -142,3 +142,19 @@ def test_gpu_falls_back_to_torch_where_the_kernel_does_not_apply():
         p.grad = torch.ones_like(p)
     opt.step()
     assert not getattr(opt, "_launches", None) and "max_exp_avg_sq" in opt.state[params[0]]
+
+
+def test_adamw_triton_trains_on_the_cpu_as_torchs_fused_adamw(tmp_path):
+    from tests.train.test_fused_clip import tiny_trainer
+    from train.trainer import transformers_optim, tune_step
+
+    assert transformers_optim("adamw_triton") == "adamw_torch_fused" and transformers_optim("sgd") == "sgd"
+    runs = []
+    for name, triton_adamw in (("a", False), ("b", True)):
+        trainer = tiny_trainer(tmp_path / name, transformers_optim("adamw_triton"), 1.0)
+        tune_step(trainer, chunked_loss=True, cuda=False, triton_adamw=triton_adamw)
+        trainer.train()
+        assert type(trainer.optimizer.optimizer) is torch.optim.AdamW and trainer.optimizer.optimizer.defaults["fused"]
+        runs.append([p.detach().clone() for p in trainer.model.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
