@@ -158,7 +158,7 @@ class TritonAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None or not self._kernel_covers():
-            return super().step(closure)
+            return self._torch_step(closure)
         self._launches = getattr(self, "_launches", {})
         self._steps = getattr(self, "_steps", {})
         scale = getattr(self, "grad_scale", None)
@@ -182,6 +182,14 @@ class TritonAdamW(torch.optim.AdamW):
             launch(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                    weight_decay=group["weight_decay"], step=step, grad_scale=scale)
         return None
+
+    def _torch_step(self, closure):
+        """torch's own step, without the step hooks a second time: this class's step already runs
+        inside torch's hook wrapper, which also wraps AdamW.step once any AdamW was built."""
+        step = torch.optim.AdamW.step
+        if getattr(step, "hooked", False):
+            step = step.__wrapped__
+        return step(self, closure)
 
     def _state_for(self, p) -> dict[str, Any]:
         state = self.state[p]

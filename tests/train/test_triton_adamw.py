@@ -55,6 +55,20 @@ def test_on_the_cpu_it_is_torchs_adamw_and_its_state_loads_into_torchs():
         assert torch.equal(a, b)
 
 
+def test_step_hooks_run_once_per_step_where_torchs_step_runs():
+    torch.optim.AdamW([torch.zeros(2, requires_grad=True)])  # wraps AdamW.step in torch's hook wrapper
+    params = [p.requires_grad_() for p in tensors("cpu", torch.float32, SHAPES)]
+    opt = TritonAdamW(groups(params), lr=1e-2)
+    calls = []
+    opt.register_step_pre_hook(lambda *_: calls.append("pre"))
+    opt.register_step_post_hook(lambda *_: calls.append("post"))
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.step()
+    assert calls == ["pre", "post"] * 2 and float(opt.state[params[0]]["step"]) == 2
+
+
 def test_step_scalars_round_as_torchs_fused_kernel():
     s = step_scalars(lr=3e-4, beta1=0.9, beta2=0.999, weight_decay=0.1, step=7)
     f32 = lambda x: torch.tensor(x, dtype=torch.float64).float().item()  # noqa: E731
