@@ -155,12 +155,15 @@ class TritonAdamW(torch.optim.AdamW):
     runs one Triton launch per parameter group where the kernel covers the group, torch's fused
     step otherwise."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._launches: dict[int, GroupLaunch] = {}  # per group index
+        self._steps: dict[int, tuple[tuple[int, ...], int]] = {}  # per group: (its step tensors' ids, count)
+
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None or not self._kernel_covers():
             return self._torch_step(closure)
-        self._launches = getattr(self, "_launches", {})
-        self._steps = getattr(self, "_steps", {})
         scale = getattr(self, "grad_scale", None)
         for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
@@ -189,6 +192,7 @@ class TritonAdamW(torch.optim.AdamW):
         step = torch.optim.AdamW.step
         if getattr(step, "hooked", False):
             step = step.__wrapped__
+        self._steps = {}  # torch's step counts in the state's tensors: read them again next time
         return step(self, closure)
 
     def _state_for(self, p) -> dict[str, Any]:

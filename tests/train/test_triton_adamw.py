@@ -69,6 +69,24 @@ def test_step_hooks_run_once_per_step_where_torchs_step_runs():
     assert calls == ["pre", "post"] * 2 and float(opt.state[params[0]]["step"]) == 2
 
 
+def test_the_step_count_kept_on_the_host_follows_the_states_tensors():
+    params = [p.requires_grad_() for p in tensors("cpu", torch.float32, SHAPES)]
+    opt = TritonAdamW(groups(params), lr=1e-2, fused=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    steps = [opt._state_for(p)["step"] for p in opt.param_groups[0]["params"]]
+    assert opt._host_step(0, steps) == 1  # read from the state once
+    torch._foreach_add_(steps, 1.0)  # as the kernel's step counts
+    assert opt._host_step(0, steps) == 2  # counted on the host
+    torch._foreach_add_(steps, 1.0)
+    opt.step()  # torch's own step (no CUDA here): the state is at 3
+    assert opt._host_step(0, steps) == 4
+    steps[0].add_(1.0)
+    opt._steps.clear()
+    with pytest.raises(RuntimeError, match="different steps"):
+        opt._host_step(0, steps)
+
+
 def test_step_scalars_round_as_torchs_fused_kernel():
     s = step_scalars(lr=3e-4, beta1=0.9, beta2=0.999, weight_decay=0.1, step=7)
     f32 = lambda x: torch.tensor(x, dtype=torch.float64).float().item()  # noqa: E731
