@@ -3,9 +3,9 @@
 torch's fused AdamW walks the tensors through its multi-tensor apply: launches of a few hundred
 blocks each, and a write-back of every gradient once the clip's factor has been applied to it
 (train.fused_clip hands the factor over as `grad_scale`). At a 1B model's 1.2 billion bf16
-parameters that is ~9.5 ms of an 80 ms step on an H100, about 60% of the HBM bandwidth. Here one
-grid covers every tensor of a group -- each program updates one block of one tensor, found through
-a table built once -- and the gradients are only read: ~6 ms (BENCHMARKS.md, "Training").
+parameters that is 9.0 ms of an 80 ms step on an H100, about two thirds of the HBM bandwidth. Here
+one grid covers every tensor of a group -- each program updates one block of one tensor, found
+through a table built once -- and the gradients are only read: 6.3 ms (BENCHMARKS.md, "Training").
 
 The math is torch's AdamW, in the order and the precision its fused kernel computes it: decoupled
 weight decay, bias corrections rounded to fp32 as it rounds them, fp32 per element except where its
