@@ -190,3 +190,28 @@ def test_adamw_triton_trains_on_the_cpu_as_torchs_fused_adamw(tmp_path):
         runs.append([p.detach().clone() for p in trainer.model.parameters()])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_trainer_runs_the_kernel_with_the_folded_clip_and_matches_torchs_fused_adamw(tmp_path):
+    """Through HF's Trainer on CUDA (bf16, the clip folded in as grad_scale): the kernel runs, and the
+    run's updates match torch's fused AdamW's within what bf16 rounding moves them."""
+    from tests.train.test_fused_clip import tiny_trainer
+    from train.trainer import tune_step
+
+    initial = [p.detach().clone() for p in tiny_trainer(tmp_path / "0", "adamw_torch_fused", 0.05).model.parameters()]
+    runs = []
+    for name, triton_adamw in (("torch", False), ("triton", True)):
+        trainer = tiny_trainer(tmp_path / name, "adamw_torch_fused", 0.05, cuda=True)
+        tune_step(trainer, chunked_loss=True, cuda=True, triton_adamw=triton_adamw)
+        trainer.train()
+        inner = trainer.optimizer.optimizer
+        assert isinstance(inner, TritonAdamW) == triton_adamw
+        if triton_adamw:
+            assert inner._launches and inner._steps[0][1] == 4 and inner.grad_scale is not None
+        runs.append([p.detach().float().cpu() for p in trainer.model.parameters()])
+    for p0, a, b in zip(initial, *runs):
+        update = a - p0
+        assert update.norm() > 0
+        assert (b - a).norm() <= 1e-2 * update.norm()
