@@ -172,8 +172,8 @@ def build_trainer(recipe: Recipe, setup: ModelSetup, datasets: dict, run: RunDir
 
 
 def transformers_optim(optimizer: str) -> str:
-    """TrainingArguments' `optim` for a recipe's `training.optimizer`: adamw_triton is built as torch's
-    fused AdamW, whose class tune_step then swaps."""
+    """TrainingArguments' `optim` for a recipe's `training.optimizer`: adamw_triton is torch's fused
+    AdamW to the Trainer, which tune_step then has it build as train.triton_adamw.TritonAdamW."""
     return "adamw_torch_fused" if optimizer == "adamw_triton" else optimizer
 
 
