@@ -185,9 +185,13 @@ def tune_step(trainer, *, chunked_loss: bool, cuda: bool, triton_adamw: bool = F
     from train.fused_clip import fold_clip_into_fused_adamw
 
     if triton_adamw:
-        from train.triton_adamw import use_triton_adamw
+        from train import triton_adamw as kernel
 
-        use_triton_adamw(trainer)
+        if kernel.use_triton_adamw(trainer):
+            log.info("optimizer: AdamW's update in one Triton launch per parameter group (adamw_triton)")
+        else:
+            why = "no CUDA GPU" if not cuda else "no Triton" if kernel.triton is None else "the model is not on the GPU"
+            log.info("optimizer adamw_triton: torch's fused AdamW runs here (%s); same update", why)
     fold_clip_into_fused_adamw(trainer)
     if not chunked_loss:
         from train.loss import use_full_logits_loss

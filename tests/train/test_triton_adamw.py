@@ -176,10 +176,11 @@ def test_gpu_falls_back_to_torch_where_the_kernel_does_not_apply():
     assert not getattr(opt, "_launches", None) and "max_exp_avg_sq" in opt.state[params[0]]
 
 
-def test_adamw_triton_trains_on_the_cpu_as_torchs_fused_adamw(tmp_path):
+def test_adamw_triton_trains_on_the_cpu_as_torchs_fused_adamw(tmp_path, caplog):
     from tests.train.test_fused_clip import tiny_trainer
     from train.trainer import transformers_optim, tune_step
 
+    caplog.set_level("INFO", logger="train.trainer")
     assert transformers_optim("adamw_triton") == "adamw_torch_fused" and transformers_optim("sgd") == "sgd"
     runs = []
     for name, triton_adamw in (("a", False), ("b", True)):
@@ -190,6 +191,7 @@ def test_adamw_triton_trains_on_the_cpu_as_torchs_fused_adamw(tmp_path):
         runs.append([p.detach().clone() for p in trainer.model.parameters()])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+    assert "optimizer adamw_triton: torch's fused AdamW runs here (no CUDA GPU)" in caplog.text
 
 
 @pytest.mark.gpu
