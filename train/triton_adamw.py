@@ -162,13 +162,11 @@ class TritonAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if closure is not None or not self._kernel_covers():
+        covered = self._covered_groups() if closure is None else None
+        if covered is None:
             return self._torch_step(closure)
         scale = getattr(self, "grad_scale", None)
-        for index, group in enumerate(self.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
+        for index, group, params in covered:
             states = [self._state_for(p) for p in params]
             grads = [p.grad for p in params]
             exp_avgs = [s["exp_avg"] for s in states]
@@ -218,33 +216,37 @@ class TritonAdamW(torch.optim.AdamW):
         self._steps[index] = (ids, known[1] + 1)
         return known[1] + 1
 
-    def _kernel_covers(self) -> bool:
+    def _covered_groups(self) -> list[tuple[int, dict, list]] | None:
+        """(index, group, its parameters with a gradient) for every group that has any, when the
+        kernel covers them all; None when torch's step must run."""
         if triton is None or getattr(self, "found_inf", None) is not None:
-            return False
+            return None
         scale = getattr(self, "grad_scale", None)
-        device = None
-        for group in self.param_groups:
+        device, covered = None, []
+        for index, group in enumerate(self.param_groups):
             if (group["amsgrad"] or group["maximize"] or group.get("capturable") or group.get("differentiable")
                     or torch.is_tensor(group["lr"]) or any(torch.is_tensor(b) for b in group["betas"])):
-                return False
+                return None
             params = [p for p in group["params"] if p.grad is not None]
             kinds = set()  # one kernel per group: one dtype each for weights, gradients, moments
             for p in params:
                 device = device or p.device
                 if (p.device != device or device.type != "cuda" or p.grad.is_sparse or p.dtype not in KERNEL_DTYPES
                         or not p.is_contiguous() or not p.grad.is_contiguous()):
-                    return False
+                    return None
                 state = self.state.get(p)
                 moments = (state["exp_avg"], state["exp_avg_sq"]) if state else (p, p)
                 if not all(m.is_contiguous() and m.device == device for m in moments):
-                    return False
+                    return None
                 kinds.add((p.dtype, p.grad.dtype, moments[0].dtype, moments[1].dtype))
             if len(kinds) > 1 or any(k[2] != k[3] or k[1] not in KERNEL_DTYPES or k[2] not in KERNEL_DTYPES
                                      for k in kinds):
-                return False
+                return None
+            if params:
+                covered.append((index, group, params))
         if scale is not None and (scale.device != device or scale.dtype != torch.float32 or scale.numel() != 1):
-            return False
-        return True
+            return None
+        return covered
 
 
 def use_triton_adamw(trainer) -> bool:
