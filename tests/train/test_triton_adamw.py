@@ -114,11 +114,13 @@ def test_the_trainer_builds_it_only_for_fused_adamw_on_a_gpu_with_triton(tmp_pat
 
 
 def assert_rounding_apart(ours, ref, start=None):
-    """Within two units in the last place of each element (or of the tensor's largest, for elements
-    near zero); with `start`, the weights' distance also under 1% of the update they took."""
+    """Within a few units in the last place of each element (or of the tensor's largest, for elements
+    near zero): two in bf16, four in fp32, where Triton's division and square root are approximations;
+    with `start`, the weights' distance also under 1% of the update they took."""
+    finfo = torch.finfo(ours.dtype)
+    units = 4 if ours.dtype == torch.float32 else 2
     ours, ref = ours.detach().float(), ref.detach().float()
-    eps = torch.finfo(torch.bfloat16 if start is not None and start.dtype == torch.bfloat16 else ours.dtype).eps
-    torch.testing.assert_close(ours, ref, rtol=2 * eps, atol=2 * eps * float(ref.abs().max()))
+    torch.testing.assert_close(ours, ref, rtol=units * finfo.eps, atol=units * finfo.eps * float(ref.abs().max()))
     if start is not None:
         assert (ours - ref).norm() <= 1e-2 * (ref - start.float()).norm()
 
