@@ -54,6 +54,7 @@ class Row:
     chunked_loss: bool = True  # TRL's fused LM head; False: full logits (train.loss)
     offload: bool = False  # checkpointed layers' inputs wait in CPU memory (train.recompute)
     chunk_tokens: Optional[int] = None  # longer rows run in chunks of this many tokens (train.chunked_layer)
+    keep_logits: bool = True  # with no layer checkpointed, the head keeps its logits tiles (train.head_logits)
     note: str = ""
 
 
@@ -78,6 +79,8 @@ ROWS: dict[str, Row] = {r.name: r for r in [
         note="default, each step as 2 micro-batches"),
     Row("fastest_eager", attn="auto", checkpoint="none", steps=60, note="no checkpointing, eager"),
     Row("fastest", attn="auto", compile=True, checkpoint="none", steps=60, note="no checkpointing, compiled"),
+    Row("fastest_trl_head", attn="auto", compile=True, checkpoint="none", steps=60, keep_logits=False,
+        note="fastest with TRL's head projecting its logits tiles again in the backward"),
     Row("sdpa_compile", attn="sdpa", compile=True, checkpoint="auto", note="padding-free SDPA, compiled (CPU too)"),
     Row("trl_peft_lora", padding_free=False, attn="sdpa", method="lora", note="TRL + peft defaults, LoRA r16"),
     Row("tw_lora", attn="auto", compile=True, checkpoint="auto", method="lora"),
@@ -293,7 +296,8 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
     from trl import SFTConfig, SFTTrainer
 
     from train.speed import speed_callback
-    from train.trainer import checkpointing_option, dataloader_workers, loop_options, transformers_optim, tune_step
+    from train.trainer import (checkpointing_option, dataloader_workers, keeps_head_logits, loop_options,
+                               transformers_optim, tune_step)
 
     ours = row.checkpoint != "trl"
     workers = dataloader_workers(ns.dataloader_workers, cuda=device.type == "cuda")
@@ -338,7 +342,8 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
     trainer.remove_callback(PrinterCallback)  # per-step log dicts would bury the table
     if ours:  # as tunewright's trainer does
         tune_step(trainer, chunked_loss=row.chunked_loss, cuda=device.type == "cuda",
-                  triton_adamw=row.optim == "adamw_triton")
+                  triton_adamw=row.optim == "adamw_triton",
+                  keep_head_logits=row.keep_logits and keeps_head_logits(row.checkpoint, cuda=device.type == "cuda"))
     elif not row.chunked_loss:
         from train.loss import use_full_logits_loss
 

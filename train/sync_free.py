@@ -91,16 +91,20 @@ class LabeledPositionsCollator:
         return batch
 
 
-def use_indexed_fused_head(model: nn.Module) -> None:
+def use_indexed_fused_head(model: nn.Module, *, keep_logits: bool = False) -> None:
     """Make `fused_lm_head=True` calls that pass `tw_labeled=` score those positions through TRL's
-    chunked log-prob kernel without reading the label mask's size on the host.
+    chunked log-prob kernel without reading the label mask's size on the host; with `keep_logits`,
+    its logits tiles are kept from the forward for the backward (train.head_logits), within a
+    twentieth of the GPU's memory.
 
     Calls without it (generation, evaluation) and models whose head TRL scales, soft-caps or
     gives a router loss keep TRL's forward."""
-    from trl.kernels import ChunkedLogProbFunction
     from trl.trainer import utils as trl_utils
 
+    from train import head_logits
+
     base = lm_base(model)
+    base.tw_keep_logits = keep_logits
     trl_forward = base.forward
     if getattr(trl_forward, "_tunewright_indexed_head", False):
         return
@@ -124,8 +128,8 @@ def use_indexed_fused_head(model: nn.Module) -> None:
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions.to(hidden.device))
         weight = head.weight
         picked = picked.to(weight.device)
-        outs = ChunkedLogProbFunction.apply(picked, weight, head.bias, targets.to(weight.device), 1.0, vocab_chunk,
-                                            None, 1.0, fields)
+        budget = head_logits.budget_bytes(weight.device) if self.tw_keep_logits else 0
+        outs = head_logits.log_probs(picked, weight, head.bias, targets.to(weight.device), vocab_chunk, budget, fields)
         log_probs, entropy, is_top1 = outs[0], outs[1], outs[4]
         if shift_labels is None:
             shape = hidden.shape[:2]
@@ -148,16 +152,17 @@ def use_indexed_fused_head(model: nn.Module) -> None:
     base.forward = types.MethodType(forward, base)
 
 
-def defer_metric_reads(trainer) -> None:
+def defer_metric_reads(trainer, *, keep_logits: bool = False) -> None:
     """Replace `trainer.compute_loss` on TRL's default training path by one that reads nothing on
     the host, and `trainer.log` by one that first reads the metrics it left on the GPU.
 
-    Installs `LabeledPositionsCollator` and `use_indexed_fused_head` too, so the head reads
-    nothing either; the positions are popped from the batch on every path (TRL's own included)."""
+    Installs `LabeledPositionsCollator` and `use_indexed_fused_head` (with `keep_logits`) too, so
+    the head reads nothing either; the positions are popped from the batch on every path (TRL's own
+    included)."""
     trl_compute_loss = trainer.compute_loss
     trl_log = trainer.log
     trainer.data_collator = LabeledPositionsCollator(trainer.data_collator)
-    use_indexed_fused_head(trainer.model)
+    use_indexed_fused_head(trainer.model, keep_logits=keep_logits)
     pending_tokens: list = []  # device counts of padded batches' real tokens, not yet added to the total
     plain = default_loss_path(trainer)  # the trainer's settings, fixed once it is built
 

@@ -163,7 +163,8 @@ def build_trainer(recipe: Recipe, setup: ModelSetup, datasets: dict, run: RunDir
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the bar replaces it
     cuda = setup.device.startswith("cuda")
     tune_step(trainer, chunked_loss=recipe.training.chunked_loss, cuda=cuda,
-              triton_adamw=recipe.training.optimizer == "adamw_triton")
+              triton_adamw=recipe.training.optimizer == "adamw_triton",
+              keep_head_logits=keeps_head_logits(speed_settings(recipe, setup)["checkpoint"], cuda=cuda))
     if recipe.training.chunked_loss and not cuda:
         from train.loss import use_labeled_positions_loss
 
@@ -177,11 +178,14 @@ def transformers_optim(optimizer: str) -> str:
     return "adamw_torch_fused" if optimizer == "adamw_triton" else optimizer
 
 
-def tune_step(trainer, *, chunked_loss: bool, cuda: bool, triton_adamw: bool = False) -> None:
+def tune_step(trainer, *, chunked_loss: bool, cuda: bool, triton_adamw: bool = False,
+              keep_head_logits: bool = False) -> None:
     """What tunewright changes in a built SFTTrainer's step (the bench's tunewright rows too): the
     clip folded into fused AdamW, with `triton_adamw` that AdamW's update in one Triton launch per
     parameter group (where the GPU has Triton), the full-logits loss where `chunked_loss` is off,
-    and on CUDA with collating workers the step without host reads."""
+    and on CUDA with collating workers the step without host reads; there, with `keep_head_logits`
+    (no layer checkpointed: memory to spare), the fused head keeps its logits tiles for its backward
+    instead of projecting them again."""
     from train.fused_clip import fold_clip_into_fused_adamw
 
     if triton_adamw:
@@ -198,9 +202,20 @@ def tune_step(trainer, *, chunked_loss: bool, cuda: bool, triton_adamw: bool = F
 
         use_full_logits_loss(trainer.model)
     elif defers_host_reads(trainer.args.dataloader_num_workers, cuda=cuda, chunked_loss=True):
-        from train import sync_free
+        from train import head_logits, sync_free
 
-        sync_free.defer_metric_reads(trainer)
+        keep = keep_head_logits and head_logits.available()
+        if keep:
+            log.info("loss head: logits tiles kept for the backward, within %.0f%% of the GPU's memory",
+                     100 * head_logits.BUDGET_FRACTION)
+        sync_free.defer_metric_reads(trainer, keep_logits=keep)
+
+
+def keeps_head_logits(checkpoint: str, *, cuda: bool) -> bool:
+    """Whether the fused head keeps its logits tiles: on CUDA, when no decoder layer is checkpointed
+    (`checkpoint` is speed_settings' policy). With checkpointed layers the memory goes to fewer
+    recomputed layers instead."""
+    return cuda and checkpoint == "none"
 
 
 def shares_prefix(recipe: Recipe, setup: ModelSetup) -> bool:

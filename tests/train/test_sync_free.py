@@ -309,7 +309,7 @@ def test_compute_loss_reads_nothing_on_the_host(tmp_path, monkeypatch):
     assert 0 <= pending["mean_token_accuracy"][0] <= 1 and pending["entropy"][0] > 0
 
 
-def cuda_sync_free_micro_batch(tmp_path):
+def cuda_sync_free_micro_batch(tmp_path, keep_logits: bool = False):
     """The tiny model on CUDA with the packed-row attention, its sync-free trainer, and one
     collated two-row micro-batch on the device with its label count: (model, trainer, batch, n_items)."""
     from infer.attention import resolve_attn_implementation
@@ -321,13 +321,14 @@ def cuda_sync_free_micro_batch(tmp_path):
             {"input_ids": list(range(20, 27)), "labels": [-100] * 2 + list(range(22, 27))}]
     trainer = tiny_sft_trainer(model, rows, tmp_path, max_steps=1, per_device_train_batch_size=2, bf16=True,
                                padding_free=True, max_length=None)
-    defer_metric_reads(trainer)
+    defer_metric_reads(trainer, keep_logits=keep_logits)
     batch = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in trainer.data_collator(rows).items()}
     return model, trainer, batch, torch.tensor(11, device="cuda")
 
 
 @pytest.mark.gpu
-def test_gpu_loss_head_metrics_and_their_backward_do_not_synchronize(tmp_path):
+@pytest.mark.parametrize("keep_logits", [False, True], ids=["TRL's head", "kept logits tiles"])
+def test_gpu_loss_head_metrics_and_their_backward_do_not_synchronize(tmp_path, keep_logits):
     """On CUDA, torch's sync debug mode raises at any host-device synchronization: none from the
     backbone's output on, through the loss head, the deferred metrics and the backward back to
     the backbone's output. (The backbone is not covered: transformers checks a padding-free
@@ -336,7 +337,7 @@ def test_gpu_loss_head_metrics_and_their_backward_do_not_synchronize(tmp_path):
         pytest.skip("needs a CUDA GPU")
     from train.loss import lm_base
 
-    model, trainer, batch, n_items = cuda_sync_free_micro_batch(tmp_path)
+    model, trainer, batch, n_items = cuda_sync_free_micro_batch(tmp_path, keep_logits)
     watched = []
 
     def strict_from_here(module, args, output):

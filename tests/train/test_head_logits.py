@@ -1,0 +1,217 @@
+"""train.head_logits: TRL's chunked log-prob head with its forward's logits tiles kept for the
+backward gives TRL's outputs and gradients bitwise, and projects only the tiles it did not keep."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from trl.kernels import chunked_logprob as trl_kernels
+
+from train import head_logits
+
+OUTPUTS = ("log_probs", "entropy", "is_top1")
+ROWS, VOCAB, HIDDEN, CHUNK = 10, 50, 24, 16  # with 4-row token chunks: 3 x 4 tiles, the last ones partial
+
+
+@pytest.fixture
+def small_token_chunks(monkeypatch):
+    monkeypatch.setattr(trl_kernels, "TOKEN_CHUNK_SIZE", 4)
+
+
+def inputs(dtype, bias: bool, rows=ROWS, vocab=VOCAB, device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(rows, HIDDEN, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    weight = (torch.randn(vocab, HIDDEN, generator=g) * 0.5).to(device=device, dtype=dtype).requires_grad_()
+    b = (torch.randn(vocab, generator=g) * 0.1).to(device=device, dtype=dtype).requires_grad_() if bias else None
+    targets = torch.randint(0, vocab, (rows,), generator=g).to(device)
+    with torch.no_grad():  # every other row's target is its top prediction, so is_top1 is not all false
+        logits = hidden.float() @ weight.float().t() + (b.float() if bias else 0)
+        targets[::2] = logits.argmax(-1)[::2]
+    scales = torch.rand(2, rows, generator=g).to(device)
+    return hidden, weight, b, targets, scales
+
+
+def run(fn, hidden, weight, bias, targets, scales, entropy_grad: bool):
+    """The five outputs and the inputs' gradients of a loss over the log-probs (and the entropy)."""
+    leaves = [t for t in (hidden, weight, bias) if t is not None and t.requires_grad]
+    for t in leaves:
+        t.grad = None
+    outs = fn(hidden, weight, bias, targets)
+    loss = (outs[0] * scales[0]).sum()
+    if entropy_grad:
+        loss = loss + (outs[1] * scales[1]).sum()
+    loss.backward()
+    return [o.detach().clone() if o is not None else None for o in outs], [t.grad.clone() for t in leaves]
+
+
+def trl(hidden, weight, bias, targets, chunk=CHUNK):
+    return trl_kernels.ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 1.0, chunk, None, 1.0, OUTPUTS)
+
+
+def kept(budget, chunk=CHUNK):
+    return lambda h, w, b, t: head_logits.KeptLogitsLogProb.apply(h, w, b, t, chunk, budget, OUTPUTS)
+
+
+def tile_bytes(dtype, rows=4, chunk=CHUNK):
+    return rows * chunk * dtype.itemsize
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True], ids=["no bias", "bias"])
+@pytest.mark.parametrize("entropy_grad", [False, True], ids=["log-probs", "log-probs and entropy"])
+@pytest.mark.parametrize("n_kept", [12, 5, 0], ids=["all kept", "some kept", "none kept"])
+def test_outputs_and_gradients_are_trls_bitwise(small_token_chunks, dtype, bias, entropy_grad, n_kept):
+    args = inputs(dtype, bias)
+    ref_outs, ref_grads = run(trl, *args, entropy_grad)
+    outs, grads = run(kept(n_kept * tile_bytes(dtype)), *args, entropy_grad)
+    for name, a, b in zip(("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"), outs, ref_outs):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert torch.equal(a, b), name
+    assert outs[4].any()  # some targets are the top prediction: the field is not trivially false
+    for a, b in zip(grads, ref_grads):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_forward_keeps_the_first_tiles_within_the_budget_and_the_backward_projects_the_rest(small_token_chunks,
+                                                                                           monkeypatch):
+    projected = []
+    own = head_logits.project
+
+    def counted(hidden, weight, bias, rows, cols, dtype, buffer):
+        projected.append((rows, cols))
+        return own(hidden, weight, bias, rows, cols, dtype, buffer)
+
+    monkeypatch.setattr(head_logits, "project", counted)
+    all_tiles = [((r0, r1), (v0, v1)) for r0, r1, v0, v1 in head_logits.tiles(ROWS, VOCAB, CHUNK)]
+    assert len(all_tiles) == 12 and all_tiles[0] == ((0, 4), (0, 16)) and all_tiles[-1] == ((8, 10), (48, 50))
+    for n_kept, budget in ((12, 10**9), (5, 5 * tile_bytes(torch.float32) + 7), (0, tile_bytes(torch.float32) - 1)):
+        assert head_logits.kept_count(ROWS, VOCAB, CHUNK, 4, budget) == n_kept
+        projected.clear()
+        hidden, weight, bias, targets, _ = inputs(torch.float32, False)
+        outs = kept(budget)(hidden, weight, bias, targets)
+        assert projected == all_tiles  # the forward projects every tile once
+        projected.clear()
+        outs[0].sum().backward()
+        assert projected == all_tiles[n_kept:]  # the backward only those it did not keep
+
+
+def test_a_second_backward_projects_again_and_gives_the_same_gradients(small_token_chunks):
+    hidden, weight, bias, targets, _ = inputs(torch.float32, True)
+    outs = kept(10**9)(hidden, weight, bias, targets)
+    outs[0].sum().backward(retain_graph=True)  # the kept tiles become gradients in place
+    first = [hidden.grad.clone(), weight.grad.clone(), bias.grad.clone()]
+    for t in (hidden, weight, bias):
+        t.grad = None
+    outs[0].sum().backward()
+    for a, b in zip((hidden.grad, weight.grad, bias.grad), first):
+        assert torch.equal(a, b)
+
+
+def test_frozen_head_gets_no_gradient_and_hidden_matches_trls(small_token_chunks):
+    """LoRA's head is frozen: only the hidden states' gradient is computed, as TRL computes it."""
+    hidden, weight, bias, targets, scales = inputs(torch.float32, False)
+    weight.requires_grad_(False)
+    ref_outs, (ref,) = run(trl, hidden, weight, None, targets, scales, True)
+    outs, (ours,) = run(kept(10**9), hidden, weight, None, targets, scales, True)
+    assert weight.grad is None and torch.equal(ours, ref) and torch.equal(outs[0], ref_outs[0])
+
+
+def test_log_probs_uses_trls_function_without_a_budget_or_the_helpers(monkeypatch):
+    calls = []
+    monkeypatch.setattr(head_logits.KeptLogitsLogProb, "apply", lambda *a: calls.append("kept"))
+    monkeypatch.setattr(trl_kernels.ChunkedLogProbFunction, "apply", lambda *a: calls.append("trl"))
+    args = inputs(torch.float32, False)[:4]
+    head_logits.log_probs(*args, CHUNK, 0, OUTPUTS)
+    head_logits.log_probs(*args, CHUNK, 10**9, OUTPUTS)
+    monkeypatch.delattr(trl_kernels, "_backward_tile")  # a TRL without the per-tile helpers
+    assert not head_logits.available()
+    head_logits.log_probs(*args, CHUNK, 10**9, OUTPUTS)
+    assert calls == ["trl", "kept", "trl"]
+    assert head_logits.budget_bytes(torch.device("cpu")) == 0
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_indexed_head_with_kept_logits_equals_it_without(monkeypatch, method):
+    """The trainer's head (train.sync_free) with `keep_logits`: the same loss, fields and gradients
+    bitwise, through the kept tiles."""
+    from tests.train.test_loss import completion_only_padding_free_batch, loss_and_grads, tiny_llama
+    from tests.train.test_sync_free import FIELDS, head_outputs
+    from trl.trainer.utils import add_fused_lm_head
+
+    from train.loss import lm_base
+    from train.sync_free import labeled_positions, use_indexed_fused_head
+
+    monkeypatch.setattr(head_logits, "budget_bytes", lambda device: 10**9)  # the CPU's budget is 0
+    used = []
+    own = head_logits.KeptLogitsLogProb.apply
+    monkeypatch.setattr(head_logits.KeptLogitsLogProb, "apply", lambda *a: used.append(1) or own(*a))
+    batch = completion_only_padding_free_batch()
+    labeled = labeled_positions(batch)
+    n_items = torch.tensor(labeled.shape[1] + 3)
+    results = []
+    for keep in (False, True):
+        model = tiny_llama(method)
+        add_fused_lm_head(lm_base(model), outputs=("log_probs", "entropy", "is_top1"))
+        use_indexed_fused_head(model, keep_logits=keep)
+        call = dict(num_items_in_batch=n_items, tw_labeled=labeled)
+        results.append((head_outputs(model, batch, **call), *loss_and_grads(model, batch, fused_lm_head=True, **call)))
+        assert bool(used) == keep
+    (plain_fields, plain_loss, plain_grads), (kept_fields, kept_loss, kept_grads) = results
+    assert torch.equal(kept_loss, plain_loss)
+    for name in FIELDS:
+        assert torch.equal(kept_fields[name], plain_fields[name]), name
+    assert plain_grads.keys() == kept_grads.keys()
+    for name, ref in plain_grads.items():
+        assert torch.equal(kept_grads[name], ref), name
+
+
+def test_kept_only_on_cuda_without_checkpointed_layers():
+    from train.trainer import keeps_head_logits
+
+    assert keeps_head_logits("none", cuda=True)
+    assert not keeps_head_logits("auto", cuda=True) and not keeps_head_logits("all", cuda=True)
+    assert not keeps_head_logits("none", cuda=False)
+
+
+def test_tune_step_installs_kept_logits_where_asked(tmp_path):
+    from tests.train.test_loss import tiny_llama
+    from tests.train.test_sync_free import tiny_sft_trainer
+
+    from train.loss import lm_base
+    from train.trainer import tune_step
+
+    rows = [{"input_ids": list(range(3, 13)), "labels": [-100] * 4 + list(range(7, 13))}] * 2
+    for keep in (False, True):
+        trainer = tiny_sft_trainer(tiny_llama("full"), rows, tmp_path / str(keep), max_steps=1,
+                                   per_device_train_batch_size=2, use_cpu=True, padding_free=True, max_length=None,
+                                   dataloader_num_workers=1)
+        # cuda=True as on a GPU host: the sync-free step, which carries the kept tiles, is installed
+        tune_step(trainer, chunked_loss=True, cuda=True, keep_head_logits=keep)
+        assert lm_base(trainer.model).tw_keep_logits is keep
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n_kept", [8, 3])
+def test_gpu_triton_tiles_are_trls_bitwise(n_kept):
+    """On a GPU (TRL's Triton kernels, cuBLAS tiles, bf16 autocast) at a 1B model's vocabulary, with
+    two token chunks: TRL's outputs and gradients bitwise."""
+    chunk = trl_kernels.TOKEN_CHUNK_SIZE
+    args = inputs(torch.float32, False, rows=chunk + 700, vocab=128256, device="cuda")
+
+    def autocast(fn):
+        def call(*a):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return fn(*a)
+        return call
+
+    per_tile = tile_bytes(torch.bfloat16, rows=chunk, chunk=32768)
+    ref_outs, ref_grads = run(autocast(lambda *a: trl(*a, chunk=32768)), *args, True)
+    outs, grads = run(autocast(kept(n_kept * per_tile, chunk=32768)), *args, True)
+    for a, b in zip(outs, ref_outs):
+        assert (a is None and b is None) or torch.equal(a, b)
+    for a, b in zip(grads, ref_grads):
+        assert torch.equal(a, b)
+    assert head_logits.budget_bytes(torch.device("cuda")) == int(
+        torch.cuda.get_device_properties(0).total_memory * head_logits.BUDGET_FRACTION)
