@@ -81,6 +81,8 @@ ROWS: dict[str, Row] = {r.name: r for r in [
     Row("fastest", attn="auto", compile=True, checkpoint="none", steps=60, note="no checkpointing, compiled"),
     Row("fastest_trl_head", attn="auto", compile=True, checkpoint="none", steps=60, keep_logits=False,
         note="fastest with TRL's head projecting its logits tiles again in the backward"),
+    Row("fastest_triton_trl_head", attn="auto", compile=True, checkpoint="none", optim="adamw_triton", steps=60,
+        keep_logits=False, note="fastest_triton_adamw with TRL's head projecting its logits tiles again"),
     Row("sdpa_compile", attn="sdpa", compile=True, checkpoint="auto", note="padding-free SDPA, compiled (CPU too)"),
     Row("trl_peft_lora", padding_free=False, attn="sdpa", method="lora", note="TRL + peft defaults, LoRA r16"),
     Row("tw_lora", attn="auto", compile=True, checkpoint="auto", method="lora"),
