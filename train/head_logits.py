@@ -87,6 +87,8 @@ class KeptLogitsLogProb(torch.autograd.Function):
         max_before_target = torch.full((rows,), float("-inf"), **f32)
         sum_exp, x_sum_exp, sq_sum_exp, z_sum, target_logit = (torch.zeros((rows,), **f32) for _ in range(5))
         shape = (min(rows, trl_kernels.TOKEN_CHUNK_SIZE), vocab_chunk)  # TRL's buffer: the same strides
+        if not any(ctx.needs_input_grad[:3]):
+            budget = 0  # no backward will read them (evaluation under no_grad)
         n_kept = kept_count(rows, vocab, vocab_chunk, dtype.itemsize, budget)
         kept, shared = [], None
         for i, (r0, r1, v0, v1) in enumerate(tiles(rows, vocab, vocab_chunk)):

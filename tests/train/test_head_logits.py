@@ -96,6 +96,17 @@ def test_forward_keeps_the_first_tiles_within_the_budget_and_the_backward_projec
         assert projected == all_tiles[n_kept:]  # the backward only those it did not keep
 
 
+def test_nothing_is_kept_without_a_backward(small_token_chunks, monkeypatch):
+    budgets = []
+    own = head_logits.kept_count
+    monkeypatch.setattr(head_logits, "kept_count", lambda *a: budgets.append(a[-1]) or own(*a))
+    args = inputs(torch.float32, False)[:4]
+    with torch.no_grad():
+        kept(10**9)(*args)
+    kept(10**9)(*args)
+    assert budgets == [0, 10**9]
+
+
 def test_a_second_backward_projects_again_and_gives_the_same_gradients(small_token_chunks):
     hidden, weight, bias, targets, _ = inputs(torch.float32, True)
     outs = kept(10**9)(hidden, weight, bias, targets)
