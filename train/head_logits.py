@@ -87,8 +87,6 @@ class KeptLogitsLogProb(torch.autograd.Function):
         max_before_target = torch.full((rows,), float("-inf"), **f32)
         sum_exp, x_sum_exp, sq_sum_exp, z_sum, target_logit = (torch.zeros((rows,), **f32) for _ in range(5))
         shape = (min(rows, trl_kernels.TOKEN_CHUNK_SIZE), vocab_chunk)  # TRL's buffer: the same strides
-        if not any(ctx.needs_input_grad[:3]):
-            budget = 0  # no backward will read them (evaluation under no_grad)
         n_kept = kept_count(rows, vocab, vocab_chunk, dtype.itemsize, budget)
         kept, shared = [], None
         for i, (r0, r1, v0, v1) in enumerate(tiles(rows, vocab, vocab_chunk)):
@@ -164,9 +162,10 @@ class KeptLogitsLogProb(torch.autograd.Function):
 
 def log_probs(hidden, weight, bias, targets, vocab_chunk: int, budget: int, outputs: tuple[str, ...]):
     """TRL's five outputs (log-probs, entropy, log-sum of squared probabilities, mean logit, top-1),
-    through kept tiles when `budget` is positive and the installed TRL has the helpers, else through
-    TRL's `ChunkedLogProbFunction` itself."""
-    if budget > 0 and available():
+    through kept tiles when `budget` is positive, a backward can follow and the installed TRL has
+    the helpers, else through TRL's `ChunkedLogProbFunction` itself."""
+    backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if budget > 0 and backward and available():
         return KeptLogitsLogProb.apply(hidden, weight, bias, targets, vocab_chunk, budget, outputs)
     return trl_kernels.ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 1.0, vocab_chunk, None, 1.0,
                                                     outputs)

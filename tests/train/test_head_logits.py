@@ -96,17 +96,6 @@ def test_forward_keeps_the_first_tiles_within_the_budget_and_the_backward_projec
         assert projected == all_tiles[n_kept:]  # the backward only those it did not keep
 
 
-def test_nothing_is_kept_without_a_backward(small_token_chunks, monkeypatch):
-    budgets = []
-    own = head_logits.kept_count
-    monkeypatch.setattr(head_logits, "kept_count", lambda *a: budgets.append(a[-1]) or own(*a))
-    args = inputs(torch.float32, False)[:4]
-    with torch.no_grad():
-        kept(10**9)(*args)
-    kept(10**9)(*args)
-    assert budgets == [0, 10**9]
-
-
 def test_a_second_backward_projects_again_and_gives_the_same_gradients(small_token_chunks):
     hidden, weight, bias, targets, _ = inputs(torch.float32, True)
     outs = kept(10**9)(hidden, weight, bias, targets)
@@ -128,17 +117,21 @@ def test_frozen_head_gets_no_gradient_and_hidden_matches_trls(small_token_chunks
     assert weight.grad is None and torch.equal(ours, ref) and torch.equal(outs[0], ref_outs[0])
 
 
-def test_log_probs_uses_trls_function_without_a_budget_or_the_helpers(monkeypatch):
+def test_log_probs_uses_trls_function_without_a_budget_a_backward_or_the_helpers(monkeypatch):
     calls = []
     monkeypatch.setattr(head_logits.KeptLogitsLogProb, "apply", lambda *a: calls.append("kept"))
     monkeypatch.setattr(trl_kernels.ChunkedLogProbFunction, "apply", lambda *a: calls.append("trl"))
     args = inputs(torch.float32, False)[:4]
     head_logits.log_probs(*args, CHUNK, 0, OUTPUTS)
     head_logits.log_probs(*args, CHUNK, 10**9, OUTPUTS)
+    with torch.no_grad():  # no backward follows (evaluation): nothing to keep the tiles for
+        head_logits.log_probs(*args, CHUNK, 10**9, OUTPUTS)
+    frozen = [t.detach() for t in args[:2]] + list(args[2:])
+    head_logits.log_probs(*frozen, CHUNK, 10**9, OUTPUTS)
     monkeypatch.delattr(trl_kernels, "_backward_tile")  # a TRL without the per-tile helpers
     assert not head_logits.available()
     head_logits.log_probs(*args, CHUNK, 10**9, OUTPUTS)
-    assert calls == ["trl", "kept", "trl"]
+    assert calls == ["trl", "kept", "trl", "trl", "trl"]
     assert head_logits.budget_bytes(torch.device("cpu")) == 0
 
 
