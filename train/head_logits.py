@@ -2,9 +2,9 @@
 
 TRL's `ChunkedLogProbFunction` projects the hidden states onto the vocabulary one
 [token chunk x vocabulary chunk] tile at a time and keeps none of them: its backward projects every
-tile again before turning it into the logits' gradient. That second projection is a third of the
-head's matmuls (at a 1B model's 128k vocabulary and 4.4k labeled tokens, 2.3 TFLOP, about 3 ms of an
-H100's step). When no decoder layer is checkpointed the step has memory to spare, so here the
+tile again before turning it into the logits' gradient. That second projection is one of the
+head's four matmuls (with the forward's and the two gradient products): at a 1B model's 128k
+vocabulary and 4.4k labeled tokens 2.3 TFLOP, 3.5 ms of an H100's step (BENCHMARKS.md). When no decoder layer is checkpointed the step has memory to spare, so here the
 forward projects each tile into a buffer of its own, as many as a byte budget allows, and the
 backward reads them instead of projecting again; the tiles past the budget are projected again as
 TRL does.
@@ -146,14 +146,14 @@ class KeptLogitsLogProb(torch.autograd.Function):
                  grad_entropy[span] if grad_entropy is not None else log_z, v0, v1 - v0,
                  HAS_LOGPROB_GRAD=grad_log_probs is not None, HAS_ENTROPY_GRAD=grad_entropy is not None,
                  BLOCK_SIZE=trl_kernels._BLOCK_SIZE, **_PLAIN)
-            if i < len(kept):
-                kept[i] = None  # freed as soon as its gradient is accumulated
             if grad_hidden is not None:
                 trl_kernels._addmm_fp32(grad_hidden[span], tile, weight[v0:v1].to(dtype))
             if grad_weight is not None:
                 trl_kernels._addmm_fp32(grad_weight[v0:v1], tile.t(), hidden[span].to(dtype))
             if grad_bias is not None:
                 grad_bias[v0:v1] += tile.sum(dim=0, dtype=f32)
+            if i < len(kept):
+                kept[i] = None  # its memory goes back to the allocator once its products are queued
         return (grad_hidden.to(hidden.dtype) if grad_hidden is not None else None,
                 grad_weight.to(weight.dtype) if grad_weight is not None else None,
                 grad_bias.to(bias.dtype) if grad_bias is not None else None,
