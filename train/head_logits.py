@@ -31,6 +31,7 @@ _HELPERS = ("_forward_kernel", "_backward_kernel", "_forward_tile", "_backward_t
 _PLAIN = {"logit_scale": 1.0, "softcap": 1.0, "inv_t": 1.0, "HAS_SOFTCAP": False}
 
 BUDGET_FRACTION = 0.05  # of the GPU's memory, for kept tiles
+RESERVE_FRACTION = 0.25  # of the GPU's memory, left free besides them (the backward's own needs)
 
 
 def available() -> bool:
@@ -39,10 +40,14 @@ def available() -> bool:
 
 
 def budget_bytes(device: torch.device) -> int:
-    """How many bytes of kept tiles a step may hold on `device`: a twentieth of a GPU's memory."""
+    """How many bytes of kept tiles the head may hold now on `device`: a twentieth of a GPU's memory,
+    less whatever would leave under a quarter of it free (a run sized to fill the GPU without
+    checkpointing keeps TRL's head). Read from the caching allocator's counters: no wait for the GPU."""
     if device.type != "cuda":
         return 0
-    return int(torch.cuda.get_device_properties(device).total_memory * BUDGET_FRACTION)
+    total = torch.cuda.get_device_properties(device).total_memory
+    free = total - torch.cuda.memory_allocated(device)
+    return max(0, min(int(total * BUDGET_FRACTION), free - int(total * RESERVE_FRACTION)))
 
 
 def tiles(rows: int, vocab: int, vocab_chunk: int):

@@ -95,7 +95,7 @@ def use_indexed_fused_head(model: nn.Module, *, keep_logits: bool = False) -> No
     """Make `fused_lm_head=True` calls that pass `tw_labeled=` score those positions through TRL's
     chunked log-prob kernel without reading the label mask's size on the host; with `keep_logits`,
     its logits tiles are kept from the forward for the backward (train.head_logits), within a
-    twentieth of the GPU's memory.
+    twentieth of the GPU's memory while a quarter of it stays free.
 
     Calls without it (generation, evaluation) and models whose head TRL scales, soft-caps or
     gives a router loss keep TRL's forward."""

@@ -206,8 +206,8 @@ def tune_step(trainer, *, chunked_loss: bool, cuda: bool, triton_adamw: bool = F
 
         keep = keep_head_logits and head_logits.available()
         if keep:
-            log.info("loss head: logits tiles kept for the backward, within %.0f%% of the GPU's memory",
-                     100 * head_logits.BUDGET_FRACTION)
+            log.info("loss head: logits tiles kept for the backward, within %.0f%% of the GPU's memory while %.0f%% "
+                     "stays free", 100 * head_logits.BUDGET_FRACTION, 100 * head_logits.RESERVE_FRACTION)
         sync_free.defer_metric_reads(trainer, keep_logits=keep)
 
 
