@@ -532,8 +532,9 @@ def test_repeated_log_lines_are_held_back():
 def test_queue_bound_gives_429_and_sigterm_drains(tiny_model_dir, tmp_path):
     srv = launch(tiny_model_dir, tmp_path / "server.log", "--max-batch-size", "1", "--max-queue", "1")
     try:
-        # Long enough (no end of sequence) that the first request still runs when the third arrives.
-        body = {"model": tiny_model_dir.name, "prompt": PROMPTS[2], "max_tokens": 600, "ignore_eos": True,
+        # Long enough (no end of sequence; about 1.8 s on this CPU) that the first request still runs
+        # when the third arrives.
+        body = {"model": tiny_model_dir.name, "prompt": PROMPTS[2], "max_tokens": 1800, "ignore_eos": True,
                 "temperature": 0}
         results = {}
 
@@ -569,12 +570,14 @@ def test_queue_bound_gives_429_and_sigterm_drains(tiny_model_dir, tmp_path):
 def test_a_drain_timeout_cuts_off_with_one_line(tiny_model_dir, tmp_path):
     srv = launch(tiny_model_dir, tmp_path / "server.log", "--drain-timeout", "1", "--warm-up", "none")
     try:
-        body = {"model": tiny_model_dir.name, "prompt": PROMPTS[0], "max_tokens": 2000, "ignore_eos": True}
+        # 16 x 2000 tokens: several seconds on this CPU, where one row's 2000 take about 2 s, so the
+        # 1 s drain timeout runs out with a wide margin.
+        body = {"model": tiny_model_dir.name, "prompt": PROMPTS[0], "max_tokens": 2000, "n": 16, "ignore_eos": True}
         result = {}
         request = threading.Thread(target=lambda: result.update(r=httpx.post(f"{srv.url}/v1/completions", json=body,
                                                                             timeout=120)))
         request.start()
-        _wait_for(lambda: srv.metrics()["tunewright_sequences_running"] == 1)
+        _wait_for(lambda: srv.metrics()["tunewright_sequences_running"] >= 1)
         srv.proc.send_signal(signal.SIGTERM)
         assert srv.proc.wait(timeout=120) == 0
         request.join(timeout=60)
