@@ -310,7 +310,7 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
         gradient_accumulation_steps=row.grad_accum,
         learning_rate=ns.lr,
         lr_scheduler_type="constant",
-        optim="adamw_bnb_8bit" if row.optim == "adamw_8bit" else transformers_optim(row.optim),
+        optim=transformers_optim(row.optim),  # adamw_8bit is transformers' name for adamw_bnb_8bit too
         padding_free=row.padding_free,
         max_length=None if row.padding_free else ns.max_len,
         **checkpointing_option(not ours),

@@ -62,9 +62,15 @@ def tiles(rows: int, vocab: int, vocab_chunk: int):
 def kept_count(rows: int, vocab: int, vocab_chunk: int, element_size: int, budget: int) -> int:
     """How many of the tiles (the first ones, in order) fit the budget; each is a buffer of TRL's
     tile shape, [min(rows, token chunk), vocab_chunk]."""
-    n_tiles = sum(1 for _ in tiles(rows, vocab, vocab_chunk))
-    per_tile = min(rows, trl_kernels.TOKEN_CHUNK_SIZE) * vocab_chunk * element_size
+    row_chunk = trl_kernels.TOKEN_CHUNK_SIZE
+    n_tiles = -(-rows // row_chunk) * -(-vocab // vocab_chunk)
+    per_tile = min(rows, row_chunk) * vocab_chunk * element_size
     return min(n_tiles, budget // per_tile) if per_tile else 0
+
+
+def tile_buffer(rows: int, vocab_chunk: int, device, dtype) -> torch.Tensor:
+    """A buffer of TRL's tile shape, [min(rows, token chunk), vocab_chunk]: the same strides as its tiles."""
+    return torch.empty((min(rows, trl_kernels.TOKEN_CHUNK_SIZE), vocab_chunk), device=device, dtype=dtype)
 
 
 def project(hidden, weight, bias, rows: tuple[int, int], cols: tuple[int, int], dtype, buffer) -> torch.Tensor:
@@ -91,18 +97,18 @@ class KeptLogitsLogProb(torch.autograd.Function):
         running_max = torch.full((rows,), float("-inf"), **f32)
         max_before_target = torch.full((rows,), float("-inf"), **f32)
         sum_exp, x_sum_exp, sq_sum_exp, z_sum, target_logit = (torch.zeros((rows,), **f32) for _ in range(5))
-        shape = (min(rows, trl_kernels.TOKEN_CHUNK_SIZE), vocab_chunk)  # TRL's buffer: the same strides
         n_kept = kept_count(rows, vocab, vocab_chunk, dtype.itemsize, budget)
+        triton = trl_kernels._use_triton(device)
         kept, shared = [], None
         for i, (r0, r1, v0, v1) in enumerate(tiles(rows, vocab, vocab_chunk)):
             if i < n_kept:
-                buffer = torch.empty(shape, device=device, dtype=dtype)
+                buffer = tile_buffer(rows, vocab_chunk, device, dtype)
                 kept.append(buffer)
             else:
-                buffer = shared = shared if shared is not None else torch.empty(shape, device=device, dtype=dtype)
+                buffer = shared = shared if shared is not None else tile_buffer(rows, vocab_chunk, device, dtype)
             tile = project(hidden, weight, bias, (r0, r1), (v0, v1), dtype, buffer)
             span = slice(r0, r1)
-            fold = trl_kernels._forward_kernel[(r1 - r0,)] if trl_kernels._use_triton(device) else trl_kernels._forward_tile
+            fold = trl_kernels._forward_kernel[(r1 - r0,)] if triton else trl_kernels._forward_tile
             fold(tile, tile.stride(0), targets[span], running_max[span], sum_exp[span], x_sum_exp[span],
                  sq_sum_exp[span], z_sum[span], max_before_target[span], target_logit[span], v0, v1 - v0,
                  BLOCK_SIZE=trl_kernels._BLOCK_SIZE, **flags, **_PLAIN)
@@ -133,16 +139,16 @@ class KeptLogitsLogProb(torch.autograd.Function):
             grad_log_probs = grad_log_probs.float().contiguous()
         if grad_entropy is not None:
             grad_entropy = grad_entropy.float().contiguous()
-        shape = (min(rows, trl_kernels.TOKEN_CHUNK_SIZE), ctx.vocab_chunk)
+        triton = trl_kernels._use_triton(hidden.device)
         shared = None
         for i, (r0, r1, v0, v1) in enumerate(tiles(rows, vocab, ctx.vocab_chunk)):
             span = slice(r0, r1)
             if i < len(kept):
                 tile = kept[i][: r1 - r0, : v1 - v0]
             else:
-                shared = shared if shared is not None else torch.empty(shape, device=hidden.device, dtype=dtype)
+                shared = shared if shared is not None else tile_buffer(rows, ctx.vocab_chunk, hidden.device, dtype)
                 tile = project(hidden, weight, bias, (r0, r1), (v0, v1), dtype, shared)
-            if trl_kernels._use_triton(hidden.device):
+            if triton:
                 fold = trl_kernels._backward_kernel[(r1 - r0, -(-(v1 - v0) // trl_kernels._BLOCK_SIZE))]
             else:
                 fold = trl_kernels._backward_tile
