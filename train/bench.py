@@ -244,6 +244,8 @@ def step_recorder():
     import torch
     from transformers import TrainerCallback
 
+    from train.speed import count_compilations
+
     class StepRecorder(TrainerCallback):
         """When each step ends, its peak memory and the logged losses. On CUDA the step ends are
         events on the GPU's queue, read once training ends: a synchronize at every step would
@@ -255,6 +257,8 @@ def step_recorder():
             self.peaks: list[float] = []  # GiB allocated at most during each step (CUDA)
             self.start = 0.0
             self.events: list = []
+            self.compiles: list[int] = []  # graphs compiled so far in the row, at each step's end
+            self.compiles_at_start = 0
 
         def on_train_begin(self, args, state, control, **kw):
             if torch.cuda.is_available():
@@ -265,12 +269,14 @@ def step_recorder():
                 self.start_event = torch.cuda.Event(enable_timing=True)
                 self.start_event.record()
             self.start = time.perf_counter()
+            self.compiles_at_start = count_compilations()
 
         def on_step_begin(self, args, state, control, **kw):
             if torch.cuda.is_available():
                 self.reader.restart()  # not torch.cuda.reset_peak_memory_stats: the policy reads peaks too
 
         def on_step_end(self, args, state, control, **kw):
+            self.compiles.append(count_compilations())  # a host counter: no wait for the GPU
             if torch.cuda.is_available():
                 event = torch.cuda.Event(enable_timing=True)
                 event.record()
@@ -505,6 +511,7 @@ def summarize(row, ns, recorder, counter, model, rate, steps) -> dict:
                            "tokens_per_step": [sum(x) for x in per_step], "peak_gib_per_step": recorder.peaks}
     w = min(ns.warmup, max(len(times) - 1, 0))
     timed = times[w:]
+    out["compiled_in_timed_steps"] = compiled_in_steps(recorder.compiles_at_start, recorder.compiles, w, len(times))
     tokens = sum(sum(x) for x in per_step[w:len(times)])
     if timed and model is not None:
         secs = sum(timed)
@@ -517,6 +524,13 @@ def summarize(row, ns, recorder, counter, model, rate, steps) -> dict:
         out["model_tflops_per_s"] = (per_token * tokens + attn) / secs / 1e12
         out["mfu"] = (per_token * tokens + attn) / secs / rate if rate else None
     return out
+
+
+def compiled_in_steps(at_start: int, counts: list[int], first: int, end: int) -> list[int]:
+    """The steps (0-based) among first..end-1 during which a graph was compiled, from the row's
+    running count of compiled graphs at each step's end."""
+    before = [at_start] + counts
+    return [i for i in range(first, min(end, len(counts))) if counts[i] > before[i]]
 
 
 # ---------------------------------------------------------------- report
@@ -551,6 +565,11 @@ def table(results: list[dict]) -> str:
             f"{ck_s:>9} {'' if drift is None else f'{drift * 100:.3f}%':>10}  "
             + " ".join(f"{x:.4f}" for x in pick) + (f"  [{r['error']}]" if r.get("error") else "")
         )
+    for r in results:
+        steps = r.get("compiled_in_timed_steps")
+        if steps:
+            lines.append(f"note: {r['row']} compiled during timed step(s) {', '.join(map(str, steps))} (0-based): its "
+                         "tok/s includes that compile time; give it more --warmup steps")
     return "\n".join(lines)
 
 

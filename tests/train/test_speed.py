@@ -491,8 +491,25 @@ def test_bench_rows_see_the_same_tokens_and_losses(tmp_path):
     assert res[0]["tokens_per_step"] == res[1]["tokens_per_step"] and len(res[0]["losses"]) == 3
     for a, b in zip(res[0]["losses"], res[1]["losses"]):
         assert math.isclose(a, b, rel_tol=1e-3)
-    assert all(r["tokens_per_s"] > 0 and r["compilations"] == 0 for r in res)
+    assert all(r["tokens_per_s"] > 0 and r["compilations"] == 0 and r["compiled_in_timed_steps"] == [] for r in res)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]  # its temporary directory is gone
+
+
+def test_bench_says_when_a_timed_step_compiled(tmp_path, capsys):
+    """A compiled row without warm-up compiles in its first timed step: the JSON names the step and
+    the table says that its tokens/s includes the compile time."""
+    from train.bench import compiled_in_steps, main
+
+    out = tmp_path / "bench.json"
+    rc = main(["--model", "tiny", "--rows", "sdpa_compile", "--steps", "2", "--warmup", "0",
+               "--n-rows", "24", "--min-len", "16", "--max-len", "48", "--json", str(out), "--workdir", str(tmp_path)])
+    assert rc == 0
+    res = json.loads(out.read_text())["results"][0]
+    assert res["compilations"] >= 1 and res["compiled_in_timed_steps"] == [0]
+    assert "note: sdpa_compile compiled during timed step(s) 0" in capsys.readouterr().out
+    # from the running count at each step's end: only steps from the first timed one on count
+    assert compiled_in_steps(0, [2, 2, 3, 3, 5], 2, 5) == [2, 4]
+    assert compiled_in_steps(1, [2, 2, 2], 1, 3) == [] and compiled_in_steps(1, [2, 2, 2], 0, 3) == [0]
 
 
 def test_bench_counts_tokens_collated_in_dataloader_workers(tmp_path, monkeypatch):
