@@ -55,6 +55,7 @@ class Row:
     offload: bool = False  # checkpointed layers' inputs wait in CPU memory (train.recompute)
     chunk_tokens: Optional[int] = None  # longer rows run in chunks of this many tokens (train.chunked_layer)
     keep_logits: bool = True  # with no layer checkpointed, the head keeps its logits tiles (train.head_logits)
+    region_layers: int = 1  # decoder layers per compiled call when none is checkpointed (train.speed)
     note: str = ""
 
 
@@ -79,6 +80,10 @@ ROWS: dict[str, Row] = {r.name: r for r in [
         note="default, each step as 2 micro-batches"),
     Row("fastest_eager", attn="auto", checkpoint="none", steps=60, note="no checkpointing, eager"),
     Row("fastest", attn="auto", compile=True, checkpoint="none", steps=60, note="no checkpointing, compiled"),
+    Row("fastest_regions", attn="auto", compile=True, checkpoint="none", steps=60, region_layers=4,
+        note="fastest with 4 decoder layers per compiled call instead of one"),
+    Row("fastest_triton_regions", attn="auto", compile=True, checkpoint="none", optim="adamw_triton", steps=60,
+        region_layers=4, note="fastest_triton_adamw with 4 decoder layers per compiled call"),
     Row("fastest_trl_head", attn="auto", compile=True, checkpoint="none", steps=60, keep_logits=False,
         note="fastest with TRL's head projecting its logits tiles again in the backward"),
     Row("fastest_triton_trl_head", attn="auto", compile=True, checkpoint="none", optim="adamw_triton", steps=60,
@@ -342,7 +347,7 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
         limit = int(ns.memory_limit_gib * 2**30) if ns.memory_limit_gib else None
         callbacks.append(speed_callback(compile=row.compile, checkpoint=row.checkpoint, memory_limit=limit,
                                         chunked_loss=row.chunked_loss, offload=row.offload,
-                                        chunk_tokens=row.chunk_tokens))
+                                        chunk_tokens=row.chunk_tokens, region_layers=row.region_layers))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=minimal_tokenizer(),
                          peft_config=peft_config, callbacks=callbacks)
     from transformers.trainer_callback import PrinterCallback
@@ -384,6 +389,8 @@ def runner_facts(callbacks: list) -> dict:
         if any(runner.selective_history):  # of the recomputed layers, those recomputed selectively
             sel = runner.selective_history
             out["checkpointed_layers"]["selective"] = {"min": min(sel), "max": max(sel), "mean": statistics.fmean(sel)}
+    if runner.region_batches:
+        out["regions"] = {"layers": runner.region, "micro_batches": runner.region_batches}
     if runner.compile_failures:
         out["compile_failures"] = runner.compile_failures  # those layer variants fell back
     if any(p is not None for p in runner.predictions):

@@ -7,7 +7,12 @@ Two mechanisms, both per decoder layer, installed on a model that SFTTrainer is 
   batch of any length, any number of sequences and any `max_length_q` reuses it, so a run
   compiles three times at most (the plain layer, the layer under checkpointing and the
   selectively recomputed layer) however the lengths vary. Compiling the whole model instead
-  (TRL's `torch_compile=True`) recompiles on every new batch length.
+  (TRL's `torch_compile=True`) recompiles on every new batch length. With `region_layers`
+  above 1, a micro-batch with no layer checkpointed runs a few consecutive layers as one
+  compiled region instead: one compiled call per region, whose guards and autograd wrapper
+  the host runs once for all its layers, and a graph that is still the same for every
+  region. It is off by default; the bench's `*_regions` rows measure it against one call
+  per layer.
 - gradient checkpointing chosen per micro-batch. With `checkpoint="auto"` a layer is
   recomputed only when the activations of the tokens in this micro-batch would not fit the
   memory limit otherwise: short batches run with none, long ones with as few layers
@@ -96,6 +101,33 @@ def evenly_spaced(n_layers: int, n_pick: int) -> frozenset[int]:
 def _run_layer(layer: nn.Module, *args, **kwargs):
     # The class's forward, not the instance's: the instance attribute is our wrapper.
     return type(layer).forward(layer, *args, **kwargs)
+
+
+def _run_layers(layers: list, hidden: torch.Tensor, **kwargs) -> torch.Tensor:
+    for layer in layers:
+        hidden = type(layer).forward(layer, hidden, **kwargs)
+    return hidden
+
+
+# Consecutive decoder layers compiled as one region when none of them is checkpointed, where regions
+# are asked for (the bench's `*_regions` rows). A compiled call costs the host its guards and its
+# autograd wrapper; a region pays them once for its layers. Four keeps the region's compile time a
+# few times a layer's.
+REGION_LAYERS = 4
+
+
+def region_size(n_layers: int, target: int) -> int:
+    """The largest divisor of `n_layers` up to `target`: regions of one length share one compiled graph."""
+    return max(d for d in range(1, max(1, min(target, n_layers)) + 1) if n_layers % d == 0)
+
+
+def _returns_hidden(layer: nn.Module) -> bool:
+    """Whether the layer's forward returns the hidden states alone (transformers 5's decoder layers),
+    which a region can hand from one layer to the next."""
+    import inspect
+
+    annotation = inspect.signature(type(layer).forward).return_annotation
+    return annotation is torch.Tensor or annotation in ("torch.Tensor", "Tensor")
 
 
 def _has_packed_weights(layer: nn.Module) -> bool:
@@ -194,6 +226,8 @@ class LayerRunner:
     `chunk_tokens`: rows longer than this run every MLP and the final norm in chunks of that
     many tokens (train.recompute), and each checkpointed Llama layer runs all its parts but
     attention in such chunks (train.chunked_layer).
+    `region_layers`: compiled, a micro-batch with no layer checkpointed runs up to this many
+    consecutive layers as one compiled region (`region_size`), unless a layer has hooks.
     """
 
     def __init__(
@@ -209,6 +243,7 @@ class LayerRunner:
         chunked_loss: bool = True,
         offload: bool = False,
         chunk_tokens: Optional[int] = None,
+        region_layers: int = 1,
     ):
         self.backbone, self.layers = decoder_layers(model)
         self.offload = offload
@@ -251,6 +286,12 @@ class LayerRunner:
             ckpt = torch.compile(_run_layer_checkpointed, dynamic=True, options=options)
             sel = torch.compile(self._run_layer_selective, dynamic=True, options=options)
         self._plain, self._ckpt, self._sel = plain, ckpt, sel
+        self.region = 1
+        if compile and region_layers > 1 and not (offload or chunk_tokens) and _returns_hidden(self.layers[0]):
+            self.region = region_size(len(self.layers), region_layers)
+        self._region = torch.compile(_run_layers, dynamic=True, options=options) if self.region > 1 else None
+        self._region_now = False  # whether this micro-batch runs its layers in regions (see _before_batch)
+        self.region_batches = 0  # training micro-batches that ran in regions
         # A 4-bit base under a compiled checkpoint: Inductor's partitioner may keep the
         # layer's dequantized weights for the backward instead of recomputing them.
         # Recomputing the compiled plain layer from outside (train.recompute) keeps only the
@@ -327,6 +368,10 @@ class LayerRunner:
         self._peak.restart()
 
     def _forward_layer(self, index: int, layer: nn.Module, args: tuple, kwargs: dict):
+        if self._region_now and layer.training and torch.is_grad_enabled():
+            if index % self.region:  # its region's first layer ran it already
+                return _hidden(args, kwargs)
+            return self._run_region(index, args, kwargs)
         if layer.training and torch.is_grad_enabled() and index in self.checkpointed:
             if self.chunked_layers is not None and len(args) <= 1 and _hidden(args, kwargs).shape[1] > self.chunk_tokens:
                 return self._run_chunked(index, args, kwargs)
@@ -337,6 +382,31 @@ class LayerRunner:
                 return self._run("_sel", self._run_layer_selective, layer, args, kwargs)
             return self._run_checkpointed(layer, *args, **kwargs)
         return self._run_plain(layer, *args, **kwargs)
+
+    def _run_region(self, index: int, args: tuple, kwargs: dict):
+        """Layers index .. index + region - 1 as one compiled call. If Inductor cannot compile the
+        region, layers run one compiled call each from now on (this one too), and training says so."""
+        rest = {name: value for name, value in kwargs.items() if name != "hidden_states"}
+        try:
+            return self._region(list(self.layers[index:index + self.region]), _hidden(args, kwargs), **rest)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:
+            reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+            log.warning("compiling %d decoder layers as one region failed (%s); each runs on its own", self.region,
+                        reason)
+            self.compile_failures.append(f"region: {reason}")
+            self.region, self._region_now = 1, False
+            return self._run_plain(self.layers[index], *args, **kwargs)
+
+    def _regions_apply(self) -> bool:
+        """Whether this micro-batch's layers run in regions: none checkpointed, and no hooks on a
+        layer (a region calls its layers' forward directly, so their hooks would not run)."""
+        from torch.nn.modules import module as nn_module
+
+        if self.region <= 1 or self.checkpointed:
+            return False
+        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+            return False
+        return not any(layer._forward_hooks or layer._forward_pre_hooks for layer in self.layers)
 
     def _recompute(self, layer: nn.Module, *args, **kwargs):
         """The layer run like a plain one (compiled if the plain layer is) and recomputed in the backward."""
@@ -391,6 +461,7 @@ class LayerRunner:
         return round(float(self.checkpoint) * n)
 
     def _before_batch(self, module, args, kwargs):
+        self._region_now = False
         if not (module.training and torch.is_grad_enabled()):
             return None
         if self.dropout is not None:
@@ -404,6 +475,8 @@ class LayerRunner:
                 ordered = sorted(self.checkpointed)
                 self.selective = frozenset(ordered[i] for i in evenly_spaced(len(ordered), self.selective_count))
                 prediction = self._prediction
+        self._region_now = self._regions_apply()
+        self.region_batches += self._region_now
         self.history.append(len(self.checkpointed))
         self.selective_history.append(len(self.selective))
         self.phase_predictions.append(prediction)
@@ -724,7 +797,8 @@ def count_compilations() -> int:
 
 
 def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit: Optional[int] = None,
-                   chunked_loss: bool = True, offload: bool = False, chunk_tokens: Optional[int] = None):
+                   chunked_loss: bool = True, offload: bool = False, chunk_tokens: Optional[int] = None,
+                   region_layers: int = 1):
     """A TrainerCallback that installs a LayerRunner when training begins.
 
     It has to wait for `on_train_begin`: by then the Trainer has wrapped the model (PEFT,
@@ -751,10 +825,12 @@ def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit:
                     chunked_loss=chunked_loss,
                     offload=offload,
                     chunk_tokens=chunk_tokens,
+                    region_layers=region_layers,
                 ).install()
                 log.info(
-                    "decoder layers: compile=%s, checkpointing=%s%s%s%s",
+                    "decoder layers: compile=%s%s, checkpointing=%s%s%s%s",
                     compile,
+                    f" (regions of {self.runner.region} layers when none is checkpointed)" if self.runner.region > 1 else "",
                     checkpoint,
                     f" within {memory_limit / 2**30:.1f} GiB" if memory_limit else "",
                     ", checkpointed inputs offloaded to the CPU" if offload else "",

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from train import speed
-from train.speed import SELECTIVE_COST, LayerRunner, count_compilations, evenly_spaced
+from train.speed import (SELECTIVE_COST, LayerRunner, _run_layer, _run_layer_checkpointed, count_compilations,
+                         evenly_spaced, region_size)
 
 
 def tiny_llama(layers=2, seed=0):
@@ -71,6 +72,63 @@ def test_padding_free_compiled_step_equals_padded_eager_step():
     loss_and_grads(model, batches([30, 4, 11, 9], seed=2)[1])
     assert count_compilations() - before == first, "a new length must not recompile"
     runner.remove()
+
+
+def test_layers_run_in_compiled_regions_when_none_is_checkpointed():
+    """Compiled with no layer checkpointed, consecutive layers run as one compiled call: the same
+    loss and gradients as the eager model, one graph for both regions, and a layer with a hook
+    runs on its own so that the hook sees that layer's output."""
+    torch._dynamo.reset()
+    model = tiny_llama(layers=4)
+    _, packed = batches([9, 14, 5])
+    ref_loss, ref_grads = loss_and_grads(model, packed)
+    seen = {}
+
+    def keep(name):  # a forward hook that records layer 1's output (and returns None: no replacement)
+        return lambda module, args, out: seen.__setitem__(name, out.detach())
+
+    hook = model.model.layers[1].register_forward_hook(keep("eager"))
+    loss_and_grads(model, packed)
+    before = count_compilations()
+    runner = LayerRunner(model, compile=True, checkpoint="none", region_layers=2).install()
+    hook.remove()
+    calls = []
+    compiled = runner._region
+    runner._region = lambda layers, hidden, **kw: calls.append(len(layers)) or compiled(layers, hidden, **kw)
+    loss, grads = loss_and_grads(model, packed)
+    assert calls == [2, 2] and runner.region_batches == 1
+    assert count_compilations() - before == 1
+    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6), (loss, ref_loss)
+    assert max(rel(g, r) for g, r in zip(grads, ref_grads)) < 1e-4
+    hook = model.model.layers[1].register_forward_hook(keep("compiled"))
+    loss, grads = loss_and_grads(model, packed)
+    hook.remove()
+    assert calls == [2, 2] and runner.region_batches == 1  # no region this time
+    assert rel(seen["compiled"], seen["eager"]) < 1e-5
+    assert max(rel(g, r) for g, r in zip(grads, ref_grads)) < 1e-4
+    runner.remove()
+
+
+def test_regions_only_where_no_layer_is_checkpointed_and_a_failed_region_compile_falls_back(monkeypatch):
+    assert [region_size(n, 4) for n in (16, 32, 30, 22, 7, 2, 1)] == [4, 4, 3, 2, 1, 2, 1]
+    model = tiny_llama(layers=4)
+    assert LayerRunner(model, compile=True, checkpoint="none").region == 1  # regions are asked for
+    assert LayerRunner(model, compile=True, checkpoint="none", region_layers=4, offload=True).region == 1
+    assert LayerRunner(model, checkpoint="none", region_layers=4).region == 1  # eager: no compiled call to save
+    _, packed = batches([9, 14])
+    ref_loss, ref_grads = loss_and_grads(model, packed)
+    runner = LayerRunner(model, compile=True, checkpoint="all", region_layers=4).install()
+    runner._ckpt = _run_layer_checkpointed  # eager stand-ins: this test is about which path runs
+    loss_and_grads(model, packed)
+    assert runner.region == 4 and runner.region_batches == 0
+    runner.remove()
+    runner = LayerRunner(model, compile=True, checkpoint="none", region_layers=4).install()
+    runner._region, runner._plain = broken_compile, _run_layer
+    loss, grads = loss_and_grads(model, packed)
+    runner.remove()
+    assert runner.region == 1 and runner.compile_failures and runner.compile_failures[0].startswith("region:")
+    assert torch.allclose(loss, ref_loss, rtol=1e-6)
+    assert max(rel(g, r) for g, r in zip(grads, ref_grads)) < 1e-5
 
 
 @pytest.mark.parametrize("policy", ["all", 0.5])
