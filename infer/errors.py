@@ -52,25 +52,47 @@ def terminate_as_interrupt(grace_s: float = 30.0):
     """SIGTERM (a job scheduler, `kill`, `timeout`) unwinds like Ctrl-C while inside: `finally`
     blocks and context managers run, so temporary files are removed.
 
-    The KeyboardInterrupt can be lost: raised while Python runs a weakref callback or a
-    `__del__`, it is printed as "Exception ignored" and the program goes on. So the first
-    SIGTERM also gives the unwinding `grace_s` seconds, after which the process exits with
-    143 (128 + SIGTERM) wherever it is, and a second SIGTERM ends it at once."""
+    The KeyboardInterrupt can land where Python cannot raise it: in a weakref callback or a
+    `__del__` (the import system's module-lock callbacks among them), where it is printed as
+    "Exception ignored" and the program goes on. Such a lost interrupt is raised again in the
+    main thread a moment later (`sys.unraisablehook` sees it go). Code that catches it and goes
+    on is not overruled, but the first SIGTERM also gives the unwinding `grace_s` seconds, after
+    which the process exits with 143 (128 + SIGTERM) wherever it is; a second SIGTERM ends it at
+    once."""
+    import _thread
+
+    state = {"deadline": None, "inside": True}
+
     def interrupt(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        deadline = threading.Timer(grace_s, os._exit, args=(128 + signal.SIGTERM,))
-        deadline.daemon = True
-        deadline.start()
+        if state["deadline"] is None:
+            state["deadline"] = threading.Timer(grace_s, os._exit, args=(128 + signal.SIGTERM,))
+            state["deadline"].daemon = True
+            state["deadline"].start()
         raise KeyboardInterrupt
+
+    def unraisable(info):
+        hook(info)
+        if state["inside"] and state["deadline"] is not None and info.exc_type is KeyboardInterrupt:
+            # Raised from a thread a moment later: raised from here it would be discarded again.
+            signal.signal(signal.SIGTERM, interrupt)
+            again = threading.Timer(0.05, _thread.interrupt_main, args=(signal.SIGTERM,))
+            again.daemon = True
+            again.start()
 
     try:
         previous = signal.signal(signal.SIGTERM, interrupt)
     except ValueError:  # not the main thread: SIGTERM stays as it is
         previous = None
+    hook = sys.unraisablehook
+    if previous is not None:
+        sys.unraisablehook = unraisable
     try:
         yield
     finally:
+        state["inside"] = False
         if previous is not None:
+            sys.unraisablehook = hook
             signal.signal(signal.SIGTERM, previous)
 
 

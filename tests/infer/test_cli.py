@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -212,6 +213,36 @@ def test_a_terminate_whose_interrupt_is_swallowed_still_ends_the_process():
         proc.kill()
     assert "swallowed" in out, out
     assert proc.returncode == 128 + signal.SIGTERM
+
+
+def test_a_terminate_lost_in_a_weakref_callback_is_raised_again():
+    """A SIGTERM whose KeyboardInterrupt lands in a weakref callback (Python prints it as "Exception
+    ignored" and goes on) is raised again in the main code: its `finally` runs and the process ends
+    as an uncaught Ctrl-C does, long before the grace period's 143."""
+    code = (
+        "import gc, os, signal, sys, time, weakref\n"
+        "from infer.errors import terminate_as_interrupt\n"
+        "class Thing: pass\n"
+        "def callback(ref):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    for _ in range(100000): pass  # the handler runs here, inside the callback\n"
+        "try:\n"
+        "    with terminate_as_interrupt(grace_s=20.0):\n"
+        "        thing = Thing(); ref = weakref.ref(thing, callback); del thing\n"
+        "        print('lost', flush=True)\n"
+        "        end = time.time() + 15\n"
+        "        while time.time() < end: time.sleep(0.01)\n"
+        "        print('not raised again', flush=True)\n"
+        "finally:\n"
+        "    print('finally', flush=True)\n"
+    )
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+    assert "lost" in proc.stdout and "Exception ignored" in proc.stderr, (proc.stdout, proc.stderr)
+    assert "not raised again" not in proc.stdout and "finally" in proc.stdout, proc.stdout
+    # the interrupt raised again ends the program as an uncaught Ctrl-C does
+    assert proc.returncode == -signal.SIGINT and proc.stderr.rstrip().endswith("KeyboardInterrupt"), proc.stderr
+    assert time.time() - start < 12
 
 
 def test_the_console_shows_the_products_lines(tiny_model_dir):
