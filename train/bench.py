@@ -84,6 +84,8 @@ ROWS: dict[str, Row] = {r.name: r for r in [
         note="fastest with 4 decoder layers per compiled call instead of one"),
     Row("fastest_triton_regions", attn="auto", compile=True, checkpoint="none", optim="adamw_triton", steps=60,
         region_layers=4, note="fastest_triton_adamw with 4 decoder layers per compiled call"),
+    Row("fastest_triton_stack", attn="auto", compile=True, checkpoint="none", optim="adamw_triton", steps=60,
+        region_layers=1 << 10, note="fastest_triton_adamw with all decoder layers in one compiled call"),
     Row("fastest_trl_head", attn="auto", compile=True, checkpoint="none", steps=60, keep_logits=False,
         note="fastest with TRL's head projecting its logits tiles again in the backward"),
     Row("fastest_triton_trl_head", attn="auto", compile=True, checkpoint="none", optim="adamw_triton", steps=60,
