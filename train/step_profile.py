@@ -18,7 +18,13 @@ the wall time, what host-side waits and launches cost the GPU. On the CPU there 
 an op's own (self) time stands for its work.
 
 The profiler's own per-op cost lengthens the host side of the profiled steps: idle time here is
-an upper bound of the unprofiled steps' idle time.
+an upper bound of the unprofiled steps' idle time. So is the window's start: the profile begins
+with the GPU's queue drained (a synchronize), so the GPU waits for the first profiled step's
+first launches, which in unprofiled training the host queues while the GPU is still busy with
+the step before. `host_ahead_ms` is how much queued GPU work the host had left behind when it
+finished the last profiled step: above zero, the host outran the GPU, the steps were GPU-bound,
+and their idle time is mostly that start's. "other" is the host's time outside the phases up to
+that point, without the wait for the queue at the window's end.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ class StepProfile:
         self.first, self.steps = first, steps
         self.prof = None
         self.wall_s = None
+        self.host_s = None  # from the window's start until the host ends its last profiled step
         self._t0 = 0.0
         self._optimizer_range = None
 
@@ -99,6 +106,7 @@ class StepProfile:
             self.prof.__enter__()
             self._t0 = time.perf_counter()
         elif step == self.first + self.steps and self.active:
+            self.host_s = time.perf_counter() - self._t0
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.wall_s = time.perf_counter() - self._t0
@@ -177,12 +185,15 @@ class StepProfile:
             entry[0] += us / 1e3 / n
             entry[1] += 1
         wall_ms = self.wall_s * 1e3 / n
-        phases["other"]["host_ms"] = max(0.0, wall_ms - sum(p["host_ms"] for p in phases.values()))
+        host_s = self.wall_s if self.host_s is None else self.host_s
+        host_ms = host_s * 1e3 / n
+        phases["other"]["host_ms"] = max(0.0, host_ms - sum(p["host_ms"] for p in phases.values()))
         busy_ms = busy_us / 1e3 / n
         largest = sorted(kernels.items(), key=lambda kv: kv[1][0], reverse=True)[:top]
         return {
             "steps": n, "first_step": self.first, "on": "cuda" if device else "cpu",
             "wall_ms": wall_ms, "busy_ms": busy_ms, "idle_ms": max(0.0, wall_ms - busy_ms) if device else None,
+            "host_ms": host_ms, "host_ahead_ms": max(0.0, self.wall_s - host_s) * 1e3 if device else None,
             "kernels_per_step": len(work) / n, "unlinked_ms": unlinked_us / 1e3 / n,
             "overlinked_ms": overlinked_us / 1e3 / n,
             "phases": {p: _rounded(v) for p, v in phases.items()},
@@ -256,6 +267,8 @@ def format_profile(row: str, p: dict) -> str:
             f"{p['wall_ms']:.1f} ms per step, {unit} work {p['busy_ms']:.1f} ms")
     if p["idle_ms"] is not None:
         head += f", GPU idle {p['idle_ms']:.1f} ms ({100 * p['idle_ms'] / p['wall_ms']:.1f}%)"
+    if p.get("host_ahead_ms") is not None:
+        head += f"; the host ended the window {p['host_ahead_ms']:.1f} ms of GPU work ahead"
     if p.get("unlinked_ms"):
         head += f" ({p['unlinked_ms']:.2f} ms of kernels in no phase: no launching op recorded)"
     if p.get("overlinked_ms"):

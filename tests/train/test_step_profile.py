@@ -49,6 +49,29 @@ def test_each_phase_gets_the_work_its_own_code_started():
     assert "matmul" not in phases["optimizer"]["by_category_ms"] and phases["optimizer"]["work_ms"] > 0
     assert "matmul" not in phases["other"]["by_category_ms"] and phases["other"]["work_ms"] > 0
     assert phases["batch"]["host_ms"] == 0  # not marked here
+    assert summary["host_ahead_ms"] is None and summary["host_ms"] <= summary["wall_ms"]
+
+
+def test_other_is_host_time_and_the_wait_for_the_queue_is_the_hosts_lead():
+    """The window ends with a wait for the GPU's queue: that wait is how far the host ran ahead,
+    not host time outside the phases."""
+    from types import SimpleNamespace as NS
+
+    from torch.autograd import DeviceType
+
+    from train.step_profile import format_profile
+
+    mm = NS(name="nvjet_sm90_tst_128x256", duration=30.0)
+    events = [event("tw::step::forward", 0, 10e3, DeviceType.CPU), event("aten::mm", 1e3, 2e3, DeviceType.CPU, [mm]),
+              event("tw::step::backward", 10e3, 30e3, DeviceType.CPU), event(mm.name, 5e3, 35e3, DeviceType.CUDA)]
+    profile = StepProfile(first=0, steps=1)
+    # the host ended its step 40 ms in; the queue it left took until 100 ms
+    profile.prof, profile.host_s, profile.wall_s = NS(events=lambda: events), 0.040, 0.100
+    summary = profile.summary()
+    assert summary["host_ms"] == pytest.approx(40) and summary["host_ahead_ms"] == pytest.approx(60)
+    assert summary["phases"]["other"]["host_ms"] == pytest.approx(10)  # 40 - (10 + 20), not 100 - 30
+    assert summary["idle_ms"] == pytest.approx(70)
+    assert "the host ended the window 60.0 ms of GPU work ahead" in format_profile("fastest", summary)
 
 
 def test_kernel_names_fall_into_categories():
