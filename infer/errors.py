@@ -76,7 +76,7 @@ def terminate_as_interrupt(grace_s: float = 30.0):
         if state["inside"] and state["deadline"] is not None and info.exc_type is KeyboardInterrupt:
             # Raised from a thread a moment later: raised from here it would be discarded again.
             signal.signal(signal.SIGTERM, interrupt)
-            again = threading.Timer(0.05, _thread.interrupt_main, args=(signal.SIGTERM,))
+            again = threading.Timer(0.05, lambda: state["inside"] and _thread.interrupt_main(signal.SIGTERM))
             again.daemon = True
             again.start()
 
