@@ -19,22 +19,33 @@ from pathlib import Path
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
-def build_cache(out: Path) -> Path:
-    """`out`/models/<default model>/: the default model's tokenizer and a 2-layer random model in place
-    of its weights. Returns that checkpoint directory."""
+def default_tokenizer():
+    """(the default model's directory, its tokenizer)."""
     from transformers import AutoTokenizer
 
     from infer.models import DEFAULT_MODEL, fetch_builtin
-    from infer.random_model import architecture_config, save_random_model
 
     source = fetch_builtin(DEFAULT_MODEL)
+    return source, AutoTokenizer.from_pretrained(source)
+
+
+def token_ids(tokenizer) -> dict:
+    """The special token ids a model config takes from its tokenizer."""
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}
+
+
+def build_cache(out: Path) -> Path:
+    """`out`/models/<default model>/: the default model's tokenizer and a 2-layer random model in place
+    of its weights. Returns that checkpoint directory."""
+    from infer.random_model import architecture_config, save_random_model
+
+    source, tokenizer = default_tokenizer()
     target = Path(out) / "models" / source.name
     if target.exists():
         shutil.rmtree(target)
-    tokenizer = AutoTokenizer.from_pretrained(source)
     config = architecture_config("tiny", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                 max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                                 max_position_embeddings=2048, **token_ids(tokenizer))
     save_random_model(target, config, tokenizer)
     for name in TOKENIZER_FILES:  # the default model's own files, byte for byte
         if (source / name).is_file():
@@ -44,14 +55,10 @@ def build_cache(out: Path) -> Path:
 
 def build_base(out: Path, device: str = "cuda") -> Path:
     """A random SmolLM2-135M-shaped checkpoint with the default model's tokenizer, at `out`."""
-    from transformers import AutoTokenizer
-
-    from infer.models import DEFAULT_MODEL, fetch_builtin
     from infer.random_model import architecture_config, save_random_model
 
-    tokenizer = AutoTokenizer.from_pretrained(fetch_builtin(DEFAULT_MODEL))
-    config = architecture_config("smollm2-135m", max_position_embeddings=8192, bos_token_id=tokenizer.bos_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    _, tokenizer = default_tokenizer()
+    config = architecture_config("smollm2-135m", max_position_embeddings=8192, **token_ids(tokenizer))
     return save_random_model(out, config, tokenizer, device=device)
 
 

@@ -80,16 +80,6 @@ ROWS: dict[str, Row] = {r.name: r for r in [
         note="default, each step as 2 micro-batches"),
     Row("fastest_eager", attn="auto", checkpoint="none", steps=60, note="no checkpointing, eager"),
     Row("fastest", attn="auto", compile=True, checkpoint="none", steps=60, note="no checkpointing, compiled"),
-    Row("fastest_regions", attn="auto", compile=True, checkpoint="none", steps=60, region_layers=4,
-        note="fastest with 4 decoder layers per compiled call instead of one"),
-    Row("fastest_triton_regions", attn="auto", compile=True, checkpoint="none", optim="adamw_triton", steps=60,
-        region_layers=4, note="fastest_triton_adamw with 4 decoder layers per compiled call"),
-    Row("fastest_triton_stack", attn="auto", compile=True, checkpoint="none", optim="adamw_triton", steps=60,
-        region_layers=1 << 10, note="fastest_triton_adamw with all decoder layers in one compiled call"),
-    Row("fastest_trl_head", attn="auto", compile=True, checkpoint="none", steps=60, keep_logits=False,
-        note="fastest with TRL's head projecting its logits tiles again in the backward"),
-    Row("fastest_triton_trl_head", attn="auto", compile=True, checkpoint="none", optim="adamw_triton", steps=60,
-        keep_logits=False, note="fastest_triton_adamw with TRL's head projecting its logits tiles again"),
     Row("sdpa_compile", attn="sdpa", compile=True, checkpoint="auto", note="padding-free SDPA, compiled (CPU too)"),
     Row("trl_peft_lora", padding_free=False, attn="sdpa", method="lora", note="TRL + peft defaults, LoRA r16"),
     Row("tw_lora", attn="auto", compile=True, checkpoint="auto", method="lora"),
@@ -102,6 +92,27 @@ ROWS: dict[str, Row] = {r.name: r for r in [
     Row("tw_qlora_long", attn="auto", compile=True, checkpoint="all", method="qlora", offload=True,
         chunk_tokens=2048, note="tw_lora_long on the nf4 base"),
 ]}
+
+
+def _variant(base: str, name: str, note: str, **change) -> Row:
+    """`base`'s row with one setting changed, for an A/B against it."""
+    return dataclasses.replace(ROWS[base], name=name, note=note, **change)
+
+
+for _row in [
+    _variant("fastest", "fastest_regions", "fastest with 4 decoder layers per compiled call instead of one",
+             region_layers=4),
+    _variant("fastest_triton_adamw", "fastest_triton_regions",
+             "fastest_triton_adamw with 4 decoder layers per compiled call", region_layers=4),
+    _variant("fastest_triton_adamw", "fastest_triton_stack",
+             "fastest_triton_adamw with all decoder layers in one compiled call", region_layers=1 << 10),
+    _variant("fastest", "fastest_trl_head", "fastest with TRL's head projecting its logits tiles again in the backward",
+             keep_logits=False),
+    _variant("fastest_triton_adamw", "fastest_triton_trl_head",
+             "fastest_triton_adamw with TRL's head projecting its logits tiles again", keep_logits=False),
+]:
+    ROWS[_row.name] = _row
+
 FULL_ROWS = ["trl_default", "padding_free_sdpa", "varlen_fa2", "tw_default", "tw_adamw_torch", "tw_8bit",
              "fastest_eager", "fastest"]
 

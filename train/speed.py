@@ -130,6 +130,12 @@ def _returns_hidden(layer: nn.Module) -> bool:
     return annotation is torch.Tensor or annotation in ("torch.Tensor", "Tensor")
 
 
+def _failure_reason(exc: BaseException) -> str:
+    """The last line of Inductor's error (its cause), short enough for a log line."""
+    text = str(exc).strip()
+    return text.splitlines()[-1][:200] if text else type(exc).__name__
+
+
 def _has_packed_weights(layer: nn.Module) -> bool:
     """Whether the layer holds quantized (integer-packed) weights, e.g. bitsandbytes' 4-bit blocks."""
     return any(not p.dtype.is_floating_point for p in layer.parameters())
@@ -390,7 +396,7 @@ class LayerRunner:
         try:
             return self._region(list(self.layers[index:index + self.region]), _hidden(args, kwargs), **rest)
         except torch._dynamo.exc.BackendCompilerFailed as exc:
-            reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+            reason = _failure_reason(exc)
             log.warning("compiling %d decoder layers as one region failed (%s); each runs on its own", self.region,
                         reason)
             self.compile_failures.append(f"region: {reason}")
@@ -440,7 +446,7 @@ class LayerRunner:
         try:
             return fn(layer, *args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as exc:
-            reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+            reason = _failure_reason(exc)
             if slot == "_sel":
                 self.selective_ok = False
                 fallback, how = self._run_checkpointed, "is checkpointed whole instead"

@@ -149,7 +149,8 @@ def build_trainer(recipe: Recipe, setup: ModelSetup, datasets: dict, run: RunDir
     stopper = StopOnSignal()
     from train.speed import speed_callback
 
-    extra = [recorder, ProgressBar(recorder), stopper, speed_callback(**speed_settings(recipe, setup))]
+    speed = speed_settings(recipe, setup)
+    extra = [recorder, ProgressBar(recorder), stopper, speed_callback(**speed)]
     if trackers:
         extra.append(Trackers(trackers, run.tensorboard_dir))
     trainer = SFTTrainer(
@@ -164,7 +165,7 @@ def build_trainer(recipe: Recipe, setup: ModelSetup, datasets: dict, run: RunDir
     cuda = setup.device.startswith("cuda")
     tune_step(trainer, chunked_loss=recipe.training.chunked_loss, cuda=cuda,
               triton_adamw=recipe.training.optimizer == "adamw_triton",
-              keep_head_logits=keeps_head_logits(speed_settings(recipe, setup)["checkpoint"], cuda=cuda))
+              keep_head_logits=keeps_head_logits(speed["checkpoint"], cuda=cuda))
     if recipe.training.chunked_loss and not cuda:
         from train.loss import use_labeled_positions_loss
 
