@@ -11,8 +11,9 @@ Two mechanisms, both per decoder layer, installed on a model that SFTTrainer is 
   above 1, a micro-batch with no layer checkpointed runs a few consecutive layers as one
   compiled region instead: one compiled call per region, whose guards and autograd wrapper
   the host runs once for all its layers, and a graph that is still the same for every
-  region. It is off by default; the bench's `*_regions` rows measure it against one call
-  per layer.
+  region. It is off by default: on an H100 the 1B bench's 8-row step is GPU-bound with one
+  call per layer, and regions measured no consistent gain there (BENCHMARKS.md, "Compiled
+  regions"); a host too slow to stay ahead of the GPU is where they can pay.
 - gradient checkpointing chosen per micro-batch. With `checkpoint="auto"` a layer is
   recomputed only when the activations of the tokens in this micro-batch would not fit the
   memory limit otherwise: short batches run with none, long ones with as few layers
@@ -107,13 +108,6 @@ def _run_layers(layers: list, hidden: torch.Tensor, **kwargs) -> torch.Tensor:
     for layer in layers:
         hidden = type(layer).forward(layer, hidden, **kwargs)
     return hidden
-
-
-# Consecutive decoder layers compiled as one region when none of them is checkpointed, where regions
-# are asked for (the bench's `*_regions` rows). A compiled call costs the host its guards and its
-# autograd wrapper; a region pays them once for its layers. Four keeps the region's compile time a
-# few times a layer's.
-REGION_LAYERS = 4
 
 
 def region_size(n_layers: int, target: int) -> int:
