@@ -581,8 +581,9 @@ def table(results: list[dict]) -> str:
         drift = loss_drift(base["losses"], r["losses"])
         ls = r["losses"]
         pick = [ls[0], ls[min(9, len(ls) - 1)], ls[-1]] if ls else []
+        label = f"{r['row']} (round {r['round']})" if r.get("round") else r["row"]
         lines.append(
-            f"{r['row']:30} {tps or 0:8.0f} {speedup or 0:6.2f} "
+            f"{label:30} {tps or 0:8.0f} {speedup or 0:6.2f} "
             f"{(r.get('mfu') or 0) * 100:5.1f}% {r.get('peak_alloc_gib', 0):8.2f} {r['compilations']:8d} "
             f"{ck_s:>9} {'' if drift is None else f'{drift * 100:.3f}%':>10}  "
             + " ".join(f"{x:.4f}" for x in pick) + (f"  [{r['error']}]" if r.get("error") else "")
@@ -592,6 +593,21 @@ def table(results: list[dict]) -> str:
         if steps:
             lines.append(f"note: {r['row']} compiled during timed step(s) {', '.join(map(str, steps))} (0-based): its "
                          "tok/s includes that compile time; give it more --warmup steps")
+    return "\n".join(lines)
+
+
+def rounds_table(results: list[dict]) -> str:
+    """--rounds: each row's tok/s in every round (the odd rounds in the given order, the even ones
+    reversed), their mean, and that mean against the first row's."""
+    names = list(dict.fromkeys(r["row"] for r in results))
+    rounds = max(r["round"] for r in results)
+    speed = {(r["row"], r["round"]): r.get("tokens_per_s") or 0 for r in results}
+    mean = {n: statistics.fmean(speed.get((n, k), 0) for k in range(1, rounds + 1)) for n in names}
+    head = f"{'row':30} " + " ".join(f"{f'round {k}':>9}" for k in range(1, rounds + 1)) + f" {'mean':>9} {'x base':>6}"
+    lines = [head, "-" * len(head)]
+    for n in names:
+        lines.append(f"{n:30} " + " ".join(f"{speed.get((n, k), 0):9.0f}" for k in range(1, rounds + 1))
+                     + f" {mean[n]:9.0f} {mean[n] / mean[names[0]] if mean[names[0]] else 0:6.3f}")
     return "\n".join(lines)
 
 
@@ -656,6 +672,9 @@ def parse_args(argv):
     p.add_argument("--profile-trace", default=None, metavar="DIR",
                    help="with --profile: also write each row's profiled steps as a Chrome / Perfetto trace, "
                    "DIR/ROW.trace.json.gz")
+    p.add_argument("--rounds", type=int, default=1, metavar="N",
+                   help="run the rows N times, every other time in reverse order, and print each row's tok/s per "
+                   "round beside its mean: an A/B within one invocation that no row wins by running first")
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument("--workdir", default=None,
                    help="where the temporary directory for the trainer outputs and the QLoRA base goes "
@@ -692,6 +711,8 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         raise SystemExit(f"unknown row(s) {unknown}; known: {', '.join(ROWS)}")
+    if ns.rounds < 1 or (ns.rounds > 1 and ns.longest):
+        raise SystemExit(f"--rounds {ns.rounds}: give a count of at least 1, and 1 with --longest")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     config = model_config(ns.model)
     if ns.longest:
@@ -724,7 +745,7 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
                                                  "memory_cap_gib": ns.memory_cap_gib, "results": results},
                                                 indent=1))
 
-    for name in names:
+    for round_, name in ((k, n) for k in range(ns.rounds) for n in (names if k % 2 == 0 else names[::-1])):
         row = ROWS[name]
         t0 = time.time()
         if ns.longest:  # a search cut short still leaves its tries in the JSON
@@ -732,6 +753,8 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
         else:
             res = run_row(row, ns, config, dataset, device, rate, quant_dir)
         res["wall_s"] = time.time() - t0
+        if ns.rounds > 1:
+            res["round"] = round_ + 1
         if ns.memory_limit_gib is None and results == [] and res.get("peak_alloc_gib"):
             ns.memory_limit_gib = res["peak_alloc_gib"]  # the baseline's peak bounds the 'auto' rows
         results.append(res)
@@ -748,6 +771,8 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
                 print(format_profile(name, res["profile"]), flush=True)
         write(results)
     print(longest_table(results) if ns.longest else table(results))
+    if ns.rounds > 1:
+        print(rounds_table(results))
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -568,6 +569,32 @@ def test_bench_says_when_a_timed_step_compiled(tmp_path, capsys):
     # from the running count at each step's end: only steps from the first timed one on count
     assert compiled_in_steps(0, [2, 2, 3, 3, 5], 2, 5) == [2, 4]
     assert compiled_in_steps(1, [2, 2, 2], 1, 3) == [] and compiled_in_steps(1, [2, 2, 2], 0, 3) == [0]
+
+
+def test_bench_rounds_run_the_rows_again_in_reverse_order(tmp_path, capsys):
+    """--rounds 2: the rows in the given order, then reversed (so no row is always first), each
+    result numbered by its round, and a table of each row's tok/s per round and their mean."""
+    from train.bench import main
+
+    out = tmp_path / "bench.json"
+    rc = main(["--model", "tiny", "--rows", "fastest_eager,padding_free_sdpa", "--rounds", "2", "--steps", "2",
+               "--warmup", "0", "--n-rows", "24", "--min-len", "16", "--max-len", "48", "--json", str(out),
+               "--workdir", str(tmp_path)])
+    assert rc == 0
+    results = json.loads(out.read_text())["results"]
+    assert [(r["row"], r["round"]) for r in results] == [
+        ("fastest_eager", 1), ("padding_free_sdpa", 1), ("padding_free_sdpa", 2), ("fastest_eager", 2)]
+    # the same data, seed and configuration in both rounds: the same losses
+    assert results[0]["losses"] == results[3]["losses"] and results[1]["losses"] == results[2]["losses"]
+    printed = capsys.readouterr().out
+    line = next(x for x in printed.splitlines() if x.startswith("padding_free_sdpa") and len(x.split()) == 5)
+    speeds = [r["tokens_per_s"] for r in results if r["row"] == "padding_free_sdpa"]
+    base = statistics.fmean(r["tokens_per_s"] for r in results if r["row"] == "fastest_eager")
+    cells = line.split()
+    assert [float(c) for c in cells[1:4]] == pytest.approx([*speeds, statistics.fmean(speeds)], abs=0.5)
+    assert float(cells[4]) == pytest.approx(statistics.fmean(speeds) / base, abs=5e-4)
+    with pytest.raises(SystemExit, match="--rounds 0"):
+        main(["--model", "tiny", "--rows", "fastest_eager", "--rounds", "0", "--workdir", str(tmp_path)])
 
 
 def test_bench_counts_tokens_collated_in_dataloader_workers(tmp_path, monkeypatch):
