@@ -169,6 +169,29 @@ def test_gpu_state_moves_between_it_and_torchs_fused_adamw():
 
 @pytest.mark.gpu
 @cuda
+def test_gpu_step_waits_for_nothing_on_the_gpu():
+    """Once its state exists, a step with new gradient tensors, a clip factor and a new learning rate
+    runs under torch's sync debug mode "error": the host goes on queuing the next step's work."""
+    params = [p.requires_grad_() for p in tensors("cuda", torch.bfloat16, SHAPES)]
+    opt = TritonAdamW(groups(params), lr=1e-2, fused=True)
+    try:
+        for i in range(3):  # the first step starts the state and compiles the kernel
+            for p, g in zip(params, tensors("cuda", torch.bfloat16, [p.shape for p in params], seed=i + 1)):
+                p.grad = g
+            opt.grad_scale = torch.full((), 1.5 + i, device="cuda")
+            for group in opt.param_groups:
+                group["lr"] = 1e-2 / (i + 1)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error" if i else "default")
+            opt.step()
+            torch.cuda.set_sync_debug_mode("default")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(opt._launches) == 2 and float(opt.state[params[0]]["step"]) == 3.0
+
+
+@pytest.mark.gpu
+@cuda
 def test_gpu_falls_back_to_torch_where_the_kernel_does_not_apply():
     params = [p.requires_grad_() for p in tensors("cuda", torch.bfloat16, SHAPES)]
     opt = TritonAdamW(groups(params), lr=1e-2, fused=True, amsgrad=True)
