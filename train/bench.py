@@ -55,6 +55,7 @@ class Row:
     offload: bool = False  # checkpointed layers' inputs wait in CPU memory (train.recompute)
     chunk_tokens: Optional[int] = None  # longer rows run in chunks of this many tokens (train.chunked_layer)
     keep_logits: bool = True  # with no layer checkpointed, the head keeps its logits tiles (train.head_logits)
+    tied_rows: bool = False  # a tied embedding's gradient added by rows (train.tied_embedding)
     region_layers: int = 1  # decoder layers per compiled call when none is checkpointed (train.speed)
     note: str = ""
 
@@ -108,6 +109,10 @@ for _row in [
              "fastest_triton_adamw with 4 decoder layers per compiled call", region_layers=4),
     _variant("fastest_triton_adamw", "fastest_triton_stack",
              "fastest_triton_adamw with all decoder layers in one compiled call", region_layers=1 << 10),
+    _variant("fastest_triton_adamw", "fastest_triton_tied_rows",
+             "fastest_triton_adamw with the tied embedding's gradient added by rows", tied_rows=True),
+    _variant("tw_default", "tw_default_tied_rows", "tw_default with the tied embedding's gradient added by rows",
+             tied_rows=True),
     _variant("fastest", "fastest_trl_head", "fastest with TRL's head projecting its logits tiles again in the backward",
              keep_logits=False),
     _variant("fastest_triton_adamw", "fastest_triton_trl_head",
@@ -370,7 +375,7 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
     trainer.remove_callback(PrinterCallback)  # per-step log dicts would bury the table
     if ours:  # as tunewright's trainer does
         tune_step(trainer, chunked_loss=row.chunked_loss, cuda=device.type == "cuda",
-                  triton_adamw=row.optim == "adamw_triton",
+                  triton_adamw=row.optim == "adamw_triton", tied_rows=row.tied_rows,
                   keep_head_logits=row.keep_logits and keeps_head_logits(row.checkpoint, cuda=device.type == "cuda"))
     elif not row.chunked_loss:
         from train.loss import use_full_logits_loss

@@ -180,14 +180,21 @@ def transformers_optim(optimizer: str) -> str:
 
 
 def tune_step(trainer, *, chunked_loss: bool, cuda: bool, triton_adamw: bool = False,
-              keep_head_logits: bool = False) -> None:
+              keep_head_logits: bool = False, tied_rows: bool = False) -> None:
     """What tunewright changes in a built SFTTrainer's step (the bench's tunewright rows too): the
     clip folded into fused AdamW, with `triton_adamw` that AdamW's update in one Triton launch per
     parameter group (where the GPU has Triton), the full-logits loss where `chunked_loss` is off,
     and on CUDA with collating workers the step without host reads; there, with `keep_head_logits`
     (no layer checkpointed: memory to spare), the fused head keeps its logits tiles for its backward
-    instead of projecting them again."""
+    instead of projecting them again. With `tied_rows`, a tied input embedding's gradient is added
+    into the output layer's by the rows the batch used (train.tied_embedding)."""
     from train.fused_clip import fold_clip_into_fused_adamw
+
+    if tied_rows:
+        from train.tied_embedding import use_tied_rows
+
+        if use_tied_rows(trainer.model):
+            log.info("tied embedding: its gradient added into the output layer's by the rows the batch used")
 
     if triton_adamw:
         from train import triton_adamw as kernel
