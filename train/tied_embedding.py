@@ -36,11 +36,13 @@ def use_tied_rows(model: nn.Module) -> bool:
     if not embedding.weight.requires_grad or embedding.max_norm is not None or embedding.scale_grad_by_freq \
             or embedding.sparse:
         return False
-    embedding.forward = types.MethodType(_forward, embedding)
+    embedding.forward = types.MethodType(forward, embedding)
     return True
 
 
-def _forward(self: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+def forward(self: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    """nn.Embedding's forward through TiedRows. Named `forward`: a deep copy of the module looks the
+    bound method up by this name."""
     return TiedRows.apply(ids, self.weight, self.padding_idx)
 
 

@@ -64,6 +64,20 @@ def test_rows_are_torchs_embedding_backward():
         assert torch.equal(torch.zeros(50, 5, dtype=torch.bfloat16).add_(sparse), dense)
 
 
+def test_a_deep_copy_looks_up_its_own_weight():
+    import copy
+
+    model = tiny()
+    assert use_tied_rows(model)
+    twin = copy.deepcopy(model)
+    embedding = twin.get_input_embeddings()
+    assert embedding.forward.__self__ is embedding
+    with torch.no_grad():
+        embedding.weight.add_(1.0)
+    ids = torch.tensor([[3, 4]])
+    assert torch.equal(embedding(ids), model.get_input_embeddings()(ids) + 1.0)
+
+
 def test_only_a_shared_and_trained_weight():
     assert not use_tied_rows(tiny(tied=False))
     frozen = tiny()
