@@ -750,7 +750,7 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
                                                  "memory_cap_gib": ns.memory_cap_gib, "results": results},
                                                 indent=1))
 
-    for round_, name in ((k, n) for k in range(ns.rounds) for n in (names if k % 2 == 0 else names[::-1])):
+    for round_, name in ((k, n) for k in range(1, ns.rounds + 1) for n in (names if k % 2 else names[::-1])):
         row = ROWS[name]
         t0 = time.time()
         if ns.longest:  # a search cut short still leaves its tries in the JSON
@@ -759,7 +759,7 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
             res = run_row(row, ns, config, dataset, device, rate, quant_dir)
         res["wall_s"] = time.time() - t0
         if ns.rounds > 1:
-            res["round"] = round_ + 1
+            res["round"] = round_
         if ns.memory_limit_gib is None and results == [] and res.get("peak_alloc_gib"):
             ns.memory_limit_gib = res["peak_alloc_gib"]  # the baseline's peak bounds the 'auto' rows
         results.append(res)

@@ -106,7 +106,7 @@ def _run_layer(layer: nn.Module, *args, **kwargs):
 
 def _run_layers(layers: list, hidden: torch.Tensor, **kwargs) -> torch.Tensor:
     for layer in layers:
-        hidden = type(layer).forward(layer, hidden, **kwargs)
+        hidden = _run_layer(layer, hidden, **kwargs)
     return hidden
 
 
