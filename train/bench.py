@@ -56,6 +56,7 @@ class Row:
     chunk_tokens: Optional[int] = None  # longer rows run in chunks of this many tokens (train.chunked_layer)
     keep_logits: bool = True  # with no layer checkpointed, the head keeps its logits tiles (train.head_logits)
     tied_rows: bool = False  # a tied embedding's gradient added by rows (train.tied_embedding)
+    head_one_rounding: bool = False  # the head's weight gradient written in bf16 (train.head_logits)
     region_layers: int = 1  # decoder layers per compiled call when none is checkpointed (train.speed)
     note: str = ""
 
@@ -113,6 +114,13 @@ for _row in [
              "fastest_triton_adamw with the tied embedding's gradient added by rows", tied_rows=True),
     _variant("tw_default", "tw_default_tied_rows", "tw_default with the tied embedding's gradient added by rows",
              tied_rows=True),
+    _variant("fastest_triton_adamw", "fastest_triton_one_rounding",
+             "fastest_triton_adamw with the head's weight gradient written in bf16", head_one_rounding=True),
+    _variant("fastest_triton_adamw", "fastest_triton_rows_rounding",
+             "fastest_triton_adamw with tied rows and the head's weight gradient in bf16", tied_rows=True,
+             head_one_rounding=True),
+    _variant("tw_default", "tw_default_one_rounding", "tw_default with the head's weight gradient written in bf16",
+             head_one_rounding=True),
     _variant("fastest", "fastest_trl_head", "fastest with TRL's head projecting its logits tiles again in the backward",
              keep_logits=False),
     _variant("fastest_triton_adamw", "fastest_triton_trl_head",
@@ -376,6 +384,7 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
     if ours:  # as tunewright's trainer does
         tune_step(trainer, chunked_loss=row.chunked_loss, cuda=device.type == "cuda",
                   triton_adamw=row.optim == "adamw_triton", tied_rows=row.tied_rows,
+                  head_one_rounding=row.head_one_rounding,
                   keep_head_logits=row.keep_logits and keeps_head_logits(row.checkpoint, cuda=device.type == "cuda"))
     elif not row.chunked_loss:
         from train.loss import use_full_logits_loss

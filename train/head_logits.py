@@ -13,6 +13,15 @@ The arithmetic is TRL's: the same tiles (shape, stride, dtype), in the same orde
 into gradients by TRL's own per-tile kernels (Triton on a GPU, torch on the CPU), accumulated by its
 fp32 helper. The outputs and the gradients are bitwise TRL's (tests/train/test_head_logits.py).
 
+With `one_rounding`, the output weight's gradient is written in the weight's own dtype (bf16) by
+each tile's product, where the batch's labeled tokens fit one token chunk (TRL's 4,096) and the
+weight is not fp32: there is then one product per gradient entry, and cuBLAS accumulates it in fp32
+(reduced-precision reductions off) and rounds it once, as TRL's fp32 buffer and its cast do. That
+drops the fp32 buffer (1 GiB at a 1B model's 128k vocabulary), its zero fill and its cast, two of
+the four passes over the [vocabulary x hidden] matrix in a step. The math is TRL's; the bits match
+TRL's only where cuBLAS picks the same kernel for a bf16 and an fp32 output (the CPU always does).
+Without a budget, the tiles are projected again as TRL's are.
+
 Only for TRL's head at temperature 1, without a logit scale or soft-cap, on one process (no ZeRO-3
 gather: tunewright trains on one device).
 """
@@ -83,12 +92,35 @@ def project(hidden, weight, bias, rows: tuple[int, int], cols: tuple[int, int], 
     return tile
 
 
+def mm_rounded_once(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """`out = a @ b` for a bf16 / fp16 `out`: accumulated in fp32 and rounded once, as TRL's
+    `_addmm_fp32` into a zeroed fp32 buffer and a cast would give it."""
+    if out.device.type != "cuda":
+        out.copy_(torch.mm(a.float(), b.float()))
+        return
+    matmul = torch.backends.cuda.matmul
+    reduced = matmul.allow_bf16_reduced_precision_reduction, matmul.allow_fp16_reduced_precision_reduction
+    matmul.allow_bf16_reduced_precision_reduction = matmul.allow_fp16_reduced_precision_reduction = False
+    try:
+        torch.mm(a, b, out=out)
+    finally:
+        matmul.allow_bf16_reduced_precision_reduction, matmul.allow_fp16_reduced_precision_reduction = reduced
+
+
+def rounds_once(rows: int, weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the weight's gradient can be written in its own dtype: one token chunk, and the tiles
+    in that dtype (bf16 / fp16 weights)."""
+    return rows <= trl_kernels.TOKEN_CHUNK_SIZE and weight.dtype == dtype and dtype in (torch.bfloat16, torch.float16)
+
+
 class KeptLogitsLogProb(torch.autograd.Function):
     """`ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 1.0, vocab_chunk, None, 1.0, outputs)`
-    with up to `budget` bytes of its logits tiles kept from the forward for the backward."""
+    with up to `budget` bytes of its logits tiles kept from the forward for the backward, and with
+    `one_rounding` the weight's gradient written in its dtype where `rounds_once`."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, vocab_chunk: int, budget: int, outputs: tuple[str, ...]):
+    def forward(ctx, hidden, weight, bias, targets, vocab_chunk: int, budget: int, outputs: tuple[str, ...],
+                one_rounding: bool = False):
         ctx.set_materialize_grads(False)  # as TRL's: no zero gradient made up for the logging-only entropy
         device, rows, vocab = hidden.device, hidden.shape[0], weight.shape[0]
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
@@ -121,6 +153,7 @@ class KeptLogitsLogProb(torch.autograd.Function):
                    if "is_top1" in outputs else None)
         ctx.save_for_backward(hidden, weight, bias, targets, log_z, log_z if entropy is None else entropy)
         ctx.dtype, ctx.vocab_chunk, ctx.kept = dtype, vocab_chunk, kept
+        ctx.one_rounding = one_rounding and rounds_once(rows, weight, dtype)
         ctx.mark_non_differentiable(*(x for x in (log_sum_sq, mean_logits, is_top1) if x is not None))
         return target_logit - log_z, entropy, log_sum_sq, mean_logits, is_top1
 
@@ -133,7 +166,10 @@ class KeptLogitsLogProb(torch.autograd.Function):
         want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
         f32 = torch.float32
         grad_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=f32) if want_hidden else None
-        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=f32) if want_weight else None
+        if want_weight and ctx.one_rounding:
+            grad_weight = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype)
+        else:
+            grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=f32) if want_weight else None
         grad_bias = torch.zeros(bias.shape, device=bias.device, dtype=f32) if want_bias else None
         if grad_log_probs is not None:
             grad_log_probs = grad_log_probs.float().contiguous()
@@ -159,7 +195,9 @@ class KeptLogitsLogProb(torch.autograd.Function):
                  BLOCK_SIZE=trl_kernels._BLOCK_SIZE, **_PLAIN)
             if grad_hidden is not None:
                 trl_kernels._addmm_fp32(grad_hidden[span], tile, weight[v0:v1].to(dtype))
-            if grad_weight is not None:
+            if grad_weight is not None and ctx.one_rounding:
+                mm_rounded_once(grad_weight[v0:v1], tile.t(), hidden[span].to(dtype))
+            elif grad_weight is not None:
                 trl_kernels._addmm_fp32(grad_weight[v0:v1], tile.t(), hidden[span].to(dtype))
             if grad_bias is not None:
                 grad_bias[v0:v1] += tile.sum(dim=0, dtype=f32)
@@ -168,15 +206,16 @@ class KeptLogitsLogProb(torch.autograd.Function):
         return (grad_hidden.to(hidden.dtype) if grad_hidden is not None else None,
                 grad_weight.to(weight.dtype) if grad_weight is not None else None,
                 grad_bias.to(bias.dtype) if grad_bias is not None else None,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
-def log_probs(hidden, weight, bias, targets, vocab_chunk: int, budget: int, outputs: tuple[str, ...]):
+def log_probs(hidden, weight, bias, targets, vocab_chunk: int, budget: int, outputs: tuple[str, ...],
+              one_rounding: bool = False):
     """TRL's five outputs (log-probs, entropy, log-sum of squared probabilities, mean logit, top-1),
-    through kept tiles when `budget` is positive, a backward can follow and the installed TRL has
-    the helpers, else through TRL's `ChunkedLogProbFunction` itself."""
+    through `KeptLogitsLogProb` when `budget` is positive or `one_rounding` is asked, a backward can
+    follow and the installed TRL has the helpers, else through TRL's `ChunkedLogProbFunction` itself."""
     backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if budget > 0 and backward and available():
-        return KeptLogitsLogProb.apply(hidden, weight, bias, targets, vocab_chunk, budget, outputs)
+    if (budget > 0 or one_rounding) and backward and available():
+        return KeptLogitsLogProb.apply(hidden, weight, bias, targets, vocab_chunk, budget, outputs, one_rounding)
     return trl_kernels.ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 1.0, vocab_chunk, None, 1.0,
                                                     outputs)

@@ -91,11 +91,13 @@ class LabeledPositionsCollator:
         return batch
 
 
-def use_indexed_fused_head(model: nn.Module, *, keep_logits: bool = False) -> None:
+def use_indexed_fused_head(model: nn.Module, *, keep_logits: bool = False, one_rounding: bool = False) -> None:
     """Make `fused_lm_head=True` calls that pass `tw_labeled=` score those positions through TRL's
     chunked log-prob kernel without reading the label mask's size on the host; with `keep_logits`,
     its logits tiles are kept from the forward for the backward (train.head_logits), within a
-    twentieth of the GPU's memory while a quarter of it stays free.
+    twentieth of the GPU's memory while a quarter of it stays free; with `one_rounding`, the output
+    weight's gradient is written in its own dtype where the labeled tokens fit one token chunk
+    (train.head_logits).
 
     Calls without it (generation, evaluation) and models whose head TRL scales, soft-caps or
     gives a router loss keep TRL's forward."""
@@ -104,7 +106,7 @@ def use_indexed_fused_head(model: nn.Module, *, keep_logits: bool = False) -> No
     from train import head_logits
 
     base = lm_base(model)
-    base.tw_keep_logits = keep_logits
+    base.tw_keep_logits, base.tw_one_rounding = keep_logits, one_rounding
     trl_forward = base.forward
     if getattr(trl_forward, "_tunewright_indexed_head", False):
         return
@@ -129,7 +131,8 @@ def use_indexed_fused_head(model: nn.Module, *, keep_logits: bool = False) -> No
         weight = head.weight
         picked = picked.to(weight.device)
         budget = head_logits.budget_bytes(weight.device) if self.tw_keep_logits else 0
-        outs = head_logits.log_probs(picked, weight, head.bias, targets.to(weight.device), vocab_chunk, budget, fields)
+        outs = head_logits.log_probs(picked, weight, head.bias, targets.to(weight.device), vocab_chunk, budget, fields,
+                                     self.tw_one_rounding)
         log_probs, entropy, is_top1 = outs[0], outs[1], outs[4]
         if shift_labels is None:
             shape = hidden.shape[:2]
@@ -152,17 +155,18 @@ def use_indexed_fused_head(model: nn.Module, *, keep_logits: bool = False) -> No
     base.forward = types.MethodType(forward, base)
 
 
-def defer_metric_reads(trainer, *, keep_logits: bool = False) -> None:
+def defer_metric_reads(trainer, *, keep_logits: bool = False, one_rounding: bool = False) -> None:
     """Replace `trainer.compute_loss` on TRL's default training path by one that reads nothing on
     the host, and `trainer.log` by one that first reads the metrics it left on the GPU.
 
-    Installs `LabeledPositionsCollator` and `use_indexed_fused_head` (with `keep_logits`) too, so
+    Installs `LabeledPositionsCollator` and `use_indexed_fused_head` (with `keep_logits` and
+    `one_rounding`) too, so
     the head reads nothing either; the positions are popped from the batch on every path (TRL's own
     included)."""
     trl_compute_loss = trainer.compute_loss
     trl_log = trainer.log
     trainer.data_collator = LabeledPositionsCollator(trainer.data_collator)
-    use_indexed_fused_head(trainer.model, keep_logits=keep_logits)
+    use_indexed_fused_head(trainer.model, keep_logits=keep_logits, one_rounding=one_rounding)
     pending_tokens: list = []  # device counts of padded batches' real tokens, not yet added to the total
     plain = default_loss_path(trainer)  # the trainer's settings, fixed once it is built
 

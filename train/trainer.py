@@ -180,14 +180,16 @@ def transformers_optim(optimizer: str) -> str:
 
 
 def tune_step(trainer, *, chunked_loss: bool, cuda: bool, triton_adamw: bool = False,
-              keep_head_logits: bool = False, tied_rows: bool = False) -> None:
+              keep_head_logits: bool = False, tied_rows: bool = False, head_one_rounding: bool = False) -> None:
     """What tunewright changes in a built SFTTrainer's step (the bench's tunewright rows too): the
     clip folded into fused AdamW, with `triton_adamw` that AdamW's update in one Triton launch per
     parameter group (where the GPU has Triton), the full-logits loss where `chunked_loss` is off,
     and on CUDA with collating workers the step without host reads; there, with `keep_head_logits`
     (no layer checkpointed: memory to spare), the fused head keeps its logits tiles for its backward
     instead of projecting them again. With `tied_rows`, a tied input embedding's gradient is added
-    into the output layer's by the rows the batch used (train.tied_embedding)."""
+    into the output layer's by the rows the batch used (train.tied_embedding). With
+    `head_one_rounding`, the fused head writes the output weight's gradient in its own dtype where the
+    labeled tokens fit one token chunk (train.head_logits)."""
     from train.fused_clip import fold_clip_into_fused_adamw
 
     if tied_rows:
@@ -216,7 +218,7 @@ def tune_step(trainer, *, chunked_loss: bool, cuda: bool, triton_adamw: bool = F
         if keep:
             log.info("loss head: logits tiles kept for the backward, within %.0f%% of the GPU's memory while %.0f%% "
                      "stays free", 100 * head_logits.BUDGET_FRACTION, 100 * head_logits.RESERVE_FRACTION)
-        sync_free.defer_metric_reads(trainer, keep_logits=keep)
+        sync_free.defer_metric_reads(trainer, keep_logits=keep, one_rounding=head_one_rounding)
 
 
 def keeps_head_logits(checkpoint: str, *, cuda: bool) -> bool:
