@@ -57,6 +57,7 @@ class Row:
     keep_logits: bool = True  # with no layer checkpointed, the head keeps its logits tiles (train.head_logits)
     tied_rows: bool = False  # a tied embedding's gradient added by rows (train.tied_embedding)
     head_one_rounding: bool = False  # the head's weight gradient written in bf16 (train.head_logits)
+    triton_norm: bool = False  # with adamw_triton, the clip's norm in one Triton launch (train.triton_norm)
     region_layers: int = 1  # decoder layers per compiled call when none is checkpointed (train.speed)
     note: str = ""
 
@@ -119,6 +120,11 @@ for _row in [
     _variant("fastest_triton_adamw", "fastest_triton_rows_rounding",
              "fastest_triton_adamw with tied rows and the head's weight gradient in bf16", tied_rows=True,
              head_one_rounding=True),
+    _variant("fastest_triton_adamw", "fastest_triton_norm",
+             "fastest_triton_adamw with the clip's norm in one Triton launch", triton_norm=True),
+    _variant("fastest_triton_adamw", "fastest_triton_all",
+             "fastest_triton_adamw with tied rows, the head's weight gradient in bf16 and the norm in one launch",
+             tied_rows=True, head_one_rounding=True, triton_norm=True),
     _variant("tw_default", "tw_default_one_rounding", "tw_default with the head's weight gradient written in bf16",
              head_one_rounding=True),
     _variant("fastest", "fastest_trl_head", "fastest with TRL's head projecting its logits tiles again in the backward",
@@ -384,7 +390,7 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
     if ours:  # as tunewright's trainer does
         tune_step(trainer, chunked_loss=row.chunked_loss, cuda=device.type == "cuda",
                   triton_adamw=row.optim == "adamw_triton", tied_rows=row.tied_rows,
-                  head_one_rounding=row.head_one_rounding,
+                  head_one_rounding=row.head_one_rounding, triton_norm=row.triton_norm,
                   keep_head_logits=row.keep_logits and keeps_head_logits(row.checkpoint, cuda=device.type == "cuda"))
     elif not row.chunked_loss:
         from train.loss import use_full_logits_loss

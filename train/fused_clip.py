@@ -20,10 +20,15 @@ gradients are unscaled through the same input). Anything else runs the Trainer's
 from __future__ import annotations
 
 
-def fold_clip_into_fused_adamw(trainer) -> None:
+def fold_clip_into_fused_adamw(trainer, *, triton_norm: bool = False) -> None:
     """Replace `trainer._clip_grad_norm` (called once per optimizer step with the model, returns
-    the pre-clip norm) by the folded clip where it applies; the Trainer's own otherwise."""
+    the pre-clip norm) by the folded clip where it applies; the Trainer's own otherwise. With
+    `triton_norm`, the total norm is taken in one Triton launch (train.triton_norm) where the
+    optimizer is train.triton_adamw's."""
+    from train.triton_norm import TotalNorm
+
     plain = trainer._clip_grad_norm
+    one_launch = TotalNorm()
 
     def clip(model):
         optimizer = folding_optimizer(trainer)
@@ -31,8 +36,13 @@ def fold_clip_into_fused_adamw(trainer) -> None:
             return plain(model)
         import torch
 
+        from train.triton_adamw import TritonAdamW
+
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        if triton_norm and isinstance(optimizer, TritonAdamW):
+            norm = one_launch(grads)
+        else:
+            norm = torch.nn.utils.get_total_norm(grads, 2.0)
         optimizer.grad_scale = torch.clamp((norm.float() + 1e-6) / trainer.args.max_grad_norm, min=1.0)
         return norm
 

@@ -180,7 +180,8 @@ def transformers_optim(optimizer: str) -> str:
 
 
 def tune_step(trainer, *, chunked_loss: bool, cuda: bool, triton_adamw: bool = False,
-              keep_head_logits: bool = False, tied_rows: bool = False, head_one_rounding: bool = False) -> None:
+              keep_head_logits: bool = False, tied_rows: bool = False, head_one_rounding: bool = False,
+              triton_norm: bool = False) -> None:
     """What tunewright changes in a built SFTTrainer's step (the bench's tunewright rows too): the
     clip folded into fused AdamW, with `triton_adamw` that AdamW's update in one Triton launch per
     parameter group (where the GPU has Triton), the full-logits loss where `chunked_loss` is off,
@@ -189,7 +190,8 @@ def tune_step(trainer, *, chunked_loss: bool, cuda: bool, triton_adamw: bool = F
     instead of projecting them again. With `tied_rows`, a tied input embedding's gradient is added
     into the output layer's by the rows the batch used (train.tied_embedding). With
     `head_one_rounding`, the fused head writes the output weight's gradient in its own dtype where the
-    labeled tokens fit one token chunk (train.head_logits)."""
+    labeled tokens fit one token chunk (train.head_logits). With `triton_norm` and `triton_adamw`, the
+    clip's total norm is taken in one Triton launch (train.triton_norm)."""
     from train.fused_clip import fold_clip_into_fused_adamw
 
     if tied_rows:
@@ -206,7 +208,7 @@ def tune_step(trainer, *, chunked_loss: bool, cuda: bool, triton_adamw: bool = F
         else:
             why = "no CUDA GPU" if not cuda else "no Triton" if kernel.triton is None else "the model is not on the GPU"
             log.info("optimizer adamw_triton: torch's fused AdamW runs here (%s); same update", why)
-    fold_clip_into_fused_adamw(trainer)
+    fold_clip_into_fused_adamw(trainer, triton_norm=triton_norm and triton_adamw)
     if not chunked_loss:
         from train.loss import use_full_logits_loss
 
