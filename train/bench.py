@@ -127,6 +127,8 @@ for _row in [
              tied_rows=True, head_one_rounding=True, triton_norm=True),
     _variant("tw_default", "tw_default_one_rounding", "tw_default with the head's weight gradient written in bf16",
              head_one_rounding=True),
+    _variant("tw_default", "tw_default_rows_rounding",
+             "tw_default with tied rows and the head's weight gradient in bf16", tied_rows=True, head_one_rounding=True),
     _variant("fastest", "fastest_trl_head", "fastest with TRL's head projecting its logits tiles again in the backward",
              keep_logits=False),
     _variant("fastest_triton_adamw", "fastest_triton_trl_head",
