@@ -99,12 +99,17 @@ def mm_rounded_once(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
         out.copy_(torch.mm(a.float(), b.float()))
         return
     matmul = torch.backends.cuda.matmul
-    reduced = matmul.allow_bf16_reduced_precision_reduction, matmul.allow_fp16_reduced_precision_reduction
-    matmul.allow_bf16_reduced_precision_reduction = matmul.allow_fp16_reduced_precision_reduction = False
+    names = [f"allow_{kind}_reduced_precision_reduction" for kind in ("bf16", "fp16")]
+    # Read through torch._C: newer torches keep a split-K setting beside the flag, which the
+    # attribute's getter leaves out; it takes the pair back as a tuple.
+    saved = [getattr(torch._C, f"_get_cublas_{name}", lambda name=name: getattr(matmul, name))() for name in names]
+    for name in names:
+        setattr(matmul, name, False)
     try:
         torch.mm(a, b, out=out)
     finally:
-        matmul.allow_bf16_reduced_precision_reduction, matmul.allow_fp16_reduced_precision_reduction = reduced
+        for name, value in zip(names, saved):
+            setattr(matmul, name, value if isinstance(value, bool) else tuple(value))
 
 
 def rounds_once(rows: int, weight: torch.Tensor, dtype: torch.dtype) -> bool:
