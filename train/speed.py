@@ -249,7 +249,8 @@ class LayerRunner:
         self.offload = offload
         self.chunk_tokens = chunk_tokens
         self.chunked_loss = chunked_loss
-        head = unwrap(model).get_output_embeddings()
+        self._lm = unwrap(model)  # where train.sync_free marks a head that writes its gradient rounded once
+        head = self._lm.get_output_embeddings()
         self.head_trainable = head is not None and head.weight.requires_grad
         # the output layer's weight gradient, allocated by the loss head's backward
         self.head_grad_bytes = head.weight.numel() * head.weight.element_size() if self.head_trainable else 0
@@ -268,7 +269,7 @@ class LayerRunner:
         self.selective_history: list[int] = []  # how many, per training micro-batch
         self.selective_count = 0  # set by auto_count
         self._per_token_sizes = None  # see _sizes
-        self._head_reserve = (None, 0)  # (tokens, bytes), see _sizes
+        self._head_reserve = (None, 0)  # ((tokens, one rounding), bytes), see _sizes
         self.warmup_batches = warmup_batches
         # Measured minus predicted peak (bytes) of each phase of a micro-batch, the largest seen
         # (see auto_count): "start" up to the backward reaching the top decoder layer, "end" the rest.
@@ -624,10 +625,11 @@ class LayerRunner:
         a hundred predictions per micro-batch), the reserve once per batch length."""
         if self._per_token_sizes is None:
             self._per_token_sizes = (self._kept_bytes_per_token(), self._selective_bytes_per_token())
-        if self._head_reserve[0] != tokens:
-            self._head_reserve = (tokens, head_reserve_bytes(
+        key = (tokens, getattr(self._lm, "tw_one_rounding", False))
+        if self._head_reserve[0] != key:
+            self._head_reserve = (key, head_reserve_bytes(
                 self.backbone.config, tokens, chunked=self.chunked_loss, head_trainable=self.head_trainable,
-                compute_bytes=self._act_bytes()))
+                compute_bytes=self._act_bytes(), one_rounding=key[1]))
         return (*self._per_token_sizes, self._head_reserve[1])
 
     def _act_bytes(self) -> int:
@@ -706,7 +708,7 @@ def _device_memory(module: nn.Module) -> Optional[int]:
 
 
 def head_reserve_bytes(config, tokens: int, *, chunked: bool = True, head_trainable: bool = False,
-                       compute_bytes: int = 2) -> int:
+                       compute_bytes: int = 2, one_rounding: bool = False) -> int:
     """Transient memory of the loss head's backward.
 
     TRL's fused head (chunked) allocates, by its source (trl.kernels.chunked_logprob), one
@@ -715,7 +717,9 @@ def head_reserve_bytes(config, tokens: int, *, chunked: bool = True, head_traina
     fp32 [vocab, hidden] gradient accumulator and its cast back: nothing grows with tokens x
     vocabulary. Whatever else that moment holds (allocator rounding, the caller's temporaries)
     the checkpoint policy learns as its start phase's margin. Full logits grow with tokens and
-    vocabulary (train.loss.head_bytes_per_token).
+    vocabulary (train.loss.head_bytes_per_token). With `one_rounding` (train.head_logits) and a batch
+    of one token chunk at most, the weight's gradient is written in the compute dtype instead: no
+    accumulator, no cast.
     """
     from train.loss import head_bytes_per_token
 
@@ -725,8 +729,9 @@ def head_reserve_bytes(config, tokens: int, *, chunked: bool = True, head_traina
         return tokens * head_bytes_per_token(vocab, chunked=False) + tokens * config.hidden_size * 4 + weight_grad
     tile = min(tokens, _HEAD_TILE_TOKENS) * min(vocab, _HEAD_TILE_VOCAB) * compute_bytes
     hidden_grad = tokens * config.hidden_size * (4 + compute_bytes)
-    weight_grad = vocab * config.hidden_size * (4 + compute_bytes) if head_trainable else 0
-    return tile + hidden_grad + weight_grad
+    rounded_once = one_rounding and tokens <= _HEAD_TILE_TOKENS  # the labeled tokens are fewer still
+    weight_grad = vocab * config.hidden_size * (0 if rounded_once else 4) + vocab * config.hidden_size * compute_bytes
+    return tile + hidden_grad + (weight_grad if head_trainable else 0)
 
 
 def optimizer_state_bytes_per_param(optim: str, param_bytes: int) -> float:

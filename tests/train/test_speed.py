@@ -172,6 +172,23 @@ def test_auto_policy_checkpoints_only_what_the_limit_needs():
     assert runner.auto_count(100) == 4  # still calibrating
 
 
+def test_auto_policy_sees_the_memory_a_head_rounding_its_weight_gradient_once_frees():
+    """train.sync_free marks the model when its head writes the weight's gradient in the compute
+    dtype (no fp32 accumulator): the policy's loss-head reserve drops by that accumulator, so a
+    layer that fits only without it stays plain."""
+    model = tiny_llama(layers=4)
+    runner = LayerRunner(model, checkpoint="auto", static_bytes=1_000_000, warmup_batches=0)
+    runner.layer_bytes_per_token = 10_000.0
+    accumulator = model.lm_head.weight.numel() * 4
+    with_buffer = runner.predicted_peak(1000, 2)
+    model.tw_one_rounding = True
+    assert with_buffer - runner.predicted_peak(1000, 2) == accumulator
+    runner.memory_limit = math.ceil(runner.predicted_peak(1000, 1) / 0.99) + 1
+    assert runner.auto_count(1000) == 1
+    model.tw_one_rounding = False
+    assert runner.auto_count(1000) >= 2
+
+
 
 def test_auto_policy_picks_the_least_recomputation_among_plain_selective_and_checkpointed():
     """Per micro-batch, the pair (layers recomputed, of them selectively) that fits the limit at the
