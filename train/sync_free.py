@@ -160,9 +160,8 @@ def defer_metric_reads(trainer, *, keep_logits: bool = False, one_rounding: bool
     the host, and `trainer.log` by one that first reads the metrics it left on the GPU.
 
     Installs `LabeledPositionsCollator` and `use_indexed_fused_head` (with `keep_logits` and
-    `one_rounding`) too, so
-    the head reads nothing either; the positions are popped from the batch on every path (TRL's own
-    included)."""
+    `one_rounding`) too, so the head reads nothing either; the positions are popped from the batch
+    on every path (TRL's own included)."""
     trl_compute_loss = trainer.compute_loss
     trl_log = trainer.log
     trainer.data_collator = LabeledPositionsCollator(trainer.data_collator)
