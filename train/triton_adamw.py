@@ -98,10 +98,9 @@ def step_scalars(lr: float, beta1: float, beta2: float, weight_decay: float, ste
     return {"lr_decay": lr * weight_decay, "step_size": _f32(lr / bias1), "bias2_sqrt": _f32(math.sqrt(bias2))}
 
 
-class GroupLaunch:
-    """One parameter group's launch: the block table (which tensor and which block of it each program
-    updates; fixed by the tensors' sizes) and the tensors' addresses on the device, refreshed when any
-    tensor moves (the caching allocator hands the gradients the same memory step after step)."""
+class BlockTable:
+    """Which tensor and which block of it each program of a one-grid launch covers, fixed by the
+    tensors' sizes, on the device: `block_tensor[program]`, `first_block[tensor]`, `numels[tensor]`."""
 
     def __init__(self, numels: list[int], device):
         blocks = [math.ceil(n / BLOCK) for n in numels]
@@ -112,7 +111,13 @@ class GroupLaunch:
         self.block_tensor = _to_device(torch.repeat_interleave(torch.arange(len(blocks), dtype=torch.int32), counts),
                                        device)
         self.first_block = _to_device((counts.cumsum(0) - counts).to(torch.int32), device)
-        self.addresses_key = None
+        self.addresses_key = None  # the tensors' addresses the launch last saw
+
+
+class GroupLaunch(BlockTable):
+    """One parameter group's launch: its block table and the tensors' addresses on the device,
+    refreshed when any tensor moves (the caching allocator hands the gradients the same memory step
+    after step)."""
 
     def set_tensors(self, params, grads, exp_avgs, exp_avg_sqs) -> None:
         key = tuple(t.data_ptr() for t in (*params, *grads, *exp_avgs, *exp_avg_sqs))

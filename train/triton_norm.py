@@ -7,19 +7,20 @@ gradient, found through the same kind of block table as train.triton_adamw's: ea
 squares of one block in fp32 and writes its partial sum, and torch sums the partials (a fixed order:
 the same norm at every call with the same gradients).
 
-The norm is the same quantity summed in another order, so it differs from torch's in the last bits
-of fp32; the clip factor min(1, max_norm / (norm + 1e-6)) moves by as little. A non-finite gradient
-gives a non-finite norm, as torch's does.
+The norm is the same quantity summed in another order, in fp32 throughout, and returned in the
+gradients' dtype as torch returns it. torch rounds each tensor's norm to that dtype before taking
+the norm of the norms, so for bf16 gradients the two differ by up to about one bf16 step (0.4-0.8%),
+and the clip factor min(1, max_norm / (norm + 1e-6)) by as much; for fp32 gradients, in the last
+bits. A non-finite gradient gives a non-finite norm, as torch's does.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
-from train.triton_adamw import BLOCK, _tl_dtype, _to_device, triton
+from train.triton_adamw import BLOCK, BlockTable, _tl_dtype, _to_device, triton
 
 if triton is not None:
     import triton.language as tl
@@ -39,25 +40,14 @@ if triton is not None:
         tl.store(partials + pid, tl.sum(g * g, axis=0))
 
 
-class NormLaunch:
-    """The block table of a list of gradients (fixed by their sizes) and their addresses on the
-    device, refreshed when any moves (the caching allocator hands the gradients the same memory
-    step after step, so that is rare)."""
-
-    def __init__(self, numels: list[int], device):
-        blocks = [math.ceil(n / BLOCK) for n in numels]
-        self.numels_key = tuple(numels)
-        self.n_blocks = sum(blocks)
-        counts = torch.tensor(blocks)
-        self.numels = _to_device(torch.tensor(numels, dtype=torch.int64), device)
-        self.block_tensor = _to_device(torch.repeat_interleave(torch.arange(len(blocks), dtype=torch.int32), counts),
-                                       device)
-        self.first_block = _to_device((counts.cumsum(0) - counts).to(torch.int32), device)
-        self.addresses_key = None
+class NormLaunch(BlockTable):
+    """The launch over a list of gradients: their block table and their addresses on the device,
+    refreshed when any moves (the caching allocator hands the gradients the same memory step after
+    step, so that is rare)."""
 
     def __call__(self, grads: list[torch.Tensor]) -> torch.Tensor:
         if self.n_blocks == 0:
-            return torch.zeros((), device=grads[0].device, dtype=torch.float32)
+            return torch.zeros((), device=grads[0].device, dtype=grads[0].dtype)
         key = tuple(g.data_ptr() for g in grads)
         if key != self.addresses_key:
             self.addresses = _to_device(torch.tensor(key, dtype=torch.int64), grads[0].device)
@@ -67,7 +57,7 @@ class NormLaunch:
         _sum_squares_kernel[(self.n_blocks,)](self.addresses, self.numels, self.block_tensor, self.first_block,
                                               partials, G=_tl_dtype(grads[0].dtype), ALIGNED=self.aligned,
                                               BLOCK=BLOCK, num_warps=8)
-        return partials.sum().sqrt()
+        return partials.sum().sqrt().to(grads[0].dtype)  # in the gradients' dtype, as torch returns it
 
 
 class TotalNorm:
