@@ -55,9 +55,10 @@ class Row:
     offload: bool = False  # checkpointed layers' inputs wait in CPU memory (train.recompute)
     chunk_tokens: Optional[int] = None  # longer rows run in chunks of this many tokens (train.chunked_layer)
     keep_logits: bool = True  # with no layer checkpointed, the head keeps its logits tiles (train.head_logits)
-    tied_rows: bool = False  # a tied embedding's gradient added by rows (train.tied_embedding)
-    head_one_rounding: bool = False  # the head's weight gradient written in bf16 (train.head_logits)
-    triton_norm: bool = False  # with adamw_triton, the clip's norm in one Triton launch (train.triton_norm)
+    # None: as tunewright's trainer sets them (train.trainer.plain_layer_options; the norm on with adamw_triton)
+    tied_rows: Optional[bool] = None  # a tied embedding's gradient added by rows (train.tied_embedding)
+    head_one_rounding: Optional[bool] = None  # the head's weight gradient written in bf16 (train.head_logits)
+    triton_norm: Optional[bool] = None  # with adamw_triton, the clip's norm in one Triton launch (train.triton_norm)
     region_layers: int = 1  # decoder layers per compiled call when none is checkpointed (train.speed)
     note: str = ""
 
@@ -111,20 +112,17 @@ for _row in [
              "fastest_triton_adamw with 4 decoder layers per compiled call", region_layers=4),
     _variant("fastest_triton_adamw", "fastest_triton_stack",
              "fastest_triton_adamw with all decoder layers in one compiled call", region_layers=1 << 10),
-    _variant("fastest_triton_adamw", "fastest_triton_tied_rows",
-             "fastest_triton_adamw with the tied embedding's gradient added by rows", tied_rows=True),
+    _variant("fastest_triton_adamw", "fastest_triton_before",
+             "fastest_triton_adamw without tied rows, the bf16 head weight gradient and the one-launch norm",
+             tied_rows=False, head_one_rounding=False, triton_norm=False),
+    _variant("fastest_triton_adamw", "fastest_triton_dense_tied",
+             "fastest_triton_adamw with the tied embedding's dense gradient", tied_rows=False),
+    _variant("fastest_triton_adamw", "fastest_triton_fp32_head_grad",
+             "fastest_triton_adamw with the head's weight gradient through an fp32 buffer", head_one_rounding=False),
+    _variant("fastest_triton_adamw", "fastest_triton_torch_norm",
+             "fastest_triton_adamw with torch's foreach norm for the clip", triton_norm=False),
     _variant("tw_default", "tw_default_tied_rows", "tw_default with the tied embedding's gradient added by rows",
              tied_rows=True),
-    _variant("fastest_triton_adamw", "fastest_triton_one_rounding",
-             "fastest_triton_adamw with the head's weight gradient written in bf16", head_one_rounding=True),
-    _variant("fastest_triton_adamw", "fastest_triton_rows_rounding",
-             "fastest_triton_adamw with tied rows and the head's weight gradient in bf16", tied_rows=True,
-             head_one_rounding=True),
-    _variant("fastest_triton_adamw", "fastest_triton_norm",
-             "fastest_triton_adamw with the clip's norm in one Triton launch", triton_norm=True),
-    _variant("fastest_triton_adamw", "fastest_triton_all",
-             "fastest_triton_adamw with tied rows, the head's weight gradient in bf16 and the norm in one launch",
-             tied_rows=True, head_one_rounding=True, triton_norm=True),
     _variant("tw_default", "tw_default_one_rounding", "tw_default with the head's weight gradient written in bf16",
              head_one_rounding=True),
     _variant("tw_default", "tw_default_rows_rounding",
@@ -340,12 +338,24 @@ def step_recorder():
     return StepRecorder()
 
 
+def row_step_options(row: Row, *, cuda: bool) -> dict:
+    """tune_step's keywords for one of tunewright's rows: the trainer's, with what the row sets."""
+    from train.trainer import plain_layer_options
+
+    options = plain_layer_options(row.checkpoint, cuda=cuda)
+    options["keep_head_logits"] = options["keep_head_logits"] and row.keep_logits
+    for name in ("tied_rows", "head_one_rounding", "triton_norm"):
+        if getattr(row, name) is not None:
+            options[name] = getattr(row, name)
+    return options
+
+
 def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, steps: int, callbacks: list):
     """TRL's SFTTrainer for `row`; tunewright's rows get the layer runner's callback appended to `callbacks`."""
     from trl import SFTConfig, SFTTrainer
 
     from train.speed import speed_callback
-    from train.trainer import (checkpointing_option, dataloader_workers, keeps_head_logits, loop_options,
+    from train.trainer import (checkpointing_option, dataloader_workers, loop_options, plain_layer_options,
                                transformers_optim, tune_step)
 
     ours = row.checkpoint != "trl"
@@ -391,9 +401,7 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
     trainer.remove_callback(PrinterCallback)  # per-step log dicts would bury the table
     if ours:  # as tunewright's trainer does
         tune_step(trainer, chunked_loss=row.chunked_loss, cuda=device.type == "cuda",
-                  triton_adamw=row.optim == "adamw_triton", tied_rows=row.tied_rows,
-                  head_one_rounding=row.head_one_rounding, triton_norm=row.triton_norm,
-                  keep_head_logits=row.keep_logits and keeps_head_logits(row.checkpoint, cuda=device.type == "cuda"))
+                  triton_adamw=row.optim == "adamw_triton", **row_step_options(row, cuda=device.type == "cuda"))
     elif not row.chunked_loss:
         from train.loss import use_full_logits_loss
 

@@ -164,8 +164,7 @@ def build_trainer(recipe: Recipe, setup: ModelSetup, datasets: dict, run: RunDir
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the bar replaces it
     cuda = setup.device.startswith("cuda")
     tune_step(trainer, chunked_loss=recipe.training.chunked_loss, cuda=cuda,
-              triton_adamw=recipe.training.optimizer == "adamw_triton",
-              keep_head_logits=keeps_head_logits(speed["checkpoint"], cuda=cuda))
+              triton_adamw=recipe.training.optimizer == "adamw_triton", **plain_layer_options(speed["checkpoint"], cuda=cuda))
     if recipe.training.chunked_loss and not cuda:
         from train.loss import use_labeled_positions_loss
 
@@ -181,7 +180,7 @@ def transformers_optim(optimizer: str) -> str:
 
 def tune_step(trainer, *, chunked_loss: bool, cuda: bool, triton_adamw: bool = False,
               keep_head_logits: bool = False, tied_rows: bool = False, head_one_rounding: bool = False,
-              triton_norm: bool = False) -> None:
+              triton_norm: bool = True) -> None:
     """What tunewright changes in a built SFTTrainer's step (the bench's tunewright rows too): the
     clip folded into fused AdamW, with `triton_adamw` that AdamW's update in one Triton launch per
     parameter group (where the GPU has Triton), the full-logits loss where `chunked_loss` is off,
@@ -190,8 +189,9 @@ def tune_step(trainer, *, chunked_loss: bool, cuda: bool, triton_adamw: bool = F
     instead of projecting them again. With `tied_rows`, a tied input embedding's gradient is added
     into the output layer's by the rows the batch used (train.tied_embedding). With
     `head_one_rounding`, the fused head writes the output weight's gradient in its own dtype where the
-    labeled tokens fit one token chunk (train.head_logits). With `triton_norm` and `triton_adamw`, the
-    clip's total norm is taken in one Triton launch (train.triton_norm)."""
+    labeled tokens fit one token chunk (train.head_logits); `plain_layer_options` turns both on with
+    `keep_head_logits`. With `triton_adamw` (and `triton_norm`, the default), the clip's total norm is
+    taken in one Triton launch (train.triton_norm)."""
     from train.fused_clip import fold_clip_into_fused_adamw
 
     if tied_rows:
@@ -221,6 +221,16 @@ def tune_step(trainer, *, chunked_loss: bool, cuda: bool, triton_adamw: bool = F
             log.info("loss head: logits tiles kept for the backward, within %.0f%% of the GPU's memory while %.0f%% "
                      "stays free", 100 * head_logits.BUDGET_FRACTION, 100 * head_logits.RESERVE_FRACTION)
         sync_free.defer_metric_reads(trainer, keep_logits=keep, one_rounding=head_one_rounding)
+
+
+def plain_layer_options(checkpoint: str, *, cuda: bool) -> dict:
+    """tune_step's keywords that follow from the checkpoint policy: on CUDA with no decoder layer
+    checkpointed, the fused head keeps its logits tiles and writes the output weight's gradient
+    rounded once, and a tied embedding's gradient is added by rows. Together with adamw_triton's
+    one-launch norm they measure 1-2% faster on a 1B model, with the same gradients (BENCHMARKS.md,
+    "Training"); with checkpointed layers they are not measured yet, and stay off."""
+    plain = keeps_head_logits(checkpoint, cuda=cuda)
+    return {"keep_head_logits": plain, "tied_rows": plain, "head_one_rounding": plain}
 
 
 def keeps_head_logits(checkpoint: str, *, cuda: bool) -> bool:

@@ -514,3 +514,23 @@ def test_dataloader_workers_default_follows_the_device():
     assert not defers_host_reads(2, cuda=False, chunked_loss=True)
     assert not defers_host_reads(2, cuda=True, chunked_loss=False)  # full logits: train.loss's own head
     assert validate_recipe({"name": "t", "data": {"train": "d.jsonl"}}).training.dataloader_workers is None
+
+
+def test_plain_layers_on_cuda_turn_on_the_step_changes_measured_together():
+    """With no layer checkpointed on CUDA the trainer keeps the head's tiles, writes its weight
+    gradient rounded once and adds a tied embedding's gradient by rows; otherwise none of them.
+    The bench's rows take the same options unless a row sets one."""
+    from train.bench import ROWS, row_step_options
+    from train.trainer import plain_layer_options
+
+    on = {"keep_head_logits": True, "tied_rows": True, "head_one_rounding": True}
+    assert plain_layer_options("none", cuda=True) == on
+    off = dict.fromkeys(on, False)
+    assert plain_layer_options("auto", cuda=True) == off and plain_layer_options("none", cuda=False) == off
+    assert row_step_options(ROWS["fastest_triton_adamw"], cuda=True) == on  # the norm: tune_step's default
+    assert row_step_options(ROWS["fastest_triton_before"], cuda=True) == {**off, "keep_head_logits": True,
+                                                                           "triton_norm": False}
+    assert row_step_options(ROWS["fastest_trl_head"], cuda=True) == {**on, "keep_head_logits": False}
+    assert row_step_options(ROWS["tw_default"], cuda=True) == off
+    assert row_step_options(ROWS["tw_default_rows_rounding"], cuda=True) == {**off, "tied_rows": True,
+                                                                              "head_one_rounding": True}
