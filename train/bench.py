@@ -355,8 +355,7 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
     from trl import SFTConfig, SFTTrainer
 
     from train.speed import speed_callback
-    from train.trainer import (checkpointing_option, dataloader_workers, loop_options, plain_layer_options,
-                               transformers_optim, tune_step)
+    from train.trainer import checkpointing_option, dataloader_workers, loop_options, transformers_optim, tune_step
 
     ours = row.checkpoint != "trl"
     workers = dataloader_workers(ns.dataloader_workers, cuda=device.type == "cuda")

@@ -25,10 +25,13 @@ def fold_clip_into_fused_adamw(trainer, *, triton_norm: bool = False) -> None:
     the pre-clip norm) by the folded clip where it applies; the Trainer's own otherwise. With
     `triton_norm`, the total norm is taken in one Triton launch (train.triton_norm) where the
     optimizer is train.triton_adamw's."""
-    from train.triton_norm import TotalNorm
-
     plain = trainer._clip_grad_norm
-    one_launch = TotalNorm()
+    one_launch = None
+    if triton_norm:
+        from train.triton_adamw import TritonAdamW
+        from train.triton_norm import TotalNorm
+
+        one_launch = TotalNorm()
 
     def clip(model):
         optimizer = folding_optimizer(trainer)
@@ -36,10 +39,8 @@ def fold_clip_into_fused_adamw(trainer, *, triton_norm: bool = False) -> None:
             return plain(model)
         import torch
 
-        from train.triton_adamw import TritonAdamW
-
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if triton_norm and isinstance(optimizer, TritonAdamW):
+        if one_launch is not None and isinstance(optimizer, TritonAdamW):
             norm = one_launch(grads)
         else:
             norm = torch.nn.utils.get_total_norm(grads, 2.0)

@@ -730,7 +730,7 @@ def head_reserve_bytes(config, tokens: int, *, chunked: bool = True, head_traina
     tile = min(tokens, _HEAD_TILE_TOKENS) * min(vocab, _HEAD_TILE_VOCAB) * compute_bytes
     hidden_grad = tokens * config.hidden_size * (4 + compute_bytes)
     rounded_once = one_rounding and tokens <= _HEAD_TILE_TOKENS  # the labeled tokens are fewer still
-    weight_grad = vocab * config.hidden_size * (0 if rounded_once else 4) + vocab * config.hidden_size * compute_bytes
+    weight_grad = vocab * config.hidden_size * ((0 if rounded_once else 4) + compute_bytes)
     return tile + hidden_grad + (weight_grad if head_trainable else 0)
 
 

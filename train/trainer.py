@@ -164,7 +164,8 @@ def build_trainer(recipe: Recipe, setup: ModelSetup, datasets: dict, run: RunDir
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the bar replaces it
     cuda = setup.device.startswith("cuda")
     tune_step(trainer, chunked_loss=recipe.training.chunked_loss, cuda=cuda,
-              triton_adamw=recipe.training.optimizer == "adamw_triton", **plain_layer_options(speed["checkpoint"], cuda=cuda))
+              triton_adamw=recipe.training.optimizer == "adamw_triton",
+              **plain_layer_options(speed["checkpoint"], cuda=cuda))
     if recipe.training.chunked_loss and not cuda:
         from train.loss import use_labeled_positions_loss
 

@@ -113,6 +113,16 @@ class BlockTable:
         self.first_block = _to_device((counts.cumsum(0) - counts).to(torch.int32), device)
         self.addresses_key = None  # the tensors' addresses the launch last saw
 
+    def moved_addresses(self, tensors: list[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The tensors' addresses as an int64 table on their device, with `aligned` set (every address
+        and size a multiple of 16), when any differs from the last call's; None when none does."""
+        key = tuple(t.data_ptr() for t in tensors)
+        if key == self.addresses_key:
+            return None
+        self.addresses_key = key
+        self.aligned = all(n % 16 == 0 for n in self.numels_key) and all(a % 16 == 0 for a in key)
+        return _to_device(torch.tensor(key, dtype=torch.int64), tensors[0].device)
+
 
 class GroupLaunch(BlockTable):
     """One parameter group's launch: its block table and the tensors' addresses on the device,
@@ -120,13 +130,10 @@ class GroupLaunch(BlockTable):
     after step)."""
 
     def set_tensors(self, params, grads, exp_avgs, exp_avg_sqs) -> None:
-        key = tuple(t.data_ptr() for t in (*params, *grads, *exp_avgs, *exp_avg_sqs))
-        if key == self.addresses_key:
+        table = self.moved_addresses([*params, *grads, *exp_avgs, *exp_avg_sqs])
+        if table is None:
             return
-        table = _to_device(torch.tensor(key, dtype=torch.int64).view(4, len(params)), params[0].device)
-        self.p, self.g, self.m, self.v = table.unbind(0)
-        self.addresses_key = key
-        self.aligned = all(n % 16 == 0 for n in self.numels_key) and all(a % 16 == 0 for a in key)
+        self.p, self.g, self.m, self.v = table.view(4, len(params)).unbind(0)
         self.dtypes = (_tl_dtype(params[0].dtype), _tl_dtype(grads[0].dtype), _tl_dtype(exp_avgs[0].dtype))
 
     def __call__(self, *, beta1: float, beta2: float, eps: float, lr: float, weight_decay: float, step: int,

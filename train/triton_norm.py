@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from train.triton_adamw import BLOCK, BlockTable, _tl_dtype, _to_device, triton
+from train.triton_adamw import BLOCK, KERNEL_DTYPES, BlockTable, _tl_dtype, triton
 
 if triton is not None:
     import triton.language as tl
@@ -48,11 +48,9 @@ class NormLaunch(BlockTable):
     def __call__(self, grads: list[torch.Tensor]) -> torch.Tensor:
         if self.n_blocks == 0:
             return torch.zeros((), device=grads[0].device, dtype=grads[0].dtype)
-        key = tuple(g.data_ptr() for g in grads)
-        if key != self.addresses_key:
-            self.addresses = _to_device(torch.tensor(key, dtype=torch.int64), grads[0].device)
-            self.addresses_key = key
-            self.aligned = all(n % 16 == 0 for n in self.numels_key) and all(a % 16 == 0 for a in key)
+        table = self.moved_addresses(grads)
+        if table is not None:
+            self.addresses = table
         partials = torch.empty(self.n_blocks, device=grads[0].device, dtype=torch.float32)
         _sum_squares_kernel[(self.n_blocks,)](self.addresses, self.numels, self.block_tensor, self.first_block,
                                               partials, G=_tl_dtype(grads[0].dtype), ALIGNED=self.aligned,
@@ -71,7 +69,7 @@ class TotalNorm:
         if triton is None or not grads:
             return False
         device, dtype = grads[0].device, grads[0].dtype
-        return device.type == "cuda" and dtype in (torch.float32, torch.bfloat16, torch.float16) and all(
+        return device.type == "cuda" and dtype in KERNEL_DTYPES and all(
             g.device == device and g.dtype == dtype and g.layout == torch.strided and g.is_contiguous()
             for g in grads)
 
