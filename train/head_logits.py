@@ -13,14 +13,18 @@ The arithmetic is TRL's: the same tiles (shape, stride, dtype), in the same orde
 into gradients by TRL's own per-tile kernels (Triton on a GPU, torch on the CPU), accumulated by its
 fp32 helper. The outputs and the gradients are bitwise TRL's (tests/train/test_head_logits.py).
 
-With `one_rounding`, the output weight's gradient is written in the weight's own dtype (bf16) by
-each tile's product, where the batch's labeled tokens fit one token chunk (TRL's 4,096) and the
-weight is not fp32: there is then one product per gradient entry, and cuBLAS accumulates it in fp32
-(reduced-precision reductions off) and rounds it once, as TRL's fp32 buffer and its cast do. That
+With `one_rounding` and a weight that is not fp32, the output weight's gradient is written in the
+weight's own dtype (bf16) by one product per gradient entry, which cuBLAS accumulates in fp32
+(reduced-precision reductions off) and rounds once, as TRL's fp32 buffer and its cast do. That
 drops the fp32 buffer (1 GiB at a 1B model's 128k vocabulary), its zero fill and its cast, two of
-the four passes over the [vocabulary x hidden] matrix in a step. The math is TRL's; the bits match
-TRL's only where cuBLAS picks the same kernel for a bf16 and an fp32 output (the CPU always does).
-Without a budget, the tiles are projected again as TRL's are.
+the four passes over the [vocabulary x hidden] matrix in a step. Where the labeled tokens fit one
+token chunk (TRL's 4,096) each tile's product is that one product, and the bits match TRL's
+wherever cuBLAS picks the same kernel for a bf16 and an fp32 output (the CPU always does). Past
+one token chunk, with no tile kept, the backward runs vocabulary-outer: each slice of the
+vocabulary is projected for all the tokens at once, in a slice narrowed so that the tile stays
+TRL's size, and its weight gradient is one product over every token. The sums are TRL's, added
+in another order (fp32 throughout), so the gradients agree with TRL's to rounding, not bit for
+bit. Without a budget, the tiles are projected again as TRL's are.
 
 Only for TRL's head at temperature 1, without a logit scale or soft-cap, on one process (no ZeRO-3
 gather: tunewright trains on one device).
@@ -112,10 +116,20 @@ def mm_rounded_once(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
             setattr(matmul, name, value if isinstance(value, bool) else tuple(value))
 
 
-def rounds_once(rows: int, weight: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether the weight's gradient can be written in its own dtype: one token chunk, and the tiles
-    in that dtype (bf16 / fp16 weights)."""
-    return rows <= trl_kernels.TOKEN_CHUNK_SIZE and weight.dtype == dtype and dtype in (torch.bfloat16, torch.float16)
+def rounds_once(rows: int, weight: torch.Tensor, dtype: torch.dtype, n_kept: int = 0) -> bool:
+    """Whether the weight's gradient can be written in its own dtype: the tiles in that dtype (bf16 /
+    fp16 weights), and one token chunk or no kept tile (then the backward runs vocabulary-outer)."""
+    one_chunk = rows <= trl_kernels.TOKEN_CHUNK_SIZE
+    return (one_chunk or n_kept == 0) and weight.dtype == dtype and dtype in (torch.bfloat16, torch.float16)
+
+
+def vocab_outer_width(rows: int, vocab_chunk: int) -> int:
+    """The vocabulary slice of a vocabulary-outer backward over `rows` tokens: the widest multiple of
+    TRL's block (one block at least) whose [rows x slice] tile is no larger than TRL's
+    [token chunk x vocab_chunk] one."""
+    block = trl_kernels._BLOCK_SIZE
+    widest = min(vocab_chunk, trl_kernels.TOKEN_CHUNK_SIZE * vocab_chunk // max(rows, 1))
+    return max(block, widest // block * block)
 
 
 class KeptLogitsLogProb(torch.autograd.Function):
@@ -158,7 +172,7 @@ class KeptLogitsLogProb(torch.autograd.Function):
                    if "is_top1" in outputs else None)
         ctx.save_for_backward(hidden, weight, bias, targets, log_z, log_z if entropy is None else entropy)
         ctx.dtype, ctx.vocab_chunk, ctx.kept = dtype, vocab_chunk, kept
-        ctx.one_rounding = one_rounding and rounds_once(rows, weight, dtype)
+        ctx.one_rounding = one_rounding and rounds_once(rows, weight, dtype, n_kept)
         ctx.mark_non_differentiable(*(x for x in (log_sum_sq, mean_logits, is_top1) if x is not None))
         return target_logit - log_z, entropy, log_sum_sq, mean_logits, is_top1
 
@@ -181,13 +195,20 @@ class KeptLogitsLogProb(torch.autograd.Function):
         if grad_entropy is not None:
             grad_entropy = grad_entropy.float().contiguous()
         triton = trl_kernels._use_triton(hidden.device)
+        if ctx.one_rounding and rows > trl_kernels.TOKEN_CHUNK_SIZE:  # vocabulary-outer (no tile kept)
+            width = vocab_outer_width(rows, ctx.vocab_chunk)
+            order = [(0, rows, v0, min(v0 + width, vocab)) for v0 in range(0, vocab, width)]
+            buffer_shape = (rows, width)
+        else:
+            order = tiles(rows, vocab, ctx.vocab_chunk)
+            buffer_shape = (min(rows, trl_kernels.TOKEN_CHUNK_SIZE), ctx.vocab_chunk)  # tile_buffer's
         shared = None
-        for i, (r0, r1, v0, v1) in enumerate(tiles(rows, vocab, ctx.vocab_chunk)):
+        for i, (r0, r1, v0, v1) in enumerate(order):
             span = slice(r0, r1)
             if i < len(kept):
                 tile = kept[i][: r1 - r0, : v1 - v0]
             else:
-                shared = shared if shared is not None else tile_buffer(rows, ctx.vocab_chunk, hidden.device, dtype)
+                shared = shared if shared is not None else torch.empty(buffer_shape, device=hidden.device, dtype=dtype)
                 tile = project(hidden, weight, bias, (r0, r1), (v0, v1), dtype, shared)
             if triton:
                 fold = trl_kernels._backward_kernel[(r1 - r0, -(-(v1 - v0) // trl_kernels._BLOCK_SIZE))]

@@ -717,9 +717,10 @@ def head_reserve_bytes(config, tokens: int, *, chunked: bool = True, head_traina
     fp32 [vocab, hidden] gradient accumulator and its cast back: nothing grows with tokens x
     vocabulary. Whatever else that moment holds (allocator rounding, the caller's temporaries)
     the checkpoint policy learns as its start phase's margin. Full logits grow with tokens and
-    vocabulary (train.loss.head_bytes_per_token). With `one_rounding` (train.head_logits) and a batch
-    of one token chunk at most, the weight's gradient is written in the compute dtype instead: no
-    accumulator, no cast.
+    vocabulary (train.loss.head_bytes_per_token). With `one_rounding` (train.head_logits, where no
+    logits tile is kept: the checkpointed layers' case) the weight's gradient is written in the
+    compute dtype instead, no accumulator and no cast, and a batch past one token chunk runs the
+    backward vocabulary-outer in tiles no larger than TRL's.
     """
     from train.loss import head_bytes_per_token
 
@@ -729,8 +730,7 @@ def head_reserve_bytes(config, tokens: int, *, chunked: bool = True, head_traina
         return tokens * head_bytes_per_token(vocab, chunked=False) + tokens * config.hidden_size * 4 + weight_grad
     tile = min(tokens, _HEAD_TILE_TOKENS) * min(vocab, _HEAD_TILE_VOCAB) * compute_bytes
     hidden_grad = tokens * config.hidden_size * (4 + compute_bytes)
-    rounded_once = one_rounding and tokens <= _HEAD_TILE_TOKENS  # the labeled tokens are fewer still
-    weight_grad = vocab * config.hidden_size * ((0 if rounded_once else 4) + compute_bytes)
+    weight_grad = vocab * config.hidden_size * ((0 if one_rounding else 4) + compute_bytes)
     return tile + hidden_grad + (weight_grad if head_trainable else 0)
 
 
