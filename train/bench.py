@@ -55,7 +55,7 @@ class Row:
     offload: bool = False  # checkpointed layers' inputs wait in CPU memory (train.recompute)
     chunk_tokens: Optional[int] = None  # longer rows run in chunks of this many tokens (train.chunked_layer)
     keep_logits: bool = True  # with no layer checkpointed, the head keeps its logits tiles (train.head_logits)
-    # None: as tunewright's trainer sets them (train.trainer.plain_layer_options; the norm on with adamw_triton)
+    # None: as tunewright's trainer sets them (train.trainer.head_options; the norm on with adamw_triton)
     tied_rows: Optional[bool] = None  # a tied embedding's gradient added by rows (train.tied_embedding)
     head_one_rounding: Optional[bool] = None  # the head's weight gradient written in bf16 (train.head_logits)
     triton_norm: Optional[bool] = None  # with adamw_triton, the clip's norm in one Triton launch (train.triton_norm)
@@ -121,15 +121,9 @@ for _row in [
              "fastest_triton_adamw with the head's weight gradient through an fp32 buffer", head_one_rounding=False),
     _variant("fastest_triton_adamw", "fastest_triton_torch_norm",
              "fastest_triton_adamw with torch's foreach norm for the clip", triton_norm=False),
-    _variant("tw_default", "tw_default_tied_rows", "tw_default with the tied embedding's gradient added by rows",
-             tied_rows=True),
-    _variant("tw_default", "tw_default_one_rounding", "tw_default with the head's weight gradient written in bf16",
-             head_one_rounding=True),
-    _variant("tw_default", "tw_default_rows_rounding",
-             "tw_default with tied rows and the head's weight gradient in bf16", tied_rows=True, head_one_rounding=True),
-    _variant("tw_triton_adamw", "tw_triton_rows_rounding",
-             "tw_triton_adamw with tied rows and the head's weight gradient in bf16", tied_rows=True,
-             head_one_rounding=True),
+    _variant("tw_default", "tw_default_trl_grads",
+             "tw_default with the tied embedding's dense gradient and the head's weight gradient through an fp32 "
+             "buffer, as TRL computes them", tied_rows=False, head_one_rounding=False),
     _variant("fastest", "fastest_trl_head", "fastest with TRL's head projecting its logits tiles again in the backward",
              keep_logits=False),
     _variant("fastest_triton_adamw", "fastest_triton_trl_head",
@@ -343,9 +337,9 @@ def step_recorder():
 
 def row_step_options(row: Row, *, cuda: bool) -> dict:
     """tune_step's keywords for one of tunewright's rows: the trainer's, with what the row sets."""
-    from train.trainer import plain_layer_options
+    from train.trainer import head_options
 
-    options = plain_layer_options(row.checkpoint, cuda=cuda)
+    options = head_options(row.checkpoint, cuda=cuda)
     options["keep_head_logits"] = options["keep_head_logits"] and row.keep_logits
     for name in ("tied_rows", "head_one_rounding", "triton_norm"):
         if getattr(row, name) is not None:

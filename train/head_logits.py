@@ -172,7 +172,8 @@ class KeptLogitsLogProb(torch.autograd.Function):
                    if "is_top1" in outputs else None)
         ctx.save_for_backward(hidden, weight, bias, targets, log_z, log_z if entropy is None else entropy)
         ctx.dtype, ctx.vocab_chunk, ctx.kept = dtype, vocab_chunk, kept
-        ctx.one_rounding = one_rounding and rounds_once(rows, weight, dtype, n_kept)
+        # a frozen weight (LoRA) has no gradient to round: TRL's order then, whatever the batch
+        ctx.one_rounding = one_rounding and ctx.needs_input_grad[1] and rounds_once(rows, weight, dtype, n_kept)
         ctx.mark_non_differentiable(*(x for x in (log_sum_sq, mean_logits, is_top1) if x is not None))
         return target_logit - log_z, entropy, log_sum_sq, mean_logits, is_top1
 

@@ -165,7 +165,7 @@ def build_trainer(recipe: Recipe, setup: ModelSetup, datasets: dict, run: RunDir
     cuda = setup.device.startswith("cuda")
     tune_step(trainer, chunked_loss=recipe.training.chunked_loss, cuda=cuda,
               triton_adamw=recipe.training.optimizer == "adamw_triton",
-              **plain_layer_options(speed["checkpoint"], cuda=cuda))
+              **head_options(speed["checkpoint"], cuda=cuda))
     if recipe.training.chunked_loss and not cuda:
         from train.loss import use_labeled_positions_loss
 
@@ -191,7 +191,7 @@ def tune_step(trainer, *, chunked_loss: bool, cuda: bool, triton_adamw: bool = F
     into the output layer's by the rows the batch used (train.tied_embedding). With
     `head_one_rounding`, the fused head writes the output weight's gradient in its own dtype, with no
     fp32 accumulator, unless kept tiles span more than one token chunk (train.head_logits);
-    `plain_layer_options` says where both are on. With `triton_adamw` (and `triton_norm`, the default), the clip's total norm is
+    `head_options` says where both are on. With `triton_adamw` (and `triton_norm`, the default), the clip's total norm is
     taken in one Triton launch (train.triton_norm)."""
     from train.fused_clip import fold_clip_into_fused_adamw
 
@@ -224,14 +224,15 @@ def tune_step(trainer, *, chunked_loss: bool, cuda: bool, triton_adamw: bool = F
         sync_free.defer_metric_reads(trainer, keep_logits=keep, one_rounding=head_one_rounding)
 
 
-def plain_layer_options(checkpoint: str, *, cuda: bool) -> dict:
-    """tune_step's keywords that follow from the checkpoint policy: on CUDA with no decoder layer
-    checkpointed, the fused head keeps its logits tiles and writes the output weight's gradient
-    rounded once, and a tied embedding's gradient is added by rows. Together with adamw_triton's
-    one-launch norm they measure 1-2% faster on a 1B model, with the same gradients (BENCHMARKS.md,
-    "Training"); with checkpointed layers they are not measured yet, and stay off."""
-    plain = keeps_head_logits(checkpoint, cuda=cuda)
-    return {"keep_head_logits": plain, "tied_rows": plain, "head_one_rounding": plain}
+def head_options(checkpoint: str, *, cuda: bool) -> dict:
+    """tune_step's keywords for the loss head and a tied embedding. On CUDA, a tied embedding's
+    gradient is added by rows and the fused head writes the output weight's gradient rounded once
+    (no fp32 accumulator); with no decoder layer checkpointed the head also keeps its logits tiles.
+    On a 1B model they measure 1-2% faster with no layer checkpointed and 6% faster within TRL's
+    memory, where the memory they free keeps about two more layers from recomputation
+    (BENCHMARKS.md, "Training")."""
+    return {"keep_head_logits": keeps_head_logits(checkpoint, cuda=cuda), "tied_rows": cuda,
+            "head_one_rounding": cuda}
 
 
 def keeps_head_logits(checkpoint: str, *, cuda: bool) -> bool:

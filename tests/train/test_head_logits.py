@@ -196,6 +196,16 @@ def test_one_rounding_past_one_token_chunk_runs_vocab_outer_with_trls_sums(monke
         assert (ours.double() - truth).norm() <= 1.05 * (ref.double() - truth).norm()
 
 
+def test_one_rounding_leaves_a_frozen_weight_to_trls_order(small_token_chunks):
+    """A frozen output weight (LoRA) has no gradient to round: past one token chunk the backward
+    stays TRL's, and the hidden states' gradient is TRL's bit for bit."""
+    hidden, weight, bias, targets, scales = inputs(torch.bfloat16, False)
+    weight.requires_grad_(False)
+    ref_outs, ref_grads = run(trl, hidden, weight, bias, targets, scales, True)
+    outs, grads = run(kept_rounded(0), hidden, weight, bias, targets, scales, True)
+    assert len(grads) == 1 and torch.equal(grads[0], ref_grads[0])
+
+
 def exact_grads(hidden, weight, bias, targets, scales):
     """The gradients of `run`'s loss (log-probs and entropy, scaled) in fp64."""
     leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, bias) if t is not None]
@@ -360,8 +370,7 @@ def test_gpu_one_rounding_weight_gradient_is_trls_product_rounded_once(n_kept):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_vocab_outer_backward_agrees_with_trl_without_the_fp32_buffer():
     """bf16 weights at a 1B model's vocabulary, 6,000 labeled tokens (past one token chunk), no tile
-    kept: the forward is TRL's bit for bit; the gradients are within a bf16 step of TRL's at each
-    entry's size, and the backward's peak holds no [vocabulary x hidden] fp32 buffer."""
+    kept: the forward is TRL's bit for bit; the gradients agree with TRL's to a bf16 step or two, and the backward's peak holds no [vocabulary x hidden] fp32 buffer."""
     args = inputs(torch.bfloat16, False, rows=6000, vocab=128256, device="cuda", width=2048)
     peaks = []
 
@@ -386,11 +395,14 @@ def test_gpu_vocab_outer_backward_agrees_with_trl_without_the_fp32_buffer():
         assert (a is None and b is None) or torch.equal(a, b)
     for ours, ref in zip(grads, ref_grads):
         assert ours.dtype == ref.dtype == torch.bfloat16
-        step = torch.finfo(torch.bfloat16).eps * ref.float().abs()
+        # fp32 sums in another order: two bf16 steps at the entry's size, plus one at the tensor's
+        # largest for entries that are near-cancelling sums
+        eps, size = torch.finfo(torch.bfloat16).eps, ref.float().abs()
+        bound = 2 * eps * size + eps * size.max()
         same = (ours == ref).float().mean().item()
         print(f"{tuple(ref.shape)}: {same:.4%} of entries equal TRL's; "
               f"peak {peak / 2**30:.2f} vs {ref_peak / 2**30:.2f} GiB")
-        assert ((ours.float() - ref.float()).abs() <= 2 * step + 1e-30).all()
+        assert ((ours.float() - ref.float()).abs() <= bound).all()
         assert same > 0.9
     vocab_by_hidden = 128256 * args[0].shape[1]
     assert peak <= ref_peak - 3 * vocab_by_hidden  # TRL's fp32 accumulator (4 bytes an entry) is not held

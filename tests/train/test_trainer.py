@@ -516,21 +516,21 @@ def test_dataloader_workers_default_follows_the_device():
     assert validate_recipe({"name": "t", "data": {"train": "d.jsonl"}}).training.dataloader_workers is None
 
 
-def test_plain_layers_on_cuda_turn_on_the_step_changes_measured_together():
-    """With no layer checkpointed on CUDA the trainer keeps the head's tiles, writes its weight
-    gradient rounded once and adds a tied embedding's gradient by rows; otherwise none of them.
-    The bench's rows take the same options unless a row sets one."""
+def test_cuda_turns_on_the_head_changes_and_keeps_tiles_only_without_checkpointing():
+    """On CUDA the trainer writes the head's weight gradient rounded once and adds a tied
+    embedding's gradient by rows; it keeps the head's tiles only with no layer checkpointed; on the
+    CPU none of them. The bench's rows take the same options unless a row sets one."""
     from train.bench import ROWS, row_step_options
-    from train.trainer import plain_layer_options
+    from train.trainer import head_options
 
     on = {"keep_head_logits": True, "tied_rows": True, "head_one_rounding": True}
-    assert plain_layer_options("none", cuda=True) == on
     off = dict.fromkeys(on, False)
-    assert plain_layer_options("auto", cuda=True) == off and plain_layer_options("none", cuda=False) == off
+    assert head_options("none", cuda=True) == on
+    assert head_options("auto", cuda=True) == head_options("all", cuda=True) == {**on, "keep_head_logits": False}
+    assert head_options("none", cuda=False) == head_options("auto", cuda=False) == off
     assert row_step_options(ROWS["fastest_triton_adamw"], cuda=True) == on  # the norm: tune_step's default
     assert row_step_options(ROWS["fastest_triton_before"], cuda=True) == {**off, "keep_head_logits": True,
                                                                            "triton_norm": False}
     assert row_step_options(ROWS["fastest_trl_head"], cuda=True) == {**on, "keep_head_logits": False}
-    assert row_step_options(ROWS["tw_default"], cuda=True) == off
-    assert row_step_options(ROWS["tw_default_rows_rounding"], cuda=True) == {**off, "tied_rows": True,
-                                                                              "head_one_rounding": True}
+    assert row_step_options(ROWS["tw_default"], cuda=True) == {**on, "keep_head_logits": False}
+    assert row_step_options(ROWS["tw_default_trl_grads"], cuda=True) == off
