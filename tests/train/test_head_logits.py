@@ -370,7 +370,8 @@ def test_gpu_one_rounding_weight_gradient_is_trls_product_rounded_once(n_kept):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_vocab_outer_backward_agrees_with_trl_without_the_fp32_buffer():
     """bf16 weights at a 1B model's vocabulary, 6,000 labeled tokens (past one token chunk), no tile
-    kept: the forward is TRL's bit for bit; the gradients agree with TRL's to a bf16 step or two, and the backward's peak holds no [vocabulary x hidden] fp32 buffer."""
+    kept: the forward is TRL's bit for bit; the gradients agree with TRL's to a bf16 step or two, and
+    the backward's peak holds no [vocabulary x hidden] fp32 buffer."""
     args = inputs(torch.bfloat16, False, rows=6000, vocab=128256, device="cuda", width=2048)
     peaks = []
 
