@@ -12,6 +12,12 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 
+# A log entry emitted after its step (train.sync_free logs each step at the next one) carries the
+# host time at which its step ended as this attribute of the TrainerState, so that its tokens/s
+# counts that step's time and not the moment of emission.
+STEP_END_ATTR = "tw_step_end"
+
+
 class MetricsRecorder(TrainerCallback):
     """Appends one JSON line per logged step to metrics.jsonl and keeps the running summary.
 
@@ -36,7 +42,7 @@ class MetricsRecorder(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
-        now = time.perf_counter()
+        now = getattr(state, STEP_END_ATTR, None) or time.perf_counter()
         if "loss" in logs:
             tokens = self.tokens_offset + int(logs.get("num_tokens", 0))
             elapsed = now - (self.last_time or now)

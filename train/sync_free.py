@@ -52,11 +52,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import time
 import types
 
 import torch
 from torch import nn
 
+from train.callbacks import STEP_END_ATTR
 from train.loss import head_has_extras, lm_base
 
 LABELED_KEY = "tw_labeled"
@@ -226,7 +228,9 @@ def defer_log_reads(trainer, pending_tokens: list, trl_log) -> None:
     accumulated loss tensor, the grad norm and the learning rate): where the step only logs, its
     loss, grad norm, metrics and padded token count are copied to the host, the loss accumulator
     is reset on the device, and the entry is emitted (through TRL's `log`, under the step's own
-    number and epoch) at the next call, when its copies have long arrived. Steps that evaluate,
+    number and epoch, and the host time its step ended as `STEP_END_ATTR` of the state, for the
+    tokens/s of train.callbacks.MetricsRecorder) at the next call, when its copies have long
+    arrived. Steps that evaluate,
     save or stop training, and the last step, first emit what is waiting and then run the
     Trainer's own method. A callback that stops training from `on_log` therefore stops it one
     step later than with the Trainer's own logging (the log it reads arrives a step later)."""
@@ -255,10 +259,12 @@ def defer_log_reads(trainer, pending_tokens: list, trl_log) -> None:
                 metrics["num_tokens"] = [trainer._total_train_tokens]
             now = state.global_step, state.epoch, trainer._metrics["train"]
             state.global_step, state.epoch, trainer._metrics["train"] = entry["step"], entry["epoch"], metrics
+            setattr(state, STEP_END_ATTR, entry["time"])
             try:
                 trl_log(logs, entry["start_time"])
             finally:
                 state.global_step, state.epoch, trainer._metrics["train"] = now
+                delattr(state, STEP_END_ATTR)
 
     def maybe_log_save_evaluate(*args, **kwargs):
         should_log = trainer.control.should_log
@@ -284,7 +290,7 @@ def defer_log_reads(trainer, pending_tokens: list, trl_log) -> None:
             "grad_norm": host_copy(grad_norm) if isinstance(grad_norm, torch.Tensor) else grad_norm,
             "learning_rate": learning_rate if learning_rate is not None else trainer._get_learning_rate(),
             "steps": state.global_step - trainer._globalstep_last_logged, "step": state.global_step,
-            "epoch": state.epoch, "start_time": start_time, "event": None,
+            "epoch": state.epoch, "start_time": start_time, "event": None, "time": time.perf_counter(),
         }
         tr_loss -= tr_loss  # queued after the copy, as the Trainer resets it after its read
         if tr_loss.is_cuda:

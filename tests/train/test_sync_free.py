@@ -3,6 +3,9 @@ gradients and logged metrics, with no value read on the host between the forward
 
 from __future__ import annotations
 
+import json
+import time
+
 import pytest
 import torch
 from transformers import TrainerCallback
@@ -170,6 +173,37 @@ def test_deferred_log_around_saves_and_stops(tmp_path, case):
         assert [log["step"] for log in trl_logs] == [1, 2] and steps == [1, 2, 3]
     for a, b in zip(ours, trl_logs):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_deferred_log_counts_each_steps_own_time_for_tokens_per_s(tmp_path):
+    """metrics.jsonl's tokens/s of a step logged a step later counts that step's time, not the
+    moment its entry is emitted: the last steps' two entries come out back to back, and the
+    last one's tokens/s stays the run's, not thousands of times it."""
+    from train.callbacks import MetricsRecorder
+    from train.sync_free import defer_metric_reads
+
+    torch.manual_seed(0)
+    rows = [{"input_ids": list(range(3, 15)), "labels": [-100] * 4 + list(range(7, 15))}] * 12
+    recorder = MetricsRecorder(tmp_path / "metrics.jsonl")
+    trainer = tiny_sft_trainer(tiny_llama("full"), rows, tmp_path, callbacks=[recorder], max_steps=5,
+                               per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1,
+                               save_strategy="no", use_cpu=True, padding_free=True, max_length=None,
+                               disable_tqdm=True)
+    defer_metric_reads(trainer)
+    compute_loss = trainer.compute_loss
+
+    def paced(model, inputs, **kw):  # every step takes at least 0.2 s
+        time.sleep(0.2)
+        return compute_loss(model, inputs, **kw)
+
+    trainer.compute_loss = paced
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    speeds = [r["tokens_per_s"] for r in rows[1:]]  # the first counts from the start of training
+    assert max(speeds) < 1.5 * min(speeds), speeds
+    assert max(speeds) <= (rows[-1]["tokens"] - rows[0]["tokens"]) / 0.2 / 4, speeds
+    assert rows[-1]["time_s"] - rows[-2]["time_s"] >= 0.2
 
 
 def test_deferred_log_still_stops_a_non_finite_run_before_it_saves(tmp_path):
