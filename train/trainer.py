@@ -191,8 +191,8 @@ def tune_step(trainer, *, chunked_loss: bool, cuda: bool, triton_adamw: bool = F
     into the output layer's by the rows the batch used (train.tied_embedding). With
     `head_one_rounding`, the fused head writes the output weight's gradient in its own dtype, with no
     fp32 accumulator, unless kept tiles span more than one token chunk (train.head_logits);
-    `head_options` says where both are on. With `triton_adamw` (and `triton_norm`, the default), the clip's total norm is
-    taken in one Triton launch (train.triton_norm)."""
+    `head_options` says where both are on. With `triton_adamw` (and `triton_norm`, the default),
+    the clip's total norm is taken in one Triton launch (train.triton_norm)."""
     from train.fused_clip import fold_clip_into_fused_adamw
 
     if tied_rows:
