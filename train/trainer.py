@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from transformers import TrainerCallback
 
 from infer.run_directory import Manifest
-from train.callbacks import MetricsRecorder, ProgressBar, StopOnSignal
+from train.callbacks import MetricsRecorder, ProgressBar, StopLoaderWorkers, StopOnSignal
 from train.errors import DiskFullError, TrainingDiverged, is_disk_full
 from train.model import ModelSetup, base_model_reference, export_dtype, load_model, merge_adapter
 from train.recipe import Recipe
@@ -150,7 +150,7 @@ def build_trainer(recipe: Recipe, setup: ModelSetup, datasets: dict, run: RunDir
     from train.speed import speed_callback
 
     speed = speed_settings(recipe, setup)
-    extra = [recorder, ProgressBar(recorder), stopper, speed_callback(**speed)]
+    extra = [recorder, ProgressBar(recorder), stopper, speed_callback(**speed), StopLoaderWorkers()]
     if trackers:
         extra.append(Trackers(trackers, run.tensorboard_dir))
     trainer = SFTTrainer(

@@ -198,6 +198,30 @@ class RecordSteps(TrainerCallback):
             raise RuntimeError("simulated kill")
 
 
+def test_run_leaves_no_loader_worker_behind(tmp_path, spread_model_dir, data_file):
+    """With collating workers (persistent: forked once per run) a finished run leaves no worker
+    process to the garbage collector, whose shutdown of a collected loader waits 5 s per worker."""
+    import gc
+    import multiprocessing
+    import time
+
+    from train.trainer import train_recipe
+
+    raw = tiny_recipe(tmp_path, spread_model_dir, data_file, training={"max_steps": 3, "dataloader_workers": 2})
+    forked = []
+
+    class Workers(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            forked.append(len(multiprocessing.active_children()))
+
+    result = train_recipe(validate_recipe(raw), callbacks=[Workers()])
+    assert result.status == "completed" and forked and min(forked) >= 2
+    assert multiprocessing.active_children() == []
+    start = time.perf_counter()
+    gc.collect()
+    assert time.perf_counter() - start < 2
+
+
 @pytest.mark.parametrize("method,lr", [("full", 5e-3), ("lora", 2e-2)])
 def test_run_learns_and_exports_a_plain_checkpoint(method, lr, tmp_path, spread_model_dir, data_file):
     from transformers import AutoModelForCausalLM, AutoTokenizer
