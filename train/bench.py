@@ -131,6 +131,13 @@ for _row in [
 ]:
     ROWS[_row.name] = _row
 
+def limit_row(names: list[str]) -> str:
+    """The row whose measured peak bounds the `checkpoint="auto"` rows run after it when no
+    --memory-limit-gib is given: the first of TRL's own rows (the baseline whose memory they must
+    fit), else the first row."""
+    return next((n for n in names if n.startswith("trl_")), names[0])
+
+
 FULL_ROWS = ["trl_default", "padding_free_sdpa", "varlen_fa2", "tw_default", "tw_adamw_torch", "tw_8bit",
              "fastest_eager", "fastest"]
 
@@ -676,7 +683,8 @@ def parse_args(argv):
                    help="tunewright's rows collate in N data-loader worker processes (training.dataloader_workers; "
                         "default as in a recipe: 2 with a CUDA GPU, 0 on the CPU); TRL's rows collate in-process")
     p.add_argument("--memory-limit-gib", type=float, default=None,
-                   help="limit for checkpoint='auto' rows (default: the first row's measured peak)")
+                   help="limit for checkpoint='auto' rows (default: the measured peak of the first of TRL's "
+                        "rows, or of the first row without one, for the rows run after it)")
     p.add_argument("--memory-cap-gib", type=float, default=None,
                    help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. to keep "
                         "--longest tries short; checkpoint='auto' rows then fit within it")
@@ -784,8 +792,8 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
         res["wall_s"] = time.time() - t0
         if ns.rounds > 1:
             res["round"] = round_
-        if ns.memory_limit_gib is None and results == [] and res.get("peak_alloc_gib"):
-            ns.memory_limit_gib = res["peak_alloc_gib"]  # the baseline's peak bounds the 'auto' rows
+        if ns.memory_limit_gib is None and name == limit_row(names) and res.get("peak_alloc_gib"):
+            ns.memory_limit_gib = res["peak_alloc_gib"]  # the baseline's peak bounds the 'auto' rows after it
         results.append(res)
         if ns.longest:
             print(f"{name}: longest row trained {res['longest_trained']} tokens, first out of memory at "

@@ -1165,3 +1165,13 @@ def test_compiled_chunked_lora_layers_equal_eager_and_draw_new_masks_per_chunk()
     assert runner.compile_failures == []
     assert torch.allclose(loss, ref_loss, rtol=1e-5), (loss, ref_loss)
     assert max(rel(grads[n], ref_grads[n]) for n in ref_grads) < 1e-4
+
+
+def test_bench_bounds_auto_rows_by_the_first_trl_row_wherever_it_runs():
+    """Without --memory-limit-gib the `auto` rows fit the memory of TRL's baseline row, the first of
+    TRL's own rows whatever its position (a warm-up row may come first), else the first row."""
+    from train.bench import limit_row
+
+    assert limit_row(["fastest_triton_adamw", "trl_default", "tw_default", "trl_default"]) == "trl_default"
+    assert limit_row(["tw_lora", "trl_peft_lora", "trl_peft_qlora"]) == "trl_peft_lora"
+    assert limit_row(["varlen_fa2", "tw_default"]) == "varlen_fa2"
