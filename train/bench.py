@@ -131,6 +131,7 @@ for _row in [
 ]:
     ROWS[_row.name] = _row
 
+
 def limit_row(names: list[str]) -> str:
     """The row whose measured peak bounds the `checkpoint="auto"` rows run after it when no
     --memory-limit-gib is given: the first of TRL's own rows (the baseline whose memory they must
