@@ -60,6 +60,7 @@ class Row:
     head_one_rounding: Optional[bool] = None  # the head's weight gradient written in bf16 (train.head_logits)
     triton_norm: Optional[bool] = None  # with adamw_triton, the clip's norm in one Triton launch (train.triton_norm)
     region_layers: int = 1  # decoder layers per compiled call when none is checkpointed (train.speed)
+    calibrate_plain: bool = False  # "auto": plain layers' bytes counted on the compiled layer (train.speed)
     note: str = ""
 
 
@@ -124,6 +125,9 @@ for _row in [
     _variant("tw_default", "tw_default_trl_grads",
              "tw_default with the tied embedding's dense gradient and the head's weight gradient through an fp32 "
              "buffer, as TRL computes them", tied_rows=False, head_one_rounding=False),
+    _variant("tw_default", "tw_default_calibrated",
+             "tw_default with a plain layer's bytes counted on its compiled graph, not an eager layer",
+             calibrate_plain=True),
     _variant("fastest", "fastest_trl_head", "fastest with TRL's head projecting its logits tiles again in the backward",
              keep_logits=False),
     _variant("fastest_triton_adamw", "fastest_triton_trl_head",
@@ -400,7 +404,8 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
         limit = int(ns.memory_limit_gib * 2**30) if ns.memory_limit_gib else None
         callbacks.append(speed_callback(compile=row.compile, checkpoint=row.checkpoint, memory_limit=limit,
                                         chunked_loss=row.chunked_loss, offload=row.offload,
-                                        chunk_tokens=row.chunk_tokens, region_layers=row.region_layers))
+                                        chunk_tokens=row.chunk_tokens, region_layers=row.region_layers,
+                                        calibrate_plain=row.calibrate_plain))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=minimal_tokenizer(),
                          peft_config=peft_config, callbacks=callbacks)
     from transformers.trainer_callback import PrinterCallback

@@ -228,6 +228,10 @@ class LayerRunner:
     attention in such chunks (train.chunked_layer).
     `region_layers`: compiled, a micro-batch with no layer checkpointed runs up to this many
     consecutive layers as one compiled region (`region_size`), unless a layer has hooks.
+    `calibrate_plain`: under "auto" with compiled layers, the first plain layer that runs in
+    training counts the tensors its compiled graph saves, and that count per token replaces the
+    eager layer's (`measure_layer_bytes_per_token`), which Inductor's graph undercuts by saving
+    fewer of its intermediates. Off by default until a GPU A/B says what it buys.
     """
 
     def __init__(
@@ -244,6 +248,7 @@ class LayerRunner:
         offload: bool = False,
         chunk_tokens: Optional[int] = None,
         region_layers: int = 1,
+        calibrate_plain: bool = False,
     ):
         self.backbone, self.layers = decoder_layers(model)
         self.offload = offload
@@ -263,6 +268,8 @@ class LayerRunner:
         # present at the later ones of an accumulated step. One trainable parameter tells.
         self._grad_probe = next((p for p in model.parameters() if p.requires_grad), None)
         self.layer_bytes_per_token: Optional[float] = None  # measured on first use by "auto"
+        # measured again on the first plain layer that runs compiled (calibrate_plain): until then True
+        self._plain_to_calibrate = bool(calibrate_plain and compile and self.checkpoint == "auto")
         self.checkpointed: frozenset[int] = frozenset()
         self.history: list[int] = []  # layers checkpointed (selective ones included), per training micro-batch
         self.selective: frozenset[int] = frozenset()  # the checkpointed layers that recompute selectively
@@ -382,7 +389,24 @@ class LayerRunner:
             if index in self.selective:
                 return self._run("_sel", self._run_layer_selective, layer, args, kwargs)
             return self._run_checkpointed(layer, *args, **kwargs)
+        if self._plain_to_calibrate and layer.training and torch.is_grad_enabled() and self._plain is not _run_layer:
+            return self._run_plain_counted(layer, args, kwargs)
         return self._run_plain(layer, *args, **kwargs)
+
+    def _run_plain_counted(self, layer: nn.Module, args: tuple, kwargs: dict):
+        """The compiled plain layer, counting what its graph saves for the backward: that per token
+        becomes `layer_bytes_per_token` (see `calibrate_plain`)."""
+        hidden = _hidden(args, kwargs)
+        count = SavedBytes(layer, hidden)
+        with torch.autograd.graph.saved_tensors_hooks(count.pack, lambda t: t):
+            out = self._run_plain(layer, *args, **kwargs)
+        tokens = hidden.numel() // hidden.shape[-1]
+        if self._plain is not _run_layer and tokens:  # still compiled (a failed compile falls back to eager)
+            self.layer_bytes_per_token = count.per_token(tokens)
+            self._plain_to_calibrate = False
+            log.info("plain decoder layer, compiled: %.0f bytes per token saved for the backward",
+                     self.layer_bytes_per_token)
+        return out
 
     def _run_region(self, index: int, args: tuple, kwargs: dict):
         """Layers index .. index + region - 1 as one compiled call. If Inductor cannot compile the
@@ -760,6 +784,27 @@ def training_state_bytes(model: nn.Module, optim: str) -> tuple[int, int]:
     return int(weights + state), int(grads)
 
 
+class SavedBytes:
+    """A saved-tensors hook that adds up the storages autograd saves (each once; the layer's
+    weights and its input left out), and the per-token bytes a layer keeps: those plus its input,
+    which the next layer's first op saves."""
+
+    def __init__(self, layer: nn.Module, hidden: torch.Tensor):
+        self.skip = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+        self.skip.add(hidden.untyped_storage().data_ptr())
+        self.input_bytes = hidden.numel() * hidden.element_size()
+        self.seen: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in self.skip:
+            self.seen[ptr] = max(self.seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    def per_token(self, tokens: int) -> float:
+        return (sum(self.seen.values()) + self.input_bytes) / tokens
+
+
 def measure_layer_bytes_per_token(backbone: nn.Module, layer: nn.Module, tokens: int = 256) -> float:
     """Bytes one decoder layer keeps for backward per token, measured by running it once.
 
@@ -775,20 +820,10 @@ def measure_layer_bytes_per_token(backbone: nn.Module, layer: nn.Module, tokens:
     rotary = getattr(backbone, "rotary_emb", None)
     if rotary is not None:
         kwargs["position_embeddings"] = rotary(hidden, position_ids)
-    weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in weights and ptr != hidden.untyped_storage().data_ptr():
-            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    count = SavedBytes(layer, hidden)
+    with torch.autograd.graph.saved_tensors_hooks(count.pack, lambda t: t):
         _run_layer(layer, hidden, **kwargs)
-    # + the layer's input, which the next layer's first op saves
-    saved = sum(seen.values()) + hidden.numel() * hidden.element_size()
-    return saved / tokens
+    return count.per_token(tokens)
 
 
 def count_compilations() -> int:
@@ -803,7 +838,7 @@ def count_compilations() -> int:
 
 def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit: Optional[int] = None,
                    chunked_loss: bool = True, offload: bool = False, chunk_tokens: Optional[int] = None,
-                   region_layers: int = 1):
+                   region_layers: int = 1, calibrate_plain: bool = False):
     """A TrainerCallback that installs a LayerRunner when training begins.
 
     It has to wait for `on_train_begin`: by then the Trainer has wrapped the model (PEFT,
@@ -831,6 +866,7 @@ def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit:
                     offload=offload,
                     chunk_tokens=chunk_tokens,
                     region_layers=region_layers,
+                    calibrate_plain=calibrate_plain,
                 ).install()
                 log.info(
                     "decoder layers: compile=%s%s, checkpointing=%s%s%s%s",

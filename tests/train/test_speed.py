@@ -1175,3 +1175,32 @@ def test_bench_bounds_auto_rows_by_the_first_trl_row_wherever_it_runs():
     assert limit_row(["fastest_triton_adamw", "trl_default", "tw_default", "trl_default"]) == "trl_default"
     assert limit_row(["tw_lora", "trl_peft_lora", "trl_peft_qlora"]) == "trl_peft_lora"
     assert limit_row(["varlen_fa2", "tw_default"]) == "varlen_fa2"
+
+
+@pytest.mark.parametrize("calibrate", [True, False])
+def test_calibrate_plain_counts_what_the_compiled_plain_layer_saves(calibrate):
+    """With `calibrate_plain`, the first plain layer that runs compiled in training counts the
+    tensors its graph saves, and that per token replaces the eager layer's estimate, which it
+    undercuts; the graph is the one training runs (no compilation more), the step's loss and
+    gradients are the plain run's, and later layers run uncounted."""
+    torch._dynamo.reset()
+    model = tiny_llama(layers=3)
+    _, packed = batches([9, 14, 5])
+    ref_loss, ref_grads = loss_and_grads(model, packed)
+    runner = LayerRunner(model, compile=True, checkpoint="auto", memory_limit=2**40, static_bytes=0,
+                         warmup_batches=0, calibrate_plain=calibrate).install()
+    before = count_compilations()
+    loss, grads = loss_and_grads(model, packed)
+    assert runner.history == [0]  # every layer plain under a limit this large
+    eager = speed.measure_layer_bytes_per_token(*speed.decoder_layers(model)[:1], model.model.layers[0], tokens=28)
+    if calibrate:
+        assert not runner._plain_to_calibrate
+        assert runner.layer_bytes_per_token < eager
+        # what the compiled graph saves for one layer: at least its residual input and q, k, v (fp32)
+        assert runner.layer_bytes_per_token >= 4 * (64 + 64 + 2 * 32)
+    else:
+        assert runner.layer_bytes_per_token == pytest.approx(eager, rel=0.2)
+    assert count_compilations() - before == 1
+    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert max(rel(g, r) for g, r in zip(grads, ref_grads)) < 1e-4
+    runner.remove()
