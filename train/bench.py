@@ -398,9 +398,6 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
         peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
                                  task_type="CAUSAL_LM")
     if ours:
-        from train.callbacks import StopLoaderWorkers
-
-        callbacks.append(StopLoaderWorkers())  # as tunewright's trainer does: no worker left to the next row
         limit = int(ns.memory_limit_gib * 2**30) if ns.memory_limit_gib else None
         callbacks.append(speed_callback(compile=row.compile, checkpoint=row.checkpoint, memory_limit=limit,
                                         chunked_loss=row.chunked_loss, offload=row.offload,

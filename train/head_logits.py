@@ -81,9 +81,10 @@ def kept_count(rows: int, vocab: int, vocab_chunk: int, element_size: int, budge
     return min(n_tiles, budget // per_tile) if per_tile else 0
 
 
-def tile_buffer(rows: int, vocab_chunk: int, device, dtype) -> torch.Tensor:
-    """A buffer of TRL's tile shape, [min(rows, token chunk), vocab_chunk]: the same strides as its tiles."""
-    return torch.empty((min(rows, trl_kernels.TOKEN_CHUNK_SIZE), vocab_chunk), device=device, dtype=dtype)
+def tile_buffer(rows: int, vocab_chunk: int, device, dtype, row_chunk: int = 0) -> torch.Tensor:
+    """A buffer of TRL's tile shape, [min(rows, token chunk), vocab_chunk]: the same strides as its tiles
+    (`row_chunk` tokens at a time instead of TRL's token chunk where given)."""
+    return torch.empty((min(rows, row_chunk or trl_kernels.TOKEN_CHUNK_SIZE), vocab_chunk), device=device, dtype=dtype)
 
 
 def project(hidden, weight, bias, rows: tuple[int, int], cols: tuple[int, int], dtype, buffer) -> torch.Tensor:
@@ -196,20 +197,18 @@ class KeptLogitsLogProb(torch.autograd.Function):
         if grad_entropy is not None:
             grad_entropy = grad_entropy.float().contiguous()
         triton = trl_kernels._use_triton(hidden.device)
+        width, row_chunk = ctx.vocab_chunk, 0
+        order = tiles(rows, vocab, width)
         if ctx.one_rounding and rows > trl_kernels.TOKEN_CHUNK_SIZE:  # vocabulary-outer (no tile kept)
-            width = vocab_outer_width(rows, ctx.vocab_chunk)
+            width, row_chunk = vocab_outer_width(rows, ctx.vocab_chunk), rows
             order = [(0, rows, v0, min(v0 + width, vocab)) for v0 in range(0, vocab, width)]
-            buffer_shape = (rows, width)
-        else:
-            order = tiles(rows, vocab, ctx.vocab_chunk)
-            buffer_shape = (min(rows, trl_kernels.TOKEN_CHUNK_SIZE), ctx.vocab_chunk)  # tile_buffer's
         shared = None
         for i, (r0, r1, v0, v1) in enumerate(order):
             span = slice(r0, r1)
             if i < len(kept):
                 tile = kept[i][: r1 - r0, : v1 - v0]
             else:
-                shared = shared if shared is not None else torch.empty(buffer_shape, device=hidden.device, dtype=dtype)
+                shared = shared if shared is not None else tile_buffer(rows, width, hidden.device, dtype, row_chunk)
                 tile = project(hidden, weight, bias, (r0, r1), (v0, v1), dtype, shared)
             if triton:
                 fold = trl_kernels._backward_kernel[(r1 - r0, -(-(v1 - v0) // trl_kernels._BLOCK_SIZE))]

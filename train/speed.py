@@ -389,7 +389,7 @@ class LayerRunner:
             if index in self.selective:
                 return self._run("_sel", self._run_layer_selective, layer, args, kwargs)
             return self._run_checkpointed(layer, *args, **kwargs)
-        if self._plain_to_calibrate and layer.training and torch.is_grad_enabled() and self._plain is not _run_layer:
+        if self._plain_to_calibrate and layer.training and torch.is_grad_enabled():
             return self._run_plain_counted(layer, args, kwargs)
         return self._run_plain(layer, *args, **kwargs)
 
@@ -400,10 +400,9 @@ class LayerRunner:
         count = SavedBytes(layer, hidden)
         with torch.autograd.graph.saved_tensors_hooks(count.pack, lambda t: t):
             out = self._run_plain(layer, *args, **kwargs)
-        tokens = hidden.numel() // hidden.shape[-1]
-        if self._plain is not _run_layer and tokens:  # still compiled (a failed compile falls back to eager)
-            self.layer_bytes_per_token = count.per_token(tokens)
-            self._plain_to_calibrate = False
+        self._plain_to_calibrate = False  # once; a compile that failed fell back to eager, whose estimate stands
+        if self._plain is not _run_layer:
+            self.layer_bytes_per_token = count.per_token(hidden.numel() // hidden.shape[-1])
             log.info("plain decoder layer, compiled: %.0f bytes per token saved for the backward",
                      self.layer_bytes_per_token)
         return out

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from transformers import TrainerCallback
 
 from infer.run_directory import Manifest
-from train.callbacks import MetricsRecorder, ProgressBar, StopLoaderWorkers, StopOnSignal
+from train.callbacks import MetricsRecorder, ProgressBar, StopOnSignal
 from train.errors import DiskFullError, TrainingDiverged, is_disk_full
 from train.model import ModelSetup, base_model_reference, export_dtype, load_model, merge_adapter
 from train.recipe import Recipe
@@ -150,7 +150,7 @@ def build_trainer(recipe: Recipe, setup: ModelSetup, datasets: dict, run: RunDir
     from train.speed import speed_callback
 
     speed = speed_settings(recipe, setup)
-    extra = [recorder, ProgressBar(recorder), stopper, speed_callback(**speed), StopLoaderWorkers()]
+    extra = [recorder, ProgressBar(recorder), stopper, speed_callback(**speed)]
     if trackers:
         extra.append(Trackers(trackers, run.tensorboard_dir))
     trainer = SFTTrainer(
@@ -192,8 +192,14 @@ def tune_step(trainer, *, chunked_loss: bool, cuda: bool, triton_adamw: bool = F
     `head_one_rounding`, the fused head writes the output weight's gradient in its own dtype, with no
     fp32 accumulator, unless kept tiles span more than one token chunk (train.head_logits);
     `head_options` says where both are on. With `triton_adamw` (and `triton_norm`, the default),
-    the clip's total norm is taken in one Triton launch (train.triton_norm)."""
+    the clip's total norm is taken in one Triton launch (train.triton_norm). Persistent collating
+    workers (`loop_options`) are stopped when training ends (train.callbacks.StopLoaderWorkers)."""
     from train.fused_clip import fold_clip_into_fused_adamw
+
+    if trainer.args.dataloader_persistent_workers:
+        from train.callbacks import StopLoaderWorkers
+
+        trainer.add_callback(StopLoaderWorkers())
 
     if tied_rows:
         from train.tied_embedding import use_tied_rows
