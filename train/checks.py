@@ -7,7 +7,6 @@ multi-process launch are caught in seconds, before the old run is touched or a s
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import struct
@@ -36,7 +35,7 @@ def check_overrides(overrides: Sequence[str]) -> None:
     """Unknown keys in `key.sub=value` overrides, reported as command-line errors with the closest key."""
     from pydantic import BaseModel
 
-    from train.recipe import Recipe
+    from train.recipe import Recipe, suggest_key
 
     problems = []
     for item in overrides:
@@ -50,8 +49,8 @@ def check_overrides(overrides: Sequence[str]) -> None:
             if fields is None:
                 break  # below a free-form field (e.g. data.fields.x): anything goes
             if part not in fields:
-                match = difflib.get_close_matches(part, list(fields), n=1, cutoff=0.5)
-                hint = f" (did you mean '{'.'.join(walked + [match[0]])}'?)" if match else ""
+                match = suggest_key(tuple(walked + [part]))
+                hint = f" (did you mean '{match}'?)" if match else ""
                 valid = ", ".join(fields)
                 problems.append(f"{item!r}: unknown key '{'.'.join(walked + [part])}'{hint}; "
                                 f"valid here: {valid}")

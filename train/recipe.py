@@ -344,19 +344,22 @@ def _format_errors(exc: ValidationError, source: str, lines: dict[tuple, int]) -
         line = lines.get(loc) or lines.get(loc[:-1])
         where = line if isinstance(line, str) else f"{source}:{line}" if line else source
         if err["type"] == "extra_forbidden":
-            hint = _suggest(loc)
+            hint = suggest_key(loc)
             msg = f"unknown key '{dotted}'" + (f" (did you mean '{hint}'?)" if hint else "")
         elif err["type"] == "missing":
             msg = f"missing required key '{dotted}'"
         else:
             msg = f"{dotted}: {err['msg']} (got {err.get('input')!r})"
-        out.append(f"  {where}: {msg}")
+        out.append((line if isinstance(line, int) else 0, f"  {where}: {msg}"))
+    out.sort(key=lambda item: item[0])  # in the file's order; those with no line (missing keys) first
     n = len(out)
-    return f"{source}: {n} problem{'s' if n > 1 else ''} in the recipe:\n" + "\n".join(out)
+    return f"{source}: {n} problem{'s' if n > 1 else ''} in the recipe:\n" + "\n".join(text for _, text in out)
 
 
-def _suggest(loc: tuple[str, ...]) -> str | None:
-    """The closest valid key at the same place as an unknown key, as a dotted path."""
+def suggest_key(loc: tuple[str, ...]) -> str | None:
+    """The valid key an unknown key most likely means, as a dotted path: the closest one at the same
+    place, or a key of another section that matches far better (`learning_rate` at the top level
+    means `training.learning_rate`)."""
     model: type[BaseModel] = Recipe
     for part in loc[:-1]:
         if part.isdigit():  # an item of a list of sections, e.g. data.train.1.weight
@@ -366,8 +369,37 @@ def _suggest(loc: tuple[str, ...]) -> str | None:
         if sub is None:
             return None
         model = sub
-    match = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.5)
-    return ".".join(loc[:-1] + (match[0],)) if match else None
+    name = loc[-1]
+
+    def likeness(key: str) -> float:
+        return difflib.SequenceMatcher(None, name, key).ratio()
+
+    here = max(model.model_fields, key=likeness, default=None)
+    here_score = likeness(here) if here else 0.0
+    elsewhere = [path for path in _key_paths(Recipe) if path[:-1] != tuple(p for p in loc[:-1] if not p.isdigit())]
+    best = max(elsewhere, key=lambda path: likeness(path[-1]), default=None)
+    if best and likeness(best[-1]) >= 0.8 and likeness(best[-1]) > here_score:
+        return ".".join(best)
+    return ".".join(loc[:-1] + (here,)) if here_score >= 0.5 else None
+
+
+def _key_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every key of the recipe schema as a path, sections included, leaving out those inside lists
+    of sections (a data source's keys), whose dotted name needs an item's position."""
+    out = []
+    for key, field in model.model_fields.items():
+        out.append(prefix + (key,))  # sections too: a section put inside another is a misplaced key
+        sub = _section_type(field.annotation)
+        if sub is not None and not _holds_list(field.annotation):
+            out.extend(_key_paths(sub, prefix + (key,)))
+    return out
+
+
+def _holds_list(annotation) -> bool:
+    """Whether an annotation is a list, or an Optional / Union with a list in it."""
+    if typing.get_origin(annotation) is list:
+        return True
+    return any(_holds_list(arg) for arg in typing.get_args(annotation))
 
 
 def _section_type(annotation) -> type[BaseModel] | None:

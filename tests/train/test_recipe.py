@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from train.checks import check_overrides
+from train.errors import UserError
 from train.recipe import Recipe, RecipeError, load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,6 +62,26 @@ def test_typo_names_key_file_line_and_suggestion(tmp_path):
     assert f"{path}:5" in msg
     assert "unknown key 'training.learnig_rate'" in msg
     assert "did you mean 'training.learning_rate'" in msg
+
+
+def test_a_key_in_the_wrong_section_is_pointed_to_its_section(tmp_path):
+    """A key valid in another section, or a close typo of one, is named at its own place; a typo
+    whose nearest key sits in its own section still gets that one. Problems come in the file's order."""
+    path = _write(tmp_path, "name: t\ndata:\n  train: a.jsonl\nlerning_rate: 0.1\nmethod:\n  r: 8\n"
+                            "training:\n  lora:\n    r: 8\n  epoch: 2\n  loss_on: all\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    msg = str(err.value)
+    assert f"{path}:4: unknown key 'lerning_rate' (did you mean 'training.learning_rate'?)" in msg
+    assert f"{path}:6: unknown key 'method.r' (did you mean 'method.lora.r'?)" in msg
+    assert f"{path}:8: unknown key 'training.lora' (did you mean 'method.lora'?)" in msg
+    assert f"{path}:10: unknown key 'training.epoch' (did you mean 'training.epochs'?)" in msg
+    assert f"{path}:11: unknown key 'training.loss_on' (did you mean 'data.loss_on'?)" in msg
+    lines = [int(line.split(":")[1]) for line in msg.splitlines()[1:]]
+    assert lines == sorted(lines) == [4, 6, 8, 10, 11]  # in the file's order
+    # the same hint on the command line, before anything loads
+    with pytest.raises(UserError, match=r"unknown key 'quant_type' \(did you mean 'method.qlora.quant_type'\?\)"):
+        check_overrides(["quant_type=fp4"])
 
 
 def test_data_sources_take_one_path_or_a_list_and_name_a_bad_key_by_index(tmp_path):
