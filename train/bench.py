@@ -785,6 +785,7 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
                                                  "memory_cap_gib": ns.memory_cap_gib, "results": results},
                                                 indent=1))
 
+    baseline = limit_row(names)  # its measured peak bounds the 'auto' rows after it, unless a limit is given
     for round_, name in ((k, n) for k in range(1, ns.rounds + 1) for n in (names if k % 2 else names[::-1])):
         row = ROWS[name]
         t0 = time.time()
@@ -795,8 +796,8 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
         res["wall_s"] = time.time() - t0
         if ns.rounds > 1:
             res["round"] = round_
-        if ns.memory_limit_gib is None and name == limit_row(names) and res.get("peak_alloc_gib"):
-            ns.memory_limit_gib = res["peak_alloc_gib"]  # the baseline's peak bounds the 'auto' rows after it
+        if ns.memory_limit_gib is None and name == baseline and res.get("peak_alloc_gib"):
+            ns.memory_limit_gib = res["peak_alloc_gib"]
         results.append(res)
         if ns.longest:
             print(f"{name}: longest row trained {res['longest_trained']} tokens, first out of memory at "

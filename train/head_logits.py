@@ -197,11 +197,12 @@ class KeptLogitsLogProb(torch.autograd.Function):
         if grad_entropy is not None:
             grad_entropy = grad_entropy.float().contiguous()
         triton = trl_kernels._use_triton(hidden.device)
-        width, row_chunk = ctx.vocab_chunk, 0
-        order = tiles(rows, vocab, width)
         if ctx.one_rounding and rows > trl_kernels.TOKEN_CHUNK_SIZE:  # vocabulary-outer (no tile kept)
             width, row_chunk = vocab_outer_width(rows, ctx.vocab_chunk), rows
             order = [(0, rows, v0, min(v0 + width, vocab)) for v0 in range(0, vocab, width)]
+        else:
+            width, row_chunk = ctx.vocab_chunk, 0
+            order = tiles(rows, vocab, width)
         shared = None
         for i, (r0, r1, v0, v1) in enumerate(order):
             span = slice(r0, r1)

@@ -376,9 +376,11 @@ def suggest_key(loc: tuple[str, ...]) -> str | None:
 
     here = max(model.model_fields, key=likeness, default=None)
     here_score = likeness(here) if here else 0.0
-    elsewhere = [path for path in _key_paths(Recipe) if path[:-1] != tuple(p for p in loc[:-1] if not p.isdigit())]
+    section = tuple(p for p in loc[:-1] if not p.isdigit())
+    elsewhere = [path for path in _key_paths(Recipe) if path[:-1] != section]
     best = max(elsewhere, key=lambda path: likeness(path[-1]), default=None)
-    if best and likeness(best[-1]) >= 0.8 and likeness(best[-1]) > here_score:
+    best_score = likeness(best[-1]) if best else 0.0
+    if best_score >= 0.8 and best_score > here_score:
         return ".".join(best)
     return ".".join(loc[:-1] + (here,)) if here_score >= 0.5 else None
 

@@ -231,8 +231,9 @@ def defer_log_reads(trainer, pending_tokens: list, trl_log) -> None:
     number and epoch, and the host time its step ended as `STEP_END_ATTR` of the state, for the
     tokens/s of train.callbacks.MetricsRecorder) at the next call, when its copies have long
     arrived. Steps that evaluate, save or stop training, and the last step, first emit what is
-    waiting and then run the Trainer's own method. A callback that stops training from `on_log` therefore stops it one
-    step later than with the Trainer's own logging (the log it reads arrives a step later)."""
+    waiting and then run the Trainer's own method. A callback that stops training from `on_log`
+    therefore stops it one step later than with the Trainer's own logging (the log it reads
+    arrives a step later)."""
     plain = trainer._maybe_log_save_evaluate
     waiting: list[dict] = []
 
