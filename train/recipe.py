@@ -357,9 +357,10 @@ def _format_errors(exc: ValidationError, source: str, lines: dict[tuple, int]) -
 
 
 def suggest_key(loc: tuple[str, ...]) -> str | None:
-    """The valid key an unknown key most likely means, as a dotted path: the closest one at the same
-    place, or a key of another section that matches far better (`learning_rate` at the top level
-    means `training.learning_rate`)."""
+    """The valid key an unknown key most likely means, as a dotted path: the recipe's name for a TRL /
+    transformers / peft argument (`per_device_train_batch_size` means `training.batch_size`), else the
+    closest key at the same place, or a key of another section that matches far better
+    (`learning_rate` at the top level means `training.learning_rate`)."""
     model: type[BaseModel] = Recipe
     for part in loc[:-1]:
         if part.isdigit():  # an item of a list of sections, e.g. data.train.1.weight
@@ -370,19 +371,44 @@ def suggest_key(loc: tuple[str, ...]) -> str | None:
             return None
         model = sub
     name = loc[-1]
+    section = tuple(p for p in loc[:-1] if not p.isdigit())
+    if section == loc[:-1]:  # not inside a list item (a data source), whose keys are few and plain
+        other = _OTHER_NAMES.get(".".join(section + (name,))) or _OTHER_NAMES.get(name)
+        if other:
+            return other
 
     def likeness(key: str) -> float:
         return difflib.SequenceMatcher(None, name, key).ratio()
 
     here = max(model.model_fields, key=likeness, default=None)
     here_score = likeness(here) if here else 0.0
-    section = tuple(p for p in loc[:-1] if not p.isdigit())
     elsewhere = [path for path in _key_paths(Recipe) if path[:-1] != section]
     best = max(elsewhere, key=lambda path: likeness(path[-1]), default=None)
     best_score = likeness(best[-1]) if best else 0.0
     if best_score >= 0.8 and best_score > here_score:
         return ".".join(best)
     return ".".join(loc[:-1] + (here,)) if here_score >= 0.5 else None
+
+
+# What TRL's SFTConfig, transformers' TrainingArguments and peft's LoraConfig call a recipe key, and the
+# names a dataset's location often gets (a dotted name holds only in that section): a recipe written
+# from a TRL script gets pointed to each key.
+_OTHER_NAMES = {
+    "model_name_or_path": "model.name", "model_id": "model.name",
+    "data.path": "data.train", "dataset": "data.train", "dataset_name": "data.train", "train_file": "data.train",
+    "dataset_path": "data.train", "eval_dataset": "data.validation", "validation_file": "data.validation",
+    "completion_only_loss": "data.loss_on", "assistant_only_loss": "data.loss_on",
+    "lora_r": "method.lora.r", "lora_alpha": "method.lora.alpha", "lora_dropout": "method.lora.dropout",
+    "lora_target_modules": "method.lora.target_modules",
+    "load_in_4bit": "method.type", "bnb_4bit_quant_type": "method.qlora.quant_type",
+    "bnb_4bit_use_double_quant": "method.qlora.double_quant",
+    "bnb_4bit_compute_dtype": "method.qlora.compute_dtype",
+    "num_train_epochs": "training.epochs", "per_device_train_batch_size": "training.batch_size",
+    "gradient_accumulation_steps": "training.grad_accum", "lr": "training.learning_rate",
+    "lr_scheduler_type": "training.lr_scheduler", "optim": "training.optimizer",
+    "max_seq_length": "training.max_length", "bf16": "training.precision", "fp16": "training.precision",
+    "torch_compile": "training.compile", "use_liger_kernel": "training.chunked_loss", "output_dir": "output.dir",
+}
 
 
 def _key_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

@@ -11,7 +11,7 @@ import pytest
 
 from train.checks import check_overrides
 from train.errors import UserError
-from train.recipe import Recipe, RecipeError, load_recipe
+from train.recipe import Recipe, RecipeError, load_recipe, suggest_key, _key_paths, _OTHER_NAMES
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -82,6 +82,27 @@ def test_a_key_in_the_wrong_section_is_pointed_to_its_section(tmp_path):
     # the same hint on the command line, before anything loads
     with pytest.raises(UserError, match=r"unknown key 'quant_type' \(did you mean 'method.qlora.quant_type'\?\)"):
         check_overrides(["quant_type=fp4"])
+
+
+def test_trl_and_peft_argument_names_are_pointed_to_the_recipe_key(tmp_path):
+    """A recipe written from a TRL script names TrainingArguments / LoraConfig fields; each is pointed
+    to the recipe's key, in the YAML and on the command line. A data location as `data.path` too."""
+    path = _write(tmp_path, "name: t\ndata:\n  path: a.jsonl\ntraining:\n  per_device_train_batch_size: 4\n"
+                            "  gradient_accumulation_steps: 2\nlora_r: 16\noutput:\n  output_dir: out\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    msg = str(err.value)
+    assert f"{path}:3: unknown key 'data.path' (did you mean 'data.train'?)" in msg
+    assert f"{path}:5: unknown key 'training.per_device_train_batch_size' (did you mean 'training.batch_size'?)" in msg
+    assert f"{path}:6: unknown key 'training.gradient_accumulation_steps' (did you mean 'training.grad_accum'?)" in msg
+    assert f"{path}:7: unknown key 'lora_r' (did you mean 'method.lora.r'?)" in msg
+    assert f"{path}:9: unknown key 'output.output_dir' (did you mean 'output.dir'?)" in msg
+    with pytest.raises(UserError, match=r"unknown key 'training.num_train_epochs' \(did you mean 'training.epochs'\?\)"):
+        check_overrides(["training.num_train_epochs=3"])
+    # a dotted name holds only in its own section: `path` under output is not a data location
+    assert suggest_key(("output", "path")) != "data.train"
+    keys = {".".join(p) for p in _key_paths(Recipe)}
+    assert set(_OTHER_NAMES.values()) <= keys  # every name points to a key that exists
 
 
 def test_data_sources_take_one_path_or_a_list_and_name_a_bad_key_by_index(tmp_path):
