@@ -261,6 +261,9 @@ class EvalConfig(Section):
         return self
 
 
+_BARE_NAME_KEY = {"model": "name", "method": "type"}  # the key a section's bare value sets
+
+
 class Recipe(Section):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -269,6 +272,15 @@ class Recipe(Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("model", "method", mode="before")
+    @classmethod
+    def _section_from_name(cls, value, info):
+        """`model: NAME` is `model: {name: NAME}`, and `method: lora` is `method: {type: lora}`, as
+        `data.train` takes one path for a list of one source."""
+        if isinstance(value, (str, os.PathLike)):
+            return {_BARE_NAME_KEY[info.field_name]: os.fspath(value)}
+        return value
 
     @property
     def run_dir(self) -> Path:
@@ -327,6 +339,8 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     node = raw
     for part in parts[:-1]:
         child = node.setdefault(part, {})
+        if node is raw and part in _BARE_NAME_KEY and isinstance(child, str):  # `model: NAME` and model.x=...
+            child = node[part] = {_BARE_NAME_KEY[part]: child}
         if not isinstance(child, dict):
             raise RecipeError(f"{item!r}: {part} is not a section")
         node = child

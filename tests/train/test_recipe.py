@@ -105,6 +105,18 @@ def test_trl_and_peft_argument_names_are_pointed_to_the_recipe_key(tmp_path):
     assert set(_OTHER_NAMES.values()) <= keys  # every name points to a key that exists
 
 
+def test_model_and_method_take_a_bare_name(tmp_path):
+    """`model: NAME` and `method: TYPE` are the section with that one key set; a bad type is still named."""
+    path = _write(tmp_path, "name: t\nmodel: my-ckpt\nmethod: full\ndata:\n  train: a.jsonl\n")
+    recipe = load_recipe(path)
+    assert (recipe.model.name, recipe.model.trust_remote_code, recipe.method.type) == ("my-ckpt", False, "full")
+    assert load_recipe(path, ["model=other", "method=lora"]).model.name == "other"
+    tuned = load_recipe(path, ["model.revision=v2", "method.type=lora", "method.lora.r=4"])
+    assert (tuned.model.name, tuned.model.revision, tuned.method.type, tuned.method.lora.r) == ("my-ckpt", "v2", "lora", 4)
+    with pytest.raises(RecipeError, match=r"method.type: Input should be 'full', 'lora' or 'qlora' \(got 'qlra'\)"):
+        load_recipe(path, ["method=qlra"])
+
+
 def test_data_sources_take_one_path_or_a_list_and_name_a_bad_key_by_index(tmp_path):
     path = _write(tmp_path, "name: t\ndata:\n  train: a.jsonl\n  format: alpaca\n  max_rows: 3\n")
     (source,) = load_recipe(path).data.train  # one path is one source with the data-wide defaults
