@@ -8,6 +8,7 @@ YAML tells us), and for an unknown key the closest valid one.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import re
 import typing
@@ -264,6 +265,13 @@ class EvalConfig(Section):
 _BARE_NAME_KEY = {"model": "name", "method": "type"}  # the key a section's bare value sets
 
 
+def _expand_bare(section: str, value):
+    """`model: NAME` as `{name: NAME}` and `method: TYPE` as `{type: TYPE}`; any other value as it is."""
+    if section in _BARE_NAME_KEY and isinstance(value, (str, os.PathLike)):
+        return {_BARE_NAME_KEY[section]: os.fspath(value)}
+    return value
+
+
 class Recipe(Section):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -278,9 +286,7 @@ class Recipe(Section):
     def _section_from_name(cls, value, info):
         """`model: NAME` is `model: {name: NAME}`, and `method: lora` is `method: {type: lora}`, as
         `data.train` takes one path for a list of one source."""
-        if isinstance(value, (str, os.PathLike)):
-            return {_BARE_NAME_KEY[info.field_name]: os.fspath(value)}
-        return value
+        return _expand_bare(info.field_name, value)
 
     @property
     def run_dir(self) -> Path:
@@ -339,8 +345,8 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     node = raw
     for part in parts[:-1]:
         child = node.setdefault(part, {})
-        if node is raw and part in _BARE_NAME_KEY and isinstance(child, str):  # `model: NAME` and model.x=...
-            child = node[part] = {_BARE_NAME_KEY[part]: child}
+        if node is raw:  # `model: NAME` in the YAML and model.revision=... on the command line
+            child = node[part] = _expand_bare(part, child)
         if not isinstance(child, dict):
             raise RecipeError(f"{item!r}: {part} is not a section")
         node = child
@@ -425,16 +431,17 @@ _OTHER_NAMES = {
 }
 
 
-def _key_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+@functools.cache  # the schema is fixed: walked once, however many unknown keys a recipe has
+def _key_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> tuple[tuple[str, ...], ...]:
     """Every key of the recipe schema as a path, sections included, leaving out those inside lists
     of sections (a data source's keys), whose dotted name needs an item's position."""
-    out = []
+    out: list[tuple[str, ...]] = []
     for key, field in model.model_fields.items():
         out.append(prefix + (key,))  # sections too: a section put inside another is a misplaced key
         sub = _section_type(field.annotation)
         if sub is not None and not _holds_list(field.annotation):
             out.extend(_key_paths(sub, prefix + (key,)))
-    return out
+    return tuple(out)
 
 
 def _holds_list(annotation) -> bool:
