@@ -8,6 +8,12 @@ optimizer, how many micro-batches a step is split into). Printed: real tokens/s,
 peak memory, compilations, and the loss at each step; `--json` writes everything.
 `--longest` instead finds the longest single row each configuration trains (train.longest).
 
+The timed steps replay the warm-up's batches (`--replay`, on by default): a row is timed on
+batch shapes it has already met, as every step of a long run is once its shapes have come
+round. Without it, each timed step of a padded row brings a padded length not seen before,
+and the per-shape work a long run pays once (kernel plans, allocator blocks) lands in the
+timing -- it measured TRL's padded default at half its steady speed.
+
 MFU = model FLOPs / time / the bf16 matmul rate measured at start-up on this device.
 Model FLOPs per step: 6*N per real token for full fine-tuning (N = matmul parameters:
 the input embedding is a lookup and is not counted unless tied to the LM head), 4*N +
@@ -256,6 +262,27 @@ def bf16_matmul_rate(device) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
+def replay_sampler(n_rows: int, batch_size: int, period: int, steps: int, seed: int):
+    """A sampler for `steps` optimizer steps of `batch_size` rows that repeats the first `period`
+    steps' rows in the same order: the timed steps after a `period`-step warm-up meet only batches
+    the warm-up has run. The rows are a seeded draw, the same for every configuration."""
+    import numpy as np
+
+    need = period * batch_size
+    if need > n_rows:
+        raise SystemExit(f"--replay: the {period} warm-up steps of {batch_size} rows need {need} rows; "
+                         f"--n-rows is {n_rows}")
+    block = np.random.default_rng(seed).permutation(n_rows)[:need].tolist()
+    return (block * -(-steps // period))[:steps * batch_size]
+
+
+def install_replay(trainer, indices: list[int]) -> None:
+    """Make `trainer` draw its training rows in `indices`' order (a list is a valid sampler)."""
+    # An instance attribute over Trainer._get_train_sampler: the Trainer looks the method up when
+    # it builds its loader, and the row's own trainer is the only one that should replay.
+    trainer._get_train_sampler = lambda *args, **kwargs: indices
+
+
 class CountingCollator:
     """Wraps the trainer's collator to record each micro-batch's sequence lengths, in order.
 
@@ -482,6 +509,8 @@ def run_row(row: Row, ns: argparse.Namespace, config, dataset, device, rate: flo
     recorder = step_recorder()
     callbacks = [recorder]
     trainer = build_trainer(row, ns, model, dataset, device, steps, callbacks)
+    if ns.replay and ns.warmup:
+        install_replay(trainer, replay_sampler(len(dataset), ns.batch_size, ns.warmup, steps, ns.seed))
     from train.sync_free import LabeledPositionsCollator
 
     feeding = {"dataloader_workers": trainer.args.dataloader_num_workers,
@@ -676,6 +705,9 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=None,
                    help="optimizer steps for every row (default: 50, and 200 for tw_default to count recompiles)")
     p.add_argument("--warmup", type=int, default=10, help="steps left out of the timing (allocator and compile warm-up)")
+    p.add_argument("--replay", action=argparse.BooleanOptionalAction, default=True,
+                   help="the timed steps replay the warm-up steps' batches, so each row is timed on batch shapes "
+                        "it has met, as in a long run (default); --no-replay feeds new batches to the last step")
     p.add_argument("--batch-size", type=int, default=8, help="rows per optimizer step (every configuration)")
     p.add_argument("--n-rows", type=int, default=2000)
     p.add_argument("--min-len", type=int, default=64)

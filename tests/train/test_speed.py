@@ -571,6 +571,31 @@ def test_bench_rows_see_the_same_tokens_and_losses(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]  # its temporary directory is gone
 
 
+def test_bench_timed_steps_replay_the_warm_up_batches(tmp_path):
+    """By default the timed steps run the warm-up's batches again, in order (so a row is timed on
+    shapes it has met); --no-replay feeds new rows, and a warm-up that needs more rows than the
+    data has is refused with both numbers."""
+    from train.bench import main, replay_sampler
+
+    runs = {}
+    for flag in ("--replay", "--no-replay"):
+        out = tmp_path / f"{flag}.json"
+        rc = main(["--model", "tiny", "--rows", "fastest_eager", "--steps", "7", "--warmup", "3", flag,
+                   "--n-rows", "40", "--min-len", "16", "--max-len", "48", "--json", str(out),
+                   "--workdir", str(tmp_path / flag)])
+        assert rc == 0
+        runs[flag] = json.loads(out.read_text())["results"][0]["tokens_per_step"]
+    replayed, fresh = runs["--replay"], runs["--no-replay"]
+    assert replayed == (replayed[:3] * 3)[:7] and len(set(replayed[:3])) > 1
+    assert len(set(fresh)) > 3  # new batches: lengths from 16 to 48 rarely repeat a step's sum
+    # the sampler: one seeded draw of warm-up rows, repeated; the same for every configuration
+    idx = replay_sampler(40, 4, 3, 7, seed=0)
+    assert len(idx) == 28 and idx[:12] == idx[12:24] and idx[24:] == idx[:4] and len(set(idx[:12])) == 12
+    assert idx == replay_sampler(40, 4, 3, 7, seed=0) != replay_sampler(40, 4, 3, 7, seed=1)
+    with pytest.raises(SystemExit, match="need 48 rows; --n-rows is 40"):
+        replay_sampler(40, 8, 6, 10, seed=0)
+
+
 def test_bench_says_when_a_timed_step_compiled(tmp_path, capsys):
     """A compiled row without warm-up compiles in its first timed step: the JSON names the step and
     the table says that its tokens/s includes the compile time."""
