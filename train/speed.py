@@ -231,7 +231,9 @@ class LayerRunner:
     `calibrate_plain`: under "auto" with compiled layers, the first plain layer that runs in
     training counts the tensors its compiled graph saves, and that count per token replaces the
     eager layer's (`measure_layer_bytes_per_token`), which Inductor's graph undercuts by saving
-    fewer of its intermediates. Off by default until a GPU A/B says what it buys.
+    fewer of its intermediates. Off by default: on the 1B default it buys 1.4% (fewer layers
+    recomputed, the peak 0.2 GiB nearer the limit; BENCHMARKS.md); it is not measured on LoRA
+    or 4-bit bases, where any weight a compiled graph saves (a per-layer cost) counts per token.
     """
 
     def __init__(
