@@ -11,8 +11,9 @@ peak memory, compilations, and the loss at each step; `--json` writes everything
 The timed steps replay the warm-up's batches (`--replay`, on by default): a row is timed on
 batch shapes it has already met, as every step of a long run is once its shapes have come
 round. Without it, each timed step of a padded row brings a padded length not seen before,
-and the per-shape work a long run pays once (kernel plans, allocator blocks) lands in the
-timing -- it measured TRL's padded default at half its steady speed.
+and the per-shape work a long run pays once lands in the timing: TRL's padded attention goes
+to cuDNN, which plans every new shape, and its row measured a third to a half of its speed on
+lengths it had met.
 
 MFU = model FLOPs / time / the bf16 matmul rate measured at start-up on this device.
 Model FLOPs per step: 6*N per real token for full fine-tuning (N = matmul parameters:
