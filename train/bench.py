@@ -263,7 +263,7 @@ def bf16_matmul_rate(device) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
-def replay_sampler(n_rows: int, batch_size: int, period: int, steps: int, seed: int):
+def replay_sampler(n_rows: int, batch_size: int, period: int, steps: int, seed: int) -> list[int]:
     """A sampler for `steps` optimizer steps of `batch_size` rows that repeats the first `period`
     steps' rows in the same order: the timed steps after a `period`-step warm-up meet only batches
     the warm-up has run. The rows are a seeded draw, the same for every configuration."""
@@ -704,7 +704,8 @@ def parse_args(argv):
     p.add_argument("--model", default="llama-3.2-1b", help=f"architecture: {', '.join(ARCHITECTURES)}")
     p.add_argument("--rows", default=None, help=f"comma list (default: the full-FT rows); known: {', '.join(ROWS)}")
     p.add_argument("--steps", type=int, default=None,
-                   help="optimizer steps for every row (default: 50, and 200 for tw_default to count recompiles)")
+                   help="optimizer steps for every row (default: 50, and 200 for tw_default to count recompiles; "
+                        "with --no-replay they count over new lengths)")
     p.add_argument("--warmup", type=int, default=10, help="steps left out of the timing (allocator and compile warm-up)")
     p.add_argument("--replay", action=argparse.BooleanOptionalAction, default=True,
                    help="the timed steps replay the warm-up steps' batches, so each row is timed on batch shapes "
