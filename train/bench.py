@@ -68,6 +68,7 @@ class Row:
     triton_norm: Optional[bool] = None  # with adamw_triton, the clip's norm in one Triton launch (train.triton_norm)
     region_layers: int = 1  # decoder layers per compiled call when none is checkpointed (train.speed)
     calibrate_plain: bool = False  # "auto": plain layers' bytes counted on the compiled layer (train.speed)
+    lora_dropout: float = 0.05  # LoRA / QLoRA rows: peft's dropout in front of every adapter
     note: str = ""
 
 
@@ -135,6 +136,8 @@ for _row in [
     _variant("tw_default", "tw_default_calibrated",
              "tw_default with a plain layer's bytes counted on its compiled graph, not an eager layer",
              calibrate_plain=True),
+    _variant("trl_peft_lora", "trl_peft_lora_no_dropout", "trl_peft_lora with lora_dropout 0", lora_dropout=0.0),
+    _variant("tw_lora", "tw_lora_no_dropout", "tw_lora with lora_dropout 0", lora_dropout=0.0),
     _variant("fastest", "fastest_trl_head", "fastest with TRL's head projecting its logits tiles again in the backward",
              keep_logits=False),
     _variant("fastest_triton_adamw", "fastest_triton_trl_head",
@@ -423,7 +426,7 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
     if row.method in ("lora", "qlora"):
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=row.lora_dropout, target_modules="all-linear",
                                  task_type="CAUSAL_LM")
     if ours:
         limit = int(ns.memory_limit_gib * 2**30) if ns.memory_limit_gib else None
