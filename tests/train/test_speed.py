@@ -733,6 +733,18 @@ def lora_loss_and_grads(model, batch, seed):
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def eager_lora_reference(packed: dict, device: str = "cpu"):
+    """Loss and LoRA gradients of 3 tiny LoRA layers run eager with the runner's seeded dropouts
+    swapped in, under micro-batch seed 5's masks; and how many dropouts were swapped."""
+    from train.dropout import RecomputableDropout
+
+    eager = tiny_lora(layers=3).to(device)
+    masks = RecomputableDropout(eager)
+    torch.manual_seed(5)
+    masks.reseed()
+    return (*lora_loss_and_grads(eager, packed, seed=5), len(masks))
+
+
 @pytest.fixture
 def replayed_random_ops(monkeypatch):
     """The random ops in the recomputed (checkpointed) part of each graph the partitioner splits:
@@ -795,18 +807,14 @@ def test_compiled_checkpointed_lora_layer_has_no_random_op_and_equals_eager(repl
     """The checkpointed LoRA layer (dropout 0.05) compiles through Inductor on CPU, its graph asks
     the partitioner for no recomputed random op (the generator-state path that fails on CUDA), and
     loss and LoRA gradients equal the same layers run eager with the same dropout masks."""
-    from train.dropout import RecomputableDropout, SeededDropout
+    from train.dropout import SeededDropout
 
     seen = replayed_random_ops
     _, packed = batches([9, 14, 6])
 
     torch._dynamo.reset()
-    eager = tiny_lora(layers=3)
-    masks = RecomputableDropout(eager)
-    assert len(masks) == 3 * 7  # every LoRA linear of every layer
-    torch.manual_seed(5)
-    masks.reseed()
-    ref_loss, ref_grads = lora_loss_and_grads(eager, packed, seed=5)
+    ref_loss, ref_grads, swapped = eager_lora_reference(packed)
+    assert swapped == 3 * 7  # every LoRA linear of every layer
 
     model = tiny_lora(layers=3)
     runner = LayerRunner(model, compile=True, checkpoint="all").install()
@@ -826,26 +834,15 @@ def test_compiled_checkpointed_lora_layer_has_no_random_op_and_equals_eager(repl
     assert not any("seed" in k for k in model.state_dict())
 
 
-def _to(batch: dict, device: str) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 @pytest.mark.gpu
 def test_gpu_compiled_checkpointed_lora_layers_equal_eager_and_draw_new_masks_per_batch():
     """On CUDA, where Inductor compiles the seeded dropout into Triton: the compiled, checkpointed
     LoRA layers give eager's loss and LoRA gradients under the same masks, and another micro-batch
     seed gives other masks (other gradients). The 8B LoRA pair's losses part from TRL + peft's on
     replayed batches on CUDA only (BENCHMARKS.md); this is the first part of that path to rule out."""
-    from train.dropout import RecomputableDropout
-
     torch._dynamo.reset()
-    packed = _to(batches([9, 14, 6])[1], "cuda")
-    eager = tiny_lora(layers=3).cuda()
-    masks = RecomputableDropout(eager)
-    torch.manual_seed(5)
-    masks.reseed()
-    ref_loss, ref_grads = lora_loss_and_grads(eager, packed, seed=5)
-
+    packed = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batches([9, 14, 6])[1].items()}
+    ref_loss, ref_grads, _ = eager_lora_reference(packed, "cuda")
     model = tiny_lora(layers=3).cuda()
     runner = LayerRunner(model, compile=True, checkpoint="all").install()
     loss, grads = lora_loss_and_grads(model, packed, seed=5)
