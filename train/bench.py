@@ -68,6 +68,7 @@ class Row:
     triton_norm: Optional[bool] = None  # with adamw_triton, the clip's norm in one Triton launch (train.triton_norm)
     region_layers: int = 1  # decoder layers per compiled call when none is checkpointed (train.speed)
     calibrate_plain: bool = False  # "auto": plain layers' bytes counted on the compiled layer (train.speed)
+    exact_casts: Optional[bool] = None  # None: Inductor rounds as eager code does on adapter models (train.speed)
     lora_dropout: float = 0.05  # LoRA / QLoRA rows: peft's dropout in front of every adapter
     note: str = ""
 
@@ -138,6 +139,11 @@ for _row in [
              calibrate_plain=True),
     _variant("trl_peft_lora", "trl_peft_lora_no_dropout", "trl_peft_lora with lora_dropout 0", lora_dropout=0.0),
     _variant("tw_lora", "tw_lora_no_dropout", "tw_lora with lora_dropout 0", lora_dropout=0.0),
+    _variant("tw_lora", "tw_lora_fused_casts", "tw_lora with Inductor's fp32 intermediates (no eager roundings)",
+             exact_casts=False),
+    _variant("tw_lora", "tw_lora_no_dropout_fused_casts",
+             "tw_lora_no_dropout with Inductor's fp32 intermediates", lora_dropout=0.0, exact_casts=False),
+    _variant("tw_qlora", "tw_qlora_fused_casts", "tw_qlora with Inductor's fp32 intermediates", exact_casts=False),
     _variant("fastest", "fastest_trl_head", "fastest with TRL's head projecting its logits tiles again in the backward",
              keep_logits=False),
     _variant("fastest_triton_adamw", "fastest_triton_trl_head",
@@ -333,6 +339,7 @@ def step_recorder():
         def __init__(self):
             self.ends: list[float] = []
             self.losses: list[float] = []
+            self.grad_norms: list[float] = []  # before clipping, as the Trainer logs it
             self.peaks: list[float] = []  # GiB allocated at most during each step (CUDA)
             self.start = 0.0
             self.events: list = []
@@ -374,6 +381,8 @@ def step_recorder():
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 self.losses.append(float(logs["loss"]))
+            if logs and logs.get("grad_norm") is not None:
+                self.grad_norms.append(float(logs["grad_norm"]))
 
     return StepRecorder()
 
@@ -433,7 +442,7 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
         callbacks.append(speed_callback(compile=row.compile, checkpoint=row.checkpoint, memory_limit=limit,
                                         chunked_loss=row.chunked_loss, offload=row.offload,
                                         chunk_tokens=row.chunk_tokens, region_layers=row.region_layers,
-                                        calibrate_plain=row.calibrate_plain))
+                                        calibrate_plain=row.calibrate_plain, exact_casts=row.exact_casts))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=minimal_tokenizer(),
                          peft_config=peft_config, callbacks=callbacks)
     from transformers.trainer_callback import PrinterCallback
@@ -601,7 +610,7 @@ def summarize(row, ns, recorder, counter, model, rate, steps) -> dict:
     ends = [recorder.start] + recorder.ends
     times = [b - a for a, b in zip(ends, ends[1:])]
     out: dict[str, Any] = {"row": row.name, "note": row.note, "config": dataclasses.asdict(row),
-                           "losses": recorder.losses, "step_s": times,
+                           "losses": recorder.losses, "grad_norms": recorder.grad_norms, "step_s": times,
                            "tokens_per_step": [sum(x) for x in per_step], "peak_gib_per_step": recorder.peaks}
     w = min(ns.warmup, max(len(times) - 1, 0))
     timed = times[w:]

@@ -251,8 +251,11 @@ class LayerRunner:
         chunk_tokens: Optional[int] = None,
         region_layers: int = 1,
         calibrate_plain: bool = False,
+        exact_casts: Optional[bool] = None,
     ):
         self.backbone, self.layers = decoder_layers(model)
+        # None: on for an adapter model (see compile_options)
+        self.exact_casts = has_adapters(model) if exact_casts is None else exact_casts
         self.offload = offload
         self.chunk_tokens = chunk_tokens
         self.chunked_loss = chunked_loss
@@ -291,7 +294,7 @@ class LayerRunner:
         self._run_layer_selective = selective_layer_call(self.backbone.config)
         plain, ckpt, sel = _run_layer, _run_layer_checkpointed, self._run_layer_selective
         if compile:
-            options = compile_options()
+            options = compile_options(exact_casts=self.exact_casts)
             plain = torch.compile(_run_layer, dynamic=True, options=options)
             ckpt = torch.compile(_run_layer_checkpointed, dynamic=True, options=options)
             sel = torch.compile(self._run_layer_selective, dynamic=True, options=options)
@@ -676,21 +679,40 @@ class LayerRunner:
         return (q + 2 * kv * head_dim + c.hidden_size + q) * self._act_bytes() + heads * 4
 
 
-def compile_options() -> dict:
-    """Inductor settings that keep one graph valid for every batch length.
+def compile_options(*, exact_casts: bool = False) -> dict:
+    """Inductor settings that keep one graph valid for every batch length, and with `exact_casts`
+    the eager code's roundings.
 
     Inductor's mixed-order reduction fusion (the RMSNorm backward's two reductions in one
     kernel) is only chosen above size thresholds; with a symbolic token count each
     threshold becomes a guard, and on H200 a run recompiled at 2560 and 4096 tokens.
     Non-strict mode takes the fusion without the thresholds (it only skips a heuristic,
     the arithmetic is the same), so no size guard is installed.
-    """
-    import torch._inductor.config
 
-    triton = getattr(torch._inductor.config, "triton", None)
+    Inside a fused kernel Inductor keeps intermediates in fp32 and skips the casts to bf16
+    between them. For a LoRA layer that is not a rounding but a change of what the model
+    computes: a bf16 projection plus its adapter's update, which is far smaller than one bf16
+    step of the projection while the adapter is young, is rounded back to the projection in
+    eager code (peft's cast to the input dtype) and kept in the fused kernel, so the compiled
+    model sees its adapter's updates where eager (TRL + peft) does not. On replayed batches the
+    8B LoRA pair parted by 0.6-0.8% that way, and the compiled 1B row by 0.17% from its own
+    eager run (BENCHMARKS.md). `emulate_precision_casts` rounds where the eager code rounds.
+    """
+    import torch._inductor.config as inductor
+
+    options = {}
+    triton = getattr(inductor, "triton", None)
     if triton is not None and hasattr(triton, "mix_order_reduction_non_strict_mode"):
-        return {"triton.mix_order_reduction_non_strict_mode": True}
-    return {}
+        options["triton.mix_order_reduction_non_strict_mode"] = True
+    if exact_casts and hasattr(inductor, "emulate_precision_casts"):
+        options["emulate_precision_casts"] = True
+    return options
+
+
+def has_adapters(model: nn.Module) -> bool:
+    """Whether the trainable parameters are adapters on a frozen base (peft's LoRA and kin)."""
+    return hasattr(model, "peft_config") or any(
+        "lora_" in name for name, p in model.named_parameters() if p.requires_grad)
 
 
 def _check_policy(policy: CheckpointPolicy) -> CheckpointPolicy:
@@ -839,7 +861,8 @@ def count_compilations() -> int:
 
 def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit: Optional[int] = None,
                    chunked_loss: bool = True, offload: bool = False, chunk_tokens: Optional[int] = None,
-                   region_layers: int = 1, calibrate_plain: bool = False):
+                   region_layers: int = 1, calibrate_plain: bool = False,
+                   exact_casts: Optional[bool] = None):
     """A TrainerCallback that installs a LayerRunner when training begins.
 
     It has to wait for `on_train_begin`: by then the Trainer has wrapped the model (PEFT,
@@ -868,6 +891,7 @@ def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit:
                     chunk_tokens=chunk_tokens,
                     region_layers=region_layers,
                     calibrate_plain=calibrate_plain,
+                    exact_casts=exact_casts,
                 ).install()
                 log.info(
                     "decoder layers: compile=%s%s, checkpointing=%s%s%s%s",
