@@ -895,9 +895,10 @@ def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit:
                     exact_casts=exact_casts,
                 ).install()
                 log.info(
-                    "decoder layers: compile=%s%s, checkpointing=%s%s%s%s",
+                    "decoder layers: compile=%s%s%s, checkpointing=%s%s%s%s",
                     compile,
                     f" (regions of {self.runner.region} layers when none is checkpointed)" if self.runner.region > 1 else "",
+                    " (bf16 casts as eager code rounds them: adapters)" if compile and self.runner.exact_casts else "",
                     checkpoint,
                     f" within {memory_limit / 2**30:.1f} GiB" if memory_limit else "",
                     ", checkpointed inputs offloaded to the CPU" if offload else "",
