@@ -382,9 +382,10 @@ def step_recorder():
                 self.ends = [self.start + self.start_event.elapsed_time(e) / 1e3 for e in self.events]
 
         def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
+            logs = logs or {}
+            if "loss" in logs:
                 self.losses.append(float(logs["loss"]))
-            if logs and logs.get("grad_norm") is not None:
+            if logs.get("grad_norm") is not None:
                 self.grad_norms.append(float(logs["grad_norm"]))
 
     return StepRecorder()

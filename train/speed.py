@@ -234,6 +234,8 @@ class LayerRunner:
     fewer of its intermediates. Off by default: on the 1B default it buys 1.4% (fewer layers
     recomputed, the peak 0.2 GiB nearer the limit; BENCHMARKS.md); it is not measured on LoRA
     or 4-bit bases, where any weight a compiled graph saves (a per-layer cost) counts per token.
+    `exact_casts`: compiled layers round to bf16 where eager code does (`compile_options`); None
+    turns it on for adapters on a frozen base (LoRA, QLoRA), whose layers hold frozen weights.
     """
 
     def __init__(
@@ -254,8 +256,8 @@ class LayerRunner:
         exact_casts: Optional[bool] = None,
     ):
         self.backbone, self.layers = decoder_layers(model)
-        # None: on for an adapter model (see compile_options)
-        self.exact_casts = has_adapters(model) if exact_casts is None else exact_casts
+        adapters = any(not p.requires_grad for p in self.layers[0].parameters())  # on a frozen base
+        self.exact_casts = adapters if exact_casts is None else exact_casts
         self.offload = offload
         self.chunk_tokens = chunk_tokens
         self.chunked_loss = chunked_loss
@@ -313,8 +315,7 @@ class LayerRunner:
         # The selective tier is for a compiled full fine-tune: a LoRA layer's adapters and a
         # 4-bit layer's dequantized weights are not what its policy accounts for, and the other
         # ways of recomputing (offload, token chunks, from outside) keep only the layer's input.
-        self.selective_ok = (bool(compile) and not (offload or chunk_tokens or self.recompute_outside)
-                             and not any(not p.requires_grad for p in self.layers[0].parameters()))
+        self.selective_ok = bool(compile) and not (offload or chunk_tokens or self.recompute_outside or adapters)
         self.dropout = None
         if compile:
             from train.dropout import RecomputableDropout
@@ -708,12 +709,6 @@ def compile_options(*, exact_casts: bool = False) -> dict:
     if exact_casts and hasattr(inductor, "emulate_precision_casts"):
         options["emulate_precision_casts"] = True
     return options
-
-
-def has_adapters(model: nn.Module) -> bool:
-    """Whether the trainable parameters are adapters on a frozen base (peft's LoRA and kin)."""
-    return hasattr(model, "peft_config") or any(
-        "lora_" in name for name, p in model.named_parameters() if p.requires_grad)
 
 
 def _check_policy(policy: CheckpointPolicy) -> CheckpointPolicy:
