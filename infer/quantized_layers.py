@@ -19,21 +19,6 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
-def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype):
-    """The (out, in) weight of bitsandbytes' 4-bit layout: packed (out, in/2) uint8, high nibble
-    = even column; absmax (out, in/blocksize) fp32 scales; code the 16 fp32 table values. Table
-    value x scale in fp32, rounded once to `dtype`, as bitsandbytes dequantizes.
-
-    Written per output column (byte j // 2, nibble by parity, scale j // blocksize) so every
-    step is elementwise: inductor inlines it into a consumer's loop (infer's matvec) or emits
-    one kernel for it, instead of materializing unpacked bytes (a stack/view unpack would force
-    a buffer)."""
-    cols = torch.arange(packed.shape[1] * 2, device=packed.device)
-    byte = packed[:, cols // 2].to(torch.int32)
-    nibble = (byte >> ((1 - cols % 2) * 4)) & 15
-    return (code[nibble] * absmax[:, cols // blocksize]).to(dtype)
-
-
 class NF4Linear(nn.Module):
     """4-bit (nf4 or fp4 code table) blockwise-quantized linear layer, weight-only.
 
@@ -54,7 +39,13 @@ class NF4Linear(nn.Module):
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     def dequantize(self, dtype) -> torch.Tensor:
-        return dequantize_4bit(self.packed, self.absmax, self.code, self.blocksize, dtype)
+        # Written per output column (byte j // 2, nibble by parity, scale j // blocksize) so
+        # every step is elementwise: inductor inlines it into the matvec's reduction instead
+        # of materializing unpacked weights (a stack/view unpack would force a buffer).
+        cols = torch.arange(self.in_features, device=self.packed.device)
+        byte = self.packed[:, cols // 2].to(torch.int32)
+        nibble = (byte >> ((1 - cols % 2) * 4)) & 15
+        return (self.code[nibble] * self.absmax[:, cols // self.blocksize]).to(dtype)
 
     def forward(self, x):
         rows = x.numel() // self.in_features  # static under torch.compile(dynamic=False)

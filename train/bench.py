@@ -69,7 +69,6 @@ class Row:
     region_layers: int = 1  # decoder layers per compiled call when none is checkpointed (train.speed)
     calibrate_plain: bool = False  # "auto": plain layers' bytes counted on the compiled layer (train.speed)
     exact_casts: Optional[bool] = None  # None: Inductor rounds as eager code does on adapter models (train.speed)
-    compiled_dequant: bool = True  # compiled layers dequantize a 4-bit base themselves (train.quantized_base)
     lora_dropout: float = 0.05  # LoRA / QLoRA rows: peft's dropout in front of every adapter
     note: str = ""
 
@@ -148,8 +147,6 @@ for _row in [
     _variant("tw_lora", "tw_lora_no_dropout_fused_casts",
              "tw_lora_no_dropout with Inductor's fp32 intermediates", lora_dropout=0.0, exact_casts=False),
     _variant("tw_qlora", "tw_qlora_fused_casts", "tw_qlora with Inductor's fp32 intermediates", exact_casts=False),
-    _variant("tw_qlora", "tw_qlora_bnb_kernels", "tw_qlora with bitsandbytes' own dequantization kernels",
-             compiled_dequant=False),
     _variant("fastest", "fastest_trl_head", "fastest with TRL's head projecting its logits tiles again in the backward",
              keep_logits=False),
     _variant("fastest_triton_adamw", "fastest_triton_trl_head",
@@ -449,8 +446,7 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
         callbacks.append(speed_callback(compile=row.compile, checkpoint=row.checkpoint, memory_limit=limit,
                                         chunked_loss=row.chunked_loss, offload=row.offload,
                                         chunk_tokens=row.chunk_tokens, region_layers=row.region_layers,
-                                        calibrate_plain=row.calibrate_plain, exact_casts=row.exact_casts,
-                                        compiled_dequant=row.compiled_dequant))
+                                        calibrate_plain=row.calibrate_plain, exact_casts=row.exact_casts))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=minimal_tokenizer(),
                          peft_config=peft_config, callbacks=callbacks)
     from transformers.trainer_callback import PrinterCallback

@@ -236,8 +236,6 @@ class LayerRunner:
     or 4-bit bases, where any weight a compiled graph saves (a per-layer cost) counts per token.
     `exact_casts`: compiled layers round to bf16 where eager code does (`compile_options`); None
     turns it on for adapters on a frozen base (LoRA, QLoRA), whose layers hold frozen weights.
-    `compiled_dequant`: compiled layers of a 4-bit base dequantize its weights in code Inductor
-    compiles (train.quantized_base) instead of through bitsandbytes' Python-launched kernels.
     """
 
     def __init__(
@@ -256,7 +254,6 @@ class LayerRunner:
         region_layers: int = 1,
         calibrate_plain: bool = False,
         exact_casts: Optional[bool] = None,
-        compiled_dequant: bool = True,
     ):
         self.backbone, self.layers = decoder_layers(model)
         adapters = any(not p.requires_grad for p in self.layers[0].parameters())  # on a frozen base
@@ -315,11 +312,6 @@ class LayerRunner:
         # Recomputing the compiled plain layer from outside (train.recompute) keeps only the
         # layer's input, whatever the partitioner decides.
         self.recompute_outside = bool(compile) and _has_packed_weights(self.layers[0])
-        self.dequant = None
-        if self.recompute_outside and compiled_dequant:
-            from train.quantized_base import CompiledDequant
-
-            self.dequant = CompiledDequant(self.layers)
         # The selective tier is for a compiled full fine-tune: a LoRA layer's adapters and a
         # 4-bit layer's dequantized weights are not what its policy accounts for, and the other
         # ways of recomputing (offload, token chunks, from outside) keep only the layer's input.
@@ -353,8 +345,6 @@ class LayerRunner:
             if hasattr(layer, "gradient_checkpointing"):
                 layer.gradient_checkpointing = False
             layer.forward = self._layer_forward(index, layer)
-        if self.dequant is not None:
-            self.dequant.install()
         if self.token_chunks is not None:
             self.token_chunks.install()
         self._hook = self.backbone.register_forward_pre_hook(self._before_batch, with_kwargs=True)
@@ -365,8 +355,6 @@ class LayerRunner:
     def remove(self) -> None:
         for layer in self.layers:
             layer.__dict__.pop("forward", None)
-        if self.dequant is not None:
-            self.dequant.remove()
         if self.token_chunks is not None:
             self.token_chunks.remove()
         if self.dropout is not None:
@@ -870,7 +858,7 @@ def count_compilations() -> int:
 def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit: Optional[int] = None,
                    chunked_loss: bool = True, offload: bool = False, chunk_tokens: Optional[int] = None,
                    region_layers: int = 1, calibrate_plain: bool = False,
-                   exact_casts: Optional[bool] = None, compiled_dequant: bool = True):
+                   exact_casts: Optional[bool] = None):
     """A TrainerCallback that installs a LayerRunner when training begins.
 
     It has to wait for `on_train_begin`: by then the Trainer has wrapped the model (PEFT,
@@ -900,14 +888,12 @@ def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit:
                     region_layers=region_layers,
                     calibrate_plain=calibrate_plain,
                     exact_casts=exact_casts,
-                    compiled_dequant=compiled_dequant,
                 ).install()
                 log.info(
-                    "decoder layers: compile=%s%s%s%s, checkpointing=%s%s%s%s",
+                    "decoder layers: compile=%s%s%s, checkpointing=%s%s%s%s",
                     compile,
                     f" (regions of {self.runner.region} layers when none is checkpointed)" if self.runner.region > 1 else "",
                     " (bf16 casts as eager code rounds them: adapters)" if compile and self.runner.exact_casts else "",
-                    " (4-bit weights dequantized in the compiled code)" if self.runner.dequant is not None else "",
                     checkpoint,
                     f" within {memory_limit / 2**30:.1f} GiB" if memory_limit else "",
                     ", checkpointed inputs offloaded to the CPU" if offload else "",
