@@ -903,7 +903,7 @@ def test_gpu_lora_pair_agrees_on_replayed_batches(tmp_path):
     train the same 4 batches twice over (`--replay`) with losses within 0.1% on average, as they
     do on the CPU. Without the eager roundings in the compiled layers (`exact_casts`) the 8B pair
     parts by 1.2% on replayed batches (BENCHMARKS.md)."""
-    from train.bench import main
+    from train.bench import loss_drift, main
 
     out = tmp_path / "bench.json"
     rc = main(["--model", "tiny", "--rows", "trl_peft_lora,tw_lora", "--steps", "12", "--warmup", "4",
@@ -912,7 +912,7 @@ def test_gpu_lora_pair_agrees_on_replayed_batches(tmp_path):
     assert rc == 0
     trl, ours = (r["losses"] for r in json.loads(out.read_text())["results"])
     assert len(trl) == len(ours) == 12 and trl[4] < trl[0]  # the replayed batch is learnt
-    drift = statistics.fmean(abs(b - a) / a for a, b in zip(trl, ours))
+    drift = loss_drift(trl, ours)
     assert drift < 1e-3, [round((b - a) / a * 100, 3) for a, b in zip(trl, ours)]
 
 
