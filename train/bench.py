@@ -70,6 +70,7 @@ class Row:
     calibrate_plain: bool = False  # "auto": plain layers' bytes counted on the compiled layer (train.speed)
     exact_casts: Optional[bool] = None  # None: Inductor rounds as eager code does on adapter models (train.speed)
     lora_dropout: float = 0.05  # LoRA / QLoRA rows: peft's dropout in front of every adapter
+    skip_tail: bool = True  # recomputed from outside, a layer leaves out its unread product (train.tail_product)
     note: str = ""
 
 
@@ -147,6 +148,8 @@ for _row in [
     _variant("tw_lora", "tw_lora_no_dropout_fused_casts",
              "tw_lora_no_dropout with Inductor's fp32 intermediates", lora_dropout=0.0, exact_casts=False),
     _variant("tw_qlora", "tw_qlora_fused_casts", "tw_qlora with Inductor's fp32 intermediates", exact_casts=False),
+    _variant("tw_qlora", "tw_qlora_full_recompute", "tw_qlora recomputing the down projection's unread product",
+             skip_tail=False),
     _variant("fastest", "fastest_trl_head", "fastest with TRL's head projecting its logits tiles again in the backward",
              keep_logits=False),
     _variant("fastest_triton_adamw", "fastest_triton_trl_head",
@@ -446,7 +449,8 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
         callbacks.append(speed_callback(compile=row.compile, checkpoint=row.checkpoint, memory_limit=limit,
                                         chunked_loss=row.chunked_loss, offload=row.offload,
                                         chunk_tokens=row.chunk_tokens, region_layers=row.region_layers,
-                                        calibrate_plain=row.calibrate_plain, exact_casts=row.exact_casts))
+                                        calibrate_plain=row.calibrate_plain, exact_casts=row.exact_casts,
+                                        skip_tail=row.skip_tail))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=minimal_tokenizer(),
                          peft_config=peft_config, callbacks=callbacks)
     from transformers.trainer_callback import PrinterCallback

@@ -10,7 +10,8 @@ after the forward, and the backward runs the same call again and backpropagates 
 it. Nothing about checkpointing reaches the compiler, so it needs only the graph every
 non-checkpointed layer already uses -- the way through for a layer whose checkpointed graph
 Inductor cannot partition -- and the recomputation is the forward's exact computation (the
-same graph, the same random state, the same autocast state).
+same code, the same random state, the same autocast state), less the one product whose value
+the backward never reads, the down projection's on a frozen base (train.tail_product).
 
 With `offload=True` the one tensor kept between forward and backward, the layer's input
 hidden state, waits in pinned CPU memory instead of on the GPU: a fully checkpointed model
@@ -34,6 +35,8 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
+
+from train.tail_product import recomputing
 
 
 def recompute_layer(run: Callable, layer: nn.Module, args: tuple, kwargs: dict, *, offload: bool = False):
@@ -84,7 +87,8 @@ class _Recomputed(torch.autograd.Function):
         ctx.replay = _Replay(hidden.device)
         # The forward of the graph the recomputation will use (same grad mode, same requires_grad
         # on the input: a compiled layer is guarded on both), its saved activations dropped as soon
-        # as the output exists: the same code runs twice, so the two agree bit for bit.
+        # as the output exists: the same code runs twice (the second time less the product nobody
+        # reads, train.tail_product), so what the backward reads agrees bit for bit.
         with torch.enable_grad():
             out = run(layer, hidden.detach().requires_grad_(hidden.requires_grad), *rest, **kwargs)
         keep_input(ctx, hidden, offload)
@@ -95,7 +99,7 @@ class _Recomputed(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, *_):
         hidden = kept_input(ctx).to(ctx.device, non_blocking=True).requires_grad_(ctx.hidden_requires_grad)
-        with ctx.replay():
+        with ctx.replay(), recomputing():  # the layer's down projection product is left out (train.tail_product)
             out = ctx.run(ctx.layer, hidden, *ctx.rest, **ctx.kwargs)
         if isinstance(out, tuple):
             out = out[0]

@@ -236,6 +236,8 @@ class LayerRunner:
     or 4-bit bases, where any weight a compiled graph saves (a per-layer cost) counts per token.
     `exact_casts`: compiled layers round to bf16 where eager code does (`compile_options`); None
     turns it on for adapters on a frozen base (LoRA, QLoRA), whose layers hold frozen weights.
+    `skip_tail`: a layer recomputed from outside its compiled code leaves out its down projection's
+    product on a frozen base, which its backward never reads (train.tail_product).
     """
 
     def __init__(
@@ -254,6 +256,7 @@ class LayerRunner:
         region_layers: int = 1,
         calibrate_plain: bool = False,
         exact_casts: Optional[bool] = None,
+        skip_tail: bool = True,
     ):
         self.backbone, self.layers = decoder_layers(model)
         adapters = any(not p.requires_grad for p in self.layers[0].parameters())  # on a frozen base
@@ -327,6 +330,11 @@ class LayerRunner:
             self.dropout = RecomputableDropout(model)
         self.compile_failures: list[str] = []
         self._hook = None
+        # A layer recomputed from outside (recompute_layer) leaves out the product whose value its
+        # backward never reads, the down projection's on a frozen base (train.tail_product).
+        from train.tail_product import TailProducts
+
+        self.tail_products = TailProducts(self.layers if skip_tail else [])
         self.token_chunks = self.chunked_layers = None
         if chunk_tokens:
             from train.chunked_layer import ChunkedLayer, unsupported_reason
@@ -349,6 +357,7 @@ class LayerRunner:
             if hasattr(layer, "gradient_checkpointing"):
                 layer.gradient_checkpointing = False
             layer.forward = self._layer_forward(index, layer)
+        self.tail_products.install()
         if self.token_chunks is not None:
             self.token_chunks.install()
         self._hook = self.backbone.register_forward_pre_hook(self._before_batch, with_kwargs=True)
@@ -359,6 +368,7 @@ class LayerRunner:
     def remove(self) -> None:
         for layer in self.layers:
             layer.__dict__.pop("forward", None)
+        self.tail_products.remove()
         if self.token_chunks is not None:
             self.token_chunks.remove()
         if self.dropout is not None:
@@ -862,7 +872,7 @@ def count_compilations() -> int:
 def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit: Optional[int] = None,
                    chunked_loss: bool = True, offload: bool = False, chunk_tokens: Optional[int] = None,
                    region_layers: int = 1, calibrate_plain: bool = False,
-                   exact_casts: Optional[bool] = None):
+                   exact_casts: Optional[bool] = None, skip_tail: bool = True):
     """A TrainerCallback that installs a LayerRunner when training begins.
 
     It has to wait for `on_train_begin`: by then the Trainer has wrapped the model (PEFT,
@@ -892,6 +902,7 @@ def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit:
                     region_layers=region_layers,
                     calibrate_plain=calibrate_plain,
                     exact_casts=exact_casts,
+                    skip_tail=skip_tail,
                 ).install()
                 log.info(
                     "decoder layers: compile=%s%s%s, checkpointing=%s%s%s%s",

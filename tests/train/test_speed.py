@@ -981,8 +981,9 @@ def test_checkpointed_lora_layer_that_fails_in_inductor_stays_compiled():
     runner.remove()
     assert len(runner.compile_failures) == 1 and "was invalid, but is output" in runner.compile_failures[0]
     assert runner._plain is not speed._run_layer, "the plain layer stays compiled"
-    # first layer (input without grad) and the others: two graphs, reused by the second step and the recompute
-    assert count_compilations() - before == 2
+    # first layer (input without grad) and the others: two graphs for the forward, reused by the second step,
+    # and two for the recomputation, which leaves out the down projection's product (train.tail_product)
+    assert count_compilations() - before == 4
     assert torch.allclose(loss, ref_loss, rtol=1e-5), (loss, ref_loss)
     assert max(rel(grads[n], ref_grads[n]) for n in ref_grads) < 1e-4
     assert torch.equal(again[0], loss)
