@@ -172,6 +172,9 @@ class StepProfile:
             busy_us = sum(us for _, us, _ in work)
 
         n = self.steps
+        # Compiling and autotuning inside the window (every range torch times as `dynamo_timed`):
+        # a step that pays them is not the step a long run repeats.
+        compile_us = _union(sorted((e.time_range.start, e.time_range.end) for e in cpu if _COMPILING in e.name))
         phases = {p: {"host_ms": 0.0, "work_ms": 0.0, "by_category_ms": {}} for p in PHASES}
         for start, end, phase in windows:
             phases[phase]["host_ms"] += (end - start) / 1e3 / n
@@ -195,11 +198,14 @@ class StepProfile:
             "wall_ms": wall_ms, "busy_ms": busy_ms, "idle_ms": max(0.0, wall_ms - busy_ms) if device else None,
             "host_ms": host_ms, "host_ahead_ms": max(0.0, self.wall_s - host_s) * 1e3 if device else None,
             "kernels_per_step": len(work) / n, "unlinked_ms": unlinked_us / 1e3 / n,
-            "overlinked_ms": overlinked_us / 1e3 / n,
+            "overlinked_ms": overlinked_us / 1e3 / n, "compile_ms": compile_us / 1e3 / n,
             "phases": {p: _rounded(v) for p, v in phases.items()},
             "top": [{"name": name[:90], "ms": round(ms, 4), "per_step": count / n, "category": cat}
                     for name, (ms, count, cat) in largest],
         }
+
+
+_COMPILING = "(dynamo_timed)"
 
 
 def phase_windows(events: list) -> list[tuple[float, float, str]]:
@@ -274,6 +280,9 @@ def format_profile(row: str, p: dict) -> str:
     if p.get("overlinked_ms"):
         head += (f" (phases unreliable: {p['overlinked_ms']:.2f} ms more kernel time linked to host ops "
                  "than the device ran)")
+    if p.get("compile_ms"):
+        head += (f" -- not a steady step: {p['compile_ms']:.1f} ms of it compiled or autotuned"
+                 " (profile later steps: a longer --warmup)")
     cats = ["matmul", "attention", "triton", "copy", "other"]
     lines = [head, f"  {'phase':10} {'host ms':>8} {unit + ' ms':>9} " + " ".join(f"{c:>9}" for c in cats)]
     for name, ph in p["phases"].items():

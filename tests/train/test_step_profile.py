@@ -52,6 +52,29 @@ def test_each_phase_gets_the_work_its_own_code_started():
     assert summary["host_ahead_ms"] is None and summary["host_ms"] <= summary["wall_ms"]
 
 
+def test_a_window_that_compiles_says_it_is_not_a_steady_step():
+    """A profiled step that compiles (or autotunes) is not the step a long run repeats: the profile
+    gives the time that went to it and says so; the same call once compiled gives none."""
+    from train.step_profile import format_profile
+
+    torch._dynamo.reset()
+    owner = _Owner(torch.randn(32, 32))
+    compiled = torch.compile(lambda a: (a @ a).relu().sum())
+    owner.compute_loss = lambda: compiled(owner.a)
+    windows = []
+    for first in (0, 1):  # step 0 compiles, step 1 runs the compiled code
+        profile = StepProfile(first=first, steps=1)
+        profile._wrap(owner, "compute_loss", "forward")
+        for step in range(first + 2):
+            profile.step_begins(step)
+            owner.compute_loss()
+        windows.append(profile.summary())
+    cold, warm = windows
+    assert cold["compile_ms"] > 0 and warm["compile_ms"] == 0
+    assert cold["compile_ms"] <= cold["wall_ms"]
+    assert "not a steady step" in format_profile("row", cold) and "steady" not in format_profile("row", warm)
+
+
 def test_other_is_host_time_and_the_wait_for_the_queue_is_the_hosts_lead():
     """The window ends with a wait for the GPU's queue: that wait is how far the host ran ahead,
     not host time outside the phases."""
