@@ -317,7 +317,7 @@ class LayerRunner:
         # bitsandbytes' own kernels do the dequantizing. Writing it as tensor code that Inductor
         # compiles (as infer.quantized_layers does for decoding) measured 4.7% slower at 8B on
         # an H100: Inductor's kernel, a gather per nibble and scale, cost more GPU time than
-        # the Python-launched calls it replaced cost the host.
+        # bitsandbytes' kernel.
         self.recompute_outside = bool(compile) and _has_packed_weights(self.layers[0])
         # The selective tier is for a compiled full fine-tune: a LoRA layer's adapters and a
         # 4-bit layer's dequantized weights are not what its policy accounts for, and the other

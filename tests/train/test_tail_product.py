@@ -106,14 +106,15 @@ def test_outside_a_recomputation_the_down_projection_runs_its_product():
 
 
 @pytest.mark.gpu
-def test_gpu_recomputed_4bit_layers_leave_out_the_down_product_with_the_same_gradients():
-    """bitsandbytes' CUDA kernels, compiled: the same loss and adapter gradients bit for bit."""
+@pytest.mark.parametrize("compile", [False, True])
+def test_gpu_recomputed_4bit_layers_leave_out_the_down_product_with_the_same_gradients(compile):
+    """bitsandbytes' CUDA kernels, eager and compiled: the same loss and adapter gradients bit for bit."""
     _, packed = batches([9, 14, 6])
     packed = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in packed.items()}
     ops = {"bitsandbytes::gemm_4bit"}
-    loss, grads, products, _ = recomputed_run(tiny_qlora(device="cuda"), packed, compile=True, skip_tail=False,
+    loss, grads, products, _ = recomputed_run(tiny_qlora(device="cuda"), packed, compile=compile, skip_tail=False,
                                               ops=ops)
-    loss2, grads2, products2, tails = recomputed_run(tiny_qlora(device="cuda"), packed, compile=True,
+    loss2, grads2, products2, tails = recomputed_run(tiny_qlora(device="cuda"), packed, compile=compile,
                                                      skip_tail=True, ops=ops)
     assert tails == 3 and products - products2 == 3, (products, products2)
     assert torch.equal(loss, loss2)
