@@ -150,6 +150,8 @@ for _row in [
     _variant("tw_qlora", "tw_qlora_fused_casts", "tw_qlora with Inductor's fp32 intermediates", exact_casts=False),
     _variant("tw_qlora", "tw_qlora_full_recompute", "tw_qlora recomputing the down projection's unread product",
              skip_tail=False),
+    _variant("tw_lora", "tw_lora_full_recompute", "tw_lora recomputing the down projection's unread product",
+             skip_tail=False),
     _variant("fastest", "fastest_trl_head", "fastest with TRL's head projecting its logits tiles again in the backward",
              keep_logits=False),
     _variant("fastest_triton_adamw", "fastest_triton_trl_head",
