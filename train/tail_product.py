@@ -12,9 +12,8 @@ its dequantizations -- is computed only to be dropped.
 4-bit layer or a plain `nn.Linear`) for one that, while `recomputing()` is on, returns zeros of
 the product's shape and, in the backward, the input's gradient by the very call bitsandbytes'
 (or autograd's) backward makes, after the casts bitsandbytes (or autocast) makes around the
-product: the gradients are the ones the full product gives. The adapters
-on top (peft's LoRA) run as before. Off (the forward pass, evaluation, generation), the base
-runs its own forward. Compiled code reads the flag as a global, so a compiled layer holds one
+product: the gradients are the ones the full product gives. The adapters on top (peft's LoRA)
+run as before. Off (the forward pass, evaluation, generation), the base runs its own forward. Compiled code reads the flag as a global, so a compiled layer holds one
 graph for the forward and one for the recomputation.
 
 Only decoder layers whose forward is known to end in `residual + mlp(...)` with the MLP
