@@ -869,11 +869,10 @@ def count_compilations() -> int:
 # ---------------------------------------------------------------- trainer wiring
 
 
-def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit: Optional[int] = None,
-                   chunked_loss: bool = True, offload: bool = False, chunk_tokens: Optional[int] = None,
-                   region_layers: int = 1, calibrate_plain: bool = False,
-                   exact_casts: Optional[bool] = None, skip_tail: bool = True):
-    """A TrainerCallback that installs a LayerRunner when training begins.
+def speed_callback(**options):
+    """A TrainerCallback that installs a LayerRunner when training begins; `options` are the
+    runner's keyword arguments (compile, checkpoint, memory_limit, ...) but the three it measures
+    then: the training state's bytes and the warm-up's micro-batches.
 
     It has to wait for `on_train_begin`: by then the Trainer has wrapped the model (PEFT,
     quantization preparation) and settled its own checkpointing, which must be off
@@ -888,31 +887,19 @@ def speed_callback(*, compile: bool, checkpoint: CheckpointPolicy, memory_limit:
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             if self.runner is None:
                 static, grads = training_state_bytes(model, args.optim)
-                self.runner = LayerRunner(
-                    model,
-                    compile=compile,
-                    checkpoint=checkpoint,
-                    memory_limit=memory_limit,
-                    static_bytes=static,
-                    grad_bytes=grads,
-                    warmup_batches=2 * args.gradient_accumulation_steps,
-                    chunked_loss=chunked_loss,
-                    offload=offload,
-                    chunk_tokens=chunk_tokens,
-                    region_layers=region_layers,
-                    calibrate_plain=calibrate_plain,
-                    exact_casts=exact_casts,
-                    skip_tail=skip_tail,
+                runner = self.runner = LayerRunner(
+                    model, static_bytes=static, grad_bytes=grads,
+                    warmup_batches=2 * args.gradient_accumulation_steps, **options,
                 ).install()
                 log.info(
                     "decoder layers: compile=%s%s%s, checkpointing=%s%s%s%s",
-                    compile,
-                    f" (regions of {self.runner.region} layers when none is checkpointed)" if self.runner.region > 1 else "",
-                    " (bf16 casts as eager code rounds them: adapters)" if compile and self.runner.exact_casts else "",
-                    checkpoint,
-                    f" within {memory_limit / 2**30:.1f} GiB" if memory_limit else "",
-                    ", checkpointed inputs offloaded to the CPU" if offload else "",
-                    f", rows over {chunk_tokens} tokens in chunks" if chunk_tokens else "",
+                    runner.compile,
+                    f" (regions of {runner.region} layers when none is checkpointed)" if runner.region > 1 else "",
+                    " (bf16 casts as eager code rounds them: adapters)" if runner.compile and runner.exact_casts else "",
+                    runner.checkpoint,
+                    f" within {runner.memory_limit / 2**30:.1f} GiB" if runner.memory_limit else "",
+                    ", checkpointed inputs offloaded to the CPU" if runner.offload else "",
+                    f", rows over {runner.chunk_tokens} tokens in chunks" if runner.chunk_tokens else "",
                 )
 
     return SpeedCallback()
