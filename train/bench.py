@@ -150,8 +150,6 @@ for _row in [
     _variant("tw_qlora", "tw_qlora_fused_casts", "tw_qlora with Inductor's fp32 intermediates", exact_casts=False),
     _variant("tw_qlora", "tw_qlora_full_recompute", "tw_qlora recomputing the down projection's unread product",
              skip_tail=False),
-    _variant("tw_lora", "tw_lora_full_recompute", "tw_lora recomputing the down projection's unread product",
-             skip_tail=False),
     _variant("tw_qlora", "tw_qlora_calibrated",
              "tw_qlora with a plain layer's bytes counted on its compiled graph, not an eager layer",
              calibrate_plain=True),

@@ -11,9 +11,9 @@ its dequantizations -- is computed only to be dropped.
 `TailProducts` swaps the forward of each layer's frozen down-projection base (a bitsandbytes
 4-bit layer or a plain `nn.Linear`) for one that, while `recomputing()` is on, returns zeros of
 the product's shape and, in the backward, the input's gradient by the very call bitsandbytes'
-(or autograd's) backward makes, after the casts bitsandbytes (or autocast) makes around the
-product: the gradients are the ones the full product gives. The adapters on top (peft's LoRA)
-run as before. Off (the forward pass, evaluation, generation), the base runs its own forward. Compiled code reads the flag as a global, so a compiled layer holds one
+(or autograd's) backward makes: the gradients are the ones the full product gives. The adapters
+on top (peft's LoRA) run as before. Off (the forward pass, evaluation, generation), the base
+runs its own forward. Compiled code reads the flag as a global, so a compiled layer holds one
 graph for the forward and one for the recomputation.
 
 Only decoder layers whose forward is known to end in `residual + mlp(...)` with the MLP
@@ -117,17 +117,16 @@ def _skipping_forward(base: nn.Module):
     four_bit = _is_4bit(base)
 
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if not _recomputing:
+        # Under autocast a plain linear (a bf16 base under LoRA) keeps its product and its casts:
+        # such layers recompute inside their compiled checkpoint, whose backward graph already
+        # leaves the unread product out; only a fallback recomputes them from outside.
+        if not _recomputing or (not four_bit and torch.is_autocast_enabled(x.device.type)):
             return full(base, x, *args, **kwargs)
         if four_bit:  # the casts bitsandbytes' Linear4bit makes around its product
             dtype = x.dtype
             if base.compute_dtype is not None:
                 x = x.to(base.compute_dtype)
             return _InputGradOnly.apply(x, base.weight, base.weight.quant_state, base.out_features).to(dtype)
-        weight = base.weight
-        if torch.is_autocast_enabled(x.device.type):  # the casts autocast makes around a linear
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dtype), weight.to(dtype)
-        return _InputGradOnly.apply(x, weight, None, base.out_features)
+        return _InputGradOnly.apply(x, base.weight, None, base.out_features)
 
     return forward

@@ -10,7 +10,7 @@ from torch.profiler import ProfilerActivity, profile
 from train.speed import LayerRunner, decoder_layers
 from train.tail_product import tail_base
 
-from tests.train.test_speed import batches, tiny_llama, tiny_lora
+from tests.train.test_speed import batches, lora_loss_and_grads, tiny_llama, tiny_lora
 
 
 def tiny_qlora(layers=3, device="cpu"):
@@ -35,36 +35,31 @@ def tiny_qlora(layers=3, device="cpu"):
                                             task_type="CAUSAL_LM")).train()
 
 
-def recomputed_run(model, packed, *, compile, skip_tail, ops, autocast=False):
+def recomputed_run(model, packed, *, compile, skip_tail, ops):
     """Loss, LoRA gradients and how many of `ops` the second step's backward called, every layer
-    recomputed from outside (train.recompute). With `autocast` the forward runs under CPU bf16
-    autocast and the backward outside it, as the Trainer runs them."""
+    recomputed from outside (train.recompute)."""
     torch._dynamo.reset()
     runner = LayerRunner(model, compile=compile, checkpoint="all", skip_tail=skip_tail).install()
     runner._ckpt = runner._recompute  # what a 4-bit base gets on its own (and a failed compiled checkpoint)
-    for step in range(2):  # the first compiles, the recomputation's graph included
-        torch.manual_seed(5)  # the runner's reseed draws from torch's generator
-        model.zero_grad()
-        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-            loss = model(**packed).loss
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            loss.backward()
+    lora_loss_and_grads(model, packed, seed=5)  # compiles, the recomputation's graph included
+    torch.manual_seed(5)
+    model.zero_grad()
+    loss = model(**packed).loss
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        loss.backward()
     runner.remove()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     calls = sum(1 for e in prof.events() if e.name in ops)
     return loss.detach(), grads, calls, len(runner.tail_products)
 
 
-@pytest.mark.parametrize("compile,autocast", [(False, False), (True, False), (False, True), (True, True)])
-def test_recomputed_lora_layers_leave_out_the_down_product_with_the_same_gradients(compile, autocast):
-    """Plain frozen fp32 bases, and the same under bf16 autocast (the skipped product makes
-    autocast's casts of its operands itself)."""
+@pytest.mark.parametrize("compile", [False, True])
+def test_recomputed_lora_layers_leave_out_the_down_product_with_the_same_gradients(compile):
     _, packed = batches([9, 14, 6])
     mm = {"aten::mm", "aten::addmm"}
-    loss, grads, products, _ = recomputed_run(tiny_lora(layers=3), packed, compile=compile, skip_tail=False, ops=mm,
-                                              autocast=autocast)
+    loss, grads, products, _ = recomputed_run(tiny_lora(layers=3), packed, compile=compile, skip_tail=False, ops=mm)
     loss2, grads2, products2, tails = recomputed_run(tiny_lora(layers=3), packed, compile=compile, skip_tail=True,
-                                                     ops=mm, autocast=autocast)
+                                                     ops=mm)
     assert tails == 3
     assert products - products2 == 3, (products, products2)  # one down projection per layer
     assert torch.equal(loss, loss2)
