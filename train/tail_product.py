@@ -119,7 +119,8 @@ def _skipping_forward(base: nn.Module):
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # Under autocast a plain linear (a bf16 base under LoRA) keeps its product and its casts:
         # such layers recompute inside their compiled checkpoint, whose backward graph already
-        # leaves the unread product out; only a fallback recomputes them from outside.
+        # leaves the unread product out; only offloading or a compile fallback recomputes them
+        # from outside.
         if not _recomputing or (not four_bit and torch.is_autocast_enabled(x.device.type)):
             return full(base, x, *args, **kwargs)
         if four_bit:  # the casts bitsandbytes' Linear4bit makes around its product
