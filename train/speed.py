@@ -232,8 +232,8 @@ class LayerRunner:
     training counts the tensors its compiled graph saves, and that count per token replaces the
     eager layer's (`measure_layer_bytes_per_token`), which Inductor's graph undercuts by saving
     fewer of its intermediates. Off by default: on the 1B default it buys 1.4% (fewer layers
-    recomputed, the peak 0.2 GiB nearer the limit; BENCHMARKS.md); it is not measured on LoRA
-    or 4-bit bases, where any weight a compiled graph saves (a per-layer cost) counts per token.
+    recomputed, the peak 0.2 GiB nearer the limit; BENCHMARKS.md); at 8B it measured +3.3% on
+    LoRA but -2.9% to -4.5% on QLoRA, within those rows' spread from run to run.
     `exact_casts`: compiled layers round to bf16 where eager code does (`compile_options`); None
     turns it on for adapters on a frozen base (LoRA, QLoRA), whose layers hold frozen weights.
     `skip_tail`: a layer recomputed from outside its compiled code leaves out its down projection's

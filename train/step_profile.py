@@ -37,6 +37,8 @@ from transformers import TrainerCallback
 
 PHASES = ("batch", "forward", "backward", "clip", "optimizer", "other")
 _PREFIX = "tw::step::"
+# every compile and autotuning range torch times (`dynamo_timed`) carries this in its name
+_COMPILING = "(dynamo_timed)"
 
 # Kernel (or CPU op) name -> what it is. First match wins; names are cuBLAS / CUTLASS / cuDNN,
 # PyTorch's flash and varlen attention, Inductor's Triton kernels, and ATen's own.
@@ -203,9 +205,6 @@ class StepProfile:
             "top": [{"name": name[:90], "ms": round(ms, 4), "per_step": count / n, "category": cat}
                     for name, (ms, count, cat) in largest],
         }
-
-
-_COMPILING = "(dynamo_timed)"
 
 
 def phase_windows(events: list) -> list[tuple[float, float, str]]:
