@@ -238,6 +238,8 @@ class LayerRunner:
     turns it on for adapters on a frozen base (LoRA, QLoRA), whose layers hold frozen weights.
     `skip_tail`: a layer recomputed from outside its compiled code leaves out its down projection's
     product on a frozen base, which its backward never reads (train.tail_product).
+    `dense_once`: a 4-bit layer recomputed from outside dequantizes each weight once for its
+    recomputation and its backward, not twice (train.dense_once).
     """
 
     def __init__(
@@ -257,6 +259,7 @@ class LayerRunner:
         calibrate_plain: bool = False,
         exact_casts: Optional[bool] = None,
         skip_tail: bool = True,
+        dense_once: bool = False,
     ):
         self.backbone, self.layers = decoder_layers(model)
         adapters = any(not p.requires_grad for p in self.layers[0].parameters())  # on a frozen base
@@ -335,6 +338,9 @@ class LayerRunner:
         from train.tail_product import TailProducts
 
         self.tail_products = TailProducts(self.layers if skip_tail else [])
+        from train.dense_once import DenseOnces
+
+        self.dense_onces = DenseOnces(self.layers if dense_once and self.recompute_outside else [])
         self.token_chunks = self.chunked_layers = None
         if chunk_tokens:
             from train.chunked_layer import ChunkedLayer, unsupported_reason
@@ -358,6 +364,7 @@ class LayerRunner:
                 layer.gradient_checkpointing = False
             layer.forward = self._layer_forward(index, layer)
         self.tail_products.install()
+        self.dense_onces.install()
         if self.token_chunks is not None:
             self.token_chunks.install()
         self._hook = self.backbone.register_forward_pre_hook(self._before_batch, with_kwargs=True)
@@ -369,6 +376,7 @@ class LayerRunner:
         for layer in self.layers:
             layer.__dict__.pop("forward", None)
         self.tail_products.remove()
+        self.dense_onces.remove()
         if self.token_chunks is not None:
             self.token_chunks.remove()
         if self.dropout is not None:

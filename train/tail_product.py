@@ -80,12 +80,12 @@ def tail_base(layer: nn.Module) -> Optional[nn.Module]:
         return None
     if base.bias is not None and base.bias.requires_grad:
         return None
-    if _is_4bit(base) or (type(base) is nn.Linear and base.weight.is_floating_point()):
+    if is_4bit(base) or (type(base) is nn.Linear and base.weight.is_floating_point()):
         return base
     return None
 
 
-def _is_4bit(module: nn.Module) -> bool:
+def is_4bit(module: nn.Module) -> bool:
     try:
         import bitsandbytes as bnb
     except ImportError:
@@ -114,7 +114,7 @@ class TailProducts:
 
 def _skipping_forward(base: nn.Module):
     full = type(base).forward
-    four_bit = _is_4bit(base)
+    four_bit = is_4bit(base)
 
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # Under autocast a plain linear (a bf16 base under LoRA) keeps its product and its casts:

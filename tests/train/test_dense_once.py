@@ -1,0 +1,92 @@
+"""A 4-bit layer recomputed from outside its compiled code dequantizes each weight once for its
+recomputation and its backward (train.dense_once): the same loss and gradients, one 4-bit
+product fewer per recomputed base."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from train import dense_once
+from train.dense_once import dense_once_bases
+from train.speed import LayerRunner, decoder_layers
+
+from tests.train.test_speed import batches, lora_loss_and_grads, tiny_lora
+from tests.train.test_tail_product import tiny_qlora
+
+FOUR_BIT_OPS = {"bitsandbytes::gemm_4bit", "bitsandbytes::dequantize_4bit"}
+
+
+def recomputed_run(model, packed, *, dense):
+    """Loss, LoRA gradients, how many of FOUR_BIT_OPS the second step's backward called, and how
+    many bases the runner changed; every layer recomputed from outside, compiled."""
+    torch._dynamo.reset()
+    runner = LayerRunner(model, compile=True, checkpoint="all", dense_once=dense).install()
+    assert runner.recompute_outside  # what a compiled 4-bit layer does
+    lora_loss_and_grads(model, packed, seed=5)  # compiles, the recomputation's graph included
+    torch.manual_seed(5)
+    model.zero_grad()
+    loss = model(**packed).loss
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        loss.backward()
+    runner.remove()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    calls = {op: sum(1 for e in prof.events() if e.name == op) for op in FOUR_BIT_OPS}
+    return loss.detach(), grads, calls, len(runner.dense_onces)
+
+
+def test_dense_once_takes_every_frozen_4bit_base_but_the_down_projections():
+    model = tiny_qlora(layers=2)
+    bases = dense_once_bases(decoder_layers(model)[1])
+    assert len(bases) == 2 * 6  # q, k, v, o, gate, up per layer
+    assert all(type(b).__name__ == "Linear4bit" for b in bases)
+    assert all(b is not layer.mlp.down_proj.base_layer for layer in decoder_layers(model)[1] for b in bases)
+    assert dense_once_bases(decoder_layers(tiny_lora(layers=2))[1]) == []  # bf16 bases: nothing to dequantize
+
+
+def test_recomputed_4bit_layers_dequantize_once_with_the_same_gradients(monkeypatch):
+    """On the CPU bitsandbytes multiplies by its own kernel; told that it dequantizes, the swapped
+    recomputation runs: its 6 products per layer become dequantizations kept for the backward, so
+    the backward dequantizes each of the 7 weights per layer exactly once (the down projection's
+    for its input gradient alone), and the loss and adapter gradients stay bit for bit."""
+    _, packed = batches([9, 14, 6])
+    loss, grads, calls, changed = recomputed_run(tiny_qlora(), packed, dense=False)
+    assert changed == 0
+    monkeypatch.setattr(dense_once, "_dequantizes_on_its_own", lambda x: True)
+    loss2, grads2, calls2, changed2 = recomputed_run(tiny_qlora(), packed, dense=True)
+    assert changed2 == 3 * 6
+    assert calls["bitsandbytes::gemm_4bit"] == 3 * 6 and calls["bitsandbytes::dequantize_4bit"] >= 3 * 7, calls
+    assert calls2 == {"bitsandbytes::gemm_4bit": 0, "bitsandbytes::dequantize_4bit": 3 * 7}, calls2
+    assert torch.equal(loss, loss2)
+    assert grads.keys() == grads2.keys()
+    for n in grads:
+        torch.testing.assert_close(grads2[n], grads[n], rtol=0, atol=0, msg=n)
+
+
+def test_outside_a_recomputation_a_4bit_base_runs_its_own_forward(monkeypatch):
+    monkeypatch.setattr(dense_once, "_dequantizes_on_its_own", lambda x: True)
+    _, packed = batches([9, 14, 6])
+    model = tiny_qlora(layers=2).eval()
+    with torch.no_grad():
+        ref = model(**packed).logits
+        runner = LayerRunner(model, compile=True, checkpoint="all", dense_once=True).install()
+        out = model(**packed).logits
+        runner.remove()
+    assert len(runner.dense_onces) == 12 and torch.equal(out, ref)
+
+
+@pytest.mark.gpu
+def test_gpu_recomputed_4bit_layers_dequantize_once_with_the_same_gradients():
+    """bitsandbytes' CUDA kernels, compiled, on more rows than its fused kernel takes (where
+    gemm_4bit dequantizes and multiplies): one dequantization fewer per changed base in the
+    backward, the same loss and adapter gradients bit for bit."""
+    _, packed = batches([900, 700, 500])
+    packed = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in packed.items()}
+    loss, grads, calls, _ = recomputed_run(tiny_qlora(device="cuda"), packed, dense=False)
+    loss2, grads2, calls2, changed = recomputed_run(tiny_qlora(device="cuda"), packed, dense=True)
+    assert changed == 3 * 6
+    assert calls["bitsandbytes::gemm_4bit"] == 3 * 6, calls
+    assert calls2 == {"bitsandbytes::gemm_4bit": 0, "bitsandbytes::dequantize_4bit": 3 * 7}, calls2
+    assert torch.equal(loss, loss2)
+    assert all(torch.equal(grads[n], grads2[n]) for n in grads)

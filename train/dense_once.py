@@ -1,0 +1,102 @@
+"""A 4-bit base recomputed for its backward dequantizes its weight once, not twice.
+
+A decoder layer recomputed from outside its compiled code (train.recompute) runs its forward
+again right before its backward. On a bitsandbytes 4-bit base both halves dequantize the same
+packed weight: the recomputed product (`gemm_4bit`, which on CUDA past its custom kernel's row
+limit is a dequantization and a bf16 matmul) and the input gradient (`MatMul4Bit.backward`
+dequantizes again). `DenseOnces` swaps the forward of each frozen 4-bit base of the layers for
+one that, while `train.tail_product.recomputing()` is on and bitsandbytes would dequantize
+anyway, makes the dequantization and the product itself and keeps the bf16 weight for the
+backward: the same calls, the same bits, one dequantization fewer. The dense weight lives only
+while its layer's backward runs (about 0.3 GB per Llama-8B layer, one layer at a time).
+
+The down projection's base, whose product the recomputation leaves out (train.tail_product),
+dequantizes once already and is not changed. Off a recomputation (the forward pass,
+evaluation, generation) and where bitsandbytes runs a fused kernel (few rows, the CPU), the
+base runs its own forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from train import tail_product
+
+
+class _DequantizedOnce(torch.autograd.Function):
+    """x @ W^T with W dequantized here and kept for the input's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, quant_state):
+        import bitsandbytes.functional as bnb_functional
+
+        # bitsandbytes' dequantize-and-multiply path of gemm_4bit, call for call
+        dense = bnb_functional.dequantize_4bit(weight.view(-1, 1), quant_state).to(x.dtype)
+        ctx.save_for_backward(dense)
+        return torch.nn.functional.linear(x, dense)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (dense,) = ctx.saved_tensors
+        # MatMul4Bit.backward's product, on the weight it would dequantize again
+        return torch.matmul(grad, dense.to(grad.dtype)), None, None
+
+
+def _dequantizes_on_its_own(x: torch.Tensor) -> bool:
+    """Whether bitsandbytes' gemm_4bit dequantizes and multiplies for this input (CUDA, rows past
+    its custom kernel's limit) rather than running a fused kernel."""
+    if x.device.type != "cuda" or torch.version.hip is not None:
+        return False
+    try:
+        from bitsandbytes.backends.cuda import ops
+    except ImportError:
+        return False
+    limit = getattr(ops, "_gemm_4bit_custom_max_m", None)
+    return limit is not None and x.numel() // x.shape[-1] > limit
+
+
+def dense_once_bases(layers) -> list[nn.Module]:
+    """The frozen bitsandbytes 4-bit linears (without a trainable bias) of `layers`, less each
+    layer's down projection base that train.tail_product already changes."""
+    bases = []
+    for layer in layers:
+        tail = tail_product.tail_base(layer)
+        for module in layer.modules():
+            if (tail_product.is_4bit(module) and module is not tail and not module.weight.requires_grad
+                    and module.bias is None):
+                bases.append(module)
+    return bases
+
+
+class DenseOnces:
+    """Installs the dequantize-once recomputation on every base `dense_once_bases` finds."""
+
+    def __init__(self, layers):
+        self.bases = dense_once_bases(layers)
+
+    def __len__(self) -> int:
+        return len(self.bases)
+
+    def install(self) -> "DenseOnces":
+        for base in self.bases:
+            base.forward = _dense_once_forward(base)
+        return self
+
+    def remove(self) -> None:
+        for base in self.bases:
+            base.__dict__.pop("forward", None)
+
+
+def _dense_once_forward(base: nn.Module):
+    full = type(base).forward
+
+    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not tail_product._recomputing or not _dequantizes_on_its_own(x):
+            return full(base, x, *args, **kwargs)
+        dtype = x.dtype  # the casts bitsandbytes' Linear4bit makes around its product
+        if base.compute_dtype is not None:
+            x = x.to(base.compute_dtype)
+        return _DequantizedOnce.apply(x, base.weight, base.weight.quant_state).to(dtype)
+
+    return forward
