@@ -18,6 +18,8 @@ base runs its own forward.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -43,17 +45,21 @@ class _DequantizedOnce(torch.autograd.Function):
         return torch.matmul(grad, dense.to(grad.dtype)), None, None
 
 
-def _dequantizes_on_its_own(x: torch.Tensor) -> bool:
-    """Whether bitsandbytes' gemm_4bit dequantizes and multiplies for this input (CUDA, rows past
-    its custom kernel's limit) rather than running a fused kernel."""
-    if x.device.type != "cuda" or torch.version.hip is not None:
-        return False
+def fused_kernel_rows() -> Optional[int]:
+    """The most rows for which bitsandbytes' CUDA gemm_4bit may run its fused kernel; past them it
+    dequantizes and multiplies. None where that path is not known (no CUDA build, ROCm)."""
+    if not torch.cuda.is_available() or torch.version.hip is not None:
+        return None
     try:
         from bitsandbytes.backends.cuda import ops
     except ImportError:
-        return False
-    limit = getattr(ops, "_gemm_4bit_custom_max_m", None)
-    return limit is not None and x.numel() // x.shape[-1] > limit
+        return None
+    return getattr(ops, "_gemm_4bit_custom_max_m", None)
+
+
+def _dequantizes_on_its_own(x: torch.Tensor, limit: Optional[int]) -> bool:
+    """Whether bitsandbytes' gemm_4bit dequantizes and multiplies for this input."""
+    return limit is not None and x.device.type == "cuda" and x.numel() // x.shape[-1] > limit
 
 
 def dense_once_bases(layers) -> list[nn.Module]:
@@ -79,8 +85,9 @@ class DenseOnces:
         return len(self.bases)
 
     def install(self) -> "DenseOnces":
+        limit = fused_kernel_rows() if self.bases else None
         for base in self.bases:
-            base.forward = _dense_once_forward(base)
+            base.forward = _dense_once_forward(base, limit)
         return self
 
     def remove(self) -> None:
@@ -88,11 +95,11 @@ class DenseOnces:
             base.__dict__.pop("forward", None)
 
 
-def _dense_once_forward(base: nn.Module):
+def _dense_once_forward(base: nn.Module, limit: Optional[int]):
     full = type(base).forward
 
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if not tail_product._recomputing or not _dequantizes_on_its_own(x):
+        if not tail_product._recomputing or not _dequantizes_on_its_own(x, limit):
             return full(base, x, *args, **kwargs)
         dtype = x.dtype  # the casts bitsandbytes' Linear4bit makes around its product
         if base.compute_dtype is not None:

@@ -53,7 +53,7 @@ def test_recomputed_4bit_layers_dequantize_once_with_the_same_gradients(monkeypa
     _, packed = batches([9, 14, 6])
     loss, grads, calls, changed = recomputed_run(tiny_qlora(), packed, dense=False)
     assert changed == 0
-    monkeypatch.setattr(dense_once, "_dequantizes_on_its_own", lambda x: True)
+    monkeypatch.setattr(dense_once, "_dequantizes_on_its_own", lambda x, limit: True)
     loss2, grads2, calls2, changed2 = recomputed_run(tiny_qlora(), packed, dense=True)
     assert changed2 == 3 * 6
     assert calls["bitsandbytes::gemm_4bit"] == 3 * 6 and calls["bitsandbytes::dequantize_4bit"] >= 3 * 7, calls
@@ -65,7 +65,7 @@ def test_recomputed_4bit_layers_dequantize_once_with_the_same_gradients(monkeypa
 
 
 def test_outside_a_recomputation_a_4bit_base_runs_its_own_forward(monkeypatch):
-    monkeypatch.setattr(dense_once, "_dequantizes_on_its_own", lambda x: True)
+    monkeypatch.setattr(dense_once, "_dequantizes_on_its_own", lambda x, limit: True)
     _, packed = batches([9, 14, 6])
     model = tiny_qlora(layers=2).eval()
     with torch.no_grad():
@@ -82,6 +82,8 @@ def test_gpu_recomputed_4bit_layers_dequantize_once_with_the_same_gradients():
     gemm_4bit dequantizes and multiplies): one dequantization fewer per changed base in the
     backward, the same loss and adapter gradients bit for bit."""
     _, packed = batches([900, 700, 500])
+    limit = dense_once.fused_kernel_rows()
+    assert limit is not None and 2100 > limit, limit
     packed = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in packed.items()}
     loss, grads, calls, _ = recomputed_run(tiny_qlora(device="cuda"), packed, dense=False)
     loss2, grads2, calls2, changed = recomputed_run(tiny_qlora(device="cuda"), packed, dense=True)
