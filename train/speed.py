@@ -239,7 +239,8 @@ class LayerRunner:
     `skip_tail`: a layer recomputed from outside its compiled code leaves out its down projection's
     product on a frozen base, which its backward never reads (train.tail_product).
     `dense_once`: a 4-bit layer recomputed from outside dequantizes each weight once for its
-    recomputation and its backward, not twice (train.dense_once).
+    recomputation and its backward, not twice (train.dense_once). Off by default: at 8B it cut
+    3% of the GPU work per step, less than QLoRA rows spread from run to run (BENCHMARKS.md).
     """
 
     def __init__(
