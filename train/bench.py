@@ -1,7 +1,8 @@
 """`python -m train bench`: TRL's defaults against tunewright's training configurations.
 
-One process, one model architecture (rebuilt with the same seed for every row), one
-dataset in one order, the same rows -- so the same real tokens -- in every optimizer step.
+One process (or with `--isolate` one fresh process per row), one model architecture (rebuilt
+with the same seed for every row), one dataset in one order, the same rows -- so the same real
+tokens -- in every optimizer step.
 Each row trains through TRL's SFTTrainer; what changes is only how (padded or
 padding-free, which attention, compiled or not, which layers checkpointed, which
 optimizer, how many micro-batches a step is split into). Printed: real tokens/s, MFU,
@@ -31,8 +32,11 @@ import gc
 import json
 import logging
 import math
+import os
+import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -729,7 +733,9 @@ def longest_table(results: list[dict]) -> str:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m train bench", description=__doc__.split("\n\n")[0])
+    # no abbreviations: --isolate rewrites the command line for each row's process (isolated_argv)
+    p = argparse.ArgumentParser(prog="python -m train bench", description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False)
     p.add_argument("--model", default="llama-3.2-1b", help=f"architecture: {', '.join(ARCHITECTURES)}")
     p.add_argument("--rows", default=None, help=f"comma list (default: the full-FT rows); known: {', '.join(ROWS)}")
     p.add_argument("--steps", type=int, default=None,
@@ -778,6 +784,10 @@ def parse_args(argv):
     p.add_argument("--rounds", type=int, default=1, metavar="N",
                    help="run the rows N times, every other time in reverse order, and print each row's tok/s per "
                    "round beside its mean: an A/B within one invocation that no row wins by running first")
+    p.add_argument("--isolate", action="store_true",
+                   help="run each row in a fresh `python -m train bench` process (one row, one round each), so "
+                   "that no row inherits compiled code, cached GPU blocks, Python objects or worker processes "
+                   "from the rows before it; the QLoRA base is written once and the memory limit passed on")
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument("--workdir", default=None,
                    help="where the temporary directory for the trainer outputs and the QLoRA base goes "
@@ -816,6 +826,8 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
         raise SystemExit(f"unknown row(s) {unknown}; known: {', '.join(ROWS)}")
     if ns.rounds < 1 or (ns.rounds > 1 and ns.longest):
         raise SystemExit(f"--rounds {ns.rounds}: give a count of at least 1, and 1 with --longest")
+    if ns.isolate and ns.longest:
+        raise SystemExit("--isolate times rows; --longest searches lengths in one process: give one of them")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     config = model_config(ns.model)
     if ns.longest:
@@ -827,7 +839,8 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
         dataset = Dataset.from_dict({"input_ids": rows})
     rate = bf16_matmul_rate(device)
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "torch": torch.__version__, "bf16_matmul_tflops": rate / 1e12, "argv": argv or sys.argv[1:]}
+           "torch": torch.__version__, "bf16_matmul_tflops": rate / 1e12, "argv": argv or sys.argv[1:],
+           "pid": os.getpid()}
     for mod in ("transformers", "trl", "peft"):
         env[mod] = __import__(mod).__version__
     print(json.dumps(env), flush=True)
@@ -854,6 +867,8 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
         t0 = time.time()
         if ns.longest:  # a search cut short still leaves its tries in the JSON
             res = run_longest(row, ns, config, device, quant_dir, report=lambda partial: write(results + [partial]))
+        elif ns.isolate:
+            res = run_row_isolated(name, ns, env["argv"], quant_dir)
         else:
             res = run_row(row, ns, config, dataset, device, rate, quant_dir)
         res["wall_s"] = time.time() - t0
@@ -878,6 +893,54 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
     if ns.rounds > 1:
         print(rounds_table(results))
     return 0
+
+
+# options each row's process gets from run_row_isolated, not from the command line
+_ISOLATED_OWN = ("--rows", "--rounds", "--json", "--memory-limit-gib", "--base-dir", "--workdir")
+
+
+def isolated_argv(argv: list[str], row: str, json_path: Path, ns: argparse.Namespace,
+                  quant_dir: Optional[Path]) -> list[str]:
+    """The command line of `row`'s own process: the invocation's options but those in
+    _ISOLATED_OWN and --isolate, then one row, one round, its JSON file, the memory limit known so
+    far, the QLoRA base already written and the invocation's temporary directory."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--isolate":
+            continue
+        elif arg in _ISOLATED_OWN:
+            skip = True
+        elif not arg.startswith(tuple(opt + "=" for opt in _ISOLATED_OWN)):
+            out.append(arg)
+    out += ["--rows", row, "--json", str(json_path), "--workdir", ns.workdir]
+    if ns.memory_limit_gib is not None:
+        out += ["--memory-limit-gib", repr(ns.memory_limit_gib)]
+    if quant_dir is not None:
+        out += ["--base-dir", str(quant_dir.parent)]
+    return out
+
+
+def run_row_isolated(name: str, ns: argparse.Namespace, argv: list[str], quant_dir: Optional[Path]) -> dict:
+    """`name` timed in a fresh process (--isolate): its result, with the process's id and bf16 rate."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # this process waits; its cached blocks would only crowd the row's
+    json_path = Path(ns.workdir) / f"isolated-{name}.json"
+    json_path.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "train", "bench", *isolated_argv(argv, name, json_path, ns, quant_dir)]
+    code = subprocess.run(cmd).returncode
+    if code != 0 or not json_path.is_file():
+        return {"row": name, "note": ROWS[name].note, "config": dataclasses.asdict(ROWS[name]), "losses": [],
+                "grad_norms": [], "step_s": [], "tokens_per_step": [], "compilations": 0,
+                "error": f"its process ({shlex.join(cmd[1:])}) exited with code {code} and no result"}
+    child = json.loads(json_path.read_text())
+    json_path.unlink()
+    res = child["results"][0]
+    res["process"] = {"pid": child["env"].get("pid"), "bf16_matmul_tflops": child["env"]["bf16_matmul_tflops"]}
+    return res
 
 
 def save_random_checkpoint(config, ns, device) -> Path:
