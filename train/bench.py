@@ -556,6 +556,9 @@ def run_row(row: Row, ns: argparse.Namespace, config, dataset, device, rate: flo
 
         profiler = StepProfile(first=ns.warmup - 1 - ns.profile, steps=ns.profile)
         profiler.install(trainer)
+    from train.gpu_monitor import monitor
+
+    gpu = monitor(device)
     error = None
     try:
         trainer.train()
@@ -564,9 +567,12 @@ def run_row(row: Row, ns: argparse.Namespace, config, dataset, device, rate: flo
     except Exception as exc:  # noqa: BLE001 -- one broken configuration must not lose the other rows
         log.exception("row %s failed", row.name)
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    finally:  # also on Ctrl-C: no nvidia-smi loop outlives the row
+        gpu_summary = gpu.stop() if gpu is not None else None
     recorder.finish()
     result = summarize(row, ns, recorder, counter, model if error is None else None, rate, steps)
     result["error"] = error
+    result["gpu"] = gpu_summary
     result.update(feeding)
     result["compilations"] = count_compilations()
     if device.type == "cuda":
@@ -882,8 +888,11 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
                   f"{res['shortest_failed']}, {len(res['tries'])} tries, {res['wall_s']:.0f}s "
                   f"{res.get('error') or ''}", flush=True)
         else:
+            from train.gpu_monitor import describe
+
             print(f"{name}: {res.get('tokens_per_s', 0):.0f} tok/s, peak {res.get('peak_alloc_gib', 0):.2f} GiB, "
-                  f"{res['compilations']} compiles, {res['wall_s']:.0f}s {res.get('error') or ''}", flush=True)
+                  f"{res['compilations']} compiles, {res['wall_s']:.0f}s{describe(res.get('gpu'))} "
+                  f"{res.get('error') or ''}", flush=True)
             if res.get("profile"):
                 from train.step_profile import format_profile
 
