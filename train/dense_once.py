@@ -54,6 +54,7 @@ def fused_kernel_rows() -> Optional[int]:
         from bitsandbytes.backends.cuda import ops
     except ImportError:
         return None
+    # a private constant of bitsandbytes' CUDA backend; a version without it leaves dense_once off
     return getattr(ops, "_gemm_4bit_custom_max_m", None)
 
 
@@ -63,7 +64,7 @@ def _dequantizes_on_its_own(x: torch.Tensor, limit: Optional[int]) -> bool:
 
 
 def dense_once_bases(layers) -> list[nn.Module]:
-    """The frozen bitsandbytes 4-bit linears (without a trainable bias) of `layers`, less each
+    """The frozen bitsandbytes 4-bit linears without a bias of `layers`, less each
     layer's down projection base that train.tail_product already changes."""
     bases = []
     for layer in layers:

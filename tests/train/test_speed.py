@@ -644,28 +644,34 @@ def test_bench_rounds_run_the_rows_again_in_reverse_order(tmp_path, capsys):
 
 
 def test_bench_isolate_runs_each_row_in_its_own_process(tmp_path, capsys, monkeypatch):
-    """--isolate: every row of every round in a fresh process of its own, with the losses the rows
-    have in one process, the memory limit measured on the first row passed to the rows after it,
-    and the command line each row's process gets."""
+    """--isolate: every row in a fresh process of its own, with the losses the rows have in one
+    process; a row whose process dies leaves an error in its place; and each row's command line
+    carries the limit and directories the parent knows."""
     import os
+    import subprocess
+    import sys
 
     from train.bench import isolated_argv, main, parse_args
 
-    args = ["--model", "tiny", "--rows", "fastest_eager,padding_free_sdpa", "--steps", "2", "--warmup", "0",
-            "--n-rows", "24", "--min-len", "16", "--max-len", "48"]
+    args = ["--model", "tiny", "--steps", "2", "--warmup", "0", "--n-rows", "24", "--min-len", "16", "--max-len", "48"]
     together, isolated = tmp_path / "together.json", tmp_path / "isolated.json"
-    assert main([*args, "--json", str(together), "--workdir", str(tmp_path / "a")]) == 0
-    assert main([*args, "--isolate", "--rounds", "2", "--json", str(isolated), "--workdir", str(tmp_path / "b")]) == 0
+    assert main([*args, "--rows", "fastest_eager,padding_free_sdpa", "--json", str(together),
+                 "--workdir", str(tmp_path / "a")]) == 0
+    real_run = subprocess.run  # trl_default's process dies at once
+    monkeypatch.setattr(subprocess, "run", lambda cmd: real_run(
+        [sys.executable, "-c", "raise SystemExit(3)"] if "trl_default" in cmd else cmd))
+    assert main([*args, "--rows", "fastest_eager,padding_free_sdpa,trl_default", "--isolate", "--json", str(isolated),
+                 "--workdir", str(tmp_path / "b")]) == 0
     one = {r["row"]: r for r in json.loads(together.read_text())["results"]}
-    results = json.loads(isolated.read_text())["results"]
-    assert [(r["row"], r["round"]) for r in results] == [
-        ("fastest_eager", 1), ("padding_free_sdpa", 1), ("padding_free_sdpa", 2), ("fastest_eager", 2)]
+    *results, died = json.loads(isolated.read_text())["results"]
+    assert [r["row"] for r in results] == ["fastest_eager", "padding_free_sdpa"]
     pids = [r["process"]["pid"] for r in results]
-    assert len(set(pids)) == 4 and os.getpid() not in pids
+    assert len(set(pids)) == 2 and os.getpid() not in pids
     assert all(r["losses"] == one[r["row"]]["losses"] and r["tokens_per_step"] == one[r["row"]]["tokens_per_step"]
                for r in results)
     assert all((r["process"]["bf16_matmul_tflops"] > 0) == torch.cuda.is_available() for r in results)
     assert all(r["error"] is None for r in results)
+    assert died["row"] == "trl_default" and "exited with code 3" in died["error"] and "--rows trl_default" in died["error"]
     assert "padding_free_sdpa" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == []  # the rows' files went with the temporary dir
 
@@ -679,17 +685,6 @@ def test_bench_isolate_runs_each_row_in_its_own_process(tmp_path, capsys, monkey
                     "--memory-limit-gib", "9.5", "--base-dir", str(tmp_path / "base")]
     with pytest.raises(SystemExit, match="--isolate"):
         main(["--model", "tiny", "--isolate", "--longest", "--workdir", str(tmp_path)])
-    # a row whose process dies leaves an error in its place, and the other rows run
-    import subprocess
-    import sys
-
-    real_run = subprocess.run
-    monkeypatch.setattr(subprocess, "run", lambda cmd: real_run(
-        [sys.executable, "-c", "raise SystemExit(3)"] if "fastest_eager" in cmd else cmd))
-    assert main([*args, "--isolate", "--json", str(isolated), "--workdir", str(tmp_path / "c")]) == 0
-    first, second = json.loads(isolated.read_text())["results"]
-    assert "exited with code 3" in first["error"] and "--rows fastest_eager" in first["error"]
-    assert second["error"] is None and second["losses"] == one["padding_free_sdpa"]["losses"]
     with pytest.raises(SystemExit):  # no abbreviations: the rewriting above would miss them
         parse_args(["--row", "a"])
 
