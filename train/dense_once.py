@@ -31,10 +31,8 @@ class _DequantizedOnce(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, quant_state):
-        import bitsandbytes.functional as bnb_functional
-
         # bitsandbytes' dequantize-and-multiply path of gemm_4bit, call for call
-        dense = bnb_functional.dequantize_4bit(weight.view(-1, 1), quant_state).to(x.dtype)
+        dense = tail_product.dequantized(weight, quant_state, x.dtype)
         ctx.save_for_backward(dense)
         return torch.nn.functional.linear(x, dense)
 
@@ -76,24 +74,13 @@ def dense_once_bases(layers) -> list[nn.Module]:
     return bases
 
 
-class DenseOnces:
+class DenseOnces(tail_product.SwappedForwards):
     """Installs the dequantize-once recomputation on every base `dense_once_bases` finds."""
 
     def __init__(self, layers):
-        self.bases = dense_once_bases(layers)
-
-    def __len__(self) -> int:
-        return len(self.bases)
-
-    def install(self) -> "DenseOnces":
-        limit = fused_kernel_rows() if self.bases else None
-        for base in self.bases:
-            base.forward = _dense_once_forward(base, limit)
-        return self
-
-    def remove(self) -> None:
-        for base in self.bases:
-            base.__dict__.pop("forward", None)
+        bases = dense_once_bases(layers)
+        limit = fused_kernel_rows() if bases else None
+        super().__init__(bases, lambda base: _dense_once_forward(base, limit))
 
 
 def _dense_once_forward(base: nn.Module, limit: Optional[int]):
@@ -102,9 +89,7 @@ def _dense_once_forward(base: nn.Module, limit: Optional[int]):
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not tail_product._recomputing or not _dequantizes_on_its_own(x, limit):
             return full(base, x, *args, **kwargs)
-        dtype = x.dtype  # the casts bitsandbytes' Linear4bit makes around its product
-        if base.compute_dtype is not None:
-            x = x.to(base.compute_dtype)
-        return _DequantizedOnce.apply(x, base.weight, base.weight.quant_state).to(dtype)
+        return tail_product.in_compute_dtype(
+            base, x, lambda x: _DequantizedOnce.apply(x, base.weight, base.weight.quant_state))
 
     return forward

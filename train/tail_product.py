@@ -62,11 +62,24 @@ class _InputGradOnly(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         if ctx.quant_state is None:
             return torch.matmul(grad, weight), None, None, None
-        import bitsandbytes.functional as bnb_functional
-
         # bitsandbytes' MatMul4Bit.backward, call for call: the same bits
-        dense = bnb_functional.dequantize_4bit(weight.view(-1, 1), ctx.quant_state).to(grad.dtype)
-        return torch.matmul(grad, dense), None, None, None
+        return torch.matmul(grad, dequantized(weight, ctx.quant_state, grad.dtype)), None, None, None
+
+
+def dequantized(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+    """A bitsandbytes 4-bit weight in `dtype`, by the call its gemm_4bit and MatMul4Bit.backward make."""
+    import bitsandbytes.functional as bnb_functional
+
+    return bnb_functional.dequantize_4bit(weight.view(-1, 1), quant_state).to(dtype)
+
+
+def in_compute_dtype(base: nn.Module, x: torch.Tensor, product) -> torch.Tensor:
+    """`product(x)` with the casts bitsandbytes' Linear4bit makes around its own: the input to the
+    layer's compute dtype, the result back to the input's."""
+    dtype = x.dtype
+    if base.compute_dtype is not None:
+        x = x.to(base.compute_dtype)
+    return product(x).to(dtype)
 
 
 def tail_base(layer: nn.Module) -> Optional[nn.Module]:
@@ -93,23 +106,31 @@ def is_4bit(module: nn.Module) -> bool:
     return isinstance(module, bnb.nn.Linear4bit)
 
 
-class TailProducts:
-    """Installs the recomputation's skipped product on every layer `tail_base` accepts."""
+class SwappedForwards:
+    """`make_forward(base)` installed as the forward of each of `bases` (an instance attribute over
+    the class's method) until `remove()`."""
 
-    def __init__(self, layers):
-        self.bases = [base for base in map(tail_base, layers) if base is not None]
+    def __init__(self, bases, make_forward):
+        self.bases, self.make_forward = list(bases), make_forward
 
     def __len__(self) -> int:
         return len(self.bases)
 
-    def install(self) -> "TailProducts":
+    def install(self) -> "SwappedForwards":
         for base in self.bases:
-            base.forward = _skipping_forward(base)
+            base.forward = self.make_forward(base)
         return self
 
     def remove(self) -> None:
         for base in self.bases:
             base.__dict__.pop("forward", None)
+
+
+class TailProducts(SwappedForwards):
+    """Installs the recomputation's skipped product on every layer `tail_base` accepts."""
+
+    def __init__(self, layers):
+        super().__init__([base for base in map(tail_base, layers) if base is not None], _skipping_forward)
 
 
 def _skipping_forward(base: nn.Module):
@@ -123,11 +144,9 @@ def _skipping_forward(base: nn.Module):
         # from outside.
         if not _recomputing or (not four_bit and torch.is_autocast_enabled(x.device.type)):
             return full(base, x, *args, **kwargs)
-        if four_bit:  # the casts bitsandbytes' Linear4bit makes around its product
-            dtype = x.dtype
-            if base.compute_dtype is not None:
-                x = x.to(base.compute_dtype)
-            return _InputGradOnly.apply(x, base.weight, base.weight.quant_state, base.out_features).to(dtype)
+        if four_bit:
+            return in_compute_dtype(base, x, lambda x: _InputGradOnly.apply(
+                x, base.weight, base.weight.quant_state, base.out_features))
         return _InputGradOnly.apply(x, base.weight, None, base.out_features)
 
     return forward
