@@ -76,6 +76,7 @@ class Row:
     lora_dropout: float = 0.05  # LoRA / QLoRA rows: peft's dropout in front of every adapter
     skip_tail: bool = True  # recomputed from outside, a layer leaves out its unread product (train.tail_product)
     dense_once: bool = False  # recomputed from outside, a 4-bit layer dequantizes each weight once (train.dense_once)
+    flat_scales: bool = False  # double-quantized 4-bit scales dequantized once for the run (train.flat_scales)
     note: str = ""
 
 
@@ -160,6 +161,10 @@ for _row in [
              calibrate_plain=True),
     _variant("tw_qlora", "tw_qlora_dense_once",
              "tw_qlora dequantizing each weight once for a layer's recomputation and its backward", dense_once=True),
+    _variant("tw_qlora", "tw_qlora_flat_scales",
+             "tw_qlora with the base's double-quantized scales dequantized once for the run", flat_scales=True),
+    _variant("tw_qlora", "tw_qlora_flat_dense_once", "tw_qlora_flat_scales dequantizing each weight once per "
+             "recomputation and backward", flat_scales=True, dense_once=True),
     _variant("tw_lora", "tw_lora_calibrated",
              "tw_lora with a plain layer's bytes counted on its compiled graph, not an eager layer",
              calibrate_plain=True),
@@ -463,7 +468,8 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
                                         chunked_loss=row.chunked_loss, offload=row.offload,
                                         chunk_tokens=row.chunk_tokens, region_layers=row.region_layers,
                                         calibrate_plain=row.calibrate_plain, exact_casts=row.exact_casts,
-                                        skip_tail=row.skip_tail, dense_once=row.dense_once))
+                                        skip_tail=row.skip_tail, dense_once=row.dense_once,
+                                        flat_scales=row.flat_scales))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=minimal_tokenizer(),
                          peft_config=peft_config, callbacks=callbacks)
     from transformers.trainer_callback import PrinterCallback

@@ -241,6 +241,9 @@ class LayerRunner:
     `dense_once`: a 4-bit layer recomputed from outside dequantizes each weight once for its
     recomputation and its backward, not twice (train.dense_once). Off by default: at 8B it cut
     3% of the GPU work per step, less than QLoRA rows spread from run to run (BENCHMARKS.md).
+    `flat_scales`: every double-quantized 4-bit base holds its scales in fp32 while installed, so
+    no use of a weight dequantizes its scales again (train.flat_scales); the bytes this adds count
+    as static.
     """
 
     def __init__(
@@ -261,6 +264,7 @@ class LayerRunner:
         exact_casts: Optional[bool] = None,
         skip_tail: bool = True,
         dense_once: bool = False,
+        flat_scales: bool = False,
     ):
         self.backbone, self.layers = decoder_layers(model)
         adapters = any(not p.requires_grad for p in self.layers[0].parameters())  # on a frozen base
@@ -342,6 +346,10 @@ class LayerRunner:
         from train.dense_once import DenseOnces
 
         self.dense_onces = DenseOnces(self.layers if dense_once and self.recompute_outside else [])
+        from train.flat_scales import FlatScales
+
+        self.flat_scales = FlatScales(self.layers if flat_scales else [])
+        self._flat_bytes = 0
         self.token_chunks = self.chunked_layers = None
         if chunk_tokens:
             from train.chunked_layer import ChunkedLayer, unsupported_reason
@@ -366,6 +374,8 @@ class LayerRunner:
             layer.forward = self._layer_forward(index, layer)
         self.tail_products.install()
         self.dense_onces.install()
+        self._flat_bytes = self.flat_scales.install()
+        self.static_bytes += self._flat_bytes
         if self.token_chunks is not None:
             self.token_chunks.install()
         self._hook = self.backbone.register_forward_pre_hook(self._before_batch, with_kwargs=True)
@@ -378,6 +388,9 @@ class LayerRunner:
             layer.__dict__.pop("forward", None)
         self.tail_products.remove()
         self.dense_onces.remove()
+        self.flat_scales.remove()
+        self.static_bytes -= self._flat_bytes
+        self._flat_bytes = 0
         if self.token_chunks is not None:
             self.token_chunks.remove()
         if self.dropout is not None:
