@@ -14,7 +14,7 @@ from train.speed import LayerRunner, decoder_layers
 from train.tail_product import dequantized
 
 from tests.train.test_speed import batches, lora_loss_and_grads
-from tests.train.test_tail_product import tiny_qlora
+from tests.train.test_tail_product import deterministic_algorithms, tiny_qlora
 
 SCALE_OP = "bitsandbytes::dequantize_blockwise"  # the double-quantized scales' dequantization
 
@@ -88,13 +88,9 @@ def test_gpu_flat_scales_train_to_the_same_bits():
     model = tiny_qlora(device="cuda")
     bases = nested_bases(decoder_layers(model)[1])
     before = [dequantized(b.weight, b.weight.quant_state, torch.bfloat16) for b in bases]
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
+    with deterministic_algorithms():
         loss, grads, calls, _ = run(tiny_qlora(device="cuda"), packed, flat=False)
         loss2, grads2, calls2, runner = run(model, packed, flat=True)
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
     assert all(torch.equal(dequantized(b.weight, b.weight.quant_state, torch.bfloat16), ref)
                for b, ref in zip(bases, before))
     assert calls > 0 and calls2 == 0, (calls, calls2)

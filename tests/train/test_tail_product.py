@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -33,6 +35,18 @@ def tiny_qlora(layers=3, device="cpu"):
     model.to(device)
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules="all-linear",
                                             task_type="CAUSAL_LM")).train()
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """torch's deterministic algorithms within, so that two runs of the same GPU step can be compared
+    bit for bit (FlashAttention's backward, for one, otherwise accumulates in any order)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def recomputed_run(model, packed, *, compile, skip_tail, ops):
