@@ -6,34 +6,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from train import dense_once
 from train.dense_once import dense_once_bases
 from train.speed import LayerRunner, decoder_layers
 
-from tests.train.test_speed import batches, lora_loss_and_grads, tiny_lora
-from tests.train.test_tail_product import deterministic_algorithms, tiny_qlora
+from tests.train.test_speed import batches, tiny_lora
+from tests.train.test_tail_product import (FOUR_BIT_OPS, compiled_qlora_run, deterministic_algorithms,
+                                          recomputed_run, tiny_qlora)
 
-FOUR_BIT_OPS = {"bitsandbytes::gemm_4bit", "bitsandbytes::dequantize_4bit"}
 
-
-def recomputed_run(model, packed, *, dense):
-    """Loss, LoRA gradients, how many of FOUR_BIT_OPS the second step's backward called, and how
-    many bases the runner changed; every layer recomputed from outside, compiled."""
-    torch._dynamo.reset()
-    runner = LayerRunner(model, compile=True, checkpoint="all", dense_once=dense).install()
-    assert runner.recompute_outside  # what a compiled 4-bit layer does
-    lora_loss_and_grads(model, packed, seed=5)  # compiles, the recomputation's graph included
-    torch.manual_seed(5)
-    model.zero_grad()
-    loss = model(**packed).loss
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        loss.backward()
-    runner.remove()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    calls = {op: sum(1 for e in prof.events() if e.name == op) for op in FOUR_BIT_OPS}
-    return loss.detach(), grads, calls, len(runner.dense_onces)
+def dense_run(model, packed):
+    """tail_product's `recomputed_run` with dense_once on; every 4-bit layer is recomputed from outside."""
+    run = recomputed_run(model, packed, compile=True, skip_tail=True, ops=FOUR_BIT_OPS, dense_once=True)
+    assert run[3].recompute_outside  # what a compiled 4-bit layer does
+    return run
 
 
 def test_dense_once_takes_every_frozen_4bit_base_but_the_down_projections():
@@ -50,12 +37,11 @@ def test_recomputed_4bit_layers_dequantize_once_with_the_same_gradients(monkeypa
     recomputation runs: its 6 products per layer become dequantizations kept for the backward, so
     the backward dequantizes each of the 7 weights per layer exactly once (the down projection's
     for its input gradient alone), and the loss and adapter gradients stay bit for bit."""
-    _, packed = batches([9, 14, 6])
-    loss, grads, calls, changed = recomputed_run(tiny_qlora(), packed, dense=False)
-    assert changed == 0
+    loss, grads, calls, runner = compiled_qlora_run()
+    assert len(runner.dense_onces) == 0
     monkeypatch.setattr(dense_once, "_dequantizes_on_its_own", lambda x, limit: True)
-    loss2, grads2, calls2, changed2 = recomputed_run(tiny_qlora(), packed, dense=True)
-    assert changed2 == 3 * 6
+    loss2, grads2, calls2, runner2 = dense_run(tiny_qlora(), batches([9, 14, 6])[1])
+    assert len(runner2.dense_onces) == 3 * 6
     assert calls["bitsandbytes::gemm_4bit"] == 3 * 6 and calls["bitsandbytes::dequantize_4bit"] >= 3 * 7, calls
     assert calls2 == {"bitsandbytes::gemm_4bit": 0, "bitsandbytes::dequantize_4bit": 3 * 7}, calls2
     assert torch.equal(loss, loss2)
@@ -87,9 +73,10 @@ def test_gpu_recomputed_4bit_layers_dequantize_once_with_the_same_gradients():
     assert limit is not None and 2100 > limit, limit
     packed = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in packed.items()}
     with deterministic_algorithms():
-        loss, grads, calls, _ = recomputed_run(tiny_qlora(device="cuda"), packed, dense=False)
-        loss2, grads2, calls2, changed = recomputed_run(tiny_qlora(device="cuda"), packed, dense=True)
-    assert changed == 3 * 6
+        loss, grads, calls, _ = recomputed_run(tiny_qlora(device="cuda"), packed, compile=True, skip_tail=True,
+                                               ops=FOUR_BIT_OPS)
+        loss2, grads2, calls2, runner = dense_run(tiny_qlora(device="cuda"), packed)
+    assert len(runner.dense_onces) == 3 * 6
     assert calls["bitsandbytes::gemm_4bit"] == 3 * 6, calls
     assert calls2 == {"bitsandbytes::gemm_4bit": 0, "bitsandbytes::dequantize_4bit": 3 * 7}, calls2
     assert torch.equal(loss, loss2)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -49,11 +50,11 @@ def deterministic_algorithms():
         torch.use_deterministic_algorithms(before)
 
 
-def recomputed_run(model, packed, *, compile, skip_tail, ops):
-    """Loss, LoRA gradients and how many of `ops` the second step's backward called, every layer
-    recomputed from outside (train.recompute)."""
+def recomputed_run(model, packed, *, compile, skip_tail, ops, **options):
+    """Loss, LoRA gradients, how many times the second step's backward called each of `ops`, and
+    the runner, every layer recomputed from outside (train.recompute); `options` go to the runner."""
     torch._dynamo.reset()
-    runner = LayerRunner(model, compile=compile, checkpoint="all", skip_tail=skip_tail).install()
+    runner = LayerRunner(model, compile=compile, checkpoint="all", skip_tail=skip_tail, **options).install()
     runner._ckpt = runner._recompute  # what a 4-bit base gets on its own (and a failed compiled checkpoint)
     lora_loss_and_grads(model, packed, seed=5)  # compiles, the recomputation's graph included
     torch.manual_seed(5)
@@ -63,18 +64,29 @@ def recomputed_run(model, packed, *, compile, skip_tail, ops):
         loss.backward()
     runner.remove()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    calls = sum(1 for e in prof.events() if e.name in ops)
-    return loss.detach(), grads, calls, len(runner.tail_products)
+    calls = {op: sum(1 for e in prof.events() if e.name == op) for op in ops}
+    return loss.detach(), grads, calls, runner
+
+
+FOUR_BIT_OPS = ("bitsandbytes::gemm_4bit", "bitsandbytes::dequantize_4bit")
+
+
+@functools.cache
+def compiled_qlora_run():
+    """`recomputed_run` of the tiny QLoRA model compiled with the runner's defaults on batches [9, 14, 6],
+    counting FOUR_BIT_OPS: the reference of the 4-bit tests here and in test_dense_once, compiled once."""
+    return recomputed_run(tiny_qlora(), batches([9, 14, 6])[1], compile=True, skip_tail=True, ops=FOUR_BIT_OPS)
 
 
 @pytest.mark.parametrize("compile", [False, True])
 def test_recomputed_lora_layers_leave_out_the_down_product_with_the_same_gradients(compile):
     _, packed = batches([9, 14, 6])
     mm = {"aten::mm", "aten::addmm"}
-    loss, grads, products, _ = recomputed_run(tiny_lora(layers=3), packed, compile=compile, skip_tail=False, ops=mm)
-    loss2, grads2, products2, tails = recomputed_run(tiny_lora(layers=3), packed, compile=compile, skip_tail=True,
-                                                     ops=mm)
-    assert tails == 3
+    loss, grads, calls, _ = recomputed_run(tiny_lora(layers=3), packed, compile=compile, skip_tail=False, ops=mm)
+    loss2, grads2, calls2, runner = recomputed_run(tiny_lora(layers=3), packed, compile=compile, skip_tail=True,
+                                                   ops=mm)
+    products, products2 = sum(calls.values()), sum(calls2.values())
+    assert len(runner.tail_products) == 3
     assert products - products2 == 3, (products, products2)  # one down projection per layer
     assert torch.equal(loss, loss2)
     assert grads.keys() == grads2.keys() and all(torch.equal(grads[n], grads2[n]) for n in grads)
@@ -84,10 +96,10 @@ def test_recomputed_4bit_layers_leave_out_the_down_product_with_the_same_gradien
     """The 4-bit base (bitsandbytes on the CPU), compiled as QLoRA runs: one 4-bit product fewer
     per layer in the backward, bitwise the same loss and adapter gradients."""
     _, packed = batches([9, 14, 6])
-    ops = {"bitsandbytes::gemm_4bit"}
-    loss, grads, products, _ = recomputed_run(tiny_qlora(), packed, compile=True, skip_tail=False, ops=ops)
-    loss2, grads2, products2, tails = recomputed_run(tiny_qlora(), packed, compile=True, skip_tail=True, ops=ops)
-    assert tails == 3 and products > 0
+    loss, grads, calls, _ = recomputed_run(tiny_qlora(), packed, compile=True, skip_tail=False, ops=FOUR_BIT_OPS)
+    loss2, grads2, calls2, runner = compiled_qlora_run()
+    products, products2 = calls["bitsandbytes::gemm_4bit"], calls2["bitsandbytes::gemm_4bit"]
+    assert len(runner.tail_products) == 3 and products > 0
     assert products - products2 == 3, (products, products2)
     assert torch.equal(loss, loss2)
     assert all(torch.equal(grads[n], grads2[n]) for n in grads)
@@ -125,11 +137,12 @@ def test_gpu_recomputed_4bit_layers_leave_out_the_down_product_with_the_same_gra
     """bitsandbytes' CUDA kernels, eager and compiled: the same loss and adapter gradients bit for bit."""
     _, packed = batches([9, 14, 6])
     packed = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in packed.items()}
-    ops = {"bitsandbytes::gemm_4bit"}
-    loss, grads, products, _ = recomputed_run(tiny_qlora(device="cuda"), packed, compile=compile, skip_tail=False,
-                                              ops=ops)
-    loss2, grads2, products2, tails = recomputed_run(tiny_qlora(device="cuda"), packed, compile=compile,
-                                                     skip_tail=True, ops=ops)
-    assert tails == 3 and products - products2 == 3, (products, products2)
+    ops = ("bitsandbytes::gemm_4bit",)
+    loss, grads, calls, _ = recomputed_run(tiny_qlora(device="cuda"), packed, compile=compile, skip_tail=False,
+                                           ops=ops)
+    loss2, grads2, calls2, runner = recomputed_run(tiny_qlora(device="cuda"), packed, compile=compile,
+                                                   skip_tail=True, ops=ops)
+    products, products2 = calls[ops[0]], calls2[ops[0]]
+    assert len(runner.tail_products) == 3 and products - products2 == 3, (products, products2)
     assert torch.equal(loss, loss2)
     assert all(torch.equal(grads[n], grads2[n]) for n in grads)
