@@ -56,6 +56,8 @@ class FlatScales:
         added = 0
         for base in self.bases:
             nested = base.weight.quant_state
+            if not nested.nested:  # installed already
+                continue
             flat = flat_state(nested)
             added += flat.absmax.numel() * flat.absmax.element_size() - nested.absmax.numel() * nested.absmax.element_size()
             device = nested.absmax.device

@@ -36,6 +36,7 @@ def test_flat_states_dequantize_every_weight_to_the_same_bits():
     assert len(flat) == 2 * 7
     before = [dequantized(b.weight, b.weight.quant_state, torch.bfloat16) for b in flat.bases]
     added = flat.install()
+    assert flat.install() == 0  # a second install changes nothing
     assert all(not b.weight.quant_state.nested and b.weight.quant_state.absmax.dtype == torch.float32
                for b in flat.bases)
     assert all(torch.equal(dequantized(b.weight, b.weight.quant_state, torch.bfloat16), ref)
