@@ -45,6 +45,7 @@ from typing import Any, Optional
 
 from infer.errors import EXIT_INTERRUPTED, terminate_as_interrupt
 from infer.random_model import ARCHITECTURES
+from train.gpu_monitor import describe, monitor
 
 log = logging.getLogger(__name__)
 
@@ -562,8 +563,6 @@ def run_row(row: Row, ns: argparse.Namespace, config, dataset, device, rate: flo
 
         profiler = StepProfile(first=ns.warmup - 1 - ns.profile, steps=ns.profile)
         profiler.install(trainer)
-    from train.gpu_monitor import monitor
-
     gpu = monitor(device)
     error = None
     try:
@@ -894,8 +893,6 @@ def run_bench(ns: argparse.Namespace, argv: Optional[list[str]]) -> int:
                   f"{res['shortest_failed']}, {len(res['tries'])} tries, {res['wall_s']:.0f}s "
                   f"{res.get('error') or ''}", flush=True)
         else:
-            from train.gpu_monitor import describe
-
             print(f"{name}: {res.get('tokens_per_s', 0):.0f} tok/s, peak {res.get('peak_alloc_gib', 0):.2f} GiB, "
                   f"{res['compilations']} compiles, {res['wall_s']:.0f}s{describe(res.get('gpu'))} "
                   f"{res.get('error') or ''}", flush=True)

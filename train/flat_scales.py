@@ -48,12 +48,13 @@ class FlatScales:
     def __init__(self, layers):
         self.bases = nested_bases(layers)
         self._nested: list = []  # (base, its double-quantized state, the device its codes came from)
+        self.added_bytes = 0  # what the installed states add on the weights' device
 
     def __len__(self) -> int:
         return len(self.bases)
 
     def install(self) -> int:
-        """Swaps the states in; returns the bytes this adds on the weights' device."""
+        """Swaps the states in; returns the bytes this install adds on the weights' device."""
         added = 0
         for base in self.bases:
             nested = base.weight.quant_state
@@ -65,13 +66,16 @@ class FlatScales:
             nested.absmax = nested.absmax.to("cpu")
             self._nested.append((base, nested, device))
             base.weight.quant_state = flat
+        self.added_bytes += added
         return added
 
-    def remove(self) -> None:
+    def remove(self) -> int:
+        """Puts the double-quantized states back; returns the bytes this frees on the weights' device."""
         for base, nested, device in self._nested:
             nested.absmax = nested.absmax.to(device)
             base.weight.quant_state = nested
-        self._nested = []
+        freed, self._nested, self.added_bytes = self.added_bytes, [], 0
+        return freed
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -350,7 +350,6 @@ class LayerRunner:
         from train.flat_scales import FlatScales
 
         self.flat_scales = FlatScales(self.layers if flat_scales else [])
-        self._flat_bytes = 0
         self.token_chunks = self.chunked_layers = None
         if chunk_tokens:
             from train.chunked_layer import ChunkedLayer, unsupported_reason
@@ -375,8 +374,7 @@ class LayerRunner:
             layer.forward = self._layer_forward(index, layer)
         self.tail_products.install()
         self.dense_onces.install()
-        self._flat_bytes = self.flat_scales.install()
-        self.static_bytes += self._flat_bytes
+        self.static_bytes += self.flat_scales.install()
         if self.token_chunks is not None:
             self.token_chunks.install()
         self._hook = self.backbone.register_forward_pre_hook(self._before_batch, with_kwargs=True)
@@ -389,9 +387,7 @@ class LayerRunner:
             layer.__dict__.pop("forward", None)
         self.tail_products.remove()
         self.dense_onces.remove()
-        self.flat_scales.remove()
-        self.static_bytes -= self._flat_bytes
-        self._flat_bytes = 0
+        self.static_bytes -= self.flat_scales.remove()
         if self.token_chunks is not None:
             self.token_chunks.remove()
         if self.dropout is not None:
