@@ -39,15 +39,17 @@ def tiny_qlora(layers=3, device="cpu"):
 
 
 @contextlib.contextmanager
-def deterministic_algorithms():
+def deterministic_algorithms(warn_only: bool = False):
     """torch's deterministic algorithms within, so that two runs of the same GPU step can be compared
-    bit for bit (FlashAttention's backward, for one, otherwise accumulates in any order)."""
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    bit for bit. With `warn_only`, FlashAttention's and cuDNN attention's backward only warn and
+    keep adding in any order; without it they take their deterministic algorithms, and an op that
+    has none raises."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(before)
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def recomputed_run(model, packed, *, compile, skip_tail, ops, **options):
