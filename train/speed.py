@@ -243,8 +243,9 @@ class LayerRunner:
     3% of the GPU work per step, less than QLoRA rows spread from run to run (BENCHMARKS.md).
     `flat_scales`: every double-quantized 4-bit base holds its scales in fp32 while installed, so
     no use of a weight dequantizes its scales again (train.flat_scales); the bytes this adds count
-    as static. Off by default until its bit-for-bit GPU test runs (tests/train/test_flat_scales.py);
-    at 8B it measured 8% and 24% faster than without, at 0.31 GiB more (BENCHMARKS.md).
+    as static. The trainer passes `method.qlora.flat_scales` (off by default): at 8B it measured
+    8% and 24% faster than without on H100s and 11% slower on an H200, at 0.31 GiB more, within
+    the spread of these host-bound rows (BENCHMARKS.md).
     """
 
     def __init__(

@@ -261,7 +261,8 @@ def speed_settings(recipe: Recipe, setup: ModelSetup) -> dict[str, Any]:
     """How train.speed will run the decoder layers: compiled or not, which checkpoint policy."""
     from train.speed import recipe_speed_settings
 
-    return recipe_speed_settings(recipe.training, cuda=setup.device.startswith("cuda"))
+    settings = recipe_speed_settings(recipe.training, cuda=setup.device.startswith("cuda"))
+    return {**settings, "flat_scales": recipe.method.type == "qlora" and recipe.method.qlora.flat_scales}
 
 
 def train_recipe(recipe: Recipe, *, resume: bool = False, recipe_path: str = "RECIPE",

@@ -11,7 +11,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from train.flat_scales import FlatScales, nested_bases
 from train.speed import LayerRunner, decoder_layers
-from train.tail_product import dequantized
+from train.tail_product import dequantized, is_4bit
 
 from tests.train.test_speed import batches, lora_loss_and_grads
 from tests.train.test_tail_product import deterministic_algorithms, tiny_qlora
@@ -100,3 +100,46 @@ def test_gpu_flat_scales_train_to_the_same_bits():
         max((grads[n] - grads2[n]).abs().max().item() for n in grads)
     runner.remove()
     assert all(b.weight.quant_state.nested and b.weight.quant_state.absmax.is_cuda for b in bases)
+
+
+@pytest.mark.gpu
+def test_gpu_qlora_recipe_trains_with_flat_scales_to_the_same_losses(tmp_path):
+    """recipes/smollm2_qlora.yaml trains with `method.qlora.flat_scales: true` (its base's scales
+    flat at every step) to the same per-step losses as without (eager)."""
+    import json
+    import os
+    from pathlib import Path
+
+    from transformers import TrainerCallback
+
+    from infer.models import DEFAULT_MODEL, fetch_builtin
+    from train.recipe import load_recipe
+    from train.trainer import train_recipe
+
+    class Nested(TrainerCallback):
+        """Whether the base's scales were double-quantized at each step."""
+
+        def __init__(self):
+            self.seen = set()
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.seen.update(m.weight.quant_state.nested for m in model.modules() if is_4bit(m))
+
+    base = os.environ.get("TUNEWRIGHT_GPU_BASE") or str(fetch_builtin(DEFAULT_MODEL))
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "smollm2_qlora.yaml"
+    common = [f"model.name={base}", "training.max_steps=6", "eval.data=null", f"output.dir={tmp_path}",
+              "output.merge=false", "training.report_to=none", "training.save_steps=1000", "training.compile=false"]
+
+    def losses(run):
+        rows = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r]
+
+    flat, nested = Nested(), Nested()
+    # warn_only: the whole trainer's ops need not all have deterministic kernels; the test above
+    # compares one step's gradients bit for bit in the strict mode
+    with deterministic_algorithms(warn_only=True):
+        a = train_recipe(load_recipe(recipe, common + ["name=flat", "method.qlora.flat_scales=true"]),
+                         callbacks=[flat])
+        b = train_recipe(load_recipe(recipe, common + ["name=nested"]), callbacks=[nested])
+    assert flat.seen == {False} and nested.seen == {True}
+    assert len(losses(a)) == 6 and losses(a) == losses(b), (losses(a), losses(b))

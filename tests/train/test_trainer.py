@@ -83,6 +83,12 @@ def test_cpu_defaults_fp32_no_checkpointing_padding_free_without_max_length(tmp_
 
     speed = speed_settings(recipe, CpuSetup)  # auto on CPU: eager layers, no recomputation
     assert speed["compile"] is False and speed["checkpoint"] == "none"
+    assert speed["flat_scales"] is False  # no 4-bit base
+    qlora = validate_recipe(tiny_recipe(tmp_path, "m", data_file, method={"type": "qlora"}))
+    assert speed_settings(qlora, CpuSetup)["flat_scales"] is False
+    flat = validate_recipe(tiny_recipe(tmp_path, "m", data_file,
+                                       method={"type": "qlora", "qlora": {"flat_scales": True}}))
+    assert speed_settings(flat, CpuSetup)["flat_scales"] is True
 
     packed = validate_recipe(tiny_recipe(tmp_path, "m", data_file, training={"packing": True}))
     assert build_sft_config(packed, Setup, RunDir(tmp_path / "r"), has_validation=False).max_length == 64
