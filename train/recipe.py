@@ -118,6 +118,13 @@ class QuantConfig(Section):
     # The exported adapter and merged model are the same either way.
     flat_scales: bool = False
 
+    @model_validator(mode="after")
+    def _flat_scales_need_double_quant(self):
+        if self.flat_scales and not self.double_quant:
+            raise ValueError("flat_scales: true dequantizes double-quantized scales once; with double_quant: false "
+                             "they are fp32 already (set double_quant: true, or leave flat_scales out)")
+        return self
+
 
 class MethodConfig(Section):
     type: Literal["full", "lora", "qlora"] = "lora"

@@ -156,6 +156,14 @@ def test_eval_normalize_compares_numbers_with_a_whole_answer_metric(tmp_path):
         load_recipe(path, ["eval.normalize=numbers"])
 
 
+def test_flat_scales_are_off_by_default_and_need_double_quantization(tmp_path):
+    path = _write(tmp_path, "name: t\ndata:\n  train: a.jsonl\nmethod: qlora\n")
+    assert load_recipe(path).method.qlora.flat_scales is False
+    assert load_recipe(path, ["method.qlora.flat_scales=true"]).method.qlora.flat_scales is True
+    with pytest.raises(RecipeError, match=r"method.qlora.*flat_scales: true .*double_quant: false"):
+        load_recipe(path, ["method.qlora.flat_scales=true", "method.qlora.double_quant=false"])
+
+
 def test_long_row_keys_offload_activations_and_chunk_tokens(tmp_path):
     path = _write(tmp_path, "name: t\ndata:\n  train: a.jsonl\n")
     assert load_recipe(path).training.offload_activations is False
