@@ -114,7 +114,7 @@ class QuantConfig(Section):
     # true: in training, a double-quantized base holds its scales dequantized once, in fp32: the
     # same products bit for bit, no scale dequantization per use of a weight, 3 bytes more per 64
     # weights on the GPU (0.31 GiB at 8B; train/flat_scales.py). Off by default: its 8B speed-up
-    # (+8% to +24% on H100s, -11% on an H200) is within these rows' spread (BENCHMARKS.md).
+    # (+8% and +24% on an H100, -11% on an H200) is within these rows' spread (BENCHMARKS.md).
     # The exported adapter and merged model are the same either way.
     flat_scales: bool = False
 

@@ -244,7 +244,7 @@ class LayerRunner:
     `flat_scales`: every double-quantized 4-bit base holds its scales in fp32 while installed, so
     no use of a weight dequantizes its scales again (train.flat_scales); the bytes this adds count
     as static. The trainer passes `method.qlora.flat_scales` (off by default): at 8B it measured
-    8% and 24% faster than without on H100s and 11% slower on an H200, at 0.31 GiB more, within
+    8% and 24% faster than without on an H100 and 11% slower on an H200, at 0.31 GiB more, within
     the spread of these host-bound rows (BENCHMARKS.md).
     """
 
@@ -912,7 +912,7 @@ def speed_callback(**options):
                     warmup_batches=2 * args.gradient_accumulation_steps, **options,
                 ).install()
                 log.info(
-                    "decoder layers: compile=%s%s%s, checkpointing=%s%s%s%s",
+                    "decoder layers: compile=%s%s%s, checkpointing=%s%s%s%s%s",
                     runner.compile,
                     f" (regions of {runner.region} layers when none is checkpointed)" if runner.region > 1 else "",
                     " (bf16 casts as eager code rounds them: adapters)" if runner.compile and runner.exact_casts else "",
@@ -920,6 +920,7 @@ def speed_callback(**options):
                     f" within {runner.memory_limit / 2**30:.1f} GiB" if runner.memory_limit else "",
                     ", checkpointed inputs offloaded to the CPU" if runner.offload else "",
                     f", rows over {runner.chunk_tokens} tokens in chunks" if runner.chunk_tokens else "",
+                    f", {len(runner.flat_scales)} 4-bit bases with flat scales" if len(runner.flat_scales) else "",
                 )
 
     return SpeedCallback()
