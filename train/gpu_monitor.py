@@ -103,10 +103,13 @@ def monitor(device) -> Optional[GpuMonitor]:
 
 
 def describe(summary: Optional[dict]) -> str:
-    """', GPU busy: 1,755 MHz (min 1,620), up to 63 C' for a row's line; '' without busy readings."""
+    """', GPU busy: 1,755 MHz (min 1,620), 612 W, up to 63 C' for a row's line (clock and power the
+    medians over the busy readings); '' without busy readings."""
     if not summary or not summary.get("busy") or summary.get("sm_clock_mhz_median") is None:
         return ""
     text = f", GPU busy: {summary['sm_clock_mhz_median']:,.0f} MHz (min {summary['sm_clock_mhz_min']:,.0f})"
+    if summary.get("power_w_median") is not None:
+        text += f", {summary['power_w_median']:.0f} W"
     if summary.get("temperature_c_max") is not None:
         text += f", up to {summary['temperature_c_max']:.0f} C"
     return text

@@ -21,7 +21,9 @@ def test_readings_parse_and_summarise_over_the_busy_ones():
     summary = summarize(readings)
     assert summary == {"readings": 5, "busy": 3, "sm_clock_mhz_median": 1755.0, "sm_clock_mhz_min": 1620.0,
                        "temperature_c_max": 66.0, "power_w_median": 675.0}
-    assert describe(summary) == ", GPU busy: 1,755 MHz (min 1,620), up to 66 C"
+    assert describe(summary) == ", GPU busy: 1,755 MHz (min 1,620), 675 W, up to 66 C"
+    no_power = {**summary, "power_w_median": None}
+    assert describe(no_power) == ", GPU busy: 1,755 MHz (min 1,620), up to 66 C"
     assert summarize([readings[0]]) == {"readings": 1, "busy": 0} and describe(summarize([readings[0]])) == ""
     assert summarize([]) is None and describe(None) == ""
 
