@@ -48,7 +48,6 @@ class FlatScales:
     def __init__(self, layers):
         self.bases = nested_bases(layers)
         self._nested: list = []  # (base, its double-quantized state, the device its codes came from)
-        self.added_bytes = 0  # what the installed states add on the weights' device
 
     def __len__(self) -> int:
         return len(self.bases)
@@ -62,19 +61,19 @@ class FlatScales:
                 continue
             flat = flat_state(nested)
             added += _nbytes(flat.absmax) - _nbytes(nested.absmax)
-            device = nested.absmax.device
+            self._nested.append((base, nested, nested.absmax.device))
             nested.absmax = nested.absmax.to("cpu")
-            self._nested.append((base, nested, device))
             base.weight.quant_state = flat
-        self.added_bytes += added
         return added
 
     def remove(self) -> int:
         """Puts the double-quantized states back; returns the bytes this frees on the weights' device."""
+        freed = 0
         for base, nested, device in self._nested:
+            freed += _nbytes(base.weight.quant_state.absmax) - _nbytes(nested.absmax)  # the install's difference
             nested.absmax = nested.absmax.to(device)
             base.weight.quant_state = nested
-        freed, self._nested, self.added_bytes = self.added_bytes, [], 0
+        self._nested = []
         return freed
 
 
