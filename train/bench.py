@@ -78,6 +78,7 @@ class Row:
     skip_tail: bool = True  # recomputed from outside, a layer leaves out its unread product (train.tail_product)
     dense_once: bool = False  # recomputed from outside, a 4-bit layer dequantizes each weight once (train.dense_once)
     flat_scales: bool = False  # double-quantized 4-bit scales dequantized once for the run (train.flat_scales)
+    triton_dequant: bool = False  # 4-bit weights dequantized by a Triton launch compiled code makes (train.triton_dequant)
     note: str = ""
 
 
@@ -164,6 +165,10 @@ for _row in [
              "tw_qlora dequantizing each weight once for a layer's recomputation and its backward", dense_once=True),
     _variant("tw_qlora", "tw_qlora_flat_scales",
              "tw_qlora with the base's double-quantized scales dequantized once for the run", flat_scales=True),
+    _variant("tw_qlora", "tw_qlora_triton_dequant", "tw_qlora_flat_scales with every 4-bit weight dequantized by "
+             "bitsandbytes' Triton kernel, launched from the compiled layer", flat_scales=True, triton_dequant=True),
+    _variant("tw_qlora", "tw_qlora_triton_dense_once", "tw_qlora_triton_dequant dequantizing each weight once per "
+             "recomputation and backward", flat_scales=True, triton_dequant=True, dense_once=True),
     _variant("tw_qlora", "tw_qlora_flat_dense_once", "tw_qlora_flat_scales dequantizing each weight once per "
              "recomputation and backward", flat_scales=True, dense_once=True),
     _variant("tw_lora", "tw_lora_calibrated",
@@ -470,7 +475,7 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
                                         chunk_tokens=row.chunk_tokens, region_layers=row.region_layers,
                                         calibrate_plain=row.calibrate_plain, exact_casts=row.exact_casts,
                                         skip_tail=row.skip_tail, dense_once=row.dense_once,
-                                        flat_scales=row.flat_scales))
+                                        flat_scales=row.flat_scales, triton_dequant=row.triton_dequant))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=minimal_tokenizer(),
                          peft_config=peft_config, callbacks=callbacks)
     from transformers.trainer_callback import PrinterCallback

@@ -246,6 +246,9 @@ class LayerRunner:
     as static. The trainer passes `method.qlora.flat_scales` (off by default): at 8B it measured
     8% and 24% faster than without on an H100 and 11% slower on an H200, at 0.31 GiB more, within
     the spread of these host-bound rows (BENCHMARKS.md).
+    `triton_dequant`: on CUDA, each frozen 4-bit base's product dequantizes its weight by a Triton
+    launch that the compiled layer makes itself, not through bitsandbytes' Python kernel
+    (train.triton_dequant); it reads flat scales, so it turns `flat_scales` on.
     """
 
     def __init__(
@@ -267,6 +270,7 @@ class LayerRunner:
         skip_tail: bool = True,
         dense_once: bool = False,
         flat_scales: bool = False,
+        triton_dequant: bool = False,
     ):
         self.backbone, self.layers = decoder_layers(model)
         adapters = any(not p.requires_grad for p in self.layers[0].parameters())  # on a frozen base
@@ -350,7 +354,10 @@ class LayerRunner:
         self.dense_onces = DenseOnces(self.layers if dense_once and self.recompute_outside else [])
         from train.flat_scales import FlatScales
 
-        self.flat_scales = FlatScales(self.layers if flat_scales else [])
+        self.flat_scales = FlatScales(self.layers if flat_scales or triton_dequant else [])
+        from train.triton_dequant import TritonDequants
+
+        self.triton_dequants = TritonDequants(self.layers if triton_dequant else [])
         self.token_chunks = self.chunked_layers = None
         if chunk_tokens:
             from train.chunked_layer import ChunkedLayer, unsupported_reason
@@ -376,6 +383,7 @@ class LayerRunner:
         self.tail_products.install()
         self.dense_onces.install()
         self.static_bytes += self.flat_scales.install()
+        self.triton_dequants.install()  # after the swaps it defers to within a recomputation
         if self.token_chunks is not None:
             self.token_chunks.install()
         self._hook = self.backbone.register_forward_pre_hook(self._before_batch, with_kwargs=True)
@@ -386,6 +394,7 @@ class LayerRunner:
     def remove(self) -> None:
         for layer in self.layers:
             layer.__dict__.pop("forward", None)
+        self.triton_dequants.remove()
         self.tail_products.remove()
         self.dense_onces.remove()
         self.static_bytes -= self.flat_scales.remove()
@@ -912,7 +921,7 @@ def speed_callback(**options):
                     warmup_batches=2 * args.gradient_accumulation_steps, **options,
                 ).install()
                 log.info(
-                    "decoder layers: compile=%s%s%s, checkpointing=%s%s%s%s%s",
+                    "decoder layers: compile=%s%s%s, checkpointing=%s%s%s%s%s%s",
                     runner.compile,
                     f" (regions of {runner.region} layers when none is checkpointed)" if runner.region > 1 else "",
                     " (bf16 casts as eager code rounds them: adapters)" if runner.compile and runner.exact_casts else "",
@@ -921,6 +930,8 @@ def speed_callback(**options):
                     ", checkpointed inputs offloaded to the CPU" if runner.offload else "",
                     f", rows over {runner.chunk_tokens} tokens in chunks" if runner.chunk_tokens else "",
                     f", {len(runner.flat_scales)} 4-bit bases with flat scales" if len(runner.flat_scales) else "",
+                    f", {len(runner.triton_dequants)} dequantized by a Triton launch"
+                    if len(runner.triton_dequants) else "",
                 )
 
     return SpeedCallback()

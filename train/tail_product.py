@@ -67,9 +67,14 @@ class _InputGradOnly(torch.autograd.Function):
 
 
 def dequantized(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
-    """A bitsandbytes 4-bit weight in `dtype`, by the call its gemm_4bit and MatMul4Bit.backward make."""
+    """A bitsandbytes 4-bit weight in `dtype`, by the call its gemm_4bit and MatMul4Bit.backward make
+    (or, while train.triton_dequant is on, by its launch of bitsandbytes' Triton kernel)."""
     import bitsandbytes.functional as bnb_functional
 
+    from train import triton_dequant
+
+    if triton_dequant._on and triton_dequant.flat(quant_state) and triton_dequant.kernel_here(weight):
+        return triton_dequant.dequantize(weight, quant_state, quant_state.dtype).to(dtype)  # its same bits
     return bnb_functional.dequantize_4bit(weight.view(-1, 1), quant_state).to(dtype)
 
 
