@@ -35,6 +35,8 @@ _LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLa
 _MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP"})
 
 _recomputing = False  # read by the swapped forwards, compiled ones included (Dynamo guards on it)
+# (weight, quant_state) -> the weight dequantized in the state's dtype, or None to leave it to bitsandbytes
+_dequantizer = None
 
 
 @contextlib.contextmanager
@@ -68,14 +70,13 @@ class _InputGradOnly(torch.autograd.Function):
 
 def dequantized(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
     """A bitsandbytes 4-bit weight in `dtype`, by the call its gemm_4bit and MatMul4Bit.backward make
-    (or, while train.triton_dequant is on, by its launch of bitsandbytes' Triton kernel)."""
+    (or by `_dequantizer`, where it takes the weight: train.triton_dequant sets it while installed)."""
     import bitsandbytes.functional as bnb_functional
 
-    from train import triton_dequant
-
-    if triton_dequant._on and triton_dequant.flat(quant_state) and triton_dequant.kernel_here(weight):
-        return triton_dequant.dequantize(weight, quant_state, quant_state.dtype).to(dtype)  # its same bits
-    return bnb_functional.dequantize_4bit(weight.view(-1, 1), quant_state).to(dtype)
+    dense = _dequantizer(weight, quant_state) if _dequantizer is not None else None
+    if dense is None:
+        dense = bnb_functional.dequantize_4bit(weight.view(-1, 1), quant_state)
+    return dense.to(dtype)
 
 
 def in_compute_dtype(base: nn.Module, x: torch.Tensor, product) -> torch.Tensor:

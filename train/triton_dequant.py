@@ -17,8 +17,8 @@ block's fp32 scale, rounded once to bf16, as bitsandbytes' CUDA kernel does: the
 
 The kernel reads fp32 scales, so the bases' scales must be flat (train.flat_scales); a base whose
 state is still double-quantized, an input on the CPU, or few rows (bitsandbytes' fused kernel)
-run the base's own forward. While on, `train.tail_product.dequantized` -- the down projection's
-input gradient in a recomputation, and dense_once's kept weight -- uses the same launch.
+run the base's own forward. While installed, `train.tail_product.dequantized` -- the down
+projection's input gradient in a recomputation, and dense_once's kept weight -- uses the same launch.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from torch import nn
 
 from train import dense_once, tail_product
 
-_on = False  # read by train.tail_product.dequantized
 _op = None  # the triton_op, made by `load()` where Triton runs
 _PAIRS_PER_PROGRAM = 1024  # packed bytes (two weights each) per Triton program
 
@@ -100,6 +99,14 @@ def _dequantize_into(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int,
                                                      out.dtype))
 
 
+def _where_taken(weight: torch.Tensor, quant_state) -> Optional[torch.Tensor]:
+    """`tail_product.dequantized`'s dequantization while installed: this module's, in the state's dtype
+    (bitsandbytes' `dequantize_4bit` returns that dtype), where the kernel takes the weight."""
+    if flat(quant_state) and kernel_here(weight):
+        return dequantize(weight, quant_state, quant_state.dtype)
+    return None
+
+
 class _Dequantized(torch.autograd.Function):
     """x @ W^T with W dequantized here, and again for the input's gradient."""
 
@@ -140,13 +147,13 @@ class TritonDequants(tail_product.SwappedForwards):
         super().__init__(bases, self._forward)
 
     def install(self) -> "TritonDequants":
-        global _on
-        _on = bool(self.bases)
+        if self.bases:
+            tail_product._dequantizer = _where_taken
         return super().install()
 
     def remove(self) -> None:
-        global _on
-        _on = False
+        if self.bases:
+            tail_product._dequantizer = None
         super().remove()
 
     def _forward(self, base: nn.Module):
