@@ -13,7 +13,8 @@ backend runs; `bitsandbytes.backends.triton.kernels_4bit`), wrapped as a `torch.
 so that compiled code launches it directly, then `F.linear`; the backward dequantizes again
 (nothing dequantized is kept between the two, as with bitsandbytes) and multiplies as
 `MatMul4Bit.backward` does. The kernel computes each weight as the fp32 code value times its
-block's fp32 scale, rounded once to bf16, as bitsandbytes' CUDA kernel does: the same bits.
+block's fp32 scale, rounded once to the output dtype, as bitsandbytes' CUDA kernel does; the GPU
+tests in tests/train/test_triton_dequant.py compare the bits with that kernel's.
 
 The kernel reads fp32 scales, so the bases' scales must be flat (train.flat_scales); a base whose
 state is still double-quantized, an input on the CPU, or few rows (bitsandbytes' fused kernel)
