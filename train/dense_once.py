@@ -64,14 +64,8 @@ def _dequantizes_on_its_own(x: torch.Tensor, limit: Optional[int]) -> bool:
 def dense_once_bases(layers) -> list[nn.Module]:
     """The frozen bitsandbytes 4-bit linears without a bias of `layers`, less each
     layer's down projection base that train.tail_product already changes."""
-    bases = []
-    for layer in layers:
-        tail = tail_product.tail_base(layer)
-        for module in layer.modules():
-            if (tail_product.is_4bit(module) and module is not tail and not module.weight.requires_grad
-                    and module.bias is None):
-                bases.append(module)
-    return bases
+    tails = {tail_product.tail_base(layer) for layer in layers}
+    return [base for base in tail_product.frozen_4bit_bases(layers) if base not in tails]
 
 
 class DenseOnces(tail_product.SwappedForwards):

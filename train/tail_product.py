@@ -104,6 +104,12 @@ def tail_base(layer: nn.Module) -> Optional[nn.Module]:
     return None
 
 
+def frozen_4bit_bases(layers) -> list[nn.Module]:
+    """The frozen bitsandbytes 4-bit linears without a bias of `layers`."""
+    return [module for layer in layers for module in layer.modules()
+            if is_4bit(module) and not module.weight.requires_grad and module.bias is None]
+
+
 def is_4bit(module: nn.Module) -> bool:
     try:
         import bitsandbytes as bnb

@@ -82,7 +82,7 @@ def dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.T
         packed = packed.view(torch.uint8)
     if weight.is_cuda and _op is not None:
         return _op(packed, quant_state.absmax, quant_state.blocksize, quant_state.quant_type == "nf4",
-                                rows, cols, dtype)
+                   rows, cols, dtype)
     out = torch.empty((rows, cols), dtype=dtype, device=weight.device)
     _dequantize_into(packed, quant_state.absmax, quant_state.blocksize, quant_state.quant_type, out)
     return out
@@ -126,14 +126,8 @@ class _Dequantized(torch.autograd.Function):
         return torch.matmul(grad, dequantize(weight, state, state.dtype).to(grad.dtype)), None, None
 
 
-def frozen_bases(layers) -> list[nn.Module]:
-    """The frozen bitsandbytes 4-bit linears without a bias of `layers`."""
-    return [module for layer in layers for module in layer.modules()
-            if tail_product.is_4bit(module) and not module.weight.requires_grad and module.bias is None]
-
-
 class TritonDequants(tail_product.SwappedForwards):
-    """Installs the Triton-dequantized product on every base `frozen_bases` finds.
+    """Installs the Triton-dequantized product on every base `tail_product.frozen_4bit_bases` finds.
 
     A base whose forward train.tail_product or train.dense_once swapped keeps that forward within a
     recomputation, where it is theirs to decide (their dequantizations come here through
@@ -141,7 +135,7 @@ class TritonDequants(tail_product.SwappedForwards):
     """
 
     def __init__(self, layers):
-        bases = frozen_bases(layers)
+        bases = tail_product.frozen_4bit_bases(layers)
         self._limit = dense_once.fused_kernel_rows() if bases else None
         if bases and torch.cuda.is_available():
             load()
@@ -158,20 +152,15 @@ class TritonDequants(tail_product.SwappedForwards):
         super().remove()
 
     def _forward(self, base: nn.Module):
-        own = base.__dict__.get("forward") or type(base).forward.__get__(base)
-        limit: Optional[int] = self._limit
+        deferred = "forward" in base.__dict__  # swapped by tail_product or dense_once, installed before
+        own = base.__dict__["forward"] if deferred else type(base).forward.__get__(base)
+        limit = self._limit
 
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             state = base.weight.quant_state
-            if ((tail_product._recomputing and _swapped_before(base, own)) or not flat(state)
-                    or not kernel_here(base.weight) or not dense_once._dequantizes_on_its_own(x, limit)):
+            if ((deferred and tail_product._recomputing) or not flat(state) or not kernel_here(base.weight)
+                    or not dense_once._dequantizes_on_its_own(x, limit)):
                 return own(x, *args, **kwargs)
             return tail_product.in_compute_dtype(base, x, lambda x: _Dequantized.apply(x, base.weight, state))
 
         return forward
-
-
-def _swapped_before(base: nn.Module, own) -> bool:
-    """Whether `own`, the forward found at install, is another module's swap, not the class's method."""
-    return getattr(own, "__self__", None) is not base
-

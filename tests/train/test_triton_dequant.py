@@ -28,12 +28,12 @@ def as_on_cuda(monkeypatch):
 
 def test_takes_every_frozen_4bit_base_and_turns_flat_scales_on():
     model = tiny_qlora(layers=2)
-    bases = triton_dequant.frozen_bases(decoder_layers(model)[1])
+    bases = tail_product.frozen_4bit_bases(decoder_layers(model)[1])
     assert len(bases) == 2 * 7 and all(type(b).__name__ == "Linear4bit" for b in bases)
     runner = LayerRunner(model, triton_dequant=True)
     assert len(runner.triton_dequants) == 2 * 7 and len(runner.flat_scales) == 2 * 7
     assert len(LayerRunner(tiny_qlora(layers=1)).triton_dequants) == 0  # off by default
-    assert triton_dequant.frozen_bases(decoder_layers(tiny_lora(layers=2))[1]) == []  # bf16 bases
+    assert tail_product.frozen_4bit_bases(decoder_layers(tiny_lora(layers=2))[1]) == []  # bf16 bases
 
 
 def test_recomputed_layers_train_to_the_same_bits_without_a_bitsandbytes_product(as_on_cuda):
@@ -89,11 +89,11 @@ def test_remove_gives_the_bases_their_own_forwards_back(as_on_cuda):
     assert sum(1 for e in prof.events() if e.name == "bitsandbytes::dequantize_blockwise") == 1
 
 
-def _flat_4bit(rows, cols, quant_type, dtype=torch.bfloat16):
+def _flat_4bit(rows, cols, quant_type):
     import bitsandbytes.functional as F
 
     torch.manual_seed(0)
-    weight = torch.randn(rows, cols, device="cuda", dtype=dtype)
+    weight = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
     packed, state = F.quantize_4bit(weight, blocksize=64, quant_type=quant_type, compress_statistics=False)
     return packed, state
 
