@@ -89,11 +89,11 @@ def test_remove_gives_the_bases_their_own_forwards_back(as_on_cuda):
     assert sum(1 for e in prof.events() if e.name == "bitsandbytes::dequantize_blockwise") == 1
 
 
-def _flat_4bit(rows, cols, quant_type):
+def _flat_4bit(rows, cols, quant_type, dtype):
     import bitsandbytes.functional as F
 
     torch.manual_seed(0)
-    weight = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(rows, cols, device="cuda", dtype=dtype)
     packed, state = F.quantize_4bit(weight, blocksize=64, quant_type=quant_type, compress_statistics=False)
     return packed, state
 
@@ -106,9 +106,8 @@ def test_gpu_the_triton_kernel_gives_bitsandbytes_bits(quant_type, shape, dtype)
     import bitsandbytes.functional as F
 
     assert triton_dequant.load()
-    packed, state = _flat_4bit(*shape, quant_type)
-    ref = torch.empty(shape, dtype=dtype, device="cuda")
-    F.dequantize_4bit(packed, state, out=ref)
+    packed, state = _flat_4bit(*shape, quant_type, dtype)  # a base of `dtype`, as bitsandbytes dequantizes to it
+    ref = F.dequantize_4bit(packed, state)
     ours = triton_dequant.dequantize(packed, state, dtype)
     assert ours.shape == ref.shape and ours.dtype == dtype
     assert torch.equal(ours, ref), (ours.float() - ref.float()).abs().max()
