@@ -213,10 +213,11 @@ def test_max_completion_tokens_and_error_param(server):
             assert error["param"] == param, error
 
 
-def test_disconnected_non_streaming_client_frees_its_rows_within_a_second(server):
+def test_disconnected_non_streaming_client_frees_its_rows_before_they_finish(server):
     """The client hangs up as soon as its rows generate: they stop long before their 16 x 400
-    tokens (about 1.6 s of this CPU's decoding) are done. The hang-up is timed from the server's
-    own count of running rows, not from a client timeout that a fast machine could outrun."""
+    tokens (about 1.6 s of this CPU's decoding, more beside other test workers) are done. The
+    hang-up is timed from the server's own count of running rows, not from a client timeout that a
+    fast machine could outrun; the token count, not the wait, says whether they stopped early."""
     body = json.dumps({"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 400, "n": 16, "temperature": 0,
                        "ignore_eos": True}).encode()
     before = server.metrics()["tunewright_generation_tokens_total"]
@@ -229,7 +230,7 @@ def test_disconnected_non_streaming_client_frees_its_rows_within_a_second(server
         assert time.monotonic() < deadline, "the request never started generating"
         time.sleep(0.005)
     sock.close()
-    deadline = time.monotonic() + 3.0
+    deadline = time.monotonic() + 30
     while server.metrics()["tunewright_sequences_running"] > 0:
         assert time.monotonic() < deadline, "the abandoned rows are still generating"
         time.sleep(0.05)
