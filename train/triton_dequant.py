@@ -3,9 +3,9 @@
 On CUDA, past the row count of its fused kernel, bitsandbytes' 4-bit product (`gemm_4bit`) and
 its backward dequantize the weight and multiply in bf16. Inside a compiled decoder layer each
 of those calls is an opaque custom op whose Python kernel -- argument checks, allocations,
-ctypes calls -- takes about 100 us of host time, where the GPU needs 25-71 us for the
-dequantization (H100, Llama-8B's weight shapes): an 8B QLoRA step makes about 630 of them, and its host work comes close to its
-GPU work.
+ctypes calls -- takes about 100 us of host time with double-quantized scales (20-25 us for the
+dequantization alone with flat ones), where the GPU needs 25-71 us for it (H100, Llama-8B's weight
+shapes): an 8B QLoRA step makes about 630 of them, and its host work comes close to its GPU work.
 
 `TritonDequants` swaps the forward of each frozen 4-bit base for the same two steps written so
 that Inductor sees them: bitsandbytes' own Triton dequantization kernel (the one its Triton

@@ -15,7 +15,9 @@ def test_cache_dir_precedence(monkeypatch, tmp_path):
 
 def test_processes_fetching_the_builtin_model_at_once_convert_it_once(monkeypatch, tmp_path, caplog):
     """Two fetches at once (two test workers, a demo beside a server): one converts while the other
-    says it waits, then finds the checkpoint; neither removes the directory the other returned."""
+    says it waits, then finds the checkpoint; neither removes the directory the other returned.
+    Threads stand in for the processes: each opens the lock file itself, and flock locks one open
+    file against another, in one process or two."""
     import logging
     import threading
     import time
