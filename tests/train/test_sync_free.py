@@ -192,7 +192,7 @@ def test_deferred_log_counts_each_steps_own_time_for_tokens_per_s(tmp_path):
     defer_metric_reads(trainer)
     compute_loss = trainer.compute_loss
 
-    pace = 0.5  # every step takes at least this long, well above its own work on a busy machine
+    pace = 0.2  # every step takes at least this long
 
     def paced(model, inputs, **kw):
         time.sleep(pace)
@@ -202,10 +202,11 @@ def test_deferred_log_counts_each_steps_own_time_for_tokens_per_s(tmp_path):
     trainer.train()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
-    speeds = [r["tokens_per_s"] for r in rows[1:]]  # the first counts from the start of training
-    assert max(speeds) < 2 * min(speeds), speeds
-    assert max(speeds) <= (rows[-1]["tokens"] - rows[0]["tokens"]) / pace / 4, speeds
-    assert rows[-1]["time_s"] - rows[-2]["time_s"] >= pace
+    for before, row in zip(rows, rows[1:]):  # the first counts from the start of training
+        took = row["time_s"] - before["time_s"]  # the step's own time, however busy the machine
+        assert took >= pace, rows
+        assert row["tokens_per_s"] == pytest.approx((row["tokens"] - before["tokens"]) / took, rel=0.01), rows
+        assert row["tokens_per_s"] <= (row["tokens"] - before["tokens"]) / pace, rows
 
 
 def test_deferred_log_still_stops_a_non_finite_run_before_it_saves(tmp_path):
