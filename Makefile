@@ -41,7 +41,7 @@ demo: $(STAMP)
 	$(PY) -m train recipes/demo.yaml
 
 # Two pytest workers (pytest-xdist): the suite is mostly compiling, importing and starting
-# subprocesses, one core's work each, so on CI's 2 cores it takes about 10 minutes instead of 13-15.
+# subprocesses, one core's work each: on 2 cores a fresh clone takes 8.5-9.5 minutes instead of 12.5-15.
 # `make test JOBS=1` runs it in one process.
 JOBS ?= 2
 
