@@ -76,6 +76,11 @@ def kernel_here(weight: torch.Tensor) -> bool:
     return weight.is_cuda and _op is not None
 
 
+def takes(weight: torch.Tensor, quant_state) -> bool:
+    """Whether this module dequantizes `weight`: a `flat` state, where `kernel_here`."""
+    return flat(quant_state) and kernel_here(weight)
+
+
 def dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
     """The 4-bit `weight` with the `flat` state in `dtype`, [out_features, in_features]: the Triton
     launch where `kernel_here`, else bitsandbytes' own op (the CPU, where tests run the plumbing)."""
@@ -106,7 +111,7 @@ def _dequantize_into(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int,
 def _where_taken(weight: torch.Tensor, quant_state) -> Optional[torch.Tensor]:
     """`tail_product.dequantized`'s dequantization while installed: this module's, in the state's dtype
     (bitsandbytes' `dequantize_4bit` returns that dtype), where the kernel takes the weight."""
-    if flat(quant_state) and kernel_here(weight):
+    if takes(weight, quant_state):
         return dequantize(weight, quant_state, quant_state.dtype)
     return None
 
@@ -161,7 +166,7 @@ class TritonDequants(tail_product.SwappedForwards):
 
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             state = base.weight.quant_state
-            if ((deferred and tail_product._recomputing) or not flat(state) or not kernel_here(base.weight)
+            if ((deferred and tail_product._recomputing) or not takes(base.weight, state)
                     or not dense_once._dequantizes_on_its_own(x, limit)):
                 return own(x, *args, **kwargs)
             return tail_product.in_compute_dtype(base, x, lambda x: _Dequantized.apply(x, base.weight, state))
