@@ -79,6 +79,7 @@ class Row:
     dense_once: bool = False  # recomputed from outside, a 4-bit layer dequantizes each weight once (train.dense_once)
     flat_scales: bool = False  # double-quantized 4-bit scales dequantized once for the run (train.flat_scales)
     triton_dequant: bool = False  # 4-bit weights dequantized by a Triton launch compiled code makes (train.triton_dequant)
+    kept_products: bool = False  # "auto": 4-bit layers' selective tier, base products kept (train.kept_products)
     note: str = ""
 
 
@@ -169,6 +170,10 @@ for _row in [
              "bitsandbytes' Triton kernel, launched from the compiled layer", flat_scales=True, triton_dequant=True),
     _variant("tw_qlora", "tw_qlora_triton_dense_once", "tw_qlora_triton_dequant dequantizing each weight once per "
              "recomputation and backward", flat_scales=True, triton_dequant=True, dense_once=True),
+    _variant("tw_qlora", "tw_qlora_kept_products", "tw_qlora with a selective tier: a layer keeps its 4-bit "
+             "bases' outputs for its recomputation", kept_products=True),
+    _variant("tw_qlora", "tw_qlora_flat_kept_products", "tw_qlora_flat_scales with the kept products' selective tier",
+             flat_scales=True, kept_products=True),
     _variant("tw_qlora", "tw_qlora_flat_dense_once", "tw_qlora_flat_scales dequantizing each weight once per "
              "recomputation and backward", flat_scales=True, dense_once=True),
     _variant("tw_lora", "tw_lora_calibrated",
@@ -475,7 +480,8 @@ def build_trainer(row: Row, ns: argparse.Namespace, model, dataset, device, step
                                         chunk_tokens=row.chunk_tokens, region_layers=row.region_layers,
                                         calibrate_plain=row.calibrate_plain, exact_casts=row.exact_casts,
                                         skip_tail=row.skip_tail, dense_once=row.dense_once,
-                                        flat_scales=row.flat_scales, triton_dequant=row.triton_dequant))
+                                        flat_scales=row.flat_scales, triton_dequant=row.triton_dequant,
+                                        kept_products=row.kept_products))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=minimal_tokenizer(),
                          peft_config=peft_config, callbacks=callbacks)
     from transformers.trainer_callback import PrinterCallback

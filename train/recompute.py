@@ -11,7 +11,9 @@ it. Nothing about checkpointing reaches the compiler, so it needs only the graph
 non-checkpointed layer already uses -- the way through for a layer whose checkpointed graph
 Inductor cannot partition -- and the recomputation is the forward's exact computation (the
 same code, the same random state, the same autocast state), less the one product whose value
-the backward never reads, the down projection's on a frozen base (train.tail_product).
+the backward never reads, the down projection's on a frozen base (train.tail_product). With
+`keep_products` the layer also keeps its 4-bit bases' outputs from the forward and the
+recomputation takes them (train.kept_products): a selective tier between recomputed and plain.
 
 With `offload=True` the one tensor kept between forward and backward, the layer's input
 hidden state, waits in pinned CPU memory instead of on the GPU: a fully checkpointed model
@@ -36,17 +38,20 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from train import kept_products
 from train.tail_product import recomputing
 
 
-def recompute_layer(run: Callable, layer: nn.Module, args: tuple, kwargs: dict, *, offload: bool = False):
-    """`run(layer, *args, **kwargs)` (the layer's hidden state first) with its activations recomputed in the backward."""
+def recompute_layer(run: Callable, layer: nn.Module, args: tuple, kwargs: dict, *, offload: bool = False,
+                    keep_products: bool = False):
+    """`run(layer, *args, **kwargs)` (the layer's hidden state first) with its activations recomputed in
+    the backward; with `keep_products`, its kept bases' outputs kept for that (train.kept_products)."""
     if args:
         hidden, rest = args[0], args[1:]
     else:
         kwargs = dict(kwargs)
         hidden, rest = kwargs.pop("hidden_states"), ()
-    return _Recomputed.apply(run, layer, rest, kwargs, offload, _grad_anchor(hidden.device), hidden)
+    return _Recomputed.apply(run, layer, rest, kwargs, offload, keep_products, _grad_anchor(hidden.device), hidden)
 
 
 _ANCHORS: dict[torch.device, torch.Tensor] = {}
@@ -81,16 +86,18 @@ class _Replay:
 
 class _Recomputed(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, layer, rest, kwargs, offload, anchor, hidden):
+    def forward(ctx, run, layer, rest, kwargs, offload, keep_products, anchor, hidden):
         ctx.run, ctx.layer, ctx.rest, ctx.kwargs = run, layer, rest, kwargs
         ctx.hidden_requires_grad = hidden.requires_grad
         ctx.replay = _Replay(hidden.device)
         # The forward of the graph the recomputation will use (same grad mode, same requires_grad
         # on the input: a compiled layer is guarded on both), its saved activations dropped as soon
         # as the output exists: the same code runs twice (the second time less the product nobody
-        # reads, train.tail_product), so what the backward reads agrees bit for bit.
-        with torch.enable_grad():
+        # reads, train.tail_product, and the products kept, train.kept_products), so what the
+        # backward reads agrees bit for bit.
+        with torch.enable_grad(), kept_products.keeping() if keep_products else contextlib.nullcontext() as kept:
             out = run(layer, hidden.detach().requires_grad_(hidden.requires_grad), *rest, **kwargs)
+        ctx.kept = kept
         keep_input(ctx, hidden, offload)
         if isinstance(out, tuple):  # layers that also return attention weights or a cache
             return (out[0].detach(), *(o.detach() if isinstance(o, torch.Tensor) else o for o in out[1:]))
@@ -99,14 +106,17 @@ class _Recomputed(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, *_):
         hidden = kept_input(ctx).to(ctx.device, non_blocking=True).requires_grad_(ctx.hidden_requires_grad)
-        with ctx.replay(), recomputing():  # the layer's down projection product is left out (train.tail_product)
+        kept, ctx.kept = ctx.kept, None
+        taken = kept_products.replaying(kept) if kept is not None else contextlib.nullcontext()
+        # the layer's down projection product is left out (train.tail_product), kept ones are taken
+        with ctx.replay(), recomputing(), taken:
             out = ctx.run(ctx.layer, hidden, *ctx.rest, **ctx.kwargs)
         if isinstance(out, tuple):
             out = out[0]
         if out.requires_grad:
             torch.autograd.backward(out, grad_out)
         grad_hidden = hidden.grad if ctx.hidden_requires_grad else None
-        return None, None, None, None, None, None, grad_hidden
+        return None, None, None, None, None, None, None, grad_hidden
 
 
 def keep_input(ctx, hidden: torch.Tensor, offload: bool) -> None:

@@ -25,7 +25,8 @@ Two mechanisms, both per decoder layer, installed on a model that SFTTrainer is 
   of a checkpointed layer's recomputation (one H100: every layer selective instead of
   checkpointed, +5.8% tok/s at +0.7 GiB). The policy picks, per micro-batch, how many layers
   stay plain, run selective or are checkpointed so that the expected recomputation is least
-  within the memory limit.
+  within the memory limit. A layer recomputed from outside its compiled code (a 4-bit base's)
+  has its own selective tier, opt-in: it keeps its base products' outputs (train.kept_products).
 
 A checkpointed layer is compiled with the checkpoint inside it, `torch.compile(checkpoint(layer))`:
 Inductor fuses the recomputation into the backward. The other nesting with torch's
@@ -144,6 +145,13 @@ def _run_layer_checkpointed(layer: nn.Module, *args, **kwargs):
 # layer selective 49,652, none recomputed ~55,600; 1/46.9k - 1/49.65k is 35% of 1/46.9k - 1/55.6k.
 SELECTIVE_COST = 0.65
 
+# A layer recomputed from outside that keeps its base products (train.kept_products) recomputes
+# only what is left of its forward: norms, RoPE, attention, adapters and activation. An estimate
+# from the shares of a steady 8B QLoRA step's GPU time profiled on one H100 (BENCHMARKS.md):
+# per recomputed layer about 3.5 ms of base products and 0.25 ms of dequantization are left out
+# of about 4.9 ms. Not yet timed as a whole.
+KEPT_PRODUCTS_COST = 0.25
+
 # The attention kernels whose outputs (output, log-sum-exp, RNG state) a selective layer keeps.
 _SAVED_ATTENTION_OPS = frozenset({
     "torch_attn::_varlen_attn",
@@ -249,6 +257,9 @@ class LayerRunner:
     `triton_dequant`: on CUDA, each frozen 4-bit base's product dequantizes its weight by a Triton
     launch that the compiled layer makes itself, not through bitsandbytes' Python kernel
     (train.triton_dequant); it reads flat scales, so it turns `flat_scales` on.
+    `kept_products`: under "auto", the selective tier for layers recomputed from outside: such a
+    layer keeps its frozen 4-bit bases' outputs, and its recomputation takes them instead of
+    computing them again (train.kept_products). Off by default until a GPU bench times it.
     """
 
     def __init__(
@@ -271,6 +282,7 @@ class LayerRunner:
         dense_once: bool = False,
         flat_scales: bool = False,
         triton_dequant: bool = False,
+        kept_products: bool = False,
     ):
         self.backbone, self.layers = decoder_layers(model)
         adapters = any(not p.requires_grad for p in self.layers[0].parameters())  # on a frozen base
@@ -337,6 +349,7 @@ class LayerRunner:
         # 4-bit layer's dequantized weights are not what its policy accounts for, and the other
         # ways of recomputing (offload, token chunks, from outside) keep only the layer's input.
         self.selective_ok = bool(compile) and not (offload or chunk_tokens or self.recompute_outside or adapters)
+        self.selective_cost = SELECTIVE_COST
         self.dropout = None
         if compile:
             from train.dropout import RecomputableDropout
@@ -358,6 +371,19 @@ class LayerRunner:
         from train.triton_dequant import TritonDequants
 
         self.triton_dequants = TritonDequants(self.layers if triton_dequant else [])
+        from train.kept_products import KeptProducts, kept_bases
+
+        # Layers recomputed from outside get their own selective tier: they keep their base products.
+        kept = kept_products and self.recompute_outside and not (offload or chunk_tokens)
+        self.kept_products = KeptProducts(kept_bases(self.layers, self.tail_products.bases) if kept else [])
+        if len(self.kept_products):
+            self.selective_ok, self.selective_cost = True, KEPT_PRODUCTS_COST
+            import torch._dynamo.config as dynamo_config
+
+            # The two modes add graphs of the plain layer and of its recomputation, each for the first
+            # layer (whose input needs no gradient) and the others: training alone fills torch's
+            # default of 8 per function, and evaluation's graph would run eager.
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 16)
         self.token_chunks = self.chunked_layers = None
         if chunk_tokens:
             from train.chunked_layer import ChunkedLayer, unsupported_reason
@@ -384,6 +410,7 @@ class LayerRunner:
         self.dense_onces.install()
         self.static_bytes += self.flat_scales.install()
         self.triton_dequants.install()  # after the swaps it defers to within a recomputation
+        self.kept_products.install()  # over every other swap: it decides before them
         if self.token_chunks is not None:
             self.token_chunks.install()
         self._hook = self.backbone.register_forward_pre_hook(self._before_batch, with_kwargs=True)
@@ -394,6 +421,7 @@ class LayerRunner:
     def remove(self) -> None:
         for layer in self.layers:
             layer.__dict__.pop("forward", None)
+        self.kept_products.remove()
         self.triton_dequants.remove()
         self.tail_products.remove()
         self.dense_onces.remove()
@@ -434,7 +462,8 @@ class LayerRunner:
                 return self._run_chunked(index, args, kwargs)
             # the chunked MLP runs outside the compiled graph, which a compiled checkpoint cannot span
             if self.offload or self.token_chunks is not None or self.recompute_outside:
-                return self._recompute(layer, *args, **kwargs)
+                keep = index in self.selective  # the selective tier of layers recomputed from outside
+                return self._recompute(layer, *args, keep_products=keep, **kwargs)
             if index in self.selective:
                 return self._run("_sel", self._run_layer_selective, layer, args, kwargs)
             return self._run_checkpointed(layer, *args, **kwargs)
@@ -481,11 +510,13 @@ class LayerRunner:
             return False
         return not any(layer._forward_hooks or layer._forward_pre_hooks for layer in self.layers)
 
-    def _recompute(self, layer: nn.Module, *args, **kwargs):
-        """The layer run like a plain one (compiled if the plain layer is) and recomputed in the backward."""
+    def _recompute(self, layer: nn.Module, *args, keep_products: bool = False, **kwargs):
+        """The layer run like a plain one (compiled if the plain layer is) and recomputed in the backward,
+        taking its kept products there if `keep_products` (the selective tier of such layers)."""
         from train.recompute import recompute_layer
 
-        return recompute_layer(self._run_plain, layer, args, kwargs, offload=self.offload)
+        return recompute_layer(self._run_plain, layer, args, kwargs, offload=self.offload,
+                               keep_products=keep_products and len(self.kept_products) > 0)
 
     def _run_chunked(self, index: int, args: tuple, kwargs: dict):
         """A checkpointed layer of a long row, all but its attention in chunks (train.chunked_layer)."""
@@ -643,7 +674,7 @@ class LayerRunner:
         limit at the least expected recomputation; how many of them selectively is left in
         `selective_count` (0 unless `selective_ok`).
 
-        Recomputing a layer selectively costs `SELECTIVE_COST` of a whole layer's
+        Recomputing a layer selectively costs `selective_cost` of a whole layer's
         recomputation, a plain layer nothing: among the (recomputed, selective) pairs that fit,
         the cheapest wins, the fewest recomputed layers on a tie.
 
@@ -673,7 +704,7 @@ class LayerRunner:
         if len(self.history) >= self.warmup_batches:
             best = None
             for k in range(n + 1):
-                if best is not None and SELECTIVE_COST * k >= best[0]:
+                if best is not None and self.selective_cost * k >= best[0]:
                     break  # k recomputed layers cost at least this much, however many are selective
                 if not fits(k, 0):
                     continue
@@ -682,7 +713,7 @@ class LayerRunner:
                 while lo < hi:
                     mid = (lo + hi + 1) // 2
                     lo, hi = (mid, hi) if fits(k, mid) else (lo, mid - 1)
-                cost = (k - lo) + SELECTIVE_COST * lo
+                cost = (k - lo) + self.selective_cost * lo
                 if best is None or cost < best[0] - 1e-9:
                     best = (cost, k, lo)
             if best is not None:
@@ -713,8 +744,13 @@ class LayerRunner:
         return self.backbone.config.hidden_size * self._act_bytes()
 
     def _selective_bytes_per_token(self) -> int:
-        """What a selective layer saves per token besides its input (`selective_policy`): the
-        q, k, v and o projections' outputs, the attention's output and its fp32 log-sum-exp."""
+        """What a selective layer saves per token besides its input: its kept base products
+        (train.kept_products), or under `selective_policy` the q, k, v and o projections'
+        outputs, the attention's output and its fp32 log-sum-exp."""
+        if len(self.kept_products):
+            from train.kept_products import bytes_per_token
+
+            return bytes_per_token(self.layers[0], self.kept_products.bases, self._act_bytes())
         c = self.backbone.config
         heads = c.num_attention_heads
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
@@ -921,7 +957,7 @@ def speed_callback(**options):
                     warmup_batches=2 * args.gradient_accumulation_steps, **options,
                 ).install()
                 log.info(
-                    "decoder layers: compile=%s%s%s, checkpointing=%s%s%s%s%s%s",
+                    "decoder layers: compile=%s%s%s, checkpointing=%s%s%s%s%s%s%s",
                     runner.compile,
                     f" (regions of {runner.region} layers when none is checkpointed)" if runner.region > 1 else "",
                     " (bf16 casts as eager code rounds them: adapters)" if runner.compile and runner.exact_casts else "",
@@ -932,6 +968,8 @@ def speed_callback(**options):
                     f", {len(runner.flat_scales)} 4-bit bases with flat scales" if len(runner.flat_scales) else "",
                     f", {len(runner.triton_dequants)} dequantized by a Triton launch"
                     if len(runner.triton_dequants) else "",
+                    f", a selective tier keeping {len(runner.kept_products)} 4-bit bases' outputs"
+                    if len(runner.kept_products) else "",
                 )
 
     return SpeedCallback()

@@ -51,21 +51,29 @@ def recomputing():
 
 
 class _InputGradOnly(torch.autograd.Function):
-    """x @ W^T whose value nobody reads: zeros forward; backward, the input's gradient only."""
+    """x @ W^T not computed: forward, the product's known `value` (train.kept_products) or, where
+    nobody reads it, zeros; backward, the input's gradient only."""
 
     @staticmethod
-    def forward(ctx, x, weight, quant_state, out_features):
+    def forward(ctx, x, weight, quant_state, out_features, value):
         ctx.quant_state = quant_state
         ctx.save_for_backward(weight)
-        return x.new_zeros(*x.shape[:-1], out_features)
+        return x.new_zeros(*x.shape[:-1], out_features) if value is None else value
 
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
         if ctx.quant_state is None:
-            return torch.matmul(grad, weight), None, None, None
+            return torch.matmul(grad, weight), None, None, None, None
         # bitsandbytes' MatMul4Bit.backward, call for call: the same bits
-        return torch.matmul(grad, dequantized(weight, ctx.quant_state, grad.dtype)), None, None, None
+        return torch.matmul(grad, dequantized(weight, ctx.quant_state, grad.dtype)), None, None, None, None
+
+
+def input_grad_only(x: torch.Tensor, weight: torch.Tensor, quant_state, out_features: int,
+                    value: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`x @ weight^T` (a 4-bit weight when `quant_state` is given) as far as the backward sees it,
+    without the product: `value` if it is known, else zeros that nobody may read."""
+    return _InputGradOnly.apply(x, weight, quant_state, out_features, value)
 
 
 def dequantized(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
@@ -157,8 +165,8 @@ def _skipping_forward(base: nn.Module):
         if not _recomputing or (not four_bit and torch.is_autocast_enabled(x.device.type)):
             return full(base, x, *args, **kwargs)
         if four_bit:
-            return in_compute_dtype(base, x, lambda x: _InputGradOnly.apply(
+            return in_compute_dtype(base, x, lambda x: input_grad_only(
                 x, base.weight, base.weight.quant_state, base.out_features))
-        return _InputGradOnly.apply(x, base.weight, None, base.out_features)
+        return input_grad_only(x, base.weight, None, base.out_features)
 
     return forward
