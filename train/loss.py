@@ -162,10 +162,10 @@ def per_token_outputs(logits: torch.Tensor, labels, shift_labels, num_items_in_b
 
 
 def head_bytes_per_token(vocab_size: int, *, chunked: bool) -> int:
-    """Loss-head bytes per token that scale with the vocabulary, for the memory policy (train.speed).
+    """Loss-head bytes per token that scale with the vocabulary, for the memory policy (train.memory_plan).
 
     Full logits: the bf16 logits, their fp32 copy, the fp32 log-softmax cross_entropy saves,
     and in the backward its fp32 gradient and the bf16 one of the logits (~16 bytes x vocab).
-    The fused head's tiles do not grow with the token count (see train.speed.head_reserve_bytes).
+    The fused head's tiles do not grow with the token count (see train.memory_plan.head_reserve_bytes).
     """
     return 0 if chunked else 16 * vocab_size

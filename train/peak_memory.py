@@ -2,7 +2,7 @@
 
 torch keeps one peak counter per device, and `torch.cuda.reset_peak_memory_stats` resets it
 for everyone: a bench recording each step's peak would erase the peaks the checkpointing
-policy (train.speed) learns its margin from, which then sees only the memory held at the
+policy (train.memory_plan) learns its margin from, which then sees only the memory held at the
 start of a step and stops checkpointing (1B on an H200: 13.8 GiB against a 10.3 GiB limit).
 Here every reader keeps the maximum folded in before each reset, and only `restart` resets:
 

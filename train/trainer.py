@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 from infer.run_directory import Manifest
 from train.callbacks import MetricsRecorder, ProgressBar, StopOnSignal
 from train.errors import DiskFullError, TrainingDiverged, is_disk_full
-from train.model import ModelSetup, base_model_reference, export_dtype, load_model, merge_adapter
+from train.model import ModelSetup, base_model_reference, export_dtype, merge_adapter
 from train.recipe import Recipe
 from train.resume import ApplyLearningRate, check_recipe_changes, finished_step
 from train.rundir import RunDir, dataset_hashes, library_versions

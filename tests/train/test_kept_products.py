@@ -12,7 +12,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from train import kept_products
 from train.kept_products import bytes_per_token, kept_bases
-from train.speed import KEPT_PRODUCTS_COST, LayerRunner, decoder_layers
+from train.memory_plan import KEPT_PRODUCTS_COST
+from train.speed import LayerRunner, decoder_layers
 from train.tail_product import tail_base
 
 from tests.train.test_speed import batches, lora_loss_and_grads, tiny_lora

@@ -170,7 +170,8 @@ def test_chunked_loss_key_is_a_boolean(tmp_path):
 def test_full_logits_reserve_grows_with_tokens_times_vocabulary():
     from transformers import LlamaConfig
 
-    from train.speed import head_reserve_bytes, recipe_speed_settings
+    from train.memory_plan import head_reserve_bytes
+    from train.speed import recipe_speed_settings
 
     cfg = LlamaConfig(hidden_size=2048, vocab_size=128256)
     fused = head_reserve_bytes(cfg, 8192, chunked=True)

@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train import speed
-from train.speed import (SELECTIVE_COST, LayerRunner, _run_layer, _run_layer_checkpointed, count_compilations,
-                         evenly_spaced, region_size)
+from train import memory_plan, speed
+from train.memory_plan import SELECTIVE_COST
+from train.speed import (LayerRunner, _run_layer, _run_layer_checkpointed, count_compilations, evenly_spaced,
+                         region_size)
 
 
 def tiny_llama(layers=2, seed=0):
@@ -321,7 +322,7 @@ def test_auto_policy_learns_its_margin_though_a_bench_restarts_the_peak_each_ste
     model = tiny_llama(layers=4)
     runner = LayerRunner(model, checkpoint="auto", static_bytes=1_000_000, warmup_batches=0, memory_limit=10**9)
     runner.layer_bytes_per_token = 1000.0
-    monkeypatch.setattr(speed, "_device", lambda module: torch.device("cuda"))  # the bench reads "cuda:0"
+    monkeypatch.setattr(memory_plan, "_device", lambda module: torch.device("cuda"))  # the bench reads "cuda:0"
     bench = PeakReader("cuda:0")
     ids = torch.zeros(1, 500, dtype=torch.long)
     for _ in range(3):
@@ -350,14 +351,14 @@ def test_auto_policy_sizes_a_shorter_batch_by_its_own_length(monkeypatch):
     reaching the decoder layers, and the rest) learns its own margin."""
     memory = FakeCudaMemory(monkeypatch)
     model = tiny_llama(layers=8)
-    monkeypatch.setattr(speed, "_device", lambda module: torch.device("cuda"))
+    monkeypatch.setattr(memory_plan, "_device", lambda module: torch.device("cuda"))
     runner = LayerRunner(model, checkpoint="auto", static_bytes=1_000_000, warmup_batches=2)
     runner.layer_bytes_per_token = full = 10_000.0
     kept, n = runner._kept_bytes_per_token(), 8
     assert runner.head_grad_bytes == model.lm_head.weight.numel() * 4
 
     def device_peaks(tokens, k):  # (the loss head's moment, the layers' backward) as the device measures them
-        head = speed.head_reserve_bytes(model.config, tokens, chunked=True, head_trainable=runner.head_trainable,
+        head = memory_plan.head_reserve_bytes(model.config, tokens, chunked=True, head_trainable=runner.head_trainable,
                                         compute_bytes=runner._act_bytes())
         acts = (k * kept + (n - k) * full) * tokens
         recomputed_top = (full - kept) * tokens if k == n else 0
@@ -385,12 +386,12 @@ def test_the_phase_split_is_the_backward_reaching_the_top_decoder_layer(monkeypa
     output fires once per backward, after the loss head's and before any layer's."""
     memory = FakeCudaMemory(monkeypatch)
     model = tiny_llama(layers=4)
-    monkeypatch.setattr(speed, "_device", lambda module: torch.device("cuda"))
+    monkeypatch.setattr(memory_plan, "_device", lambda module: torch.device("cuda"))
     runner = LayerRunner(model, checkpoint="auto", static_bytes=0, warmup_batches=1, memory_limit=10**9)
     runner.layer_bytes_per_token = 1000.0
     runner.install()
     order = []
-    top, below = runner.layers[-1], runner.layers[-2]
+    below = runner.layers[-2]
     hook = below.register_full_backward_hook(lambda *a: order.append("layer below the top"))
     split = runner._backward_reaches_layers
 
@@ -431,18 +432,18 @@ def test_kept_activations_use_the_activation_width_not_a_4bit_weight():
 def test_layer_activation_probe_counts_saved_tensors_per_token():
     model = tiny_llama()
     backbone, layers = speed.decoder_layers(model)
-    per_token = speed.measure_layer_bytes_per_token(backbone, layers[0], tokens=64)
+    per_token = memory_plan.measure_layer_bytes_per_token(backbone, layers[0], tokens=64)
     # at least q, k, v, the MLP's gate / up / product and the residual stream, fp32
     floor = 4 * (64 + 2 * 32 + 3 * 128 + 2 * 64)
     assert floor <= per_token < 20 * floor
-    assert math.isclose(per_token, speed.measure_layer_bytes_per_token(backbone, layers[0], tokens=128), rel_tol=0.2)
+    assert math.isclose(per_token, memory_plan.measure_layer_bytes_per_token(backbone, layers[0], tokens=128), rel_tol=0.2)
 
 
 def test_static_bytes_count_the_optimizer_state_and_gradients_apart():
     model = tiny_llama()
     n = sum(p.numel() for p in model.parameters())
-    adam, grads = speed.training_state_bytes(model, "adamw_torch_fused")
-    eight, grads_too = speed.training_state_bytes(model, "adamw_bnb_8bit")
+    adam, grads = memory_plan.training_state_bytes(model, "adamw_torch_fused")
+    eight, grads_too = memory_plan.training_state_bytes(model, "adamw_bnb_8bit")
     assert adam - eight == n * (2 * 4 - 2)  # fp32 moments vs one byte each
     assert grads == grads_too == n * 4 and eight == n * 4 + n * 2  # fp32 weights, two 1-byte moments
 
@@ -1354,7 +1355,7 @@ def test_calibrate_plain_counts_what_the_compiled_plain_layer_saves(calibrate):
     before = count_compilations()
     loss, grads = loss_and_grads(model, packed)
     assert runner.history == [0]  # every layer plain under a limit this large
-    eager = speed.measure_layer_bytes_per_token(*speed.decoder_layers(model)[:1], model.model.layers[0], tokens=28)
+    eager = memory_plan.measure_layer_bytes_per_token(*speed.decoder_layers(model)[:1], model.model.layers[0], tokens=28)
     if calibrate:
         assert not runner._plain_to_calibrate
         assert runner.layer_bytes_per_token < eager
