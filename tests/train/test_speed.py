@@ -950,7 +950,8 @@ def test_gpu_lora_pair_agrees_on_replayed_batches(tmp_path):
     train the same 4 batches twice over (`--replay`) with losses within 0.1% on average, as they
     do on the CPU. Without the eager roundings in the compiled layers (`exact_casts`) the 8B pair
     parts by 1.2% on replayed batches (BENCHMARKS.md)."""
-    from train.bench import loss_drift, main
+    from train.bench import main
+    from train.bench_report import loss_drift
 
     out = tmp_path / "bench.json"
     rc = main(["--model", "tiny", "--rows", "trl_peft_lora,tw_lora", "--steps", "12", "--warmup", "4",
@@ -1333,7 +1334,7 @@ def test_compiled_chunked_lora_layers_equal_eager_and_draw_new_masks_per_chunk()
 def test_bench_bounds_auto_rows_by_the_first_trl_row_wherever_it_runs():
     """Without --memory-limit-gib the `auto` rows fit the memory of TRL's baseline row, the first of
     TRL's own rows whatever its position (a warm-up row may come first), else the first row."""
-    from train.bench import limit_row
+    from train.bench_rows import limit_row
 
     assert limit_row(["fastest_triton_adamw", "trl_default", "tw_default", "trl_default"]) == "trl_default"
     assert limit_row(["tw_lora", "trl_peft_lora", "trl_peft_qlora"]) == "trl_peft_lora"

@@ -550,7 +550,8 @@ def test_cuda_turns_on_the_head_changes_and_keeps_tiles_only_without_checkpointi
     """On CUDA the trainer writes the head's weight gradient rounded once and adds a tied
     embedding's gradient by rows; it keeps the head's tiles only with no layer checkpointed; on the
     CPU none of them. The bench's rows take the same options unless a row sets one."""
-    from train.bench import ROWS, row_step_options
+    from train.bench import row_step_options
+    from train.bench_rows import ROWS
     from train.trainer import head_options
 
     on = {"keep_head_logits": True, "tied_rows": True, "head_one_rounding": True}
