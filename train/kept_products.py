@@ -85,10 +85,17 @@ def kept_bases(layers, leave=()) -> list[nn.Module]:
     return [base for base in tail_product.frozen_4bit_bases(layers) if base not in leave]
 
 
-def bytes_per_token(layer: nn.Module, bases, element_size: int) -> int:
-    """What `layer` keeps per token in its kept products' outputs, `element_size` bytes each."""
-    mine = set(layer.modules())
-    return sum(base.out_features for base in bases if base in mine) * element_size
+def measure_bytes_per_token(backbone: nn.Module, layer: nn.Module, tokens: int = 256) -> float:
+    """Bytes per token of the outputs `layer` keeps, measured by running it once eager with its products
+    kept. Measured, not counted from the bases' widths: a base returns its product in its input's
+    dtype, so where the norms are held in fp32 (as peft's `prepare_model_for_kbit_training` leaves
+    them) the projections after a norm return fp32."""
+    from train.memory_plan import sample_layer_call
+
+    hidden, kwargs = sample_layer_call(backbone, layer, tokens)
+    with keeping() as kept:
+        type(layer).forward(layer, hidden, **kwargs)  # the class's forward: the instance's is LayerRunner's
+    return sum(t.numel() * t.element_size() for t in kept) / tokens
 
 
 class KeptProducts(tail_product.SwappedForwards):

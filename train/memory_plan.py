@@ -12,7 +12,7 @@ head's temporaries (`head_reserve_bytes`).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -45,7 +45,7 @@ class MemoryPlan:
     `chunked_loss` says whether the loss head is TRL's fused one or full logits (train.loss);
     `offload` puts recomputed layers' inputs in CPU memory; `warmup_batches` micro-batches run
     fully checkpointed to calibrate. The runner sets `selective_ok`, `selective_cost` and
-    `selective_bytes` for the selective tier its layers have, and appends to `history`.
+    `measure_selective` for the selective tier its layers have, and appends to `history`.
     """
 
     def __init__(self, lm: nn.Module, backbone: nn.Module, layers, *, memory_limit: Optional[int],
@@ -67,7 +67,8 @@ class MemoryPlan:
         self.layer_bytes_per_token: Optional[float] = None  # measured on first use by "auto"
         self.selective_ok = False  # whether the layers have a selective tier (set by the runner)
         self.selective_cost = SELECTIVE_COST  # its cost, in whole layers' recomputations
-        self.selective_bytes: Optional[int] = None  # what it keeps per token, where known exactly
+        # what the tier keeps per token, where the runner measures it (called once, see _sizes)
+        self.measure_selective: Optional[Callable[[], float]] = None
         self.selective_count = 0  # set by auto_count
         self.history: list[int] = []  # layers checkpointed (selective ones included), per training micro-batch
         self._per_token_sizes = None  # see _sizes
@@ -239,11 +240,12 @@ class MemoryPlan:
         return self.backbone.config.hidden_size * self._act_bytes()
 
     def _selective_bytes_per_token(self) -> int:
-        """What a selective layer saves per token besides its input: `selective_bytes` where it is
-        known (the kept products' tier, train.kept_products), else under `selective_policy` the q,
-        k, v and o projections' outputs, the attention's output and its fp32 log-sum-exp."""
-        if self.selective_bytes is not None:
-            return self.selective_bytes
+        """What a selective layer saves per token besides its input: what `measure_selective`
+        measures where the runner gives it (the kept products' tier, train.kept_products), else
+        under `selective_policy` the q, k, v and o projections' outputs, the attention's output
+        and its fp32 log-sum-exp."""
+        if self.measure_selective is not None:
+            return self.measure_selective()
         c = self.backbone.config
         heads = c.num_attention_heads
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
@@ -340,13 +342,9 @@ class SavedBytes:
         return (sum(self.seen.values()) + self.input_bytes) / tokens
 
 
-def measure_layer_bytes_per_token(backbone: nn.Module, layer: nn.Module, tokens: int = 256) -> float:
-    """Bytes one decoder layer keeps for backward per token, measured by running it once.
-
-    Counts the tensors autograd saves (weights excluded, each storage once) during an eager
-    forward of `tokens` random tokens. Compiled layers save the same or less, so the
-    estimate errs towards checkpointing more.
-    """
+def sample_layer_call(backbone: nn.Module, layer: nn.Module, tokens: int = 256) -> tuple[torch.Tensor, dict]:
+    """A decoder layer's arguments for `tokens` random tokens: hidden states in the embedding's dtype
+    (requiring grad) and the position ids and rotary embeddings the backbone would pass."""
     param = next(layer.parameters())
     device, dtype = param.device, backbone.get_input_embeddings().weight.dtype
     hidden = torch.randn(1, tokens, backbone.config.hidden_size, device=device, dtype=dtype, requires_grad=True)
@@ -355,6 +353,17 @@ def measure_layer_bytes_per_token(backbone: nn.Module, layer: nn.Module, tokens:
     rotary = getattr(backbone, "rotary_emb", None)
     if rotary is not None:
         kwargs["position_embeddings"] = rotary(hidden, position_ids)
+    return hidden, kwargs
+
+
+def measure_layer_bytes_per_token(backbone: nn.Module, layer: nn.Module, tokens: int = 256) -> float:
+    """Bytes one decoder layer keeps for backward per token, measured by running it once.
+
+    Counts the tensors autograd saves (weights excluded, each storage once) during an eager
+    forward of `tokens` random tokens. Compiled layers save the same or less, so the
+    estimate errs towards checkpointing more.
+    """
+    hidden, kwargs = sample_layer_call(backbone, layer, tokens)
     count = SavedBytes(layer, hidden)
     with torch.autograd.graph.saved_tensors_hooks(count.pack, lambda t: t):
         type(layer).forward(layer, hidden, **kwargs)  # the class's forward: the instance's is LayerRunner's

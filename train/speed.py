@@ -337,10 +337,10 @@ class LayerRunner(MemoryPlan):
         kept = kept_products and self.recompute_outside and not (offload or chunk_tokens)
         self.kept_products = KeptProducts(kept_bases(self.layers, self.tail_products.bases) if kept else [])
         if len(self.kept_products):
-            from train.kept_products import bytes_per_token
+            from train.kept_products import measure_bytes_per_token
 
             self.selective_ok, self.selective_cost = True, KEPT_PRODUCTS_COST
-            self.selective_bytes = bytes_per_token(self.layers[0], self.kept_products.bases, self._act_bytes())
+            self.measure_selective = lambda: measure_bytes_per_token(self.backbone, self.layers[0])
             import torch._dynamo.config as dynamo_config
 
             # The two modes add graphs of the plain layer and of its recomputation, each for the first

@@ -11,7 +11,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from train import kept_products
-from train.kept_products import bytes_per_token, kept_bases
+from train.kept_products import kept_bases, measure_bytes_per_token
 from train.memory_plan import KEPT_PRODUCTS_COST
 from train.speed import LayerRunner, decoder_layers
 from train.tail_product import tail_base
@@ -49,22 +49,41 @@ def test_kept_bases_are_the_frozen_4bit_ones_but_the_down_projections_left_out()
     assert len(bases) == 2 * 6 and not set(bases) & set(tails)  # q, k, v, o, gate, up per layer
     assert len(kept_bases(layers)) == 2 * 7  # with the down projection's product recomputed, it is kept too
     assert kept_bases(decoder_layers(tiny_lora(layers=2))[1]) == []  # bf16 bases recompute inside their checkpoint
+
+
+def test_the_kept_bytes_are_measured_in_the_dtype_the_bases_return():
+    """A base returns its product in its input's dtype: bf16 in a bf16 model, fp32 after norms held in
+    fp32 (as peft's prepare_model_for_kbit_training leaves them), so the tier's bytes per token are
+    measured, not assumed."""
+    model = tiny_qlora(layers=2)
+    backbone, layers = decoder_layers(model)
+    runner = LayerRunner(model, compile=True, checkpoint="auto", kept_products=True).install()
+    widths = sum(b.out_features for b in runner.kept_products.bases[:6])  # layer 0's q, k, v, o, gate, up
     c = model.config
-    kv = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
-    expected = (2 * c.hidden_size + 2 * kv + 2 * c.intermediate_size) * 2
-    assert bytes_per_token(layers[0], bases, 2) == expected  # this layer's outputs only, in bf16
+    assert widths == 2 * c.hidden_size + 2 * c.num_key_value_heads * c.hidden_size // c.num_attention_heads \
+        + 2 * c.intermediate_size
+    assert measure_bytes_per_token(backbone, layers[0], tokens=16) == widths * 2
+    for module in model.modules():
+        if "RMSNorm" in type(module).__name__:
+            module.float()
+    assert measure_bytes_per_token(backbone, layers[0], tokens=16) == widths * 4
+    runner.remove()
+    assert kept_products._mode is None and kept_products._store == []
 
 
-def auto_runner(model, kept: bool, tokens: int) -> LayerRunner:
+def auto_runner(model, kept: bool, tokens: int, sizes=None) -> LayerRunner:
     """Compiled, `checkpoint: auto` over three layers with memory for two plain ones, a plain layer
-    holding six selective layers' worth: with the tier the policy keeps one layer plain and
-    recomputes two selectively (0.5 of a layer's recomputation); without, two plain (1)."""
+    holding six selective layers' worth (or `sizes`: another runner's layer bytes and limit): with the
+    tier the policy keeps one layer plain and recomputes two selectively (0.5 of a layer's
+    recomputation); without, two plain (1)."""
     torch._dynamo.reset()
-    runner = LayerRunner(model, compile=True, checkpoint="auto", kept_products=kept, warmup_batches=0)
-    sel = kept_products.bytes_per_token(runner.layers[0], kept_bases(runner.layers), 2)
-    runner.layer_bytes_per_token = 6 * sel
-    runner.memory_limit = int(runner.predicted_peak(tokens, 1) / 0.99) + 1
-    return runner.install()
+    runner = LayerRunner(model, compile=True, checkpoint="auto", kept_products=kept, warmup_batches=0).install()
+    if sizes is None:
+        runner.layer_bytes_per_token = 6 * measure_bytes_per_token(runner.backbone, runner.layers[0])
+        runner.memory_limit = int(runner.predicted_peak(tokens, 1) / 0.99) + 1
+    else:
+        runner.layer_bytes_per_token, runner.memory_limit = sizes
+    return runner
 
 
 def profiled_step(model, packed):
@@ -115,7 +134,7 @@ def test_the_auto_policy_runs_the_kept_tier_with_the_same_gradients():
     assert runner.history == [2] * 3 and runner.selective_history == [2] * 3
 
     model = tiny_qlora()
-    reference = auto_runner(model, False, tokens)
+    reference = auto_runner(model, False, tokens, sizes=(runner.layer_bytes_per_token, runner.memory_limit))
     reference.checkpoint = "all"  # the layers the tier's policy recomputed, recomputed whole
     reference.checkpointed = runner.checkpointed
     loss2, grads2, calls2 = profiled_step(model, packed)
@@ -138,15 +157,17 @@ def test_the_policy_picks_the_kept_tier_where_it_fits():
     top layer's recomputation to the peak), at 2 + 5 x KEPT_PRODUCTS_COST of a layer's
     recomputation against 6."""
     model = tiny_qlora(layers=8)
-    runner = LayerRunner(model, compile=True, checkpoint="auto", kept_products=True, warmup_batches=0)
+    runner = LayerRunner(model, compile=True, checkpoint="auto", kept_products=True, warmup_batches=0).install()
     assert runner.selective_ok and runner.selective_cost == KEPT_PRODUCTS_COST
     runner.layer_bytes_per_token = 6 * runner._selective_bytes_per_token()
+    assert runner.layer_bytes_per_token > 0
     tokens = 1000
     runner.memory_limit = int(runner.predicted_peak(tokens, 6) / 0.99) + 1
     assert runner.auto_count(tokens) == 7 and runner.selective_count == 5
     assert runner.predicted_peak(tokens, 7, n_selective=5) <= 0.99 * runner.memory_limit
     assert runner.predicted_peak(tokens, 7, n_selective=6) > 0.99 * runner.memory_limit
 
+    runner.remove()
     without = LayerRunner(model, compile=True, checkpoint="auto", warmup_batches=0)
     assert not without.selective_ok  # layers recomputed from outside have no other selective tier
     without.layer_bytes_per_token, without.memory_limit = runner.layer_bytes_per_token, runner.memory_limit
