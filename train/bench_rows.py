@@ -131,6 +131,8 @@ for _row in [
              "bases' outputs for its recomputation", kept_products=True),
     _variant("tw_qlora", "tw_qlora_flat_kept_products", "tw_qlora_flat_scales with the kept products' selective tier",
              flat_scales=True, kept_products=True),
+    _variant("tw_qlora", "tw_qlora_calibrated_kept_products", "tw_qlora_kept_products with a plain layer's bytes "
+             "counted on its compiled graph", calibrate_plain=True, kept_products=True),
     _variant("tw_qlora", "tw_qlora_flat_dense_once", "tw_qlora_flat_scales dequantizing each weight once per "
              "recomputation and backward", flat_scales=True, dense_once=True),
     _variant("tw_lora", "tw_lora_calibrated",
