@@ -89,8 +89,9 @@ def compile_mode(compile, device) -> Any:
 
 
 def raise_dynamo_limits() -> None:
-    # One graph per (batch bucket, sampling) and per prompt bucket: more than dynamo's
-    # default of 8 recompiles per function.
+    # More graphs per function than dynamo's default of 8 recompiles: decoding makes one per
+    # (batch bucket, sampling) and per prompt bucket; training's kept products (train.kept_products)
+    # add a keep and a replay graph of each compiled decoder layer.
     import torch._dynamo.config as dynamo_config
 
     for name in ("recompile_limit", "cache_size_limit"):

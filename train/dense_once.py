@@ -64,8 +64,7 @@ def _dequantizes_on_its_own(x: torch.Tensor, limit: Optional[int]) -> bool:
 def dense_once_bases(layers) -> list[nn.Module]:
     """The frozen bitsandbytes 4-bit linears without a bias of `layers`, less each
     layer's down projection base that train.tail_product already changes."""
-    tails = {tail_product.tail_base(layer) for layer in layers}
-    return [base for base in tail_product.frozen_4bit_bases(layers) if base not in tails]
+    return tail_product.frozen_4bit_bases(layers, leave=map(tail_product.tail_base, layers))
 
 
 class DenseOnces(tail_product.SwappedForwards):

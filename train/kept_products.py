@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from train import tail_product
+from train.memory_plan import sample_layer_call
 
 _mode: Optional[str] = None  # None, "keep" or "replay"; read by the swapped forwards, compiled ones included
 # The products of the layer running in a mode, in the order its bases ran. One list object for the
@@ -78,20 +79,11 @@ def replaying(kept: list[torch.Tensor]) -> Iterator[None]:
                            "the layer ran other bases the second time")
 
 
-def kept_bases(layers, leave=()) -> list[nn.Module]:
-    """The frozen bitsandbytes 4-bit linears without a bias of `layers`, less those in `leave` (the
-    down projections whose product the recomputation leaves out, train.tail_product)."""
-    leave = set(leave)
-    return [base for base in tail_product.frozen_4bit_bases(layers) if base not in leave]
-
-
 def measure_bytes_per_token(backbone: nn.Module, layer: nn.Module, tokens: int = 256) -> float:
     """Bytes per token of the outputs `layer` keeps, measured by running it once eager with its products
     kept. Measured, not counted from the bases' widths: a base returns its product in its input's
     dtype, so where the norms are held in fp32 (as peft's `prepare_model_for_kbit_training` leaves
     them) the projections after a norm return fp32."""
-    from train.memory_plan import sample_layer_call
-
     hidden, kwargs = sample_layer_call(backbone, layer, tokens)
     with keeping() as kept:
         type(layer).forward(layer, hidden, **kwargs)  # the class's forward: the instance's is LayerRunner's

@@ -331,22 +331,22 @@ class LayerRunner(MemoryPlan):
         from train.triton_dequant import TritonDequants
 
         self.triton_dequants = TritonDequants(self.layers if triton_dequant else [])
-        from train.kept_products import KeptProducts, kept_bases
+        from train.kept_products import KeptProducts, measure_bytes_per_token
+        from train.tail_product import frozen_4bit_bases
 
-        # Layers recomputed from outside get their own selective tier: they keep their base products.
+        # Layers recomputed from outside get their own selective tier: they keep their base products,
+        # every frozen 4-bit one but the down projections whose product the recomputation leaves out.
         kept = kept_products and self.recompute_outside and not (offload or chunk_tokens)
-        self.kept_products = KeptProducts(kept_bases(self.layers, self.tail_products.bases) if kept else [])
+        self.kept_products = KeptProducts(frozen_4bit_bases(self.layers, self.tail_products.bases) if kept else [])
         if len(self.kept_products):
-            from train.kept_products import measure_bytes_per_token
-
             self.selective_ok, self.selective_cost = True, KEPT_PRODUCTS_COST
             self.measure_selective = lambda: measure_bytes_per_token(self.backbone, self.layers[0])
-            import torch._dynamo.config as dynamo_config
+            from infer.cuda_graphs import raise_dynamo_limits
 
             # The two modes add graphs of the plain layer and of its recomputation, each for the first
             # layer (whose input needs no gradient) and the others: training alone fills torch's
             # default of 8 per function, and evaluation's graph would run eager.
-            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 16)
+            raise_dynamo_limits()
         self.token_chunks = self.chunked_layers = None
         if chunk_tokens:
             from train.chunked_layer import ChunkedLayer, unsupported_reason
@@ -478,8 +478,7 @@ class LayerRunner(MemoryPlan):
         taking its kept products there if `keep_products` (the selective tier of such layers)."""
         from train.recompute import recompute_layer
 
-        return recompute_layer(self._run_plain, layer, args, kwargs, offload=self.offload,
-                               keep_products=keep_products and len(self.kept_products) > 0)
+        return recompute_layer(self._run_plain, layer, args, kwargs, offload=self.offload, keep_products=keep_products)
 
     def _run_chunked(self, index: int, args: tuple, kwargs: dict):
         """A checkpointed layer of a long row, all but its attention in chunks (train.chunked_layer)."""

@@ -112,10 +112,11 @@ def tail_base(layer: nn.Module) -> Optional[nn.Module]:
     return None
 
 
-def frozen_4bit_bases(layers) -> list[nn.Module]:
-    """The frozen bitsandbytes 4-bit linears without a bias of `layers`."""
+def frozen_4bit_bases(layers, leave=()) -> list[nn.Module]:
+    """The frozen bitsandbytes 4-bit linears without a bias of `layers`, less those in `leave`."""
+    leave = set(leave)
     return [module for layer in layers for module in layer.modules()
-            if is_4bit(module) and not module.weight.requires_grad and module.bias is None]
+            if is_4bit(module) and not module.weight.requires_grad and module.bias is None and module not in leave]
 
 
 def is_4bit(module: nn.Module) -> bool:

@@ -11,10 +11,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from train import kept_products
-from train.kept_products import kept_bases, measure_bytes_per_token
+from train.kept_products import measure_bytes_per_token
 from train.memory_plan import KEPT_PRODUCTS_COST
 from train.speed import LayerRunner, decoder_layers
-from train.tail_product import tail_base
+from train.tail_product import frozen_4bit_bases, tail_base
 
 from tests.train.test_speed import batches, lora_loss_and_grads, tiny_lora
 from tests.train.test_tail_product import FOUR_BIT_OPS, deterministic_algorithms, recomputed_run, tiny_qlora
@@ -45,10 +45,10 @@ def test_kept_bases_are_the_frozen_4bit_ones_but_the_down_projections_left_out()
     model = tiny_qlora(layers=2)
     layers = decoder_layers(model)[1]
     tails = [tail_base(layer) for layer in layers]
-    bases = kept_bases(layers, tails)
+    bases = frozen_4bit_bases(layers, leave=tails)
     assert len(bases) == 2 * 6 and not set(bases) & set(tails)  # q, k, v, o, gate, up per layer
-    assert len(kept_bases(layers)) == 2 * 7  # with the down projection's product recomputed, it is kept too
-    assert kept_bases(decoder_layers(tiny_lora(layers=2))[1]) == []  # bf16 bases recompute inside their checkpoint
+    assert len(frozen_4bit_bases(layers)) == 2 * 7  # with the down projection's product recomputed, it is kept too
+    assert frozen_4bit_bases(decoder_layers(tiny_lora(layers=2))[1]) == []  # bf16 bases: recomputed in their checkpoint
 
 
 def test_the_kept_bytes_are_measured_in_the_dtype_the_bases_return():
